@@ -1,0 +1,1 @@
+//! Application-layer helpers attached to tracked control connections (FTP today).

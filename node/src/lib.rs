@@ -1,0 +1,11 @@
+//! fwnode: the keepstate gateway.
+//!
+//! Layers only import downward: `packet` ← `conntrack` ← `helper` ← `policy` ← `datapath`.
+//! The first four are sans-IO state machines driven by an explicit `now`; `datapath` and the
+//! binary are the thin I/O shells around them.
+
+pub mod conntrack;
+pub mod helper;
+pub mod packet;
+pub mod policy;
+pub mod datapath;

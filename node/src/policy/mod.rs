@@ -1,0 +1,1 @@
+//! Policy: the rule model, its file format, compilation into a fast matcher, and evaluation.

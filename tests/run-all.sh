@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs every keepstate test on a fresh Debian machine, as root:
+#   formatting, clippy, unit/property tests, and the end-to-end tests in network namespaces.
+# Installs what the tests need first (idempotent). Exits non-zero if anything fails.
+# The end-to-end tests need root and network namespaces; they fail (never skip) without them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for pair in iptables:iptables ip:iproute2 iperf3:iperf3 vsftpd:vsftpd lftp:lftp curl:curl \
+            keepalived:keepalived tcpdump:tcpdump ping:iputils-ping; do
+  cmd=${pair%%:*} pkg=${pair#*:}
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need_apt+=("$pkg")
+done
+python3 -c 'import scapy' 2>/dev/null || need_apt+=(python3-scapy)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "== installing: ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+# Debian's python3-scapy lands in the system interpreter; make sure the tests use one that has it.
+if ! python3 -c 'import scapy' 2>/dev/null; then
+  if /usr/bin/python3 -c 'import scapy' 2>/dev/null; then
+    export KEEPSTATE_PYTHON=/usr/bin/python3
+  else
+    echo "scapy is not importable by python3 or /usr/bin/python3" >&2; exit 1
+  fi
+fi
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== building release binaries for the end-to-end tests"
+cargo build --release --locked -p fwnode -p fwctl
+echo "== cargo test"
+export KEEPSTATE_BIN_DIR="$PWD/target/release"
+cargo test --workspace --locked -- --test-threads="${KEEPSTATE_TEST_THREADS:-2}"
