@@ -5,7 +5,8 @@
 //! binary are the thin I/O shells around them.
 
 pub mod conntrack;
+pub mod datapath;
 pub mod helper;
 pub mod packet;
 pub mod policy;
-pub mod datapath;
+pub mod time;

@@ -62,7 +62,9 @@ pub enum L4<'a> {
     Udp(Udp<'a>),
     Icmp(Icmp<'a>),
     /// Unknown protocol, or a non-first fragment: the bytes after the IP header(s).
-    Other { payload: &'a [u8] },
+    Other {
+        payload: &'a [u8],
+    },
 }
 
 /// TCP flag bits as in the header's flags byte.
@@ -142,13 +144,21 @@ pub struct Icmp<'a> {
 
 #[derive(Clone, Copy, Debug)]
 pub enum IcmpKind<'a> {
-    EchoRequest { id: u16, seq: u16 },
-    EchoReply { id: u16, seq: u16 },
+    EchoRequest {
+        id: u16,
+        seq: u16,
+    },
+    EchoReply {
+        id: u16,
+        seq: u16,
+    },
     /// An error (dest unreachable, time exceeded, parameter problem, packet too big (v6),
     /// source quench/redirect (v4)) quoting the start of the offending packet.
     Error(Inner),
     /// Anything else (router/neighbour discovery, timestamps, ...). `body` is after the 4-byte header.
-    Other { body: &'a [u8] },
+    Other {
+        body: &'a [u8],
+    },
 }
 
 /// The packet quoted inside an ICMP error, as the original sender sent it.
@@ -163,7 +173,11 @@ pub struct Inner {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InnerL4 {
     /// TCP or UDP ports (and the TCP sequence number when quoted, else 0).
-    Ports { src_port: u16, dst_port: u16, tcp_seq: u32 },
+    Ports {
+        src_port: u16,
+        dst_port: u16,
+        tcp_seq: u32,
+    },
     /// A quoted ICMP/ICMPv6 echo request or reply.
     IcmpEcho { icmp_type: u8, id: u16 },
     /// Too little quoted, or a protocol we do not track.
