@@ -22,7 +22,7 @@ impl Timestamp {
     }
     /// `self + d`, saturating.
     #[inline]
-    pub fn add(self, d: std::time::Duration) -> Self {
+    pub fn plus(self, d: std::time::Duration) -> Self {
         Timestamp(self.0.saturating_add(d.as_millis() as u64))
     }
     /// Time from `earlier` to `self`, zero if `earlier` is later.

@@ -11,9 +11,10 @@
 
 use std::net::IpAddr;
 
+pub mod build;
 mod parse;
 
-pub use parse::ParseError;
+pub use parse::{Layer, ParseError};
 
 /// IP version of a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
