@@ -1,0 +1,96 @@
+//! What the tracker tells the outside world: events for replication and plain snapshots of
+//! connections and expectations that a peer can import.
+//!
+//! Owns the event and snapshot types and their validation on import. Must not touch the table.
+
+use super::helper_state::{HelperKind, HelperState};
+use super::tcp::TcpConn;
+use super::tuple::Tuple;
+
+/// Connection status bits.
+pub mod status {
+    /// A packet was seen in the reply direction.
+    pub const SEEN_REPLY: u16 = 0x0001;
+    /// Traffic both ways (TCP: handshake done): not an early-drop victim.
+    pub const ASSURED: u16 = 0x0002;
+    /// Created from an expectation: RELATED until the first reply.
+    pub const RELATED: u16 = 0x0004;
+    /// Learned from a peer by state replication; windows are re-learned from live packets.
+    pub const FROM_PEER: u16 = 0x0008;
+}
+
+/// Protocol-specific state of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ProtoState {
+    Tcp(TcpConn),
+    Udp,
+    IcmpEcho,
+    Generic,
+}
+
+/// A self-contained copy of one connection, as shipped to a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnSnapshot {
+    /// Original-direction tuple.
+    pub tuple: Tuple,
+    pub proto: ProtoState,
+    /// `status::*` bits.
+    pub status: u16,
+    /// Original-direction tuple of the master connection, for RELATED connections.
+    pub master: Option<Tuple>,
+    /// Milliseconds until the entry expires.
+    pub expires_in_ms: u64,
+    /// The helper's per-direction parse state (FTP control connections).
+    pub helper: Option<Box<HelperState>>,
+}
+
+/// A copy of one expectation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpectSnapshot {
+    pub master: Tuple,
+    pub proto: u8,
+    pub src: [u8; 16],
+    pub src_port: Option<u16>,
+    pub dst: [u8; 16],
+    pub dst_port: u16,
+    pub family: u8,
+    pub expires_in_ms: u64,
+    pub helper: Option<HelperKind>,
+}
+
+/// Why a connection left the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DestroyReason {
+    Timeout,
+    EarlyDrop,
+    /// Replaced by a new connection with the same tuple (TCP reopen in TIME_WAIT/CLOSE).
+    Reopened,
+    /// Removed by the datapath (policy dropped its first packet) or an operator flush.
+    Removed,
+}
+
+/// Why an expectation left the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpectEnd {
+    Matched,
+    Timeout,
+    Evicted,
+    MasterGone,
+}
+
+/// A change the replication sender ships to peers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    ConnCreated(ConnSnapshot),
+    /// The protocol state or status bits changed.
+    ConnUpdated(ConnSnapshot),
+    ConnDestroyed {
+        tuple: Tuple,
+        reason: DestroyReason,
+    },
+    ExpectCreated(ExpectSnapshot),
+    ExpectDestroyed {
+        snapshot: ExpectSnapshot,
+        reason: ExpectEnd,
+    },
+}

@@ -1,0 +1,989 @@
+//! One shard of the connection table: the sans-IO core of the tracker.
+//!
+//! Owns the connection entries (a slab of fixed-size records), the two-way index, the shard's
+//! expectations, incremental expiry, early drop when full, the event queue and the counters.
+//! Driven by `track(now, &packet)`, `handle_timeout(now, budget)` and drained by `poll_event()`.
+//! Must not touch locks, clocks or I/O: `Conntrack` (mod.rs) is the thin sharded shell.
+//!
+//! Layout: the index is a `hashbrown::HashTable<u32>` whose values are `slot << 1 | direction`;
+//! the tuple is compared in the slab, so each connection costs two 4-byte index slots plus its
+//! entry, and both directions find the same entry.
+
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
+
+use hashbrown::{DefaultHashBuilder, HashTable};
+
+use super::config::{Config, HelperPort, Timeouts};
+use super::event::{
+    status, ConnSnapshot, DestroyReason, Event, ExpectEnd, ExpectSnapshot, ProtoState,
+};
+use super::expect::{Expect, ExpectError, ExpectOutcome, Expectation};
+use super::helper_state::{HelperKind, HelperState};
+use super::tcp::{valid_flags, TcpConn, TcpState, TcpVerdict};
+use super::tuple::{shard_hash, Tuple};
+use super::{CtState, Direction};
+use crate::packet::{IcmpKind, Packet, L4};
+use crate::time::Timestamp;
+
+/// A stable handle to a connection: slot plus generation, so a stale handle never reaches a
+/// connection that reused the slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    pub slot: u32,
+    pub gen: u32,
+}
+
+/// Why a packet was judged INVALID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum InvalidReason {
+    Fragment,
+    TcpBadFlags,
+    TcpNoConnection,
+    TcpBadTransition,
+    TcpOutOfWindow,
+    TcpRstOutOfWindow,
+    IcmpUntracked,
+    IcmpEchoMismatch,
+    IcmpErrorUnmatched,
+    TableFull,
+}
+
+impl InvalidReason {
+    pub const COUNT: usize = 10;
+    pub const NAMES: [&'static str; Self::COUNT] = [
+        "fragment",
+        "tcp_bad_flags",
+        "tcp_no_connection",
+        "tcp_bad_transition",
+        "tcp_out_of_window",
+        "tcp_rst_out_of_window",
+        "icmp_untracked",
+        "icmp_echo_mismatch",
+        "icmp_error_unmatched",
+        "table_full",
+    ];
+}
+
+/// What the tracker decided about one packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub state: CtState,
+    pub dir: Direction,
+    pub conn: Option<ConnId>,
+    /// The connection's helper, if any (only for packets of the connection itself).
+    pub helper: Option<HelperKind>,
+    pub invalid: Option<InvalidReason>,
+    /// This packet created the connection.
+    pub created: bool,
+}
+
+impl Outcome {
+    fn invalid(r: InvalidReason) -> Self {
+        Outcome {
+            state: CtState::Invalid,
+            dir: Direction::Original,
+            conn: None,
+            helper: None,
+            invalid: Some(r),
+            created: false,
+        }
+    }
+}
+
+/// Per-shard counters; `Conntrack::counters` sums them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub invalid: [u64; InvalidReason::COUNT],
+    pub created: u64,
+    pub destroyed: u64,
+    pub expired: u64,
+    pub early_drops: u64,
+    pub tcp_ignored: u64,
+    pub expect_created: u64,
+    pub expect_refreshed: u64,
+    pub expect_matched: u64,
+    pub expect_expired: u64,
+    pub expect_evicted: u64,
+    pub expect_refused: u64,
+    pub events_dropped: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, o: &Counters) {
+        for (a, b) in self.invalid.iter_mut().zip(o.invalid.iter()) {
+            *a += b;
+        }
+        self.created += o.created;
+        self.destroyed += o.destroyed;
+        self.expired += o.expired;
+        self.early_drops += o.early_drops;
+        self.tcp_ignored += o.tcp_ignored;
+        self.expect_created += o.expect_created;
+        self.expect_refreshed += o.expect_refreshed;
+        self.expect_matched += o.expect_matched;
+        self.expect_expired += o.expect_expired;
+        self.expect_evicted += o.expect_evicted;
+        self.expect_refused += o.expect_refused;
+        self.events_dropped += o.events_dropped;
+    }
+}
+
+const KIND_FREE: u8 = 0;
+const KIND_TCP: u8 = 1;
+const KIND_UDP: u8 = 2;
+const KIND_ICMP: u8 = 3;
+const KIND_GENERIC: u8 = 4;
+
+/// One connection. Fixed size; the helper state is boxed because only control connections
+/// have one.
+#[derive(Clone, Debug)]
+struct Entry {
+    tuple: Tuple,
+    status: u16,
+    kind: u8,
+    tcp: TcpConn,
+    gen: u32,
+    expires: u64,
+    master: Option<ConnId>,
+    helper: Option<Box<HelperState>>,
+}
+
+impl Entry {
+    fn free() -> Self {
+        Entry {
+            tuple: Tuple {
+                src: [0; 16],
+                dst: [0; 16],
+                src_port: 0,
+                dst_port: 0,
+                proto: 0,
+                family: 0,
+            },
+            status: 0,
+            kind: KIND_FREE,
+            tcp: TcpConn::default(),
+            gen: 0,
+            expires: 0,
+            master: None,
+            helper: None,
+        }
+    }
+    #[inline]
+    fn tuple_in(&self, dir: u32) -> Tuple {
+        if dir == 0 {
+            self.tuple
+        } else {
+            self.tuple.reverse()
+        }
+    }
+    #[inline]
+    fn matches(&self, dir: u32, t: &Tuple) -> bool {
+        let e = &self.tuple;
+        if dir == 0 {
+            e == t
+        } else {
+            e.src == t.dst
+                && e.dst == t.src
+                && e.src_port == t.dst_port
+                && e.dst_port == t.src_port
+                && e.proto == t.proto
+                && e.family == t.family
+        }
+    }
+    fn proto_state(&self) -> ProtoState {
+        match self.kind {
+            KIND_TCP => ProtoState::Tcp(self.tcp),
+            KIND_UDP => ProtoState::Udp,
+            KIND_ICMP => ProtoState::IcmpEcho,
+            _ => ProtoState::Generic,
+        }
+    }
+}
+
+/// Read-only facts about a live connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnInfo {
+    pub tuple: Tuple,
+    pub proto: ProtoState,
+    pub status: u16,
+    pub master: Option<ConnId>,
+    pub expires: Timestamp,
+}
+
+/// Why a snapshot could not be imported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ImportError {
+    #[error("snapshot protocol state does not match its tuple's protocol")]
+    ProtoMismatch,
+    #[error("snapshot has an invalid address family")]
+    BadFamily,
+    #[error("snapshot does not belong to this shard")]
+    WrongShard,
+    #[error("connection table full")]
+    TableFull,
+}
+
+/// One shard of the tracker. See the module docs.
+#[derive(Debug)]
+pub struct Shard {
+    id: u32,
+    mask: u32,
+    timeouts: Timeouts,
+    liberal: bool,
+    pickup: bool,
+    helper_ports: Vec<HelperPort>,
+    max_expect_per_master: usize,
+    max_expects: usize,
+    max_events: usize,
+    cap: u32,
+    entries: Vec<Entry>,
+    free: Vec<u32>,
+    len: u32,
+    index: HashTable<u32>,
+    hasher: DefaultHashBuilder,
+    sweep: u32,
+    expects: Vec<Expect>,
+    events: VecDeque<Event>,
+    resync_needed: bool,
+    pub counters: Counters,
+}
+
+impl Shard {
+    /// Shard `id` of `count` (a power of two), holding at most `cap` connections.
+    pub fn new(cfg: &Config, id: u32, count: u32, cap: u32) -> Self {
+        let count = count.max(1);
+        Shard {
+            id,
+            mask: count - 1,
+            timeouts: cfg.timeouts.clone(),
+            liberal: cfg.tcp_liberal,
+            pickup: cfg.tcp_pickup,
+            helper_ports: cfg.helper_ports.clone(),
+            max_expect_per_master: cfg.max_expect_per_master.max(1) as usize,
+            max_expects: (cfg.max_expectations as usize).div_ceil(count as usize),
+            max_events: cfg.event_queue as usize,
+            cap,
+            entries: Vec::with_capacity(cap as usize),
+            free: Vec::new(),
+            len: 0,
+            // Sized once for the bound so the index never rehashes under load.
+            index: HashTable::with_capacity(2 * cap as usize),
+            hasher: DefaultHashBuilder::default(),
+            sweep: 0,
+            expects: Vec::new(),
+            events: VecDeque::new(),
+            resync_needed: false,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn capacity(&self) -> usize {
+        self.cap as usize
+    }
+    pub fn expectation_count(&self) -> usize {
+        self.expects.len()
+    }
+
+    #[inline]
+    fn hash(&self, t: &Tuple) -> u64 {
+        self.hasher.hash_one(t)
+    }
+
+    /// Find the live entry for `t`: `(slot, direction)`.
+    #[inline]
+    fn lookup(&self, t: &Tuple) -> Option<(u32, u32)> {
+        let h = self.hash(t);
+        let entries = &self.entries;
+        self.index
+            .find(h, |&v| {
+                entries
+                    .get((v >> 1) as usize)
+                    .is_some_and(|e| e.matches(v & 1, t))
+            })
+            .map(|&v| (v >> 1, v & 1))
+    }
+
+    #[inline]
+    fn id_of(&self, slot: u32) -> ConnId {
+        ConnId {
+            slot,
+            gen: self.entries[slot as usize].gen,
+        }
+    }
+
+    fn live(&self, id: ConnId) -> Option<&Entry> {
+        self.entries
+            .get(id.slot as usize)
+            .filter(|e| e.kind != KIND_FREE && e.gen == id.gen)
+    }
+
+    /// Judge one packet and update the table. The packet must belong to this shard
+    /// (`Conntrack::lock_for` picks it).
+    pub fn track(&mut self, now: Timestamp, pkt: &Packet) -> Outcome {
+        let now_ms = now.as_millis();
+        if pkt.fragment.is_some() {
+            return self.invalid(InvalidReason::Fragment);
+        }
+        match pkt.l4 {
+            L4::Tcp(t) if !valid_flags(t.flags) => return self.invalid(InvalidReason::TcpBadFlags),
+            L4::Icmp(i) => match i.kind {
+                IcmpKind::Error(inner) => return self.track_icmp_error(now_ms, pkt, &inner),
+                IcmpKind::Other { .. } => return self.invalid(InvalidReason::IcmpUntracked),
+                _ => {}
+            },
+            _ => {}
+        }
+        let Some(tuple) = Tuple::of_packet(pkt) else {
+            return self.invalid(InvalidReason::IcmpUntracked);
+        };
+        if let Some((slot, dir)) = self.lookup(&tuple) {
+            if self.entries[slot as usize].expires > now_ms {
+                return self.update(now_ms, slot, dir, pkt);
+            }
+            self.counters.expired += 1;
+            self.destroy(slot, DestroyReason::Timeout);
+        }
+        self.create(now_ms, tuple, pkt)
+    }
+
+    #[inline]
+    fn invalid(&mut self, r: InvalidReason) -> Outcome {
+        self.counters.invalid[r as usize] += 1;
+        Outcome::invalid(r)
+    }
+
+    fn update(&mut self, now_ms: u64, slot: u32, dir: u32, pkt: &Packet) -> Outcome {
+        let direction = if dir == 0 {
+            Direction::Original
+        } else {
+            Direction::Reply
+        };
+        let liberal = self.liberal;
+        let e = &mut self.entries[slot as usize];
+        let old_status = e.status;
+        let mut changed = false;
+        let timeout_s;
+        match (e.kind, pkt.l4) {
+            (KIND_TCP, L4::Tcp(t)) => {
+                let old = e.tcp.state();
+                // A new SYN from the initiator of a finished connection reopens it.
+                if dir == 0
+                    && t.flags.syn()
+                    && !t.flags.ack()
+                    && matches!(old, TcpState::TimeWait | TcpState::Close)
+                {
+                    let tuple = e.tuple;
+                    self.destroy(slot, DestroyReason::Reopened);
+                    return self.create(now_ms, tuple, pkt);
+                }
+                match e.tcp.update(direction, &t, liberal) {
+                    TcpVerdict::Ok => {}
+                    TcpVerdict::Ignored => {
+                        self.counters.tcp_ignored += 1;
+                        let out = self.outcome(slot, direction, false);
+                        return out;
+                    }
+                    TcpVerdict::BadTransition => {
+                        return self.invalid(InvalidReason::TcpBadTransition)
+                    }
+                    TcpVerdict::OutOfWindow => return self.invalid(InvalidReason::TcpOutOfWindow),
+                    TcpVerdict::RstOutOfWindow => {
+                        return self.invalid(InvalidReason::TcpRstOutOfWindow)
+                    }
+                }
+                let new = e.tcp.state();
+                if new != old {
+                    changed = true;
+                    if new == TcpState::Established {
+                        e.status |= status::ASSURED;
+                    }
+                }
+                let mut to = self.timeouts.tcp(new);
+                if e.tcp.unacked() {
+                    to = to.min(self.timeouts.tcp_unacknowledged);
+                }
+                timeout_s = to;
+            }
+            (KIND_UDP, _) => {
+                if e.status & status::SEEN_REPLY != 0 {
+                    e.status |= status::ASSURED;
+                }
+                timeout_s = if e.status & status::SEEN_REPLY != 0 || dir == 1 {
+                    self.timeouts.udp_replied
+                } else {
+                    self.timeouts.udp_unreplied
+                };
+            }
+            (KIND_ICMP, L4::Icmp(i)) => {
+                let ok = match i.kind {
+                    IcmpKind::EchoRequest { .. } => dir == 0,
+                    IcmpKind::EchoReply { .. } => dir == 1,
+                    _ => false,
+                };
+                if !ok {
+                    return self.invalid(InvalidReason::IcmpEchoMismatch);
+                }
+                timeout_s = self.timeouts.icmp;
+            }
+            (KIND_GENERIC, _) => timeout_s = self.timeouts.generic,
+            // The tuple matched an entry of another kind: only possible with a corrupted
+            // import; judge the packet invalid rather than guess.
+            _ => return self.invalid(InvalidReason::IcmpUntracked),
+        }
+        let e = &mut self.entries[slot as usize];
+        if dir == 1 {
+            e.status |= status::SEEN_REPLY;
+        }
+        e.expires = now_ms.saturating_add(timeout_s.saturating_mul(1000));
+        if changed || e.status != old_status {
+            let snap = self.snapshot_slot(slot, now_ms);
+            self.push_event(Event::ConnUpdated(snap));
+        }
+        self.outcome(slot, direction, false)
+    }
+
+    /// The ct state a packet of an existing connection is seen in.
+    fn outcome(&self, slot: u32, dir: Direction, created: bool) -> Outcome {
+        let e = &self.entries[slot as usize];
+        let state = if dir == Direction::Reply || e.status & status::SEEN_REPLY != 0 {
+            CtState::Established
+        } else if e.status & status::RELATED != 0 {
+            CtState::Related
+        } else {
+            CtState::New
+        };
+        Outcome {
+            state,
+            dir,
+            conn: Some(ConnId { slot, gen: e.gen }),
+            helper: e.helper.as_ref().map(|h| h.kind),
+            invalid: None,
+            created,
+        }
+    }
+
+    fn create(&mut self, now_ms: u64, tuple: Tuple, pkt: &Packet) -> Outcome {
+        let (kind, tcp, timeout_s) = match pkt.l4 {
+            L4::Tcp(t) => match TcpConn::new_from(&t, self.pickup) {
+                Some(c) => (KIND_TCP, c, self.timeouts.tcp(c.state())),
+                None => return self.invalid(InvalidReason::TcpNoConnection),
+            },
+            L4::Udp(_) => (KIND_UDP, TcpConn::default(), self.timeouts.udp_unreplied),
+            L4::Icmp(i) => match i.kind {
+                IcmpKind::EchoRequest { .. } => (KIND_ICMP, TcpConn::default(), self.timeouts.icmp),
+                _ => return self.invalid(InvalidReason::IcmpEchoMismatch),
+            },
+            L4::Other { .. } => (KIND_GENERIC, TcpConn::default(), self.timeouts.generic),
+        };
+        // An expected connection?
+        let mut status_bits = 0;
+        let mut master = None;
+        let mut helper = self
+            .helper_for(&tuple)
+            .map(|k| Box::new(HelperState::new(k)));
+        if let Some(i) = self.find_expectation(now_ms, &tuple) {
+            let x = self.expects.swap_remove(i);
+            self.counters.expect_matched += 1;
+            status_bits |= status::RELATED;
+            master = Some(x.master);
+            helper = x.helper.map(|k| Box::new(HelperState::new(k)));
+            let snap = expect_snapshot(&x, now_ms);
+            self.push_event(Event::ExpectDestroyed {
+                snapshot: snap,
+                reason: ExpectEnd::Matched,
+            });
+        }
+        let Some(slot) = self.alloc(now_ms) else {
+            return self.invalid(InvalidReason::TableFull);
+        };
+        let e = &mut self.entries[slot as usize];
+        e.tuple = tuple;
+        e.status = status_bits;
+        e.kind = kind;
+        e.tcp = tcp;
+        e.expires = now_ms.saturating_add(timeout_s.saturating_mul(1000));
+        e.master = master;
+        e.helper = helper;
+        self.index_insert(slot);
+        self.counters.created += 1;
+        let snap = self.snapshot_slot(slot, now_ms);
+        self.push_event(Event::ConnCreated(snap));
+        self.outcome(slot, Direction::Original, true)
+    }
+
+    fn helper_for(&self, t: &Tuple) -> Option<HelperKind> {
+        self.helper_ports
+            .iter()
+            .find(|h| h.proto == t.proto && h.port == t.dst_port)
+            .map(|h| h.helper.into())
+    }
+
+    fn index_insert(&mut self, slot: u32) {
+        let e = &self.entries[slot as usize];
+        let (t0, t1) = (e.tuple, e.tuple.reverse());
+        let (h0, h1) = (self.hash(&t0), self.hash(&t1));
+        let hasher = &self.hasher;
+        let entries = &self.entries;
+        let rehash = |v: &u32| {
+            let e = &entries[(*v >> 1) as usize];
+            hasher.hash_one(e.tuple_in(*v & 1))
+        };
+        self.index.insert_unique(h0, slot << 1, rehash);
+        self.index.insert_unique(h1, slot << 1 | 1, rehash);
+    }
+
+    fn index_remove(&mut self, slot: u32) {
+        let e = &self.entries[slot as usize];
+        for dir in 0..2u32 {
+            let h = self.hash(&e.tuple_in(dir));
+            let v = slot << 1 | dir;
+            if let Ok(entry) = self.index.find_entry(h, |&x| x == v) {
+                entry.remove();
+            }
+        }
+    }
+
+    /// A free slot, making room by early drop if the shard is full.
+    fn alloc(&mut self, now_ms: u64) -> Option<u32> {
+        if self.len >= self.cap && !self.early_drop(now_ms) {
+            return None;
+        }
+        self.len += 1;
+        if let Some(s) = self.free.pop() {
+            return Some(s);
+        }
+        self.entries.push(Entry::free());
+        Some((self.entries.len() - 1) as u32)
+    }
+
+    /// Free one slot: an expired entry, else the non-assured entry closest to expiry among a
+    /// bounded sample (like Linux's early_drop). False if every sampled entry is assured.
+    fn early_drop(&mut self, now_ms: u64) -> bool {
+        const SAMPLE: u32 = 64;
+        let n = self.entries.len() as u32;
+        if n == 0 {
+            return false;
+        }
+        let mut victim: Option<(u32, u64)> = None;
+        for k in 0..SAMPLE.min(n) {
+            let slot = (self.sweep + k) % n;
+            let e = &self.entries[slot as usize];
+            if e.kind == KIND_FREE {
+                continue;
+            }
+            if e.expires <= now_ms {
+                victim = Some((slot, 0));
+                break;
+            }
+            if e.status & status::ASSURED == 0 && victim.is_none_or(|(_, x)| e.expires < x) {
+                victim = Some((slot, e.expires));
+            }
+        }
+        self.sweep = (self.sweep + SAMPLE) % n;
+        match victim {
+            Some((slot, _)) => {
+                self.counters.early_drops += 1;
+                self.destroy(slot, DestroyReason::EarlyDrop);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn destroy(&mut self, slot: u32, reason: DestroyReason) {
+        self.index_remove(slot);
+        let id = self.id_of(slot);
+        let e = &mut self.entries[slot as usize];
+        let tuple = e.tuple;
+        e.kind = KIND_FREE;
+        e.gen = e.gen.wrapping_add(1);
+        e.helper = None;
+        e.master = None;
+        self.free.push(slot);
+        self.len -= 1;
+        self.counters.destroyed += 1;
+        // Expectations die with their master.
+        let mut i = 0;
+        while i < self.expects.len() {
+            if self.expects[i].master == id {
+                let x = self.expects.swap_remove(i);
+                let snap = expect_snapshot(&x, 0);
+                self.push_event(Event::ExpectDestroyed {
+                    snapshot: snap,
+                    reason: ExpectEnd::MasterGone,
+                });
+            } else {
+                i += 1;
+            }
+        }
+        // A connection created and removed before anyone drained its creation leaves no trace.
+        if reason == DestroyReason::Removed {
+            if let Some(Event::ConnCreated(s)) = self.events.back() {
+                if s.tuple == tuple {
+                    self.events.pop_back();
+                    return;
+                }
+            }
+        }
+        self.push_event(Event::ConnDestroyed { tuple, reason });
+    }
+
+    /// Remove a connection (e.g. the policy dropped the packet that created it).
+    pub fn remove(&mut self, id: ConnId) -> bool {
+        if self.live(id).is_none() {
+            return false;
+        }
+        self.destroy(id.slot, DestroyReason::Removed);
+        true
+    }
+
+    /// Remove every connection and expectation.
+    pub fn flush(&mut self) {
+        for slot in 0..self.entries.len() as u32 {
+            if self.entries[slot as usize].kind != KIND_FREE {
+                self.destroy(slot, DestroyReason::Removed);
+            }
+        }
+    }
+
+    fn track_icmp_error(
+        &mut self,
+        now_ms: u64,
+        pkt: &Packet,
+        inner: &crate::packet::Inner,
+    ) -> Outcome {
+        // The error must travel back toward the sender of the quoted packet.
+        if pkt.dst != inner.src {
+            return self.invalid(InvalidReason::IcmpErrorUnmatched);
+        }
+        let Some(t) = Tuple::of_inner(inner) else {
+            return self.invalid(InvalidReason::IcmpErrorUnmatched);
+        };
+        match self.lookup(&t) {
+            Some((slot, dir)) if self.entries[slot as usize].expires > now_ms => Outcome {
+                state: CtState::Related,
+                // The quoted packet went one way; the error comes back the other way.
+                dir: if dir == 0 {
+                    Direction::Reply
+                } else {
+                    Direction::Original
+                },
+                conn: Some(self.id_of(slot)),
+                helper: None,
+                invalid: None,
+                created: false,
+            },
+            _ => self.invalid(InvalidReason::IcmpErrorUnmatched),
+        }
+    }
+
+    // ---- expectations ------------------------------------------------------------------
+
+    fn find_expectation(&mut self, now_ms: u64, t: &Tuple) -> Option<usize> {
+        if self.expects.is_empty() {
+            return None;
+        }
+        self.expire_expectations(now_ms);
+        self.expects.iter().position(|x| x.matches(t))
+    }
+
+    fn expire_expectations(&mut self, now_ms: u64) {
+        let mut i = 0;
+        while i < self.expects.len() {
+            if self.expects[i].expires <= now_ms {
+                let x = self.expects.swap_remove(i);
+                self.counters.expect_expired += 1;
+                let snap = expect_snapshot(&x, now_ms);
+                self.push_event(Event::ExpectDestroyed {
+                    snapshot: snap,
+                    reason: ExpectEnd::Timeout,
+                });
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Announce an expected connection (see `Expectation`). Identical announcements from the
+    /// same master refresh the timeout; beyond the per-master limit the oldest is evicted.
+    pub fn expect(
+        &mut self,
+        now: Timestamp,
+        req: Expectation,
+    ) -> Result<ExpectOutcome, ExpectError> {
+        let now_ms = now.as_millis();
+        let Some(m) = self.live(req.master) else {
+            return Err(ExpectError::NoMaster);
+        };
+        let x = Expect::from_request(&req, m.tuple, now_ms)?;
+        if shard_hash(&x.src, &x.dst, x.proto) as u32 & self.mask != self.id {
+            self.counters.expect_refused += 1;
+            return Err(ExpectError::WrongShard);
+        }
+        self.expire_expectations(now_ms);
+        if let Some(old) = self.expects.iter_mut().find(|o| o.same_as(&x)) {
+            old.expires = x.expires;
+            self.counters.expect_refreshed += 1;
+            return Ok(ExpectOutcome::Refreshed);
+        }
+        let owned = self.expects.iter().filter(|o| o.master == x.master).count();
+        if owned >= self.max_expect_per_master {
+            if let Some((i, _)) = self
+                .expects
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| o.master == x.master)
+                .min_by_key(|(_, o)| o.created)
+            {
+                let old = self.expects.swap_remove(i);
+                self.counters.expect_evicted += 1;
+                let snap = expect_snapshot(&old, now_ms);
+                self.push_event(Event::ExpectDestroyed {
+                    snapshot: snap,
+                    reason: ExpectEnd::Evicted,
+                });
+            }
+        } else if self.expects.len() >= self.max_expects {
+            self.counters.expect_refused += 1;
+            return Err(ExpectError::TableFull);
+        }
+        self.counters.expect_created += 1;
+        let snap = expect_snapshot(&x, now_ms);
+        self.expects.push(x);
+        self.push_event(Event::ExpectCreated(snap));
+        Ok(ExpectOutcome::Created)
+    }
+
+    /// Copies of the live expectations.
+    pub fn expectations(&self, now: Timestamp) -> impl Iterator<Item = ExpectSnapshot> + '_ {
+        let now_ms = now.as_millis();
+        self.expects
+            .iter()
+            .filter(move |x| x.expires > now_ms)
+            .map(move |x| expect_snapshot(x, now_ms))
+    }
+
+    // ---- timers ------------------------------------------------------------------------
+
+    /// Reap expired entries, examining at most `budget` slots from where the last call stopped,
+    /// and expired expectations. Returns how many connections were reaped.
+    pub fn handle_timeout(&mut self, now: Timestamp, budget: u32) -> u32 {
+        let now_ms = now.as_millis();
+        self.expire_expectations(now_ms);
+        let n = self.entries.len() as u32;
+        if n == 0 {
+            return 0;
+        }
+        let mut reaped = 0;
+        for _ in 0..budget.min(n) {
+            let slot = self.sweep % n;
+            self.sweep = (slot + 1) % n;
+            let e = &self.entries[slot as usize];
+            if e.kind != KIND_FREE && e.expires <= now_ms {
+                self.counters.expired += 1;
+                self.destroy(slot, DestroyReason::Timeout);
+                reaped += 1;
+            }
+        }
+        reaped
+    }
+
+    /// The earliest expiry among live entries and expectations (a full scan: for tests and
+    /// idle shells; the datapath calls `handle_timeout` on a fixed tick instead).
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        let c = self
+            .entries
+            .iter()
+            .filter(|e| e.kind != KIND_FREE)
+            .map(|e| e.expires);
+        let x = self.expects.iter().map(|x| x.expires);
+        c.chain(x).min().map(Timestamp::from_millis)
+    }
+
+    // ---- events and snapshots ------------------------------------------------------------
+
+    fn push_event(&mut self, ev: Event) {
+        if self.events.len() >= self.max_events {
+            self.counters.events_dropped += 1;
+            self.resync_needed = true;
+        } else {
+            self.events.push_back(ev);
+        }
+    }
+
+    /// Next event for the replication sender.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Events were lost since the last call (queue overflow): the peer needs a full resync.
+    pub fn take_resync_needed(&mut self) -> bool {
+        std::mem::take(&mut self.resync_needed)
+    }
+
+    fn snapshot_slot(&self, slot: u32, now_ms: u64) -> ConnSnapshot {
+        let e = &self.entries[slot as usize];
+        ConnSnapshot {
+            tuple: e.tuple,
+            proto: e.proto_state(),
+            status: e.status,
+            master: e.master.and_then(|m| self.live(m)).map(|m| m.tuple),
+            expires_in_ms: e.expires.saturating_sub(now_ms),
+            helper: e.helper.clone(),
+        }
+    }
+
+    /// A copy of a live connection, for replication or listing.
+    pub fn snapshot(&self, id: ConnId, now: Timestamp) -> Option<ConnSnapshot> {
+        self.live(id)?;
+        Some(self.snapshot_slot(id.slot, now.as_millis()))
+    }
+
+    /// Copies of every live connection.
+    pub fn snapshots(&self, now: Timestamp) -> impl Iterator<Item = ConnSnapshot> + '_ {
+        let now_ms = now.as_millis();
+        (0..self.entries.len() as u32)
+            .filter(move |&s| {
+                let e = &self.entries[s as usize];
+                e.kind != KIND_FREE && e.expires > now_ms
+            })
+            .map(move |s| self.snapshot_slot(s, now_ms))
+    }
+
+    pub fn conn(&self, id: ConnId) -> Option<ConnInfo> {
+        let e = self.live(id)?;
+        Some(ConnInfo {
+            tuple: e.tuple,
+            proto: e.proto_state(),
+            status: e.status,
+            master: e.master,
+            expires: Timestamp::from_millis(e.expires),
+        })
+    }
+
+    pub fn helper_state_mut(&mut self, id: ConnId) -> Option<&mut HelperState> {
+        let e = self.entries.get_mut(id.slot as usize)?;
+        if e.kind == KIND_FREE || e.gen != id.gen {
+            return None;
+        }
+        e.helper.as_deref_mut()
+    }
+
+    /// Insert (or replace) a connection learned from a peer. It is marked `FROM_PEER` and its
+    /// TCP windows are re-learned from the next packets in each direction.
+    pub fn import(&mut self, now: Timestamp, snap: &ConnSnapshot) -> Result<ConnId, ImportError> {
+        let now_ms = now.as_millis();
+        let t = snap.tuple;
+        let kind = match (snap.proto, t.proto) {
+            (ProtoState::Tcp(_), crate::packet::proto::TCP) => KIND_TCP,
+            (ProtoState::Udp, crate::packet::proto::UDP) => KIND_UDP,
+            (ProtoState::IcmpEcho, crate::packet::proto::ICMP | crate::packet::proto::ICMPV6) => {
+                KIND_ICMP
+            }
+            (ProtoState::Generic, p)
+                if !matches!(
+                    p,
+                    crate::packet::proto::TCP
+                        | crate::packet::proto::UDP
+                        | crate::packet::proto::ICMP
+                        | crate::packet::proto::ICMPV6
+                ) =>
+            {
+                KIND_GENERIC
+            }
+            _ => return Err(ImportError::ProtoMismatch),
+        };
+        if t.family != 4 && t.family != 6 {
+            return Err(ImportError::BadFamily);
+        }
+        if shard_hash(&t.src, &t.dst, t.proto) as u32 & self.mask != self.id {
+            return Err(ImportError::WrongShard);
+        }
+        if let Some((slot, _)) = self.lookup(&t) {
+            self.destroy(slot, DestroyReason::Removed);
+        }
+        let Some(slot) = self.alloc(now_ms) else {
+            return Err(ImportError::TableFull);
+        };
+        let master = snap
+            .master
+            .and_then(|m| self.lookup(&m))
+            .map(|(s, _)| self.id_of(s));
+        let e = &mut self.entries[slot as usize];
+        e.tuple = t;
+        e.kind = kind;
+        e.status = snap.status | status::FROM_PEER;
+        e.tcp = match snap.proto {
+            ProtoState::Tcp(mut c) => {
+                c.set_relearn();
+                c
+            }
+            _ => TcpConn::default(),
+        };
+        e.expires = now_ms.saturating_add(snap.expires_in_ms);
+        e.master = master;
+        e.helper = snap.helper.clone();
+        self.index_insert(slot);
+        Ok(self.id_of(slot))
+    }
+
+    /// Check the table's internal consistency (tests and fuzzing).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let live = self.entries.iter().filter(|e| e.kind != KIND_FREE).count();
+        if live != self.len as usize {
+            return Err(format!("len {} but {} live entries", self.len, live));
+        }
+        if self.len > self.cap {
+            return Err(format!("len {} above capacity {}", self.len, self.cap));
+        }
+        if self.index.len() != 2 * live {
+            return Err(format!(
+                "index has {} slots for {} entries",
+                self.index.len(),
+                live
+            ));
+        }
+        for (slot, e) in self.entries.iter().enumerate() {
+            if e.kind == KIND_FREE {
+                continue;
+            }
+            for dir in 0..2u32 {
+                match self.lookup(&e.tuple_in(dir)) {
+                    Some((s, d)) if s == slot as u32 && d == dir => {}
+                    other => return Err(format!("slot {slot} dir {dir} looks up as {other:?}")),
+                }
+            }
+        }
+        for x in &self.expects {
+            if self.live(x.master).is_none() {
+                return Err("expectation outlived its master".into());
+            }
+        }
+        if self.free.len() + live != self.entries.len() {
+            return Err("free list and slab disagree".into());
+        }
+        Ok(())
+    }
+}
+
+fn expect_snapshot(x: &Expect, now_ms: u64) -> ExpectSnapshot {
+    ExpectSnapshot {
+        master: x.master_tuple,
+        proto: x.proto,
+        src: x.src,
+        src_port: x.src_port,
+        dst: x.dst,
+        dst_port: x.dst_port,
+        family: x.family,
+        expires_in_ms: x.expires.saturating_sub(now_ms),
+        helper: x.helper,
+    }
+}

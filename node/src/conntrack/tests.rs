@@ -1,0 +1,860 @@
+//! Unit tests of the tracker: packets are built as bytes and parsed, so the tests also pin the
+//! parser's contract with the tracker.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::event::{status, DestroyReason, ExpectEnd};
+use super::tcp::TcpState;
+use super::*;
+use crate::packet::build::{self, TcpSpec};
+use crate::packet::{proto, TcpFlags};
+
+const S: u8 = TcpFlags::SYN;
+const A: u8 = TcpFlags::ACK;
+const F: u8 = TcpFlags::FIN;
+const R: u8 = TcpFlags::RST;
+const P: u8 = TcpFlags::PSH;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn t(ms: u64) -> Timestamp {
+    Timestamp::from_millis(ms)
+}
+
+fn cfg() -> Config {
+    Config {
+        shards: 1,
+        max_entries: 1024,
+        ..Config::default()
+    }
+}
+
+/// A TCP conversation between a client and a server with real sequence numbers.
+struct Flow {
+    c: IpAddr,
+    s: IpAddr,
+    cp: u16,
+    sp: u16,
+    cseq: u32,
+    sseq: u32,
+    wscale: Option<u8>,
+}
+
+impl Flow {
+    fn v4() -> Self {
+        Flow {
+            c: ip("198.51.100.10"),
+            s: ip("203.0.113.10"),
+            cp: 40000,
+            sp: 80,
+            cseq: 1000,
+            sseq: 5000,
+            wscale: None,
+        }
+    }
+    fn v6() -> Self {
+        Flow {
+            c: ip("2001:db8:1::10"),
+            s: ip("2001:db8:2::10"),
+            ..Flow::v4()
+        }
+    }
+    /// A segment from the client (`from_client`) or server; advances that side's sequence.
+    fn seg(&mut self, from_client: bool, flags: u8, len: usize) -> Vec<u8> {
+        let (src, dst, sp, dp) = if from_client {
+            (self.c, self.s, self.cp, self.sp)
+        } else {
+            (self.s, self.c, self.sp, self.cp)
+        };
+        let mut spec = TcpSpec::new(sp, dp, flags);
+        let (seq, ack) = if from_client {
+            (self.cseq, self.sseq)
+        } else {
+            (self.sseq, self.cseq)
+        };
+        spec.seq = seq;
+        spec.ack = if flags & A != 0 { ack } else { 0 };
+        spec.window = 64000;
+        spec.wscale = self.wscale;
+        spec.payload = vec![b'x'; len];
+        let adv = len as u32 + u32::from(flags & S != 0) + u32::from(flags & F != 0);
+        if from_client {
+            self.cseq = self.cseq.wrapping_add(adv);
+        } else {
+            self.sseq = self.sseq.wrapping_add(adv);
+        }
+        build::tcp(src, dst, &spec)
+    }
+}
+
+fn track(ct: &Conntrack, now: u64, bytes: &[u8]) -> Outcome {
+    let p = Packet::parse(bytes).unwrap();
+    ct.track(t(now), &p)
+}
+
+fn tcp_state(ct: &Conntrack, o: &Outcome) -> TcpState {
+    let shard = ct.lock(0);
+    match shard.conn(o.conn.unwrap()).unwrap().proto {
+        ProtoState::Tcp(c) => c.state(),
+        other => panic!("not tcp: {other:?}"),
+    }
+}
+
+fn handshake(ct: &Conntrack, f: &mut Flow) -> Outcome {
+    let o = track(ct, 0, &f.seg(true, S, 0));
+    assert_eq!((o.state, o.created), (CtState::New, true));
+    assert_eq!(tcp_state(ct, &o), TcpState::SynSent);
+    let o = track(ct, 1, &f.seg(false, S | A, 0));
+    assert_eq!((o.state, o.dir), (CtState::Established, Direction::Reply));
+    assert_eq!(tcp_state(ct, &o), TcpState::SynRecv);
+    let o = track(ct, 2, &f.seg(true, A, 0));
+    assert_eq!(o.state, CtState::Established);
+    assert_eq!(tcp_state(ct, &o), TcpState::Established);
+    o
+}
+
+fn invalid(o: &Outcome, r: InvalidReason) {
+    assert_eq!(o.state, CtState::Invalid, "{o:?}");
+    assert_eq!(o.invalid, Some(r), "{o:?}");
+}
+
+#[test]
+fn three_way_handshake_data_and_close() {
+    for mut f in [Flow::v4(), Flow::v6()] {
+        let ct = Conntrack::new(&cfg());
+        let o = handshake(&ct, &mut f);
+        let id = o.conn.unwrap();
+        assert!(ct.lock(0).conn(id).unwrap().status & status::ASSURED != 0);
+        assert_eq!(
+            track(&ct, 3, &f.seg(true, A | P, 100)).state,
+            CtState::Established
+        );
+        assert_eq!(
+            track(&ct, 4, &f.seg(false, A | P, 1000)).state,
+            CtState::Established
+        );
+        assert_eq!(track(&ct, 5, &f.seg(true, A, 0)).conn, Some(id));
+        let o = track(&ct, 6, &f.seg(true, F | A, 0));
+        assert_eq!(tcp_state(&ct, &o), TcpState::FinWait);
+        let o = track(&ct, 7, &f.seg(false, A, 0));
+        assert_eq!(tcp_state(&ct, &o), TcpState::CloseWait);
+        let o = track(&ct, 8, &f.seg(false, F | A, 0));
+        assert_eq!(tcp_state(&ct, &o), TcpState::LastAck);
+        let o = track(&ct, 9, &f.seg(true, A, 0));
+        assert_eq!(tcp_state(&ct, &o), TcpState::TimeWait);
+        // TIME_WAIT lasts 120 s by default.
+        let exp = ct.lock(0).conn(id).unwrap().expires;
+        assert_eq!(exp, t(9 + 120_000));
+        ct.lock(0).check_invariants().unwrap();
+    }
+}
+
+#[test]
+fn simultaneous_open() {
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = track(&ct, 0, &f.seg(true, S, 0));
+    // The server's SYN crosses ours.
+    let o2 = track(&ct, 1, &f.seg(false, S, 0));
+    assert_eq!(o2.conn, o.conn);
+    assert_eq!(tcp_state(&ct, &o2), TcpState::SynSent2);
+    // The server acknowledges our SYN with a SYN/ACK repeating its own SYN -> SYN_RECV.
+    f.sseq -= 1;
+    let o3 = track(&ct, 2, &f.seg(false, S | A, 0));
+    assert_eq!(tcp_state(&ct, &o3), TcpState::SynRecv);
+    let o4 = track(&ct, 3, &f.seg(true, A, 0));
+    assert_eq!(tcp_state(&ct, &o4), TcpState::Established);
+}
+
+#[test]
+fn retransmitted_syn_is_tolerated_and_still_new() {
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = track(&ct, 0, &f.seg(true, S, 0));
+    f.cseq -= 1;
+    let o2 = track(&ct, 1000, &f.seg(true, S, 0));
+    assert_eq!(o2.conn, o.conn);
+    assert_eq!((o2.state, o2.created), (CtState::New, false));
+    assert_eq!(ct.len(), 1);
+}
+
+#[test]
+fn rst_in_and_out_of_window() {
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = handshake(&ct, &mut f);
+    // Out of window: a sequence number far from anything seen.
+    let mut bad = TcpSpec::new(f.sp, f.cp, R);
+    bad.seq = f.sseq.wrapping_add(10_000_000);
+    let ob = track(&ct, 3, &build::tcp(f.s, f.c, &bad));
+    invalid(&ob, InvalidReason::TcpRstOutOfWindow);
+    assert_eq!(tcp_state(&ct, &o), TcpState::Established);
+    // In window: accepted, connection goes to CLOSE.
+    let ok = track(&ct, 4, &f.seg(false, R | A, 0));
+    assert_eq!(ok.state, CtState::Established);
+    assert_eq!(tcp_state(&ct, &o), TcpState::Close);
+    let exp = ct.lock(0).conn(o.conn.unwrap()).unwrap().expires;
+    assert_eq!(exp, t(4 + 10_000));
+}
+
+#[test]
+fn rst_answering_syn_must_ack_it() {
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = track(&ct, 0, &f.seg(true, S, 0));
+    let mut wrong = TcpSpec::new(f.sp, f.cp, R | A);
+    wrong.ack = f.cseq.wrapping_add(5);
+    invalid(
+        &track(&ct, 1, &build::tcp(f.s, f.c, &wrong)),
+        InvalidReason::TcpRstOutOfWindow,
+    );
+    let mut right = TcpSpec::new(f.sp, f.cp, R | A);
+    right.ack = f.cseq;
+    assert_eq!(
+        track(&ct, 2, &build::tcp(f.s, f.c, &right)).state,
+        CtState::Established
+    );
+    assert_eq!(tcp_state(&ct, &o), TcpState::Close);
+}
+
+#[test]
+fn out_of_window_data_is_invalid() {
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    handshake(&ct, &mut f);
+    let mut spec = TcpSpec::new(f.cp, f.sp, A | P);
+    spec.seq = f.cseq.wrapping_add(1_000_000); // far beyond the server's window
+    spec.ack = f.sseq;
+    spec.payload = vec![0; 10];
+    invalid(
+        &track(&ct, 3, &build::tcp(f.c, f.s, &spec)),
+        InvalidReason::TcpOutOfWindow,
+    );
+    // An ACK for data never sent.
+    let mut spec = TcpSpec::new(f.cp, f.sp, A);
+    spec.seq = f.cseq;
+    spec.ack = f.sseq.wrapping_add(1_000_000);
+    invalid(
+        &track(&ct, 4, &build::tcp(f.c, f.s, &spec)),
+        InvalidReason::TcpOutOfWindow,
+    );
+    // A retransmission of old data is fine.
+    let mut spec = TcpSpec::new(f.cp, f.sp, A | P);
+    spec.seq = f.cseq.wrapping_sub(1);
+    spec.ack = f.sseq;
+    spec.payload = vec![0; 1];
+    assert_eq!(
+        track(&ct, 5, &build::tcp(f.c, f.s, &spec)).state,
+        CtState::Established
+    );
+    // Liberal mode lets the out-of-window segment through.
+    let ct = Conntrack::new(&Config {
+        tcp_liberal: true,
+        ..cfg()
+    });
+    let mut f = Flow::v4();
+    handshake(&ct, &mut f);
+    let mut spec = TcpSpec::new(f.cp, f.sp, A | P);
+    spec.seq = f.cseq.wrapping_add(1_000_000);
+    spec.ack = f.sseq;
+    assert_eq!(
+        track(&ct, 3, &build::tcp(f.c, f.s, &spec)).state,
+        CtState::Established
+    );
+}
+
+#[test]
+fn window_scaling_extends_the_window() {
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    f.wscale = Some(7);
+    handshake(&ct, &mut f);
+    // The server's first scaled window: 64000 << 7 bytes. Then 1 MB ahead is inside it.
+    track(&ct, 3, &f.seg(false, A, 0));
+    let mut spec = TcpSpec::new(f.cp, f.sp, A | P);
+    spec.seq = f.cseq.wrapping_add(1_000_000);
+    spec.ack = f.sseq;
+    spec.window = 64000;
+    assert_eq!(
+        track(&ct, 3, &build::tcp(f.c, f.s, &spec)).state,
+        CtState::Established
+    );
+}
+
+#[test]
+fn bad_flags_and_no_connection() {
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    invalid(
+        &track(&ct, 0, &f.seg(true, S | F, 0)),
+        InvalidReason::TcpBadFlags,
+    );
+    invalid(
+        &track(&ct, 0, &f.seg(true, 0, 0)),
+        InvalidReason::TcpBadFlags,
+    );
+    invalid(
+        &track(&ct, 0, &f.seg(true, F | S | R | P | TcpFlags::URG, 0)),
+        InvalidReason::TcpBadFlags,
+    );
+    invalid(
+        &track(&ct, 0, &f.seg(true, A, 0)),
+        InvalidReason::TcpNoConnection,
+    );
+    invalid(
+        &track(&ct, 0, &f.seg(false, S | A, 0)),
+        InvalidReason::TcpNoConnection,
+    );
+    assert_eq!(ct.len(), 0);
+    let c = ct.counters();
+    assert_eq!(c.invalid[InvalidReason::TcpBadFlags as usize], 3);
+    assert_eq!(c.invalid[InvalidReason::TcpNoConnection as usize], 2);
+}
+
+#[test]
+fn syn_ack_in_wrong_direction_is_invalid() {
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    track(&ct, 0, &f.seg(true, S, 0));
+    // The initiator cannot answer its own SYN.
+    invalid(
+        &track(&ct, 1, &f.seg(true, S | A, 0)),
+        InvalidReason::TcpBadTransition,
+    );
+}
+
+#[test]
+fn reopen_from_time_wait() {
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = handshake(&ct, &mut f);
+    track(&ct, 3, &f.seg(true, F | A, 0));
+    track(&ct, 4, &f.seg(false, F | A, 0));
+    let tw = track(&ct, 5, &f.seg(true, A, 0));
+    assert_eq!(tcp_state(&ct, &tw), TcpState::TimeWait);
+    f.cseq = f.cseq.wrapping_add(100_000);
+    let n = track(&ct, 6, &f.seg(true, S, 0));
+    assert!(n.created);
+    assert_ne!(n.conn, o.conn);
+    assert_eq!(tcp_state(&ct, &n), TcpState::SynSent);
+    assert_eq!(ct.len(), 1);
+}
+
+#[test]
+fn pickup_learns_windows_mid_stream() {
+    let mut f = Flow::v4();
+    let ct = Conntrack::new(&cfg());
+    invalid(
+        &track(&ct, 0, &f.seg(true, A | P, 10)),
+        InvalidReason::TcpNoConnection,
+    );
+    let ct = Conntrack::new(&Config {
+        tcp_pickup: true,
+        ..cfg()
+    });
+    let o = track(&ct, 0, &f.seg(true, A | P, 10));
+    assert_eq!((o.state, o.created), (CtState::New, true));
+    assert_eq!(tcp_state(&ct, &o), TcpState::Established);
+    assert_eq!(
+        track(&ct, 1, &f.seg(false, A | P, 10)).state,
+        CtState::Established
+    );
+    // Once learned, windows are enforced.
+    let mut spec = TcpSpec::new(f.cp, f.sp, A | P);
+    spec.seq = f.cseq.wrapping_add(50_000_000);
+    spec.ack = f.sseq;
+    invalid(
+        &track(&ct, 2, &build::tcp(f.c, f.s, &spec)),
+        InvalidReason::TcpOutOfWindow,
+    );
+}
+
+#[test]
+fn snapshot_round_trip_and_from_peer_relearns_windows() {
+    let a = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = handshake(&a, &mut f);
+    track(&a, 3, &f.seg(true, A | P, 500));
+    let snap = a.lock(0).snapshot(o.conn.unwrap(), t(3)).unwrap();
+
+    let b = Conntrack::new(&cfg());
+    let id = b.lock(0).import(t(10), &snap).unwrap();
+    let info = b.lock(0).conn(id).unwrap();
+    assert!(info.status & status::FROM_PEER != 0);
+    assert_eq!(info.tuple, snap.tuple);
+    // The peer's copy lags: the stream moved on 10 MB meanwhile. Without re-learning this
+    // would be out of window; a FROM_PEER entry learns it and carries on.
+    f.cseq = f.cseq.wrapping_add(10_000_000);
+    f.sseq = f.sseq.wrapping_add(10_000_000);
+    let o1 = track(&b, 11, &f.seg(true, A | P, 100));
+    assert_eq!((o1.state, o1.conn), (CtState::Established, Some(id)));
+    let o2 = track(&b, 12, &f.seg(false, A | P, 100));
+    assert_eq!(o2.state, CtState::Established);
+    // Then it is judged like any other connection.
+    let mut spec = TcpSpec::new(f.cp, f.sp, A | P);
+    spec.seq = f.cseq.wrapping_add(50_000_000);
+    spec.ack = f.sseq;
+    invalid(
+        &track(&b, 13, &build::tcp(f.c, f.s, &spec)),
+        InvalidReason::TcpOutOfWindow,
+    );
+
+    // A snapshot whose protocol state contradicts its tuple is refused, state untouched.
+    let mut bad = snap.clone();
+    bad.proto = ProtoState::Udp;
+    assert!(b.lock(0).import(t(14), &bad).is_err());
+    assert_eq!(b.len(), 1);
+    b.lock(0).check_invariants().unwrap();
+}
+
+#[test]
+fn udp_life_cycle() {
+    let ct = Conntrack::new(&cfg());
+    let (c, s) = (ip("198.51.100.10"), ip("203.0.113.10"));
+    let q = build::udp(c, s, 5353, 53, b"q");
+    let r = build::udp(s, c, 53, 5353, b"r");
+    let o = track(&ct, 0, &q);
+    assert_eq!((o.state, o.created), (CtState::New, true));
+    let id = o.conn.unwrap();
+    assert_eq!(ct.lock(0).conn(id).unwrap().expires, t(30_000));
+    assert_eq!(track(&ct, 1, &q).state, CtState::New);
+    let o = track(&ct, 2, &r);
+    assert_eq!((o.state, o.dir), (CtState::Established, Direction::Reply));
+    assert_eq!(ct.lock(0).conn(id).unwrap().expires, t(2 + 120_000));
+    assert_eq!(track(&ct, 3, &q).state, CtState::Established);
+    assert!(ct.lock(0).conn(id).unwrap().status & status::ASSURED != 0);
+    // Expiry: after the timeout a new packet starts a new connection.
+    let o = track(&ct, 3 + 120_001, &q);
+    assert!(o.created);
+    assert_ne!(o.conn, Some(id));
+}
+
+#[test]
+fn icmp_echo_v4_and_v6() {
+    for (c, s) in [
+        ("198.51.100.10", "203.0.113.10"),
+        ("2001:db8:1::10", "2001:db8:2::10"),
+    ] {
+        let ct = Conntrack::new(&cfg());
+        let (c, s) = (ip(c), ip(s));
+        invalid(
+            &track(&ct, 0, &build::echo(s, c, true, 9, 1)),
+            InvalidReason::IcmpEchoMismatch,
+        );
+        let o = track(&ct, 0, &build::echo(c, s, false, 9, 1));
+        assert_eq!(o.state, CtState::New);
+        let r = track(&ct, 1, &build::echo(s, c, true, 9, 1));
+        assert_eq!((r.state, r.conn), (CtState::Established, o.conn));
+        // A request coming back from the server with the same id is not a reply.
+        invalid(
+            &track(&ct, 2, &build::echo(s, c, false, 9, 2)),
+            InvalidReason::IcmpEchoMismatch,
+        );
+        // Another identifier is another connection.
+        assert!(track(&ct, 3, &build::echo(c, s, false, 10, 1)).created);
+        assert_eq!(ct.len(), 2);
+    }
+}
+
+#[test]
+fn icmp_errors_v4_and_v6_are_related_only_when_matching() {
+    for (c, s, r, unreach) in [
+        ("198.51.100.10", "203.0.113.10", "203.0.113.1", 3u8),
+        ("2001:db8:1::10", "2001:db8:2::10", "2001:db8:2::1", 1u8),
+    ] {
+        let ct = Conntrack::new(&Config { shards: 8, ..cfg() });
+        let (c, s, r) = (ip(c), ip(s), ip(r));
+        let q = build::udp(c, s, 5353, 53, b"q");
+        let o = track(&ct, 0, &q);
+        // Port unreachable from the server, and from a router on the way: both RELATED.
+        for from in [s, r] {
+            let err = build::icmp_error(from, c, unreach, 3, &q);
+            let p = Packet::parse(&err).unwrap();
+            let e = ct.track(t(1), &p);
+            assert_eq!(
+                (e.state, e.conn, e.dir),
+                (CtState::Related, o.conn, Direction::Reply)
+            );
+        }
+        // An error about a connection that does not exist.
+        let other = build::udp(c, s, 5354, 53, b"q");
+        let err = build::icmp_error(s, c, unreach, 3, &other);
+        invalid(&track(&ct, 2, &err), InvalidReason::IcmpErrorUnmatched);
+        // An error sent toward the wrong host.
+        let err = build::icmp_error(c, s, unreach, 3, &q);
+        invalid(&track(&ct, 3, &err), InvalidReason::IcmpErrorUnmatched);
+        // Errors never create entries.
+        assert_eq!(ct.len(), 1);
+    }
+}
+
+fn ftp_master(ct: &Conntrack) -> (Flow, ConnId) {
+    let mut f = Flow {
+        sp: 21,
+        ..Flow::v4()
+    };
+    let o = handshake(ct, &mut f);
+    assert_eq!(o.helper, Some(helper_state::HelperKind::Ftp));
+    (f, o.conn.unwrap())
+}
+
+fn data_expect(master: ConnId, f: &Flow, port: u16) -> Expectation {
+    Expectation {
+        master,
+        proto: proto::TCP,
+        src: f.s,
+        src_port: None,
+        dst: f.c,
+        dst_port: port,
+        timeout: Duration::from_secs(300),
+        helper: None,
+    }
+}
+
+#[test]
+fn expectation_match_creates_related_connection() {
+    let ct = Conntrack::new(&cfg());
+    let (f, m) = ftp_master(&ct);
+    assert_eq!(
+        ct.lock(0).expect(t(10), data_expect(m, &f, 50000)),
+        Ok(ExpectOutcome::Created)
+    );
+    assert_eq!(ct.lock(0).expectations(t(10)).count(), 1);
+    // Active FTP: the server connects from port 20 to the announced client port.
+    let mut d = Flow {
+        c: f.s,
+        s: f.c,
+        cp: 20,
+        sp: 50000,
+        ..Flow::v4()
+    };
+    let o = track(&ct, 11, &d.seg(true, S, 0));
+    assert_eq!((o.state, o.created), (CtState::Related, true));
+    assert_eq!(ct.lock(0).conn(o.conn.unwrap()).unwrap().master, Some(m));
+    assert_eq!(ct.lock(0).expectation_count(), 0, "consumed");
+    let r = track(&ct, 12, &d.seg(false, S | A, 0));
+    assert_eq!(r.state, CtState::Established);
+    assert_eq!(
+        track(&ct, 13, &d.seg(true, A, 0)).state,
+        CtState::Established
+    );
+    // A second connection to the same port is not related any more.
+    let mut d2 = Flow {
+        c: f.s,
+        s: f.c,
+        cp: 21000,
+        sp: 50000,
+        ..Flow::v4()
+    };
+    assert_eq!(track(&ct, 14, &d2.seg(true, S, 0)).state, CtState::New);
+}
+
+#[test]
+fn expectation_refresh_eviction_expiry_and_master_death() {
+    let ct = Conntrack::new(&Config {
+        max_expect_per_master: 2,
+        ..cfg()
+    });
+    let (f, m) = ftp_master(&ct);
+    let mut sh = ct.lock(0);
+    assert_eq!(
+        sh.expect(t(10), data_expect(m, &f, 50000)),
+        Ok(ExpectOutcome::Created)
+    );
+    // A retransmitted announcement refreshes, it does not duplicate.
+    assert_eq!(
+        sh.expect(t(20), data_expect(m, &f, 50000)),
+        Ok(ExpectOutcome::Refreshed)
+    );
+    assert_eq!(sh.expectation_count(), 1);
+    sh.expect(t(30), data_expect(m, &f, 50001)).unwrap();
+    sh.expect(t(40), data_expect(m, &f, 50002)).unwrap();
+    // Per-master limit 2: the oldest (50000) was evicted.
+    let ports: Vec<u16> = sh.expectations(t(40)).map(|x| x.dst_port).collect();
+    assert_eq!(ports.len(), 2);
+    assert!(!ports.contains(&50000));
+    assert_eq!(sh.counters.expect_evicted, 1);
+    // Expiry.
+    sh.handle_timeout(t(30 + 300_000), 10);
+    assert_eq!(sh.expectation_count(), 1);
+    // Master death takes the rest.
+    while sh.poll_event().is_some() {}
+    assert!(sh.remove(m));
+    assert_eq!(sh.expectation_count(), 0);
+    let evs: Vec<_> = std::iter::from_fn(|| sh.poll_event()).collect();
+    assert!(evs.iter().any(|e| matches!(
+        e,
+        Event::ExpectDestroyed {
+            reason: ExpectEnd::MasterGone,
+            ..
+        }
+    )));
+    // A dead master cannot expect.
+    assert_eq!(
+        sh.expect(t(50), data_expect(m, &f, 50003)),
+        Err(ExpectError::NoMaster)
+    );
+}
+
+#[test]
+fn expectation_in_another_shard_is_refused() {
+    let ct = Conntrack::new(&Config {
+        shards: 64,
+        ..cfg()
+    });
+    let mut f = Flow {
+        sp: 21,
+        ..Flow::v4()
+    };
+    let syn = f.seg(true, S, 0);
+    let p = Packet::parse(&syn).unwrap();
+    let mut sh = ct.lock_for(&p);
+    let m = sh.track(t(0), &p).conn.unwrap();
+    // Find an address whose pair with the client hashes elsewhere (a bounce target).
+    let other = (1..=254u8)
+        .map(|i| ip(&format!("203.0.113.{i}")))
+        .find(|a| {
+            let q = build::udp(*a, f.c, 1, 2, b"");
+            ct.shard_of(&Packet::parse(&q).unwrap()) != ct.shard_of(&p)
+        })
+        .unwrap();
+    let mut x = data_expect(m, &f, 50000);
+    x.src = other;
+    assert_eq!(sh.expect(t(1), x), Err(ExpectError::WrongShard));
+}
+
+#[test]
+fn table_full_early_drops_unassured_then_refuses() {
+    let ct = Conntrack::new(&Config {
+        shards: 1,
+        max_entries: 4,
+        ..Config::default()
+    });
+    let c = ip("198.51.100.10");
+    let s = ip("203.0.113.10");
+    // Four unreplied UDP flows fill the table.
+    for port in 0..4 {
+        assert!(track(&ct, port, &build::udp(c, s, 1000 + port as u16, 53, b"")).created);
+    }
+    // A fifth evicts the unassured flow closest to expiry (the oldest).
+    let o = track(&ct, 10, &build::udp(c, s, 2000, 53, b""));
+    assert!(o.created);
+    assert_eq!(ct.len(), 4);
+    assert_eq!(ct.counters().early_drops, 1);
+    // Make everything assured: then a new flow is refused.
+    let ct = Conntrack::new(&Config {
+        shards: 1,
+        max_entries: 2,
+        ..Config::default()
+    });
+    for port in 0..2u16 {
+        track(&ct, 0, &build::udp(c, s, 1000 + port, 53, b""));
+        track(&ct, 1, &build::udp(s, c, 53, 1000 + port, b""));
+        track(&ct, 2, &build::udp(c, s, 1000 + port, 53, b""));
+    }
+    invalid(
+        &track(&ct, 3, &build::udp(c, s, 3000, 53, b"")),
+        InvalidReason::TableFull,
+    );
+    assert_eq!(ct.len(), 2);
+    ct.lock(0).check_invariants().unwrap();
+}
+
+#[test]
+fn timeouts_reap_incrementally() {
+    let ct = Conntrack::new(&cfg());
+    let c = ip("198.51.100.10");
+    let s = ip("203.0.113.10");
+    for port in 0..100u16 {
+        track(&ct, 0, &build::udp(c, s, 1000 + port, 53, b""));
+    }
+    let mut sh = ct.lock(0);
+    assert_eq!(sh.poll_timeout(), Some(t(30_000)));
+    assert_eq!(sh.handle_timeout(t(29_999), 1000), 0);
+    // A bounded budget reaps a bounded number.
+    assert_eq!(sh.handle_timeout(t(30_000), 10), 10);
+    assert_eq!(sh.len(), 90);
+    assert_eq!(sh.handle_timeout(t(30_000), 1000), 90);
+    assert!(sh.is_empty());
+    sh.check_invariants().unwrap();
+}
+
+#[test]
+fn events_describe_life_cycle_and_overflow_is_flagged() {
+    let ct = Conntrack::new(&Config {
+        event_queue: 3,
+        ..cfg()
+    });
+    let mut f = Flow::v4();
+    handshake(&ct, &mut f);
+    let mut sh = ct.lock(0);
+    let evs: Vec<_> = std::iter::from_fn(|| sh.poll_event()).collect();
+    assert!(matches!(evs[0], Event::ConnCreated(_)));
+    assert!(evs[1..].iter().all(|e| matches!(e, Event::ConnUpdated(_))));
+    assert_eq!(evs.len(), 3); // created, SYN_RECV (+seen reply), ESTABLISHED
+    assert!(!sh.take_resync_needed());
+    drop(sh);
+    for port in 0..5u16 {
+        track(&ct, 10, &build::udp(f.c, f.s, port + 1, 53, b""));
+    }
+    let mut sh = ct.lock(0);
+    assert_eq!(sh.counters.events_dropped, 2);
+    assert!(sh.take_resync_needed());
+}
+
+#[test]
+fn removed_new_connection_leaves_no_events() {
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = track(&ct, 0, &f.seg(true, S, 0));
+    let mut sh = ct.lock(0);
+    assert!(sh.remove(o.conn.unwrap()));
+    assert!(sh.poll_event().is_none());
+    assert!(sh.is_empty());
+    assert!(!sh.remove(o.conn.unwrap()), "stale handle");
+}
+
+#[test]
+fn fragments_and_untracked_icmp_are_invalid() {
+    let ct = Conntrack::new(&cfg());
+    let mut b = build::udp(ip("198.51.100.10"), ip("203.0.113.10"), 5, 6, &[0; 64]);
+    b[6] = 0x20;
+    invalid(&track(&ct, 0, &b), InvalidReason::Fragment);
+    let ts = build::icmp(
+        ip("198.51.100.10"),
+        ip("203.0.113.10"),
+        13,
+        0,
+        [0; 4],
+        &[0; 12],
+    );
+    invalid(&track(&ct, 0, &ts), InvalidReason::IcmpUntracked);
+}
+
+#[test]
+fn entry_size_is_bounded() {
+    // The figure the README quotes is measured in the bench; this pins the fixed part.
+    assert!(std::mem::size_of::<table::Shard>() < 512);
+    assert!(std::mem::size_of::<Tuple>() <= 40);
+}
+
+// ---- property test ------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+enum Op {
+    Tcp {
+        from_client: bool,
+        flow: u8,
+        flags: u8,
+        seq: u32,
+        ack: u32,
+        len: u8,
+    },
+    Udp {
+        from_client: bool,
+        flow: u8,
+    },
+    Echo {
+        from_client: bool,
+        flow: u8,
+        reply: bool,
+    },
+    IcmpErr {
+        flow: u8,
+    },
+    Expect {
+        port: u16,
+    },
+    Tick {
+        ms: u32,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (any::<bool>(), 0u8..4, any::<u8>(), 0u32..4000, 0u32..4000, 0u8..3)
+            .prop_map(|(from_client, flow, flags, seq, ack, len)| Op::Tcp { from_client, flow, flags, seq, ack, len }),
+        2 => (any::<bool>(), 0u8..4).prop_map(|(from_client, flow)| Op::Udp { from_client, flow }),
+        1 => (any::<bool>(), 0u8..4, any::<bool>()).prop_map(|(from_client, flow, reply)| Op::Echo { from_client, flow, reply }),
+        1 => (0u8..4).prop_map(|flow| Op::IcmpErr { flow }),
+        1 => (50000u16..50004).prop_map(|port| Op::Expect { port }),
+        1 => (0u32..200_000).prop_map(|ms| Op::Tick { ms }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn random_sequences_keep_invariants(ops in proptest::collection::vec(op(), 1..120), v6 in any::<bool>()) {
+        let ct = Conntrack::new(&Config { shards: 4, max_entries: 8, max_expect_per_master: 2, event_queue: 16, ..Config::default() });
+        let (c, s) = if v6 { (ip("2001:db8:1::10"), ip("2001:db8:2::10")) } else { (ip("198.51.100.10"), ip("203.0.113.10")) };
+        let mut now = 0u64;
+        let mut last_tcp: Option<ConnId> = None;
+        for op in ops {
+            match op {
+                Op::Tcp { from_client, flow, flags, seq, ack, len } => {
+                    let (src, dst, sp, dp) = if from_client { (c, s, 1000 + u16::from(flow), 21) } else { (s, c, 21, 1000 + u16::from(flow)) };
+                    let mut spec = TcpSpec::new(sp, dp, flags);
+                    spec.seq = seq;
+                    spec.ack = ack;
+                    spec.payload = vec![0; usize::from(len)];
+                    let b = build::tcp(src, dst, &spec);
+                    let o = track(&ct, now, &b);
+                    if o.conn.is_some() { last_tcp = o.conn; }
+                    prop_assert_eq!(o.state == CtState::Invalid, o.invalid.is_some());
+                }
+                Op::Udp { from_client, flow } => {
+                    let (src, dst, sp, dp) = if from_client { (c, s, 2000 + u16::from(flow), 53) } else { (s, c, 53, 2000 + u16::from(flow)) };
+                    track(&ct, now, &build::udp(src, dst, sp, dp, b""));
+                }
+                Op::Echo { from_client, flow, reply } => {
+                    let (src, dst) = if from_client { (c, s) } else { (s, c) };
+                    track(&ct, now, &build::echo(src, dst, reply, u16::from(flow), 0));
+                }
+                Op::IcmpErr { flow } => {
+                    let q = build::udp(c, s, 2000 + u16::from(flow), 53, b"");
+                    track(&ct, now, &build::icmp_error(s, c, if v6 { 1 } else { 3 }, 3, &q));
+                }
+                Op::Expect { port } => {
+                    if let Some(m) = last_tcp {
+                        let probe = build::udp(c, s, 1, 2, b"");
+                        let p = Packet::parse(&probe).unwrap();
+                        let mut sh = ct.lock(ct.shard_of(&p));
+                        let _ = sh.expect(t(now), Expectation { master: m, proto: proto::TCP, src: s, src_port: None, dst: c, dst_port: port, timeout: Duration::from_secs(5), helper: None });
+                    }
+                }
+                Op::Tick { ms } => {
+                    now += u64::from(ms);
+                    ct.handle_timeout(t(now), 0, 1, 3);
+                }
+            }
+            for i in 0..ct.shard_count() {
+                let sh = ct.lock(i);
+                if let Err(e) = sh.check_invariants() {
+                    return Err(TestCaseError::fail(e));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn destroy_reasons_are_reported() {
+    let ct = Conntrack::new(&cfg());
+    let q = build::udp(ip("198.51.100.10"), ip("203.0.113.10"), 1, 2, b"");
+    track(&ct, 0, &q);
+    let mut sh = ct.lock(0);
+    while sh.poll_event().is_some() {}
+    sh.handle_timeout(t(60_000), 10);
+    assert!(matches!(
+        sh.poll_event(),
+        Some(Event::ConnDestroyed {
+            reason: DestroyReason::Timeout,
+            ..
+        })
+    ));
+}
