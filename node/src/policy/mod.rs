@@ -1,1 +1,18 @@
-//! Policy: the rule model, its file format, compilation into a fast matcher, and evaluation.
+//! Policy: the rule model, its file format, compilation into a fast matcher, and the live,
+//! atomically swapped policy the datapath evaluates.
+//!
+//! Layers: `file` (text → `model`) → `compile` (model → `CompiledPolicy`, with `eval`) →
+//! `store` (the enforced version). Pure except `store`'s atomic pointer.
+
+pub mod compile;
+pub mod file;
+pub mod model;
+pub mod store;
+
+pub use compile::{CompiledPolicy, Decision, PacketMeta};
+pub use file::PolicyError;
+pub use model::{Action, CtSet, PolicyModel, PortRange, Rule};
+pub use store::{validate, ActivePolicy, PolicyStore};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,294 @@
+//! Compilation of a `PolicyModel` into a `CompiledPolicy`, and its first-match evaluation.
+//!
+//! Owns the matcher layout: rules become fixed-size records whose address, port and ICMP lists
+//! are ranges into three flat arrays, and the rules are pre-partitioned by protocol so a packet
+//! only visits the rules that can match its protocol, in order. Interface names are resolved to
+//! ifindexes once, here. Evaluation allocates nothing and takes no lock.
+//! Must not touch I/O, the tracker or the file format.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::model::{Action, CtSet, PolicyModel};
+use crate::conntrack::CtState;
+use crate::packet::proto;
+
+/// What the datapath knows about a packet when it asks the policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PacketMeta {
+    /// Input and output interface indexes (0 = unknown).
+    pub iif: u32,
+    pub oif: u32,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub icmp_type: Option<u8>,
+    pub ct: CtState,
+}
+
+/// The policy's answer: the action and the rule that decided (`None` = default action).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    pub rule: Option<u32>,
+}
+
+/// An address prefix in a family-tagged 128-bit form.
+#[derive(Clone, Copy, Debug)]
+struct Net {
+    addr: u128,
+    mask: u128,
+    v6: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    start: u32,
+    len: u32,
+}
+
+impl Span {
+    #[inline]
+    fn of<T>(self, v: &[T]) -> &[T] {
+        let s = self.start as usize;
+        v.get(s..s + self.len as usize).unwrap_or(&[])
+    }
+}
+
+/// `iif`/`oif` value of a rule whose interface did not exist at compile time.
+const NO_SUCH_IF: u32 = u32::MAX;
+
+#[derive(Clone, Copy, Debug)]
+struct CRule {
+    iif: u32,
+    oif: u32,
+    ct: u8,
+    /// Bit 0: may match IPv4; bit 1: may match IPv6.
+    families: u8,
+    src: Span,
+    dst: Span,
+    sport: Span,
+    dport: Span,
+    icmp: Span,
+    action: Action,
+}
+
+/// Protocol buckets: each holds the rules (in order) that can match that protocol.
+const BUCKETS: usize = 5;
+#[inline]
+fn bucket(p: u8) -> usize {
+    match p {
+        proto::TCP => 0,
+        proto::UDP => 1,
+        proto::ICMP => 2,
+        proto::ICMPV6 => 3,
+        _ => 4,
+    }
+}
+
+/// A compiled, immutable policy with per-rule hit counters.
+#[derive(Debug)]
+pub struct CompiledPolicy {
+    rules: Vec<CRule>,
+    /// The exact protocol of rules in bucket 4 ("other"), or 0x100 for any.
+    protos: Vec<u16>,
+    buckets: [Vec<u32>; BUCKETS],
+    nets: Vec<Net>,
+    ports: Vec<(u16, u16)>,
+    icmp: Vec<u8>,
+    default: Action,
+    hits: Box<[AtomicU64]>,
+    default_hits: AtomicU64,
+}
+
+#[inline]
+fn key(a: IpAddr) -> (u128, bool) {
+    match a {
+        IpAddr::V4(v) => (u128::from(u32::from(v)), false),
+        IpAddr::V6(v) => (u128::from(v), true),
+    }
+}
+
+impl CompiledPolicy {
+    /// Compile `model`. `resolve` maps interface names to ifindexes; a rule naming an interface
+    /// that does not exist never matches, and a warning says so.
+    pub fn compile(
+        model: &PolicyModel,
+        resolve: &dyn Fn(&str) -> Option<u32>,
+    ) -> (Self, Vec<String>) {
+        let mut warnings = vec![];
+        let mut c = CompiledPolicy {
+            rules: Vec::with_capacity(model.rules.len()),
+            protos: Vec::with_capacity(model.rules.len()),
+            buckets: Default::default(),
+            nets: vec![],
+            ports: vec![],
+            icmp: vec![],
+            default: model.default,
+            hits: (0..model.rules.len()).map(|_| AtomicU64::new(0)).collect(),
+            default_hits: AtomicU64::new(0),
+        };
+        for (i, r) in model.rules.iter().enumerate() {
+            let mut ifx = |name: &Option<String>, what: &str| {
+                match name {
+                None => 0,
+                Some(n) => resolve(n).unwrap_or_else(|| {
+                    warnings.push(format!(
+                        "rule[{i}] (line {}): {what} interface {n:?} does not exist; the rule cannot match until the policy is reloaded",
+                        r.line
+                    ));
+                    NO_SUCH_IF
+                }),
+            }
+            };
+            let iif = ifx(&r.iif, "input");
+            let oif = ifx(&r.oif, "output");
+            let push_nets = |nets: &mut Vec<Net>, list: &[ipnet::IpNet]| {
+                let start = nets.len() as u32;
+                for n in list {
+                    let (addr, v6) = key(n.network());
+                    let (mask, _) = key(n.netmask());
+                    nets.push(Net { addr, mask, v6 });
+                }
+                Span {
+                    start,
+                    len: list.len() as u32,
+                }
+            };
+            let src = push_nets(&mut c.nets, &r.src);
+            let dst = push_nets(&mut c.nets, &r.dst);
+            let push_ports = |ports: &mut Vec<(u16, u16)>, list: &[super::model::PortRange]| {
+                let start = ports.len() as u32;
+                ports.extend(list.iter().map(|p| (p.lo, p.hi)));
+                Span {
+                    start,
+                    len: list.len() as u32,
+                }
+            };
+            let sport = push_ports(&mut c.ports, &r.sport);
+            let dport = push_ports(&mut c.ports, &r.dport);
+            let icmp = Span {
+                start: c.icmp.len() as u32,
+                len: r.icmp_type.len() as u32,
+            };
+            c.icmp.extend_from_slice(&r.icmp_type);
+            let fam = |l: &[ipnet::IpNet]| {
+                if l.is_empty() {
+                    3
+                } else {
+                    l.iter()
+                        .fold(0u8, |f, n| f | if n.addr().is_ipv4() { 1 } else { 2 })
+                }
+            };
+            let mut families = fam(&r.src) & fam(&r.dst);
+            match r.proto {
+                Some(proto::ICMP) => families &= 1,
+                Some(proto::ICMPV6) => families &= 2,
+                _ => {}
+            }
+            c.rules.push(CRule {
+                iif,
+                oif,
+                ct: r.ct.unwrap_or(CtSet::ANY).0,
+                families,
+                src,
+                dst,
+                sport,
+                dport,
+                icmp,
+                action: r.action,
+            });
+            c.protos.push(r.proto.map_or(0x100, u16::from));
+            match r.proto {
+                Some(p) => c.buckets[bucket(p)].push(i as u32),
+                None => c.buckets.iter_mut().for_each(|b| b.push(i as u32)),
+            }
+        }
+        (c, warnings)
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn default_action(&self) -> Action {
+        self.default
+    }
+
+    /// First matching rule's action, else the default. Counts the hit.
+    #[inline]
+    pub fn eval(&self, m: &PacketMeta) -> Decision {
+        let (s, v6) = key(m.src);
+        let (d, _) = key(m.dst);
+        let fam_bit = if v6 { 2 } else { 1 };
+        let ct_bit = CtSet::bit(m.ct);
+        let b = bucket(m.proto);
+        for &i in &self.buckets[b] {
+            let r = &self.rules[i as usize];
+            if r.ct & ct_bit == 0 || r.families & fam_bit == 0 {
+                continue;
+            }
+            if b == 4
+                && self.protos[i as usize] != 0x100
+                && self.protos[i as usize] != u16::from(m.proto)
+            {
+                continue;
+            }
+            if (r.iif != 0 && r.iif != m.iif) || (r.oif != 0 && r.oif != m.oif) {
+                continue;
+            }
+            let in_nets = |sp: Span, a: u128| {
+                sp.len == 0
+                    || sp
+                        .of(&self.nets)
+                        .iter()
+                        .any(|n| n.v6 == v6 && a & n.mask == n.addr)
+            };
+            if !in_nets(r.src, s) || !in_nets(r.dst, d) {
+                continue;
+            }
+            let in_ports = |sp: Span, p: u16| {
+                sp.len == 0
+                    || sp
+                        .of(&self.ports)
+                        .iter()
+                        .any(|&(lo, hi)| lo <= p && p <= hi)
+            };
+            if !in_ports(r.sport, m.sport) || !in_ports(r.dport, m.dport) {
+                continue;
+            }
+            if r.icmp.len != 0
+                && !m
+                    .icmp_type
+                    .is_some_and(|t| r.icmp.of(&self.icmp).contains(&t))
+            {
+                continue;
+            }
+            if let Some(h) = self.hits.get(i as usize) {
+                h.fetch_add(1, Ordering::Relaxed);
+            }
+            return Decision {
+                action: r.action,
+                rule: Some(i),
+            };
+        }
+        self.default_hits.fetch_add(1, Ordering::Relaxed);
+        Decision {
+            action: self.default,
+            rule: None,
+        }
+    }
+
+    /// Hits per rule (in order) and of the default action.
+    pub fn hits(&self) -> (Vec<u64>, u64) {
+        (
+            self.hits
+                .iter()
+                .map(|h| h.load(Ordering::Relaxed))
+                .collect(),
+            self.default_hits.load(Ordering::Relaxed),
+        )
+    }
+}

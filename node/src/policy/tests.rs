@@ -1,0 +1,428 @@
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::conntrack::CtState;
+use crate::packet::proto;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn resolver(name: &str) -> Option<u32> {
+    match name {
+        "lan0" => Some(2),
+        "wan0" => Some(3),
+        _ => None,
+    }
+}
+
+fn compile(text: &str) -> CompiledPolicy {
+    let m = file::parse(text, "t.toml").unwrap();
+    CompiledPolicy::compile(&m, &resolver).0
+}
+
+fn meta(src: &str, dst: &str, proto: u8, dport: u16, ct: CtState) -> PacketMeta {
+    PacketMeta {
+        iif: 2,
+        oif: 3,
+        src: ip(src),
+        dst: ip(dst),
+        proto,
+        sport: 40000,
+        dport,
+        icmp_type: None,
+        ct,
+    }
+}
+
+const GATEWAY: &str = r#"
+default = "drop"
+
+[[rule]]
+name = "established"
+ct = ["established", "related"]
+action = "accept"
+
+[[rule]]
+name = "invalid"
+ct = "invalid"
+action = "drop"
+
+[[rule]]
+name = "web"
+in = "lan0"
+out = "wan0"
+src = ["198.51.100.0/24", "2001:db8:1::/64"]
+proto = "tcp"
+dport = [80, 443, "8000-8100"]
+ct = "new"
+action = "accept"
+
+[[rule]]
+name = "ping"
+proto = "icmp"
+icmp_type = "echo-request"
+action = "accept"
+
+[[rule]]
+name = "ssh-reject"
+proto = "tcp"
+dport = 22
+action = "reject"
+"#;
+
+#[test]
+fn first_match_semantics() {
+    let p = compile(GATEWAY);
+    let d = |m: PacketMeta| p.eval(&m);
+    let lan = "198.51.100.10";
+    let wan = "203.0.113.10";
+    assert_eq!(
+        d(meta(lan, wan, proto::TCP, 443, CtState::New)),
+        Decision {
+            action: Action::Accept,
+            rule: Some(2)
+        }
+    );
+    assert_eq!(
+        d(meta(lan, wan, proto::TCP, 8050, CtState::New)).rule,
+        Some(2)
+    );
+    assert_eq!(d(meta(lan, wan, proto::TCP, 8101, CtState::New)).rule, None);
+    assert_eq!(
+        d(meta(wan, lan, proto::TCP, 443, CtState::New)),
+        Decision {
+            action: Action::Drop,
+            rule: None
+        }
+    );
+    assert_eq!(
+        d(meta(wan, lan, proto::TCP, 5555, CtState::Established)).rule,
+        Some(0)
+    );
+    assert_eq!(
+        d(meta(wan, lan, proto::UDP, 53, CtState::Related)).rule,
+        Some(0)
+    );
+    assert_eq!(
+        d(meta(lan, wan, proto::TCP, 443, CtState::Invalid)),
+        Decision {
+            action: Action::Drop,
+            rule: Some(1)
+        }
+    );
+    assert_eq!(
+        d(meta(lan, wan, proto::TCP, 22, CtState::New)).action,
+        Action::Reject
+    );
+    // IPv6 source prefix.
+    assert_eq!(
+        d(meta(
+            "2001:db8:1::10",
+            "2001:db8:2::10",
+            proto::TCP,
+            80,
+            CtState::New
+        ))
+        .rule,
+        Some(2)
+    );
+    assert_eq!(
+        d(meta(
+            "2001:db8:3::10",
+            "2001:db8:2::10",
+            proto::TCP,
+            80,
+            CtState::New
+        ))
+        .rule,
+        None
+    );
+    // Interfaces.
+    let mut m = meta(lan, wan, proto::TCP, 443, CtState::New);
+    m.iif = 3;
+    assert_eq!(d(m).rule, None);
+    // ICMP type (v4 rule never matches ICMPv6).
+    let mut m = meta(lan, wan, proto::ICMP, 0, CtState::New);
+    m.icmp_type = Some(8);
+    assert_eq!(d(m).rule, Some(3));
+    m.icmp_type = Some(13);
+    assert_eq!(d(m).rule, None);
+    let mut m = meta(
+        "2001:db8:1::10",
+        "2001:db8:2::10",
+        proto::ICMPV6,
+        0,
+        CtState::New,
+    );
+    m.icmp_type = Some(8);
+    assert_eq!(d(m).rule, None);
+    let (hits, default_hits) = p.hits();
+    assert_eq!(hits[2], 3);
+    assert!(default_hits >= 5);
+}
+
+#[test]
+fn unresolved_interface_never_matches_and_warns() {
+    let m = file::parse("[[rule]]\nin = \"eth9\"\naction = \"accept\"\n", "t.toml").unwrap();
+    let (p, warnings) = CompiledPolicy::compile(&m, &resolver);
+    assert_eq!(warnings.len(), 1);
+    assert!(warnings[0].contains("eth9"), "{warnings:?}");
+    assert_eq!(
+        p.eval(&meta(
+            "198.51.100.1",
+            "203.0.113.1",
+            proto::UDP,
+            1,
+            CtState::New
+        ))
+        .rule,
+        None
+    );
+}
+
+fn err(text: &str) -> PolicyError {
+    file::parse(text, "p.toml").unwrap_err()
+}
+
+#[test]
+fn errors_name_file_line_column_rule_and_field() {
+    let e = err("[[rule]]\nname = \"web\"\nproto = \"tcp\"\ndport = 70000\naction = \"accept\"\n");
+    assert_eq!((e.line, e.column), (4, 9));
+    assert_eq!(
+        e.to_string(),
+        "p.toml:4:9: rule[0] (name \"web\") field \"dport\": port 70000 out of range 1-65535"
+    );
+
+    let e = err("[[rule]]\naction = \"accept\"\n\n[[rule]]\nsrc = \"198.51.100.1/24\"\naction = \"accept\"\n");
+    assert_eq!(e.line, 5);
+    assert!(
+        e.message.contains("host bits set") && e.message.contains("198.51.100.0/24"),
+        "{e}"
+    );
+
+    let e = err("[[rule]]\ndport = 80\naction = \"accept\"\n");
+    assert!(e.message.contains("ports need proto"), "{e}");
+    let e = err("[[rule]]\nproto = \"udp\"\ndport = \"90-80\"\naction = \"accept\"\n");
+    assert!(e.message.contains("inverted"), "{e}");
+    let e = err("[[rule]]\nproto = \"udp\"\ndport = 0\naction = \"accept\"\n");
+    assert!(e.message.contains("out of range"), "{e}");
+    let e = err("[[rule]]\nproto = \"tcp\"\nicmp_type = 8\naction = \"accept\"\n");
+    assert!(e.message.contains("needs proto"), "{e}");
+    let e =
+        err("[[rule]]\nproto = \"icmp\"\nicmp_type = \"packet-too-big\"\naction = \"accept\"\n");
+    assert!(e.message.contains("unknown icmp type"), "{e}");
+    let e = err("[[rule]]\nct = \"fresh\"\naction = \"accept\"\n");
+    assert!(e.message.contains("unknown ct state"), "{e}");
+    let e = err("[[rule]]\nct = []\naction = \"accept\"\n");
+    assert!(e.message.contains("empty list"), "{e}");
+    let e = err("[[rule]]\naction = \"allow\"\n");
+    assert!(e.message.contains("unknown action"), "{e}");
+    let e = err("[[rule]]\nproto = \"tcp\"\n");
+    assert_eq!(e.line, 1);
+    assert!(e.message.contains("missing field \"action\""), "{e}");
+    let e = err(
+        "[[rule]]\nname = \"a\"\naction = \"drop\"\n[[rule]]\nname = \"a\"\naction = \"drop\"\n",
+    );
+    assert!(e.message.contains("duplicate"), "{e}");
+    assert_eq!(e.line, 5);
+    let e =
+        err("[[rule]]\nsrc = \"198.51.100.0/24\"\ndst = \"2001:db8::/32\"\naction = \"drop\"\n");
+    assert!(e.message.contains("never match"), "{e}");
+    let e = err("[[rule]]\nproto = \"icmpv6\"\nsrc = \"198.51.100.0/24\"\naction = \"drop\"\n");
+    assert!(e.message.contains("never match"), "{e}");
+    // Unknown keys and syntax errors carry positions from the TOML parser.
+    let e = err("[[rule]]\ndestination = \"x\"\naction = \"drop\"\n");
+    assert_eq!(e.line, 2);
+    assert!(e.message.contains("unknown field"), "{e}");
+    let e = err("default = \"drop\"\n[[rule]\n");
+    assert_eq!(e.line, 2);
+}
+
+#[test]
+fn store_swaps_atomically_and_keeps_the_old_policy_on_error() {
+    let store = PolicyStore::new(Box::new(resolver));
+    assert_eq!(store.current().version, 0);
+    assert_eq!(
+        store.current().compiled.default_action(),
+        Action::Drop,
+        "fail closed before any load"
+    );
+    store.load_text(1, "a.toml", GATEWAY).unwrap();
+    assert_eq!(store.current().version, 1);
+    let e = store
+        .load_text(2, "b.toml", "[[rule]]\naction = \"nope\"\n")
+        .unwrap_err();
+    assert!(e.to_string().starts_with("b.toml:2:10:"), "{e}");
+    assert_eq!(store.current().version, 1);
+    assert_eq!(store.current().compiled.rule_count(), 5);
+}
+
+#[test]
+fn readers_never_see_a_torn_policy() {
+    // Policy A accepts port 1 only, policy B accepts port 2 only. A reader holding one guard
+    // must see a consistent pair of answers for both ports, whatever the writer does.
+    let a = "default = \"drop\"\n[[rule]]\nproto = \"udp\"\ndport = 1\naction = \"accept\"\n";
+    let b = "default = \"drop\"\n[[rule]]\nproto = \"udp\"\ndport = 2\naction = \"accept\"\n";
+    let store = Arc::new(PolicyStore::new(Box::new(resolver)));
+    store.load_text(1, "a", a).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (store, stop) = (store.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 2_000_000 {
+                let g = store.current();
+                let p1 = g
+                    .compiled
+                    .eval(&meta(
+                        "198.51.100.1",
+                        "203.0.113.1",
+                        proto::UDP,
+                        1,
+                        CtState::New,
+                    ))
+                    .action;
+                let p2 = g
+                    .compiled
+                    .eval(&meta(
+                        "198.51.100.1",
+                        "203.0.113.1",
+                        proto::UDP,
+                        2,
+                        CtState::New,
+                    ))
+                    .action;
+                assert!(
+                    (p1 == Action::Accept) != (p2 == Action::Accept),
+                    "torn policy: version {} gave {p1:?}/{p2:?}",
+                    g.version
+                );
+                n += 1;
+            }
+            n
+        })
+    };
+    for v in 2..2000u64 {
+        store
+            .load_text(v, "x", if v % 2 == 0 { b } else { a })
+            .unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(reader.join().unwrap() > 0);
+}
+
+// ---- compiled == naive reference -----------------------------------------------------------
+
+fn naive(m: &PolicyModel, p: &PacketMeta) -> Decision {
+    for (i, r) in m.rules.iter().enumerate() {
+        let ifok = |n: &Option<String>, x: u32| n.as_ref().is_none_or(|n| resolver(n) == Some(x));
+        let netok =
+            |l: &[ipnet::IpNet], a: IpAddr| l.is_empty() || l.iter().any(|n| n.contains(&a));
+        let portok =
+            |l: &[PortRange], x: u16| l.is_empty() || l.iter().any(|r| r.lo <= x && x <= r.hi);
+        let fam_ok = match r.proto {
+            Some(proto::ICMP) => p.src.is_ipv4(),
+            Some(proto::ICMPV6) => p.src.is_ipv6(),
+            _ => true,
+        };
+        if ifok(&r.iif, p.iif)
+            && ifok(&r.oif, p.oif)
+            && netok(&r.src, p.src)
+            && netok(&r.dst, p.dst)
+            && r.proto.is_none_or(|x| x == p.proto)
+            && portok(&r.sport, p.sport)
+            && portok(&r.dport, p.dport)
+            && (r.icmp_type.is_empty() || p.icmp_type.is_some_and(|t| r.icmp_type.contains(&t)))
+            && r.ct.unwrap_or(CtSet::ANY).contains(p.ct)
+            && fam_ok
+        {
+            return Decision {
+                action: r.action,
+                rule: Some(i as u32),
+            };
+        }
+    }
+    Decision {
+        action: m.default,
+        rule: None,
+    }
+}
+
+fn arb_rule() -> impl Strategy<Value = Rule> {
+    let nets4 = [
+        "198.51.100.0/24",
+        "198.51.100.0/25",
+        "203.0.113.7/32",
+        "0.0.0.0/0",
+    ];
+    let nets6 = ["2001:db8:1::/64", "2001:db8::/32", "::/0"];
+    let net = prop_oneof![
+        proptest::sample::select(nets4.to_vec()),
+        proptest::sample::select(nets6.to_vec())
+    ]
+    .prop_map(|s| s.parse::<ipnet::IpNet>().unwrap());
+    (
+        proptest::option::of(proptest::sample::select(vec!["lan0", "wan0", "eth9"])),
+        proptest::collection::vec(net.clone(), 0..3),
+        proptest::collection::vec(net, 0..3),
+        proptest::option::of(proptest::sample::select(vec![
+            proto::TCP,
+            proto::UDP,
+            proto::ICMP,
+            proto::ICMPV6,
+            47,
+        ])),
+        proptest::collection::vec((1u16..100, 0u16..20), 0..3),
+        proptest::option::of(1u8..16),
+        proptest::sample::select(vec![Action::Accept, Action::Drop, Action::Reject]),
+    )
+        .prop_map(|(iif, src, dst, proto_, ports, ct, action)| {
+            let tcpudp = matches!(proto_, Some(proto::TCP | proto::UDP));
+            Rule {
+                name: None,
+                line: 1,
+                iif: iif.map(str::to_string),
+                oif: None,
+                src,
+                dst,
+                proto: proto_,
+                sport: vec![],
+                dport: if tcpudp {
+                    ports
+                        .iter()
+                        .map(|&(lo, w)| PortRange { lo, hi: lo + w })
+                        .collect()
+                } else {
+                    vec![]
+                },
+                icmp_type: if matches!(proto_, Some(proto::ICMP)) {
+                    vec![8]
+                } else {
+                    vec![]
+                },
+                ct: ct.map(CtSet),
+                action,
+            }
+        })
+}
+
+proptest! {
+    #[test]
+    fn compiled_matches_naive(rules in proptest::collection::vec(arb_rule(), 0..12),
+                              src in proptest::sample::select(vec!["198.51.100.5", "198.51.100.200", "203.0.113.7", "2001:db8:1::5", "2001:db8:9::1"]),
+                              dst in proptest::sample::select(vec!["203.0.113.7", "198.51.100.5", "2001:db8:1::7", "2001:db8:2::1"]),
+                              p in proptest::sample::select(vec![proto::TCP, proto::UDP, proto::ICMP, proto::ICMPV6, 47, 50]),
+                              dport in 0u16..130, iif in 0u32..4, icmp in proptest::option::of(0u8..10),
+                              ct in proptest::sample::select(vec![CtState::New, CtState::Established, CtState::Related, CtState::Invalid])) {
+        let (src, dst) = (ip(src), ip(dst));
+        prop_assume!(src.is_ipv4() == dst.is_ipv4());
+        let model = PolicyModel { default: Action::Drop, rules };
+        let (c, _) = CompiledPolicy::compile(&model, &resolver);
+        let m = PacketMeta { iif, oif: 3, src, dst, proto: p, sport: 1, dport, icmp_type: icmp, ct };
+        prop_assert_eq!(c.eval(&m), naive(&model, &m));
+    }
+}
