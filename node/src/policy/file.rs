@@ -162,7 +162,7 @@ pub fn parse(text: &str, origin: &str) -> Result<PolicyModel, PolicyError> {
             match f {
                 None => Ok(vec![]),
                 Some(v) => list(v.get_ref())
-                    .and_then(|items| items.iter().map(|x| cidr(x)).collect())
+                    .and_then(|items| items.iter().map(cidr).collect())
                     .map_err(|m| fe(v.span(), name, m)),
             }
         };
@@ -178,7 +178,7 @@ pub fn parse(text: &str, origin: &str) -> Result<PolicyModel, PolicyError> {
                 ));
             }
             list(v.get_ref())
-                .and_then(|items| items.iter().map(|x| port_range(x)).collect())
+                .and_then(|items| items.iter().map(port_range).collect())
                 .map_err(|m| fe(v.span(), name, m))
         };
         let sport = ports(&r.sport, "sport")?;
@@ -228,7 +228,7 @@ pub fn parse(text: &str, origin: &str) -> Result<PolicyModel, PolicyError> {
             Some(proto::ICMPV6) => (false, true),
             _ => (true, true),
         };
-        if !(s4 && d4 && p4) && !(s6 && d6 && p6) {
+        if !((s4 && d4 && p4) || (s6 && d6 && p6)) {
             let span = r
                 .dst
                 .as_ref()
