@@ -93,7 +93,12 @@ fn established(c: &mut Criterion) {
         ..Config::default()
     };
     let mut shard = Shard::new(&cfg, 0, 1, N);
-    fill(&mut |p| drop(shard.track(now, p)), N);
+    fill(
+        &mut |p| {
+            shard.track(now, p);
+        },
+        N,
+    );
     let bytes = LIVE.load(Relaxed) - before;
     assert_eq!(shard.len(), N as usize);
     println!(
@@ -127,7 +132,12 @@ fn established(c: &mut Criterion) {
         ..Config::default()
     };
     let ct = Conntrack::new(&cfg);
-    fill(&mut |p| drop(ct.track(now, p)), N);
+    fill(
+        &mut |p| {
+            ct.track(now, p);
+        },
+        N,
+    );
     g.bench_function("established_track_1M_sharded_locked", |b| {
         b.iter(|| {
             for p in &pkts {
