@@ -4,6 +4,7 @@
 //! The first four are sans-IO state machines driven by an explicit `now`; `datapath` and the
 //! binary are the thin I/O shells around them.
 
+pub mod config;
 pub mod conntrack;
 pub mod datapath;
 pub mod helper;

@@ -1,13 +1,268 @@
-//! fwnode binary: configuration, logging, and the I/O shells around the sans-IO cores.
+//! fwnode binary: configuration, logging, signals and the worker threads around the sans-IO
+//! cores. Everything that decides about packets lives in the library.
 
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
 use clap::Parser;
+use fwnode::config::Config;
+use fwnode::conntrack::{Conntrack, InvalidReason};
+use fwnode::datapath::nfqueue::QueueConfig;
+use fwnode::datapath::rules::{self, RuleSpec};
+use fwnode::datapath::worker::{self, Pipeline, WorkerConfig, WorkerStats, REJECT_MARK};
+use fwnode::packet::{proto, ParseError};
+use fwnode::policy::PolicyStore;
 
 /// keepstate gateway daemon.
 #[derive(Debug, Parser)]
 #[command(name = "fwnode", version, about)]
-struct Cli {}
+struct Cli {
+    /// Run with this configuration file.
+    #[arg(long, value_name = "FILE", required_unless_present = "check_config")]
+    config: Option<PathBuf>,
+    /// Validate a configuration file and its policy, then exit (0 = valid).
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    check_config: Option<PathBuf>,
+    /// Remove this instance's iptables rules and exit (decommissioning; with --config).
+    #[arg(long, requires = "config")]
+    remove_rules: bool,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
+fn ifindex(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+fn load_policy(store: &PolicyStore, path: &Path, version: u64) -> Result<()> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading policy {}", path.display()))?;
+    let active = store.load_text(version, &path.display().to_string(), &text)?;
+    for w in &active.warnings {
+        tracing::warn!("{w}");
+    }
+    tracing::info!(version, rules = active.compiled.rule_count(), file = %path.display(), "policy loaded");
     Ok(())
+}
+
+fn rule_spec(cfg: &Config) -> RuleSpec {
+    let helper_ports: Vec<(String, u16)> = cfg
+        .conntrack
+        .helper_ports
+        .iter()
+        .filter_map(|h| match h.proto {
+            proto::TCP => Some(("tcp".to_string(), h.port)),
+            proto::UDP => Some(("udp".to_string(), h.port)),
+            _ => None,
+        })
+        .collect();
+    let d = &cfg.datapath;
+    RuleSpec {
+        name: d.chain.clone(),
+        first_queue: d.first_queue,
+        queues: d.queues,
+        helper_queue: (!helper_ports.is_empty()).then_some(d.first_queue + d.queues),
+        helper_ports,
+        reject_mark: REJECT_MARK,
+        fail_open: d.fail_open,
+    }
+}
+
+fn stats_json(
+    cfg: &Config,
+    ct: &Conntrack,
+    store: &PolicyStore,
+    workers: &[Arc<WorkerStats>],
+) -> serde_json::Value {
+    use serde_json::{json, Map, Value};
+    let sum = |f: &dyn Fn(&WorkerStats) -> u64| workers.iter().map(|w| f(w)).sum::<u64>();
+    let mut parse = Map::new();
+    for (i, name) in ParseError::NAMES.iter().enumerate() {
+        parse.insert(
+            (*name).into(),
+            Value::from(sum(&|w| w.parse_errors[i].load(Relaxed))),
+        );
+    }
+    let c = ct.counters();
+    let mut invalid = Map::new();
+    for (i, name) in InvalidReason::NAMES.iter().enumerate() {
+        invalid.insert((*name).into(), Value::from(c.invalid[i]));
+    }
+    let policy = store.current();
+    let (hits, default_hits) = policy.compiled.hits();
+    json!({
+        "node": cfg.node.name,
+        "policy": { "version": policy.version, "rules": policy.compiled.rule_count(), "hits": hits, "default_hits": default_hits },
+        "datapath": {
+            "packets": sum(&|w| w.packets.load(Relaxed)),
+            "bytes": sum(&|w| w.bytes.load(Relaxed)),
+            "accepted": sum(&|w| w.accepted.load(Relaxed)),
+            "dropped": sum(&|w| w.dropped.load(Relaxed)),
+            "rejected": sum(&|w| w.rejected.load(Relaxed)),
+            "gso_packets": sum(&|w| w.gso_packets.load(Relaxed)),
+            "batches": sum(&|w| w.batches.load(Relaxed)),
+            "max_batch": workers.iter().map(|w| w.max_batch.load(Relaxed)).max().unwrap_or(0),
+            "verdict_messages": sum(&|w| w.verdict_messages.load(Relaxed)),
+            "verdict_errors": sum(&|w| w.verdict_errors.load(Relaxed)),
+            "enobufs": sum(&|w| w.enobufs.load(Relaxed)),
+            "netlink_malformed": sum(&|w| w.netlink_malformed.load(Relaxed)),
+            "parse_errors": parse,
+        },
+        "conntrack": {
+            "connections": ct.len(),
+            "new": sum(&|w| w.ct_new.load(Relaxed)),
+            "established": sum(&|w| w.ct_established.load(Relaxed)),
+            "related": sum(&|w| w.ct_related.load(Relaxed)),
+            "discarded": sum(&|w| w.ct_discarded.load(Relaxed)),
+            "invalid": invalid,
+            "created": c.created, "destroyed": c.destroyed, "expired": c.expired,
+            "early_drops": c.early_drops, "events": sum(&|w| w.events.load(Relaxed)),
+            "events_dropped": c.events_dropped,
+        },
+    })
+}
+
+fn write_stats(path: &Path, v: &serde_json::Value) {
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, v.to_string())
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .is_err()
+    {
+        tracing::warn!(path = %path.display(), "cannot write stats file");
+    }
+}
+
+fn run(cfg: Config) -> Result<()> {
+    let store = Arc::new(PolicyStore::new(Box::new(ifindex)));
+    load_policy(&store, &cfg.policy.file, 1)?;
+    let ct = Arc::new(Conntrack::new(&cfg.conntrack));
+    let spec = rule_spec(&cfg);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reload = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
+
+    let origin = Instant::now();
+    let d = &cfg.datapath;
+    let mut queues: Vec<(u16, u32)> = (0..d.queues)
+        .map(|i| (d.first_queue + i, d.copy_range))
+        .collect();
+    if let Some(h) = spec.helper_queue {
+        queues.push((h, 0xffff));
+    }
+    let n = queues.len();
+    let mut handles = vec![];
+    let mut all_stats = vec![];
+    for (index, (num, copy_range)) in queues.into_iter().enumerate() {
+        let stats = Arc::new(WorkerStats::default());
+        all_stats.push(stats.clone());
+        let wc = WorkerConfig {
+            queue: QueueConfig {
+                num,
+                copy_range,
+                maxlen: d.queue_maxlen,
+                gso: d.gso,
+                fail_open: d.fail_open,
+                rcvbuf: d.rcvbuf,
+                poll_timeout: Duration::from_millis(200),
+            },
+            batch_datagrams: d.batch_datagrams.max(1),
+            index,
+            workers: n,
+            sweep_budget: 256,
+        };
+        let pipeline = Pipeline {
+            ct: ct.clone(),
+            policy: store.clone(),
+            stats,
+        };
+        let stop = stop.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("queue-{num}"))
+            .spawn(move || {
+                let r = worker::run(wc, pipeline, origin, stop.clone());
+                if let Err(e) = &r {
+                    tracing::error!(queue = num, error = %e, "worker stopped");
+                    stop.store(true, Relaxed);
+                }
+                r
+            })?;
+        handles.push(h);
+    }
+    // Queues are bound before traffic is sent to them.
+    std::thread::sleep(Duration::from_millis(100));
+    if d.install_rules {
+        rules::install(&spec).context("installing iptables rules")?;
+        tracing::info!(chain = %spec.name, queues = d.queues, fail_open = d.fail_open, "rules installed");
+    }
+    tracing::info!(node = %cfg.node.name, "running");
+
+    let mut version = 1;
+    while !stop.load(Relaxed) {
+        std::thread::sleep(Duration::from_millis(200));
+        if reload.swap(false, Relaxed) {
+            match load_policy(&store, &cfg.policy.file, version + 1) {
+                Ok(()) => version += 1,
+                Err(e) => tracing::error!(
+                    "policy reload rejected, still enforcing version {version}: {e:#}"
+                ),
+            }
+        }
+        if let Some(p) = &d.stats_file {
+            write_stats(p, &stats_json(&cfg, &ct, &store, &all_stats));
+        }
+    }
+    tracing::info!("stopping");
+    let mut failed = false;
+    for h in handles {
+        failed |= !matches!(h.join(), Ok(Ok(())));
+    }
+    if d.install_rules && d.fail_open {
+        rules::remove(&spec).context("removing iptables rules")?;
+        tracing::info!("fail-open: rules removed, traffic passes unfiltered");
+    } else if d.install_rules {
+        tracing::info!(
+            "fail-closed: rules stay in place; forwarded traffic is dropped until fwnode is back"
+        );
+    }
+    if failed {
+        bail!("a datapath worker failed");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Some(path) = cli.check_config {
+        let cfg = Config::load(&path)?;
+        let store = PolicyStore::new(Box::new(ifindex));
+        load_policy(&store, &cfg.policy.file, 1)?;
+        println!("{}: configuration and policy are valid", path.display());
+        return Ok(());
+    }
+    let Some(path) = cli.config else {
+        bail!("--config FILE is required")
+    };
+    let cfg = Config::load(&path)?;
+    if cli.remove_rules {
+        rules::remove(&rule_spec(&cfg))?;
+        println!("rules of chain {} removed", cfg.datapath.chain);
+        return Ok(());
+    }
+    run(cfg)
 }

@@ -1,1 +1,8 @@
 //! Datapath shell: NFQUEUE workers, verdicts, and the iptables rules that feed the queues.
+//!
+//! `nfqueue` talks netlink, `rules` installs the kernel side, `worker` runs the per-packet
+//! pipeline (parse → track → policy → verdict) on one thread per queue.
+
+pub mod nfqueue;
+pub mod rules;
+pub mod worker;

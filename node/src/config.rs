@@ -1,0 +1,153 @@
+//! The daemon's TOML configuration (`fwnode --config FILE`).
+//!
+//! Owns the file's schema and defaults; each section is the settings struct of the module it
+//! configures. Unknown keys are errors. Must not start anything.
+//!
+//! ```toml
+//! [node]
+//! name = "gw1"
+//!
+//! [datapath]
+//! queues = 2              # worker queues first_queue..first_queue+queues-1 (+1 helper queue)
+//! fail_open = false       # default: fail closed (no --queue-bypass)
+//! stats_file = "/run/keepstate/stats.json"
+//!
+//! [conntrack]
+//! max_entries = 262144
+//! [conntrack.timeouts]
+//! tcp_established = 432000
+//!
+//! [policy]
+//! file = "/etc/keepstate/policy.toml"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::conntrack;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub datapath: DatapathConfig,
+    #[serde(default)]
+    pub conntrack: conntrack::Config,
+    pub policy: PolicyConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            name: "fwnode".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatapathConfig {
+    /// Number of worker queues (one thread each).
+    pub queues: u16,
+    pub first_queue: u16,
+    /// Bytes copied to userspace per packet on worker queues (headers only). Helper flows use
+    /// their own queue with a full copy.
+    pub copy_range: u32,
+    pub queue_maxlen: u32,
+    /// Netlink socket receive buffer in bytes.
+    pub rcvbuf: usize,
+    /// Receive GSO super-packets unsegmented.
+    pub gso: bool,
+    /// When fwnode is down or its queue is full, let traffic pass instead of dropping it.
+    pub fail_open: bool,
+    /// Prefix of our iptables chains.
+    pub chain: String,
+    /// Install the iptables rules on start (turn off to manage them by hand).
+    pub install_rules: bool,
+    /// Most netlink datagrams drained before verdicts are sent.
+    pub batch_datagrams: usize,
+    /// Where counters are written as JSON once a second.
+    pub stats_file: Option<PathBuf>,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        DatapathConfig {
+            queues: 1,
+            first_queue: 0,
+            copy_range: 256,
+            queue_maxlen: 8192,
+            rcvbuf: 8 << 20,
+            gso: true,
+            fail_open: false,
+            chain: "KEEPSTATE".into(),
+            install_rules: true,
+            batch_datagrams: 16,
+            stats_file: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The policy file enforced by this node (reloaded on SIGHUP).
+    pub file: PathBuf,
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: p.clone(),
+            source: e,
+        })?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: p.clone(),
+            message: e.to_string(),
+        })?;
+        let invalid = |m: &str| ConfigError::Invalid {
+            path: p.clone(),
+            message: m.to_string(),
+        };
+        if cfg.datapath.queues == 0 {
+            return Err(invalid("datapath.queues must be at least 1"));
+        }
+        if cfg.datapath.copy_range < 128 {
+            return Err(invalid(
+                "datapath.copy_range must be at least 128 bytes (headers and ICMP quotes)",
+            ));
+        }
+        if cfg.conntrack.max_entries == 0 {
+            return Err(invalid("conntrack.max_entries must be at least 1"));
+        }
+        // A relative policy path is relative to the configuration file.
+        if cfg.policy.file.is_relative() {
+            if let Some(dir) = path.parent() {
+                cfg.policy.file = dir.join(&cfg.policy.file);
+            }
+        }
+        Ok(cfg)
+    }
+}

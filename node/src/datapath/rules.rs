@@ -1,0 +1,306 @@
+//! The kernel side of the datapath: iptables rules that send forwarded traffic to our queues.
+//!
+//! Owns rendering the `iptables-restore --noflush` scripts (pure, unit-tested) and running them
+//! for IPv4 and IPv6 in the current network namespace. Only FORWARD is hooked, so the gateway's
+//! own management traffic (INPUT/OUTPUT: gRPC, VRRP, SSH) never enters a queue.
+//!
+//! Layout for instance NAME (both families):
+//! - `raw` table: chain `NAME-raw`, jumped to from PREROUTING, holding `CT --notrack` and a
+//!   no-op ct-state match. The match makes the kernel register its defragmenter in this
+//!   namespace (priority -400, before raw) while the notrack keeps the kernel from tracking
+//!   anything: fragments reach our queue reassembled, so a fragment never slips past the policy
+//!   (and one that still arrives is INVALID and dropped).
+//! - `filter` table: chain `NAME`, jumped to from FORWARD (first rule): packets carrying the
+//!   reject mark (set by our NF_REPEAT verdict) are REJECTed by the kernel — TCP reset for TCP,
+//!   ICMP port unreachable otherwise; helper ports go to the helper queue with a full-payload
+//!   copy; everything else is spread over the worker queues (`--queue-balance`, which hashes the
+//!   address pair symmetrically so both directions of a connection meet one worker).
+//!
+//! Without `fail_open`, no `--queue-bypass`: when fwnode is not running, the kernel drops.
+//! Installing is idempotent: chains are re-declared (flushed) and exactly one jump is kept.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+/// Which family's tools to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn restore(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        }
+    }
+    fn tool(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+    fn unreachable(self) -> &'static str {
+        match self {
+            Family::V4 => "icmp-port-unreachable",
+            Family::V6 => "icmp6-port-unreachable",
+        }
+    }
+}
+
+/// What the rules must express.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleSpec {
+    /// Chain name prefix; unique per fwnode instance on a host.
+    pub name: String,
+    /// Worker queues `first..first + count`.
+    pub first_queue: u16,
+    pub queues: u16,
+    /// Queue for helper ports (full payload copy), if any helper is configured.
+    pub helper_queue: Option<u16>,
+    /// `(protocol name, port)` pairs that go to the helper queue.
+    pub helper_ports: Vec<(String, u16)>,
+    pub reject_mark: u32,
+    pub fail_open: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error("chain name {0:?} must be 1-24 characters of A-Z, a-z, 0-9, '-' or '_'")]
+    BadName(String),
+    #[error("running {tool}: {source}")]
+    Spawn {
+        tool: String,
+        source: std::io::Error,
+    },
+    #[error("{tool} failed: {stderr}")]
+    Failed { tool: String, stderr: String },
+}
+
+impl RuleSpec {
+    fn check(&self) -> Result<(), RulesError> {
+        let ok = !self.name.is_empty()
+            && self.name.len() <= 24
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if ok {
+            Ok(())
+        } else {
+            Err(RulesError::BadName(self.name.clone()))
+        }
+    }
+
+    fn queue_target(&self) -> String {
+        let mut t = if self.queues <= 1 {
+            format!("-j NFQUEUE --queue-num {}", self.first_queue)
+        } else {
+            format!(
+                "-j NFQUEUE --queue-balance {}:{} --queue-cpu-fanout",
+                self.first_queue,
+                self.first_queue + self.queues - 1
+            )
+        };
+        if self.fail_open {
+            t.push_str(" --queue-bypass");
+        }
+        t
+    }
+
+    /// The `iptables-restore --noflush` input for one family.
+    pub fn render(&self, fam: Family) -> String {
+        let n = &self.name;
+        let mut s = String::new();
+        s.push_str("*raw\n");
+        s.push_str(&format!(":{n}-raw - [0:0]\n"));
+        s.push_str(&format!("-A {n}-raw -j CT --notrack\n"));
+        // A no-op (an untracked packet returns from the chain's end anyway) that reads the ct
+        // state: with iptables-nft, `CT --notrack` becomes nft's native notrack, which does not
+        // register the kernel's defragmenter; a ct-state match does.
+        s.push_str(&format!(
+            "-A {n}-raw -m conntrack --ctstate UNTRACKED -j RETURN\n"
+        ));
+        s.push_str("COMMIT\n*filter\n");
+        s.push_str(&format!(":{n} - [0:0]\n"));
+        let mark = format!("-m mark --mark {:#x}", self.reject_mark);
+        s.push_str(&format!(
+            "-A {n} {mark} -p tcp -j REJECT --reject-with tcp-reset\n"
+        ));
+        s.push_str(&format!(
+            "-A {n} {mark} -j REJECT --reject-with {}\n",
+            fam.unreachable()
+        ));
+        if let Some(h) = self.helper_queue {
+            let bypass = if self.fail_open {
+                " --queue-bypass"
+            } else {
+                ""
+            };
+            for (p, port) in &self.helper_ports {
+                for dir in ["--dport", "--sport"] {
+                    s.push_str(&format!(
+                        "-A {n} -p {p} {dir} {port} -j NFQUEUE --queue-num {h}{bypass}\n"
+                    ));
+                }
+            }
+        }
+        s.push_str(&format!("-A {n} {}\n", self.queue_target()));
+        s.push_str("COMMIT\n");
+        s
+    }
+}
+
+fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, RulesError> {
+    let spawn = |e| RulesError::Spawn {
+        tool: tool.to_string(),
+        source: e,
+    };
+    let mut child = Command::new(tool)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn)?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).map_err(spawn)?;
+    }
+    let out = child.wait_with_output().map_err(spawn)?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(RulesError::Failed {
+            tool: format!("{tool} {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// Make sure `chain` is jumped to from `table`/`parent` exactly once, as the first rule.
+fn ensure_jump(fam: Family, table: &str, parent: &str, chain: &str) -> Result<(), RulesError> {
+    // Remove every existing jump (a crashed instance may have left one or more).
+    for _ in 0..64 {
+        if run(
+            fam.tool(),
+            &["-w", "-t", table, "-D", parent, "-j", chain],
+            None,
+        )
+        .is_err()
+        {
+            break;
+        }
+    }
+    run(
+        fam.tool(),
+        &["-w", "-t", table, "-I", parent, "1", "-j", chain],
+        None,
+    )
+    .map(|_| ())
+}
+
+/// Install (or replace) the rules for both families.
+pub fn install(spec: &RuleSpec) -> Result<(), RulesError> {
+    spec.check()?;
+    for fam in [Family::V4, Family::V6] {
+        run(fam.restore(), &["-w", "--noflush"], Some(&spec.render(fam)))?;
+        ensure_jump(fam, "raw", "PREROUTING", &format!("{}-raw", spec.name))?;
+        ensure_jump(fam, "filter", "FORWARD", &spec.name)?;
+    }
+    Ok(())
+}
+
+/// Remove the jumps and chains for both families. Missing pieces are not an error.
+pub fn remove(spec: &RuleSpec) -> Result<(), RulesError> {
+    spec.check()?;
+    for fam in [Family::V4, Family::V6] {
+        for (table, parent, chain) in [
+            ("raw", "PREROUTING", format!("{}-raw", spec.name)),
+            ("filter", "FORWARD", spec.name.clone()),
+        ] {
+            for _ in 0..64 {
+                if run(
+                    fam.tool(),
+                    &["-w", "-t", table, "-D", parent, "-j", &chain],
+                    None,
+                )
+                .is_err()
+                {
+                    break;
+                }
+            }
+            let _ = run(fam.tool(), &["-w", "-t", table, "-F", &chain], None);
+            let _ = run(fam.tool(), &["-w", "-t", table, "-X", &chain], None);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> RuleSpec {
+        RuleSpec {
+            name: "KS".into(),
+            first_queue: 0,
+            queues: 2,
+            helper_queue: Some(2),
+            helper_ports: vec![("tcp".into(), 21)],
+            reject_mark: 0x4b53_0001,
+            fail_open: false,
+        }
+    }
+
+    #[test]
+    fn renders_fail_closed_rules() {
+        let r = spec().render(Family::V4);
+        assert_eq!(
+            r,
+            "*raw\n:KS-raw - [0:0]\n-A KS-raw -j CT --notrack\n\
+             -A KS-raw -m conntrack --ctstate UNTRACKED -j RETURN\nCOMMIT\n*filter\n:KS - [0:0]\n\
+             -A KS -m mark --mark 0x4b530001 -p tcp -j REJECT --reject-with tcp-reset\n\
+             -A KS -m mark --mark 0x4b530001 -j REJECT --reject-with icmp-port-unreachable\n\
+             -A KS -p tcp --dport 21 -j NFQUEUE --queue-num 2\n\
+             -A KS -p tcp --sport 21 -j NFQUEUE --queue-num 2\n\
+             -A KS -j NFQUEUE --queue-balance 0:1 --queue-cpu-fanout\nCOMMIT\n"
+        );
+        assert!(!r.contains("bypass"));
+        assert!(spec().render(Family::V6).contains("icmp6-port-unreachable"));
+    }
+
+    #[test]
+    fn fail_open_and_single_queue() {
+        let s = RuleSpec {
+            queues: 1,
+            helper_queue: None,
+            fail_open: true,
+            ..spec()
+        };
+        let r = s.render(Family::V4);
+        assert!(
+            r.contains("-A KS -j NFQUEUE --queue-num 0 --queue-bypass\n"),
+            "{r}"
+        );
+        assert!(!r.contains("--dport 21"));
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for bad in ["", "a b", "x;rm", "FORWARD\n-A", &"x".repeat(25)] {
+            assert!(matches!(
+                install(&RuleSpec {
+                    name: bad.into(),
+                    ..spec()
+                }),
+                Err(RulesError::BadName(_))
+            ));
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! One datapath worker per NFQUEUE queue: receive a batch, decide each packet, send the
+//! verdicts in one datagram.
+//!
+//! Owns the per-packet pipeline (parse → track → policy → verdict) and the worker's counters.
+//! Owns no connection or policy state: the tracker and the policy are the sans-IO cores it
+//! drives. Per packet: no allocation, one shard lock, one atomic policy-pointer load per batch.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::nfqueue::{Msg, Queue, QueueConfig, Verdict};
+use crate::conntrack::{Conntrack, CtState, InvalidReason};
+use crate::packet::{Packet, ParseError, L4};
+use crate::policy::{Action, PacketMeta, PolicyStore};
+use crate::time::Timestamp;
+
+/// Mark on a packet handed back with NF_REPEAT so that the kernel rule at the top of our chain
+/// REJECTs it (the kernel builds TCP resets and ICMP unreachables best).
+pub const REJECT_MARK: u32 = 0x4b53_0001;
+
+/// Counters of one worker, readable from other threads.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub packets: AtomicU64,
+    pub bytes: AtomicU64,
+    pub accepted: AtomicU64,
+    pub dropped: AtomicU64,
+    pub rejected: AtomicU64,
+    pub gso_packets: AtomicU64,
+    pub batches: AtomicU64,
+    pub max_batch: AtomicU64,
+    pub enobufs: AtomicU64,
+    pub verdict_messages: AtomicU64,
+    pub verdict_errors: AtomicU64,
+    pub netlink_malformed: AtomicU64,
+    pub parse_errors: [AtomicU64; ParseError::COUNTERS],
+    pub ct_invalid: [AtomicU64; InvalidReason::COUNT],
+    pub ct_new: AtomicU64,
+    pub ct_established: AtomicU64,
+    pub ct_related: AtomicU64,
+    /// New connections removed again because the policy did not accept their first packet.
+    pub ct_discarded: AtomicU64,
+    /// Tracker events drained; replication (their consumer) is not built yet.
+    pub events: AtomicU64,
+}
+
+/// The per-packet decision, independent of NFQUEUE so it can be tested and benchmarked.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub ct: Arc<Conntrack>,
+    pub policy: Arc<PolicyStore>,
+    pub stats: Arc<WorkerStats>,
+}
+
+impl Pipeline {
+    /// Decide one packet. `iif`/`oif` are interface indexes from the kernel.
+    pub fn decide(
+        &self,
+        now: Timestamp,
+        policy: &crate::policy::ActivePolicy,
+        data: &[u8],
+        wire_len: u32,
+        iif: u32,
+        oif: u32,
+    ) -> Verdict {
+        let s = &self.stats;
+        let pkt = match Packet::parse_truncated(data, wire_len) {
+            Ok(p) => p,
+            Err(e) => {
+                s.parse_errors[e.counter_index()].fetch_add(1, Relaxed);
+                s.dropped.fetch_add(1, Relaxed);
+                return Verdict::Drop;
+            }
+        };
+        let mut shard = self.ct.lock_for(&pkt);
+        let out = shard.track(now, &pkt);
+        match out.state {
+            CtState::New => &s.ct_new,
+            CtState::Established => &s.ct_established,
+            CtState::Related => &s.ct_related,
+            CtState::Invalid => &s.ct_invalid[out.invalid.map_or(0, |r| r as usize)],
+        }
+        .fetch_add(1, Relaxed);
+        let (sport, dport) = pkt.ports();
+        let icmp_type = match pkt.l4 {
+            L4::Icmp(i) => Some(i.icmp_type),
+            _ => None,
+        };
+        let meta = PacketMeta {
+            iif,
+            oif,
+            src: pkt.src,
+            dst: pkt.dst,
+            proto: pkt.proto,
+            sport,
+            dport,
+            icmp_type,
+            ct: out.state,
+        };
+        let action = policy.compiled.eval(&meta).action;
+        // Like the kernel's unconfirmed entries: a connection whose first packet the policy
+        // did not accept is forgotten, so it cannot be used later.
+        if out.created && action != Action::Accept {
+            if let Some(id) = out.conn {
+                shard.remove(id);
+                s.ct_discarded.fetch_add(1, Relaxed);
+            }
+        }
+        drop(shard);
+        match action {
+            Action::Accept => {
+                s.accepted.fetch_add(1, Relaxed);
+                Verdict::Accept
+            }
+            Action::Drop => {
+                s.dropped.fetch_add(1, Relaxed);
+                Verdict::Drop
+            }
+            Action::Reject => {
+                s.rejected.fetch_add(1, Relaxed);
+                Verdict::Repeat { mark: REJECT_MARK }
+            }
+        }
+    }
+}
+
+/// Settings of a worker loop.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub queue: QueueConfig,
+    /// Most datagrams drained before verdicts are flushed.
+    pub batch_datagrams: usize,
+    /// This worker reaps shards `index, index + workers, ...`.
+    pub index: usize,
+    pub workers: usize,
+    /// Slots examined per shard per timer tick.
+    pub sweep_budget: u32,
+}
+
+/// Run one queue until `stop` is set. The socket is opened here, on the worker's thread.
+pub fn run(
+    cfg: WorkerConfig,
+    pipeline: Pipeline,
+    origin: Instant,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    let mut q = Queue::open(&cfg.queue)?;
+    let stats = pipeline.stats.clone();
+    let mut last_tick = Instant::now();
+    let mut last_q = q.stats.clone();
+    while !stop.load(Relaxed) {
+        let got = q.recv(false)?;
+        let mut datagrams = 0;
+        if got {
+            let now = Timestamp::from_millis(origin.elapsed().as_millis() as u64);
+            let policy = pipeline.policy.current();
+            let mut more = true;
+            while more {
+                q.for_each(|m: &Msg| {
+                    pipeline.decide(now, &policy, m.payload, m.wire_len, m.indev, m.outdev)
+                });
+                datagrams += 1;
+                more = datagrams < cfg.batch_datagrams && q.recv(true)?;
+            }
+            let n = q.pending() as u64;
+            stats.batches.fetch_add(1, Relaxed);
+            stats.max_batch.fetch_max(n, Relaxed);
+            if let Err(e) = q.flush() {
+                tracing::warn!(queue = cfg.queue.num, error = %e, "sending verdicts failed");
+            }
+        }
+        // Publish queue counters and do timer work about ten times a second.
+        if last_tick.elapsed() >= Duration::from_millis(100) {
+            last_tick = Instant::now();
+            let qs = &q.stats;
+            stats
+                .packets
+                .fetch_add(qs.packets - last_q.packets, Relaxed);
+            stats.bytes.fetch_add(qs.bytes - last_q.bytes, Relaxed);
+            stats
+                .gso_packets
+                .fetch_add(qs.gso_packets - last_q.gso_packets, Relaxed);
+            stats
+                .enobufs
+                .fetch_add(qs.enobufs - last_q.enobufs, Relaxed);
+            stats
+                .verdict_messages
+                .fetch_add(qs.verdict_messages - last_q.verdict_messages, Relaxed);
+            stats
+                .verdict_errors
+                .fetch_add(qs.verdict_errors - last_q.verdict_errors, Relaxed);
+            stats
+                .netlink_malformed
+                .fetch_add(qs.malformed - last_q.malformed, Relaxed);
+            last_q = qs.clone();
+            let now = Timestamp::from_millis(origin.elapsed().as_millis() as u64);
+            pipeline
+                .ct
+                .handle_timeout(now, cfg.index, cfg.workers, cfg.sweep_budget);
+            let mut i = cfg.index;
+            while i < pipeline.ct.shard_count() {
+                let mut sh = pipeline.ct.lock(i);
+                while sh.poll_event().is_some() {
+                    stats.events.fetch_add(1, Relaxed);
+                }
+                drop(sh);
+                i += cfg.workers.max(1);
+            }
+        }
+    }
+    Ok(())
+}

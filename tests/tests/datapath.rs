@@ -1,0 +1,508 @@
+//! End-to-end tests of the datapath: the real `fwnode` binary in the lab's gateway namespace,
+//! iptables sending FORWARD traffic to NFQUEUE, real clients and servers (curl, python sockets,
+//! ping, scapy for crafted packets). Each test builds its own lab and cleans it up.
+
+use std::time::{Duration, Instant};
+
+use keepstate_tests::*;
+
+const POLICY: &str = r#"
+default = "drop"
+
+[[rule]]
+name = "established"
+ct = ["established", "related"]
+action = "accept"
+
+[[rule]]
+name = "invalid"
+ct = "invalid"
+action = "drop"
+
+[[rule]]
+name = "web-out"
+in = "@LAN"
+out = "@WAN"
+proto = "tcp"
+dport = [8080, 9000]
+ct = "new"
+action = "accept"
+
+[[rule]]
+name = "udp-out"
+in = "@LAN"
+proto = "udp"
+dport = 5353
+ct = "new"
+action = "accept"
+
+[[rule]]
+name = "ping-out"
+in = "@LAN"
+proto = "icmp"
+icmp_type = "echo-request"
+ct = "new"
+action = "accept"
+
+[[rule]]
+name = "ping6-out"
+in = "@LAN"
+proto = "icmpv6"
+icmp_type = "echo-request"
+ct = "new"
+action = "accept"
+
+[[rule]]
+name = "ssh-reject"
+proto = "tcp"
+dport = 22
+action = "reject"
+"#;
+
+fn http_server(lab: &Lab, host: &str, port: u16) -> Proc {
+    let p = lab.spawn(
+        host,
+        &format!("{} -m http.server {port} --bind ::", python()),
+        &format!("http-{host}-{port}"),
+    );
+    lab.wait_listen(host, port);
+    p
+}
+
+/// curl's exit code (0 = fetched).
+fn curl(lab: &Lab, host: &str, url: &str) -> i32 {
+    lab.try_sh(
+        host,
+        &format!("curl -sS -o /dev/null --max-time 3 -g '{url}'"),
+    )
+    .status
+    .code()
+    .unwrap_or(-1)
+}
+
+fn counter(v: &serde_json::Value, path: &[&str]) -> u64 {
+    let mut x = v;
+    for p in path {
+        x = &x[*p];
+    }
+    x.as_u64()
+        .unwrap_or_else(|| panic!("stats have no number at {path:?}: {v}"))
+}
+
+#[test]
+fn tcp_allowed_denied_and_unsolicited_inbound_v4_v6() {
+    let lab = Lab::new();
+    let gw = lab.start_fwnode(POLICY, "");
+    let _s1 = http_server(&lab, "server", 8080);
+    let _s2 = http_server(&lab, "server", 8081);
+    let _c1 = http_server(&lab, "client", 8080);
+
+    assert_eq!(
+        curl(&lab, "client", &format!("http://{SERVER4}:8080/")),
+        0,
+        "allowed TCP v4"
+    );
+    assert_eq!(
+        curl(&lab, "client", &format!("http://[{SERVER6}]:8080/")),
+        0,
+        "allowed TCP v6"
+    );
+    assert_eq!(
+        curl(&lab, "client", &format!("http://{SERVER4}:8081/")),
+        28,
+        "port not in the policy: times out"
+    );
+    assert_eq!(
+        curl(&lab, "client", &format!("http://[{SERVER6}]:8081/")),
+        28
+    );
+    // Unsolicited inbound: the server may not open connections to the client.
+    assert_eq!(
+        curl(&lab, "server", &format!("http://{CLIENT4}:8080/")),
+        28,
+        "inbound must be dropped"
+    );
+    assert_eq!(
+        curl(&lab, "server", &format!("http://[{CLIENT6}]:8080/")),
+        28
+    );
+
+    let s = gw.stats();
+    assert!(counter(&s, &["datapath", "accepted"]) >= 10, "{s}");
+    assert!(counter(&s, &["datapath", "dropped"]) >= 4, "{s}");
+    assert!(counter(&s, &["conntrack", "established"]) >= 4, "{s}");
+    // Dropped first packets leave no connection behind.
+    assert!(counter(&s, &["conntrack", "discarded"]) >= 4, "{s}");
+    let hits = &s["policy"]["hits"];
+    assert!(hits[2].as_u64().unwrap_or(0) >= 2, "web-out rule hits: {s}");
+}
+
+#[test]
+fn reject_answers_with_a_reset() {
+    let lab = Lab::new();
+    let _gw = lab.start_fwnode(POLICY, "");
+    let t = Instant::now();
+    // No server listens on 22 at all: the reset can only come from the gateway's REJECT.
+    assert_eq!(
+        curl(&lab, "client", &format!("http://{SERVER4}:22/")),
+        7,
+        "connection refused by a reset"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "a reject must not wait for a timeout"
+    );
+    assert_eq!(curl(&lab, "client", &format!("http://[{SERVER6}]:22/")), 7);
+}
+
+#[test]
+fn icmp_echo_v4_v6_and_direction() {
+    let lab = Lab::new();
+    let _gw = lab.start_fwnode(POLICY, "");
+    lab.sh("client", &format!("ping -c 2 -i 0.2 -W 2 {SERVER4}"));
+    lab.sh("client", &format!("ping -6 -c 2 -i 0.2 -W 2 {SERVER6}"));
+    assert!(
+        !lab.try_sh("server", &format!("ping -c 1 -W 1 {CLIENT4}"))
+            .status
+            .success(),
+        "inbound ping must be dropped"
+    );
+    assert!(!lab
+        .try_sh("server", &format!("ping -6 -c 1 -W 1 {CLIENT6}"))
+        .status
+        .success());
+}
+
+/// A UDP client that sends one datagram on a connected socket and reports what came back:
+/// `reply`, `refused` (an ICMP port unreachable reached it) or `timeout`.
+fn udp_probe(lab: &Lab, dst: &str, port: u16) -> String {
+    let fam = if dst.contains(':') {
+        "AF_INET6"
+    } else {
+        "AF_INET"
+    };
+    let script = format!(
+        "import socket\ns=socket.socket(socket.{fam},socket.SOCK_DGRAM)\ns.settimeout(2)\ns.connect(('{dst}',{port}))\n\
+         s.send(b'ping')\ntry:\n    s.recv(100); print('reply')\nexcept ConnectionRefusedError:\n    print('refused')\n\
+         except socket.timeout:\n    print('timeout')\n"
+    );
+    lab.sh(
+        "client",
+        &format!("{} -c {}", python(), shell_quote(&script)),
+    )
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn udp_replies_and_icmp_errors_related_v4_v6() {
+    let lab = Lab::new();
+    let gw = lab.start_fwnode(POLICY, "");
+    // Nothing listens: the server's port unreachable must pass back as RELATED.
+    assert_eq!(udp_probe(&lab, SERVER4, 5353), "refused");
+    assert_eq!(udp_probe(&lab, SERVER6, 5353), "refused");
+    let s = gw.stats();
+    assert!(counter(&s, &["conntrack", "related"]) >= 2, "{s}");
+    // An echo server: replies pass as ESTABLISHED.
+    let echo =
+        "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\ns.bind(('::',5353))\n\
+                while True:\n    d,a=s.recvfrom(100); s.sendto(d,a)\n";
+    let _e = lab.spawn(
+        "server",
+        &format!("{} -c {}", python(), shell_quote(echo)),
+        "udp-echo",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(udp_probe(&lab, SERVER4, 5353), "reply");
+    assert_eq!(udp_probe(&lab, SERVER6, 5353), "reply");
+    // Not allowed by the policy.
+    assert_eq!(udp_probe(&lab, SERVER4, 5354), "timeout");
+}
+
+#[test]
+fn unsolicited_icmp_error_is_dropped() {
+    let lab = Lab::new();
+    let gw = lab.start_fwnode(POLICY, "");
+    // The client listens for ICMP destination-unreachable messages for 3 s.
+    let listen = "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_ICMP)\n\
+                  s.settimeout(0.2)\nn=0\nt=time.time()\nwhile time.time()-t<3:\n    try:\n        d=s.recv(2000)\n        \
+                  n+= d[20]==3\n    except socket.timeout:\n        pass\nprint(n)\n";
+    let mut l = lab.spawn(
+        "client",
+        &format!("{} -c {}", python(), shell_quote(listen)),
+        "icmp-listen",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // A port unreachable quoting a UDP packet the client never sent.
+    let forge = format!(
+        "from scapy.all import *\nconf.verb=0\nsend(IP(src='{SERVER4}',dst='{CLIENT4}')/ICMP(type=3,code=3)/IP(src='{CLIENT4}',dst='{SERVER4}')/UDP(sport=40000,dport=9999), count=3)\n"
+    );
+    lab.sh(
+        "server",
+        &format!("{} -c {}", python(), shell_quote(&forge)),
+    );
+    assert!(
+        l.wait_exit(Duration::from_secs(6))
+            .is_some_and(|s| s.success()),
+        "listener failed"
+    );
+    assert_eq!(
+        lab.log("icmp-listen").trim(),
+        "0",
+        "an unsolicited ICMP error reached the client"
+    );
+    let s = gw.stats();
+    assert!(
+        counter(&s, &["conntrack", "invalid", "icmp_error_unmatched"]) >= 3,
+        "{s}"
+    );
+}
+
+#[test]
+fn crafted_invalid_packets_are_dropped_counted_and_survived() {
+    let lab = Lab::new();
+    let gw = lab.start_fwnode(POLICY, "");
+    // A server that echoes on a long-lived connection, and a client holding one from port 45000.
+    let srv = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',9000))\ns.listen()\n\
+               c,a=s.accept()\nwhile True:\n    d=c.recv(100)\n    if not d: break\n    c.sendall(d)\n";
+    let _srv = lab.spawn(
+        "server",
+        &format!("{} -c {}", python(), shell_quote(srv)),
+        "tcp-echo",
+    );
+    lab.wait_listen("server", 9000);
+    let cli = format!(
+        "import socket,time,sys\ns=socket.socket()\ns.bind(('{CLIENT4}',45000))\ns.connect(('{SERVER4}',9000))\n\
+         s.sendall(b'one'); print(s.recv(10).decode(), flush=True)\nopen('{ready}','w').close()\n\
+         while not __import__('os').path.exists('{go}'): time.sleep(0.05)\n\
+         s.settimeout(3); s.sendall(b'two'); print(s.recv(10).decode(), flush=True)\n",
+        ready = lab.dir.join("ready").display(),
+        go = lab.dir.join("go").display()
+    );
+    let mut client = lab.spawn(
+        "client",
+        &format!("{} -c {}", python(), shell_quote(&cli)),
+        "tcp-client",
+    );
+    let t = Instant::now();
+    while !lab.dir.join("ready").exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "client never connected: {}",
+            lab.log("tcp-client")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let crafted = format!(
+        "from scapy.all import *\nconf.verb=0\nip=IP(src='{CLIENT4}',dst='{SERVER4}')\n\
+         send(ip/TCP(sport=41000,dport=9000,flags='SF'))\n\
+         send(ip/TCP(sport=41001,dport=9000,flags=''))\n\
+         send(ip/TCP(sport=41002,dport=9000,flags='FSRPAUEC'))\n\
+         send(ip/TCP(sport=45000,dport=9000,flags='R',seq=0x7fff0000))\n\
+         send(IP(src='{CLIENT4}',dst='{SERVER4}',proto=6)/Raw(b'0123456789'))\n\
+         send(IP(src='{CLIENT4}',dst='{SERVER4}',proto=17)/Raw(b'\\x00\\x01\\x00\\x02\\x00\\x63\\x00\\x00'))\n\
+         frags=[IP(src='{CLIENT4}',dst='{SERVER4}',id=77,flags='MF',frag=0,proto=17)/Raw(UDP(sport=1,dport=5353,len=48).build()+b'A'*16),\n\
+                IP(src='{CLIENT4}',dst='{SERVER4}',id=77,flags=0,frag=1,proto=17)/Raw(b'B'*32)]\n\
+         send(frags)\n"
+    );
+    lab.sh(
+        "client",
+        &format!("{} -c {}", python(), shell_quote(&crafted)),
+    );
+    std::fs::write(lab.dir.join("go"), "").unwrap();
+    assert!(
+        client
+            .wait_exit(Duration::from_secs(8))
+            .is_some_and(|s| s.success()),
+        "client: {}",
+        lab.log("tcp-client")
+    );
+    assert_eq!(
+        lab.log("tcp-client").split_whitespace().collect::<Vec<_>>(),
+        ["one", "two"],
+        "the connection survived the forged RST"
+    );
+    let s = gw.stats();
+    assert!(
+        counter(&s, &["conntrack", "invalid", "tcp_bad_flags"]) >= 3,
+        "{s}"
+    );
+    assert!(
+        counter(&s, &["conntrack", "invalid", "tcp_rst_out_of_window"]) >= 1,
+        "{s}"
+    );
+    assert!(
+        counter(&s, &["datapath", "parse_errors", "truncated"]) >= 1,
+        "{s}"
+    );
+    assert!(
+        counter(&s, &["datapath", "parse_errors", "bad_udp_length"]) >= 1,
+        "{s}"
+    );
+    assert!(gw.proc.child.id() > 0);
+    let _web = http_server(&lab, "server", 8080);
+    assert_eq!(
+        curl(&lab, "client", &format!("http://{SERVER4}:8080/")),
+        0,
+        "still forwarding after the garbage"
+    );
+}
+
+#[test]
+fn fragments_reach_the_policy_reassembled() {
+    let lab = Lab::new();
+    let gw = lab.start_fwnode(POLICY, "");
+    // 3000-byte datagrams leave the client in fragments (MTU 1500); allowed ones must pass.
+    let echo = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',5353))\n\
+                while True:\n    d,a=s.recvfrom(9000); s.sendto(d[:10],a)\n";
+    let _e = lab.spawn(
+        "server",
+        &format!("{} -c {}", python(), shell_quote(echo)),
+        "udp-echo",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let probe = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(2)\n\
+         s.sendto(b'x'*3000,('{SERVER4}',5353)); print(len(s.recv(100)))\n"
+    );
+    assert_eq!(
+        lab.sh(
+            "client",
+            &format!("{} -c {}", python(), shell_quote(&probe))
+        )
+        .trim(),
+        "10"
+    );
+    let s = gw.stats();
+    assert_eq!(
+        counter(&s, &["conntrack", "invalid", "fragment"]),
+        0,
+        "kernel defrag must reassemble: {s}"
+    );
+}
+
+#[test]
+fn fail_closed_by_default_and_restart_restores() {
+    let lab = Lab::new();
+    let mut gw = lab.start_fwnode(POLICY, "");
+    let _s = http_server(&lab, "server", 8080);
+    let url = format!("http://{SERVER4}:8080/");
+    assert_eq!(curl(&lab, "client", &url), 0);
+    gw.proc.signal(libc::SIGKILL);
+    gw.proc
+        .wait_exit(Duration::from_secs(5))
+        .expect("fwnode did not die");
+    assert_eq!(
+        curl(&lab, "client", &url),
+        28,
+        "no fwnode, no forwarding (fail closed)"
+    );
+    // A clean stop keeps the rules too: still closed.
+    let gw2 = lab.restart_fwnode(&gw.config, &gw.policy, &gw.stats);
+    assert_eq!(curl(&lab, "client", &url), 0, "restart restores forwarding");
+    gw2.proc.signal(libc::SIGTERM);
+    let mut p = gw2.proc;
+    assert!(
+        p.wait_exit(Duration::from_secs(5))
+            .is_some_and(|s| s.success()),
+        "{}",
+        lab.log("fwnode")
+    );
+    assert_eq!(curl(&lab, "client", &url), 28, "clean stop stays closed");
+    // Restarting over the left rules does not duplicate them.
+    let _gw3 = lab.restart_fwnode(&gw.config, &gw.policy, &gw.stats);
+    let rules = lab.sh(
+        "gw",
+        &format!(
+            "iptables -S FORWARD | grep -c -- '-j {}$' || true",
+            lab.prefix
+        ),
+    );
+    assert_eq!(rules.trim(), "1", "exactly one jump to our chain");
+    assert_eq!(curl(&lab, "client", &url), 0);
+}
+
+#[test]
+fn fail_open_when_configured() {
+    let lab = Lab::new();
+    let mut gw = lab.start_fwnode(POLICY, "fail_open = true");
+    let _s = http_server(&lab, "server", 8081);
+    let url = format!("http://{SERVER4}:8081/");
+    assert_eq!(
+        curl(&lab, "client", &url),
+        28,
+        "policy still applies while running"
+    );
+    gw.proc.signal(libc::SIGKILL);
+    gw.proc
+        .wait_exit(Duration::from_secs(5))
+        .expect("fwnode did not die");
+    assert_eq!(
+        curl(&lab, "client", &url),
+        0,
+        "fail-open: traffic bypasses a missing fwnode"
+    );
+}
+
+#[test]
+fn policy_reload_is_atomic_and_bad_files_keep_the_running_policy() {
+    let lab = Lab::new();
+    let gw = lab.start_fwnode(POLICY, "");
+    let _s = http_server(&lab, "server", 8081);
+    let url = format!("http://{SERVER4}:8081/");
+    assert_eq!(curl(&lab, "client", &url), 28);
+    // A broken file: rejected with its line and field; version 1 stays.
+    std::fs::write(
+        &gw.policy,
+        "[[rule]]\nproto = \"tcp\"\ndport = 70000\naction = \"accept\"\n",
+    )
+    .unwrap();
+    gw.proc.signal(libc::SIGHUP);
+    let s = gw.stats();
+    assert_eq!(counter(&s, &["policy", "version"]), 1, "{s}");
+    assert!(
+        lab.log("fwnode")
+            .contains(":3:9: rule[0] field \"dport\": port 70000 out of range"),
+        "{}",
+        lab.log("fwnode")
+    );
+    assert_eq!(curl(&lab, "client", &url), 28);
+    // A good file opens 8081.
+    std::fs::write(
+        &gw.policy,
+        POLICY
+            .replace("[8080, 9000]", "[8080, 8081]")
+            .replace("@LAN", &lab.gw_if("lan"))
+            .replace("@WAN", &lab.gw_if("wan")),
+    )
+    .unwrap();
+    gw.proc.signal(libc::SIGHUP);
+    let s = gw.stats();
+    assert_eq!(counter(&s, &["policy", "version"]), 2, "{s}");
+    assert_eq!(curl(&lab, "client", &url), 0);
+}
+
+#[test]
+fn bulk_tcp_uses_gso_and_batched_verdicts() {
+    let lab = Lab::new();
+    let gw = lab.start_fwnode(POLICY, "");
+    let _srv = lab.spawn("server", "iperf3 -s -p 9000 -1", "iperf-server");
+    lab.wait_listen("server", 9000);
+    lab.sh(
+        "client",
+        &format!("iperf3 -c {SERVER4} -p 9000 -t 2 -J > /dev/null"),
+    );
+    let s = gw.stats();
+    assert!(
+        counter(&s, &["datapath", "gso_packets"]) > 0,
+        "GSO super-packets must reach userspace unsegmented: {s}"
+    );
+    assert!(
+        counter(&s, &["datapath", "max_batch"]) > 1,
+        "verdicts must be batched: {s}"
+    );
+    assert!(
+        counter(&s, &["datapath", "verdict_messages"]) < counter(&s, &["datapath", "packets"]),
+        "{s}"
+    );
+}
