@@ -12,21 +12,16 @@ for pair in iptables:iptables ip:iproute2 iperf3:iperf3 vsftpd:vsftpd lftp:lftp 
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need_apt+=("$pkg")
 done
-python3 -c 'import scapy' 2>/dev/null || need_apt+=(python3-scapy)
+# The tests run Debian's interpreter, where python3-scapy installs.
+/usr/bin/python3 -c 'import scapy' 2>/dev/null || need_apt+=(python3-scapy)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
-# Debian's python3-scapy lands in the system interpreter; make sure the tests use one that has it.
-if ! python3 -c 'import scapy' 2>/dev/null; then
-  if /usr/bin/python3 -c 'import scapy' 2>/dev/null; then
-    export KEEPSTATE_PYTHON=/usr/bin/python3
-  else
-    echo "scapy is not importable by python3 or /usr/bin/python3" >&2; exit 1
-  fi
-fi
+/usr/bin/python3 -c 'import scapy' || { echo "scapy is not importable by /usr/bin/python3" >&2; exit 1; }
+export KEEPSTATE_PYTHON=/usr/bin/python3
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 
 echo "== cargo fmt --check"

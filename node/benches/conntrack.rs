@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use fwnode::conntrack::{Config, Conntrack, Shard};
+use std::sync::Arc;
+
+use fwnode::conntrack::{Config, Conntrack, Shard, TableLimit};
 use fwnode::packet::build::{self, TcpSpec};
 use fwnode::packet::{Packet, TcpFlags};
 use fwnode::time::Timestamp;
@@ -92,7 +94,7 @@ fn established(c: &mut Criterion) {
         event_queue: 0,
         ..Config::default()
     };
-    let mut shard = Shard::new(&cfg, 0, 1, N);
+    let mut shard = Shard::new(&cfg, 0, 1, Arc::new(TableLimit::new(N)));
     fill(
         &mut |p| {
             shard.track(now, p);
@@ -102,7 +104,7 @@ fn established(c: &mut Criterion) {
     let bytes = LIVE.load(Relaxed) - before;
     assert_eq!(shard.len(), N as usize);
     println!(
-        "memory: {N} connections use {bytes} bytes = {:.1} bytes per connection (slab + index + free list)",
+        "memory: {N} connections use {bytes} bytes = {:.1} bytes per connection (slab + index + free list, grown on demand)",
         bytes as f64 / f64::from(N),
     );
 
@@ -172,7 +174,7 @@ fn insert_and_sweep(c: &mut Criterion) {
                     event_queue: 0,
                     ..Config::default()
                 };
-                let mut shard = Shard::new(&cfg, 0, 1, M);
+                let mut shard = Shard::new(&cfg, 0, 1, Arc::new(TableLimit::new(M)));
                 let t = Instant::now();
                 for s in &syns {
                     let p = Packet::parse(s).expect("parses");
@@ -193,7 +195,7 @@ fn insert_and_sweep(c: &mut Criterion) {
                     event_queue: 0,
                     ..Config::default()
                 };
-                let mut shard = Shard::new(&cfg, 0, 1, M);
+                let mut shard = Shard::new(&cfg, 0, 1, Arc::new(TableLimit::new(M)));
                 for s in &syns {
                     let p = Packet::parse(s).expect("parses");
                     shard.track(Timestamp::from_secs(1), &p);

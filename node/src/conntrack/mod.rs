@@ -21,7 +21,7 @@ use parking_lot::{Mutex, MutexGuard};
 pub use config::{Config, Timeouts};
 pub use event::{ConnSnapshot, Event, ExpectSnapshot, ProtoState};
 pub use expect::{ExpectError, ExpectOutcome, Expectation};
-pub use table::{ConnId, ConnInfo, Counters, InvalidReason, Outcome, Shard};
+pub use table::{ConnId, ConnInfo, Counters, InvalidReason, Outcome, Shard, TableLimit};
 pub use tuple::Tuple;
 
 use crate::packet::{IcmpKind, Packet, L4};
@@ -49,18 +49,20 @@ pub enum Direction {
 pub struct Conntrack {
     shards: Box<[Mutex<Shard>]>,
     mask: usize,
+    limit: std::sync::Arc<TableLimit>,
 }
 
 impl Conntrack {
     pub fn new(cfg: &Config) -> Self {
         let n = cfg.shards.clamp(1, 1 << 16).next_power_of_two();
-        let per = cfg.max_entries.div_ceil(n).max(1);
+        let limit = std::sync::Arc::new(TableLimit::new(cfg.max_entries));
         let shards = (0..n)
-            .map(|i| Mutex::new(Shard::new(cfg, i, n, per)))
+            .map(|i| Mutex::new(Shard::new(cfg, i, n, limit.clone())))
             .collect();
         Conntrack {
             shards,
             mask: n as usize - 1,
+            limit,
         }
     }
 
@@ -98,7 +100,7 @@ impl Conntrack {
 
     /// Live connections over all shards.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().len()).sum()
+        self.limit.count() as usize
     }
 
     pub fn is_empty(&self) -> bool {

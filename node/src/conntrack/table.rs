@@ -11,6 +11,8 @@
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 
@@ -225,6 +227,41 @@ pub enum ImportError {
     TableFull,
 }
 
+/// The table's bound, shared by all shards: traffic between one pair of hosts lands in one
+/// shard, so a per-shard split of the bound would cap it at a fraction of the table.
+#[derive(Debug)]
+pub struct TableLimit {
+    count: AtomicU32,
+    max: u32,
+}
+
+impl TableLimit {
+    pub fn new(max: u32) -> Self {
+        TableLimit {
+            count: AtomicU32::new(0),
+            max,
+        }
+    }
+    /// Live connections over all shards.
+    pub fn count(&self) -> u32 {
+        self.count.load(Ordering::Relaxed)
+    }
+    pub fn max(&self) -> u32 {
+        self.max
+    }
+    /// Reserve one entry; false when the table is full.
+    fn reserve(&self) -> bool {
+        self.count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+    fn release(&self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One shard of the tracker. See the module docs.
 #[derive(Debug)]
 pub struct Shard {
@@ -237,7 +274,7 @@ pub struct Shard {
     max_expect_per_master: usize,
     max_expects: usize,
     max_events: usize,
-    cap: u32,
+    limit: Arc<TableLimit>,
     entries: Vec<Entry>,
     free: Vec<u32>,
     len: u32,
@@ -251,8 +288,9 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// Shard `id` of `count` (a power of two), holding at most `cap` connections.
-    pub fn new(cfg: &Config, id: u32, count: u32, cap: u32) -> Self {
+    /// Shard `id` of `count` (a power of two), sharing the table bound `limit`. Shards grow on
+    /// demand: preallocating every shard for the whole bound would multiply memory by `count`.
+    pub fn new(cfg: &Config, id: u32, count: u32, limit: Arc<TableLimit>) -> Self {
         let count = count.max(1);
         Shard {
             id,
@@ -264,12 +302,11 @@ impl Shard {
             max_expect_per_master: cfg.max_expect_per_master.max(1) as usize,
             max_expects: (cfg.max_expectations as usize).div_ceil(count as usize),
             max_events: cfg.event_queue as usize,
-            cap,
-            entries: Vec::with_capacity(cap as usize),
+            limit,
+            entries: Vec::new(),
             free: Vec::new(),
             len: 0,
-            // Sized once for the bound so the index never rehashes under load.
-            index: HashTable::with_capacity(2 * cap as usize),
+            index: HashTable::new(),
             hasher: DefaultHashBuilder::default(),
             sweep: 0,
             expects: Vec::new(),
@@ -284,9 +321,6 @@ impl Shard {
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-    pub fn capacity(&self) -> usize {
-        self.cap as usize
     }
     pub fn expectation_count(&self) -> usize {
         self.expects.len()
@@ -551,9 +585,9 @@ impl Shard {
         }
     }
 
-    /// A free slot, making room by early drop if the shard is full.
+    /// A free slot, making room by early drop in this shard if the table is full.
     fn alloc(&mut self, now_ms: u64) -> Option<u32> {
-        if self.len >= self.cap && !self.early_drop(now_ms) {
+        if !self.limit.reserve() && !(self.early_drop(now_ms) && self.limit.reserve()) {
             return None;
         }
         self.len += 1;
@@ -564,8 +598,9 @@ impl Shard {
         Some((self.entries.len() - 1) as u32)
     }
 
-    /// Free one slot: an expired entry, else the non-assured entry closest to expiry among a
-    /// bounded sample (like Linux's early_drop). False if every sampled entry is assured.
+    /// Free one slot: an expired entry, else the droppable entry closest to expiry among a
+    /// bounded sample (like Linux's early_drop): one that is not assured, or a TCP connection
+    /// that is closing (Linux's `tcp_can_early_drop`). False if none is droppable.
     fn early_drop(&mut self, now_ms: u64) -> bool {
         const SAMPLE: u32 = 64;
         let n = self.entries.len() as u32;
@@ -583,7 +618,17 @@ impl Shard {
                 victim = Some((slot, 0));
                 break;
             }
-            if e.status & status::ASSURED == 0 && victim.is_none_or(|(_, x)| e.expires < x) {
+            let closing = e.kind == KIND_TCP
+                && matches!(
+                    e.tcp.state(),
+                    TcpState::FinWait
+                        | TcpState::CloseWait
+                        | TcpState::LastAck
+                        | TcpState::TimeWait
+                        | TcpState::Close
+                );
+            let droppable = e.status & status::ASSURED == 0 || closing;
+            if droppable && victim.is_none_or(|(_, x)| e.expires < x) {
                 victim = Some((slot, e.expires));
             }
         }
@@ -609,6 +654,7 @@ impl Shard {
         e.master = None;
         self.free.push(slot);
         self.len -= 1;
+        self.limit.release();
         self.counters.destroyed += 1;
         // Expectations die with their master.
         let mut i = 0;
@@ -941,8 +987,12 @@ impl Shard {
         if live != self.len as usize {
             return Err(format!("len {} but {} live entries", self.len, live));
         }
-        if self.len > self.cap {
-            return Err(format!("len {} above capacity {}", self.len, self.cap));
+        if self.limit.count() > self.limit.max() {
+            return Err(format!(
+                "{} connections above the bound {}",
+                self.limit.count(),
+                self.limit.max()
+            ));
         }
         if self.index.len() != 2 * live {
             return Err(format!(

@@ -858,3 +858,46 @@ fn destroy_reasons_are_reported() {
         })
     ));
 }
+
+#[test]
+fn bound_is_global_so_one_host_pair_can_use_the_whole_table() {
+    // 64 shards, 100 entries: one client/server pair (one shard) may hold all 100.
+    let ct = Conntrack::new(&Config {
+        shards: 64,
+        max_entries: 100,
+        ..Config::default()
+    });
+    let (c, s) = (ip("198.51.100.10"), ip("203.0.113.10"));
+    for port in 0..100u16 {
+        assert!(
+            track(&ct, 0, &build::udp(c, s, 1000 + port, 53, b"")).created,
+            "entry {port}"
+        );
+    }
+    assert_eq!(ct.len(), 100);
+    // Full: the next one early-drops an unreplied flow instead of growing the table.
+    assert!(track(&ct, 1, &build::udp(c, s, 3000, 53, b"")).created);
+    assert_eq!(ct.len(), 100);
+}
+
+#[test]
+fn closing_tcp_connections_are_early_drop_victims() {
+    // Two reset (CLOSE, assured) connections fill the table; a new SYN replaces one of them.
+    let ct = Conntrack::new(&Config {
+        shards: 1,
+        max_entries: 2,
+        ..Config::default()
+    });
+    for cp in [40000u16, 40001] {
+        let mut f = Flow { cp, ..Flow::v4() };
+        handshake(&ct, &mut f);
+        track(&ct, 3, &f.seg(true, R | A, 0));
+    }
+    let mut f = Flow {
+        cp: 40002,
+        ..Flow::v4()
+    };
+    let o = track(&ct, 4, &f.seg(true, S, 0));
+    assert!(o.created, "{o:?}");
+    assert_eq!(ct.counters().early_drops, 1);
+}

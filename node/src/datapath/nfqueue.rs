@@ -545,6 +545,28 @@ impl Queue {
     }
 }
 
+impl Queue {
+    /// Send each held verdict in its own datagram, one VERDICT message per packet: the
+    /// classic one-packet-one-verdict loop, kept as the benchmark baseline.
+    pub fn flush_unbatched(&mut self) -> io::Result<()> {
+        let mut result = Ok(());
+        for i in 0..self.pending.len() {
+            let p = self.pending[i];
+            self.tx.clear();
+            self.stats.verdict_messages +=
+                build_verdicts(&mut self.tx, &mut self.seq, self.num, &[p]);
+            self.stats.verdict_sends += 1;
+            if let Err(e) = self.send(&self.tx) {
+                self.stats.verdict_errors += 1;
+                result = Err(e);
+                break;
+            }
+        }
+        self.pending.clear();
+        result
+    }
+}
+
 impl Drop for Queue {
     fn drop(&mut self) {
         let _ = self.flush();

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Datapath benchmark: builds client — gw — server in network namespaces (this run's own, removed
+# on exit or Ctrl-C) and measures, in ONE run so the ratios are fair on a noisy machine:
+#   kernel forwarding (no rules) · kernel iptables stateful rules · accept-all NFQUEUE loop
+#   (one verdict per packet) without and with GSO · fwnode (tracking + 50-rule policy)
+# for: iperf3 TCP Gbit/s, iperf3 UDP 64-byte packets/s received, new TCP connections/s.
+# Every load is bounded in time. Usage (root): bash tests/bench-datapath.sh [SECONDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T=${1:-5}
+P="kb$$"
+C=$P-c G=$P-g S=$P-s
+SERVER=203.0.113.10
+PY=/usr/bin/python3
+BIN=${KEEPSTATE_BIN_DIR:-$PWD/target/release}
+PIDS=()
+
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
+  for ns in $C $G $S; do ip netns del "$ns" 2>/dev/null || true; done
+  rm -rf "/tmp/$P"
+}
+trap cleanup EXIT INT TERM
+
+[ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
+for b in fwnode nfq-accept-all connrate; do
+  [ -x "$BIN/$b" ] || { echo "$BIN/$b missing: cargo build --release -p fwnode -p keepstate-tests" >&2; exit 1; }
+done
+mkdir -p "/tmp/$P"
+
+for ns in $C $G $S; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
+ip -n $C link add ${P}c type veth peer name ${P}gl netns $G
+ip -n $G link add ${P}gw type veth peer name ${P}s netns $S
+ip -n $C link set ${P}c up; ip -n $G link set ${P}gl up; ip -n $G link set ${P}gw up; ip -n $S link set ${P}s up
+ip -n $C addr add 198.51.100.10/24 dev ${P}c
+ip -n $G addr add 198.51.100.1/24 dev ${P}gl
+ip -n $G addr add 203.0.113.1/24 dev ${P}gw
+ip -n $S addr add $SERVER/24 dev ${P}s
+ip -n $C route add default via 198.51.100.1
+ip -n $S route add default via 203.0.113.1
+ip netns exec $G sysctl -qw net.ipv4.ip_forward=1
+ip netns exec $C sysctl -qw net.ipv4.ip_local_port_range="10000 65000"
+
+ip netns exec $S iperf3 -s -p 5201 >/dev/null 2>&1 & PIDS+=($!)
+ip netns exec $S "$BIN/connrate" serve 7000 >/dev/null 2>&1 & PIDS+=($!)
+sleep 0.5
+
+measure() { # prints "gbps pps conn_per_s"
+  local tcp udp conn
+  tcp=$(ip netns exec $C timeout $((T + 10)) iperf3 -c $SERVER -p 5201 -t "$T" -J 2>/dev/null |
+        $PY -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))' || echo 0)
+  udp=$(ip netns exec $C timeout $((T + 10)) iperf3 -c $SERVER -p 5201 -u -l 64 -b 0 -t "$T" -J 2>/dev/null |
+        $PY -c 'import json,sys; s=json.load(sys.stdin)["end"]["sum"]; print("%.0f" % ((s["packets"]-s["lost_packets"])/s["seconds"]))' || echo 0)
+  conn=$(ip netns exec $C timeout $((T + 10)) "$BIN/connrate" run $SERVER:7000 "$T" 8 | cut -d' ' -f1 || echo 0)
+  echo "$tcp $udp $conn"
+}
+
+gw_reset() { ip netns exec $G iptables -F FORWARD; ip netns exec $G iptables -P FORWARD ACCEPT; }
+
+declare -A R
+if [ -z "${ONLY_FWNODE:-}" ]; then
+echo "measuring kernel forwarding (no rules) ..." >&2
+R[kernel]=$(measure)
+
+echo "measuring kernel iptables stateful rules ..." >&2
+ip netns exec $G iptables -A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+ip netns exec $G iptables -A FORWARD -m conntrack --ctstate INVALID -j DROP
+ip netns exec $G iptables -A FORWARD -p tcp -m multiport --dports 5201,7000 -m conntrack --ctstate NEW -j ACCEPT
+ip netns exec $G iptables -A FORWARD -p udp --dport 5201 -m conntrack --ctstate NEW -j ACCEPT
+ip netns exec $G iptables -P FORWARD DROP
+R[stateful]=$(measure)
+gw_reset
+
+for mode in nogso gso; do
+  echo "measuring accept-all NFQUEUE loop ($mode) ..." >&2
+  flag=""; [ $mode = nogso ] && flag="--no-gso"
+  ip netns exec $G "$BIN/nfq-accept-all" --queue 0 $flag --seconds $((6 * T + 30)) 2>"/tmp/$P/nfq-$mode.log" & pid=$!; PIDS+=($pid)
+  sleep 0.3
+  ip netns exec $G iptables -A FORWARD -j NFQUEUE --queue-num 0
+  R[nfq-$mode]=$(measure)
+  kill $pid; wait $pid 2>/dev/null || true
+  gw_reset
+done
+fi
+
+# fwnode: tracking + a 50-rule policy (48 that do not match, then the real ones).
+{
+  echo 'default = "drop"'
+  printf '[[rule]]\nct = ["established", "related"]\naction = "accept"\n'
+  for i in $(seq 1 46); do
+    printf '[[rule]]\nsrc = "198.51.100.%d"\nproto = "tcp"\ndport = %d\nct = "new"\naction = "drop"\n' $((100 + i)) $((20000 + i))
+  done
+  printf '[[rule]]\nct = "invalid"\naction = "drop"\n'
+  printf '[[rule]]\nproto = "tcp"\ndport = [5201, 7000]\nct = "new"\naction = "accept"\n'
+  printf '[[rule]]\nproto = "udp"\ndport = 5201\nct = "new"\naction = "accept"\n'
+} > "/tmp/$P/policy.toml"
+for q in 1 2; do
+  echo "measuring fwnode ($q queue(s)) ..." >&2
+  cat > "/tmp/$P/fwnode.toml" <<EOF
+[node]
+name = "bench"
+[datapath]
+chain = "$P"
+queues = $q
+stats_file = "/tmp/$P/stats.json"
+[conntrack]
+helper_ports = []
+[policy]
+file = "/tmp/$P/policy.toml"
+EOF
+  rm -f "/tmp/$P/stats.json"
+  ip netns exec $G "$BIN/fwnode" --config "/tmp/$P/fwnode.toml" 2>"/tmp/$P/fwnode-$q.log" & pid=$!; PIDS+=($pid)
+  for _ in $(seq 100); do [ -f "/tmp/$P/stats.json" ] && break; sleep 0.1; done
+  R[fwnode-$q]=$(measure)
+  sleep 0.5
+  cp "/tmp/$P/stats.json" "/tmp/$P/stats-$q.json"
+  [ -n "${ONLY_FWNODE:-}" ] && { echo "${R[fwnode-$q]}"; $PY -m json.tool "/tmp/$P/stats-$q.json"; }
+  kill $pid; wait $pid 2>/dev/null || true
+  ip netns exec $G "$BIN/fwnode" --config "/tmp/$P/fwnode.toml" --remove-rules >/dev/null
+done
+
+[ -n "${ONLY_FWNODE:-}" ] && exit 0
+$PY - "$T" "/tmp/$P" <<EOF
+import json, sys
+r = {k: list(map(float, v.split())) for k, v in {
+    "kernel forwarding, no rules": "${R[kernel]}",
+    "kernel iptables stateful": "${R[stateful]}",
+    "accept-all NFQUEUE, no GSO": "${R[nfq-nogso]}",
+    "accept-all NFQUEUE, GSO": "${R[nfq-gso]}",
+    "fwnode, 1 queue": "${R[fwnode-1]}",
+    "fwnode, 2 queues": "${R[fwnode-2]}",
+}.items()}
+k, s, n0, n1 = (r[x] for x in ["kernel forwarding, no rules", "kernel iptables stateful", "accept-all NFQUEUE, no GSO", "accept-all NFQUEUE, GSO"])
+print(f"| setup ({sys.argv[1]} s each) | TCP Gbit/s | UDP 64 B pkt/s | new TCP conn/s |")
+print("|---|---:|---:|---:|")
+for name, (g, p, c) in r.items():
+    print(f"| {name} | {g:.2f} | {p:,.0f} | {c:,.0f} |")
+print()
+for q in ("1", "2"):
+    g, p, c = r[f"fwnode, {q} queue" + ("s" if q == "2" else "")]
+    st = json.load(open(f"{sys.argv[2]}/stats-{q}.json"))["datapath"]
+    ratio = lambda a, b: (a / b) if b else float("nan")
+    print(f"fwnode {q} queue(s): TCP {ratio(g, n1[0]):.2f}x accept-all+GSO, {ratio(g, k[0]):.2f}x kernel; "
+          f"UDP pps {ratio(p, n0[1]):.2f}x one-verdict loop; conn/s {ratio(c, s[2]):.2f}x kernel stateful; "
+          f"GSO packets {st['gso_packets']}, max batch {st['max_batch']}, verdict msgs/packet "
+          f"{st['verdict_messages'] / max(st['packets'], 1):.3f}, ENOBUFS {st['enobufs']}")
+EOF
