@@ -14,6 +14,10 @@
 //!
 //! [conntrack]
 //! max_entries = 262144
+//! helper_ports = [{ proto = 6, port = 21, helper = "ftp" }]   # the default
+//!
+//! [ftp]
+//! expect_timeout = 300
 //! [conntrack.timeouts]
 //! tcp_established = 432000
 //!
@@ -36,6 +40,8 @@ pub struct Config {
     pub datapath: DatapathConfig,
     #[serde(default)]
     pub conntrack: conntrack::Config,
+    #[serde(default)]
+    pub ftp: crate::helper::ftp::FtpConfig,
     pub policy: PolicyConfig,
 }
 

@@ -14,6 +14,7 @@ use fwnode::conntrack::{Conntrack, InvalidReason};
 use fwnode::datapath::nfqueue::QueueConfig;
 use fwnode::datapath::rules::{self, RuleSpec};
 use fwnode::datapath::worker::{self, Pipeline, WorkerConfig, WorkerStats, REJECT_MARK};
+use fwnode::helper::ftp::Reject;
 use fwnode::packet::{proto, ParseError};
 use fwnode::policy::PolicyStore;
 
@@ -93,6 +94,13 @@ fn stats_json(
     for (i, name) in InvalidReason::NAMES.iter().enumerate() {
         invalid.insert((*name).into(), Value::from(c.invalid[i]));
     }
+    let mut ftp_rejected = Map::new();
+    for (i, name) in Reject::NAMES.iter().enumerate() {
+        ftp_rejected.insert(
+            (*name).into(),
+            Value::from(sum(&|w| w.ftp_rejected[i].load(Relaxed))),
+        );
+    }
     let policy = store.current();
     let (hits, default_hits) = policy.compiled.hits();
     json!({
@@ -123,6 +131,18 @@ fn stats_json(
             "created": c.created, "destroyed": c.destroyed, "expired": c.expired,
             "early_drops": c.early_drops, "events": sum(&|w| w.events.load(Relaxed)),
             "events_dropped": c.events_dropped,
+            "expect_created": c.expect_created, "expect_refreshed": c.expect_refreshed,
+            "expect_matched": c.expect_matched, "expect_expired": c.expect_expired,
+            "expect_evicted": c.expect_evicted, "expect_refused": c.expect_refused,
+        },
+        "ftp": {
+            "lines": sum(&|w| w.ftp_lines.load(Relaxed)),
+            "expectations": sum(&|w| w.ftp_expectations.load(Relaxed)),
+            "rejected": ftp_rejected,
+            "overflowed_lines": sum(&|w| w.ftp_overflowed_lines.load(Relaxed)),
+            "retransmitted": sum(&|w| w.ftp_retransmitted.load(Relaxed)),
+            "gaps": sum(&|w| w.ftp_gaps.load(Relaxed)),
+            "expect_refused": sum(&|w| w.ftp_expect_refused.load(Relaxed)),
         },
     })
 }
@@ -182,6 +202,7 @@ fn run(cfg: Config) -> Result<()> {
         let pipeline = Pipeline {
             ct: ct.clone(),
             policy: store.clone(),
+            ftp: cfg.ftp.clone(),
             stats,
         };
         let stop = stop.clone();

@@ -2,6 +2,9 @@
 //! iptables sending FORWARD traffic to NFQUEUE, real clients and servers (curl, python sockets,
 //! ping, scapy for crafted packets). Each test builds its own lab and cleans it up.
 
+// Test code: a failed step must fail the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use keepstate_tests::*;

@@ -587,7 +587,8 @@ impl Shard {
 
     /// A free slot, making room by early drop in this shard if the table is full.
     fn alloc(&mut self, now_ms: u64) -> Option<u32> {
-        if !self.limit.reserve() && !(self.early_drop(now_ms) && self.limit.reserve()) {
+        let reserved = self.limit.reserve() || (self.early_drop(now_ms) && self.limit.reserve());
+        if !reserved {
             return None;
         }
         self.len += 1;

@@ -1,7 +1,8 @@
 //! One datapath worker per NFQUEUE queue: receive a batch, decide each packet, send the
 //! verdicts in one datagram.
 //!
-//! Owns the per-packet pipeline (parse → track → policy → verdict) and the worker's counters.
+//! Owns the per-packet pipeline (parse → track → policy → FTP helper → verdict) and the
+//! worker's counters.
 //! Owns no connection or policy state: the tracker and the policy are the sans-IO cores it
 //! drives. Per packet: no allocation, one shard lock, one atomic policy-pointer load per batch.
 
@@ -10,8 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::nfqueue::{Msg, Queue, QueueConfig, Verdict};
-use crate::conntrack::{Conntrack, CtState, InvalidReason};
-use crate::packet::{Packet, ParseError, L4};
+use crate::conntrack::helper_state::HelperKind;
+use crate::conntrack::{ConnId, Conntrack, CtState, Direction, Expectation, InvalidReason, Shard};
+use crate::helper::ftp::{
+    self, ControlConn, ExpectRequest, FtpConfig, FtpCounters, Reject, Segment,
+};
+use crate::packet::{proto, Packet, ParseError, Tcp, L4};
 use crate::policy::{Action, PacketMeta, PolicyStore};
 use crate::time::Timestamp;
 
@@ -43,6 +48,14 @@ pub struct WorkerStats {
     pub ct_discarded: AtomicU64,
     /// Tracker events drained; replication (their consumer) is not built yet.
     pub events: AtomicU64,
+    pub ftp_lines: AtomicU64,
+    pub ftp_expectations: AtomicU64,
+    pub ftp_rejected: [AtomicU64; Reject::COUNT],
+    pub ftp_overflowed_lines: AtomicU64,
+    pub ftp_retransmitted: AtomicU64,
+    pub ftp_gaps: AtomicU64,
+    /// Expectations the tracker refused (limits, master gone).
+    pub ftp_expect_refused: AtomicU64,
 }
 
 /// The per-packet decision, independent of NFQUEUE so it can be tested and benchmarked.
@@ -50,6 +63,7 @@ pub struct WorkerStats {
 pub struct Pipeline {
     pub ct: Arc<Conntrack>,
     pub policy: Arc<PolicyStore>,
+    pub ftp: FtpConfig,
     pub stats: Arc<WorkerStats>,
 }
 
@@ -107,6 +121,15 @@ impl Pipeline {
                 s.ct_discarded.fetch_add(1, Relaxed);
             }
         }
+        // Helpers read only what the policy let through (like Linux, which runs them after
+        // filtering): a dropped command announces nothing.
+        if let (Action::Accept, Some(HelperKind::Ftp), Some(id), L4::Tcp(tcp)) =
+            (action, out.helper, out.conn, pkt.l4)
+        {
+            if tcp.payload_len > 0 {
+                self.run_ftp(&mut shard, now, id, out.dir, &tcp);
+            }
+        }
         drop(shard);
         match action {
             Action::Accept => {
@@ -122,6 +145,64 @@ impl Pipeline {
                 Verdict::Repeat { mark: REJECT_MARK }
             }
         }
+    }
+}
+
+impl Pipeline {
+    /// Feed an FTP control segment to the helper and register what it announces.
+    fn run_ftp(&self, shard: &mut Shard, now: Timestamp, id: ConnId, dir: Direction, tcp: &Tcp) {
+        let Some(info) = shard.conn(id) else { return };
+        let ctl = ControlConn {
+            client: info.tuple.src_ip(),
+            server: info.tuple.dst_ip(),
+        };
+        let Some(hs) = shard.helper_state_mut(id) else {
+            return;
+        };
+        let mut counters = FtpCounters::default();
+        // A segment carries at most a few announcements; keep them on the stack.
+        let mut reqs: [Option<ExpectRequest>; 8] = [None; 8];
+        let mut n = 0;
+        let seg = Segment {
+            dir,
+            seq: tcp.seq,
+            payload: tcp.payload,
+            payload_len: tcp.payload_len,
+        };
+        ftp::on_segment(hs, &ctl, seg, &mut counters, &mut |r| {
+            if let Some(slot) = reqs.get_mut(n) {
+                *slot = Some(r);
+                n += 1;
+            }
+        });
+        let timeout = Duration::from_secs(self.ftp.expect_timeout);
+        for r in reqs.iter().flatten() {
+            let x = Expectation {
+                master: id,
+                proto: proto::TCP,
+                src: r.src,
+                src_port: None,
+                dst: r.dst,
+                dst_port: r.dst_port,
+                timeout,
+                helper: None,
+            };
+            if let Err(e) = shard.expect(now, x) {
+                self.stats.ftp_expect_refused.fetch_add(1, Relaxed);
+                tracing::debug!(error = %e, "FTP expectation refused");
+            }
+        }
+        let s = &self.stats;
+        s.ftp_lines.fetch_add(counters.lines, Relaxed);
+        s.ftp_expectations.fetch_add(counters.expectations, Relaxed);
+        for (a, b) in s.ftp_rejected.iter().zip(counters.rejected) {
+            a.fetch_add(b, Relaxed);
+        }
+        s.ftp_overflowed_lines
+            .fetch_add(counters.overflowed_lines, Relaxed);
+        s.ftp_retransmitted
+            .fetch_add(counters.retransmitted, Relaxed);
+        s.ftp_gaps.fetch_add(counters.gaps, Relaxed);
     }
 }
 

@@ -3,7 +3,6 @@
 //! resets connections (SO_LINGER 0, so no TIME_WAIT exhausts the ports) and prints conn/s.
 //! Bounded by SECONDS; every connection has a 1 s connect timeout.
 
-use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -40,12 +39,26 @@ fn main() -> std::io::Result<()> {
         Some("serve") => {
             let port: u16 = args.get(2).and_then(|p| p.parse().ok()).ok_or_else(usage)?;
             let l = TcpListener::bind(("::", port))?;
-            for s in l.incoming() {
-                if let Ok(mut s) = s {
-                    let mut b = [0u8; 1];
-                    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
-                    let _ = s.read(&mut b);
-                }
+            // std listens with a backlog of 128; a burst of SYNs needs more.
+            // SAFETY: listen(2) on the listener's own open descriptor.
+            unsafe {
+                libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 4096);
+            }
+            let l = Arc::new(l);
+            // Accept and close at once, on two threads: the server must never be what limits the
+            // rate (a full accept queue drops SYNs and costs the client 1 s timeouts).
+            let acceptors: Vec<_> = (0..2)
+                .map(|_| {
+                    let l = l.clone();
+                    std::thread::spawn(move || {
+                        for s in l.incoming() {
+                            drop(s);
+                        }
+                    })
+                })
+                .collect();
+            for a in acceptors {
+                let _ = a.join();
             }
             Ok(())
         }
