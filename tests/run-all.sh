@@ -28,8 +28,10 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== fuzz targets build (running them is documented in node/fuzz/README.md)"
+cargo build --release --locked --manifest-path node/fuzz/Cargo.toml
 echo "== building release binaries for the end-to-end tests"
-cargo build --release --locked -p fwnode -p fwctl
+cargo build --release --locked -p fwnode -p fwctl -p keepstate-tests --bins
 echo "== cargo test"
 export KEEPSTATE_BIN_DIR="$PWD/target/release"
 cargo test --workspace --locked -- --test-threads="${KEEPSTATE_TEST_THREADS:-2}"

@@ -50,10 +50,13 @@ pub enum InvalidReason {
     IcmpEchoMismatch,
     IcmpErrorUnmatched,
     TableFull,
+    /// Source and destination (address and port) are the same: a LAND-style packet whose
+    /// reply would be itself.
+    SameEndpoints,
 }
 
 impl InvalidReason {
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 11;
     pub const NAMES: [&'static str; Self::COUNT] = [
         "fragment",
         "tcp_bad_flags",
@@ -65,6 +68,7 @@ impl InvalidReason {
         "icmp_echo_mismatch",
         "icmp_error_unmatched",
         "table_full",
+        "same_endpoints",
     ];
 }
 
@@ -204,6 +208,9 @@ impl Entry {
     }
 }
 
+/// Bytes of one slab entry (the index adds two 4-byte slots and control bytes).
+pub const ENTRY_SIZE: usize = std::mem::size_of::<Entry>();
+
 /// Read-only facts about a live connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnInfo {
@@ -225,6 +232,8 @@ pub enum ImportError {
     WrongShard,
     #[error("connection table full")]
     TableFull,
+    #[error("snapshot's source and destination are the same endpoint")]
+    SameEndpoints,
 }
 
 /// The table's bound, shared by all shards: traffic between one pair of hosts lands in one
@@ -505,6 +514,9 @@ impl Shard {
     }
 
     fn create(&mut self, now_ms: u64, tuple: Tuple, pkt: &Packet) -> Outcome {
+        if tuple == tuple.reverse() {
+            return self.invalid(InvalidReason::SameEndpoints);
+        }
         let (kind, tcp, timeout_s) = match pkt.l4 {
             L4::Tcp(t) => match TcpConn::new_from(&t, self.pickup) {
                 Some(c) => (KIND_TCP, c, self.timeouts.tcp(c.state())),
@@ -950,6 +962,9 @@ impl Shard {
         };
         if t.family != 4 && t.family != 6 {
             return Err(ImportError::BadFamily);
+        }
+        if t == t.reverse() {
+            return Err(ImportError::SameEndpoints);
         }
         if shard_hash(&t.src, &t.dst, t.proto) as u32 & self.mask != self.id {
             return Err(ImportError::WrongShard);
