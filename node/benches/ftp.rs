@@ -24,12 +24,16 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn parser(c: &mut Criterion) {
-    let ctl = ControlConn { client: ip("198.51.100.10"), server: ip("203.0.113.10") };
+    let ctl = ControlConn {
+        client: ip("198.51.100.10"),
+        server: ip("203.0.113.10"),
+    };
     // A client's side of a session: 20 commands, 4 of them announcing data connections.
     let mut transcript = Vec::new();
     for i in 0..5u32 {
         transcript.extend_from_slice(b"TYPE I\r\nCWD /pub/releases\r\nSIZE file.tar.gz\r\n");
-        transcript.extend_from_slice(format!("PORT 198,51,100,10,{},{}\r\n", 100 + i, i).as_bytes());
+        transcript
+            .extend_from_slice(format!("PORT 198,51,100,10,{},{}\r\n", 100 + i, i).as_bytes());
     }
     let mut g = c.benchmark_group("ftp");
     g.throughput(Throughput::Bytes(transcript.len() as u64));
@@ -37,7 +41,12 @@ fn parser(c: &mut Criterion) {
         b.iter(|| {
             let mut st = HelperState::new(HelperKind::Ftp);
             let mut n = FtpCounters::default();
-            let seg = Segment { dir: Direction::Original, seq: 1, payload: &transcript, payload_len: transcript.len() as u32 };
+            let seg = Segment {
+                dir: Direction::Original,
+                seq: 1,
+                payload: &transcript,
+                payload_len: transcript.len() as u32,
+            };
             on_segment(&mut st, &ctl, seg, &mut n, &mut |r| {
                 black_box(r);
             });
@@ -49,7 +58,12 @@ fn parser(c: &mut Criterion) {
             let mut st = HelperState::new(HelperKind::Ftp);
             let mut n = FtpCounters::default();
             for (k, chunk) in transcript.chunks(7).enumerate() {
-                let seg = Segment { dir: Direction::Original, seq: 1 + 7 * k as u32, payload: chunk, payload_len: chunk.len() as u32 };
+                let seg = Segment {
+                    dir: Direction::Original,
+                    seq: 1 + 7 * k as u32,
+                    payload: chunk,
+                    payload_len: chunk.len() as u32,
+                };
                 on_segment(&mut st, &ctl, seg, &mut n, &mut |r| {
                     black_box(r);
                 });
@@ -64,12 +78,21 @@ fn parser(c: &mut Criterion) {
 fn helper_cost_on_other_traffic(c: &mut Criterion) {
     let (cl, sv) = (ip("198.51.100.10"), ip("203.0.113.10"));
     let mk = |helper_ports: Vec<HelperPort>| {
-        let ct = Arc::new(Conntrack::new(&Config { helper_ports, event_queue: 0, ..Config::default() }));
+        let ct = Arc::new(Conntrack::new(&Config {
+            helper_ports,
+            event_queue: 0,
+            ..Config::default()
+        }));
         let store = Arc::new(PolicyStore::new(Box::new(|_| None)));
         store
             .load_text(1, "bench", "[[rule]]\nct = [\"established\", \"related\"]\naction = \"accept\"\n[[rule]]\nproto = \"tcp\"\nct = \"new\"\naction = \"accept\"\n")
             .expect("bench policy");
-        Pipeline { ct, policy: store, ftp: FtpConfig::default(), stats: Arc::new(WorkerStats::default()) }
+        Pipeline {
+            ct,
+            policy: store,
+            ftp: FtpConfig::default(),
+            stats: Arc::new(WorkerStats::default()),
+        }
     };
     let mut syn = TcpSpec::new(40000, 443, TcpFlags::SYN);
     syn.seq = 1;
@@ -79,10 +102,21 @@ fn helper_cost_on_other_traffic(c: &mut Criterion) {
     let mut ack = TcpSpec::new(40000, 443, TcpFlags::ACK);
     ack.seq = 2;
     ack.ack = 101;
-    let pkts = [build::tcp(cl, sv, &syn), build::tcp(sv, cl, &synack), build::tcp(cl, sv, &ack)];
-    let ftp = vec![HelperPort { proto: proto::TCP, port: 21, helper: HelperKindName::Ftp }];
+    let pkts = [
+        build::tcp(cl, sv, &syn),
+        build::tcp(sv, cl, &synack),
+        build::tcp(cl, sv, &ack),
+    ];
+    let ftp = vec![HelperPort {
+        proto: proto::TCP,
+        port: 21,
+        helper: HelperKindName::Ftp,
+    }];
     let mut g = c.benchmark_group("datapath");
-    for (name, ports) in [("decide_established_https_no_helper", vec![]), ("decide_established_https_ftp_helper_on", ftp)] {
+    for (name, ports) in [
+        ("decide_established_https_no_helper", vec![]),
+        ("decide_established_https_ftp_helper_on", ftp),
+    ] {
         let p = mk(ports);
         let now = Timestamp::from_secs(1);
         let pol = p.policy.current();
@@ -90,7 +124,9 @@ fn helper_cost_on_other_traffic(c: &mut Criterion) {
             p.decide(now, &pol, b, b.len() as u32, 2, 3);
         }
         let last = &pkts[2];
-        g.bench_function(name, |b| b.iter(|| black_box(p.decide(now, &pol, last, last.len() as u32, 2, 3))));
+        g.bench_function(name, |b| {
+            b.iter(|| black_box(p.decide(now, &pol, last, last.len() as u32, 2, 3)))
+        });
     }
     g.finish();
 }

@@ -15,7 +15,9 @@ use fwnode::policy::{PacketMeta, PolicyStore};
 /// A policy of `n` rules: established first, `n - 3` rules that never match the bench
 /// traffic, then invalid-drop and the rule the NEW packet matches.
 fn policy_text(n: usize) -> String {
-    let mut s = String::from("default = \"drop\"\n[[rule]]\nct = [\"established\", \"related\"]\naction = \"accept\"\n");
+    let mut s = String::from(
+        "default = \"drop\"\n[[rule]]\nct = [\"established\", \"related\"]\naction = \"accept\"\n",
+    );
     for i in 0..n.saturating_sub(3) {
         s.push_str(&format!(
             "[[rule]]\nsrc = \"198.51.{}.{}/32\"\nproto = \"tcp\"\ndport = {}\nct = \"new\"\naction = \"drop\"\n",
@@ -30,18 +32,36 @@ fn policy_text(n: usize) -> String {
 
 fn meta(dport: u16, ct: CtState) -> PacketMeta {
     let ip = |s: &str| s.parse::<IpAddr>().expect("bench address");
-    PacketMeta { iif: 2, oif: 3, src: ip("198.51.100.10"), dst: ip("203.0.113.10"), proto: proto::TCP, sport: 40000, dport, icmp_type: None, ct }
+    PacketMeta {
+        iif: 2,
+        oif: 3,
+        src: ip("198.51.100.10"),
+        dst: ip("203.0.113.10"),
+        proto: proto::TCP,
+        sport: 40000,
+        dport,
+        icmp_type: None,
+        ct,
+    }
 }
 
 fn eval(c: &mut Criterion) {
     let mut g = c.benchmark_group("policy");
     for n in [50usize, 10_000] {
         let store = PolicyStore::new(Box::new(|_| None));
-        store.load_text(1, "bench", &policy_text(n)).expect("bench policy");
+        store
+            .load_text(1, "bench", &policy_text(n))
+            .expect("bench policy");
         let p = store.current();
-        g.bench_function(format!("eval_{n}_rules_established_first_rule"), |b| b.iter(|| black_box(p.compiled.eval(&meta(443, CtState::Established)))));
-        g.bench_function(format!("eval_{n}_rules_new_last_rule"), |b| b.iter(|| black_box(p.compiled.eval(&meta(443, CtState::New)))));
-        g.bench_function(format!("eval_{n}_rules_new_default"), |b| b.iter(|| black_box(p.compiled.eval(&meta(444, CtState::New)))));
+        g.bench_function(format!("eval_{n}_rules_established_first_rule"), |b| {
+            b.iter(|| black_box(p.compiled.eval(&meta(443, CtState::Established))))
+        });
+        g.bench_function(format!("eval_{n}_rules_new_last_rule"), |b| {
+            b.iter(|| black_box(p.compiled.eval(&meta(443, CtState::New))))
+        });
+        g.bench_function(format!("eval_{n}_rules_new_default"), |b| {
+            b.iter(|| black_box(p.compiled.eval(&meta(444, CtState::New))))
+        });
     }
     let text = policy_text(10_000);
     let store = PolicyStore::new(Box::new(|_| None));
@@ -50,7 +70,10 @@ fn eval(c: &mut Criterion) {
     g.bench_function("parse_compile_swap_10000_rules", |b| {
         b.iter(|| {
             v += 1;
-            store.load_text(v, "bench", &text).expect("bench policy").version
+            store
+                .load_text(v, "bench", &text)
+                .expect("bench policy")
+                .version
         })
     });
     g.finish();

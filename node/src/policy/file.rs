@@ -79,15 +79,22 @@ struct RawRule {
 
 struct Ctx<'a> {
     origin: &'a str,
-    text: &'a str,
+    /// Byte offset where each line starts.
+    line_starts: Vec<usize>,
 }
 
 impl Ctx<'_> {
+    fn new<'a>(origin: &'a str, text: &str) -> Ctx<'a> {
+        let starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1));
+        Ctx {
+            origin,
+            line_starts: starts.collect(),
+        }
+    }
+    /// 1-based line and column (in bytes) of a byte offset.
     fn line_col(&self, off: usize) -> (usize, usize) {
-        let before = &self.text.as_bytes()[..off.min(self.text.len())];
-        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-        let col = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
-        (line, col)
+        let line = self.line_starts.partition_point(|&s| s <= off).max(1);
+        (line, off - self.line_starts[line - 1] + 1)
     }
     fn err(&self, span: Range<usize>, context: String, message: impl Into<String>) -> PolicyError {
         let (line, column) = self.line_col(span.start);
@@ -103,7 +110,7 @@ impl Ctx<'_> {
 
 /// Parse and validate a policy. `origin` names the source in error messages.
 pub fn parse(text: &str, origin: &str) -> Result<PolicyModel, PolicyError> {
-    let cx = Ctx { origin, text };
+    let cx = Ctx::new(origin, text);
     let raw: RawPolicy = toml::from_str(text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
         cx.err(span, String::new(), e.message().to_string())
