@@ -181,6 +181,7 @@ fn run(cfg: Config) -> Result<()> {
     let n = queues.len();
     let mut handles = vec![];
     let mut all_stats = vec![];
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     for (index, (num, copy_range)) in queues.into_iter().enumerate() {
         let stats = Arc::new(WorkerStats::default());
         all_stats.push(stats.clone());
@@ -206,10 +207,11 @@ fn run(cfg: Config) -> Result<()> {
             stats,
         };
         let stop = stop.clone();
+        let ready = ready_tx.clone();
         let h = std::thread::Builder::new()
             .name(format!("queue-{num}"))
             .spawn(move || {
-                let r = worker::run(wc, pipeline, origin, stop.clone());
+                let r = worker::run(wc, pipeline, origin, stop.clone(), ready);
                 if let Err(e) = &r {
                     tracing::error!(queue = num, error = %e, "worker stopped");
                     stop.store(true, Relaxed);
@@ -218,8 +220,20 @@ fn run(cfg: Config) -> Result<()> {
             })?;
         handles.push(h);
     }
-    // Queues are bound before traffic is sent to them.
-    std::thread::sleep(Duration::from_millis(100));
+    // Every queue is bound before traffic is sent to it.
+    for _ in 0..n {
+        match ready_rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(num)) => tracing::debug!(queue = num, "queue bound"),
+            Ok(Err(e)) => {
+                stop.store(true, Relaxed);
+                bail!("binding an NFQUEUE queue failed: {e}");
+            }
+            Err(_) => {
+                stop.store(true, Relaxed);
+                bail!("a datapath worker did not bind its queue within 5 s");
+            }
+        }
+    }
     if d.install_rules {
         rules::install(&spec).context("installing iptables rules")?;
         tracing::info!(chain = %spec.name, queues = d.queues, fail_open = d.fail_open, "rules installed");

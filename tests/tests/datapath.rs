@@ -264,7 +264,7 @@ fn unsolicited_icmp_error_is_dropped() {
 #[test]
 fn crafted_invalid_packets_are_dropped_counted_and_survived() {
     let lab = Lab::new();
-    let gw = lab.start_fwnode(POLICY, "");
+    let mut gw = lab.start_fwnode(POLICY, "");
     // A server that echoes on a long-lived connection, and a client holding one from port 45000.
     let srv = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',9000))\ns.listen()\n\
                c,a=s.accept()\nwhile True:\n    d=c.recv(100)\n    if not d: break\n    c.sendall(d)\n";
@@ -342,7 +342,11 @@ fn crafted_invalid_packets_are_dropped_counted_and_survived() {
         counter(&s, &["datapath", "parse_errors", "bad_udp_length"]) >= 1,
         "{s}"
     );
-    assert!(gw.proc.child.id() > 0);
+    assert!(
+        gw.proc.is_running(),
+        "fwnode died on crafted input:\n{}",
+        lab.log("fwnode")
+    );
     let _web = http_server(&lab, "server", 8080);
     assert_eq!(
         curl(&lab, "client", &format!("http://{SERVER4}:8080/")),
