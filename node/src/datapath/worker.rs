@@ -219,14 +219,25 @@ pub struct WorkerConfig {
     pub sweep_budget: u32,
 }
 
-/// Run one queue until `stop` is set. The socket is opened here, on the worker's thread.
+/// Run one queue until `stop` is set. The socket is opened here, on the worker's thread, and
+/// the outcome of binding it is sent on `ready` before any packet is handled.
 pub fn run(
     cfg: WorkerConfig,
     pipeline: Pipeline,
     origin: Instant,
     stop: Arc<AtomicBool>,
+    ready: std::sync::mpsc::Sender<Result<u16, String>>,
 ) -> std::io::Result<()> {
-    let mut q = Queue::open(&cfg.queue)?;
+    let mut q = match Queue::open(&cfg.queue) {
+        Ok(q) => {
+            let _ = ready.send(Ok(cfg.queue.num));
+            q
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            return Err(e);
+        }
+    };
     let stats = pipeline.stats.clone();
     let mut last_tick = Instant::now();
     let mut last_q = q.stats.clone();
