@@ -34,4 +34,4 @@ echo "== building release binaries for the end-to-end tests"
 cargo build --release --locked -p fwnode -p fwctl -p keepstate-tests --bins
 echo "== cargo test"
 export KEEPSTATE_BIN_DIR="$PWD/target/release"
-cargo test --workspace --locked -- --test-threads="${KEEPSTATE_TEST_THREADS:-2}"
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${KEEPSTATE_TEST_THREADS:-2}"

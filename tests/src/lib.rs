@@ -151,7 +151,9 @@ impl Lab {
                 String::from_utf8_lossy(&o.stderr)
             );
             lab.namespaces.push(name);
-            lab.sh(ns, "ip link set lo up");
+            // No duplicate address detection: link-local addresses would stay tentative for a
+            // second and neighbour discovery could drop a test's first IPv6 packets.
+            lab.sh(ns, "ip link set lo up && sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0");
         }
         let p = lab.prefix.clone();
         // Links are created inside the namespaces only; nothing touches the root namespace's
