@@ -34,4 +34,14 @@ echo "== building release binaries for the end-to-end tests"
 cargo build --release --locked -p fwnode -p fwctl -p keepstate-tests --bins
 echo "== cargo test"
 export KEEPSTATE_BIN_DIR="$PWD/target/release"
-cargo test --workspace --locked --no-fail-fast -- --test-threads="${KEEPSTATE_TEST_THREADS:-2}"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${KEEPSTATE_TEST_THREADS:-2}" 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+# One closing line with the totals over every test binary (cargo's own last line is the
+# doc-tests' "0 passed").
+count() { grep -Eo "[0-9]+ $1" "$log" | awk '{ s += $1 } END { print s + 0 }'; }
+echo "summary: $(count passed) passed, $(count failed) failed"
+exit "$rc"

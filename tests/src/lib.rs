@@ -325,9 +325,15 @@ pub struct Gateway {
 }
 
 impl Lab {
-    /// Write `policy` and a config (with `extra` TOML appended to `[datapath]`) and start fwnode
-    /// in the gateway. Waits until its rules are installed.
-    pub fn start_fwnode(&self, policy: &str, extra_datapath: &str) -> Gateway {
+    /// Write `policy` and a config and start fwnode in the gateway; waits until its rules are
+    /// installed. `extra_datapath` is added to `[datapath]`, `extra_sections` after it (e.g. a
+    /// `[conntrack]` section). `@LAN`/`@WAN` in the policy name the gateway's interfaces.
+    pub fn start_fwnode(
+        &self,
+        policy: &str,
+        extra_datapath: &str,
+        extra_sections: &str,
+    ) -> Gateway {
         let policy_path = self.dir.join("policy.toml");
         let policy = policy
             .replace("@LAN", &self.gw_if("lan"))
@@ -338,7 +344,7 @@ impl Lab {
         std::fs::write(
             &config,
             format!(
-                "[node]\nname = \"{p}\"\n\n[datapath]\nchain = \"{p}\"\nstats_file = \"{s}\"\n{extra_datapath}\n\n[policy]\nfile = \"{f}\"\n",
+                "[node]\nname = \"{p}\"\n\n[datapath]\nchain = \"{p}\"\nstats_file = \"{s}\"\n{extra_datapath}\n\n[policy]\nfile = \"{f}\"\n\n{extra_sections}\n",
                 p = self.prefix,
                 s = stats.display(),
                 f = policy_path.display()

@@ -95,7 +95,7 @@ fn counter(v: &serde_json::Value, path: &[&str]) -> u64 {
 #[test]
 fn tcp_allowed_denied_and_unsolicited_inbound_v4_v6() {
     let lab = Lab::new();
-    let gw = lab.start_fwnode(POLICY, "");
+    let gw = lab.start_fwnode(POLICY, "", "");
     let _s1 = http_server(&lab, "server", 8080);
     let _s2 = http_server(&lab, "server", 8081);
     let _c1 = http_server(&lab, "client", 8080);
@@ -143,7 +143,7 @@ fn tcp_allowed_denied_and_unsolicited_inbound_v4_v6() {
 #[test]
 fn reject_answers_with_a_reset() {
     let lab = Lab::new();
-    let _gw = lab.start_fwnode(POLICY, "");
+    let _gw = lab.start_fwnode(POLICY, "", "");
     let t = Instant::now();
     // No server listens on 22 at all: the reset can only come from the gateway's REJECT.
     assert_eq!(
@@ -161,7 +161,7 @@ fn reject_answers_with_a_reset() {
 #[test]
 fn icmp_echo_v4_v6_and_direction() {
     let lab = Lab::new();
-    let _gw = lab.start_fwnode(POLICY, "");
+    let _gw = lab.start_fwnode(POLICY, "", "");
     lab.sh("client", &format!("ping -c 2 -i 0.2 -W 2 {SERVER4}"));
     lab.sh("client", &format!("ping -6 -c 2 -i 0.2 -W 2 {SERVER6}"));
     assert!(
@@ -200,7 +200,7 @@ fn udp_probe(lab: &Lab, dst: &str, port: u16) -> String {
 #[test]
 fn udp_replies_and_icmp_errors_related_v4_v6() {
     let lab = Lab::new();
-    let gw = lab.start_fwnode(POLICY, "");
+    let gw = lab.start_fwnode(POLICY, "", "");
     // Nothing listens: the server's port unreachable must pass back as RELATED.
     assert_eq!(udp_probe(&lab, SERVER4, 5353), "refused");
     assert_eq!(udp_probe(&lab, SERVER6, 5353), "refused");
@@ -225,7 +225,7 @@ fn udp_replies_and_icmp_errors_related_v4_v6() {
 #[test]
 fn unsolicited_icmp_error_is_dropped() {
     let lab = Lab::new();
-    let gw = lab.start_fwnode(POLICY, "");
+    let gw = lab.start_fwnode(POLICY, "", "");
     // The client listens for ICMP destination-unreachable messages for 3 s.
     let listen = "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_ICMP)\n\
                   s.settimeout(0.2)\nn=0\nt=time.time()\nwhile time.time()-t<3:\n    try:\n        d=s.recv(2000)\n        \
@@ -264,7 +264,7 @@ fn unsolicited_icmp_error_is_dropped() {
 #[test]
 fn crafted_invalid_packets_are_dropped_counted_and_survived() {
     let lab = Lab::new();
-    let mut gw = lab.start_fwnode(POLICY, "");
+    let mut gw = lab.start_fwnode(POLICY, "", "");
     // A server that echoes on a long-lived connection, and a client holding one from port 45000.
     let srv = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',9000))\ns.listen()\n\
                c,a=s.accept()\nwhile True:\n    d=c.recv(100)\n    if not d: break\n    c.sendall(d)\n";
@@ -358,7 +358,7 @@ fn crafted_invalid_packets_are_dropped_counted_and_survived() {
 #[test]
 fn fragments_reach_the_policy_reassembled() {
     let lab = Lab::new();
-    let gw = lab.start_fwnode(POLICY, "");
+    let gw = lab.start_fwnode(POLICY, "", "");
     // 3000-byte datagrams leave the client in fragments (MTU 1500); allowed ones must pass.
     let echo = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',5353))\n\
                 while True:\n    d,a=s.recvfrom(9000); s.sendto(d[:10],a)\n";
@@ -391,7 +391,7 @@ fn fragments_reach_the_policy_reassembled() {
 #[test]
 fn fail_closed_by_default_and_restart_restores() {
     let lab = Lab::new();
-    let mut gw = lab.start_fwnode(POLICY, "");
+    let mut gw = lab.start_fwnode(POLICY, "", "");
     let _s = http_server(&lab, "server", 8080);
     let url = format!("http://{SERVER4}:8080/");
     assert_eq!(curl(&lab, "client", &url), 0);
@@ -432,7 +432,7 @@ fn fail_closed_by_default_and_restart_restores() {
 #[test]
 fn fail_open_when_configured() {
     let lab = Lab::new();
-    let mut gw = lab.start_fwnode(POLICY, "fail_open = true");
+    let mut gw = lab.start_fwnode(POLICY, "fail_open = true", "");
     let _s = http_server(&lab, "server", 8081);
     let url = format!("http://{SERVER4}:8081/");
     assert_eq!(
@@ -454,7 +454,7 @@ fn fail_open_when_configured() {
 #[test]
 fn policy_reload_is_atomic_and_bad_files_keep_the_running_policy() {
     let lab = Lab::new();
-    let gw = lab.start_fwnode(POLICY, "");
+    let gw = lab.start_fwnode(POLICY, "", "");
     let _s = http_server(&lab, "server", 8081);
     let url = format!("http://{SERVER4}:8081/");
     assert_eq!(curl(&lab, "client", &url), 28);
@@ -492,7 +492,7 @@ fn policy_reload_is_atomic_and_bad_files_keep_the_running_policy() {
 #[test]
 fn bulk_tcp_uses_gso_and_batched_verdicts() {
     let lab = Lab::new();
-    let gw = lab.start_fwnode(POLICY, "");
+    let gw = lab.start_fwnode(POLICY, "", "");
     let _srv = lab.spawn("server", "iperf3 -s -p 9000 -1", "iperf-server");
     lab.wait_listen("server", 9000);
     lab.sh(

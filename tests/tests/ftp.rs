@@ -6,8 +6,6 @@
 // Test code: a failed step must fail the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
-
 use keepstate_tests::*;
 
 const POLICY: &str = r#"
@@ -123,7 +121,7 @@ fn stat(v: &serde_json::Value, a: &str, b: &str) -> u64 {
 #[test]
 fn active_and_passive_ipv4_port_eprt_pasv_epsv() {
     let lab = Lab::new();
-    let gw = lab.start_fwnode(POLICY, "");
+    let gw = lab.start_fwnode(POLICY, "", "");
     let _ftp = vsftpd(&lab, 21);
     let url = format!("ftp://{SERVER4}/file.bin");
     let dir = format!("ftp://{SERVER4}/pub/");
@@ -142,7 +140,7 @@ fn active_and_passive_ipv4_port_eprt_pasv_epsv() {
 #[test]
 fn active_and_passive_ipv6_eprt_epsv() {
     let lab = Lab::new();
-    let gw = lab.start_fwnode(POLICY, "");
+    let gw = lab.start_fwnode(POLICY, "", "");
     let _ftp = vsftpd(&lab, 21);
     let url = format!("ftp://[{SERVER6}]/file.bin");
     download(&lab, "eprt6.bin", &url, "--ftp-port -");
@@ -160,7 +158,7 @@ fn active_and_passive_ipv6_eprt_epsv() {
 #[test]
 fn lftp_active_download_and_passive_upload() {
     let lab = Lab::new();
-    let _gw = lab.start_fwnode(POLICY, "");
+    let _gw = lab.start_fwnode(POLICY, "", "");
     let _ftp = vsftpd(&lab, 21);
     let out = lab.dir.join("lftp.bin").display().to_string();
     lab.sh(
@@ -182,18 +180,11 @@ fn lftp_active_download_and_passive_upload() {
 #[test]
 fn non_standard_control_port_configured_as_ftp() {
     let lab = Lab::new();
-    let gw = lab.start_fwnode(POLICY, "");
-    let cfg = std::fs::read_to_string(&gw.config).unwrap();
-    std::fs::write(
-        &gw.config,
-        format!("{cfg}\n[conntrack]\nhelper_ports = [{{ proto = 6, port = 21, helper = \"ftp\" }}, {{ proto = 6, port = 2121, helper = \"ftp\" }}]\n"),
-    )
-    .unwrap();
-    let mut p = gw.proc;
-    p.signal(libc::SIGTERM);
-    p.wait_exit(Duration::from_secs(5))
-        .expect("fwnode stops on SIGTERM");
-    let gw = lab.restart_fwnode(&gw.config, &gw.policy, &gw.stats);
+    let gw = lab.start_fwnode(
+        POLICY,
+        "",
+        "[conntrack]\nhelper_ports = [{ proto = 6, port = 21, helper = \"ftp\" }, { proto = 6, port = 2121, helper = \"ftp\" }]",
+    );
     let _ftp = vsftpd(&lab, 2121);
     download(
         &lab,
@@ -214,18 +205,7 @@ fn non_standard_control_port_configured_as_ftp() {
 fn without_the_helper_active_ftp_fails() {
     // Proof that the tests above can fail: the same transfer with no helper on port 21.
     let lab = Lab::new();
-    let gw = lab.start_fwnode(POLICY, "");
-    let cfg = std::fs::read_to_string(&gw.config).unwrap();
-    std::fs::write(
-        &gw.config,
-        format!("{cfg}\n[conntrack]\nhelper_ports = []\n"),
-    )
-    .unwrap();
-    let mut p = gw.proc;
-    p.signal(libc::SIGTERM);
-    p.wait_exit(Duration::from_secs(5))
-        .expect("fwnode stops on SIGTERM");
-    let gw = lab.restart_fwnode(&gw.config, &gw.policy, &gw.stats);
+    let gw = lab.start_fwnode(POLICY, "", "[conntrack]\nhelper_ports = []");
     let _ftp = vsftpd(&lab, 21);
     let out = lab.dir.join("nohelper.bin").display().to_string();
     let code = curl(
@@ -260,7 +240,7 @@ fn control_script(body: &str) -> String {
 #[test]
 fn a_command_split_across_two_segments_works() {
     let lab = Lab::new();
-    let gw = lab.start_fwnode(POLICY, "");
+    let gw = lab.start_fwnode(POLICY, "", "");
     let _ftp = vsftpd(&lab, 21);
     let out = lab.dir.join("split.bin").display().to_string();
     let body = format!(
@@ -284,7 +264,7 @@ fn a_command_split_across_two_segments_works() {
 #[test]
 fn a_bounce_port_opens_nothing() {
     let lab = Lab::new();
-    let gw = lab.start_fwnode(POLICY, "");
+    let gw = lab.start_fwnode(POLICY, "", "");
     let _ftp = vsftpd(&lab, 21);
     let body = "c.sendall(b'PORT 203,0,113,99,0,25\\r\\n'); print(reply().strip())\n\
                 c.sendall(b'EPRT |1|203.0.113.99|25|\\r\\n'); print(reply().strip())\n";

@@ -240,7 +240,6 @@ pub fn run(
     };
     let stats = pipeline.stats.clone();
     let mut last_tick = Instant::now();
-    let mut last_q = q.stats.clone();
     while !stop.load(Relaxed) {
         let got = q.recv(false)?;
         let mut datagrams = 0;
@@ -265,27 +264,15 @@ pub fn run(
         // Publish queue counters and do timer work about ten times a second.
         if last_tick.elapsed() >= Duration::from_millis(100) {
             last_tick = Instant::now();
+            // Each worker owns its stats: publish the queue's totals as they are.
             let qs = &q.stats;
-            stats
-                .packets
-                .fetch_add(qs.packets - last_q.packets, Relaxed);
-            stats.bytes.fetch_add(qs.bytes - last_q.bytes, Relaxed);
-            stats
-                .gso_packets
-                .fetch_add(qs.gso_packets - last_q.gso_packets, Relaxed);
-            stats
-                .enobufs
-                .fetch_add(qs.enobufs - last_q.enobufs, Relaxed);
-            stats
-                .verdict_messages
-                .fetch_add(qs.verdict_messages - last_q.verdict_messages, Relaxed);
-            stats
-                .verdict_errors
-                .fetch_add(qs.verdict_errors - last_q.verdict_errors, Relaxed);
-            stats
-                .netlink_malformed
-                .fetch_add(qs.malformed - last_q.malformed, Relaxed);
-            last_q = qs.clone();
+            stats.packets.store(qs.packets, Relaxed);
+            stats.bytes.store(qs.bytes, Relaxed);
+            stats.gso_packets.store(qs.gso_packets, Relaxed);
+            stats.enobufs.store(qs.enobufs, Relaxed);
+            stats.verdict_messages.store(qs.verdict_messages, Relaxed);
+            stats.verdict_errors.store(qs.verdict_errors, Relaxed);
+            stats.netlink_malformed.store(qs.malformed, Relaxed);
             let now = Timestamp::from_millis(origin.elapsed().as_millis() as u64);
             pipeline
                 .ct
