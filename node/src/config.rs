@@ -22,7 +22,14 @@
 //! tcp_established = 432000
 //!
 //! [policy]
-//! file = "/etc/keepstate/policy.toml"
+//! file = "/etc/keepstate/policy.toml"   # standalone: the policy; in a cluster: the bootstrap
+//!                                       # policy until the cluster has committed one
+//!
+//! [cluster]                             # optional: Raft-replicated policy + control API
+//! id = 1
+//! listen = "198.18.0.1:7400"
+//! data_dir = "/var/lib/keepstate"
+//! role = "gateway"                      # or "witness": votes, forwards nothing
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -42,7 +49,10 @@ pub struct Config {
     pub conntrack: conntrack::Config,
     #[serde(default)]
     pub ftp: crate::helper::ftp::FtpConfig,
-    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub policy: Option<PolicyConfig>,
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -106,7 +116,8 @@ impl Default for DatapathConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
-    /// The policy file enforced by this node (reloaded on SIGHUP).
+    /// Standalone: the policy file enforced by this node (reloaded on SIGHUP). In a cluster: the
+    /// policy enforced until the cluster has committed one (then Raft owns the policy).
     pub file: PathBuf,
 }
 
@@ -148,11 +159,21 @@ impl Config {
         if cfg.conntrack.max_entries == 0 {
             return Err(invalid("conntrack.max_entries must be at least 1"));
         }
-        // A relative policy path is relative to the configuration file.
-        if cfg.policy.file.is_relative() {
-            if let Some(dir) = path.parent() {
-                cfg.policy.file = dir.join(&cfg.policy.file);
-            }
+        if cfg.policy.is_none() && cfg.cluster.is_none() {
+            return Err(invalid(
+                "a [policy] file is required unless the node is in a [cluster] (then the policy comes from Raft)",
+            ));
+        }
+        if let Some(c) = &cfg.cluster {
+            c.validate().map_err(|m| invalid(&m))?;
+        }
+        // Relative paths are relative to the configuration file.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        if let Some(p) = cfg.policy.as_mut().filter(|p| p.file.is_relative()) {
+            p.file = dir.join(&p.file);
+        }
+        if let Some(c) = cfg.cluster.as_mut().filter(|c| c.data_dir.is_relative()) {
+            c.data_dir = dir.join(&c.data_dir);
         }
         Ok(cfg)
     }

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use fwnode::api::{Datapath as ApiDatapath, DatapathCounters};
+use fwnode::cluster;
 use fwnode::config::Config;
 use fwnode::conntrack::{Conntrack, InvalidReason};
 use fwnode::datapath::nfqueue::QueueConfig;
@@ -17,6 +19,7 @@ use fwnode::datapath::worker::{self, Pipeline, WorkerConfig, WorkerStats, REJECT
 use fwnode::helper::ftp::Reject;
 use fwnode::packet::{proto, ParseError};
 use fwnode::policy::PolicyStore;
+use fwnode::raft::Role;
 
 /// keepstate gateway daemon.
 #[derive(Debug, Parser)]
@@ -157,20 +160,38 @@ fn write_stats(path: &Path, v: &serde_json::Value) {
     }
 }
 
-fn run(cfg: Config) -> Result<()> {
-    let store = Arc::new(PolicyStore::new(Box::new(ifindex)));
-    load_policy(&store, &cfg.policy.file, 1)?;
-    let ct = Arc::new(Conntrack::new(&cfg.conntrack));
-    let spec = rule_spec(&cfg);
+/// Sums the workers' counters for the control API's status call.
+fn datapath_counters(
+    ct: Arc<Conntrack>,
+    workers: Vec<Arc<WorkerStats>>,
+) -> Arc<dyn Fn() -> DatapathCounters + Send + Sync> {
+    Arc::new(move || {
+        let sum = |f: &dyn Fn(&WorkerStats) -> u64| workers.iter().map(|w| f(w)).sum::<u64>();
+        DatapathCounters {
+            packets: sum(&|w| w.packets.load(Relaxed)),
+            accepted: sum(&|w| w.accepted.load(Relaxed)),
+            dropped: sum(&|w| w.dropped.load(Relaxed)),
+            rejected: sum(&|w| w.rejected.load(Relaxed)),
+            invalid: ct.counters().invalid.iter().sum(),
+        }
+    })
+}
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let reload = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone())?;
-    }
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
+/// The datapath: one worker thread per queue, then the iptables rules once all are bound.
+struct Datapath {
+    handles: Vec<std::thread::JoinHandle<Result<()>>>,
+    spec: RuleSpec,
+}
 
-    let origin = Instant::now();
+fn start_datapath(
+    cfg: &Config,
+    ct: &Arc<Conntrack>,
+    store: &Arc<PolicyStore>,
+    all_stats: &[Arc<WorkerStats>],
+    origin: Instant,
+    stop: &Arc<AtomicBool>,
+) -> Result<Datapath> {
+    let spec = rule_spec(cfg);
     let d = &cfg.datapath;
     let mut queues: Vec<(u16, u32)> = (0..d.queues)
         .map(|i| (d.first_queue + i, d.copy_range))
@@ -180,11 +201,8 @@ fn run(cfg: Config) -> Result<()> {
     }
     let n = queues.len();
     let mut handles = vec![];
-    let mut all_stats = vec![];
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    for (index, (num, copy_range)) in queues.into_iter().enumerate() {
-        let stats = Arc::new(WorkerStats::default());
-        all_stats.push(stats.clone());
+    for (index, ((num, copy_range), stats)) in queues.into_iter().zip(all_stats).enumerate() {
         let wc = WorkerConfig {
             queue: QueueConfig {
                 num,
@@ -204,7 +222,7 @@ fn run(cfg: Config) -> Result<()> {
             ct: ct.clone(),
             policy: store.clone(),
             ftp: cfg.ftp.clone(),
-            stats,
+            stats: stats.clone(),
         };
         let stop = stop.clone();
         let ready = ready_tx.clone();
@@ -216,7 +234,7 @@ fn run(cfg: Config) -> Result<()> {
                     tracing::error!(queue = num, error = %e, "worker stopped");
                     stop.store(true, Relaxed);
                 }
-                r
+                r.map_err(anyhow::Error::from)
             })?;
         handles.push(h);
     }
@@ -238,28 +256,99 @@ fn run(cfg: Config) -> Result<()> {
         rules::install(&spec).context("installing iptables rules")?;
         tracing::info!(chain = %spec.name, queues = d.queues, fail_open = d.fail_open, "rules installed");
     }
+    Ok(Datapath { handles, spec })
+}
+
+fn worker_count(cfg: &Config) -> usize {
+    usize::from(cfg.datapath.queues) + usize::from(!rule_spec(cfg).helper_ports.is_empty())
+}
+
+fn run(cfg: Config) -> Result<()> {
+    let store = Arc::new(PolicyStore::new(Box::new(ifindex)));
+    if let Some(p) = &cfg.policy {
+        // In a cluster this is the bootstrap policy (version 0) until Raft has committed one;
+        // the store restores the last committed version right after, before any packet.
+        let version = if cfg.cluster.is_some() { 0 } else { 1 };
+        load_policy(&store, &p.file, version)?;
+    }
+    let ct = Arc::new(Conntrack::new(&cfg.conntrack));
+    let origin = Instant::now();
+    let gateway = cfg.cluster.as_ref().is_none_or(|c| c.role == Role::Gateway);
+    let all_stats: Vec<Arc<WorkerStats>> = if gateway {
+        (0..worker_count(&cfg))
+            .map(|_| Arc::new(WorkerStats::default()))
+            .collect()
+    } else {
+        vec![]
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reload = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
+
+    let control = match &cfg.cluster {
+        Some(c) => {
+            let dp = gateway.then(|| ApiDatapath {
+                ct: ct.clone(),
+                origin,
+                counters: datapath_counters(ct.clone(), all_stats.clone()),
+            });
+            Some(cluster::start(c, &cfg.node.name, store.clone(), dp)?)
+        }
+        None => None,
+    };
+    let datapath = if gateway {
+        match start_datapath(&cfg, &ct, &store, &all_stats, origin, &stop) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                if let Some(c) = control {
+                    c.shutdown();
+                }
+                return Err(e);
+            }
+        }
+    } else {
+        tracing::info!("witness: no datapath");
+        None
+    };
     tracing::info!(node = %cfg.node.name, "running");
 
     let mut version = 1;
     while !stop.load(Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
         if reload.swap(false, Relaxed) {
-            match load_policy(&store, &cfg.policy.file, version + 1) {
-                Ok(()) => version += 1,
-                Err(e) => tracing::error!(
-                    "policy reload rejected, still enforcing version {version}: {e:#}"
+            match (&cfg.cluster, &cfg.policy) {
+                (Some(_), _) => tracing::warn!(
+                    "SIGHUP ignored: in a cluster the policy comes from Raft; use `fwctl policy apply FILE`"
                 ),
+                (None, Some(p)) => match load_policy(&store, &p.file, version + 1) {
+                    Ok(()) => version += 1,
+                    Err(e) => tracing::error!(
+                        "policy reload rejected, still enforcing version {version}: {e:#}"
+                    ),
+                },
+                (None, None) => {}
             }
         }
-        if let Some(p) = &d.stats_file {
+        if let Some(p) = &cfg.datapath.stats_file {
             write_stats(p, &stats_json(&cfg, &ct, &store, &all_stats));
         }
     }
     tracing::info!("stopping");
+    if let Some(c) = control {
+        c.shutdown();
+    }
+    let Some(Datapath { handles, spec }) = datapath else {
+        return Ok(());
+    };
     let mut failed = false;
     for h in handles {
         failed |= !matches!(h.join(), Ok(Ok(())));
     }
+    let d = &cfg.datapath;
     if d.install_rules && d.fail_open {
         rules::remove(&spec).context("removing iptables rules")?;
         tracing::info!("fail-open: rules removed, traffic passes unfiltered");
@@ -278,7 +367,7 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -286,7 +375,9 @@ fn main() -> Result<()> {
     if let Some(path) = cli.check_config {
         let cfg = Config::load(&path)?;
         let store = PolicyStore::new(Box::new(ifindex));
-        load_policy(&store, &cfg.policy.file, 1)?;
+        if let Some(p) = &cfg.policy {
+            load_policy(&store, &p.file, 1)?;
+        }
         println!("{}: configuration and policy are valid", path.display());
         return Ok(());
     }

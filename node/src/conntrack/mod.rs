@@ -103,6 +103,11 @@ impl Conntrack {
         self.limit.count() as usize
     }
 
+    /// The global table bound.
+    pub fn max_entries(&self) -> u32 {
+        self.limit.max()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -28,6 +28,16 @@ pub fn addr_bytes(a: IpAddr) -> [u8; 16] {
     }
 }
 
+/// The address a compact form stands for (`family` 4 or 6).
+#[inline]
+pub fn ip_from_bytes(b: [u8; 16], family: u8) -> IpAddr {
+    if family == 4 {
+        IpAddr::V4(Ipv4Addr::new(b[12], b[13], b[14], b[15]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(b))
+    }
+}
+
 impl Tuple {
     pub fn new(src: IpAddr, dst: IpAddr, src_port: u16, dst_port: u16, proto: u8) -> Self {
         Tuple {
@@ -53,11 +63,7 @@ impl Tuple {
     }
 
     fn ip(&self, b: [u8; 16]) -> IpAddr {
-        if self.family == 4 {
-            IpAddr::V4(Ipv4Addr::new(b[12], b[13], b[14], b[15]))
-        } else {
-            IpAddr::V6(Ipv6Addr::from(b))
-        }
+        ip_from_bytes(b, self.family)
     }
     pub fn src_ip(&self) -> IpAddr {
         self.ip(self.src)

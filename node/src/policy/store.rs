@@ -87,6 +87,14 @@ impl PolicyStore {
         Ok(active)
     }
 
+    /// Parse and compile `text` without enforcing it: what a proposer checks before a policy
+    /// enters the Raft log. Returns the rule count and the compiler's warnings.
+    pub fn check(&self, text: &str, origin: &str) -> Result<(usize, Vec<String>), PolicyError> {
+        let model = file::parse(text, origin)?;
+        let (compiled, warnings) = CompiledPolicy::compile(&model, &*self.resolve);
+        Ok((compiled.rule_count(), warnings))
+    }
+
     /// The policy in force; cheap enough to call once per batch.
     #[inline]
     pub fn current(&self) -> Guard<Arc<ActivePolicy>> {

@@ -1,0 +1,369 @@
+//! The `keepstate.v1.Control` gRPC service: what `fwctl` talks to.
+//!
+//! Owns the mapping between operator requests and the node's parts: reads are answered from
+//! this node's applied Raft state, policy store and tracker; writes are validated here, then
+//! proposed to Raft on the leader or forwarded to it once (`write`). Must not decide about
+//! packets or hold a lock across an await.
+
+mod conntrack;
+mod write;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keepstate_proto::v1::{self, control_server::Control};
+use openraft::ServerState;
+use parking_lot::RwLock;
+use tonic::{Request, Response, Status};
+
+use crate::conntrack::Conntrack;
+use crate::policy::PolicyStore;
+use crate::raft::store::SmData;
+use crate::raft::{Member, NodeId, PolicyRecord, Raft, Role};
+use crate::time::Timestamp;
+use crate::transport::Transport;
+
+/// Datapath counters the status call reports.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DatapathCounters {
+    pub packets: u64,
+    pub accepted: u64,
+    pub dropped: u64,
+    pub rejected: u64,
+    pub invalid: u64,
+}
+
+/// What a gateway node exposes of its datapath (witnesses have none).
+#[derive(Clone)]
+pub struct Datapath {
+    pub ct: Arc<Conntrack>,
+    /// The origin of the tracker's timestamps.
+    pub origin: Instant,
+    pub counters: Arc<dyn Fn() -> DatapathCounters + Send + Sync>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath").finish_non_exhaustive()
+    }
+}
+
+/// Limits of write handling.
+#[derive(Clone, Copy, Debug)]
+pub struct WriteLimits {
+    /// A proposal not committed within this time fails with DEADLINE_EXCEEDED.
+    pub commit_timeout: Duration,
+    /// A leader that has not heard from a quorum for this long refuses writes at once.
+    pub quorum_timeout: Duration,
+}
+
+/// The control service of one node.
+pub struct ControlService {
+    pub id: NodeId,
+    pub me: Member,
+    pub raft: Raft,
+    pub sm: Arc<RwLock<SmData>>,
+    pub policy: Arc<PolicyStore>,
+    pub datapath: Option<Datapath>,
+    pub transport: Transport,
+    pub limits: WriteLimits,
+}
+
+impl std::fmt::Debug for ControlService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlService")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+const LIST_DEFAULT: usize = 1000;
+const LIST_MAX: usize = 100_000;
+
+pub(crate) fn role_to_proto(r: Role) -> i32 {
+    match r {
+        Role::Gateway => v1::NodeRole::Gateway as i32,
+        Role::Witness => v1::NodeRole::Witness as i32,
+    }
+}
+
+fn state_to_proto(s: ServerState) -> i32 {
+    (match s {
+        ServerState::Leader => v1::RaftState::Leader,
+        ServerState::Follower => v1::RaftState::Follower,
+        ServerState::Candidate => v1::RaftState::Candidate,
+        ServerState::Learner => v1::RaftState::Learner,
+        ServerState::Shutdown => v1::RaftState::Shutdown,
+    }) as i32
+}
+
+fn version_to_proto(p: &PolicyRecord, with_text: bool) -> v1::PolicyVersion {
+    v1::PolicyVersion {
+        version: p.version,
+        text: if with_text {
+            p.text.clone()
+        } else {
+            String::new()
+        },
+        sha256: p.sha256.clone(),
+        author: p.author.clone(),
+        comment: p.comment.clone(),
+        proposed_at_unix_ms: p.proposed_at_unix_ms,
+        rolled_back_from: p.rolled_back_from,
+    }
+}
+
+impl ControlService {
+    fn datapath(&self) -> Result<&Datapath, Status> {
+        self.datapath.as_ref().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "node {} is a witness: it has no datapath and no connection table; ask a gateway",
+                self.me.name
+            ))
+        })
+    }
+
+    fn now(dp: &Datapath) -> Timestamp {
+        Timestamp::from_millis(dp.origin.elapsed().as_millis() as u64)
+    }
+
+    /// The membership as this node knows it.
+    fn members(&self) -> v1::MembersReply {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let matched = m.replication.as_ref();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| v1::Member {
+                id: *id,
+                name: node.name.clone(),
+                addr: node.addr.clone(),
+                role: role_to_proto(node.role),
+                voter: is_voter(membership, id),
+                matched_index: matched
+                    .and_then(|r| r.get(id))
+                    .and_then(|l| l.as_ref())
+                    .map(|l| l.index),
+            })
+            .collect();
+        v1::MembersReply {
+            members,
+            leader_id: m.current_leader.unwrap_or(0),
+            joint: membership.get_joint_config().len() > 1,
+        }
+    }
+}
+
+/// openraft 0.9 keeps `Membership::is_voter` crate-private.
+pub(crate) fn is_voter(ms: &openraft::Membership<NodeId, Member>, id: &NodeId) -> bool {
+    ms.voter_ids().any(|v| v == *id)
+}
+
+fn bad(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg)
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn status(
+        &self,
+        _: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusReply>, Status> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader_addr = m
+            .current_leader
+            .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
+            .map(|n| n.addr)
+            .unwrap_or_default();
+        let initialized = m.membership_config.membership().nodes().next().is_some();
+        let raft = v1::RaftStatus {
+            state: state_to_proto(m.state),
+            term: m.current_term,
+            leader_id: m.current_leader.unwrap_or(0),
+            leader_addr,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            last_applied_index: m.last_applied.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            millis_since_quorum_ack: m.millis_since_quorum_ack,
+            initialized,
+        };
+        let active = self.policy.current();
+        let sha = self
+            .sm
+            .read()
+            .state
+            .policy(active.version)
+            .map(|p| p.sha256.clone())
+            .unwrap_or_else(|| crate::raft::state::sha256_hex(&active.text));
+        let policy = v1::PolicySummary {
+            version: active.version,
+            sha256: sha,
+            rules: active.compiled.rule_count() as u32,
+            origin: active.origin.clone(),
+            warnings: active.warnings.clone(),
+        };
+        let ha = self.sm.read().state.ha.clone();
+        let (connections, expectations, datapath) = match &self.datapath {
+            Some(dp) => {
+                let c = (dp.counters)();
+                let mut exp = 0;
+                for i in 0..dp.ct.shard_count() {
+                    exp += dp.ct.lock(i).expectation_count() as u64;
+                }
+                let counters = v1::DatapathCounters {
+                    packets: c.packets,
+                    accepted: c.accepted,
+                    dropped: c.dropped,
+                    rejected: c.rejected,
+                    invalid: c.invalid,
+                };
+                (dp.ct.len() as u64, exp, Some(counters))
+            }
+            None => (0, 0, None),
+        };
+        Ok(Response::new(v1::StatusReply {
+            node_id: self.id,
+            node_name: self.me.name.clone(),
+            role: role_to_proto(self.me.role),
+            addr: self.me.addr.clone(),
+            raft: Some(raft),
+            policy: Some(policy),
+            ha_role: v1::HaRole::Standalone as i32,
+            ha_settings: Some(v1::HaSettings {
+                preferred_active: ha.preferred_active,
+                require_quorum: ha.require_quorum,
+            }),
+            connections,
+            expectations,
+            datapath,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<v1::GetPolicyRequest>,
+    ) -> Result<Response<v1::PolicyVersion>, Status> {
+        let want = request.into_inner().version;
+        let sm = self.sm.read();
+        let found = match want {
+            Some(v) => sm.state.policy(v),
+            None => sm.state.current(),
+        };
+        match (found, want) {
+            (Some(p), _) => Ok(Response::new(version_to_proto(p, true))),
+            (None, None) => Err(Status::not_found(
+                "no policy has been committed yet; use `fwctl policy apply FILE`",
+            )),
+            (None, Some(v)) => Err(Status::not_found(format!(
+                "policy version {v} is not in the history (current: {})",
+                sm.state.version()
+            ))),
+        }
+    }
+
+    async fn apply_policy(
+        &self,
+        request: Request<v1::ApplyPolicyRequest>,
+    ) -> Result<Response<v1::ApplyPolicyReply>, Status> {
+        self.apply_policy_write(request).await.map(Response::new)
+    }
+
+    async fn rollback_policy(
+        &self,
+        request: Request<v1::RollbackPolicyRequest>,
+    ) -> Result<Response<v1::ApplyPolicyReply>, Status> {
+        self.rollback_write(request).await.map(Response::new)
+    }
+
+    async fn policy_history(
+        &self,
+        _: Request<v1::PolicyHistoryRequest>,
+    ) -> Result<Response<v1::PolicyHistoryReply>, Status> {
+        let sm = self.sm.read();
+        Ok(Response::new(v1::PolicyHistoryReply {
+            versions: sm
+                .state
+                .policies
+                .iter()
+                .map(|p| version_to_proto(p, false))
+                .collect(),
+            current: sm.state.version(),
+        }))
+    }
+
+    async fn cluster_init(
+        &self,
+        _: Request<v1::ClusterInitRequest>,
+    ) -> Result<Response<v1::MembersReply>, Status> {
+        self.init().await.map(Response::new)
+    }
+
+    async fn cluster_members(
+        &self,
+        _: Request<v1::MembersRequest>,
+    ) -> Result<Response<v1::MembersReply>, Status> {
+        Ok(Response::new(self.members()))
+    }
+
+    async fn cluster_add(
+        &self,
+        request: Request<v1::ClusterAddRequest>,
+    ) -> Result<Response<v1::MembersReply>, Status> {
+        self.add_write(request).await.map(Response::new)
+    }
+
+    async fn cluster_promote(
+        &self,
+        request: Request<v1::ClusterPromoteRequest>,
+    ) -> Result<Response<v1::MembersReply>, Status> {
+        self.promote_write(request).await.map(Response::new)
+    }
+
+    async fn cluster_remove(
+        &self,
+        request: Request<v1::ClusterRemoveRequest>,
+    ) -> Result<Response<v1::MembersReply>, Status> {
+        self.remove_write(request).await.map(Response::new)
+    }
+
+    async fn list_connections(
+        &self,
+        request: Request<v1::ListConnectionsRequest>,
+    ) -> Result<Response<v1::ListConnectionsReply>, Status> {
+        let dp = self.datapath()?;
+        let r = request.into_inner();
+        let f = conntrack::Filter::parse(r.filter).map_err(bad)?;
+        let limit = match r.limit {
+            0 => LIST_DEFAULT,
+            n => (n as usize).min(LIST_MAX),
+        };
+        let (connections, truncated) = conntrack::list(&dp.ct, Self::now(dp), &f, limit);
+        Ok(Response::new(v1::ListConnectionsReply {
+            connections,
+            truncated,
+        }))
+    }
+
+    async fn count_connections(
+        &self,
+        request: Request<v1::CountConnectionsRequest>,
+    ) -> Result<Response<v1::CountConnectionsReply>, Status> {
+        let dp = self.datapath()?;
+        let f = conntrack::Filter::parse(request.into_inner().filter).map_err(bad)?;
+        Ok(Response::new(v1::CountConnectionsReply {
+            count: conntrack::count(&dp.ct, Self::now(dp), &f),
+            max: u64::from(dp.ct.max_entries()),
+        }))
+    }
+
+    async fn list_expectations(
+        &self,
+        _: Request<v1::ListExpectationsRequest>,
+    ) -> Result<Response<v1::ListExpectationsReply>, Status> {
+        let dp = self.datapath()?;
+        Ok(Response::new(v1::ListExpectationsReply {
+            expectations: conntrack::expectations(&dp.ct, Self::now(dp)),
+        }))
+    }
+}

@@ -1,0 +1,436 @@
+//! Writes: validate, then propose on the leader or forward to it once.
+//!
+//! Owns the routing rule (leader → propose; follower → forward with the `x-keepstate-forwarded`
+//! key; forwarded request on a non-leader → UNAVAILABLE, never a second hop), the fail-fast
+//! quorum check, the commit deadline, and the mapping of openraft errors to gRPC statuses that
+//! tell an operator what to do. A write that fails changes nothing the node enforces.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use keepstate_proto::v1::{self, control_client::ControlClient};
+use keepstate_proto::FORWARDED_KEY;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::ChangeMembers;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+use super::{is_voter, ControlService};
+use crate::raft::{Member, NodeId, Request as Cmd, Response as CmdResponse, Role};
+
+/// Where a write goes.
+enum Route {
+    Local,
+    Leader(NodeId, Member),
+}
+
+fn is_forwarded<T>(r: &Request<T>) -> bool {
+    r.metadata().contains_key(FORWARDED_KEY)
+}
+
+fn forwarded<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert(FORWARDED_KEY, MetadataValue::from_static("1"));
+    r
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn raft_error(e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Status::unavailable(format!(
+            "leadership changed during the write (leader now: {}); nothing was committed, retry",
+            f.leader_id.map_or("unknown".into(), |l| l.to_string())
+        )),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            Status::failed_precondition(c.to_string())
+        }
+        RaftError::Fatal(f) => Status::unavailable(format!("Raft has stopped on this node: {f}")),
+    }
+}
+
+impl ControlService {
+    fn enforcing(&self) -> String {
+        format!(
+            "this node keeps enforcing policy version {}",
+            self.policy.current().version
+        )
+    }
+
+    /// Decide where a write goes, failing fast when it cannot be committed.
+    fn route(&self, forwarded: bool) -> Result<Route, Status> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        if membership.nodes().next().is_none() {
+            return Err(Status::failed_precondition(
+                "this node is not part of a cluster yet: run `fwctl cluster init` on the first \
+                 node, or `fwctl cluster add` this node from a member",
+            ));
+        }
+        match m.current_leader {
+            Some(l) if l == self.id => {
+                let voters = membership.voter_ids().count();
+                let limit = self.limits.quorum_timeout.as_millis() as u64;
+                match m.millis_since_quorum_ack {
+                    _ if voters <= 1 => Ok(Route::Local),
+                    Some(ms) if ms <= limit => Ok(Route::Local),
+                    ms => Err(Status::unavailable(format!(
+                        "no quorum: this leader has not heard from a majority of the {voters} \
+                         voters for {}; the write was not proposed and {}",
+                        ms.map_or("ever".into(), |ms| format!("{ms} ms")),
+                        self.enforcing()
+                    ))),
+                }
+            }
+            Some(l) if forwarded => Err(Status::unavailable(format!(
+                "this node is no longer the leader (node {l} is); retry the write"
+            ))),
+            Some(l) => match membership.get_node(&l) {
+                Some(n) => Ok(Route::Leader(l, n.clone())),
+                None => Err(Status::unavailable(format!(
+                    "the leader (node {l}) is not in this node's membership yet; retry"
+                ))),
+            },
+            None => Err(Status::unavailable(format!(
+                "no Raft leader: a majority of the voters is unreachable or an election is under \
+                 way; writes are refused until a quorum elects a leader, and {}",
+                self.enforcing()
+            ))),
+        }
+    }
+
+    async fn leader(&self, id: NodeId, leader: &Member) -> Result<ControlClient<Channel>, Status> {
+        let ep = self
+            .transport
+            .endpoint(&leader.addr)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .timeout(self.limits.commit_timeout + Duration::from_secs(1));
+        let ch = ep.connect().await.map_err(|e| {
+            Status::unavailable(format!(
+                "forwarding to the leader (node {id}, {}): {e}; retry or ask the leader directly",
+                leader.addr
+            ))
+        })?;
+        Ok(ControlClient::new(ch))
+    }
+
+    /// Propose on this node (the leader) and wait until it is applied here.
+    async fn propose(&self, cmd: Cmd) -> Result<CmdResponse, Status> {
+        match tokio::time::timeout(self.limits.commit_timeout, self.raft.client_write(cmd)).await {
+            Ok(Ok(r)) => Ok(r.data),
+            Ok(Err(e)) => Err(raft_error(e)),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "the write was not committed within {:?}: the quorum may be lost; it may still \
+                 commit if the quorum returns — check `fwctl policy history`",
+                self.limits.commit_timeout
+            ))),
+        }
+    }
+
+    /// After a forwarded write: wait (bounded) until this node applied `version`, so that a
+    /// `status` right after an `apply` on a follower already shows it.
+    async fn wait_local_version(&self, version: u64) {
+        let mut rx = self.raft.metrics();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while self.sm.read().state.version() < version {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    fn policy_reply(
+        &self,
+        resp: CmdResponse,
+        rules: usize,
+        warnings: Vec<String>,
+    ) -> Result<v1::ApplyPolicyReply, Status> {
+        match resp {
+            CmdResponse::Policy { version, sha256 } => Ok(v1::ApplyPolicyReply {
+                version,
+                dry_run: false,
+                rules: rules as u32,
+                warnings,
+                sha256,
+            }),
+            CmdResponse::NotFound(m) => Err(Status::not_found(m)),
+            CmdResponse::Done => Err(Status::internal("unexpected state machine response")),
+        }
+    }
+
+    pub(super) async fn apply_policy_write(
+        &self,
+        request: Request<v1::ApplyPolicyRequest>,
+    ) -> Result<v1::ApplyPolicyReply, Status> {
+        let fwd = is_forwarded(&request);
+        let r = request.into_inner();
+        let origin = if r.origin.is_empty() {
+            "policy"
+        } else {
+            r.origin.as_str()
+        };
+        // Validated before it can enter the log: a bad policy never reaches any node.
+        let (rules, warnings) = self
+            .policy
+            .check(&r.text, origin)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if r.dry_run {
+            return Ok(v1::ApplyPolicyReply {
+                version: self.sm.read().state.version() + 1,
+                dry_run: true,
+                rules: rules as u32,
+                warnings,
+                sha256: crate::raft::state::sha256_hex(&r.text),
+            });
+        }
+        match self.route(fwd)? {
+            Route::Leader(id, m) => {
+                let reply = self
+                    .leader(id, &m)
+                    .await?
+                    .apply_policy(forwarded(r))
+                    .await?
+                    .into_inner();
+                self.wait_local_version(reply.version).await;
+                Ok(reply)
+            }
+            Route::Local => {
+                let resp = self
+                    .propose(Cmd::SetPolicy {
+                        text: r.text,
+                        author: r.author,
+                        comment: r.comment,
+                        proposed_at_unix_ms: unix_ms(),
+                    })
+                    .await?;
+                self.policy_reply(resp, rules, warnings)
+            }
+        }
+    }
+
+    pub(super) async fn rollback_write(
+        &self,
+        request: Request<v1::RollbackPolicyRequest>,
+    ) -> Result<v1::ApplyPolicyReply, Status> {
+        let fwd = is_forwarded(&request);
+        let r = request.into_inner();
+        let (rules, warnings) = {
+            let sm = self.sm.read();
+            let target = sm
+                .state
+                .rollback_target(r.to_version)
+                .map_err(Status::not_found)?;
+            self.policy
+                .check(&target.text, &format!("policy version {}", target.version))
+                .map_err(|e| Status::failed_precondition(e.to_string()))?
+        };
+        match self.route(fwd)? {
+            Route::Leader(id, m) => {
+                let reply = self
+                    .leader(id, &m)
+                    .await?
+                    .rollback_policy(forwarded(r))
+                    .await?
+                    .into_inner();
+                self.wait_local_version(reply.version).await;
+                Ok(reply)
+            }
+            Route::Local => {
+                let resp = self
+                    .propose(Cmd::Rollback {
+                        to: r.to_version,
+                        author: r.author,
+                        proposed_at_unix_ms: unix_ms(),
+                    })
+                    .await?;
+                self.policy_reply(resp, rules, warnings)
+            }
+        }
+    }
+
+    pub(super) async fn init(&self) -> Result<v1::MembersReply, Status> {
+        let initialized = self
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        if initialized {
+            return Err(Status::failed_precondition(
+                "this node already belongs to a cluster (it has Raft state); nothing changed",
+            ));
+        }
+        let members = BTreeMap::from([(self.id, self.me.clone())]);
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        // Wait (bounded) for the single-node election so that the reply names the leader.
+        let _ = self
+            .raft
+            .wait(Some(Duration::from_secs(3)))
+            .current_leader(self.id, "cluster init")
+            .await;
+        Ok(self.members())
+    }
+
+    /// Run a membership change on the leader under the commit deadline.
+    async fn change(&self, changes: ChangeMembers<NodeId, Member>) -> Result<(), Status> {
+        let fut = self.raft.change_membership(changes, false);
+        match tokio::time::timeout(self.limits.commit_timeout, fut).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(raft_error(e)),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "the membership change was not committed within {:?}: the quorum may be lost",
+                self.limits.commit_timeout
+            ))),
+        }
+    }
+
+    pub(super) async fn add_write(
+        &self,
+        request: Request<v1::ClusterAddRequest>,
+    ) -> Result<v1::MembersReply, Status> {
+        let fwd = is_forwarded(&request);
+        let r = request.into_inner();
+        if r.id == 0 {
+            return Err(Status::invalid_argument("member id must be at least 1"));
+        }
+        if r.addr.parse::<std::net::SocketAddr>().is_err() && !r.addr.contains(':') {
+            return Err(Status::invalid_argument(format!(
+                "member address {:?} is not host:port",
+                r.addr
+            )));
+        }
+        let role = match v1::NodeRole::try_from(r.role) {
+            Ok(v1::NodeRole::Witness) => Role::Witness,
+            Ok(v1::NodeRole::Gateway | v1::NodeRole::Unspecified) => Role::Gateway,
+            Err(_) => return Err(Status::invalid_argument(format!("unknown role {}", r.role))),
+        };
+        let m = self.raft.metrics().borrow().clone();
+        if is_voter(m.membership_config.membership(), &r.id) {
+            return Err(Status::already_exists(format!(
+                "node {} is already a voter; remove it first to change its address",
+                r.id
+            )));
+        }
+        match self.route(fwd)? {
+            Route::Leader(id, leader) => Ok(self
+                .leader(id, &leader)
+                .await?
+                .cluster_add(forwarded(r))
+                .await?
+                .into_inner()),
+            Route::Local => {
+                let member = Member {
+                    name: if r.name.is_empty() {
+                        format!("node{}", r.id)
+                    } else {
+                        r.name
+                    },
+                    addr: r.addr,
+                    role,
+                };
+                // Blocks until the learner has caught up with the log (or the deadline passes).
+                let fut = self.raft.add_learner(r.id, member, true);
+                match tokio::time::timeout(self.limits.commit_timeout, fut).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(raft_error(e)),
+                    Err(_) => {
+                        return Err(Status::deadline_exceeded(format!(
+                            "node {} was added as a learner but has not caught up within {:?}: \
+                             is fwnode running there and reachable at that address?",
+                            r.id, self.limits.commit_timeout
+                        )))
+                    }
+                }
+                Ok(self.members())
+            }
+        }
+    }
+
+    pub(super) async fn promote_write(
+        &self,
+        request: Request<v1::ClusterPromoteRequest>,
+    ) -> Result<v1::MembersReply, Status> {
+        let fwd = is_forwarded(&request);
+        let r = request.into_inner();
+        {
+            let m = self.raft.metrics().borrow().clone();
+            let ms = m.membership_config.membership();
+            if ms.get_node(&r.id).is_none() {
+                return Err(Status::not_found(format!(
+                    "node {} is not a member: `fwctl cluster add {} ADDR` first",
+                    r.id, r.id
+                )));
+            }
+            if is_voter(ms, &r.id) {
+                return Err(Status::already_exists(format!(
+                    "node {} is already a voter",
+                    r.id
+                )));
+            }
+        }
+        match self.route(fwd)? {
+            Route::Leader(id, leader) => Ok(self
+                .leader(id, &leader)
+                .await?
+                .cluster_promote(forwarded(r))
+                .await?
+                .into_inner()),
+            Route::Local => {
+                self.change(ChangeMembers::AddVoterIds(BTreeSet::from([r.id])))
+                    .await?;
+                Ok(self.members())
+            }
+        }
+    }
+
+    pub(super) async fn remove_write(
+        &self,
+        request: Request<v1::ClusterRemoveRequest>,
+    ) -> Result<v1::MembersReply, Status> {
+        let fwd = is_forwarded(&request);
+        let r = request.into_inner();
+        let voter = {
+            let m = self.raft.metrics().borrow().clone();
+            let ms = m.membership_config.membership();
+            if ms.get_node(&r.id).is_none() {
+                return Err(Status::not_found(format!("node {} is not a member", r.id)));
+            }
+            if is_voter(ms, &r.id) && ms.voter_ids().count() == 1 {
+                return Err(Status::failed_precondition(format!(
+                    "node {} is the only voter; the cluster cannot remove its last voter",
+                    r.id
+                )));
+            }
+            is_voter(ms, &r.id)
+        };
+        match self.route(fwd)? {
+            Route::Leader(id, leader) => Ok(self
+                .leader(id, &leader)
+                .await?
+                .cluster_remove(forwarded(r))
+                .await?
+                .into_inner()),
+            Route::Local => {
+                let ids = BTreeSet::from([r.id]);
+                if voter {
+                    // retain = false: a removed voter leaves the cluster, it does not stay a learner.
+                    self.change(ChangeMembers::RemoveVoters(ids)).await?;
+                } else {
+                    self.change(ChangeMembers::RemoveNodes(ids)).await?;
+                }
+                Ok(self.members())
+            }
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! The control-plane shell of a node: openraft, the Raft transport and the control API on a
+//! small tokio runtime that runs beside the datapath threads.
+//!
+//! Owns the `[cluster]` settings, the runtime, the gRPC listener (both services on one port of
+//! the management network, built through [`Transport`]) and the wiring of applied policies
+//! into the live [`PolicyStore`]. Must not touch packets: the datapath only ever sees a whole
+//! compiled policy swapped in by the store.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keepstate_proto::v1::control_server::ControlServer;
+use keepstate_proto::v1::raft_server::RaftServer;
+use openraft::SnapshotPolicy;
+use serde::Deserialize;
+use tonic::transport::server::TcpIncoming;
+
+use crate::api::{ControlService, Datapath, WriteLimits};
+use crate::policy::PolicyStore;
+use crate::raft::network::{Network, RaftService};
+use crate::raft::{store, Member, NodeId, PolicyRecord, PolicySink, Raft, Role};
+use crate::transport::Transport;
+
+/// `[cluster]`: this node's Raft identity and timing.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Raft id, unique in the cluster and never reused.
+    pub id: NodeId,
+    /// gRPC listener (Raft transport + control API), on the management network.
+    pub listen: SocketAddr,
+    /// Address peers and fwctl use to reach this node (default: `listen`).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Directory of the Raft store (`raft.redb`).
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub role: Role,
+    #[serde(default = "defaults::heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    #[serde(default = "defaults::election_min_ms")]
+    pub election_timeout_min_ms: u64,
+    #[serde(default = "defaults::election_max_ms")]
+    pub election_timeout_max_ms: u64,
+    /// Take a snapshot after this many applied entries since the last one.
+    #[serde(default = "defaults::snapshot_every")]
+    pub snapshot_every: u64,
+    /// Log entries kept behind a snapshot (a node further behind receives the snapshot).
+    #[serde(default = "defaults::logs_to_keep")]
+    pub logs_to_keep: u64,
+    /// A write not committed within this time fails.
+    #[serde(default = "defaults::commit_timeout_ms")]
+    pub commit_timeout_ms: u64,
+}
+
+mod defaults {
+    pub fn heartbeat_ms() -> u64 {
+        100
+    }
+    pub fn election_min_ms() -> u64 {
+        500
+    }
+    pub fn election_max_ms() -> u64 {
+        1000
+    }
+    pub fn snapshot_every() -> u64 {
+        256
+    }
+    pub fn logs_to_keep() -> u64 {
+        128
+    }
+    pub fn commit_timeout_ms() -> u64 {
+        3000
+    }
+}
+
+impl ClusterConfig {
+    pub fn advertise(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// Checks that the config file loader reports with the file name.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.id == 0 {
+            return Err("cluster.id must be at least 1".into());
+        }
+        if self.heartbeat_ms == 0 || self.election_timeout_min_ms <= self.heartbeat_ms {
+            return Err(
+                "cluster.election_timeout_min_ms must be greater than cluster.heartbeat_ms".into(),
+            );
+        }
+        if self.election_timeout_max_ms <= self.election_timeout_min_ms {
+            return Err(
+                "cluster.election_timeout_max_ms must be greater than election_timeout_min_ms"
+                    .into(),
+            );
+        }
+        if self.snapshot_every == 0 {
+            return Err("cluster.snapshot_every must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why the control plane did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("starting the tokio runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error(transparent)]
+    Store(#[from] store::OpenError),
+    #[error("Raft configuration: {0}")]
+    Config(String),
+    #[error("starting Raft: {0}")]
+    Raft(String),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Swaps every applied policy into the datapath's store.
+struct StoreSink(Arc<PolicyStore>);
+
+impl PolicySink for StoreSink {
+    fn enforce(&self, p: &PolicyRecord) {
+        let origin = format!("cluster version {} ({})", p.version, p.author);
+        match self.0.load_text(p.version, &origin, &p.text) {
+            Ok(active) => {
+                for w in &active.warnings {
+                    tracing::warn!("policy version {}: {w}", p.version);
+                }
+                tracing::info!(
+                    version = p.version,
+                    rules = active.compiled.rule_count(),
+                    "policy applied"
+                );
+            }
+            // Validated by the proposer; failing here means this node's build disagrees with
+            // the proposer's. Keep enforcing the previous version, loudly.
+            Err(e) => tracing::error!(
+                version = p.version,
+                "committed policy does not compile on this node, still enforcing version {}: {e}",
+                self.0.current().version
+            ),
+        }
+    }
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    pub raft: Raft,
+    runtime: tokio::runtime::Runtime,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane").finish_non_exhaustive()
+    }
+}
+
+/// Open the store (enforcing the last committed policy at once), start Raft and the listener.
+pub fn start(
+    cfg: &ClusterConfig,
+    name: &str,
+    policy: Arc<PolicyStore>,
+    datapath: Option<Datapath>,
+) -> Result<ControlPlane, StartError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("control")
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
+    let raft_cfg = openraft::Config {
+        cluster_name: "keepstate".into(),
+        heartbeat_interval: cfg.heartbeat_ms,
+        election_timeout_min: cfg.election_timeout_min_ms,
+        election_timeout_max: cfg.election_timeout_max_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
+        max_in_snapshot_log_to_keep: cfg.logs_to_keep,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| StartError::Config(e.to_string()))?;
+
+    let (log, sm) = store::open(&cfg.data_dir, Arc::new(StoreSink(policy.clone())))?;
+    let sm_data = sm.data();
+    let transport = Transport::default();
+    let network = Network {
+        transport: transport.clone(),
+    };
+    let id = cfg.id;
+    let raft = runtime
+        .block_on(Raft::new(id, Arc::new(raft_cfg), network, log, sm))
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+
+    let me = Member {
+        name: name.to_string(),
+        addr: cfg.advertise(),
+        role: cfg.role,
+    };
+    let control = ControlService {
+        id,
+        me,
+        raft: raft.clone(),
+        sm: sm_data,
+        policy,
+        datapath,
+        transport: transport.clone(),
+        limits: WriteLimits {
+            commit_timeout: Duration::from_millis(cfg.commit_timeout_ms),
+            quorum_timeout: Duration::from_millis(cfg.election_timeout_max_ms * 2),
+        },
+    };
+    let incoming = runtime
+        .block_on(async { TcpIncoming::bind(cfg.listen) })
+        .map_err(|e| StartError::Listen {
+            addr: cfg.listen,
+            source: e,
+        })?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = transport
+        .server()
+        .add_service(RaftServer::new(RaftService { raft: raft.clone() }))
+        .add_service(ControlServer::new(control))
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        });
+    let listen = cfg.listen;
+    runtime.spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(%listen, error = %e, "gRPC server stopped");
+        }
+    });
+    tracing::info!(id, listen = %cfg.listen, role = cfg.role.name(), "control plane running");
+    Ok(ControlPlane {
+        raft,
+        runtime,
+        stop: Some(stop_tx),
+    })
+}
+
+impl ControlPlane {
+    /// Stop serving and shut Raft down (bounded).
+    pub fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let raft = self.raft.clone();
+        let _ = self.runtime.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(2), raft.shutdown()).await
+        });
+        self.runtime.shutdown_timeout(Duration::from_secs(1));
+    }
+}

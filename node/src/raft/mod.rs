@@ -1,0 +1,79 @@
+//! The Raft-replicated cluster state: policy versions, members and HA settings.
+//!
+//! `state` is the deterministic state machine (pure, unit-tested); `store` persists the Raft log,
+//! vote and snapshots in one redb file per node and hosts the state machine for openraft;
+//! `network` carries openraft's RPCs over tonic. This module owns the openraft type
+//! configuration. It must not touch the datapath: applied policies leave through
+//! [`PolicySink`], which the daemon wires to the live `PolicyStore`.
+
+pub mod network;
+pub mod state;
+pub mod store;
+
+use std::fmt;
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+pub use state::{ClusterState, HaSettings, PolicyRecord, Request, Response};
+
+/// A member's Raft id (unique, never reused: pick it when adding the node).
+pub type NodeId = u64;
+
+/// What a member does besides voting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Forwards traffic: datapath and policy.
+    #[default]
+    Gateway,
+    /// Votes so that a gateway pair keeps a quorum; forwards nothing.
+    Witness,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Gateway => "gateway",
+            Role::Witness => "witness",
+        }
+    }
+}
+
+/// A member as recorded in the Raft membership: how to reach it and what it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    /// `host:port` of its gRPC listener (Raft transport and control API).
+    pub addr: String,
+    pub role: Role,
+}
+
+impl fmt::Display for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{} ({})", self.name, self.addr, self.role.name())
+    }
+}
+
+openraft::declare_raft_types!(
+    /// openraft type configuration of the keepstate cluster.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = NodeId,
+        Node = Member,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Where applied policies go: the daemon compiles and swaps them into the datapath.
+///
+/// Called from the state machine after a batch of entries is applied, after a snapshot is
+/// installed, and once on start with the restored state. Implementations must not block for
+/// long (a compile of 10 000 rules takes tens of milliseconds).
+pub trait PolicySink: Send + Sync + 'static {
+    fn enforce(&self, policy: &PolicyRecord);
+}

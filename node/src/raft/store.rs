@@ -1,0 +1,428 @@
+//! Durable Raft storage: one redb file per node holding the log, the vote, the committed index
+//! and the last snapshot; plus the state machine openraft applies entries to.
+//!
+//! Why redb: a pure-Rust embedded ACID store in one file (no C++ build like RocksDB, maintained
+//! and with a stable file format unlike sled); every write transaction is fsynced before
+//! openraft is told the log is durable. The state machine itself lives in memory: on start it
+//! is restored from the last snapshot and openraft re-applies the committed log after it, so a
+//! restarted node enforces the latest committed policy before it talks to anyone.
+//!
+//! Must not touch the network or the datapath (applied policies leave through [`PolicySink`]).
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use parking_lot::RwLock;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::state::ClusterState;
+use super::{Member, NodeId, PolicySink, Response, TypeConfig};
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const VOTE: &str = "vote";
+const COMMITTED: &str = "committed";
+const PURGED: &str = "purged";
+const SNAPSHOT: &str = "snapshot";
+
+type SError = StorageError<NodeId>;
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("creating {path}: {source}")]
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("opening Raft store {path}: {message}")]
+    Db { path: String, message: String },
+    #[error("Raft store {path}: the stored snapshot is unreadable: {message}")]
+    Snapshot { path: String, message: String },
+}
+
+/// Opens (creating if needed) `<dir>/raft.redb`.
+pub fn open(
+    dir: &Path,
+    sink: Arc<dyn PolicySink>,
+) -> Result<(LogStore, StateMachineStore), OpenError> {
+    std::fs::create_dir_all(dir).map_err(|e| OpenError::Dir {
+        path: dir.display().to_string(),
+        source: e,
+    })?;
+    let path = dir.join("raft.redb");
+    let p = path.display().to_string();
+    let db_err = |m: String| OpenError::Db {
+        path: p.clone(),
+        message: m,
+    };
+    let db = Database::create(&path).map_err(|e| db_err(e.to_string()))?;
+    // Create the tables so that readers never see "table does not exist".
+    let tx = db.begin_write().map_err(|e| db_err(e.to_string()))?;
+    tx.open_table(LOG).map_err(|e| db_err(e.to_string()))?;
+    tx.open_table(META).map_err(|e| db_err(e.to_string()))?;
+    tx.commit().map_err(|e| db_err(e.to_string()))?;
+    let db = Arc::new(db);
+
+    let log = LogStore { db: db.clone() };
+    let mut data = SmData::default();
+    let stored = read_meta::<StoredSnapshot>(&db, SNAPSHOT).map_err(|e| OpenError::Snapshot {
+        path: p.clone(),
+        message: e.to_string(),
+    })?;
+    if let Some(snap) = &stored {
+        data = serde_json::from_slice(&snap.data).map_err(|e| OpenError::Snapshot {
+            path: p.clone(),
+            message: e.to_string(),
+        })?;
+    }
+    if let Some(cur) = data.state.current() {
+        sink.enforce(cur);
+    }
+    let sm = StateMachineStore {
+        db,
+        data: Arc::new(RwLock::new(data)),
+        sink,
+        snapshot_seq: 0,
+    };
+    Ok((log, sm))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(v)
+}
+
+fn read_meta<T: for<'de> Deserialize<'de>>(
+    db: &Database,
+    key: &str,
+) -> Result<Option<T>, AnyError> {
+    let tx = db.begin_read().map_err(|e| AnyError::new(&e))?;
+    let t = tx.open_table(META).map_err(|e| AnyError::new(&e))?;
+    let Some(v) = t.get(key).map_err(|e| AnyError::new(&e))? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(v.value())
+        .map(Some)
+        .map_err(|e| AnyError::new(&e))
+}
+
+fn write_meta<T: Serialize>(db: &Database, key: &str, v: &T) -> Result<(), AnyError> {
+    let bytes = encode(v).map_err(|e| AnyError::new(&e))?;
+    let tx = db.begin_write().map_err(|e| AnyError::new(&e))?;
+    {
+        let mut t = tx.open_table(META).map_err(|e| AnyError::new(&e))?;
+        t.insert(key, bytes.as_slice())
+            .map_err(|e| AnyError::new(&e))?;
+    }
+    tx.commit().map_err(|e| AnyError::new(&e))
+}
+
+/// The Raft log and vote.
+#[derive(Clone, Debug)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl LogStore {
+    fn read_range<RB: RangeBounds<u64>>(
+        &self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, AnyError> {
+        let tx = self.db.begin_read().map_err(|e| AnyError::new(&e))?;
+        let t = tx.open_table(LOG).map_err(|e| AnyError::new(&e))?;
+        let mut out = vec![];
+        for item in t.range(range).map_err(|e| AnyError::new(&e))? {
+            let (_, v) = item.map_err(|e| AnyError::new(&e))?;
+            out.push(serde_json::from_slice(v.value()).map_err(|e| AnyError::new(&e))?);
+        }
+        Ok(out)
+    }
+
+    fn last_entry(&self) -> Result<Option<Entry<TypeConfig>>, AnyError> {
+        let tx = self.db.begin_read().map_err(|e| AnyError::new(&e))?;
+        let t = tx.open_table(LOG).map_err(|e| AnyError::new(&e))?;
+        let last = t.last().map_err(|e| AnyError::new(&e))?;
+        let entry = match last {
+            None => None,
+            Some((_, v)) => Some(serde_json::from_slice(v.value()).map_err(|e| AnyError::new(&e))?),
+        };
+        Ok(entry)
+    }
+
+    /// Delete every entry whose index is in `range`.
+    fn delete<RB: RangeBounds<u64>>(&self, range: RB) -> Result<(), AnyError> {
+        let tx = self.db.begin_write().map_err(|e| AnyError::new(&e))?;
+        {
+            let mut t = tx.open_table(LOG).map_err(|e| AnyError::new(&e))?;
+            t.retain_in(range, |_, _| false)
+                .map_err(|e| AnyError::new(&e))?;
+        }
+        tx.commit().map_err(|e| AnyError::new(&e))
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, SError> {
+        self.read_range(range)
+            .map_err(|e| StorageIOError::read_logs(e).into())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SError> {
+        let purged: Option<LogId<NodeId>> =
+            read_meta(&self.db, PURGED).map_err(StorageIOError::read_logs)?;
+        let last = self
+            .last_entry()
+            .map_err(StorageIOError::read_logs)?
+            .map(|e| e.log_id)
+            .or(purged);
+        Ok(LogState {
+            last_purged_log_id: purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SError> {
+        write_meta(&self.db, VOTE, vote).map_err(|e| StorageIOError::write_vote(e).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SError> {
+        read_meta(&self.db, VOTE).map_err(|e| StorageIOError::read_vote(e).into())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SError> {
+        write_meta(&self.db, COMMITTED, &committed).map_err(|e| StorageIOError::write(e).into())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SError> {
+        let c: Option<Option<LogId<NodeId>>> =
+            read_meta(&self.db, COMMITTED).map_err(StorageIOError::read)?;
+        Ok(c.flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), SError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let res = (|| -> Result<(), AnyError> {
+            let tx = self.db.begin_write().map_err(|e| AnyError::new(&e))?;
+            {
+                let mut t = tx.open_table(LOG).map_err(|e| AnyError::new(&e))?;
+                for e in entries {
+                    let bytes = encode(&e).map_err(|e| AnyError::new(&e))?;
+                    t.insert(e.log_id.index, bytes.as_slice())
+                        .map_err(|e| AnyError::new(&e))?;
+                }
+            }
+            // The default durability fsyncs before commit returns.
+            tx.commit().map_err(|e| AnyError::new(&e))
+        })();
+        match res {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(StorageIOError::write_logs(e).into())
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SError> {
+        self.delete(log_id.index..)
+            .map_err(|e| StorageIOError::write_logs(e).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SError> {
+        write_meta(&self.db, PURGED, &log_id).map_err(StorageIOError::write_logs)?;
+        self.delete(..=log_id.index)
+            .map_err(|e| StorageIOError::write_logs(e).into())
+    }
+}
+
+/// What the state machine holds; also the snapshot's content.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SmData {
+    pub last_applied: Option<LogId<NodeId>>,
+    pub membership: StoredMembership<NodeId, Member>,
+    pub state: ClusterState,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, Member>,
+    data: Vec<u8>,
+}
+
+/// The state machine as openraft drives it. `data()` gives readers (the control API) a handle.
+pub struct StateMachineStore {
+    db: Arc<Database>,
+    data: Arc<RwLock<SmData>>,
+    sink: Arc<dyn PolicySink>,
+    snapshot_seq: u64,
+}
+
+impl std::fmt::Debug for StateMachineStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachineStore")
+            .field("last_applied", &self.data.read().last_applied)
+            .finish()
+    }
+}
+
+impl StateMachineStore {
+    /// A read handle on the applied state (cheap to clone).
+    pub fn data(&self) -> Arc<RwLock<SmData>> {
+        self.data.clone()
+    }
+
+    // The error type is openraft's; its size is not ours to choose.
+    #[allow(clippy::result_large_err)]
+    fn snapshot_of(&mut self) -> Result<Snapshot<TypeConfig>, SError> {
+        let (bytes, meta) = {
+            let d = self.data.read();
+            let bytes = encode(&*d).map_err(|e| StorageIOError::read_state_machine(&e))?;
+            self.snapshot_seq += 1;
+            let id = match d.last_applied {
+                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.snapshot_seq),
+                None => format!("0-0-{}", self.snapshot_seq),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: d.last_applied,
+                last_membership: d.membership.clone(),
+                snapshot_id: id,
+            };
+            (bytes, meta)
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: bytes.clone(),
+        };
+        write_meta(&self.db, SNAPSHOT, &stored)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SError> {
+        self.snapshot_of()
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, Member>), SError> {
+        let d = self.data.read();
+        Ok((d.last_applied, d.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, SError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut out = vec![];
+        let (changed, current) = {
+            let mut d = self.data.write();
+            let before = d.state.version();
+            for e in entries {
+                d.last_applied = Some(e.log_id);
+                out.push(match e.payload {
+                    EntryPayload::Blank => Response::Done,
+                    EntryPayload::Normal(req) => d.state.apply(&req),
+                    EntryPayload::Membership(m) => {
+                        d.membership = StoredMembership::new(Some(e.log_id), m);
+                        Response::Done
+                    }
+                });
+            }
+            (d.state.version() != before, d.state.current().cloned())
+        };
+        // One compile per batch, outside the lock, with the newest version only.
+        if let (true, Some(p)) = (changed, current) {
+            self.sink.enforce(&p);
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        StateMachineStore {
+            db: self.db.clone(),
+            data: self.data.clone(),
+            sink: self.sink.clone(),
+            snapshot_seq: self.snapshot_seq + 1000,
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Member>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), SError> {
+        let bytes = snapshot.into_inner();
+        // A snapshot from the leader that does not decode is refused; the state stays as it was.
+        let new: SmData = serde_json::from_slice(&bytes)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: bytes,
+        };
+        write_meta(&self.db, SNAPSHOT, &stored)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
+        let current = new.state.current().cloned();
+        *self.data.write() = SmData {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            state: new.state,
+        };
+        if let Some(p) = current {
+            self.sink.enforce(&p);
+        }
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SError> {
+        let s: Option<StoredSnapshot> =
+            read_meta(&self.db, SNAPSHOT).map_err(|e| StorageIOError::read_snapshot(None, e))?;
+        Ok(s.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
