@@ -1,13 +1,480 @@
-//! fwctl: the operator CLI of keepstate. Talks gRPC to any fwnode.
+//! fwctl: the operator CLI of keepstate. Talks gRPC (`keepstate.v1.Control`) to any fwnode;
+//! writes sent to a follower are forwarded to the Raft leader by the node.
+//!
+//! Exit codes: 0 success · 1 `policy diff` found differences · 2 usage error · 3 rejected (invalid
+//! request or policy, unknown version or member, wrong cluster state, unreadable local file) ·
+//! 4 unavailable (node unreachable, no leader, no quorum, timeout: nothing was changed) ·
+//! 5 internal error.
 
-use clap::Parser;
+mod client;
+mod output;
 
-/// keepstate operator CLI.
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use client::{connect, status_error, CliError};
+use keepstate_proto::v1;
+use serde_json::json;
+
+const EXIT_CODES: &str = "Exit codes: 0 success, 1 `policy diff` found differences, 2 usage \
+error, 3 rejected (invalid request or policy, unknown version or member, wrong cluster state, \
+unreadable file), 4 unavailable (node unreachable, no leader, no quorum, timeout; nothing was \
+changed), 5 internal error.";
+
+/// keepstate operator CLI: policy, cluster membership and connection tables of fwnode.
 #[derive(Debug, Parser)]
-#[command(name = "fwctl", version, about)]
-struct Cli {}
+#[command(name = "fwctl", version, about, after_help = EXIT_CODES)]
+struct Cli {
+    /// Any fwnode's gRPC address (host:port).
+    #[arg(
+        long,
+        global = true,
+        env = "FWCTL_NODE",
+        default_value = "127.0.0.1:7400"
+    )]
+    node: String,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    /// Seconds to wait for the connection and for each call.
+    #[arg(long, global = true, default_value_t = 5)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    Ok(())
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// This node: identity, Raft view, enforced policy, counters.
+    Status,
+    /// Raft membership.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// The replicated policy.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// The node's connection table.
+    #[command(subcommand)]
+    Ct(CtCmd),
+    /// The node's expectations (RELATED connections announced by helpers).
+    #[command(subcommand)]
+    Expect(ExpectCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCmd {
+    /// Make this node a one-member cluster (run once, on the first node).
+    Init,
+    /// List members.
+    Members,
+    /// Add a node as a learner (it receives the log but does not vote yet).
+    Add {
+        id: u64,
+        /// Its gRPC address on the management network (host:port).
+        addr: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, value_enum, default_value_t = RoleArg::Gateway)]
+        role: RoleArg,
+    },
+    /// Make a learner a voter.
+    Promote { id: u64 },
+    /// Remove a member.
+    Remove { id: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum RoleArg {
+    Gateway,
+    Witness,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Print the current (or an older) policy text.
+    Show {
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Compare the running policy with FILE (exit 1 when they differ).
+    Diff { file: String },
+    /// Validate FILE and commit it as the next version on every node.
+    Apply {
+        file: String,
+        /// Only validate and compile; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Re-enforce version N (default: the one before the current) as a new version.
+    Rollback { version: Option<u64> },
+    /// The kept versions, oldest first.
+    History,
+}
+
+#[derive(Debug, clap::Args)]
+struct CtFilter {
+    /// tcp, udp, icmp, icmpv6 or a protocol number.
+    #[arg(long)]
+    proto: Option<String>,
+    /// Either end of the connection.
+    #[arg(long)]
+    addr: Option<String>,
+    /// Either port of the connection.
+    #[arg(long)]
+    port: Option<u16>,
+    /// TCP state, e.g. ESTABLISHED.
+    #[arg(long)]
+    state: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtCmd {
+    List {
+        #[command(flatten)]
+        filter: CtFilter,
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
+    Count {
+        #[command(flatten)]
+        filter: CtFilter,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ExpectCmd {
+    List,
+}
+
+fn protocol(p: &str) -> Result<u32, CliError> {
+    Ok(match p.to_ascii_lowercase().as_str() {
+        "tcp" => 6,
+        "udp" => 17,
+        "icmp" => 1,
+        "icmpv6" | "ipv6-icmp" => 58,
+        n => n.parse().map_err(|_| {
+            CliError::Rejected(format!(
+                "--proto {p:?}: use tcp, udp, icmp, icmpv6 or a number"
+            ))
+        })?,
+    })
+}
+
+impl CtFilter {
+    fn to_proto(&self) -> Result<v1::ConnectionFilter, CliError> {
+        Ok(v1::ConnectionFilter {
+            protocol: self
+                .proto
+                .as_deref()
+                .map(protocol)
+                .transpose()?
+                .unwrap_or(0),
+            addr: self.addr.clone().unwrap_or_default(),
+            port: self.port.map_or(0, u32::from),
+            tcp_state: self.state.clone().unwrap_or_default(),
+        })
+    }
+}
+
+fn read_file(path: &str) -> Result<String, CliError> {
+    std::fs::read_to_string(path).map_err(|e| CliError::Rejected(format!("reading {path}: {e}")))
+}
+
+fn author() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{user}@{host}")
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn print_applied(r: &v1::ApplyPolicyReply, json: bool) {
+    if json {
+        print_json(&json!({
+            "version": r.version, "dry_run": r.dry_run, "rules": r.rules,
+            "sha256": r.sha256, "warnings": r.warnings,
+        }));
+        return;
+    }
+    for w in &r.warnings {
+        println!("warning: {w}");
+    }
+    if r.dry_run {
+        println!(
+            "valid: would become version {} ({} rules, sha256 {})",
+            r.version,
+            r.rules,
+            output::short(&r.sha256)
+        );
+    } else {
+        println!(
+            "applied policy version {} ({} rules, sha256 {})",
+            r.version,
+            r.rules,
+            output::short(&r.sha256)
+        );
+    }
+}
+
+/// A unified diff of `running` (version `version`) against `file`, or `None` when identical.
+fn diff(version: u64, running: &str, file_name: &str, file: &str) -> Option<String> {
+    if running == file {
+        return None;
+    }
+    let d = similar::TextDiff::from_lines(running, file);
+    Some(
+        d.unified_diff()
+            .header(&format!("version {version} (running)"), file_name)
+            .to_string(),
+    )
+}
+
+async fn run(cli: Cli) -> Result<i32, CliError> {
+    let json = cli.output == Format::Json;
+    let addr = cli.node.clone();
+    let mut c = connect(&addr, Duration::from_secs(cli.timeout.max(1))).await?;
+    let err = |s| status_error(&addr, s);
+    match cli.command {
+        Command::Status => {
+            let s = c
+                .status(v1::StatusRequest {})
+                .await
+                .map_err(err)?
+                .into_inner();
+            if json {
+                print_json(&output::status_json(&s));
+            } else {
+                output::print_status(&s);
+            }
+        }
+        Command::Cluster(cmd) => {
+            let m = match cmd {
+                ClusterCmd::Init => c.cluster_init(v1::ClusterInitRequest {}).await,
+                ClusterCmd::Members => c.cluster_members(v1::MembersRequest {}).await,
+                ClusterCmd::Add {
+                    id,
+                    addr,
+                    name,
+                    role,
+                } => {
+                    let role = match role {
+                        RoleArg::Gateway => v1::NodeRole::Gateway,
+                        RoleArg::Witness => v1::NodeRole::Witness,
+                    };
+                    c.cluster_add(v1::ClusterAddRequest {
+                        id,
+                        name: name.unwrap_or_default(),
+                        addr,
+                        role: role as i32,
+                    })
+                    .await
+                }
+                ClusterCmd::Promote { id } => {
+                    c.cluster_promote(v1::ClusterPromoteRequest { id }).await
+                }
+                ClusterCmd::Remove { id } => {
+                    c.cluster_remove(v1::ClusterRemoveRequest { id }).await
+                }
+            }
+            .map_err(err)?
+            .into_inner();
+            if json {
+                print_json(&output::members_json(&m));
+            } else {
+                output::print_members(&m);
+            }
+        }
+        Command::Policy(PolicyCmd::Show { version }) => {
+            let p = c
+                .get_policy(v1::GetPolicyRequest { version })
+                .await
+                .map_err(err)?
+                .into_inner();
+            if json {
+                print_json(&output::version_json(&p));
+            } else {
+                println!(
+                    "# version {}  sha256 {}  by {}  at {} UTC{}",
+                    p.version,
+                    output::short(&p.sha256),
+                    p.author,
+                    output::utc(p.proposed_at_unix_ms),
+                    if p.comment.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  ({})", p.comment)
+                    }
+                );
+                print!("{}", p.text);
+                if !p.text.ends_with('\n') {
+                    println!();
+                }
+            }
+        }
+        Command::Policy(PolicyCmd::Diff { file }) => {
+            let text = read_file(&file)?;
+            let p = c
+                .get_policy(v1::GetPolicyRequest { version: None })
+                .await
+                .map_err(err)?
+                .into_inner();
+            let d = diff(p.version, &p.text, &file, &text);
+            if json {
+                print_json(&json!({
+                    "identical": d.is_none(), "version": p.version, "diff": d.clone().unwrap_or_default(),
+                }));
+            } else if let Some(d) = &d {
+                print!("{d}");
+            }
+            return Ok(i32::from(d.is_some()));
+        }
+        Command::Policy(PolicyCmd::Apply {
+            file,
+            dry_run,
+            comment,
+        }) => {
+            let text = read_file(&file)?;
+            let r = c
+                .apply_policy(v1::ApplyPolicyRequest {
+                    text,
+                    dry_run,
+                    author: author(),
+                    comment,
+                    origin: file,
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
+            print_applied(&r, json);
+        }
+        Command::Policy(PolicyCmd::Rollback { version }) => {
+            let r = c
+                .rollback_policy(v1::RollbackPolicyRequest {
+                    to_version: version,
+                    author: author(),
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
+            print_applied(&r, json);
+        }
+        Command::Policy(PolicyCmd::History) => {
+            let h = c
+                .policy_history(v1::PolicyHistoryRequest {})
+                .await
+                .map_err(err)?
+                .into_inner();
+            if json {
+                print_json(&json!({
+                    "current": h.current,
+                    "versions": h.versions.iter().map(output::version_json).collect::<Vec<_>>(),
+                }));
+            } else {
+                output::print_history(&h);
+            }
+        }
+        Command::Ct(CtCmd::List { filter, limit }) => {
+            let r = c
+                .list_connections(v1::ListConnectionsRequest {
+                    filter: Some(filter.to_proto()?),
+                    limit,
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
+            if json {
+                print_json(&json!({
+                    "truncated": r.truncated,
+                    "connections": r.connections.iter().map(output::connection_json).collect::<Vec<_>>(),
+                }));
+            } else {
+                output::print_connections(&r.connections);
+            }
+            if r.truncated {
+                eprintln!("(truncated: showing {}; use --limit)", r.connections.len());
+            }
+        }
+        Command::Ct(CtCmd::Count { filter }) => {
+            let r = c
+                .count_connections(v1::CountConnectionsRequest {
+                    filter: Some(filter.to_proto()?),
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
+            if json {
+                print_json(&json!({ "count": r.count, "max": r.max }));
+            } else {
+                println!("{}", r.count);
+            }
+        }
+        Command::Expect(ExpectCmd::List) => {
+            let r = c
+                .list_expectations(v1::ListExpectationsRequest {})
+                .await
+                .map_err(err)?
+                .into_inner();
+            if json {
+                print_json(&json!({
+                    "expectations": r.expectations.iter().map(output::expectation_json).collect::<Vec<_>>(),
+                }));
+            } else {
+                output::print_expectations(&r.expectations);
+            }
+        }
+    }
+    Ok(0)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("fwctl: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_is_none_when_identical_and_unified_otherwise() {
+        assert!(diff(3, "a\nb\n", "f", "a\nb\n").is_none());
+        let d = diff(3, "a\nb\n", "new.toml", "a\nc\n").unwrap_or_default();
+        assert!(d.contains("--- version 3 (running)"), "{d}");
+        assert!(d.contains("+++ new.toml"), "{d}");
+        assert!(d.contains("-b\n+c"), "{d}");
+    }
+
+    #[test]
+    fn protocols_by_name_or_number() {
+        assert_eq!(protocol("TCP").ok(), Some(6));
+        assert_eq!(protocol("icmpv6").ok(), Some(58));
+        assert_eq!(protocol("132").ok(), Some(132));
+        assert_eq!(protocol("bogus").map_err(|e| e.exit_code()).err(), Some(3));
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 }

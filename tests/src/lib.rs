@@ -311,6 +311,8 @@ impl Drop for Lab {
     }
 }
 
+pub mod cluster;
+
 pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }

@@ -1,0 +1,331 @@
+//! Human tables and `-o json` renderings of replies.
+//!
+//! Owns presentation only: column choices, address/time formatting and the JSON shapes (enum
+//! values as lowercase names). Must not talk to the network.
+
+use comfy_table::{presets, ContentArrangement, Table};
+use keepstate_proto::v1;
+use serde_json::{json, Value};
+
+pub fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.iter().copied());
+    t
+}
+
+/// Print rows as a table without trailing spaces.
+pub fn print_table(t: &Table) {
+    for line in t.to_string().lines() {
+        println!("{}", line.trim_end());
+    }
+}
+
+pub fn role(r: i32) -> &'static str {
+    match v1::NodeRole::try_from(r) {
+        Ok(v1::NodeRole::Gateway) => "gateway",
+        Ok(v1::NodeRole::Witness) => "witness",
+        _ => "unknown",
+    }
+}
+
+pub fn raft_state(s: i32) -> &'static str {
+    match v1::RaftState::try_from(s) {
+        Ok(v1::RaftState::Leader) => "leader",
+        Ok(v1::RaftState::Follower) => "follower",
+        Ok(v1::RaftState::Candidate) => "candidate",
+        Ok(v1::RaftState::Learner) => "learner",
+        Ok(v1::RaftState::Shutdown) => "shutdown",
+        _ => "unknown",
+    }
+}
+
+pub fn ha_role(s: i32) -> &'static str {
+    match v1::HaRole::try_from(s) {
+        Ok(v1::HaRole::Standalone) => "standalone",
+        Ok(v1::HaRole::Active) => "active",
+        Ok(v1::HaRole::Standby) => "standby",
+        Ok(v1::HaRole::Fault) => "fault",
+        _ => "unknown",
+    }
+}
+
+pub fn proto_name(p: u32) -> String {
+    match p {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        n => n.to_string(),
+    }
+}
+
+/// `ip:port`, `[ip6]:port`, or the bare address when there is no port.
+pub fn endpoint(ip: &str, port: u32) -> String {
+    match (port, ip.contains(':')) {
+        (0, _) => ip.to_string(),
+        (p, true) => format!("[{ip}]:{p}"),
+        (p, false) => format!("{ip}:{p}"),
+    }
+}
+
+pub fn short(sha: &str) -> &str {
+    sha.get(..12).unwrap_or(sha)
+}
+
+/// `YYYY-MM-DD HH:MM:SS` UTC of a Unix time in ms (civil-from-days, H. Hinnant's algorithm).
+pub fn utc(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+pub fn status_json(s: &v1::StatusReply) -> Value {
+    let r = s.raft.clone().unwrap_or_default();
+    let p = s.policy.clone().unwrap_or_default();
+    let ha = s.ha_settings.clone().unwrap_or_default();
+    json!({
+        "node_id": s.node_id, "node_name": s.node_name, "role": role(s.role), "addr": s.addr,
+        "version": s.version,
+        "raft": {
+            "state": raft_state(r.state), "term": r.term, "leader_id": r.leader_id,
+            "leader_addr": r.leader_addr, "last_log_index": r.last_log_index,
+            "last_applied_index": r.last_applied_index, "snapshot_index": r.snapshot_index,
+            "millis_since_quorum_ack": r.millis_since_quorum_ack, "initialized": r.initialized,
+        },
+        "policy": {
+            "version": p.version, "sha256": p.sha256, "rules": p.rules, "origin": p.origin,
+            "warnings": p.warnings,
+        },
+        "ha": { "role": ha_role(s.ha_role), "preferred_active": ha.preferred_active,
+                "require_quorum": ha.require_quorum },
+        "connections": s.connections, "expectations": s.expectations,
+        "datapath": s.datapath.as_ref().map(|d| json!({
+            "packets": d.packets, "accepted": d.accepted, "dropped": d.dropped,
+            "rejected": d.rejected, "invalid": d.invalid,
+        })),
+    })
+}
+
+pub fn print_status(s: &v1::StatusReply) {
+    let r = s.raft.clone().unwrap_or_default();
+    let p = s.policy.clone().unwrap_or_default();
+    let mut rows: Vec<(&str, String)> = vec![
+        ("node", format!("{} (id {})", s.node_name, s.node_id)),
+        ("role", role(s.role).into()),
+        ("address", s.addr.clone()),
+        ("raft", format!("{} (term {})", raft_state(r.state), r.term)),
+        (
+            "leader",
+            match r.leader_id {
+                0 => "none".into(),
+                l => format!("{l} ({})", r.leader_addr),
+            },
+        ),
+        (
+            "log",
+            format!(
+                "last {} · applied {} · snapshot {}",
+                r.last_log_index, r.last_applied_index, r.snapshot_index
+            ),
+        ),
+    ];
+    if let Some(ms) = r.millis_since_quorum_ack {
+        rows.push(("quorum ack", format!("{ms} ms ago")));
+    }
+    rows.push((
+        "policy",
+        format!(
+            "version {} · {} rules · sha256 {} · {}",
+            p.version,
+            p.rules,
+            short(&p.sha256),
+            p.origin
+        ),
+    ));
+    rows.push(("ha", ha_role(s.ha_role).into()));
+    if let Some(d) = &s.datapath {
+        rows.push((
+            "connections",
+            format!("{} ({} expectations)", s.connections, s.expectations),
+        ));
+        rows.push((
+            "datapath",
+            format!(
+                "{} packets · {} accepted · {} dropped · {} rejected · {} invalid",
+                d.packets, d.accepted, d.dropped, d.rejected, d.invalid
+            ),
+        ));
+    }
+    rows.push(("fwnode", s.version.clone()));
+    for (k, v) in rows {
+        println!("{k:<12} {v}");
+    }
+    for w in &p.warnings {
+        println!("warning: {w}");
+    }
+}
+
+pub fn members_json(m: &v1::MembersReply) -> Value {
+    json!({
+        "leader_id": m.leader_id,
+        "joint": m.joint,
+        "members": m.members.iter().map(|x| json!({
+            "id": x.id, "name": x.name, "addr": x.addr, "role": role(x.role), "voter": x.voter,
+            "leader": x.id == m.leader_id, "matched_index": x.matched_index,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn print_members(m: &v1::MembersReply) {
+    let mut t = table(&["ID", "NAME", "ADDR", "ROLE", "VOTER", "LEADER", "MATCHED"]);
+    for x in &m.members {
+        t.add_row(vec![
+            x.id.to_string(),
+            x.name.clone(),
+            x.addr.clone(),
+            role(x.role).into(),
+            if x.voter { "yes" } else { "learner" }.into(),
+            if x.id == m.leader_id { "*" } else { "" }.into(),
+            x.matched_index.map_or("-".into(), |i| i.to_string()),
+        ]);
+    }
+    print_table(&t);
+    if m.joint {
+        println!("(a joint configuration is in force: a membership change is in progress)");
+    }
+}
+
+pub fn version_json(v: &v1::PolicyVersion) -> Value {
+    json!({
+        "version": v.version, "sha256": v.sha256, "author": v.author, "comment": v.comment,
+        "proposed_at_unix_ms": v.proposed_at_unix_ms, "rolled_back_from": v.rolled_back_from,
+        "text": v.text,
+    })
+}
+
+pub fn print_history(h: &v1::PolicyHistoryReply) {
+    let mut t = table(&[
+        "VERSION",
+        "CURRENT",
+        "PROPOSED (UTC)",
+        "AUTHOR",
+        "SHA256",
+        "COMMENT",
+    ]);
+    for v in &h.versions {
+        let comment = match v.rolled_back_from {
+            Some(_) if !v.comment.is_empty() => v.comment.clone(),
+            Some(f) => format!("rollback to version {f}"),
+            None => v.comment.clone(),
+        };
+        t.add_row(vec![
+            v.version.to_string(),
+            if v.version == h.current { "*" } else { "" }.into(),
+            utc(v.proposed_at_unix_ms),
+            v.author.clone(),
+            short(&v.sha256).into(),
+            comment,
+        ]);
+    }
+    print_table(&t);
+}
+
+pub fn connection_json(c: &v1::Connection) -> Value {
+    json!({
+        "protocol": proto_name(c.protocol), "src": c.src, "src_port": c.src_port, "dst": c.dst,
+        "dst_port": c.dst_port, "state": c.state, "assured": c.assured,
+        "seen_reply": c.seen_reply, "related": c.related, "from_peer": c.from_peer,
+        "expires_in_ms": c.expires_in_ms, "helper": c.helper,
+    })
+}
+
+pub fn print_connections(cs: &[v1::Connection]) {
+    let mut t = table(&["PROTO", "SRC", "DST", "STATE", "FLAGS", "EXPIRES", "HELPER"]);
+    for c in cs {
+        let flags: String = [
+            (c.assured, 'A'),
+            (c.seen_reply, 'R'),
+            (c.related, 'L'),
+            (c.from_peer, 'P'),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, f)| *f)
+        .collect();
+        t.add_row(vec![
+            proto_name(c.protocol),
+            endpoint(&c.src, c.src_port),
+            endpoint(&c.dst, c.dst_port),
+            c.state.clone(),
+            flags,
+            format!("{}s", c.expires_in_ms / 1000),
+            c.helper.clone(),
+        ]);
+    }
+    print_table(&t);
+}
+
+pub fn expectation_json(e: &v1::Expectation) -> Value {
+    json!({
+        "protocol": proto_name(e.protocol), "src": e.src, "src_port": e.src_port, "dst": e.dst,
+        "dst_port": e.dst_port, "expires_in_ms": e.expires_in_ms, "helper": e.helper,
+        "master": { "src": e.master_src, "src_port": e.master_src_port,
+                    "dst": e.master_dst, "dst_port": e.master_dst_port },
+    })
+}
+
+pub fn print_expectations(es: &[v1::Expectation]) {
+    let mut t = table(&["PROTO", "SRC", "DST", "EXPIRES", "HELPER", "MASTER"]);
+    for e in es {
+        t.add_row(vec![
+            proto_name(e.protocol),
+            endpoint(&e.src, e.src_port),
+            endpoint(&e.dst, e.dst_port),
+            format!("{}s", e.expires_in_ms / 1000),
+            e.helper.clone(),
+            format!(
+                "{} -> {}",
+                endpoint(&e.master_src, e.master_src_port),
+                endpoint(&e.master_dst, e.master_dst_port)
+            ),
+        ]);
+    }
+    print_table(&t);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(utc(1_795_651_199_999), "2026-11-25 23:59:59");
+    }
+
+    #[test]
+    fn endpoints_bracket_ipv6_and_drop_missing_ports() {
+        assert_eq!(endpoint("198.51.100.10", 80), "198.51.100.10:80");
+        assert_eq!(endpoint("2001:db8::1", 21), "[2001:db8::1]:21");
+        assert_eq!(endpoint("203.0.113.10", 0), "203.0.113.10");
+        assert_eq!(proto_name(6), "tcp");
+        assert_eq!(proto_name(132), "132");
+    }
+}

@@ -1,0 +1,355 @@
+//! End-to-end tests of the Raft-replicated policy and the control API: three real fwnode
+//! processes (two gateways and a witness) in the lab's namespaces, driven by the real `fwctl`
+//! from an operator host on the management switch. Node 1 is the lab's gateway, so policy
+//! changes are also checked where it matters: on forwarded traffic.
+
+// Test code: a failed step must fail the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use keepstate_tests::cluster::ClusterLab;
+use keepstate_tests::*;
+
+/// Allows TCP to port 8080 (and pings); 9000 is dropped.
+const ALLOW_8080: &str = r#"
+default = "drop"
+
+[[rule]]
+name = "established"
+ct = ["established", "related"]
+action = "accept"
+
+[[rule]]
+name = "web-8080"
+in = "@LAN"
+proto = "tcp"
+dport = 8080
+ct = "new"
+action = "accept"
+
+[[rule]]
+name = "ping"
+in = "@LAN"
+proto = "icmp"
+icmp_type = "echo-request"
+ct = "new"
+action = "accept"
+"#;
+
+/// Allows TCP to port 9000 (and pings); 8080 is dropped.
+const ALLOW_9000: &str = r#"
+default = "drop"
+
+[[rule]]
+name = "established"
+ct = ["established", "related"]
+action = "accept"
+
+[[rule]]
+name = "web-9000"
+in = "@LAN"
+proto = "tcp"
+dport = 9000
+ct = "new"
+action = "accept"
+
+[[rule]]
+name = "ping"
+in = "@LAN"
+proto = "icmp"
+icmp_type = "echo-request"
+ct = "new"
+action = "accept"
+"#;
+
+/// Can the client open a TCP connection to the server's `port` through the gateway?
+fn connects(c: &ClusterLab, port: u16) -> bool {
+    c.lab
+        .try_sh(
+            "client",
+            &format!("timeout 2 bash -c 'exec 3<>/dev/tcp/{SERVER4}/{port}' 2>/dev/null"),
+        )
+        .status
+        .success()
+}
+
+/// Start listeners on 8080 and 9000 in the server (bounded: they exit with the lab).
+fn serve(c: &ClusterLab) -> Vec<Proc> {
+    let py = python();
+    let ps = [8080u16, 9000]
+        .iter()
+        .map(|p| {
+            c.lab.spawn(
+                "server",
+                &format!(
+                    "{py} -c 'import socket,time\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind((\"0.0.0.0\",{p}))\ns.listen(64)\nwhile True:\n  a,_=s.accept(); a.close()'"
+                ),
+                &format!("listen{p}"),
+            )
+        })
+        .collect();
+    c.lab.wait_listen("server", 8080);
+    c.lab.wait_listen("server", 9000);
+    ps
+}
+
+/// Wait until every running member enforces `version`; returns how long it took.
+fn wait_version(c: &ClusterLab, version: u64, timeout: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        let vs: Vec<(u64, u64)> = c
+            .members
+            .iter()
+            .filter(|m| m.proc.is_some())
+            .map(|m| (m.id, c.version(m.id)))
+            .collect();
+        if vs.iter().all(|&(_, v)| v == version) {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "members did not all reach version {version} within {timeout:?}: {vs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn a_follower(c: &ClusterLab, leader: u64) -> u64 {
+    [1u64, 2, 3].into_iter().find(|&i| i != leader).unwrap()
+}
+
+#[test]
+fn apply_on_a_follower_reaches_every_node_within_a_second_and_is_enforced() {
+    let c = ClusterLab::start("");
+    c.form();
+    let _srv = serve(&c);
+    // No policy committed yet: the gateway drops everything (fail closed).
+    assert!(!connects(&c, 8080), "traffic passed before any policy");
+
+    let leader = c.wait_leader(Duration::from_secs(5));
+    let follower = a_follower(&c, leader);
+    let out = c.apply(follower, ALLOW_8080).ok();
+    assert!(out.stdout.contains("applied policy version 1"), "{out:?}");
+    let took = wait_version(&c, 1, Duration::from_secs(1));
+    eprintln!("version 1 on all members after {took:?} (apply via follower {follower})");
+    assert!(connects(&c, 8080), "policy v1 allows 8080");
+    assert!(!connects(&c, 9000), "policy v1 drops 9000");
+
+    // The same through another node, and the datapath follows.
+    let t = Instant::now();
+    c.apply(3, ALLOW_9000).ok();
+    wait_version(&c, 2, Duration::from_secs(1));
+    eprintln!("version 2 on all members after {:?}", t.elapsed());
+    assert!(
+        !connects(&c, 8080) && connects(&c, 9000),
+        "policy v2 swapped 8080 for 9000"
+    );
+
+    // The members table shows roles and voters; status reports the witness role.
+    let m = c.ctl(2, &["-o", "json", "cluster", "members"]).ok().json();
+    let members = m["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "{m}");
+    assert!(members.iter().all(|x| x["voter"] == true), "{m}");
+    assert_eq!(members[2]["role"], "witness", "{m}");
+    assert_eq!(c.status(3)["role"], "witness");
+    let table = c.ctl(1, &["cluster", "members"]).ok().stdout;
+    assert!(
+        table.contains("ADDR") && table.contains("198.18.0.3:7400"),
+        "{table}"
+    );
+}
+
+#[test]
+fn invalid_policy_is_rejected_with_its_position_and_nothing_changes() {
+    let c = ClusterLab::start("");
+    c.form();
+    c.apply(1, ALLOW_8080).ok();
+    wait_version(&c, 1, Duration::from_secs(2));
+    let bad = ALLOW_8080.replace("dport = 8080", "dport = \"http\"");
+    let out = c.apply(2, &bad);
+    assert_eq!(out.code, 3, "invalid policy must exit 3: {out:?}");
+    assert!(
+        out.stderr.contains(":13:9:") && out.stderr.contains("field \"dport\""),
+        "error names line and field: {}",
+        out.stderr
+    );
+    // Nothing was proposed: every member still has exactly version 1.
+    std::thread::sleep(Duration::from_millis(300));
+    for id in 1..=3 {
+        assert_eq!(c.version(id), 1, "member {id}");
+    }
+    let h = c.ctl(3, &["-o", "json", "policy", "history"]).ok().json();
+    assert_eq!(h["versions"].as_array().unwrap().len(), 1, "{h}");
+    // A dry run validates without committing.
+    let dry = c
+        .ctl(1, &["policy", "apply", "--dry-run", "/dev/null"])
+        .ok();
+    assert!(dry.stdout.contains("would become version 2"), "{dry:?}");
+    assert_eq!(c.version(1), 1);
+}
+
+#[test]
+fn leader_killed_a_new_one_is_elected_and_writes_continue() {
+    let mut c = ClusterLab::start("");
+    c.form();
+    c.apply(1, ALLOW_8080).ok();
+    wait_version(&c, 1, Duration::from_secs(2));
+    let old = c.wait_leader(Duration::from_secs(5));
+    c.kill(old);
+    let t = Instant::now();
+    let new = c.wait_leader(Duration::from_secs(10));
+    assert_ne!(new, old);
+    eprintln!(
+        "node {old} killed; node {new} leads after {:?}",
+        t.elapsed()
+    );
+    let survivor = a_follower(&c, old);
+    c.apply(survivor, ALLOW_9000).ok();
+    wait_version(&c, 2, Duration::from_secs(1));
+}
+
+#[test]
+fn restarted_nodes_catch_up_from_a_snapshot_and_enforce_the_latest_policy() {
+    // Snapshots every 3 entries and no log kept behind them: a node that missed more than that
+    // can only catch up by installing a snapshot.
+    let mut c = ClusterLab::start("snapshot_every = 3\nlogs_to_keep = 0\n");
+    c.form();
+    let _srv = serve(&c);
+    c.apply(1, ALLOW_8080).ok();
+    wait_version(&c, 1, Duration::from_secs(2));
+
+    // Node 2 is down while six versions are committed.
+    let m2 = 1;
+    c.kill(2);
+    for i in 0..6 {
+        c.apply(3, if i % 2 == 0 { ALLOW_9000 } else { ALLOW_8080 })
+            .ok();
+    }
+    c.start_member(m2);
+    wait_version(&c, 7, Duration::from_secs(5));
+    let s = c.status(2);
+    assert!(
+        s["raft"]["snapshot_index"].as_u64().unwrap() > 0,
+        "node 2 caught up through a snapshot: {s}"
+    );
+
+    // The gateway itself restarts: before it rejoins anything it enforces version 7 (from its
+    // own store), and it keeps up afterwards.
+    c.kill(1);
+    c.start_member(0);
+    assert_eq!(c.version(1), 7);
+    assert!(
+        connects(&c, 8080) && !connects(&c, 9000),
+        "gateway enforces v7 after restart"
+    );
+    c.apply(2, ALLOW_9000).ok();
+    wait_version(&c, 8, Duration::from_secs(2));
+    assert!(!connects(&c, 8080) && connects(&c, 9000), "and v8 after it");
+}
+
+#[test]
+fn without_quorum_writes_fail_fast_and_the_survivor_keeps_enforcing() {
+    let mut c = ClusterLab::start("");
+    c.form();
+    let _srv = serve(&c);
+    c.apply(2, ALLOW_8080).ok();
+    wait_version(&c, 1, Duration::from_secs(2));
+    // The gateway survives; the other two die (whichever was leading).
+    c.kill(2);
+    c.kill(3);
+    // Give a leader among the dead time to be noticed as gone.
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = Instant::now();
+    let out = c.apply(1, ALLOW_9000);
+    let took = t.elapsed();
+    assert_eq!(
+        out.code, 4,
+        "a write without quorum is 'unavailable': {out:?}"
+    );
+    assert!(
+        out.stderr.contains("no quorum") || out.stderr.contains("no Raft leader"),
+        "the error says why: {}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("keeps enforcing policy version 1"),
+        "{}",
+        out.stderr
+    );
+    assert!(took < Duration::from_secs(4), "failed fast: {took:?}");
+    assert_eq!(c.version(1), 1);
+    assert!(
+        connects(&c, 8080) && !connects(&c, 9000),
+        "survivor still enforces v1"
+    );
+}
+
+#[test]
+fn history_show_diff_and_rollback() {
+    let c = ClusterLab::start("");
+    c.form();
+    c.apply(1, ALLOW_8080).ok();
+    c.apply(1, ALLOW_9000).ok();
+    wait_version(&c, 2, Duration::from_secs(2));
+
+    let show = c.ctl(2, &["policy", "show", "--version", "1"]).ok().stdout;
+    assert!(
+        show.starts_with("# version 1") && show.contains("web-8080"),
+        "{show}"
+    );
+    let f = c.lab.dir.join("v1.toml");
+    std::fs::write(&f, ALLOW_8080.replace("@LAN", &c.lab.gw_if("lan"))).unwrap();
+    let d = c.ctl(2, &["policy", "diff", &f.display().to_string()]);
+    assert_eq!(d.code, 1, "differs from the running v2: {d:?}");
+    assert!(
+        d.stdout.contains("-dport = 9000") && d.stdout.contains("+dport = 8080"),
+        "{d:?}"
+    );
+
+    let rb = c.ctl(3, &["policy", "rollback"]).ok();
+    assert!(rb.stdout.contains("applied policy version 3"), "{rb:?}");
+    wait_version(&c, 3, Duration::from_secs(2));
+    let same = c.ctl(1, &["policy", "diff", &f.display().to_string()]);
+    assert_eq!(same.code, 0, "v3 is v1 again: {same:?}");
+    let h = c.ctl(1, &["-o", "json", "policy", "history"]).ok().json();
+    assert_eq!(h["current"], 3);
+    assert_eq!(h["versions"][2]["rolled_back_from"], 1, "{h}");
+    let missing = c.ctl(1, &["policy", "rollback", "99"]);
+    assert_eq!(missing.code, 3, "{missing:?}");
+    assert!(missing.stderr.contains("not in the history"), "{missing:?}");
+    assert!(c
+        .ctl(1, &["policy", "history"])
+        .ok()
+        .stdout
+        .contains("rollback to version 1"));
+}
+
+#[test]
+fn membership_remove_and_clear_errors() {
+    let c = ClusterLab::start("");
+    // Before init, writes explain what to do.
+    let e = c.apply(1, ALLOW_8080);
+    assert_eq!(e.code, 3, "{e:?}");
+    assert!(e.stderr.contains("cluster init"), "{e:?}");
+    c.form();
+    assert_eq!(
+        c.ctl(2, &["cluster", "init"]).code,
+        3,
+        "second init refused"
+    );
+    let r = c
+        .ctl(2, &["-o", "json", "cluster", "remove", "3"])
+        .ok()
+        .json();
+    assert_eq!(r["members"].as_array().unwrap().len(), 2, "{r}");
+    let unknown = c.ctl(1, &["cluster", "promote", "7"]);
+    assert_eq!(unknown.code, 3, "{unknown:?}");
+    // An unreachable node: exit 4 with advice.
+    let down = c.ctl_at("198.18.0.9:7400", &["status"]);
+    assert_eq!(down.code, 4, "{down:?}");
+    assert!(down.stderr.contains("FWCTL_NODE"), "{down:?}");
+    // ct/expect on a witness are refused, on a gateway answered.
+    assert_eq!(c.ctl(3, &["ct", "list"]).code, 3);
+    assert_eq!(c.ctl(1, &["ct", "count"]).ok().stdout.trim(), "0");
+}
