@@ -115,8 +115,13 @@ fn wait_version(c: &ClusterLab, version: u64, timeout: Duration) -> Duration {
     }
 }
 
+/// A running member other than `leader`.
 fn a_follower(c: &ClusterLab, leader: u64) -> u64 {
-    [1u64, 2, 3].into_iter().find(|&i| i != leader).unwrap()
+    c.members
+        .iter()
+        .find(|m| m.id != leader && m.proc.is_some())
+        .map(|m| m.id)
+        .expect("a running follower")
 }
 
 #[test]
