@@ -358,3 +358,85 @@ fn membership_remove_and_clear_errors() {
     assert_eq!(c.ctl(3, &["ct", "list"]).code, 3);
     assert_eq!(c.ctl(1, &["ct", "count"]).ok().stdout.trim(), "0");
 }
+
+/// `base` plus `n` rules that never match the test traffic (a bigger policy to compile).
+fn with_filler(base: &str, n: usize) -> String {
+    let mut s = base.to_string();
+    for i in 0..n {
+        s.push_str(&format!(
+            "\n[[rule]]\nname = \"filler-{i}\"\nproto = \"tcp\"\ndport = {}\naction = \"drop\"\n",
+            20000 + i
+        ));
+    }
+    s
+}
+
+#[test]
+fn the_datapath_keeps_forwarding_through_policy_swaps() {
+    let c = ClusterLab::start("");
+    c.form();
+    let _srv = serve(&c);
+    let _iperf = c.lab.spawn("server", "iperf3 -s -p 5201", "iperf3-server");
+    c.lab.wait_listen("server", 5201);
+    let stream = ALLOW_8080.replace("dport = 8080", "dport = [8080, 5201]");
+    c.apply(1, &stream).ok();
+    wait_version(&c, 1, Duration::from_secs(2));
+
+    // While versions alternate between a small and a 1 000-rule policy that allow the same
+    // traffic: a TCP stream, 5 ms pings, and new connections every 20 ms (8080 must always
+    // connect, 9000 never).
+    let iperf = c.lab.spawn(
+        "client",
+        &format!("iperf3 -c {SERVER4} -p 5201 -t 4 -J"),
+        "iperf3-client",
+    );
+    let ping = c.lab.spawn(
+        "client",
+        &format!("ping -n -q -i 0.005 -c 600 -W 1 {SERVER4}"),
+        "ping",
+    );
+    let probe = c.lab.spawn(
+        "client",
+        &format!(
+            "bash -c 'ok=0; bad=0; for i in $(seq 60); do \
+               timeout 1 bash -c \"exec 3<>/dev/tcp/{SERVER4}/8080\" 2>/dev/null && ok=$((ok+1)); \
+               timeout 0.2 bash -c \"exec 3<>/dev/tcp/{SERVER4}/9000\" 2>/dev/null && bad=$((bad+1)); \
+               sleep 0.02; done; echo probe ok=$ok bad=$bad'"
+        ),
+        "probe",
+    );
+    let big = with_filler(&stream, 1000);
+    for i in 0..10 {
+        c.apply(1 + (i % 3), if i % 2 == 0 { &big } else { &stream })
+            .ok();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    wait_version(&c, 11, Duration::from_secs(2));
+    for (mut p, what) in [(iperf, "iperf3-client"), (ping, "ping"), (probe, "probe")] {
+        let st = p.wait_exit(Duration::from_secs(30));
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "{what} failed: {:?}\n{}",
+            st,
+            c.lab.log(what)
+        );
+    }
+    let ping = c.lab.log("ping");
+    assert!(
+        ping.contains(" 0% packet loss"),
+        "no ping lost across swaps:\n{ping}"
+    );
+    let probe = c.lab.log("probe");
+    assert!(
+        probe.contains("probe ok=60 bad=0"),
+        "every new connection judged by a whole policy: {probe}"
+    );
+    let j: serde_json::Value = serde_json::from_str(&c.lab.log("iperf3-client")).unwrap();
+    let bytes = j["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    assert!(bytes > 0, "the stream carried data: {j}");
+    assert!(
+        j["error"].is_null(),
+        "iperf3 reported an error: {}",
+        j["error"]
+    );
+}

@@ -188,3 +188,17 @@ impl raft_server::Raft for RaftService {
         encode(&self.raft.install_snapshot(rpc).await)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_undecodable_payload_is_refused_as_invalid_argument() {
+        let junk = tonic::Request::new(RaftPayload {
+            payload: b"{\"vote\": 1".to_vec(),
+        });
+        let e = decode::<VoteRequest<NodeId>>(junk).err().map(|s| s.code());
+        assert_eq!(e, Some(Code::InvalidArgument));
+    }
+}

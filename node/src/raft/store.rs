@@ -426,3 +426,141 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use openraft::testing::{StoreBuilder, Suite};
+    use openraft::{CommittedLeaderId, RaftLogReader};
+
+    use super::*;
+    use crate::raft::{PolicyRecord, Request};
+
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+
+    /// A fresh directory, removed when dropped.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new() -> Dir {
+            let d = std::env::temp_dir().join(format!(
+                "keepstate-store-{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&d);
+            Dir(d)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Records what the store asked to enforce.
+    #[derive(Default)]
+    struct Recorder(parking_lot::Mutex<Vec<u64>>);
+
+    impl PolicySink for Recorder {
+        fn enforce(&self, p: &PolicyRecord) {
+            self.0.lock().push(p.version);
+        }
+    }
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, Dir> for Builder {
+        async fn build(&self) -> Result<(Dir, LogStore, StateMachineStore), SError> {
+            let dir = Dir::new();
+            let (log, sm) = open(&dir.0, Arc::new(Recorder::default()))
+                .map_err(|e| StorageIOError::write(AnyError::new(&e)))?;
+            Ok((dir, log, sm))
+        }
+    }
+
+    /// openraft's own conformance suite for log stores and state machines.
+    #[test]
+    fn passes_the_openraft_storage_suite() {
+        Suite::test_all(Builder).unwrap();
+    }
+
+    fn entry(index: u64, req: Option<Request>) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: req.map_or(EntryPayload::Blank, EntryPayload::Normal),
+        }
+    }
+
+    fn set(text: &str) -> Request {
+        Request::SetPolicy {
+            text: text.into(),
+            author: "t".into(),
+            comment: String::new(),
+            proposed_at_unix_ms: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reopened_store_has_its_log_vote_and_snapshot_and_enforces_the_policy_at_once() {
+        let dir = Dir::new();
+        {
+            let (mut log, mut sm) = open(&dir.0, Arc::new(Recorder::default())).unwrap();
+            let entries = vec![
+                entry(1, None),
+                entry(2, Some(set("a"))),
+                entry(3, Some(set("b"))),
+            ];
+            let tx = log.db.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(LOG).unwrap();
+                for e in &entries {
+                    t.insert(e.log_id.index, encode(e).unwrap().as_slice())
+                        .unwrap();
+                }
+            }
+            tx.commit().unwrap();
+            log.save_vote(&Vote::new(3, 2)).await.unwrap();
+            let out = sm.apply(entries).await.unwrap();
+            assert!(matches!(out[2], Response::Policy { version: 2, .. }));
+            sm.build_snapshot().await.unwrap();
+        }
+        let rec = Arc::new(Recorder::default());
+        let (mut log, mut sm) = open(&dir.0, rec.clone()).unwrap();
+        // The snapshot's policy is enforced before Raft even starts.
+        assert_eq!(*rec.0.lock(), vec![2]);
+        assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 2)));
+        let got = log.try_get_log_entries(2..4).await.unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].log_id.index, 3);
+        let (applied, _) = sm.applied_state().await.unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(3));
+        assert_eq!(sm.data().read().state.version(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_that_does_not_decode_is_refused_and_changes_nothing() {
+        let dir = Dir::new();
+        let rec = Arc::new(Recorder::default());
+        let (_log, mut sm) = open(&dir.0, rec.clone()).unwrap();
+        sm.apply(vec![entry(1, Some(set("a")))]).await.unwrap();
+        let meta = SnapshotMeta {
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(2, 1), 9)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "bad".into(),
+        };
+        let r = sm
+            .install_snapshot(&meta, Box::new(Cursor::new(b"{not json".to_vec())))
+            .await;
+        assert!(r.is_err());
+        assert_eq!(sm.data().read().state.version(), 1);
+        assert_eq!(
+            sm.applied_state().await.unwrap().0.map(|l| l.index),
+            Some(1)
+        );
+        assert_eq!(*rec.0.lock(), vec![1]);
+    }
+}
