@@ -15,7 +15,6 @@ use keepstate_proto::v1::control_server::ControlServer;
 use keepstate_proto::v1::raft_server::RaftServer;
 use openraft::SnapshotPolicy;
 use serde::Deserialize;
-use tonic::transport::server::TcpIncoming;
 
 use crate::api::{ControlService, Datapath, WriteLimits};
 use crate::policy::PolicyStore;
@@ -220,7 +219,7 @@ pub fn start(
         },
     };
     let incoming = runtime
-        .block_on(async { TcpIncoming::bind(cfg.listen) })
+        .block_on(async { transport.incoming(cfg.listen) })
         .map_err(|e| StartError::Listen {
             addr: cfg.listen,
             source: e,

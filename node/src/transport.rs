@@ -6,8 +6,10 @@
 //! [`Transport`], so turning on mTLS changes this file and the config, not the services.
 //! Must not know about any service.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Endpoint, Server};
 
 /// Transport settings shared by the Raft transport, the control API and (later) state sync.
@@ -52,10 +54,18 @@ impl Transport {
             })
     }
 
+    /// A listening socket for `server()`. Its TCP options are set here: tonic's
+    /// `Server::tcp_nodelay` applies only when tonic binds the socket itself, and without
+    /// TCP_NODELAY small replies meet the peer's delayed ACK (a 40 ms stall per call).
+    pub fn incoming(&self, addr: SocketAddr) -> std::io::Result<TcpIncoming> {
+        Ok(TcpIncoming::bind(addr)?
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(10))))
+    }
+
     /// A server builder with this transport's settings.
     pub fn server(&self) -> Server {
         Server::builder()
-            .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
     }
