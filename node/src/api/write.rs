@@ -304,7 +304,10 @@ impl ControlService {
         if r.id == 0 {
             return Err(Status::invalid_argument("member id must be at least 1"));
         }
-        if r.addr.parse::<std::net::SocketAddr>().is_err() && !r.addr.contains(':') {
+        let port_ok = r.addr.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !port_ok {
             return Err(Status::invalid_argument(format!(
                 "member address {:?} is not host:port",
                 r.addr

@@ -13,6 +13,7 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -92,7 +93,7 @@ pub fn open(
         db,
         data: Arc::new(RwLock::new(data)),
         sink,
-        snapshot_seq: 0,
+        snapshot_seq: Arc::new(AtomicU64::new(0)),
     };
     Ok((log, sm))
 }
@@ -284,7 +285,8 @@ pub struct StateMachineStore {
     db: Arc<Database>,
     data: Arc<RwLock<SmData>>,
     sink: Arc<dyn PolicySink>,
-    snapshot_seq: u64,
+    /// Makes snapshot ids unique within this process (shared with the snapshot builders).
+    snapshot_seq: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for StateMachineStore {
@@ -303,14 +305,14 @@ impl StateMachineStore {
 
     // The error type is openraft's; its size is not ours to choose.
     #[allow(clippy::result_large_err)]
-    fn snapshot_of(&mut self) -> Result<Snapshot<TypeConfig>, SError> {
+    fn snapshot_of(&self) -> Result<Snapshot<TypeConfig>, SError> {
         let (bytes, meta) = {
             let d = self.data.read();
             let bytes = encode(&*d).map_err(|e| StorageIOError::read_state_machine(&e))?;
-            self.snapshot_seq += 1;
+            let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
             let id = match d.last_applied {
-                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.snapshot_seq),
-                None => format!("0-0-{}", self.snapshot_seq),
+                Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
+                None => format!("0-0-{seq}"),
             };
             let meta = SnapshotMeta {
                 last_log_id: d.last_applied,
@@ -382,7 +384,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             db: self.db.clone(),
             data: self.data.clone(),
             sink: self.sink.clone(),
-            snapshot_seq: self.snapshot_seq + 1000,
+            snapshot_seq: self.snapshot_seq.clone(),
         }
     }
 
