@@ -66,6 +66,24 @@ enum Command {
     /// The node's expectations (RELATED connections announced by helpers).
     #[command(subcommand)]
     Expect(ExpectCmd),
+    /// High availability: this node's role and the cluster's HA settings.
+    #[command(subcommand)]
+    Ha(HaCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum HaCmd {
+    /// This node's HA role and the replicated settings.
+    Status,
+    /// Replace the replicated HA settings.
+    Set {
+        /// Gateway ids in order of preference for the ACTIVE role (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        preferred_active: Vec<u64>,
+        /// Refuse the ACTIVE role without a Raft quorum.
+        #[arg(long, action = clap::ArgAction::Set, default_value_t = true)]
+        require_quorum: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -422,6 +440,44 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                 print_json(&json!({ "count": r.count, "max": r.max }));
             } else {
                 println!("{}", r.count);
+            }
+        }
+        Command::Ha(HaCmd::Status) => {
+            let s = c
+                .status(v1::StatusRequest {})
+                .await
+                .map_err(err)?
+                .into_inner();
+            let v = output::status_json(&s)["ha"].clone();
+            if json {
+                print_json(&v);
+            } else {
+                output::print_ha(&s);
+            }
+        }
+        Command::Ha(HaCmd::Set {
+            preferred_active,
+            require_quorum,
+        }) => {
+            let h = c
+                .set_ha_settings(v1::SetHaSettingsRequest {
+                    settings: Some(v1::HaSettings {
+                        preferred_active,
+                        require_quorum,
+                    }),
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
+            if json {
+                print_json(&json!({
+                    "preferred_active": h.preferred_active, "require_quorum": h.require_quorum,
+                }));
+            } else {
+                println!(
+                    "HA settings committed: preferred active {:?}, require quorum {}",
+                    h.preferred_active, h.require_quorum
+                );
             }
         }
         Command::Expect(ExpectCmd::List) => {

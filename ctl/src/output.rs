@@ -181,6 +181,22 @@ pub fn print_status(s: &v1::StatusReply) {
     }
 }
 
+pub fn print_ha(s: &v1::StatusReply) {
+    let ha = s.ha_settings.clone().unwrap_or_default();
+    println!("{:<17} {}", "role", ha_role(s.ha_role));
+    let pref: Vec<String> = ha.preferred_active.iter().map(|i| i.to_string()).collect();
+    println!(
+        "{:<17} {}",
+        "preferred active",
+        if pref.is_empty() {
+            "-".into()
+        } else {
+            pref.join(", ")
+        }
+    );
+    println!("{:<17} {}", "require quorum", ha.require_quorum);
+}
+
 pub fn members_json(m: &v1::MembersReply) -> Value {
     json!({
         "leader_id": m.leader_id,

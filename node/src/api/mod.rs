@@ -327,6 +327,13 @@ impl Control for ControlService {
         self.remove_write(request).await.map(Response::new)
     }
 
+    async fn set_ha_settings(
+        &self,
+        request: Request<v1::SetHaSettingsRequest>,
+    ) -> Result<Response<v1::HaSettings>, Status> {
+        self.set_ha_write(request).await.map(Response::new)
+    }
+
     async fn list_connections(
         &self,
         request: Request<v1::ListConnectionsRequest>,

@@ -257,6 +257,53 @@ impl ControlService {
         }
     }
 
+    pub(super) async fn set_ha_write(
+        &self,
+        request: Request<v1::SetHaSettingsRequest>,
+    ) -> Result<v1::HaSettings, Status> {
+        let fwd = is_forwarded(&request);
+        let r = request.into_inner();
+        let s = r
+            .settings
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("settings are missing"))?;
+        {
+            let m = self.raft.metrics().borrow().clone();
+            let ms = m.membership_config.membership();
+            for id in &s.preferred_active {
+                match ms.get_node(id) {
+                    Some(n) if n.role == Role::Gateway => {}
+                    Some(_) => {
+                        return Err(Status::invalid_argument(format!(
+                            "node {id} is a witness: it cannot be ACTIVE"
+                        )))
+                    }
+                    None => {
+                        return Err(Status::invalid_argument(format!(
+                            "node {id} is not a member"
+                        )))
+                    }
+                }
+            }
+        }
+        match self.route(fwd)? {
+            Route::Leader(id, leader) => Ok(self
+                .leader(id, &leader)
+                .await?
+                .set_ha_settings(forwarded(r))
+                .await?
+                .into_inner()),
+            Route::Local => {
+                self.propose(Cmd::SetHa(crate::raft::HaSettings {
+                    preferred_active: s.preferred_active.clone(),
+                    require_quorum: s.require_quorum,
+                }))
+                .await?;
+                Ok(s)
+            }
+        }
+    }
+
     pub(super) async fn init(&self) -> Result<v1::MembersReply, Status> {
         let initialized = self
             .raft
