@@ -21,6 +21,8 @@ pub struct Member {
     pub host: &'static str,
     pub addr: String,
     pub config: PathBuf,
+    /// Written by fwnode's main loop, which starts only once the datapath is up.
+    pub stats: PathBuf,
     pub proc: Option<Proc>,
 }
 
@@ -86,6 +88,7 @@ impl ClusterLab {
             let addr = format!("198.18.0.{id}:{PORT}");
             let role = if host == "m3" { "witness" } else { "gateway" };
             let config = lab.dir.join(format!("node{id}.toml"));
+            let stats = lab.dir.join(format!("stats{id}.json"));
             std::fs::write(
                 &config,
                 format!(
@@ -93,7 +96,7 @@ impl ClusterLab {
                      [cluster]\nid = {id}\nlisten = \"{addr}\"\ndata_dir = \"{data}\"\nrole = \"{role}\"\n\
                      heartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n\
                      commit_timeout_ms = 2000\n{extra_cluster}\n",
-                    stats = lab.dir.join(format!("stats{id}.json")).display(),
+                    stats = stats.display(),
                     data = lab.dir.join(format!("data{id}")).display(),
                 ),
             )
@@ -103,6 +106,7 @@ impl ClusterLab {
                 host,
                 addr,
                 config,
+                stats,
                 proc: None,
             });
         }
@@ -117,9 +121,11 @@ impl ClusterLab {
         &self.members[(id - 1) as usize]
     }
 
-    /// Start (or restart) member `index` and wait until its control API answers.
+    /// Start (or restart) member `index` and wait until its control API answers and its
+    /// datapath is up (queues bound, rules installed).
     pub fn start_member(&mut self, index: usize) {
         let m = &self.members[index];
+        let _ = std::fs::remove_file(&m.stats);
         let mut proc = self.lab.spawn(
             m.host,
             &format!(
@@ -137,7 +143,7 @@ impl ClusterLab {
                 "node {id} exited:\n{}",
                 self.lab.log(&format!("node{id}"))
             );
-            if self.ctl(id, &["status"]).code == 0 {
+            if m.stats.exists() && self.ctl(id, &["status"]).code == 0 {
                 break;
             }
             assert!(

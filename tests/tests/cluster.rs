@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 use keepstate_tests::cluster::ClusterLab;
 use keepstate_tests::*;
 
-/// Allows TCP to port 8080 (and pings); 9000 is dropped.
-const ALLOW_8080: &str = r#"
+/// A policy that allows new TCP connections from the LAN to `port` (and pings); everything else
+/// that is not a reply is dropped.
+fn allow(port: u16) -> String {
+    format!(
+        r#"
 default = "drop"
 
 [[rule]]
@@ -21,10 +24,10 @@ ct = ["established", "related"]
 action = "accept"
 
 [[rule]]
-name = "web-8080"
+name = "web-{port}"
 in = "@LAN"
 proto = "tcp"
-dport = 8080
+dport = {port}
 ct = "new"
 action = "accept"
 
@@ -35,33 +38,9 @@ proto = "icmp"
 icmp_type = "echo-request"
 ct = "new"
 action = "accept"
-"#;
-
-/// Allows TCP to port 9000 (and pings); 8080 is dropped.
-const ALLOW_9000: &str = r#"
-default = "drop"
-
-[[rule]]
-name = "established"
-ct = ["established", "related"]
-action = "accept"
-
-[[rule]]
-name = "web-9000"
-in = "@LAN"
-proto = "tcp"
-dport = 9000
-ct = "new"
-action = "accept"
-
-[[rule]]
-name = "ping"
-in = "@LAN"
-proto = "icmp"
-icmp_type = "echo-request"
-ct = "new"
-action = "accept"
-"#;
+"#
+    )
+}
 
 /// Can the client open a TCP connection to the server's `port` through the gateway?
 fn connects(c: &ClusterLab, port: u16) -> bool {
@@ -134,7 +113,7 @@ fn apply_on_a_follower_reaches_every_node_within_a_second_and_is_enforced() {
 
     let leader = c.wait_leader(Duration::from_secs(5));
     let follower = a_follower(&c, leader);
-    let out = c.apply(follower, ALLOW_8080).ok();
+    let out = c.apply(follower, &allow(8080)).ok();
     assert!(out.stdout.contains("applied policy version 1"), "{out:?}");
     let took = wait_version(&c, 1, Duration::from_secs(1));
     eprintln!("version 1 on all members after {took:?} (apply via follower {follower})");
@@ -143,7 +122,7 @@ fn apply_on_a_follower_reaches_every_node_within_a_second_and_is_enforced() {
 
     // The same through another node, and the datapath follows.
     let t = Instant::now();
-    c.apply(3, ALLOW_9000).ok();
+    c.apply(3, &allow(9000)).ok();
     wait_version(&c, 2, Duration::from_secs(1));
     eprintln!("version 2 on all members after {:?}", t.elapsed());
     assert!(
@@ -169,9 +148,9 @@ fn apply_on_a_follower_reaches_every_node_within_a_second_and_is_enforced() {
 fn invalid_policy_is_rejected_with_its_position_and_nothing_changes() {
     let c = ClusterLab::start("");
     c.form();
-    c.apply(1, ALLOW_8080).ok();
+    c.apply(1, &allow(8080)).ok();
     wait_version(&c, 1, Duration::from_secs(2));
-    let bad = ALLOW_8080.replace("dport = 8080", "dport = \"http\"");
+    let bad = allow(8080).replace("dport = 8080", "dport = \"http\"");
     let out = c.apply(2, &bad);
     assert_eq!(out.code, 3, "invalid policy must exit 3: {out:?}");
     assert!(
@@ -198,7 +177,7 @@ fn invalid_policy_is_rejected_with_its_position_and_nothing_changes() {
 fn leader_killed_a_new_one_is_elected_and_writes_continue() {
     let mut c = ClusterLab::start("");
     c.form();
-    c.apply(1, ALLOW_8080).ok();
+    c.apply(1, &allow(8080)).ok();
     wait_version(&c, 1, Duration::from_secs(2));
     let old = c.wait_leader(Duration::from_secs(5));
     c.kill(old);
@@ -210,7 +189,7 @@ fn leader_killed_a_new_one_is_elected_and_writes_continue() {
         t.elapsed()
     );
     let survivor = a_follower(&c, old);
-    c.apply(survivor, ALLOW_9000).ok();
+    c.apply(survivor, &allow(9000)).ok();
     wait_version(&c, 2, Duration::from_secs(1));
 }
 
@@ -221,14 +200,14 @@ fn restarted_nodes_catch_up_from_a_snapshot_and_enforce_the_latest_policy() {
     let mut c = ClusterLab::start("snapshot_every = 3\nlogs_to_keep = 0\n");
     c.form();
     let _srv = serve(&c);
-    c.apply(1, ALLOW_8080).ok();
+    c.apply(1, &allow(8080)).ok();
     wait_version(&c, 1, Duration::from_secs(2));
 
     // Node 2 is down while six versions are committed.
     let m2 = 1;
     c.kill(2);
     for i in 0..6 {
-        c.apply(3, if i % 2 == 0 { ALLOW_9000 } else { ALLOW_8080 })
+        c.apply(3, &allow(if i % 2 == 0 { 9000 } else { 8080 }))
             .ok();
     }
     c.start_member(m2);
@@ -248,7 +227,7 @@ fn restarted_nodes_catch_up_from_a_snapshot_and_enforce_the_latest_policy() {
         connects(&c, 8080) && !connects(&c, 9000),
         "gateway enforces v7 after restart"
     );
-    c.apply(2, ALLOW_9000).ok();
+    c.apply(2, &allow(9000)).ok();
     wait_version(&c, 8, Duration::from_secs(2));
     assert!(!connects(&c, 8080) && connects(&c, 9000), "and v8 after it");
 }
@@ -258,7 +237,7 @@ fn without_quorum_writes_fail_fast_and_the_survivor_keeps_enforcing() {
     let mut c = ClusterLab::start("");
     c.form();
     let _srv = serve(&c);
-    c.apply(2, ALLOW_8080).ok();
+    c.apply(2, &allow(8080)).ok();
     wait_version(&c, 1, Duration::from_secs(2));
     // The gateway survives; the other two die (whichever was leading).
     c.kill(2);
@@ -266,7 +245,7 @@ fn without_quorum_writes_fail_fast_and_the_survivor_keeps_enforcing() {
     // Give a leader among the dead time to be noticed as gone.
     std::thread::sleep(Duration::from_millis(1500));
     let t = Instant::now();
-    let out = c.apply(1, ALLOW_9000);
+    let out = c.apply(1, &allow(9000));
     let took = t.elapsed();
     assert_eq!(
         out.code, 4,
@@ -294,8 +273,8 @@ fn without_quorum_writes_fail_fast_and_the_survivor_keeps_enforcing() {
 fn history_show_diff_and_rollback() {
     let c = ClusterLab::start("");
     c.form();
-    c.apply(1, ALLOW_8080).ok();
-    c.apply(1, ALLOW_9000).ok();
+    c.apply(1, &allow(8080)).ok();
+    c.apply(1, &allow(9000)).ok();
     wait_version(&c, 2, Duration::from_secs(2));
 
     let show = c.ctl(2, &["policy", "show", "--version", "1"]).ok().stdout;
@@ -304,7 +283,7 @@ fn history_show_diff_and_rollback() {
         "{show}"
     );
     let f = c.lab.dir.join("v1.toml");
-    std::fs::write(&f, ALLOW_8080.replace("@LAN", &c.lab.gw_if("lan"))).unwrap();
+    std::fs::write(&f, allow(8080).replace("@LAN", &c.lab.gw_if("lan"))).unwrap();
     let d = c.ctl(2, &["policy", "diff", &f.display().to_string()]);
     assert_eq!(d.code, 1, "differs from the running v2: {d:?}");
     assert!(
@@ -334,7 +313,7 @@ fn history_show_diff_and_rollback() {
 fn membership_remove_and_clear_errors() {
     let c = ClusterLab::start("");
     // Before init, writes explain what to do.
-    let e = c.apply(1, ALLOW_8080);
+    let e = c.apply(1, &allow(8080));
     assert_eq!(e.code, 3, "{e:?}");
     assert!(e.stderr.contains("cluster init"), "{e:?}");
     c.form();
@@ -378,7 +357,7 @@ fn the_datapath_keeps_forwarding_through_policy_swaps() {
     let _srv = serve(&c);
     let _iperf = c.lab.spawn("server", "iperf3 -s -p 5201", "iperf3-server");
     c.lab.wait_listen("server", 5201);
-    let stream = ALLOW_8080.replace("dport = 8080", "dport = [8080, 5201]");
+    let stream = allow(8080).replace("dport = 8080", "dport = [8080, 5201]");
     c.apply(1, &stream).ok();
     wait_version(&c, 1, Duration::from_secs(2));
 
