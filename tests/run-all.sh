@@ -27,11 +27,12 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 echo "== fuzz targets build (running them is documented in node/fuzz/README.md)"
 cargo build --release --locked --manifest-path node/fuzz/Cargo.toml
 echo "== building release binaries for the end-to-end tests"
-cargo build --release --locked -p fwnode -p fwctl -p keepstate-tests --bins
+# fault-injection: the test-only hook that lets a test kill a datapath worker (off by default).
+cargo build --release --locked -p fwnode -p fwctl -p keepstate-tests --bins --features fwnode/fault-injection
 echo "== cargo test"
 export KEEPSTATE_BIN_DIR="$PWD/target/release"
 log=$(mktemp)

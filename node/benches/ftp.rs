@@ -92,6 +92,7 @@ fn helper_cost_on_other_traffic(c: &mut Criterion) {
             policy: store,
             ftp: FtpConfig::default(),
             stats: Arc::new(WorkerStats::default()),
+            reject_mark: fwnode::datapath::worker::REJECT_MARK,
         }
     };
     let mut syn = TcpSpec::new(40000, 443, TcpFlags::SYN);

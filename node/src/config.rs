@@ -91,8 +91,11 @@ pub struct DatapathConfig {
     pub install_rules: bool,
     /// Most netlink datagrams drained before verdicts are sent.
     pub batch_datagrams: usize,
-    /// Where counters are written as JSON once a second.
+    /// Where counters are written as JSON every 200 ms.
     pub stats_file: Option<PathBuf>,
+    /// The mark bit (exactly one bit) a REJECT verdict ORs into the packet's mark so that our
+    /// kernel rule rejects it; pick one that no other mark user on the gateway sets.
+    pub reject_mark: u32,
 }
 
 impl Default for DatapathConfig {
@@ -109,6 +112,7 @@ impl Default for DatapathConfig {
             install_rules: true,
             batch_datagrams: 16,
             stats_file: None,
+            reject_mark: crate::datapath::worker::REJECT_MARK,
         }
     }
 }
@@ -151,6 +155,17 @@ impl Config {
         if cfg.datapath.queues == 0 {
             return Err(invalid("datapath.queues must be at least 1"));
         }
+        // Worker queues first_queue..first_queue+queues-1, then the helper queue: all u16.
+        if u32::from(cfg.datapath.first_queue) + u32::from(cfg.datapath.queues) > 65535 {
+            return Err(invalid(
+                "datapath.first_queue + datapath.queues must be at most 65535 (the last queue number is reserved for the helper queue)",
+            ));
+        }
+        if cfg.datapath.reject_mark.count_ones() != 1 {
+            return Err(invalid(
+                "datapath.reject_mark must have exactly one bit set (e.g. 0x400000)",
+            ));
+        }
         if cfg.datapath.copy_range < 128 {
             return Err(invalid(
                 "datapath.copy_range must be at least 128 bytes (headers and ICMP quotes)",
@@ -176,5 +191,41 @@ impl Config {
             c.data_dir = dir.join(&c.data_dir);
         }
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(datapath: &str) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("keepstate-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{}.toml", datapath.len()));
+        std::fs::write(
+            &path,
+            format!("[node]\nname = \"t\"\n[datapath]\n{datapath}\n[policy]\nfile = \"p.toml\"\n"),
+        )
+        .unwrap();
+        Config::load(&path)
+    }
+
+    #[test]
+    fn queue_numbers_must_fit_in_sixteen_bits_with_the_helper_queue() {
+        assert!(load("first_queue = 65530\nqueues = 5").is_ok());
+        let e = load("first_queue = 65530\nqueues = 6")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("first_queue + datapath.queues"), "{e}");
+        assert!(load("queues = 0").is_err());
+    }
+
+    #[test]
+    fn the_reject_mark_is_one_bit() {
+        assert_eq!(load("").unwrap().datapath.reject_mark, 0x40_0000);
+        assert!(load("reject_mark = 0x1000").is_ok());
+        let e = load("reject_mark = 0x3000").unwrap_err().to_string();
+        assert!(e.contains("exactly one bit"), "{e}");
+        assert!(load("reject_mark = 0").is_err());
     }
 }

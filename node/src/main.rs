@@ -15,7 +15,7 @@ use fwnode::config::Config;
 use fwnode::conntrack::{Conntrack, InvalidReason};
 use fwnode::datapath::nfqueue::QueueConfig;
 use fwnode::datapath::rules::{self, RuleSpec};
-use fwnode::datapath::worker::{self, Pipeline, WorkerConfig, WorkerStats, REJECT_MARK};
+use fwnode::datapath::worker::{self, Pipeline, WorkerConfig, WorkerStats};
 use fwnode::helper::ftp::Reject;
 use fwnode::packet::{proto, ParseError};
 use fwnode::policy::PolicyStore;
@@ -72,7 +72,7 @@ fn rule_spec(cfg: &Config) -> RuleSpec {
         queues: d.queues,
         helper_queue: (!helper_ports.is_empty()).then_some(d.first_queue + d.queues),
         helper_ports,
-        reject_mark: REJECT_MARK,
+        reject_mark: d.reject_mark,
         fail_open: d.fail_open,
     }
 }
@@ -122,6 +122,9 @@ fn stats_json(
             "verdict_errors": sum(&|w| w.verdict_errors.load(Relaxed)),
             "enobufs": sum(&|w| w.enobufs.load(Relaxed)),
             "netlink_malformed": sum(&|w| w.netlink_malformed.load(Relaxed)),
+            "netlink_truncated": sum(&|w| w.netlink_truncated.load(Relaxed)),
+            "unidentified_swept": sum(&|w| w.unidentified_swept.load(Relaxed)),
+            "verdict_send_failures": sum(&|w| w.verdict_send_failures.load(Relaxed)),
             "parse_errors": parse,
         },
         "conntrack": {
@@ -146,6 +149,7 @@ fn stats_json(
             "retransmitted": sum(&|w| w.ftp_retransmitted.load(Relaxed)),
             "gaps": sum(&|w| w.ftp_gaps.load(Relaxed)),
             "expect_refused": sum(&|w| w.ftp_expect_refused.load(Relaxed)),
+            "announcements_dropped": sum(&|w| w.ftp_announcements_dropped.load(Relaxed)),
         },
     })
 }
@@ -181,6 +185,23 @@ fn datapath_counters(
 struct Datapath {
     handles: Vec<std::thread::JoinHandle<Result<()>>>,
     spec: RuleSpec,
+    /// A worker that stopped on its own (an error or a panic) reports here, once.
+    died: std::sync::mpsc::Receiver<String>,
+}
+
+/// Why a worker thread ended: its error, or the panic's message.
+fn worker_outcome(r: std::thread::Result<std::io::Result<()>>) -> Result<()> {
+    match r {
+        Ok(r) => r.map_err(anyhow::Error::from),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(anyhow::anyhow!("panicked: {msg}"))
+        }
+    }
 }
 
 fn start_datapath(
@@ -202,6 +223,7 @@ fn start_datapath(
     let n = queues.len();
     let mut handles = vec![];
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (died_tx, died) = std::sync::mpsc::channel();
     for (index, ((num, copy_range), stats)) in queues.into_iter().zip(all_stats).enumerate() {
         let wc = WorkerConfig {
             queue: QueueConfig {
@@ -223,18 +245,29 @@ fn start_datapath(
             policy: store.clone(),
             ftp: cfg.ftp.clone(),
             stats: stats.clone(),
+            reject_mark: d.reject_mark,
         };
         let stop = stop.clone();
         let ready = ready_tx.clone();
+        let died = died_tx.clone();
         let h = std::thread::Builder::new()
             .name(format!("queue-{num}"))
             .spawn(move || {
-                let r = worker::run(wc, pipeline, origin, stop.clone(), ready);
+                // A worker that ends while fwnode runs (an error or a panic) ends fwnode: its
+                // queue has no listener any more, so the kernel drops that queue's packets, and
+                // a daemon that forwards only part of its traffic must not look healthy. The
+                // supervisor (systemd) restarts it; fail-closed rules stay meanwhile. A panic
+                // is caught here rather than aborting so the other queues send what they owe.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    worker::run(wc, pipeline, origin, stop.clone(), ready)
+                }));
+                let r = worker_outcome(r);
                 if let Err(e) = &r {
-                    tracing::error!(queue = num, error = %e, "worker stopped");
+                    tracing::error!(queue = num, error = %e, "datapath worker died");
+                    let _ = died.send(format!("the worker of queue {num} died: {e:#}"));
                     stop.store(true, Relaxed);
                 }
-                r.map_err(anyhow::Error::from)
+                r
             })?;
         handles.push(h);
     }
@@ -256,7 +289,11 @@ fn start_datapath(
         rules::install(&spec).context("installing iptables rules")?;
         tracing::info!(chain = %spec.name, queues = d.queues, fail_open = d.fail_open, "rules installed");
     }
-    Ok(Datapath { handles, spec })
+    Ok(Datapath {
+        handles,
+        spec,
+        died,
+    })
 }
 
 fn worker_count(cfg: &Config) -> usize {
@@ -317,8 +354,17 @@ fn run(cfg: Config) -> Result<()> {
     tracing::info!(node = %cfg.node.name, "running");
 
     let mut version = 1;
+    let mut died = None;
     while !stop.load(Relaxed) {
-        std::thread::sleep(Duration::from_millis(200));
+        // Sleeps 200 ms, or less when a worker dies: then fwnode stops at once.
+        if let Some(d) = &datapath {
+            if let Ok(why) = d.died.recv_timeout(Duration::from_millis(200)) {
+                died = Some(why);
+                break;
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(200));
+        }
         if reload.swap(false, Relaxed) {
             match (&cfg.cluster, &cfg.policy) {
                 (Some(_), _) => tracing::warn!(
@@ -337,11 +383,15 @@ fn run(cfg: Config) -> Result<()> {
             write_stats(p, &stats_json(&cfg, &ct, &store, &all_stats));
         }
     }
-    tracing::info!("stopping");
+    stop.store(true, Relaxed);
+    match &died {
+        Some(why) => tracing::error!("{why}; stopping (exit status 1)"),
+        None => tracing::info!("stopping"),
+    }
     if let Some(c) = control {
         c.shutdown();
     }
-    let Some(Datapath { handles, spec }) = datapath else {
+    let Some(Datapath { handles, spec, .. }) = datapath else {
         return Ok(());
     };
     let mut failed = false;
@@ -356,6 +406,9 @@ fn run(cfg: Config) -> Result<()> {
         tracing::info!(
             "fail-closed: rules stay in place; forwarded traffic is dropped until fwnode is back"
         );
+    }
+    if let Some(why) = died {
+        bail!("{why}");
     }
     if failed {
         bail!("a datapath worker failed");

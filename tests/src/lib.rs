@@ -362,10 +362,25 @@ impl Lab {
         policy: &std::path::Path,
         stats: &std::path::Path,
     ) -> Gateway {
+        self.restart_fwnode_with_env(config, policy, stats, "")
+    }
+
+    /// `restart_fwnode` with environment assignments (`"NAME=value ..."`) for fwnode.
+    pub fn restart_fwnode_with_env(
+        &self,
+        config: &std::path::Path,
+        policy: &std::path::Path,
+        stats: &std::path::Path,
+        env: &str,
+    ) -> Gateway {
         let _ = std::fs::remove_file(stats);
         let mut proc = self.spawn(
             "gw",
-            &format!("{} --config {}", bin("fwnode").display(), config.display()),
+            &format!(
+                "env {env} {} --config {}",
+                bin("fwnode").display(),
+                config.display()
+            ),
             "fwnode",
         );
         let t = Instant::now();

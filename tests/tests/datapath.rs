@@ -429,6 +429,61 @@ fn fail_closed_by_default_and_restart_restores() {
     assert_eq!(curl(&lab, "client", &url), 0);
 }
 
+/// A datapath worker that dies (here: a panic injected in the FTP helper queue's worker on its
+/// first packet) takes fwnode down at once with a non-zero status, the packet it was judging is
+/// never accepted, the fail-closed rules stay, and a restart restores forwarding. Needs the
+/// `fault-injection` build (tests/run-all.sh builds it).
+#[test]
+fn a_dead_worker_stops_fwnode_at_once_and_nothing_passes_unjudged() {
+    let lab = Lab::new();
+    let gw = lab.start_fwnode(
+        &POLICY.replace("dport = [8080, 9000]", "dport = [21, 8080, 9000]"),
+        "",
+        "",
+    );
+    let (config, policy, stats) = (gw.config.clone(), gw.policy.clone(), gw.stats.clone());
+    drop(gw);
+    // Queue 0 is the worker queue, queue 1 the helper queue (port 21).
+    let mut gw =
+        lab.restart_fwnode_with_env(&config, &policy, &stats, "KEEPSTATE_FAULT_PANIC_QUEUE=1");
+    let _web = http_server(&lab, "server", 8080);
+    let _ftp = http_server(&lab, "server", 21);
+    let web = format!("http://{SERVER4}:8080/");
+    assert_eq!(curl(&lab, "client", &web), 0, "the healthy queue forwards");
+    // The SYN to port 21 reaches the helper queue, whose worker panics before judging it.
+    let t = Instant::now();
+    let ftp = format!("http://{SERVER4}:21/");
+    assert_ne!(
+        curl(&lab, "client", &ftp),
+        0,
+        "a packet whose worker died is never accepted"
+    );
+    let status = gw
+        .proc
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| {
+            panic!(
+                "fwnode kept running with a dead worker:\n{}",
+                lab.log("fwnode")
+            )
+        });
+    assert!(!status.success(), "fwnode must exit non-zero: {status}");
+    let log = lab.log("fwnode");
+    assert!(
+        log.contains("the worker of queue 1 died") && log.contains("panicked"),
+        "the log says which worker died and why:\n{log}"
+    );
+    eprintln!("fwnode exited {:?} after the panic", t.elapsed());
+    // Fail closed while it is down: the rules stay, nothing is forwarded.
+    assert_eq!(curl(&lab, "client", &web), 28, "fail closed while down");
+    let _gw = lab.restart_fwnode(&config, &policy, &stats);
+    assert_eq!(
+        curl(&lab, "client", &web),
+        0,
+        "a restart restores forwarding"
+    );
+}
+
 #[test]
 fn fail_open_when_configured() {
     let lab = Lab::new();

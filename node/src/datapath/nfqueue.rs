@@ -9,6 +9,16 @@
 //! Owns the socket and its buffers. Must not interpret packets: it hands out `Msg` views and
 //! takes verdicts. One `Queue` per worker thread; the socket must be opened inside the network
 //! namespace whose traffic it serves.
+//!
+//! **No packet leaves the queue without a decision.** A `VERDICT_BATCH` message applies to every
+//! packet still queued up to its id, so a packet we received but did not judge would be swept
+//! along by the next batch. Therefore every packet message gets its own entry in the verdicts we
+//! owe, in receive order: the callback's verdict, or DROP when the message does not parse (its id
+//! is the first attribute and is read separately) or was cut by the receive buffer (`MSG_TRUNC`).
+//! A message whose id cannot be read at all owes a DROP sweep (`DropThrough`) up to the id before
+//! the next packet we do identify, sent after every verdict before it. Owed verdicts are kept
+//! until the kernel has taken them: a failed send leaves them owed, and the next flush sends
+//! them first.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -46,6 +56,7 @@ pub const CFG_F_GSO: u32 = 4;
 const NFQA_SKB_CSUMNOTREADY: u32 = 1;
 const NFQA_SKB_GSO: u32 = 2;
 
+const PACKET_MSG: u16 = NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_PACKET;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 1;
@@ -125,7 +136,25 @@ pub struct QueueStats {
     pub verdict_messages: u64,
     pub verdict_sends: u64,
     pub verdict_errors: u64,
+    /// Netlink messages we could not parse (each packet among them was dropped).
     pub malformed: u64,
+    /// Datagrams cut by the receive buffer (`MSG_TRUNC`); their packet was dropped.
+    pub truncated: u64,
+    /// DROP sweeps sent for packets whose id we could not read.
+    pub swept: u64,
+    /// Flushes whose send failed (the verdicts stayed owed and were sent again).
+    pub send_failures: u64,
+}
+
+/// A verdict we owe the kernel, kept in receive order until it has been sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owed {
+    /// The verdict for the packet with this id.
+    One(u32, Verdict),
+    /// DROP every packet still queued up to this id (always a batch message). Owed for packets
+    /// whose message was unreadable: by the time it is sent, every packet before them has its
+    /// verdict, so only they are left for it to catch.
+    DropThrough(u32),
 }
 
 /// A bound queue.
@@ -137,8 +166,16 @@ pub struct Queue {
     rx: Vec<u8>,
     rx_len: usize,
     tx: Vec<u8>,
-    pending: Vec<(u32, Verdict)>,
+    /// The last receive was cut by the buffer (`MSG_TRUNC`).
+    rx_truncated: bool,
+    owed: Vec<Owed>,
+    /// A packet message without a readable id was seen; the next identified packet first owes a
+    /// `DropThrough` up to the id before its own.
+    unidentified: bool,
     pub stats: QueueStats,
+    /// Test hook: fail this many sends before the next one goes out.
+    #[cfg(test)]
+    fail_sends: u32,
 }
 
 // ---- pure message building and parsing ------------------------------------------------------
@@ -200,36 +237,46 @@ fn config_params(b: &mut Vec<u8>, seq: u32, c: &QueueConfig) {
     end_msg(b, at);
 }
 
-/// Append the verdicts for `pending` (in receive order) to `b`: each run of consecutive
-/// packets with the same verdict becomes one VERDICT_BATCH message (it covers every packet up to
-/// its id, and everything before the run already has its verdict); a run of one is a plain
-/// VERDICT. Returns the number of messages.
-fn build_verdicts(b: &mut Vec<u8>, seq: &mut u32, queue: u16, pending: &[(u32, Verdict)]) -> u64 {
+/// Append the verdicts `owed` (in receive order) to `b`: each run of consecutive packets with
+/// the same verdict becomes one VERDICT_BATCH message (it covers every packet up to its id, and
+/// everything before the run already has its verdict); a run of one is a plain VERDICT; a
+/// `DropThrough` is a DROP batch of its own. Returns the number of messages.
+fn build_verdicts(b: &mut Vec<u8>, seq: &mut u32, queue: u16, owed: &[Owed]) -> u64 {
     let mut msgs = 0;
     let mut i = 0;
-    while i < pending.len() {
-        let v = pending[i].1;
-        let mut j = i;
-        while j + 1 < pending.len() && pending[j + 1].1 == v {
-            j += 1;
-        }
-        let (code, mark) = v.wire();
-        let kind = if j > i {
-            NFQNL_MSG_VERDICT_BATCH
-        } else {
-            NFQNL_MSG_VERDICT
+    while i < owed.len() {
+        let (kind, id, verdict) = match owed[i] {
+            Owed::DropThrough(id) => (NFQNL_MSG_VERDICT_BATCH, id, Verdict::Drop),
+            Owed::One(first, v) => {
+                let mut last = first;
+                while let Some(Owed::One(id, w)) = owed.get(i + 1) {
+                    if *w != v {
+                        break;
+                    }
+                    last = *id;
+                    i += 1;
+                }
+                let kind = if last != first {
+                    NFQNL_MSG_VERDICT_BATCH
+                } else {
+                    NFQNL_MSG_VERDICT
+                };
+                (kind, last, v)
+            }
         };
+        let (code, mark) = verdict.wire();
         *seq = seq.wrapping_add(1);
         let at = begin_msg(b, kind, NLM_F_REQUEST, *seq, queue);
-        let mut hdr = code.to_be_bytes().to_vec();
-        hdr.extend_from_slice(&pending[j].0.to_be_bytes());
+        let mut hdr = [0u8; 8];
+        hdr[..4].copy_from_slice(&code.to_be_bytes());
+        hdr[4..].copy_from_slice(&id.to_be_bytes());
         attr(b, NFQA_VERDICT_HDR, &hdr);
         if let Some(m) = mark {
             attr(b, NFQA_MARK, &m.to_be_bytes());
         }
         end_msg(b, at);
         msgs += 1;
-        i = j + 1;
+        i += 1;
     }
     msgs
 }
@@ -251,12 +298,15 @@ fn be_u32(b: &[u8]) -> Option<u32> {
 #[derive(Debug, PartialEq, Eq)]
 enum Netlink<'a> {
     Packet(&'a [u8]),
+    /// A packet message cut short by the end of the buffer: the bytes of its body that are there.
+    CutPacket(&'a [u8]),
     /// An error or ACK (errno 0) answering one of our requests.
     Error(i32),
     Other,
 }
 
-/// Split a receive buffer into netlink messages; stops at the first malformed header.
+/// Split a receive buffer into netlink messages; stops at the first malformed header. A packet
+/// message that runs past the end of the buffer is `CutPacket` (its id may still be readable).
 fn messages(buf: &[u8]) -> impl Iterator<Item = Result<Netlink<'_>, ()>> + '_ {
     let mut off = 0usize;
     std::iter::from_fn(move || {
@@ -267,6 +317,11 @@ fn messages(buf: &[u8]) -> impl Iterator<Item = Result<Netlink<'_>, ()>> + '_ {
             return None;
         };
         let len = len as usize;
+        if len >= NLMSG_HDRLEN && off + len > buf.len() && ty == PACKET_MSG {
+            let body = &buf[off + NLMSG_HDRLEN..];
+            off = buf.len();
+            return Some(Ok(Netlink::CutPacket(body)));
+        }
         if len < NLMSG_HDRLEN || off + len > buf.len() {
             off = buf.len();
             return Some(Err(()));
@@ -276,10 +331,28 @@ fn messages(buf: &[u8]) -> impl Iterator<Item = Result<Netlink<'_>, ()>> + '_ {
         Some(Ok(match ty {
             NLMSG_ERROR => Netlink::Error(ne_u32(body, 0).map_or(0, |e| e as i32)),
             NLMSG_DONE => Netlink::Other,
-            t if t == (NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_PACKET) => Netlink::Packet(body),
+            PACKET_MSG => Netlink::Packet(body),
             _ => Netlink::Other,
         }))
     })
+}
+
+/// The packet id of a packet message body that did not parse (or was cut short): the kernel
+/// puts NFQA_PACKET_HDR first, so it is usually readable. Reads only attributes that are whole.
+fn packet_id(body: &[u8]) -> Option<u32> {
+    let mut off = NFGEN_HDRLEN;
+    while off + 4 <= body.len() {
+        let alen = usize::from(ne_u16(body, off)?);
+        let aty = ne_u16(body, off + 2)? & 0x3fff;
+        if alen < 4 || off + alen > body.len() {
+            return None;
+        }
+        if aty == NFQA_PACKET_HDR {
+            return be_u32(&body[off + 4..off + alen]);
+        }
+        off += (alen + 3) & !3;
+    }
+    None
 }
 
 /// Parse the body of an NFQNL_MSG_PACKET (after the netlink header).
@@ -359,6 +432,25 @@ fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, opt: libc::c_int, v: T) -> io
 }
 
 impl Queue {
+    fn with_fd(fd: OwnedFd, num: u16) -> Queue {
+        Queue {
+            fd,
+            num,
+            seq: 0,
+            // A packet message is at most 64 KiB of payload (the kernel caps the copy range
+            // at 0xffff) plus its attributes: a datagram never needs more than this.
+            rx: vec![0; 256 * 1024],
+            rx_len: 0,
+            tx: Vec::with_capacity(64 * 1024),
+            rx_truncated: false,
+            owed: Vec::with_capacity(1024),
+            unidentified: false,
+            stats: QueueStats::default(),
+            #[cfg(test)]
+            fail_sends: 0,
+        }
+    }
+
     /// Open a netlink socket, bind queue `cfg.num` and configure it.
     pub fn open(cfg: &QueueConfig) -> io::Result<Queue> {
         // SAFETY: plain socket(2) call; the result is checked and owned below.
@@ -391,16 +483,7 @@ impl Queue {
             tv_usec: cfg.poll_timeout.subsec_micros() as libc::suseconds_t,
         };
         setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, tv)?;
-        let mut q = Queue {
-            fd,
-            num: cfg.num,
-            seq: 0,
-            rx: vec![0; 256 * 1024],
-            rx_len: 0,
-            tx: Vec::with_capacity(64 * 1024),
-            pending: Vec::with_capacity(1024),
-            stats: QueueStats::default(),
-        };
+        let mut q = Queue::with_fd(fd, cfg.num);
         let mut b = vec![];
         q.seq += 1;
         config_cmd(&mut b, q.seq, cfg.num, NFQNL_CFG_CMD_BIND);
@@ -435,7 +518,12 @@ impl Queue {
         Err(io::Error::new(io::ErrorKind::TimedOut, "no netlink ACK"))
     }
 
-    fn send(&self, msg: &[u8]) -> io::Result<()> {
+    fn send(&mut self, msg: &[u8]) -> io::Result<()> {
+        #[cfg(test)]
+        if self.fail_sends > 0 {
+            self.fail_sends -= 1;
+            return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+        }
         // SAFETY: msg is a valid buffer of the given length.
         let r = unsafe {
             libc::send(
@@ -469,12 +557,16 @@ impl Queue {
 
     /// Receive one datagram of queued packets (blocking up to the poll timeout unless
     /// `nonblocking`). Returns false when nothing arrived. ENOBUFS (the kernel dropped packets
-    /// because our socket was full) is counted and reported as "nothing arrived".
+    /// because our socket was full) is counted and reported as "nothing arrived". A datagram
+    /// longer than the buffer is kept cut (`MSG_TRUNC` tells its real length); `for_each` drops
+    /// the packet it could not read whole.
     pub fn recv(&mut self, nonblocking: bool) -> io::Result<bool> {
-        let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+        let flags = libc::MSG_TRUNC | if nonblocking { libc::MSG_DONTWAIT } else { 0 };
         match self.recv_raw(flags) {
             Ok(n) => {
-                self.rx_len = n;
+                self.rx_truncated = n > self.rx.len();
+                self.stats.truncated += u64::from(self.rx_truncated);
+                self.rx_len = n.min(self.rx.len());
                 self.stats.receives += 1;
                 Ok(n > 0)
             }
@@ -493,81 +585,123 @@ impl Queue {
     }
 
     /// Hand every packet of the last received datagram to `f`, which returns its verdict.
-    /// Verdicts are held until `flush`.
+    /// Verdicts are owed until `flush` has sent them. A packet message that does not parse, or
+    /// that the receive buffer cut, is dropped without calling `f`.
     pub fn for_each(&mut self, mut f: impl FnMut(&Msg) -> Verdict) {
         let Queue {
             rx,
             rx_len,
-            pending,
+            owed,
+            unidentified,
             stats,
             ..
         } = self;
         for m in messages(&rx[..*rx_len]) {
-            match m {
+            let (id, verdict) = match m {
                 Ok(Netlink::Packet(body)) => match parse_packet(body) {
                     Some(msg) => {
                         stats.packets += 1;
                         stats.bytes += u64::from(msg.wire_len);
                         stats.gso_packets += u64::from(msg.gso);
-                        let v = f(&msg);
-                        pending.push((msg.id, v));
+                        (Some(msg.id), f(&msg))
                     }
-                    None => stats.malformed += 1,
+                    None => {
+                        stats.malformed += 1;
+                        (packet_id(body), Verdict::Drop)
+                    }
                 },
-                Ok(Netlink::Error(e)) if e != 0 => stats.verdict_errors += 1,
-                Ok(_) => {}
-                Err(()) => stats.malformed += 1,
+                // Only the receive buffer cuts a message (counted in `truncated` by `recv`).
+                Ok(Netlink::CutPacket(body)) => (packet_id(body), Verdict::Drop),
+                Ok(Netlink::Error(e)) => {
+                    stats.verdict_errors += u64::from(e != 0);
+                    continue;
+                }
+                Ok(Netlink::Other) => continue,
+                Err(()) => {
+                    // Framing we cannot follow: whatever packets it held are unidentified.
+                    stats.malformed += 1;
+                    (None, Verdict::Drop)
+                }
+            };
+            match id {
+                Some(id) => {
+                    if std::mem::take(unidentified) {
+                        owed.push(Owed::DropThrough(id.wrapping_sub(1)));
+                    }
+                    owed.push(Owed::One(id, verdict));
+                }
+                None => *unidentified = true,
             }
         }
         *rx_len = 0;
     }
 
-    /// Packets waiting for `flush`.
+    /// Packets whose verdict has not been sent yet.
     pub fn pending(&self) -> usize {
-        self.pending.len()
+        self.owed.len()
     }
 
-    /// Send all held verdicts in one datagram.
+    /// Send every owed verdict in one datagram. If the send fails, they stay owed (nothing was
+    /// delivered: the kernel takes a netlink datagram whole) and the next flush sends them
+    /// first, so no later batch can sweep a packet we chose to drop into an accept.
     pub fn flush(&mut self) -> io::Result<()> {
-        if self.pending.is_empty() {
+        if self.owed.is_empty() {
             return Ok(());
         }
-        self.tx.clear();
-        let n = build_verdicts(&mut self.tx, &mut self.seq, self.num, &self.pending);
-        self.pending.clear();
-        self.stats.verdict_messages += n;
-        self.stats.verdict_sends += 1;
-        if let Err(e) = self.send(&self.tx) {
-            self.stats.verdict_errors += 1;
-            return Err(e);
+        let mut tx = std::mem::take(&mut self.tx);
+        tx.clear();
+        let n = build_verdicts(&mut tx, &mut self.seq, self.num, &self.owed);
+        let sent = self.send(&tx);
+        self.tx = tx;
+        match sent {
+            Ok(()) => {
+                self.stats.verdict_messages += n;
+                self.stats.verdict_sends += 1;
+                self.stats.swept += self
+                    .owed
+                    .iter()
+                    .filter(|o| matches!(o, Owed::DropThrough(_)))
+                    .count() as u64;
+                self.owed.clear();
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.send_failures += 1;
+                Err(e)
+            }
         }
-        Ok(())
     }
 }
 
 impl Queue {
-    /// Send each held verdict in its own datagram, one VERDICT message per packet: the
+    /// Send each owed verdict in its own datagram, one VERDICT message per packet: the
     /// classic one-packet-one-verdict loop, kept as the benchmark baseline.
     pub fn flush_unbatched(&mut self) -> io::Result<()> {
+        let mut tx = std::mem::take(&mut self.tx);
         let mut result = Ok(());
-        for i in 0..self.pending.len() {
-            let p = self.pending[i];
-            self.tx.clear();
-            self.stats.verdict_messages +=
-                build_verdicts(&mut self.tx, &mut self.seq, self.num, &[p]);
-            self.stats.verdict_sends += 1;
-            if let Err(e) = self.send(&self.tx) {
-                self.stats.verdict_errors += 1;
+        let mut sent = 0;
+        for i in 0..self.owed.len() {
+            let o = self.owed[i];
+            tx.clear();
+            let n = build_verdicts(&mut tx, &mut self.seq, self.num, &[o]);
+            if let Err(e) = self.send(&tx) {
+                self.stats.send_failures += 1;
                 result = Err(e);
                 break;
             }
+            self.stats.verdict_messages += n;
+            self.stats.verdict_sends += 1;
+            sent += 1;
         }
-        self.pending.clear();
+        self.owed.drain(..sent);
+        self.tx = tx;
         result
     }
 }
 
 impl Drop for Queue {
+    /// Sends what is owed, then unbinds: the kernel drops whatever is still queued (no verdict
+    /// means no accept).
     fn drop(&mut self) {
         let _ = self.flush();
         let mut b = vec![];
@@ -636,9 +770,17 @@ mod tests {
     #[test]
     fn malformed_messages_are_rejected_not_trusted() {
         let good = packet_msg(5, b"abcde", None, 0);
-        // Length field beyond the buffer.
+        // Length field beyond the buffer: a cut packet message, whose id is still readable.
         let mut bad = good.clone();
         bad[0..4].copy_from_slice(&(good.len() as u32 + 100).to_ne_bytes());
+        let cut: Vec<_> = messages(&bad).collect();
+        assert!(
+            matches!(cut[..], [Ok(Netlink::CutPacket(b))] if packet_id(b) == Some(5)),
+            "{cut:?}"
+        );
+        // A message shorter than its own header: framing we cannot follow.
+        let mut bad = good.clone();
+        bad[0..4].copy_from_slice(&8u32.to_ne_bytes());
         assert_eq!(messages(&bad).collect::<Vec<_>>(), vec![Err(())]);
         // Attribute length beyond the message.
         let mut bad = good.clone();
@@ -700,7 +842,8 @@ mod tests {
             (14, Verdict::Repeat { mark: 0x4b53_0001 }),
             (15, Verdict::Accept),
             (16, Verdict::Accept),
-        ];
+        ]
+        .map(|(id, v)| Owed::One(id, v));
         let n = build_verdicts(&mut b, &mut seq, 7, &pending);
         assert_eq!(n, 4);
         assert_eq!(
@@ -714,7 +857,161 @@ mod tests {
         );
         // All accepted: one message for the whole batch.
         b.clear();
-        let all: Vec<_> = (100..164).map(|i| (i, Verdict::Accept)).collect();
+        let all: Vec<_> = (100..164).map(|i| Owed::One(i, Verdict::Accept)).collect();
         assert_eq!(build_verdicts(&mut b, &mut seq, 7, &all), 1);
+    }
+
+    /// A queue on one end of a datagram socket pair; verdicts sent land on the other end.
+    fn test_queue() -> (Queue, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two fresh descriptors into `fds`, which we then own.
+        let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, fds.as_mut_ptr()) };
+        assert_eq!(r, 0);
+        // SAFETY: both descriptors are fresh and owned by nobody else.
+        let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        (Queue::with_fd(a, 7), b)
+    }
+
+    fn load(q: &mut Queue, datagram: &[u8]) {
+        q.rx[..datagram.len()].copy_from_slice(datagram);
+        q.rx_len = datagram.len();
+    }
+
+    /// Everything sent so far on the peer end, decoded.
+    fn sent(peer: &OwnedFd) -> Vec<(u16, u32, u32, Option<u32>)> {
+        let mut out = vec![];
+        let mut buf = vec![0u8; 65536];
+        loop {
+            // SAFETY: buf is a valid writable buffer of the given length.
+            let n = unsafe {
+                libc::recv(
+                    peer.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                return out;
+            }
+            out.extend(verdicts(&buf[..n as usize]));
+        }
+    }
+
+    /// The queue does not look inside packets: any bytes do.
+    fn ipv4_packet() -> Vec<u8> {
+        vec![0x45; 40]
+    }
+
+    #[test]
+    fn an_unparsable_packet_message_is_dropped_by_its_id() {
+        let (mut q, peer) = test_queue();
+        let mut buf = packet_msg(20, &ipv4_packet(), None, 0);
+        // Packet 21: its payload attribute claims more bytes than the message has.
+        let mut bad = packet_msg(21, b"xxxx", None, 0);
+        let payload_attr = bad.len() - 8;
+        bad[payload_attr..payload_attr + 2].copy_from_slice(&400u16.to_ne_bytes());
+        buf.extend(bad);
+        buf.extend(packet_msg(22, &ipv4_packet(), None, 0));
+        load(&mut q, &buf);
+        let mut seen = vec![];
+        q.for_each(|m| {
+            seen.push(m.id);
+            Verdict::Accept
+        });
+        assert_eq!(
+            seen,
+            vec![20, 22],
+            "the bad message never reaches the caller"
+        );
+        q.flush().unwrap();
+        // Before the fix, 20 and 22 went out as one ACCEPT batch up to 22, sweeping 21 along.
+        assert_eq!(
+            sent(&peer),
+            vec![
+                (NFQNL_MSG_VERDICT, NF_ACCEPT, 20, None),
+                (NFQNL_MSG_VERDICT, NF_DROP, 21, None),
+                (NFQNL_MSG_VERDICT, NF_ACCEPT, 22, None),
+            ]
+        );
+        assert_eq!((q.stats.malformed, q.stats.packets), (1, 2));
+    }
+
+    #[test]
+    fn a_packet_without_a_readable_id_is_swept_by_a_drop_before_the_next_accept() {
+        let (mut q, peer) = test_queue();
+        load(&mut q, &packet_msg(30, &ipv4_packet(), None, 0));
+        q.for_each(|_| Verdict::Accept);
+        // Next datagram: a packet message with no packet header at all (no id), then packet 32.
+        let mut buf = vec![];
+        let at = begin_msg(&mut buf, NFQNL_MSG_PACKET, 0, 0, 7);
+        attr(&mut buf, NFQA_PAYLOAD, b"junk");
+        end_msg(&mut buf, at);
+        buf.extend(packet_msg(32, &ipv4_packet(), None, 0));
+        load(&mut q, &buf);
+        q.for_each(|_| Verdict::Accept);
+        q.flush().unwrap();
+        assert_eq!(
+            sent(&peer),
+            vec![
+                (NFQNL_MSG_VERDICT, NF_ACCEPT, 30, None),
+                // Everything still queued up to 31 (only the unreadable packet is) is dropped
+                // before 32 is accepted.
+                (NFQNL_MSG_VERDICT_BATCH, NF_DROP, 31, None),
+                (NFQNL_MSG_VERDICT, NF_ACCEPT, 32, None),
+            ]
+        );
+        assert_eq!(q.stats.swept, 1);
+    }
+
+    #[test]
+    fn a_datagram_cut_by_the_receive_buffer_drops_its_packet() {
+        let (mut q, peer) = test_queue();
+        let whole = packet_msg(40, &vec![0x45; 60_000], None, 0);
+        // What recv leaves when MSG_TRUNC reports a datagram longer than the buffer.
+        load(&mut q, &whole[..1000]);
+        q.rx_truncated = true;
+        let mut called = false;
+        q.for_each(|_| {
+            called = true;
+            Verdict::Accept
+        });
+        assert!(!called);
+        q.flush().unwrap();
+        assert_eq!(sent(&peer), vec![(NFQNL_MSG_VERDICT, NF_DROP, 40, None)]);
+    }
+
+    #[test]
+    fn a_failed_send_keeps_the_verdicts_owed_and_sends_them_first_next_time() {
+        let (mut q, peer) = test_queue();
+        let mut buf = packet_msg(50, &ipv4_packet(), None, 0);
+        buf.extend(packet_msg(51, &ipv4_packet(), None, 0));
+        load(&mut q, &buf);
+        let mut n = 0;
+        q.for_each(|_| {
+            n += 1;
+            if n == 1 {
+                Verdict::Drop
+            } else {
+                Verdict::Accept
+            }
+        });
+        q.fail_sends = 1;
+        assert!(q.flush().is_err());
+        assert_eq!(q.pending(), 2, "nothing is forgotten when a send fails");
+        assert!(sent(&peer).is_empty());
+        load(&mut q, &packet_msg(52, &ipv4_packet(), None, 0));
+        q.for_each(|_| Verdict::Accept);
+        q.flush().unwrap();
+        // Before the fix, 50 (dropped by us) was forgotten and then accepted by the batch up
+        // to 52.
+        assert_eq!(
+            sent(&peer),
+            vec![
+                (NFQNL_MSG_VERDICT, NF_DROP, 50, None),
+                (NFQNL_MSG_VERDICT_BATCH, NF_ACCEPT, 52, None),
+            ]
+        );
+        assert_eq!((q.pending(), q.stats.send_failures), (0, 1));
     }
 }

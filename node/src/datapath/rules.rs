@@ -13,8 +13,11 @@
 //! - `filter` table: chain `NAME`, jumped to from FORWARD (first rule): packets carrying the
 //!   reject mark (set by our NF_REPEAT verdict) are REJECTed by the kernel — TCP reset for TCP,
 //!   ICMP port unreachable otherwise; helper ports go to the helper queue with a full-payload
-//!   copy; everything else is spread over the worker queues (`--queue-balance`, which hashes the
-//!   address pair symmetrically so both directions of a connection meet one worker).
+//!   copy; everything else is spread over the worker queues by `--queue-balance` alone, which
+//!   hashes the address pair and protocol symmetrically, so both directions of a connection meet
+//!   one worker. Not `--queue-cpu-fanout`: that picks the queue by the CPU the packet arrived
+//!   on, which sends the two directions of one flow to two workers that then contend for one
+//!   conntrack shard.
 //!
 //! Without `fail_open`, no `--queue-bypass`: when fwnode is not running, the kernel drops.
 //! Installing is idempotent: chains are re-declared (flushed) and exactly one jump is kept.
@@ -99,7 +102,7 @@ impl RuleSpec {
             format!("-j NFQUEUE --queue-num {}", self.first_queue)
         } else {
             format!(
-                "-j NFQUEUE --queue-balance {}:{} --queue-cpu-fanout",
+                "-j NFQUEUE --queue-balance {}:{}",
                 self.first_queue,
                 self.first_queue + self.queues - 1
             )
@@ -125,7 +128,8 @@ impl RuleSpec {
         ));
         s.push_str("COMMIT\n*filter\n");
         s.push_str(&format!(":{n} - [0:0]\n"));
-        let mark = format!("-m mark --mark {:#x}", self.reject_mark);
+        // Our bit only: other users of the mark keep theirs.
+        let mark = format!("-m mark --mark {m:#x}/{m:#x}", m = self.reject_mark);
         s.push_str(&format!(
             "-A {n} {mark} -p tcp -j REJECT --reject-with tcp-reset\n"
         ));
@@ -253,7 +257,7 @@ mod tests {
             queues: 2,
             helper_queue: Some(2),
             helper_ports: vec![("tcp".into(), 21)],
-            reject_mark: 0x4b53_0001,
+            reject_mark: 0x40_0000,
             fail_open: false,
         }
     }
@@ -265,11 +269,11 @@ mod tests {
             r,
             "*raw\n:KS-raw - [0:0]\n-A KS-raw -j CT --notrack\n\
              -A KS-raw -m conntrack --ctstate UNTRACKED -j RETURN\nCOMMIT\n*filter\n:KS - [0:0]\n\
-             -A KS -m mark --mark 0x4b530001 -p tcp -j REJECT --reject-with tcp-reset\n\
-             -A KS -m mark --mark 0x4b530001 -j REJECT --reject-with icmp-port-unreachable\n\
+             -A KS -m mark --mark 0x400000/0x400000 -p tcp -j REJECT --reject-with tcp-reset\n\
+             -A KS -m mark --mark 0x400000/0x400000 -j REJECT --reject-with icmp-port-unreachable\n\
              -A KS -p tcp --dport 21 -j NFQUEUE --queue-num 2\n\
              -A KS -p tcp --sport 21 -j NFQUEUE --queue-num 2\n\
-             -A KS -j NFQUEUE --queue-balance 0:1 --queue-cpu-fanout\nCOMMIT\n"
+             -A KS -j NFQUEUE --queue-balance 0:1\nCOMMIT\n"
         );
         assert!(!r.contains("bypass"));
         assert!(spec().render(Family::V6).contains("icmp6-port-unreachable"));

@@ -20,9 +20,21 @@ use crate::packet::{proto, Packet, ParseError, Tcp, L4};
 use crate::policy::{Action, PacketMeta, PolicyStore};
 use crate::time::Timestamp;
 
-/// Mark on a packet handed back with NF_REPEAT so that the kernel rule at the top of our chain
-/// REJECTs it (the kernel builds TCP resets and ICMP unreachables best).
-pub const REJECT_MARK: u32 = 0x4b53_0001;
+/// Default mark bit set on a packet handed back with NF_REPEAT so that the kernel rule at the
+/// top of our chain REJECTs it (the kernel builds TCP resets and ICMP unreachables best). One
+/// bit, OR-ed into the packet's mark, so other users of the mark keep their bits
+/// (`datapath.reject_mark` picks another bit).
+pub const REJECT_MARK: u32 = 0x0040_0000;
+
+/// The verdict as sent for a packet whose mark is `mark`: a REJECT keeps the packet's other
+/// mark bits and adds ours.
+#[inline]
+pub fn with_packet_mark(v: Verdict, mark: u32) -> Verdict {
+    match v {
+        Verdict::Repeat { mark: ours } => Verdict::Repeat { mark: mark | ours },
+        v => v,
+    }
+}
 
 /// Counters of one worker, readable from other threads.
 #[derive(Debug, Default)]
@@ -39,6 +51,12 @@ pub struct WorkerStats {
     pub verdict_messages: AtomicU64,
     pub verdict_errors: AtomicU64,
     pub netlink_malformed: AtomicU64,
+    /// Datagrams cut by the receive buffer; their packet was dropped.
+    pub netlink_truncated: AtomicU64,
+    /// DROP sweeps for packets whose netlink message had no readable id.
+    pub unidentified_swept: AtomicU64,
+    /// Verdict sends that failed and were retried.
+    pub verdict_send_failures: AtomicU64,
     pub parse_errors: [AtomicU64; ParseError::COUNTERS],
     pub ct_invalid: [AtomicU64; InvalidReason::COUNT],
     pub ct_new: AtomicU64,
@@ -56,6 +74,8 @@ pub struct WorkerStats {
     pub ftp_gaps: AtomicU64,
     /// Expectations the tracker refused (limits, master gone).
     pub ftp_expect_refused: AtomicU64,
+    /// Announcements beyond `MAX_ANNOUNCEMENTS` in one segment, not turned into expectations.
+    pub ftp_announcements_dropped: AtomicU64,
 }
 
 /// The per-packet decision, independent of NFQUEUE so it can be tested and benchmarked.
@@ -65,6 +85,8 @@ pub struct Pipeline {
     pub policy: Arc<PolicyStore>,
     pub ftp: FtpConfig,
     pub stats: Arc<WorkerStats>,
+    /// The mark bit of a REJECT verdict (see `REJECT_MARK`).
+    pub reject_mark: u32,
 }
 
 impl Pipeline {
@@ -142,7 +164,9 @@ impl Pipeline {
             }
             Action::Reject => {
                 s.rejected.fetch_add(1, Relaxed);
-                Verdict::Repeat { mark: REJECT_MARK }
+                Verdict::Repeat {
+                    mark: self.reject_mark,
+                }
             }
         }
     }
@@ -161,8 +185,9 @@ impl Pipeline {
         };
         let mut counters = FtpCounters::default();
         // A segment carries at most a few announcements; keep them on the stack.
-        let mut reqs: [Option<ExpectRequest>; 8] = [None; 8];
+        let mut reqs: [Option<ExpectRequest>; MAX_ANNOUNCEMENTS] = [None; MAX_ANNOUNCEMENTS];
         let mut n = 0;
+        let mut dropped = 0;
         let seg = Segment {
             dir,
             seq: tcp.seq,
@@ -173,8 +198,13 @@ impl Pipeline {
             if let Some(slot) = reqs.get_mut(n) {
                 *slot = Some(r);
                 n += 1;
+            } else {
+                dropped += 1;
             }
         });
+        self.stats
+            .ftp_announcements_dropped
+            .fetch_add(dropped, Relaxed);
         let timeout = Duration::from_secs(self.ftp.expect_timeout);
         for r in reqs.iter().flatten() {
             let x = Expectation {
@@ -206,6 +236,10 @@ impl Pipeline {
     }
 }
 
+/// Most FTP announcements (PORT/EPRT/227/229) turned into expectations per segment; a real
+/// client sends one at a time, so more are counted and ignored.
+pub const MAX_ANNOUNCEMENTS: usize = 8;
+
 /// Settings of a worker loop.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -219,8 +253,13 @@ pub struct WorkerConfig {
     pub sweep_budget: u32,
 }
 
+/// Flushes that may fail in a row before the worker gives up (and with it the daemon: the
+/// kernel then drops what is queued, and fail-closed rules keep dropping until it is back).
+const MAX_FAILED_FLUSHES: u32 = 3;
+
 /// Run one queue until `stop` is set. The socket is opened here, on the worker's thread, and
-/// the outcome of binding it is sent on `ready` before any packet is handled.
+/// the outcome of binding it is sent on `ready` before any packet is handled. Returns an error
+/// when the queue cannot be served any more (receive error, verdicts that cannot be sent).
 pub fn run(
     cfg: WorkerConfig,
     pipeline: Pipeline,
@@ -238,10 +277,13 @@ pub fn run(
             return Err(e);
         }
     };
+    let fault = fault::Injection::for_queue(cfg.queue.num);
     let stats = pipeline.stats.clone();
     let mut last_tick = Instant::now();
+    let mut failed_flushes = 0;
     while !stop.load(Relaxed) {
-        let got = q.recv(false)?;
+        // Verdicts still owed after a failed send: do not sleep in recv before retrying.
+        let got = q.recv(q.pending() > 0)?;
         let mut datagrams = 0;
         if got {
             let now = Timestamp::from_millis(origin.elapsed().as_millis() as u64);
@@ -249,7 +291,9 @@ pub fn run(
             let mut more = true;
             while more {
                 q.for_each(|m: &Msg| {
-                    pipeline.decide(now, &policy, m.payload, m.wire_len, m.indev, m.outdev)
+                    fault.on_packet();
+                    let v = pipeline.decide(now, &policy, m.payload, m.wire_len, m.indev, m.outdev);
+                    with_packet_mark(v, m.mark)
                 });
                 datagrams += 1;
                 more = datagrams < cfg.batch_datagrams && q.recv(true)?;
@@ -257,8 +301,21 @@ pub fn run(
             let n = q.pending() as u64;
             stats.batches.fetch_add(1, Relaxed);
             stats.max_batch.fetch_max(n, Relaxed);
-            if let Err(e) = q.flush() {
-                tracing::warn!(queue = cfg.queue.num, error = %e, "sending verdicts failed");
+        }
+        if q.pending() > 0 {
+            match q.flush() {
+                Ok(()) => failed_flushes = 0,
+                Err(e) => {
+                    failed_flushes += 1;
+                    tracing::warn!(queue = cfg.queue.num, error = %e, attempt = failed_flushes, "sending verdicts failed; they stay owed");
+                    if failed_flushes >= MAX_FAILED_FLUSHES {
+                        return Err(std::io::Error::new(
+                            e.kind(),
+                            format!("sending verdicts failed {failed_flushes} times in a row: {e}"),
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
         }
         // Publish queue counters and do timer work about ten times a second.
@@ -273,6 +330,9 @@ pub fn run(
             stats.verdict_messages.store(qs.verdict_messages, Relaxed);
             stats.verdict_errors.store(qs.verdict_errors, Relaxed);
             stats.netlink_malformed.store(qs.malformed, Relaxed);
+            stats.netlink_truncated.store(qs.truncated, Relaxed);
+            stats.unidentified_swept.store(qs.swept, Relaxed);
+            stats.verdict_send_failures.store(qs.send_failures, Relaxed);
             let now = Timestamp::from_millis(origin.elapsed().as_millis() as u64);
             pipeline
                 .ct
@@ -289,4 +349,52 @@ pub fn run(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reject_keeps_the_packets_other_mark_bits() {
+        let reject = Verdict::Repeat { mark: REJECT_MARK };
+        assert_eq!(
+            with_packet_mark(reject, 0x0000_4000),
+            Verdict::Repeat { mark: 0x0040_4000 }
+        );
+        assert_eq!(with_packet_mark(Verdict::Accept, 7), Verdict::Accept);
+        assert_eq!(with_packet_mark(Verdict::Drop, 7), Verdict::Drop);
+    }
+}
+
+/// Fault injection for the end-to-end tests that prove a dead worker is never silent. Built
+/// only with the `fault-injection` feature (the test command builds it; the default build has
+/// no hook): `KEEPSTATE_FAULT_PANIC_QUEUE=N` makes the worker of queue N panic on its first
+/// packet, before that packet has a verdict.
+mod fault {
+    #[derive(Clone, Copy, Debug)]
+    pub struct Injection {
+        #[cfg(feature = "fault-injection")]
+        panic_on_packet: Option<u16>,
+    }
+
+    impl Injection {
+        pub fn for_queue(_num: u16) -> Injection {
+            Injection {
+                #[cfg(feature = "fault-injection")]
+                panic_on_packet: std::env::var("KEEPSTATE_FAULT_PANIC_QUEUE")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&q: &u16| q == _num),
+            }
+        }
+
+        #[inline(always)]
+        pub fn on_packet(&self) {
+            #[cfg(feature = "fault-injection")]
+            if let Some(q) = self.panic_on_packet {
+                panic!("fault injection: the worker of queue {q} panics on a packet");
+            }
+        }
+    }
 }
