@@ -122,11 +122,11 @@ fn helper_cost_on_other_traffic(c: &mut Criterion) {
         let now = Timestamp::from_secs(1);
         let pol = p.policy.current();
         for b in &pkts {
-            p.decide(now, &pol, b, b.len() as u32, 2, 3);
+            p.decide(now, &pol, b, b.len() as u32, 2, 3, false);
         }
         let last = &pkts[2];
         g.bench_function(name, |b| {
-            b.iter(|| black_box(p.decide(now, &pol, last, last.len() as u32, 2, 3)))
+            b.iter(|| black_box(p.decide(now, &pol, last, last.len() as u32, 2, 3, false)))
         });
     }
     g.finish();

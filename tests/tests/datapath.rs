@@ -302,6 +302,7 @@ fn crafted_invalid_packets_are_dropped_counted_and_survived() {
          send(ip/TCP(sport=41001,dport=9000,flags=''))\n\
          send(ip/TCP(sport=41002,dport=9000,flags='FSRPAUEC'))\n\
          send(ip/TCP(sport=45000,dport=9000,flags='R',seq=0x7fff0000))\n\
+         send(ip/TCP(sport=41003,dport=9000,flags='S',chksum=0xdead))\n\
          send(IP(src='{CLIENT4}',dst='{SERVER4}',proto=6)/Raw(b'0123456789'))\n\
          send(IP(src='{CLIENT4}',dst='{SERVER4}',proto=17)/Raw(b'\\x00\\x01\\x00\\x02\\x00\\x63\\x00\\x00'))\n\
          frags=[IP(src='{CLIENT4}',dst='{SERVER4}',id=77,flags='MF',frag=0,proto=17)/Raw(UDP(sport=1,dport=5353,len=48).build()+b'A'*16),\n\
@@ -332,6 +333,11 @@ fn crafted_invalid_packets_are_dropped_counted_and_survived() {
     );
     assert!(
         counter(&s, &["conntrack", "invalid", "tcp_rst_out_of_window"]) >= 1,
+        "{s}"
+    );
+    // A raw-socket packet reaches the queue with its checksum unverified by the kernel.
+    assert!(
+        counter(&s, &["conntrack", "invalid", "bad_checksum"]) >= 1,
         "{s}"
     );
     assert!(

@@ -53,10 +53,12 @@ pub enum InvalidReason {
     /// Source and destination (address and port) are the same: a LAND-style packet whose
     /// reply would be itself.
     SameEndpoints,
+    /// The transport checksum is wrong (checked by the datapath when the kernel had not).
+    BadChecksum,
 }
 
 impl InvalidReason {
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 12;
     pub const NAMES: [&'static str; Self::COUNT] = [
         "fragment",
         "tcp_bad_flags",
@@ -69,6 +71,7 @@ impl InvalidReason {
         "icmp_error_unmatched",
         "table_full",
         "same_endpoints",
+        "bad_checksum",
     ];
 }
 
@@ -403,6 +406,12 @@ impl Shard {
     fn invalid(&mut self, r: InvalidReason) -> Outcome {
         self.counters.invalid[r as usize] += 1;
         Outcome::invalid(r)
+    }
+
+    /// Judge a packet INVALID for a reason found outside the tracker (a bad checksum), counted
+    /// with the tracker's own reasons; no connection is looked up or changed.
+    pub fn track_invalid(&mut self, r: InvalidReason) -> Outcome {
+        self.invalid(r)
     }
 
     fn update(&mut self, now_ms: u64, slot: u32, dir: u32, pkt: &Packet) -> Outcome {

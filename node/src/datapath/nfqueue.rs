@@ -55,6 +55,7 @@ pub const CFG_F_GSO: u32 = 4;
 
 const NFQA_SKB_CSUMNOTREADY: u32 = 1;
 const NFQA_SKB_GSO: u32 = 2;
+const NFQA_SKB_CSUM_NOTVERIFIED: u32 = 4;
 
 const PACKET_MSG: u16 = NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_PACKET;
 const NLMSG_ERROR: u16 = 2;
@@ -106,6 +107,17 @@ pub struct Msg<'a> {
     pub gso: bool,
     /// Checksum left for the NIC to fill in (partial checksum).
     pub csum_not_ready: bool,
+    /// The kernel has not verified the transport checksum (no hardware or earlier check did).
+    pub csum_unverified: bool,
+}
+
+impl Msg<'_> {
+    /// Whether the datapath should verify the transport checksum itself: the kernel has not,
+    /// and the packet is a real one (a GSO super-packet or a locally built one with a partial
+    /// checksum has no final checksum to verify).
+    pub fn needs_checksum(&self) -> bool {
+        self.csum_unverified && !self.gso && !self.csum_not_ready
+    }
 }
 
 /// Settings of one queue.
@@ -369,6 +381,7 @@ fn parse_packet(body: &[u8]) -> Option<Msg<'_>> {
         mark: 0,
         gso: false,
         csum_not_ready: false,
+        csum_unverified: false,
     };
     let mut have_hdr = false;
     let mut cap_len = None;
@@ -395,6 +408,7 @@ fn parse_packet(body: &[u8]) -> Option<Msg<'_>> {
                 let i = be_u32(data)?;
                 m.gso = i & NFQA_SKB_GSO != 0;
                 m.csum_not_ready = i & NFQA_SKB_CSUMNOTREADY != 0;
+                m.csum_unverified = i & NFQA_SKB_CSUM_NOTVERIFIED != 0;
             }
             _ => {}
         }
@@ -765,6 +779,12 @@ mod tests {
             (m.id, m.payload.len(), m.wire_len, m.gso, m.csum_not_ready),
             (6, 128, 9000, true, true)
         );
+        assert!(!m.needs_checksum());
+        let buf = packet_msg(8, b"abcde", None, NFQA_SKB_CSUM_NOTVERIFIED);
+        let Some(Ok(Netlink::Packet(b))) = messages(&buf).next() else {
+            panic!()
+        };
+        assert!(parse_packet(b).unwrap().needs_checksum());
     }
 
     #[test]

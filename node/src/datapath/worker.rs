@@ -16,6 +16,7 @@ use crate::conntrack::{ConnId, Conntrack, CtState, Direction, Expectation, Inval
 use crate::helper::ftp::{
     self, ControlConn, ExpectRequest, FtpConfig, FtpCounters, Reject, Segment,
 };
+use crate::packet::checksum::{self, Checksum};
 use crate::packet::{proto, Packet, ParseError, Tcp, L4};
 use crate::policy::{Action, PacketMeta, PolicyStore};
 use crate::time::Timestamp;
@@ -90,7 +91,13 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Decide one packet. `iif`/`oif` are interface indexes from the kernel.
+    /// Decide one packet. `iif`/`oif` are interface indexes from the kernel; `verify_checksum`
+    /// asks for the transport checksum to be checked (the kernel did not), as Linux conntrack
+    /// does: a segment with a bad checksum is INVALID, so a forged RST or FIN cannot close a
+    /// connection and a corrupt segment cannot feed the FTP helper. Only a whole capture can be
+    /// checked; header-only captures of payload-carrying packets pass unchecked (their payload
+    /// is not here), which still covers RST/FIN/SYN and every helper-queue packet.
+    #[allow(clippy::too_many_arguments)]
     pub fn decide(
         &self,
         now: Timestamp,
@@ -99,6 +106,7 @@ impl Pipeline {
         wire_len: u32,
         iif: u32,
         oif: u32,
+        verify_checksum: bool,
     ) -> Verdict {
         let s = &self.stats;
         let pkt = match Packet::parse_truncated(data, wire_len) {
@@ -109,8 +117,13 @@ impl Pipeline {
                 return Verdict::Drop;
             }
         };
+        let bad_checksum = verify_checksum && checksum::check(&pkt, data) == Checksum::Bad;
         let mut shard = self.ct.lock_for(&pkt);
-        let out = shard.track(now, &pkt);
+        let out = if bad_checksum {
+            shard.track_invalid(InvalidReason::BadChecksum)
+        } else {
+            shard.track(now, &pkt)
+        };
         match out.state {
             CtState::New => &s.ct_new,
             CtState::Established => &s.ct_established,
@@ -292,7 +305,15 @@ pub fn run(
             while more {
                 q.for_each(|m: &Msg| {
                     fault.on_packet();
-                    let v = pipeline.decide(now, &policy, m.payload, m.wire_len, m.indev, m.outdev);
+                    let v = pipeline.decide(
+                        now,
+                        &policy,
+                        m.payload,
+                        m.wire_len,
+                        m.indev,
+                        m.outdev,
+                        m.needs_checksum(),
+                    );
                     with_packet_mark(v, m.mark)
                 });
                 datagrams += 1;
@@ -354,6 +375,72 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conntrack::Config;
+    use crate::packet::build::{self, TcpSpec};
+    use crate::packet::TcpFlags;
+
+    fn pipeline() -> Pipeline {
+        let store = Arc::new(PolicyStore::new(Box::new(|_| None)));
+        store
+            .load_text(
+                1,
+                "test",
+                "[[rule]]\nct = [\"established\", \"related\"]\naction = \"accept\"\n\
+                 [[rule]]\nproto = \"tcp\"\nct = \"new\"\naction = \"accept\"\n",
+            )
+            .unwrap();
+        Pipeline {
+            ct: Arc::new(Conntrack::new(&Config::default())),
+            policy: store,
+            ftp: FtpConfig::default(),
+            stats: Arc::new(WorkerStats::default()),
+            reject_mark: REJECT_MARK,
+        }
+    }
+
+    #[test]
+    fn a_forged_rst_with_a_bad_checksum_is_invalid_and_closes_nothing() {
+        let p = pipeline();
+        let (cl, sv) = (
+            "198.51.100.10".parse().unwrap(),
+            "203.0.113.10".parse().unwrap(),
+        );
+        let seg = |from_client: bool, flags: u8, seq: u32, ack: u32| {
+            let (sp, dp) = if from_client {
+                (40000, 80)
+            } else {
+                (80, 40000)
+            };
+            let mut t = TcpSpec::new(sp, dp, flags);
+            (t.seq, t.ack) = (seq, ack);
+            if from_client {
+                build::tcp(cl, sv, &t)
+            } else {
+                build::tcp(sv, cl, &t)
+            }
+        };
+        let now = Timestamp::from_secs(1);
+        let pol = p.policy.current();
+        let decide = |b: &[u8]| p.decide(now, &pol, b, b.len() as u32, 2, 3, true);
+        assert_eq!(decide(&seg(true, TcpFlags::SYN, 1, 0)), Verdict::Accept);
+        assert_eq!(
+            decide(&seg(false, TcpFlags::SYN | TcpFlags::ACK, 100, 2)),
+            Verdict::Accept
+        );
+        assert_eq!(decide(&seg(true, TcpFlags::ACK, 2, 101)), Verdict::Accept);
+        // The exact next sequence number: a valid RST, but its checksum is wrong.
+        let mut rst = seg(true, TcpFlags::RST, 2, 0);
+        let sum_at = rst.len() - 4;
+        rst[sum_at] ^= 0xff;
+        assert_eq!(decide(&rst), Verdict::Drop);
+        let s = &p.stats;
+        assert_eq!(
+            s.ct_invalid[InvalidReason::BadChecksum as usize].load(Relaxed),
+            1
+        );
+        assert_eq!(p.ct.len(), 1, "the connection is still there");
+        assert_eq!(decide(&seg(true, TcpFlags::ACK, 2, 101)), Verdict::Accept);
+    }
 
     #[test]
     fn reject_keeps_the_packets_other_mark_bits() {

@@ -1,7 +1,8 @@
 //! Builders of raw IP packets for tests, benchmarks and fuzz seeds.
 //!
-//! Owns only byte assembly of well-formed IPv4/IPv6 + TCP/UDP/ICMP packets (checksums left zero:
-//! the tracker does not verify them). Not used on the packet path; allocates freely.
+//! Owns only byte assembly of well-formed IPv4/IPv6 + TCP/UDP/ICMP packets, with correct
+//! transport checksums (the IPv4 header checksum is left zero: the kernel checks it, not us).
+//! Not used on the packet path; allocates freely.
 
 use std::net::IpAddr;
 
@@ -47,6 +48,7 @@ pub fn ip(src: IpAddr, dst: IpAddr, protocol: u8, l4: &[u8]) -> Vec<u8> {
             p.extend_from_slice(&s.octets());
             p.extend_from_slice(&d.octets());
             p.extend_from_slice(l4);
+            super::checksum::fill(&mut p);
             p
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
@@ -56,6 +58,7 @@ pub fn ip(src: IpAddr, dst: IpAddr, protocol: u8, l4: &[u8]) -> Vec<u8> {
             p.extend_from_slice(&s.octets());
             p.extend_from_slice(&d.octets());
             p.extend_from_slice(l4);
+            super::checksum::fill(&mut p);
             p
         }
         _ => panic!("mixed address families in a test packet"),

@@ -12,6 +12,7 @@
 use std::net::IpAddr;
 
 pub mod build;
+pub mod checksum;
 mod parse;
 
 pub use parse::{Layer, ParseError};
@@ -43,6 +44,10 @@ pub struct Packet<'a> {
     pub wire_len: u32,
     /// `Some` when this packet is an IP fragment (first or not).
     pub fragment: Option<Fragment>,
+    /// Where the upper layer starts in the buffer (after IPv6 extension headers), and its
+    /// length on the wire (from the IP length fields).
+    pub l4_offset: u32,
+    pub l4_len: u32,
     pub l4: L4<'a>,
 }
 

@@ -289,6 +289,8 @@ pub(super) fn parse(data: &[u8], wire_len: u32) -> Result<Packet<'_>, ParseError
         proto: ip.proto,
         wire_len,
         fragment: ip.fragment,
+        l4_offset: ip.l4_off as u32,
+        l4_len: ip.l4_len,
         l4,
     })
 }
