@@ -1,5 +1,6 @@
-//! Policy benchmarks: first-match evaluation with 50 and 10 000 rules, and parse + compile +
-//! atomic swap of a 10 000-rule policy file.
+//! Policy benchmarks: first-match evaluation with 50 and 10 000 rules (and with 50 rules each
+//! decided by its interface check), and parse + compile + atomic swap of a 10 000-rule policy
+//! file.
 //!
 //! Run: `cargo bench -p fwnode --bench policy`
 #![allow(clippy::expect_used)]
@@ -28,6 +29,31 @@ fn policy_text(n: usize) -> String {
     }
     s.push_str("[[rule]]\nct = \"invalid\"\naction = \"drop\"\n[[rule]]\nproto = \"tcp\"\ndport = 443\nct = \"new\"\naction = \"accept\"\n");
     s
+}
+
+/// Like `policy_text`, but the `n - 3` non-matching rules name an interface the bench
+/// traffic does not come in on, and the last rule names the one it does: every rule on the
+/// way is decided by its interface check.
+fn iface_policy_text(n: usize) -> String {
+    let mut s = String::from(
+        "default = \"drop\"\n[[rule]]\nct = [\"established\", \"related\"]\naction = \"accept\"\n",
+    );
+    for i in 0..n.saturating_sub(3) {
+        s.push_str(&format!(
+            "[[rule]]\nin = \"wan0\"\nproto = \"tcp\"\ndport = {}\nct = \"new\"\naction = \"drop\"\n",
+            1000 + i % 50000
+        ));
+    }
+    s.push_str("[[rule]]\nct = \"invalid\"\naction = \"drop\"\n[[rule]]\nin = \"lan0\"\nout = \"wan0\"\nproto = \"tcp\"\ndport = 443\nct = \"new\"\naction = \"accept\"\n");
+    s
+}
+
+fn resolver(name: &str) -> Option<u32> {
+    match name {
+        "lan0" => Some(2),
+        "wan0" => Some(3),
+        _ => None,
+    }
 }
 
 fn meta(dport: u16, ct: CtState) -> PacketMeta {
@@ -63,6 +89,15 @@ fn eval(c: &mut Criterion) {
             b.iter(|| black_box(p.compiled.eval(&meta(444, CtState::New))))
         });
     }
+    let store = PolicyStore::new(Box::new(resolver));
+    store
+        .load_text(1, "bench", &iface_policy_text(50))
+        .expect("bench policy");
+    let p = store.current();
+    assert_eq!(p.compiled.eval(&meta(443, CtState::New)).rule, Some(49));
+    g.bench_function("eval_50_iface_rules_new_last_rule", |b| {
+        b.iter(|| black_box(p.compiled.eval(&meta(443, CtState::New))))
+    });
     let text = policy_text(10_000);
     let store = PolicyStore::new(Box::new(|_| None));
     let mut v = 0;

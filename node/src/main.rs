@@ -325,6 +325,10 @@ fn run(cfg: Config) -> Result<()> {
         signal_hook::flag::register(sig, stop.clone())?;
     }
     signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
+    if gateway {
+        fwnode::datapath::links::spawn(store.interfaces().clone(), stop.clone())
+            .context("subscribing to rtnetlink link events")?;
+    }
 
     let control = match &cfg.cluster {
         Some(c) => {

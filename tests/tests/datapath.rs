@@ -574,3 +574,139 @@ fn bulk_tcp_uses_gso_and_batched_verdicts() {
         "{s}"
     );
 }
+
+/// Does one ping from `host` to `dst` get an answer within a second?
+fn pings(lab: &Lab, host: &str, dst: &str) -> bool {
+    lab.try_sh(host, &format!("ping -c 1 -W 1 {dst}"))
+        .status
+        .success()
+}
+
+/// Poll `f` until it holds, for at most 15 s.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(15), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The latest hit counter of rule `i` fwnode wrote (no waiting).
+fn rule_hits(gw: &Gateway, i: usize) -> u64 {
+    std::fs::read_to_string(&gw.stats)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["policy"]["hits"][i].as_u64())
+        .unwrap_or(0)
+}
+
+fn ifindex(lab: &Lab, host: &str, name: &str) -> u32 {
+    let out = lab.sh(host, &format!("cat /sys/class/net/{name}/ifindex"));
+    out.trim().parse().unwrap()
+}
+
+#[test]
+fn a_rule_naming_an_interface_follows_it_without_a_reload() {
+    let lab = Lab::new();
+    let p = lab.prefix.clone();
+    // The deny rule names an interface the gateway does not have yet.
+    let new_if = format!("{p}gn");
+    let policy = format!(
+        "default = \"drop\"\n\
+         [[rule]]\nname = \"deny-new-lan\"\nin = \"{new_if}\"\nproto = \"icmp\"\naction = \"drop\"\n\
+         [[rule]]\nname = \"established\"\nct = [\"established\", \"related\"]\naction = \"accept\"\n\
+         [[rule]]\nname = \"ping-out\"\nproto = \"icmp\"\nicmp_type = \"echo-request\"\nct = \"new\"\naction = \"accept\"\n"
+    );
+    let gw = lab.start_fwnode(&policy, "", "");
+    // Kept, and said so at load and by --check-config.
+    let warned = |log: &str| {
+        log.lines().any(|l| {
+            l.contains("rule[0] (name \"deny-new-lan\"")
+                && l.contains(&format!("input interface \"{new_if}\" does not exist now"))
+        })
+    };
+    assert!(warned(&lab.log("fwnode")), "{}", lab.log("fwnode"));
+    let check = lab.try_sh(
+        "gw",
+        &format!(
+            "{} --check-config {}",
+            bin("fwnode").display(),
+            gw.config.display()
+        ),
+    );
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        check.status.success() && warned(&out),
+        "--check-config: {out}"
+    );
+    eventually(
+        "client pings the server while the interface is absent",
+        || pings(&lab, "client", SERVER4),
+    );
+    assert_eq!(rule_hits(&gw, 0), 0);
+
+    // The interface appears: the gateway's LAN side is renamed to it.
+    let old_lan = lab.gw_if("lan");
+    lab.sh(
+        "gw",
+        &format!(
+            "ip link set {old_lan} down && ip link set {old_lan} name {new_if} && ip link set {new_if} up"
+        ),
+    );
+    eventually(
+        "the client reaches the gateway over the renamed link",
+        || pings(&lab, "client", GW_LAN4),
+    );
+    eventually("the deny rule drops forwarded pings", || {
+        !pings(&lab, "client", SERVER4) && rule_hits(&gw, 0) >= 1
+    });
+
+    // Deleted and re-created: a new ifindex, same name.
+    let before = ifindex(&lab, "gw", &new_if);
+    lab.sh("gw", &format!("ip link del {new_if}"));
+    lab.sh(
+        "gw",
+        &format!(
+            "ip link add {new_if} type veth peer name {p}c netns {client} && \
+             ip link set {new_if} up && ip addr add {GW_LAN4}/24 dev {new_if}",
+            client = lab.ns("client")
+        ),
+    );
+    lab.sh(
+        "client",
+        &format!(
+            "ip link set {p}c up && ip addr add {CLIENT4}/24 dev {p}c && \
+             ip route add default via {GW_LAN4}"
+        ),
+    );
+    assert_ne!(
+        ifindex(&lab, "gw", &new_if),
+        before,
+        "re-created with a new ifindex"
+    );
+    eventually("the client reaches the gateway over the new link", || {
+        pings(&lab, "client", GW_LAN4)
+    });
+    let hits = rule_hits(&gw, 0);
+    eventually("the deny rule still drops forwarded pings", || {
+        !pings(&lab, "client", SERVER4) && rule_hits(&gw, 0) > hits
+    });
+
+    // Renamed away: the rule's interface is gone again and pings pass (so the drops above
+    // were the rule's).
+    lab.sh(
+        "gw",
+        &format!(
+            "ip link set {new_if} down && ip link set {new_if} name {old_lan} && ip link set {old_lan} up"
+        ),
+    );
+    eventually("pings pass once the named interface is gone", || {
+        pings(&lab, "client", SERVER4)
+    });
+    let s = gw.stats();
+    assert_eq!(counter(&s, &["policy", "version"]), 1, "no reload: {s}");
+}

@@ -1,8 +1,10 @@
 //! Datapath shell: NFQUEUE workers, verdicts, and the iptables rules that feed the queues.
 //!
 //! `nfqueue` talks netlink, `rules` installs the kernel side, `worker` runs the per-packet
-//! pipeline (parse → track → policy → verdict) on one thread per queue.
+//! pipeline (parse → track → policy → verdict) on one thread per queue, `links` keeps the
+//! policy's interface names mapped to current ifindexes from rtnetlink link events.
 
+pub mod links;
 pub mod nfqueue;
 pub mod rules;
 pub mod worker;

@@ -2,13 +2,17 @@
 //!
 //! Owns the matcher layout: rules become fixed-size records whose address, port and ICMP lists
 //! are ranges into three flat arrays, and the rules are pre-partitioned by protocol so a packet
-//! only visits the rules that can match its protocol, in order. Interface names are resolved to
-//! ifindexes once, here. Evaluation allocates nothing and takes no lock.
+//! only visits the rules that can match its protocol, in order. Interface names become slots of
+//! the shared `Interfaces` registry, read at evaluation time, so a rule follows its interface as
+//! it appears, disappears or is re-created. Evaluation allocates nothing and takes no lock.
 //! Must not touch I/O, the tracker or the file format.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
+use super::ifaces::{IfSlot, Interfaces};
 use super::model::{Action, CtSet, PolicyModel};
 use crate::conntrack::CtState;
 use crate::packet::proto;
@@ -57,11 +61,9 @@ impl Span {
     }
 }
 
-/// `iif`/`oif` value of a rule whose interface did not exist at compile time.
-const NO_SUCH_IF: u32 = u32::MAX;
-
 #[derive(Clone, Copy, Debug)]
 struct CRule {
+    /// Interfaces: 0 = any, else 1 + an index into `CompiledPolicy::ifaces`.
     iif: u32,
     oif: u32,
     ct: u8,
@@ -98,6 +100,8 @@ pub struct CompiledPolicy {
     nets: Vec<Net>,
     ports: Vec<(u16, u16)>,
     icmp: Vec<u8>,
+    /// The registry slots the rules name, each once.
+    ifaces: Box<[Arc<IfSlot>]>,
     default: Action,
     hits: Box<[AtomicU64]>,
     default_hits: AtomicU64,
@@ -112,13 +116,12 @@ fn key(a: IpAddr) -> (u128, bool) {
 }
 
 impl CompiledPolicy {
-    /// Compile `model`. `resolve` maps interface names to ifindexes; a rule naming an interface
-    /// that does not exist never matches, and a warning says so.
-    pub fn compile(
-        model: &PolicyModel,
-        resolve: &dyn Fn(&str) -> Option<u32>,
-    ) -> (Self, Vec<String>) {
+    /// Compile `model`, interning its interface names in `ifs`. A rule naming an interface that
+    /// does not exist now is kept (it matches once the interface appears) and a warning says so.
+    pub fn compile(model: &PolicyModel, ifs: &Interfaces) -> (Self, Vec<String>) {
         let mut warnings = vec![];
+        let mut slots: Vec<Arc<IfSlot>> = vec![];
+        let mut slot_of: HashMap<String, u32> = HashMap::new();
         let mut c = CompiledPolicy {
             rules: Vec::with_capacity(model.rules.len()),
             protos: Vec::with_capacity(model.rules.len()),
@@ -126,22 +129,33 @@ impl CompiledPolicy {
             nets: vec![],
             ports: vec![],
             icmp: vec![],
+            ifaces: Box::new([]),
             default: model.default,
             hits: (0..model.rules.len()).map(|_| AtomicU64::new(0)).collect(),
             default_hits: AtomicU64::new(0),
         };
         for (i, r) in model.rules.iter().enumerate() {
             let mut ifx = |name: &Option<String>, what: &str| {
-                match name {
-                None => 0,
-                Some(n) => resolve(n).unwrap_or_else(|| {
+                let Some(n) = name else { return 0 };
+                let id = match slot_of.get(n.as_str()) {
+                    Some(&id) => id,
+                    None => {
+                        slots.push(ifs.intern(n));
+                        slot_of.insert(n.clone(), slots.len() as u32);
+                        slots.len() as u32
+                    }
+                };
+                if slots.get(id as usize - 1).is_some_and(|s| s.get() == 0) {
+                    let rule = match &r.name {
+                        Some(name) => format!("rule[{i}] (name {name:?}, line {})", r.line),
+                        None => format!("rule[{i}] (line {})", r.line),
+                    };
                     warnings.push(format!(
-                        "rule[{i}] (line {}): {what} interface {n:?} does not exist; the rule cannot match until the policy is reloaded",
-                        r.line
+                        "{rule}: {what} interface {n:?} does not exist now; the rule is kept and \
+                         matches once the interface appears"
                     ));
-                    NO_SUCH_IF
-                }),
-            }
+                }
+                id
             };
             let iif = ifx(&r.iif, "input");
             let oif = ifx(&r.oif, "output");
@@ -206,7 +220,18 @@ impl CompiledPolicy {
                 None => c.buckets.iter_mut().for_each(|b| b.push(i as u32)),
             }
         }
+        c.ifaces = slots.into_boxed_slice();
         (c, warnings)
+    }
+
+    /// Does the rule's interface reference `r` (0 = any) admit packet ifindex `x`?
+    #[inline]
+    fn if_ok(&self, r: u32, x: u32) -> bool {
+        r == 0
+            || self
+                .ifaces
+                .get(r as usize - 1)
+                .is_some_and(|s| s.matches(x))
     }
 
     pub fn rule_count(&self) -> usize {
@@ -236,7 +261,7 @@ impl CompiledPolicy {
             {
                 continue;
             }
-            if (r.iif != 0 && r.iif != m.iif) || (r.oif != 0 && r.oif != m.oif) {
+            if !self.if_ok(r.iif, m.iif) || !self.if_ok(r.oif, m.oif) {
                 continue;
             }
             let in_nets = |sp: Span, a: u128| {

@@ -5,6 +5,9 @@
 //! atomic pointer store, so a worker evaluates every packet against exactly one whole policy.
 //! A failed load leaves the running policy untouched. Where the text comes from (a local file
 //! today, applied Raft entries tomorrow) is the caller's business.
+//!
+//! Also owns the `Interfaces` registry the compiled policies share: every load re-resolves it
+//! first, and the datapath's link listener keeps it current in between (`interfaces()`).
 
 use std::sync::Arc;
 
@@ -12,10 +15,9 @@ use arc_swap::{ArcSwap, Guard};
 
 use super::compile::CompiledPolicy;
 use super::file::{self, PolicyError};
+use super::ifaces::Interfaces;
+pub use super::ifaces::Resolver;
 use super::model::{Action, PolicyModel};
-
-/// Maps an interface name to its ifindex.
-pub type Resolver = Box<dyn Fn(&str) -> Option<u32> + Send + Sync>;
 
 /// A policy being enforced.
 #[derive(Debug)]
@@ -30,7 +32,7 @@ pub struct ActivePolicy {
 
 pub struct PolicyStore {
     current: ArcSwap<ActivePolicy>,
-    resolve: Resolver,
+    ifaces: Arc<Interfaces>,
 }
 
 impl std::fmt::Debug for PolicyStore {
@@ -48,12 +50,14 @@ pub fn validate(text: &str, origin: &str) -> Result<PolicyModel, PolicyError> {
 
 impl PolicyStore {
     /// A store enforcing the fail-closed empty policy (default drop) until one is loaded.
+    /// `resolve` maps interface names to ifindexes for the interface registry.
     pub fn new(resolve: Resolver) -> Self {
+        let ifaces = Arc::new(Interfaces::new(resolve));
         let empty = PolicyModel {
             default: Action::Drop,
             rules: vec![],
         };
-        let (compiled, _) = CompiledPolicy::compile(&empty, &*resolve);
+        let (compiled, _) = CompiledPolicy::compile(&empty, &ifaces);
         let active = ActivePolicy {
             version: 0,
             origin: "built-in".into(),
@@ -63,7 +67,20 @@ impl PolicyStore {
         };
         PolicyStore {
             current: ArcSwap::from_pointee(active),
-            resolve,
+            ifaces,
+        }
+    }
+
+    /// The interface registry of this store's policies, for the link listener that keeps it
+    /// current.
+    pub fn interfaces(&self) -> &Arc<Interfaces> {
+        &self.ifaces
+    }
+
+    /// Re-resolve every interface name the policies use, logging what changed.
+    pub fn resync_interfaces(&self) {
+        for c in self.ifaces.resync() {
+            tracing::info!(interface = %c.name, old = c.old, new = c.new, "policy interface re-resolved");
         }
     }
 
@@ -75,7 +92,8 @@ impl PolicyStore {
         text: &str,
     ) -> Result<Arc<ActivePolicy>, PolicyError> {
         let model = file::parse(text, origin)?;
-        let (compiled, warnings) = CompiledPolicy::compile(&model, &*self.resolve);
+        self.resync_interfaces();
+        let (compiled, warnings) = CompiledPolicy::compile(&model, &self.ifaces);
         let active = Arc::new(ActivePolicy {
             version,
             origin: origin.to_string(),
@@ -91,7 +109,8 @@ impl PolicyStore {
     /// enters the Raft log. Returns the rule count and the compiler's warnings.
     pub fn check(&self, text: &str, origin: &str) -> Result<(usize, Vec<String>), PolicyError> {
         let model = file::parse(text, origin)?;
-        let (compiled, warnings) = CompiledPolicy::compile(&model, &*self.resolve);
+        self.resync_interfaces();
+        let (compiled, warnings) = CompiledPolicy::compile(&model, &self.ifaces);
         Ok((compiled.rule_count(), warnings))
     }
 

@@ -19,9 +19,13 @@ fn resolver(name: &str) -> Option<u32> {
     }
 }
 
+fn ifs() -> Interfaces {
+    Interfaces::new(Box::new(resolver))
+}
+
 fn compile(text: &str) -> CompiledPolicy {
     let m = file::parse(text, "t.toml").unwrap();
-    CompiledPolicy::compile(&m, &resolver).0
+    CompiledPolicy::compile(&m, &ifs()).0
 }
 
 fn meta(src: &str, dst: &str, proto: u8, dport: u16, ct: CtState) -> PacketMeta {
@@ -165,23 +169,99 @@ fn first_match_semantics() {
     assert!(default_hits >= 5);
 }
 
+fn on(iif: u32) -> PacketMeta {
+    let mut m = meta("198.51.100.1", "203.0.113.1", proto::UDP, 1, CtState::New);
+    m.iif = iif;
+    m
+}
+
 #[test]
-fn unresolved_interface_never_matches_and_warns() {
-    let m = file::parse("[[rule]]\nin = \"eth9\"\naction = \"accept\"\n", "t.toml").unwrap();
-    let (p, warnings) = CompiledPolicy::compile(&m, &resolver);
-    assert_eq!(warnings.len(), 1);
-    assert!(warnings[0].contains("eth9"), "{warnings:?}");
-    assert_eq!(
-        p.eval(&meta(
-            "198.51.100.1",
-            "203.0.113.1",
-            proto::UDP,
-            1,
-            CtState::New
-        ))
-        .rule,
-        None
+fn absent_interface_rule_is_kept_warned_about_and_matches_once_it_appears() {
+    let text = "[[rule]]\nname = \"deny-new\"\nin = \"eth9\"\naction = \"drop\"\n\
+                [[rule]]\nin = \"lan0\"\naction = \"accept\"\n";
+    let m = file::parse(text, "t.toml").unwrap();
+    let ifs = ifs();
+    let (p, warnings) = CompiledPolicy::compile(&m, &ifs);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("rule[0] (name \"deny-new\", line 1)")
+            && warnings[0].contains("\"eth9\"")
+            && warnings[0].contains("kept"),
+        "{warnings:?}"
     );
+    // Absent: the deny rule matches nothing, not even packets of unknown interface (0).
+    assert_eq!(p.eval(&on(9)).rule, None);
+    assert_eq!(p.eval(&on(0)).rule, None);
+    assert_eq!(p.eval(&on(2)).rule, Some(1));
+    // eth9 appears as ifindex 9: the deny rule matches, without recompiling.
+    ifs.on_link(LinkEvent::New {
+        index: 9,
+        name: "eth9",
+    });
+    assert_eq!(p.eval(&on(9)).action, Action::Drop);
+    assert_eq!(p.eval(&on(9)).rule, Some(0));
+    // Deleted: matches nothing again. Re-created with a new ifindex: follows it.
+    ifs.on_link(LinkEvent::Del { index: 9 });
+    assert_eq!(p.eval(&on(9)).rule, None);
+    ifs.on_link(LinkEvent::New {
+        index: 12,
+        name: "eth9",
+    });
+    assert_eq!(p.eval(&on(12)).rule, Some(0));
+    assert_eq!(p.eval(&on(9)).rule, None);
+    // lan0 renamed to eth9 (same ifindex 2): lan0's rule stops, eth9's rule takes it.
+    ifs.on_link(LinkEvent::New {
+        index: 2,
+        name: "eth9",
+    });
+    assert_eq!(p.eval(&on(2)).rule, Some(0));
+    assert_eq!(p.eval(&on(12)).rule, None);
+}
+
+#[test]
+fn a_name_used_twice_in_a_policy_warns_per_rule_and_shares_a_slot() {
+    let text = "[[rule]]\nin = \"eth9\"\nproto = \"udp\"\naction = \"drop\"\n\
+                [[rule]]\nout = \"eth9\"\naction = \"drop\"\n";
+    let ifs = ifs();
+    let (p, warnings) = CompiledPolicy::compile(&file::parse(text, "t.toml").unwrap(), &ifs);
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[1].contains("output interface"), "{warnings:?}");
+    assert_eq!(ifs.snapshot(), vec![("eth9".to_string(), 0)]);
+    ifs.on_link(LinkEvent::New {
+        index: 5,
+        name: "eth9",
+    });
+    let mut m = on(1);
+    m.oif = 5;
+    assert_eq!(p.eval(&m).rule, Some(1));
+    assert_eq!(p.eval(&on(5)).rule, Some(0));
+}
+
+#[test]
+fn swapped_policies_share_the_live_interface_slots() {
+    let a = "[[rule]]\nin = \"eth9\"\naction = \"drop\"\n";
+    let b = "[[rule]]\nin = \"eth9\"\naction = \"reject\"\n";
+    let store = PolicyStore::new(Box::new(resolver));
+    let v1 = store.load_text(1, "a", a).unwrap();
+    assert_eq!(v1.warnings.len(), 1);
+    store.load_text(2, "b", b).unwrap();
+    // An event after the swap reaches both the old policy (still held by a worker's guard)
+    // and the new one.
+    store.interfaces().on_link(LinkEvent::New {
+        index: 9,
+        name: "eth9",
+    });
+    assert_eq!(v1.compiled.eval(&on(9)).action, Action::Drop);
+    assert_eq!(store.current().compiled.eval(&on(9)).action, Action::Reject);
+    // A policy no longer naming eth9: once nothing holds the old ones, a load forgets it.
+    drop(v1);
+    store
+        .load_text(3, "c", "[[rule]]\nin = \"lan0\"\naction = \"accept\"\n")
+        .unwrap();
+    store
+        .load_text(4, "c", "[[rule]]\nin = \"lan0\"\naction = \"accept\"\n")
+        .unwrap();
+    assert_eq!(store.interfaces().snapshot(), vec![("lan0".to_string(), 2)]);
 }
 
 fn err(text: &str) -> PolicyError {
@@ -317,9 +397,11 @@ fn readers_never_see_a_torn_policy() {
 
 // ---- compiled == naive reference -----------------------------------------------------------
 
-fn naive(m: &PolicyModel, p: &PacketMeta) -> Decision {
+/// `eth9`: the ifindex interface "eth9" has now (it is absent at compile time).
+fn naive(m: &PolicyModel, p: &PacketMeta, eth9: Option<u32>) -> Decision {
+    let resolve = |n: &str| if n == "eth9" { eth9 } else { resolver(n) };
     for (i, r) in m.rules.iter().enumerate() {
-        let ifok = |n: &Option<String>, x: u32| n.as_ref().is_none_or(|n| resolver(n) == Some(x));
+        let ifok = |n: &Option<String>, x: u32| n.as_ref().is_none_or(|n| resolve(n) == Some(x));
         let netok =
             |l: &[ipnet::IpNet], a: IpAddr| l.is_empty() || l.iter().any(|n| n.contains(&a));
         let portok =
@@ -416,13 +498,18 @@ proptest! {
                               src in proptest::sample::select(vec!["198.51.100.5", "198.51.100.200", "203.0.113.7", "2001:db8:1::5", "2001:db8:9::1"]),
                               dst in proptest::sample::select(vec!["203.0.113.7", "198.51.100.5", "2001:db8:1::7", "2001:db8:2::1"]),
                               p in proptest::sample::select(vec![proto::TCP, proto::UDP, proto::ICMP, proto::ICMPV6, 47, 50]),
-                              dport in 0u16..130, iif in 0u32..4, icmp in proptest::option::of(0u8..10),
+                              dport in 0u16..130, iif in 0u32..6, eth9 in proptest::option::of(4u32..6), icmp in proptest::option::of(0u8..10),
                               ct in proptest::sample::select(vec![CtState::New, CtState::Established, CtState::Related, CtState::Invalid])) {
         let (src, dst) = (ip(src), ip(dst));
         prop_assume!(src.is_ipv4() == dst.is_ipv4());
         let model = PolicyModel { default: Action::Drop, rules };
-        let (c, _) = CompiledPolicy::compile(&model, &resolver);
+        let ifs = ifs();
+        let (c, _) = CompiledPolicy::compile(&model, &ifs);
+        // eth9 is absent at compile time and may appear afterwards.
+        if let Some(i) = eth9 {
+            ifs.on_link(LinkEvent::New { index: i, name: "eth9" });
+        }
         let m = PacketMeta { iif, oif: 3, src, dst, proto: p, sport: 1, dport, icmp_type: icmp, ct };
-        prop_assert_eq!(c.eval(&m), naive(&model, &m));
+        prop_assert_eq!(c.eval(&m), naive(&model, &m, eth9));
     }
 }
