@@ -2,11 +2,13 @@
 //!
 //! Owns the one place a channel is made (mTLS with the cluster CA plugs in here, as it does in
 //! fwnode's `transport`), and the mapping of gRPC statuses to `CliError`s with exit codes and
-//! advice. Must not format output.
+//! advice, and the message-size limit fwctl shares with fwnode ([`MAX_MESSAGE_BYTES`]: tonic's
+//! 4 MiB default cannot carry `ct list` of tens of thousands of entries). Must not format output.
 
 use std::time::Duration;
 
 use keepstate_proto::v1::control_client::ControlClient;
+use keepstate_proto::MAX_MESSAGE_BYTES;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -48,7 +50,14 @@ pub async fn connect(addr: &str, timeout: Duration) -> Result<ControlClient<Chan
              address there? set --node or FWCTL_NODE"
         ))
     })?;
-    Ok(ControlClient::new(ch))
+    Ok(control_client(ch))
+}
+
+/// A control client on `ch` with the limits every keepstate end uses.
+pub fn control_client(ch: Channel) -> ControlClient<Channel> {
+    ControlClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// Map a failed call to an error that says what to do.
@@ -86,5 +95,94 @@ mod tests {
         assert_eq!(code(Status::unavailable("no quorum: ...")), 4);
         assert_eq!(code(Status::deadline_exceeded("slow")), 4);
         assert_eq!(code(Status::internal("bug")), 5);
+    }
+
+    use keepstate_proto::v1::{self, control_server};
+    use tonic::{Request, Response};
+
+    /// A node that only lists connections: `n` IPv6 entries.
+    struct Lister(usize);
+
+    /// The Control impl for `Lister`: `list_connections` as given, every other call refused.
+    macro_rules! lister_impl {
+        ($($name:ident($req:ident) -> $rep:ident;)* { $($body:tt)* }) => {
+            #[tonic::async_trait]
+            impl control_server::Control for Lister {
+                $(
+                    async fn $name(
+                        &self,
+                        _: Request<v1::$req>,
+                    ) -> Result<Response<v1::$rep>, Status> {
+                        Err(Status::unimplemented(stringify!($name)))
+                    }
+                )*
+                $($body)*
+            }
+        };
+    }
+
+    lister_impl! {
+        status(StatusRequest) -> StatusReply;
+        get_policy(GetPolicyRequest) -> PolicyVersion;
+        apply_policy(ApplyPolicyRequest) -> ApplyPolicyReply;
+        rollback_policy(RollbackPolicyRequest) -> ApplyPolicyReply;
+        policy_history(PolicyHistoryRequest) -> PolicyHistoryReply;
+        cluster_init(ClusterInitRequest) -> MembersReply;
+        cluster_members(MembersRequest) -> MembersReply;
+        cluster_add(ClusterAddRequest) -> MembersReply;
+        cluster_promote(ClusterPromoteRequest) -> MembersReply;
+        cluster_remove(ClusterRemoveRequest) -> MembersReply;
+        set_ha_settings(SetHaSettingsRequest) -> HaSettings;
+        count_connections(CountConnectionsRequest) -> CountConnectionsReply;
+        list_expectations(ListExpectationsRequest) -> ListExpectationsReply;
+        {
+        async fn list_connections(
+            &self,
+            _: Request<v1::ListConnectionsRequest>,
+        ) -> Result<Response<v1::ListConnectionsReply>, Status> {
+            let c = v1::Connection {
+                protocol: 6,
+                src: "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff".into(),
+                dst: "2001:db8:ffff:ffff:ffff:ffff:ffff:fffe".into(),
+                src_port: 65535,
+                dst_port: 65535,
+                state: "ESTABLISHED".into(),
+                assured: true,
+                seen_reply: true,
+                related: true,
+                from_peer: true,
+                expires_in_ms: 432_000_000,
+                helper: "ftp".into(),
+            };
+            Ok(Response::new(v1::ListConnectionsReply {
+                connections: vec![c; self.0],
+                truncated: false,
+            }))
+        }
+        }
+    }
+
+    /// `ct list` of 40 000 entries is ~5 MB: over tonic's 4 MiB default, under the shared limit.
+    #[tokio::test]
+    async fn a_large_connection_list_arrives() {
+        let incoming =
+            tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = incoming.local_addr().unwrap();
+        let server = tonic::transport::Server::builder()
+            .add_service(
+                control_server::ControlServer::new(Lister(40_000))
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .serve_with_incoming(incoming);
+        let task = tokio::spawn(server);
+        let mut c = connect(&addr.to_string(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let r = c
+            .list_connections(v1::ListConnectionsRequest::default())
+            .await
+            .map(|r| r.into_inner().connections.len());
+        assert_eq!(r.ok(), Some(40_000));
+        task.abort();
     }
 }

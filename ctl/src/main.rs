@@ -207,6 +207,22 @@ fn read_file(path: &str) -> Result<String, CliError> {
     std::fs::read_to_string(path).map_err(|e| CliError::Rejected(format!("reading {path}: {e}")))
 }
 
+/// A policy file to apply: refused here, before it is sent, when it is over the size every
+/// member accepts (the node checks again).
+fn read_policy(path: &str) -> Result<String, CliError> {
+    let text = read_file(path)?;
+    let limit = keepstate_proto::MAX_POLICY_BYTES;
+    if text.len() > limit {
+        return Err(CliError::Rejected(format!(
+            "{path}: the policy is {} bytes; the limit is {limit} bytes ({} MiB) so that every \
+             member can replicate it and the whole history; split it or remove unused rules",
+            text.len(),
+            limit / (1024 * 1024)
+        )));
+    }
+    Ok(text)
+}
+
 fn author() -> String {
     let user = ["SUDO_USER", "USER", "LOGNAME"]
         .iter()
@@ -367,7 +383,7 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
             dry_run,
             comment,
         }) => {
-            let text = read_file(&file)?;
+            let text = read_policy(&file)?;
             let r = c
                 .apply_policy(v1::ApplyPolicyRequest {
                     text,
@@ -521,6 +537,26 @@ mod tests {
         assert!(d.contains("--- version 3 (running)"), "{d}");
         assert!(d.contains("+++ new.toml"), "{d}");
         assert!(d.contains("-b\n+c"), "{d}");
+    }
+
+    #[test]
+    fn a_policy_over_the_limit_is_refused_with_its_size_and_the_limit() {
+        let dir = std::env::temp_dir().join(format!("fwctl-size-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_default();
+        let f = dir.join("big.toml");
+        let limit = keepstate_proto::MAX_POLICY_BYTES;
+        std::fs::write(&f, "#".repeat(limit + 1)).unwrap_or_default();
+        let p = f.display().to_string();
+        let e = read_policy(&p).err();
+        let msg = e.as_ref().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(e.map(|e| e.exit_code()), Some(3));
+        assert!(
+            msg.contains(&format!("{} bytes", limit + 1)) && msg.contains(&limit.to_string()),
+            "{msg}"
+        );
+        std::fs::write(&f, "#".repeat(limit)).unwrap_or_default();
+        assert!(read_policy(&p).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! small tokio runtime that runs beside the datapath threads.
 //!
 //! Owns the `[cluster]` settings, the runtime, the gRPC listener (both services on one port of
-//! the management network, built through [`Transport`]) and the wiring of applied policies
-//! into the live [`PolicyStore`]. Must not touch packets: the datapath only ever sees a whole
+//! the management network, built through [`Transport`], with the shared message-size limit on
+//! both services) and the wiring of applied policies into the live [`PolicyStore`]. Must not touch packets: the datapath only ever sees a whole
 //! compiled policy swapped in by the store.
 
 use std::net::SocketAddr;
@@ -13,12 +13,13 @@ use std::time::Duration;
 
 use keepstate_proto::v1::control_server::ControlServer;
 use keepstate_proto::v1::raft_server::RaftServer;
+use keepstate_proto::MAX_MESSAGE_BYTES;
 use openraft::SnapshotPolicy;
 use serde::Deserialize;
 
 use crate::api::{ControlService, Datapath, WriteLimits};
 use crate::policy::PolicyStore;
-use crate::raft::network::{Network, RaftService};
+use crate::raft::network::{Network, RaftService, MAX_PAYLOAD_ENTRIES, SNAPSHOT_CHUNK_BYTES};
 use crate::raft::{store, Member, NodeId, PolicyRecord, PolicySink, Raft, Role};
 use crate::transport::Transport;
 
@@ -105,6 +106,10 @@ impl ClusterConfig {
     }
 }
 
+/// Deadline of one InstallSnapshot call (a chunk of [`SNAPSHOT_CHUNK_BYTES`], or the last chunk
+/// plus the install).
+const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 10_000;
+
 /// Why the control plane did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -184,6 +189,14 @@ pub fn start(
         election_timeout_max: cfg.election_timeout_max_ms,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
         max_in_snapshot_log_to_keep: cfg.logs_to_keep,
+        // Batches and snapshot chunks are bounded in bytes so that each fits one gRPC message
+        // (the network layer splits a batch further by its actual size).
+        max_payload_entries: MAX_PAYLOAD_ENTRIES,
+        snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES as u64,
+        // The deadline of one snapshot chunk; the last one also covers installing the
+        // snapshot on the receiver (decode, fsync, compile the policy), which for a history of
+        // large policies takes far longer than openraft's 200 ms default.
+        install_snapshot_timeout: INSTALL_SNAPSHOT_TIMEOUT_MS,
         ..Default::default()
     }
     .validate()
@@ -227,8 +240,16 @@ pub fn start(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = transport
         .server()
-        .add_service(RaftServer::new(RaftService { raft: raft.clone() }))
-        .add_service(ControlServer::new(control))
+        .add_service(
+            RaftServer::new(RaftService { raft: raft.clone() })
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ControlServer::new(control)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });

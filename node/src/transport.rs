@@ -4,6 +4,9 @@
 //! Owns endpoint and server construction (timeouts, keepalive, and later the rustls mTLS
 //! configuration of the cluster CA). Every channel to a peer and every listener goes through
 //! [`Transport`], so turning on mTLS changes this file and the config, not the services.
+//! The message-size limit is not set here: tonic sets it per generated service and client,
+//! so every one of them sets [`keepstate_proto::MAX_MESSAGE_BYTES`] where it is built (the
+//! one constant both ends share, fwctl included).
 //! Must not know about any service.
 
 use std::net::SocketAddr;

@@ -55,8 +55,14 @@ impl Ctl {
 
 impl ClusterLab {
     /// Build the topology and start all three members with `extra_cluster` appended to each
-    /// `[cluster]` section (e.g. snapshot settings).
+    /// `[cluster]` section (e.g. snapshot settings; `commit_timeout_ms` there replaces the
+    /// default of 2000).
     pub fn start(extra_cluster: &str) -> ClusterLab {
+        let commit = if extra_cluster.contains("commit_timeout_ms") {
+            ""
+        } else {
+            "commit_timeout_ms = 2000\n"
+        };
         let mut lab = Lab::new();
         for host in ["m2", "m3", "sw"] {
             lab.add_host(host);
@@ -95,7 +101,7 @@ impl ClusterLab {
                     "[node]\nname = \"n{id}\"\n\n[datapath]\nchain = \"{p}\"\nstats_file = \"{stats}\"\n\n\
                      [cluster]\nid = {id}\nlisten = \"{addr}\"\ndata_dir = \"{data}\"\nrole = \"{role}\"\n\
                      heartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n\
-                     commit_timeout_ms = 2000\n{extra_cluster}\n",
+                     {commit}{extra_cluster}\n",
                     stats = stats.display(),
                     data = lab.dir.join(format!("data{id}")).display(),
                 ),
@@ -170,11 +176,16 @@ impl ClusterLab {
     }
 
     pub fn ctl_at(&self, node: &str, args: &[&str]) -> Ctl {
+        self.ctl_at_timeout(node, 5, args)
+    }
+
+    /// `ctl_at` with fwctl's `--timeout` (seconds) instead of 5.
+    pub fn ctl_at_timeout(&self, node: &str, timeout_s: u64, args: &[&str]) -> Ctl {
         let quoted: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
         let o: Output = self.lab.try_sh(
             "sw",
             &format!(
-                "{} --node {node} --timeout 5 {}",
+                "{} --node {node} --timeout {timeout_s} {}",
                 bin("fwctl").display(),
                 quoted.join(" ")
             ),
@@ -231,26 +242,57 @@ impl ClusterLab {
     pub fn form(&self) {
         self.ctl(1, &["cluster", "init"]).ok();
         for id in [2u64, 3] {
-            let role = if id == 3 { "witness" } else { "gateway" };
-            let addr = self.m(id).addr.clone();
-            let name = format!("n{id}");
-            self.ctl(
-                1,
-                &[
-                    "cluster",
-                    "add",
-                    &id.to_string(),
-                    &addr,
-                    "--name",
-                    &name,
-                    "--role",
-                    role,
-                ],
-            )
-            .ok();
-            self.ctl(1, &["cluster", "promote", &id.to_string()]).ok();
+            self.add_member(1, id);
         }
         self.wait_leader(Duration::from_secs(5));
+    }
+
+    /// `cluster add` member `id` (its lab role and address) through member `via`, then
+    /// `cluster promote` it. `add` returns once the new member has caught up with the log.
+    pub fn add_member(&self, via: u64, id: u64) {
+        let role = if id == 3 { "witness" } else { "gateway" };
+        let addr = self.m(id).addr.clone();
+        let name = format!("n{id}");
+        // Catching up may take longer than fwctl's default wait.
+        self.ctl_at_timeout(
+            &self.m(via).addr,
+            30,
+            &[
+                "cluster",
+                "add",
+                &id.to_string(),
+                &addr,
+                "--name",
+                &name,
+                "--role",
+                role,
+            ],
+        )
+        .ok();
+        self.ctl(via, &["cluster", "promote", &id.to_string()]).ok();
+    }
+
+    /// Wait until member `id` enforces `version` (its datapath's policy); returns how long it
+    /// took.
+    pub fn wait_member_version(&self, id: u64, version: u64, timeout: Duration) -> Duration {
+        let t = Instant::now();
+        loop {
+            let s = self.ctl(id, &["-o", "json", "status"]);
+            let v = if s.code == 0 {
+                s.json()["policy"]["version"].as_u64().unwrap_or(0)
+            } else {
+                0
+            };
+            if v == version {
+                return t.elapsed();
+            }
+            assert!(
+                t.elapsed() < timeout,
+                "member {id} enforces version {v}, not {version}, after {timeout:?}:\n{}",
+                self.lab.log(&format!("node{id}"))
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The policy version member `id` enforces.

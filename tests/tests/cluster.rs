@@ -340,14 +340,92 @@ fn membership_remove_and_clear_errors() {
 
 /// `base` plus `n` rules that never match the test traffic (a bigger policy to compile).
 fn with_filler(base: &str, n: usize) -> String {
+    with_filler_lines(base, n, "")
+}
+
+/// `with_filler` with `extra` (TOML lines ending in a newline) in every filler rule.
+fn with_filler_lines(base: &str, n: usize, extra: &str) -> String {
     let mut s = base.to_string();
     for i in 0..n {
         s.push_str(&format!(
-            "\n[[rule]]\nname = \"filler-{i}\"\nproto = \"tcp\"\ndport = {}\naction = \"drop\"\n",
+            "\n[[rule]]\nname = \"filler-{i}\"\nproto = \"tcp\"\ndport = {}\n{extra}action = \"drop\"\n",
             20000 + i
         ));
     }
     s
+}
+
+#[test]
+fn members_catch_up_on_a_full_history_of_10000_rule_policies() {
+    // Snapshots every 16 entries with 8 entries kept behind them: a member added once the
+    // history is full gets a snapshot of all 64 versions; a member that was down for 5 versions
+    // gets them from the log, more than one batch's worth. (With JSON payloads and tonic's
+    // 4 MiB default, neither could ever arrive: the snapshot is ~75 MB of text, ~250 MB as a
+    // JSON number array, and 5 entries are ~6.5 MB of JSON.)
+    let mut c =
+        ClusterLab::start("snapshot_every = 16\nlogs_to_keep = 8\ncommit_timeout_ms = 20000\n");
+    c.ctl(1, &["cluster", "init"]).ok();
+    c.add_member(1, 3);
+    // ~1.2 MB each: 10 000 rules with a destination list.
+    let big = |port: u16| {
+        with_filler_lines(
+            &allow(port),
+            10_000,
+            "dst = [\"198.51.100.0/24\", \"203.0.113.0/24\"]\n",
+        )
+    };
+    let t = Instant::now();
+    for port in [8080, 9000, 8081, 9001] {
+        c.apply(1, &big(port)).ok();
+    }
+    // Rollbacks fill the history cheaply: each is a small log entry but a whole text in the
+    // state (and so in a snapshot).
+    for _ in 4..64 {
+        c.ctl(1, &["policy", "rollback"]).ok();
+    }
+    let h = c.ctl(1, &["-o", "json", "policy", "history"]).ok().json();
+    assert_eq!(h["current"], 64, "{h}");
+    assert_eq!(h["versions"].as_array().unwrap().len(), 64);
+    eprintln!("64 versions of 10 000 rules committed in {:?}", t.elapsed());
+
+    // (a) A member added now.
+    let t = Instant::now();
+    c.add_member(1, 2);
+    let took = c.wait_member_version(2, 64, Duration::from_secs(30));
+    eprintln!(
+        "new member enforces version 64 {:?} after the add started ({took:?} after it returned)",
+        t.elapsed()
+    );
+    let s = c.status(2);
+    assert!(
+        s["raft"]["snapshot_index"].as_u64().unwrap() > 0,
+        "node 2 caught up through a snapshot: {s}"
+    );
+
+    // (b) The same member down while 5 more versions are committed.
+    c.kill(2);
+    for port in 10_000..10_005 {
+        c.apply(1, &big(port)).ok();
+    }
+    let t = Instant::now();
+    c.start_member(1);
+    let took = c.wait_member_version(2, 69, Duration::from_secs(30));
+    eprintln!(
+        "restarted member enforces version 69 {:?} after its start ({took:?} after it answered)",
+        t.elapsed()
+    );
+    assert_eq!(c.version(3), 69);
+
+    // A policy over the size limit is refused up front, naming its size and the limit.
+    let huge = with_filler(&allow(8080), 30_000);
+    let e = c.apply(1, &huge);
+    assert_eq!(e.code, 3, "{e:?}");
+    assert!(
+        e.stderr.contains("bytes; the limit is 2097152 bytes"),
+        "{}",
+        e.stderr
+    );
+    assert_eq!(c.version(1), 69);
 }
 
 #[test]

@@ -374,3 +374,35 @@ impl Control for ControlService {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    /// The largest `ct list` answer (LIST_MAX entries of the longest kind) fits one message.
+    #[test]
+    fn the_largest_connection_list_fits_the_message_limit() {
+        let c = v1::Connection {
+            protocol: 255,
+            src: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".into(),
+            dst: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".into(),
+            src_port: 65535,
+            dst_port: 65535,
+            state: "ESTABLISHED".into(),
+            assured: true,
+            seen_reply: true,
+            related: true,
+            from_peer: true,
+            expires_in_ms: u64::from(u32::MAX),
+            helper: "ftp".into(),
+        };
+        let reply = v1::ListConnectionsReply {
+            connections: vec![c; LIST_MAX],
+            truncated: true,
+        };
+        let len = reply.encoded_len();
+        assert!(len < keepstate_proto::MAX_MESSAGE_BYTES / 2, "{len}");
+    }
+}

@@ -4,12 +4,14 @@
 //! key; forwarded request on a non-leader → UNAVAILABLE, never a second hop), the fail-fast
 //! quorum check, the commit deadline, and the mapping of openraft errors to gRPC statuses that
 //! tell an operator what to do. A write that fails changes nothing the node enforces.
+//! Also owns the size limits of what a write may put into the Raft log (policy text, author,
+//! comment, member name and address), so that every log entry fits one Raft message.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keepstate_proto::v1::{self, control_client::ControlClient};
-use keepstate_proto::FORWARDED_KEY;
+use keepstate_proto::{FORWARDED_KEY, MAX_MESSAGE_BYTES, MAX_NOTE_BYTES, MAX_POLICY_BYTES};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::ChangeMembers;
 use tonic::metadata::MetadataValue;
@@ -40,6 +42,31 @@ fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A policy text over [`MAX_POLICY_BYTES`] is refused before it is parsed: it could not be
+/// replicated to every member within the Raft message limit.
+pub(super) fn check_policy_size(text: &str) -> Result<(), Status> {
+    if text.len() > MAX_POLICY_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "the policy is {} bytes; the limit is {MAX_POLICY_BYTES} bytes ({} MiB) so that every \
+             member can replicate it and the whole history; split it or remove unused rules",
+            text.len(),
+            MAX_POLICY_BYTES / (1024 * 1024)
+        )));
+    }
+    Ok(())
+}
+
+/// A free-text field (author, comment, member name or address) over [`MAX_NOTE_BYTES`].
+pub(super) fn check_note(field: &str, value: &str) -> Result<(), Status> {
+    if value.len() > MAX_NOTE_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes; the limit is {MAX_NOTE_BYTES} bytes",
+            value.len()
+        )));
+    }
+    Ok(())
 }
 
 fn raft_error(e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> Status {
@@ -117,7 +144,9 @@ impl ControlService {
                 leader.addr
             ))
         })?;
-        Ok(ControlClient::new(ch))
+        Ok(ControlClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 
     /// Propose on this node (the leader) and wait until it is applied here.
@@ -173,6 +202,9 @@ impl ControlService {
     ) -> Result<v1::ApplyPolicyReply, Status> {
         let fwd = is_forwarded(&request);
         let r = request.into_inner();
+        check_policy_size(&r.text)?;
+        check_note("the author", &r.author)?;
+        check_note("the comment", &r.comment)?;
         let origin = if r.origin.is_empty() {
             "policy"
         } else {
@@ -223,12 +255,14 @@ impl ControlService {
     ) -> Result<v1::ApplyPolicyReply, Status> {
         let fwd = is_forwarded(&request);
         let r = request.into_inner();
+        check_note("the author", &r.author)?;
         let (rules, warnings) = {
             let sm = self.sm.read();
             let target = sm
                 .state
                 .rollback_target(r.to_version)
                 .map_err(Status::not_found)?;
+            check_policy_size(&target.text)?;
             self.policy
                 .check(&target.text, &format!("policy version {}", target.version))
                 .map_err(|e| Status::failed_precondition(e.to_string()))?
@@ -267,6 +301,12 @@ impl ControlService {
             .settings
             .clone()
             .ok_or_else(|| Status::invalid_argument("settings are missing"))?;
+        let distinct: BTreeSet<u64> = s.preferred_active.iter().copied().collect();
+        if distinct.len() != s.preferred_active.len() {
+            return Err(Status::invalid_argument(
+                "preferred_active names a node more than once",
+            ));
+        }
         {
             let m = self.raft.metrics().borrow().clone();
             let ms = m.membership_config.membership();
@@ -351,6 +391,8 @@ impl ControlService {
         if r.id == 0 {
             return Err(Status::invalid_argument("member id must be at least 1"));
         }
+        check_note("the member name", &r.name)?;
+        check_note("the member address", &r.addr)?;
         let port_ok = r.addr.rsplit_once(':').is_some_and(|(host, port)| {
             !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
         });
@@ -482,5 +524,32 @@ impl ControlService {
                 Ok(self.members())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_over_the_size_limit_is_refused_naming_its_size_and_the_limit() {
+        assert!(check_policy_size(&"#".repeat(MAX_POLICY_BYTES)).is_ok());
+        let s = check_policy_size(&"#".repeat(MAX_POLICY_BYTES + 1)).unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert!(
+            s.message()
+                .contains(&format!("is {} bytes", MAX_POLICY_BYTES + 1))
+                && s.message()
+                    .contains(&format!("limit is {MAX_POLICY_BYTES} bytes")),
+            "{}",
+            s.message()
+        );
+        assert!(check_note("the comment", &"c".repeat(MAX_NOTE_BYTES)).is_ok());
+        let n = check_note("the comment", &"c".repeat(MAX_NOTE_BYTES + 1)).unwrap_err();
+        assert!(
+            n.message().starts_with("the comment is 4097 bytes"),
+            "{}",
+            n.message()
+        );
     }
 }

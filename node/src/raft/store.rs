@@ -7,6 +7,11 @@
 //! is restored from the last snapshot and openraft re-applies the committed log after it, so a
 //! restarted node enforces the latest committed policy before it talks to anyone.
 //!
+//! Snapshot data (what openraft ships to a lagging member, in chunks) is binary: a format byte
+//! ([`SNAPSHOT_FORMAT`]) then the postcard encoding of [`SmData`]; the first release's JSON is
+//! still read. The stored snapshot is its metadata (JSON) and its data (raw bytes) under two
+//! keys written in one transaction.
+//!
 //! Must not touch the network or the datapath (applied policies leave through [`PolicySink`]).
 
 use std::fmt::Debug;
@@ -33,7 +38,14 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const PURGED: &str = "purged";
-const SNAPSHOT: &str = "snapshot";
+/// The first release's snapshot record: JSON of meta and data together (still read).
+const SNAPSHOT_LEGACY: &str = "snapshot";
+const SNAPSHOT_META: &str = "snapshot_meta";
+const SNAPSHOT_DATA: &str = "snapshot_data";
+
+/// The first byte of snapshot data in the current format (postcard of [`SmData`] follows).
+/// JSON snapshot data (the first release's) starts with `{`.
+pub const SNAPSHOT_FORMAT: u8 = 1;
 
 type SError = StorageError<NodeId>;
 
@@ -76,12 +88,12 @@ pub fn open(
 
     let log = LogStore { db: db.clone() };
     let mut data = SmData::default();
-    let stored = read_meta::<StoredSnapshot>(&db, SNAPSHOT).map_err(|e| OpenError::Snapshot {
+    let stored = read_snapshot(&db).map_err(|e| OpenError::Snapshot {
         path: p.clone(),
         message: e.to_string(),
     })?;
-    if let Some(snap) = &stored {
-        data = serde_json::from_slice(&snap.data).map_err(|e| OpenError::Snapshot {
+    if let Some((_, bytes)) = &stored {
+        data = decode_snapshot(bytes).map_err(|e| OpenError::Snapshot {
             path: p.clone(),
             message: e.to_string(),
         })?;
@@ -100,6 +112,77 @@ pub fn open(
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, serde_json::Error> {
     serde_json::to_vec(v)
+}
+
+/// Why snapshot data could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotCodecError {
+    #[error("empty snapshot data")]
+    Empty,
+    #[error("unknown snapshot data format {0:#04x}")]
+    UnknownFormat(u8),
+    #[error("undecodable snapshot data: {0}")]
+    Decode(String),
+    #[error("encoding snapshot data: {0}")]
+    Encode(String),
+}
+
+/// Snapshot data of `d`: [`SNAPSHOT_FORMAT`], then postcard.
+pub fn encode_snapshot(d: &SmData) -> Result<Vec<u8>, SnapshotCodecError> {
+    postcard::to_extend(d, vec![SNAPSHOT_FORMAT])
+        .map_err(|e| SnapshotCodecError::Encode(e.to_string()))
+}
+
+/// Reads snapshot data in the current format or the first release's JSON.
+pub fn decode_snapshot(bytes: &[u8]) -> Result<SmData, SnapshotCodecError> {
+    match bytes.first() {
+        None => Err(SnapshotCodecError::Empty),
+        Some(&SNAPSHOT_FORMAT) => {
+            postcard::from_bytes(&bytes[1..]).map_err(|e| SnapshotCodecError::Decode(e.to_string()))
+        }
+        Some(b'{') => {
+            serde_json::from_slice(bytes).map_err(|e| SnapshotCodecError::Decode(e.to_string()))
+        }
+        Some(&b) => Err(SnapshotCodecError::UnknownFormat(b)),
+    }
+}
+
+/// The stored snapshot's metadata and data, in the current layout or the first release's.
+fn read_snapshot(
+    db: &Database,
+) -> Result<Option<(SnapshotMeta<NodeId, Member>, Vec<u8>)>, AnyError> {
+    let tx = db.begin_read().map_err(|e| AnyError::new(&e))?;
+    let t = tx.open_table(META).map_err(|e| AnyError::new(&e))?;
+    let meta = t.get(SNAPSHOT_META).map_err(|e| AnyError::new(&e))?;
+    let data = t.get(SNAPSHOT_DATA).map_err(|e| AnyError::new(&e))?;
+    if let (Some(m), Some(d)) = (meta, data) {
+        let meta = serde_json::from_slice(m.value()).map_err(|e| AnyError::new(&e))?;
+        return Ok(Some((meta, d.value().to_vec())));
+    }
+    let Some(v) = t.get(SNAPSHOT_LEGACY).map_err(|e| AnyError::new(&e))? else {
+        return Ok(None);
+    };
+    let s: StoredSnapshot = serde_json::from_slice(v.value()).map_err(|e| AnyError::new(&e))?;
+    Ok(Some((s.meta, s.data)))
+}
+
+/// Replace the stored snapshot (one fsynced transaction).
+fn write_snapshot(
+    db: &Database,
+    meta: &SnapshotMeta<NodeId, Member>,
+    data: &[u8],
+) -> Result<(), AnyError> {
+    let m = encode(meta).map_err(|e| AnyError::new(&e))?;
+    let tx = db.begin_write().map_err(|e| AnyError::new(&e))?;
+    {
+        let mut t = tx.open_table(META).map_err(|e| AnyError::new(&e))?;
+        t.insert(SNAPSHOT_META, m.as_slice())
+            .map_err(|e| AnyError::new(&e))?;
+        t.insert(SNAPSHOT_DATA, data)
+            .map_err(|e| AnyError::new(&e))?;
+        t.remove(SNAPSHOT_LEGACY).map_err(|e| AnyError::new(&e))?;
+    }
+    tx.commit().map_err(|e| AnyError::new(&e))
 }
 
 fn read_meta<T: for<'de> Deserialize<'de>>(
@@ -274,6 +357,7 @@ pub struct SmData {
     pub state: ClusterState,
 }
 
+/// The first release's stored snapshot (data as a JSON array of numbers).
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, Member>,
@@ -308,7 +392,7 @@ impl StateMachineStore {
     fn snapshot_of(&self) -> Result<Snapshot<TypeConfig>, SError> {
         let (bytes, meta) = {
             let d = self.data.read();
-            let bytes = encode(&*d).map_err(|e| StorageIOError::read_state_machine(&e))?;
+            let bytes = encode_snapshot(&d).map_err(|e| StorageIOError::read_state_machine(&e))?;
             let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
             let id = match d.last_applied {
                 Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
@@ -321,11 +405,7 @@ impl StateMachineStore {
             };
             (bytes, meta)
         };
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: bytes.clone(),
-        };
-        write_meta(&self.db, SNAPSHOT, &stored)
+        write_snapshot(&self.db, &meta, &bytes)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
         Ok(Snapshot {
             meta,
@@ -399,13 +479,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<(), SError> {
         let bytes = snapshot.into_inner();
         // A snapshot from the leader that does not decode is refused; the state stays as it was.
-        let new: SmData = serde_json::from_slice(&bytes)
+        let new = decode_snapshot(&bytes)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: bytes,
-        };
-        write_meta(&self.db, SNAPSHOT, &stored)
+        write_snapshot(&self.db, meta, &bytes)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
         let current = new.state.current().cloned();
         *self.data.write() = SmData {
@@ -420,11 +496,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SError> {
-        let s: Option<StoredSnapshot> =
-            read_meta(&self.db, SNAPSHOT).map_err(|e| StorageIOError::read_snapshot(None, e))?;
-        Ok(s.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
+        let s = read_snapshot(&self.db).map_err(|e| StorageIOError::read_snapshot(None, e))?;
+        Ok(s.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
         }))
     }
 }
@@ -544,6 +619,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn snapshot_data_is_binary_and_a_first_release_store_still_opens() {
+        let text = "x = \"y\"\n".repeat(10_000);
+        let dir = Dir::new();
+        {
+            let (_log, mut sm) = open(&dir.0, Arc::new(Recorder::default())).unwrap();
+            sm.apply(vec![entry(1, Some(set(&text))), entry(2, Some(set("b")))])
+                .await
+                .unwrap();
+            let snap = sm.build_snapshot().await.unwrap();
+            let bytes = snap.snapshot.into_inner();
+            assert_eq!(bytes[0], SNAPSHOT_FORMAT);
+            // The texts plus a little framing: no JSON escaping, no numbers per byte.
+            assert!(bytes.len() < text.len() + 1024, "{}", bytes.len());
+            assert_eq!(decode_snapshot(&bytes).unwrap().state.version(), 2);
+            let got = sm.get_current_snapshot().await.unwrap().unwrap();
+            assert_eq!(got.snapshot.into_inner(), bytes);
+        }
+        // A store written by the first release: one JSON record, data as JSON.
+        let old = Dir::new();
+        {
+            let (_log, sm) = open(&old.0, Arc::new(Recorder::default())).unwrap();
+            let mut d = SmData::default();
+            d.state.apply(&set("old"));
+            d.last_applied = Some(LogId::new(CommittedLeaderId::new(1, 1), 4));
+            let meta = SnapshotMeta {
+                last_log_id: d.last_applied,
+                last_membership: StoredMembership::default(),
+                snapshot_id: "1-1-4-0".into(),
+            };
+            let legacy = StoredSnapshot {
+                meta,
+                data: serde_json::to_vec(&d).unwrap(),
+            };
+            write_meta(&sm.db, SNAPSHOT_LEGACY, &legacy).unwrap();
+        }
+        let rec = Arc::new(Recorder::default());
+        let (_log, mut sm) = open(&old.0, rec.clone()).unwrap();
+        assert_eq!(*rec.0.lock(), vec![1]);
+        let got = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(got.meta.snapshot_id, "1-1-4-0");
+        // The next snapshot replaces the old record.
+        sm.build_snapshot().await.unwrap();
+        let tx = sm.db.begin_read().unwrap();
+        let t = tx.open_table(META).unwrap();
+        assert!(t.get(SNAPSHOT_LEGACY).unwrap().is_none());
+        assert_eq!(
+            t.get(SNAPSHOT_DATA).unwrap().unwrap().value()[0],
+            SNAPSHOT_FORMAT
+        );
+    }
+
+    #[tokio::test]
     async fn a_snapshot_that_does_not_decode_is_refused_and_changes_nothing() {
         let dir = Dir::new();
         let rec = Arc::new(Recorder::default());
@@ -554,10 +681,18 @@ mod tests {
             last_membership: StoredMembership::default(),
             snapshot_id: "bad".into(),
         };
-        let r = sm
-            .install_snapshot(&meta, Box::new(Cursor::new(b"{not json".to_vec())))
-            .await;
-        assert!(r.is_err());
+        for junk in [
+            &b"{not json"[..],
+            &[SNAPSHOT_FORMAT, 0xff, 0xff][..],
+            &[9, 0][..],
+            &[],
+        ] {
+            let r = sm
+                .install_snapshot(&meta, Box::new(Cursor::new(junk.to_vec())))
+                .await;
+            assert!(r.is_err(), "{junk:?}");
+        }
+        assert!(sm.get_current_snapshot().await.unwrap().is_none());
         assert_eq!(sm.data().read().state.version(), 1);
         assert_eq!(
             sm.applied_state().await.unwrap().0.map(|l| l.index),
