@@ -9,8 +9,9 @@
 //! uncontended. The bounds (connections, expectations) are global, shared atomics; when the
 //! table is full the shell's `ShardGuard::track` lets the shard early-drop in *other* shards
 //! (`early_drop_elsewhere`: bounded work, never an unbounded wait for another shard's lock), so
-//! one host pair cannot fill the table and starve every other shard. Must not touch: I/O,
-//! clocks, policy.
+//! one host pair cannot fill the table and starve every other shard. For the control API it
+//! counts (`state_counts`, `count_where`) and lists in pages (`snapshots_page`) without
+//! holding a shard lock for long. Must not touch: I/O, clocks, policy.
 
 pub mod config;
 pub mod event;
@@ -31,7 +32,8 @@ pub use config::{Config, Timeouts};
 pub use event::{ConnSnapshot, Event, ExpectSnapshot, ProtoState};
 pub use expect::{ExpectError, ExpectOutcome, Expectation};
 pub use table::{
-    no_room, Bound, ConnId, ConnInfo, Counters, InvalidReason, MakeRoom, Outcome, Shard, TableLimit,
+    no_room, Bound, ConnId, ConnInfo, Counters, InvalidReason, MakeRoom, Outcome, Shard,
+    StateCounts, TableLimit,
 };
 pub use tuple::Tuple;
 
@@ -64,6 +66,37 @@ const EVICT_BUSY: usize = 2;
 /// Longest wait for one busy shard. Bounded so that two workers waiting for each other's
 /// shard both give up instead of deadlocking.
 const EVICT_WAIT: Duration = Duration::from_micros(50);
+
+/// Paged listing: slots examined per shard lock, so a listing never holds one for long.
+const PAGE_SCAN: usize = 4096;
+
+/// Where a paged listing (`Conntrack::snapshots_page`) resumes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListCursor {
+    pub shard: u32,
+    pub slot: u32,
+}
+
+impl ListCursor {
+    /// As an opaque page token for a client.
+    pub fn to_token(self) -> u64 {
+        u64::from(self.shard) << 32 | u64::from(self.slot)
+    }
+    /// From a client's page token (any value is safe: out of range just ends the listing).
+    pub fn from_token(t: u64) -> Self {
+        ListCursor {
+            shard: (t >> 32) as u32,
+            slot: t as u32,
+        }
+    }
+}
+
+/// One page of connections and where the next one starts (`None`: the listing is complete).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnPage {
+    pub conns: Vec<ConnSnapshot>,
+    pub next: Option<ListCursor>,
+}
 
 /// The sharded tracker shared by the datapath workers.
 #[derive(Debug)]
@@ -244,6 +277,63 @@ impl Conntrack {
             }
         }
         false
+    }
+
+    /// Connections matching `filter`, counted without building snapshots; locks one shard at
+    /// a time.
+    pub fn count_where(&self, now: Timestamp, filter: impl Fn(&ConnInfo) -> bool) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.lock().count_where(now, &filter))
+            .sum()
+    }
+
+    /// Connections by protocol and TCP state; locks one shard at a time, allocates nothing.
+    pub fn state_counts(&self, now: Timestamp) -> StateCounts {
+        let mut c = StateCounts::default();
+        for s in self.shards.iter() {
+            c.add(&s.lock().state_counts(now));
+        }
+        c
+    }
+
+    /// Up to `limit` connections matching `filter`, from `from` (`ListCursor::default()` for
+    /// the first page) on. The shard lock is dropped every `PAGE_SCAN` slots and between
+    /// shards; the listing is not atomic, but a connection that lives through all of it is
+    /// listed exactly once (connections never move). A page may be short with a `next`
+    /// cursor; only `next == None` ends the listing.
+    pub fn snapshots_page(
+        &self,
+        from: ListCursor,
+        limit: usize,
+        now: Timestamp,
+        filter: impl Fn(&ConnInfo) -> bool,
+    ) -> ConnPage {
+        let limit = limit.max(1);
+        let mut conns = Vec::new();
+        let mut cur = from;
+        while (cur.shard as usize) < self.shards.len() {
+            if conns.len() >= limit {
+                return ConnPage {
+                    conns,
+                    next: Some(cur),
+                };
+            }
+            let next = self.shards[cur.shard as usize]
+                .lock()
+                .snapshots_page(cur.slot, limit, PAGE_SCAN, now, &filter, &mut conns);
+            cur = match next {
+                Some(slot) => ListCursor {
+                    shard: cur.shard,
+                    slot,
+                },
+                None => ListCursor {
+                    shard: cur.shard + 1,
+                    slot: 0,
+                },
+            };
+        }
+        ConnPage { conns, next: None }
     }
 
     /// Check every shard and that the global counts agree with them (tests and fuzzing).

@@ -226,6 +226,29 @@ pub struct ConnInfo {
     pub expires: Timestamp,
 }
 
+/// Live connections by protocol and, for TCP, by state (`tcp[TcpState as usize]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StateCounts {
+    pub tcp: [u64; TcpState::ALL.len()],
+    pub udp: u64,
+    pub icmp: u64,
+    pub generic: u64,
+}
+
+impl StateCounts {
+    pub fn add(&mut self, o: &StateCounts) {
+        for (a, b) in self.tcp.iter_mut().zip(o.tcp.iter()) {
+            *a += b;
+        }
+        self.udp += o.udp;
+        self.icmp += o.icmp;
+        self.generic += o.generic;
+    }
+    pub fn total(&self) -> u64 {
+        self.tcp.iter().sum::<u64>() + self.udp + self.icmp + self.generic
+    }
+}
+
 /// Why a snapshot could not be imported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ImportError {
@@ -1012,6 +1035,66 @@ impl Shard {
 
     pub fn conn(&self, id: ConnId) -> Option<ConnInfo> {
         self.live(id).map(info_of)
+    }
+
+    /// Unexpired live connections, as the listing and counting below see them.
+    fn unexpired(&self, now_ms: u64) -> impl Iterator<Item = (u32, &Entry)> + '_ {
+        (0u32..)
+            .zip(self.entries.iter())
+            .filter(move |(_, e)| e.kind != KIND_FREE && e.expires > now_ms)
+    }
+
+    /// How many unexpired connections match `filter`; no snapshot is built, nothing allocated.
+    pub fn count_where(&self, now: Timestamp, filter: &dyn Fn(&ConnInfo) -> bool) -> u64 {
+        let now_ms = now.as_millis();
+        self.unexpired(now_ms)
+            .filter(|(_, e)| filter(&info_of(e)))
+            .count() as u64
+    }
+
+    /// Unexpired connections by protocol and TCP state; nothing allocated.
+    pub fn state_counts(&self, now: Timestamp) -> StateCounts {
+        let mut c = StateCounts::default();
+        for (_, e) in self.unexpired(now.as_millis()) {
+            match e.kind {
+                KIND_TCP => c.tcp[e.tcp.state() as usize] += 1,
+                KIND_UDP => c.udp += 1,
+                KIND_ICMP => c.icmp += 1,
+                _ => c.generic += 1,
+            }
+        }
+        c
+    }
+
+    /// One page of a listing: snapshots of the unexpired connections matching `filter` in slots
+    /// `from..`, appended to `out` until it holds `limit` or `scan` slots were examined. Returns
+    /// the slot to resume at, or `None` at the end of the shard. A connection keeps its slot
+    /// for life, so one that lives through a whole paged listing is listed exactly once.
+    pub fn snapshots_page(
+        &self,
+        from: u32,
+        limit: usize,
+        scan: usize,
+        now: Timestamp,
+        filter: &dyn Fn(&ConnInfo) -> bool,
+        out: &mut Vec<ConnSnapshot>,
+    ) -> Option<u32> {
+        let now_ms = now.as_millis();
+        let end = self.entries.len() as u32;
+        let mut slot = from;
+        let mut scanned = 0;
+        while slot < end {
+            if out.len() >= limit || scanned >= scan {
+                return Some(slot);
+            }
+            let e = &self.entries[slot as usize];
+            if e.kind != KIND_FREE && e.expires > now_ms && filter(&info_of(e)) {
+                out.push(self.snapshot_slot(slot, now_ms));
+            }
+            slot += 1;
+            scanned += 1;
+        }
+        None
     }
 
     pub fn helper_state_mut(&mut self, id: ConnId) -> Option<&mut HelperState> {

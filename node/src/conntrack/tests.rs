@@ -1161,3 +1161,170 @@ fn expected_connection_whose_master_is_early_dropped_is_not_related() {
     drop(sh);
     ct.check_invariants().unwrap();
 }
+
+// ---- counting and paged listing for the control API (issue 9 item 8) ----------------------
+
+/// UDP flows `0..n` between several pairs (so over several shards), created at `now`.
+fn udp_flows(ct: &Conntrack, now: u64, n: u16) -> Vec<Tuple> {
+    (0..n)
+        .map(|i| {
+            let c = ip(&format!("198.51.100.{}", 1 + i % 50));
+            let b = build::udp(c, ip("203.0.113.10"), 1000 + i, 53, b"");
+            assert!(track(ct, now, &b).created);
+            tuple_of(&b)
+        })
+        .collect()
+}
+
+#[test]
+fn counts_by_state_and_filter_without_snapshots() {
+    let ct = Conntrack::new(&Config { shards: 8, ..cfg() });
+    let flows = udp_flows(&ct, 0, 20);
+    let mut f = Flow::v4();
+    let o = track(&ct, 1, &f.seg(true, S, 0));
+    assert!(o.created);
+    let mut g = Flow {
+        cp: 40001,
+        ..Flow::v4()
+    };
+    track(&ct, 1, &g.seg(true, S, 0));
+    track(&ct, 1, &g.seg(false, S | A, 0));
+    track(&ct, 1, &g.seg(true, A, 0));
+    track(
+        &ct,
+        1,
+        &build::echo(ip("198.51.100.1"), ip("203.0.113.1"), false, 9, 1),
+    );
+    let c = ct.state_counts(t(2));
+    assert_eq!(c.udp, 20);
+    assert_eq!(c.icmp, 1);
+    assert_eq!(c.tcp[TcpState::SynSent as usize], 1);
+    assert_eq!(c.tcp[TcpState::Established as usize], 1);
+    assert_eq!(c.total(), 23);
+    assert_eq!(ct.count_where(t(2), |i| i.tuple.src_port == 1005), 1);
+    assert_eq!(
+        ct.count_where(t(2), |i| i.tuple.proto == proto::UDP),
+        flows.len() as u64
+    );
+    // Expired but not yet reaped entries are not counted (as in `snapshots`).
+    let c = ct.state_counts(t(31_000));
+    assert_eq!((c.udp, c.icmp), (0, 0));
+    assert_eq!(c.tcp[TcpState::SynSent as usize], 1);
+    assert_eq!(ct.count_where(t(31_000), |_| true), 2);
+}
+
+/// Every page of a listing, following the cursors.
+fn all_pages(ct: &Conntrack, limit: usize, f: impl Fn(&ConnInfo) -> bool) -> Vec<ConnPage> {
+    let mut pages = Vec::new();
+    let mut cur = ListCursor::default();
+    loop {
+        let p = ct.snapshots_page(cur, limit, t(1), &f);
+        assert!(p.conns.len() <= limit);
+        let next = p.next;
+        pages.push(p);
+        match next {
+            Some(n) => cur = ListCursor::from_token(n.to_token()),
+            None => return pages,
+        }
+    }
+}
+
+#[test]
+fn paged_listing_covers_every_connection_once() {
+    let ct = Conntrack::new(&Config { shards: 8, ..cfg() });
+    let mut flows = udp_flows(&ct, 0, 300);
+    let pages = all_pages(&ct, 7, |_| true);
+    let mut listed: Vec<Tuple> = pages
+        .iter()
+        .flat_map(|p| p.conns.iter().map(|c| c.tuple))
+        .collect();
+    assert!(pages.len() >= 300 / 7);
+    let key = |t: &Tuple| (t.src, t.src_port);
+    listed.sort_by_key(key);
+    flows.sort_by_key(key);
+    assert_eq!(listed, flows);
+    // With a filter, the limit counts matching connections.
+    let pages = all_pages(&ct, 5, |i| i.tuple.src_port % 10 == 0);
+    let n: usize = pages.iter().map(|p| p.conns.len()).sum();
+    assert_eq!(n, 30);
+    // A stale or forged token just ends the listing.
+    let p = ct.snapshots_page(ListCursor::from_token(u64::MAX), 10, t(1), |_| true);
+    assert_eq!((p.conns.len(), p.next), (0, None));
+}
+
+#[test]
+fn paged_listing_survives_changes_between_pages() {
+    let ct = Conntrack::new(&Config { shards: 4, ..cfg() });
+    let flows = udp_flows(&ct, 0, 100);
+    let first = ct.snapshots_page(ListCursor::default(), 40, t(1), |_| true);
+    let mut seen: Vec<Tuple> = first.conns.iter().map(|c| c.tuple).collect();
+    // Between pages: one listed and one unlisted connection go, new ones come.
+    let unlisted = *flows.iter().find(|t| !seen.contains(t)).unwrap();
+    for gone in [seen[0], unlisted] {
+        let b = build::udp(
+            gone.src_ip(),
+            gone.dst_ip(),
+            gone.src_port,
+            gone.dst_port,
+            b"",
+        );
+        let p = Packet::parse(&b).unwrap();
+        let mut sh = ct.lock_for(&p);
+        let id = sh.track(t(1), &p).conn.unwrap();
+        assert!(sh.remove(id));
+    }
+    for i in 0..30u16 {
+        track(
+            &ct,
+            1,
+            &build::udp(ip("198.51.100.200"), ip("203.0.113.10"), 5000 + i, 53, b""),
+        );
+    }
+    let mut cur = first.next;
+    while let Some(c) = cur {
+        let p = ct.snapshots_page(c, 40, t(1), |_| true);
+        seen.extend(p.conns.iter().map(|c| c.tuple));
+        cur = p.next;
+    }
+    // Every connection that lived through the listing is listed exactly once.
+    for f in flows
+        .iter()
+        .filter(|f| **f != unlisted && **f != first.conns[0].tuple)
+    {
+        assert_eq!(seen.iter().filter(|s| *s == f).count(), 1, "{f:?}");
+    }
+    assert!(!seen.contains(&unlisted));
+}
+
+#[test]
+fn paged_listing_drops_the_lock_on_long_sparse_scans() {
+    // One shard, 5000 connections, a filter that matches only the last one.
+    let ct = Conntrack::new(&Config {
+        max_entries: 8192,
+        ..cfg()
+    });
+    let (c, s) = (ip("198.51.100.10"), ip("203.0.113.10"));
+    for i in 0..5000u16 {
+        assert!(track(&ct, 0, &build::udp(c, s, 1000 + i, 53, b"")).created);
+    }
+    let want = |i: &ConnInfo| i.tuple.src_port == 1000 + 4999;
+    // Under one lock the shard examines at most `scan` slots and says where to resume...
+    let mut out = Vec::new();
+    let sh = ct.lock(0);
+    assert_eq!(
+        sh.snapshots_page(0, 10, 4096, t(1), &want, &mut out),
+        Some(4096)
+    );
+    assert!(out.is_empty());
+    assert_eq!(
+        sh.snapshots_page(4096, 10, 4096, t(1), &want, &mut out),
+        None
+    );
+    assert_eq!(out.len(), 1);
+    drop(sh);
+    // ...and the shell goes on, re-locking, until the page is full or the table ends.
+    let p = ct.snapshots_page(ListCursor::default(), 10, t(1), want);
+    assert_eq!(p.conns.len(), 1);
+    assert_eq!(p.conns[0].tuple.src_port, 5999);
+    assert_eq!(p.next, None);
+}
