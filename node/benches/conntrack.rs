@@ -1,6 +1,7 @@
 //! Tracker benchmarks: established-TCP `track()` at 1 M live connections (one shard directly and
-//! through the sharded, locked shell), new-connection inserts, the expiry sweep, and memory per
-//! connection measured with a counting allocator.
+//! through the sharded, locked shell), new-connection inserts (one shard, and through the shell),
+//! inserts into a table one host pair has filled (global early drop), the expiry sweep, and
+//! memory per connection measured with a counting allocator.
 //!
 //! Run: `cargo bench -p fwnode --bench conntrack`
 
@@ -49,6 +50,9 @@ static GLOBAL: Counting = Counting;
 
 const N: u32 = 1_000_000;
 
+/// How many other pairs' SYNs a table full of one pair accepted (printed after the bench).
+static CREATED_WHEN_FULL: AtomicUsize = AtomicUsize::new(0);
+
 fn addrs(i: u32) -> (IpAddr, IpAddr, u16) {
     // Spread clients over 198.51.100.0/24 x many ports, server fixed: realistic for a gateway.
     let c = IpAddr::V4(Ipv4Addr::new(198, 51, 100, (i % 250) as u8 + 1));
@@ -94,7 +98,7 @@ fn established(c: &mut Criterion) {
         event_queue: 0,
         ..Config::default()
     };
-    let mut shard = Shard::new(&cfg, 0, 1, Arc::new(TableLimit::new(N)));
+    let mut shard = Shard::new(&cfg, 0, 1, Arc::new(TableLimit::new(&cfg)));
     fill(
         &mut |p| {
             shard.track(now, p);
@@ -174,7 +178,7 @@ fn insert_and_sweep(c: &mut Criterion) {
                     event_queue: 0,
                     ..Config::default()
                 };
-                let mut shard = Shard::new(&cfg, 0, 1, Arc::new(TableLimit::new(M)));
+                let mut shard = Shard::new(&cfg, 0, 1, Arc::new(TableLimit::new(&cfg)));
                 let t = Instant::now();
                 for s in &syns {
                     let p = Packet::parse(s).expect("parses");
@@ -185,6 +189,80 @@ fn insert_and_sweep(c: &mut Criterion) {
             total
         })
     });
+    g.bench_function("insert_new_100k_sharded_locked", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let cfg = Config {
+                    shards: 64,
+                    max_entries: M,
+                    event_queue: 0,
+                    ..Config::default()
+                };
+                let ct = Conntrack::new(&cfg);
+                let t = Instant::now();
+                for s in &syns {
+                    let p = Packet::parse(s).expect("parses");
+                    black_box(ct.lock_for(&p).track(Timestamp::from_secs(1), &p));
+                }
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    // One host pair holds the whole table (50 k unanswered SYNs in one shard); then 10 k SYNs
+    // of other pairs each need a global early drop (before issue 9 item 4 most were refused).
+    const FLOOD: u32 = 50_000;
+    const OTHERS: u32 = 10_000;
+    let flood: Vec<Vec<u8>> = (0..FLOOD)
+        .map(|i| {
+            let mut syn = TcpSpec::new(1024 + i as u16, 80, TcpFlags::SYN);
+            syn.seq = i;
+            build::tcp(
+                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
+                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)),
+                &syn,
+            )
+        })
+        .collect();
+    g.throughput(Throughput::Elements(u64::from(OTHERS)));
+    g.bench_function(
+        "insert_10k_into_table_full_of_one_pair_sharded_locked",
+        |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let cfg = Config {
+                        shards: 64,
+                        max_entries: FLOOD,
+                        event_queue: 0,
+                        ..Config::default()
+                    };
+                    let ct = Conntrack::new(&cfg);
+                    for s in &flood {
+                        let p = Packet::parse(s).expect("parses");
+                        ct.track(Timestamp::from_secs(1), &p);
+                    }
+                    let t = Instant::now();
+                    let mut created = 0u32;
+                    for s in &syns[..OTHERS as usize] {
+                        let p = Packet::parse(s).expect("parses");
+                        created +=
+                            u32::from(ct.lock_for(&p).track(Timestamp::from_secs(2), &p).created);
+                    }
+                    total += t.elapsed();
+                    black_box(created);
+                    CREATED_WHEN_FULL.store(created as usize, Relaxed);
+                }
+                total
+            })
+        },
+    );
+    println!(
+        "table full of one pair: {} of {OTHERS} other pairs' SYNs were tracked",
+        CREATED_WHEN_FULL.load(Relaxed)
+    );
+    g.throughput(Throughput::Elements(u64::from(M)));
     g.bench_function("expiry_sweep_100k", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
@@ -195,7 +273,7 @@ fn insert_and_sweep(c: &mut Criterion) {
                     event_queue: 0,
                     ..Config::default()
                 };
-                let mut shard = Shard::new(&cfg, 0, 1, Arc::new(TableLimit::new(M)));
+                let mut shard = Shard::new(&cfg, 0, 1, Arc::new(TableLimit::new(&cfg)));
                 for s in &syns {
                     let p = Packet::parse(s).expect("parses");
                     shard.track(Timestamp::from_secs(1), &p);

@@ -6,7 +6,12 @@
 //! hash of its address pair and protocol, so that both directions of a connection, its ICMP
 //! errors and its FTP data connections meet in one shard. With NFQUEUE's `--queue-balance`
 //! (which hashes the same way) each worker mostly touches its own shards: locks stay
-//! uncontended. Must not touch: I/O, clocks, policy.
+//! uncontended. The bounds (connections, expectations) are global, shared atomics; when the
+//! table is full the shell's `ShardGuard::track` lets the shard early-drop in *other* shards
+//! (`early_drop_elsewhere`: bounded work, never an unbounded wait for another shard's lock), so
+//! one host pair cannot fill the table and starve every other shard. For the control API it
+//! counts (`state_counts`, `count_where`) and lists in pages (`snapshots_page`) without
+//! holding a shard lock for long. Must not touch: I/O, clocks, policy.
 
 pub mod config;
 pub mod event;
@@ -16,12 +21,20 @@ pub mod table;
 pub mod tcp;
 pub mod tuple;
 
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use parking_lot::{Mutex, MutexGuard};
 
 pub use config::{Config, Timeouts};
 pub use event::{ConnSnapshot, Event, ExpectSnapshot, ProtoState};
 pub use expect::{ExpectError, ExpectOutcome, Expectation};
-pub use table::{ConnId, ConnInfo, Counters, InvalidReason, Outcome, Shard, TableLimit};
+pub use table::{
+    no_room, Bound, ConnId, ConnInfo, Counters, InvalidReason, MakeRoom, Outcome, Shard,
+    StateCounts, TableLimit,
+};
 pub use tuple::Tuple;
 
 use crate::packet::{IcmpKind, Packet, L4};
@@ -44,18 +57,98 @@ pub enum Direction {
     Reply = 1,
 }
 
+/// Global early drop: other shards looked at per attempt (one `try_lock` each).
+const EVICT_SHARDS: usize = 64;
+/// Global early drop: shards sampled for a victim per attempt (up to 64 slots each).
+const EVICT_TRIES: usize = 8;
+/// Global early drop: shards found locked during the scan, retried with a bounded wait.
+const EVICT_BUSY: usize = 2;
+/// Longest wait for one busy shard. Bounded so that two workers waiting for each other's
+/// shard both give up instead of deadlocking.
+const EVICT_WAIT: Duration = Duration::from_micros(50);
+
+/// Paged listing: slots examined per shard lock, so a listing never holds one for long.
+const PAGE_SCAN: usize = 4096;
+
+/// Where a paged listing (`Conntrack::snapshots_page`) resumes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListCursor {
+    pub shard: u32,
+    pub slot: u32,
+}
+
+impl ListCursor {
+    /// As an opaque page token for a client.
+    pub fn to_token(self) -> u64 {
+        u64::from(self.shard) << 32 | u64::from(self.slot)
+    }
+    /// From a client's page token (any value is safe: out of range just ends the listing).
+    pub fn from_token(t: u64) -> Self {
+        ListCursor {
+            shard: (t >> 32) as u32,
+            slot: t as u32,
+        }
+    }
+}
+
+/// One page of connections and where the next one starts (`None`: the listing is complete).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnPage {
+    pub conns: Vec<ConnSnapshot>,
+    pub next: Option<ListCursor>,
+}
+
 /// The sharded tracker shared by the datapath workers.
 #[derive(Debug)]
 pub struct Conntrack {
     shards: Box<[Mutex<Shard>]>,
     mask: usize,
-    limit: std::sync::Arc<TableLimit>,
+    limit: Arc<TableLimit>,
+    /// Where the next global early drop starts looking (touched only when the table is full).
+    evict_cursor: AtomicUsize,
+}
+
+/// A locked shard: derefs to `Shard`, and its `track` may early-drop in other shards when the
+/// table is full (see `Conntrack::early_drop_elsewhere`).
+#[derive(Debug)]
+pub struct ShardGuard<'a> {
+    ct: &'a Conntrack,
+    index: usize,
+    shard: MutexGuard<'a, Shard>,
+}
+
+impl ShardGuard<'_> {
+    /// `Shard::track`, making room in other shards if the table is full.
+    #[inline]
+    pub fn track(&mut self, now: Timestamp, pkt: &Packet) -> Outcome {
+        let (ct, own) = (self.ct, self.index);
+        self.shard
+            .track_with_room(now, pkt, &mut |now| ct.early_drop_elsewhere(own, now))
+    }
+
+    /// Which shard this is.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl Deref for ShardGuard<'_> {
+    type Target = Shard;
+    fn deref(&self) -> &Shard {
+        &self.shard
+    }
+}
+
+impl DerefMut for ShardGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Shard {
+        &mut self.shard
+    }
 }
 
 impl Conntrack {
     pub fn new(cfg: &Config) -> Self {
         let n = cfg.shards.clamp(1, 1 << 16).next_power_of_two();
-        let limit = std::sync::Arc::new(TableLimit::new(cfg.max_entries));
+        let limit = Arc::new(TableLimit::new(cfg));
         let shards = (0..n)
             .map(|i| Mutex::new(Shard::new(cfg, i, n, limit.clone())))
             .collect();
@@ -63,6 +156,7 @@ impl Conntrack {
             shards,
             mask: n as usize - 1,
             limit,
+            evict_cursor: AtomicUsize::new(0),
         }
     }
 
@@ -85,12 +179,18 @@ impl Conntrack {
 
     /// Lock the shard `pkt` belongs to; track it, run helpers and add expectations under it.
     #[inline]
-    pub fn lock_for(&self, pkt: &Packet) -> MutexGuard<'_, Shard> {
-        self.shards[self.shard_of(pkt)].lock()
+    pub fn lock_for(&self, pkt: &Packet) -> ShardGuard<'_> {
+        self.lock(self.shard_of(pkt))
     }
 
-    pub fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
-        self.shards[shard & self.mask].lock()
+    #[inline]
+    pub fn lock(&self, shard: usize) -> ShardGuard<'_> {
+        let index = shard & self.mask;
+        ShardGuard {
+            ct: self,
+            index,
+            shard: self.shards[index].lock(),
+        }
     }
 
     /// Convenience for tests and tools: lock, track, unlock.
@@ -100,16 +200,160 @@ impl Conntrack {
 
     /// Live connections over all shards.
     pub fn len(&self) -> usize {
-        self.limit.count() as usize
+        self.limit.conns.count() as usize
     }
 
     /// The global table bound.
     pub fn max_entries(&self) -> u32 {
-        self.limit.max()
+        self.limit.conns.max()
+    }
+
+    /// Live expectations over all shards (a counter, no lock).
+    pub fn expectation_count(&self) -> usize {
+        self.limit.expects.count() as usize
+    }
+
+    /// The global expectation bound.
+    pub fn max_expectations(&self) -> u32 {
+        self.limit.expects.max()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Global early drop, the `MakeRoom` of shard `own` (whose lock the caller holds): free one
+    /// connection in another shard. Bounded like Linux's `early_drop` (a bounded sample from a
+    /// rotating start): looks at up to `EVICT_SHARDS` other shards and samples at most
+    /// `EVICT_TRIES` of them (`Shard::early_drop`, 64 slots each); only a shard holding at least
+    /// its share of the table (`max_entries / shards`) gives up a connection for another one.
+    ///
+    /// Locking: the caller holds its own shard, so taking another shard's lock blockingly could
+    /// deadlock against a worker doing the same the other way round. Shards are only taken with
+    /// `try_lock`; the (at most `EVICT_BUSY`) shards that were busy, which under a flood are the
+    /// flooded ones, are retried with a wait bounded by `EVICT_WAIT`, so two workers waiting for
+    /// each other both give up. Never called for a packet of an existing connection.
+    ///
+    /// Why not per-shard quotas: one host pair lives in one shard, so a quota would cap a
+    /// legitimate busy pair (a proxy, a NAT) at a fraction of the table.
+    #[cold]
+    fn early_drop_elsewhere(&self, own: usize, now: Timestamp) -> bool {
+        let n = self.shards.len();
+        if n < 2 {
+            return false;
+        }
+        let share = (self.limit.conns.max() as usize / n).max(1);
+        let start = self.evict_cursor.fetch_add(1, Ordering::Relaxed);
+        let mut tries = 0;
+        let mut busy = [usize::MAX; EVICT_BUSY];
+        let mut nbusy = 0;
+        for k in 0..(n - 1).min(EVICT_SHARDS) {
+            let i = (own + 1 + start.wrapping_add(k) % (n - 1)) & self.mask;
+            match self.shards[i].try_lock() {
+                Some(mut sh) => {
+                    if sh.len() >= share {
+                        if sh.early_drop(now) {
+                            return true;
+                        }
+                        tries += 1;
+                        if tries >= EVICT_TRIES {
+                            return false;
+                        }
+                    }
+                }
+                None => {
+                    if let Some(b) = busy.get_mut(nbusy) {
+                        *b = i;
+                        nbusy += 1;
+                    }
+                }
+            }
+        }
+        for &i in &busy[..nbusy] {
+            if let Some(mut sh) = self.shards[i].try_lock_for(EVICT_WAIT) {
+                if sh.len() >= share && sh.early_drop(now) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Connections matching `filter`, counted without building snapshots; locks one shard at
+    /// a time.
+    pub fn count_where(&self, now: Timestamp, filter: impl Fn(&ConnInfo) -> bool) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.lock().count_where(now, &filter))
+            .sum()
+    }
+
+    /// Connections by protocol and TCP state; locks one shard at a time, allocates nothing.
+    pub fn state_counts(&self, now: Timestamp) -> StateCounts {
+        let mut c = StateCounts::default();
+        for s in self.shards.iter() {
+            c.add(&s.lock().state_counts(now));
+        }
+        c
+    }
+
+    /// Up to `limit` connections matching `filter`, from `from` (`ListCursor::default()` for
+    /// the first page) on. The shard lock is dropped every `PAGE_SCAN` slots and between
+    /// shards; the listing is not atomic, but a connection that lives through all of it is
+    /// listed exactly once (connections never move). A page may be short with a `next`
+    /// cursor; only `next == None` ends the listing.
+    pub fn snapshots_page(
+        &self,
+        from: ListCursor,
+        limit: usize,
+        now: Timestamp,
+        filter: impl Fn(&ConnInfo) -> bool,
+    ) -> ConnPage {
+        let limit = limit.max(1);
+        let mut conns = Vec::new();
+        let mut cur = from;
+        while (cur.shard as usize) < self.shards.len() {
+            if conns.len() >= limit {
+                return ConnPage {
+                    conns,
+                    next: Some(cur),
+                };
+            }
+            let next = self.shards[cur.shard as usize]
+                .lock()
+                .snapshots_page(cur.slot, limit, PAGE_SCAN, now, &filter, &mut conns);
+            cur = match next {
+                Some(slot) => ListCursor {
+                    shard: cur.shard,
+                    slot,
+                },
+                None => ListCursor {
+                    shard: cur.shard + 1,
+                    slot: 0,
+                },
+            };
+        }
+        ConnPage { conns, next: None }
+    }
+
+    /// Check every shard and that the global counts agree with them (tests and fuzzing).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let (mut conns, mut expects) = (0, 0);
+        for (i, s) in self.shards.iter().enumerate() {
+            let s = s.lock();
+            s.check_invariants()
+                .map_err(|e| format!("shard {i}: {e}"))?;
+            conns += s.len();
+            expects += s.expectation_count();
+        }
+        if conns != self.len() || expects != self.expectation_count() {
+            return Err(format!(
+                "shards hold {conns} conns, {expects} expectations; the bounds count {} and {}",
+                self.len(),
+                self.expectation_count()
+            ));
+        }
+        Ok(())
     }
 
     pub fn counters(&self) -> Counters {

@@ -1,9 +1,12 @@
 //! One shard of the connection table: the sans-IO core of the tracker.
 //!
 //! Owns the connection entries (a slab of fixed-size records), the two-way index, the shard's
-//! expectations, incremental expiry, early drop when full, the event queue and the counters.
-//! Driven by `track(now, &packet)`, `handle_timeout(now, budget)` and drained by `poll_event()`.
-//! Must not touch locks, clocks or I/O: `Conntrack` (mod.rs) is the thin sharded shell.
+//! expectations, incremental expiry, early drop when full (choosing whether this shard or
+//! another pays, see `make_room`), the event queue and the counters. Driven by
+//! `track(now, &packet)`, `handle_timeout(now, budget)` and drained by `poll_event()`.
+//! Must not touch locks, clocks or I/O: `Conntrack` (mod.rs) is the thin sharded shell; it
+//! shares the global bounds (`TableLimit`) with every shard and frees room in other shards
+//! through the `MakeRoom` callback.
 //!
 //! Layout: the index is a `hashbrown::HashTable<u32>` whose values are `slot << 1 | direction`;
 //! the tuple is compared in the slab, so each connection costs two 4-byte index slots plus its
@@ -226,6 +229,29 @@ pub struct ConnInfo {
     pub expires: Timestamp,
 }
 
+/// Live connections by protocol and, for TCP, by state (`tcp[TcpState as usize]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StateCounts {
+    pub tcp: [u64; TcpState::ALL.len()],
+    pub udp: u64,
+    pub icmp: u64,
+    pub generic: u64,
+}
+
+impl StateCounts {
+    pub fn add(&mut self, o: &StateCounts) {
+        for (a, b) in self.tcp.iter_mut().zip(o.tcp.iter()) {
+            *a += b;
+        }
+        self.udp += o.udp;
+        self.icmp += o.icmp;
+        self.generic += o.generic;
+    }
+    pub fn total(&self) -> u64 {
+        self.tcp.iter().sum::<u64>() + self.udp + self.icmp + self.generic
+    }
+}
+
 /// Why a snapshot could not be imported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ImportError {
@@ -241,29 +267,29 @@ pub enum ImportError {
     SameEndpoints,
 }
 
-/// The table's bound, shared by all shards: traffic between one pair of hosts lands in one
-/// shard, so a per-shard split of the bound would cap it at a fraction of the table.
+/// A bound shared by all shards: traffic between one pair of hosts lands in one shard, so a
+/// per-shard split of a bound would cap that pair at a fraction of it.
 #[derive(Debug)]
-pub struct TableLimit {
+pub struct Bound {
     count: AtomicU32,
     max: u32,
 }
 
-impl TableLimit {
+impl Bound {
     pub fn new(max: u32) -> Self {
-        TableLimit {
+        Bound {
             count: AtomicU32::new(0),
             max,
         }
     }
-    /// Live connections over all shards.
+    /// Items held over all shards.
     pub fn count(&self) -> u32 {
         self.count.load(Ordering::Relaxed)
     }
     pub fn max(&self) -> u32 {
         self.max
     }
-    /// Reserve one entry; false when the table is full.
+    /// Reserve one item; false when the bound is reached.
     fn reserve(&self) -> bool {
         self.count
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
@@ -276,6 +302,34 @@ impl TableLimit {
     }
 }
 
+/// The bounds all shards share: connections (`Config::max_entries`) and expectations
+/// (`Config::max_expectations`).
+#[derive(Debug)]
+pub struct TableLimit {
+    pub conns: Bound,
+    pub expects: Bound,
+}
+
+impl TableLimit {
+    pub fn new(cfg: &Config) -> Self {
+        TableLimit {
+            conns: Bound::new(cfg.max_entries),
+            expects: Bound::new(cfg.max_expectations),
+        }
+    }
+}
+
+/// What `Shard::track_with_room` calls when the table is full and this shard alone cannot (or,
+/// below its share of the table, should not) make room: free one connection elsewhere (another
+/// shard) and say whether it did. The sans-IO core knows nothing of other shards or locks;
+/// `Conntrack` (mod.rs) supplies it.
+pub type MakeRoom<'a> = dyn FnMut(Timestamp) -> bool + 'a;
+
+/// `MakeRoom` for a shard used on its own: there is nowhere else to look.
+pub fn no_room(_: Timestamp) -> bool {
+    false
+}
+
 /// One shard of the tracker. See the module docs.
 #[derive(Debug)]
 pub struct Shard {
@@ -286,7 +340,6 @@ pub struct Shard {
     pickup: bool,
     helper_ports: Vec<HelperPort>,
     max_expect_per_master: usize,
-    max_expects: usize,
     max_events: usize,
     limit: Arc<TableLimit>,
     entries: Vec<Entry>,
@@ -302,8 +355,9 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// Shard `id` of `count` (a power of two), sharing the table bound `limit`. Shards grow on
-    /// demand: preallocating every shard for the whole bound would multiply memory by `count`.
+    /// Shard `id` of `count` (a power of two), sharing the bounds `limit` with the others.
+    /// Shards grow on demand: preallocating every shard for the whole bound would multiply
+    /// memory by `count`.
     pub fn new(cfg: &Config, id: u32, count: u32, limit: Arc<TableLimit>) -> Self {
         let count = count.max(1);
         Shard {
@@ -314,7 +368,6 @@ impl Shard {
             pickup: cfg.tcp_pickup,
             helper_ports: cfg.helper_ports.clone(),
             max_expect_per_master: cfg.max_expect_per_master.max(1) as usize,
-            max_expects: (cfg.max_expectations as usize).div_ceil(count as usize),
             max_events: cfg.event_queue as usize,
             limit,
             entries: Vec::new(),
@@ -374,8 +427,20 @@ impl Shard {
     }
 
     /// Judge one packet and update the table. The packet must belong to this shard
-    /// (`Conntrack::lock_for` picks it).
+    /// (`Conntrack::lock_for` picks it). When the table is full only this shard's entries are
+    /// early-drop candidates; `track_with_room` also looks elsewhere.
     pub fn track(&mut self, now: Timestamp, pkt: &Packet) -> Outcome {
+        self.track_with_room(now, pkt, &mut no_room)
+    }
+
+    /// `track`, with `room` to free a connection in another shard when the table is full (see
+    /// `MakeRoom`). Only a packet that creates a connection on a full table calls it.
+    pub fn track_with_room(
+        &mut self,
+        now: Timestamp,
+        pkt: &Packet,
+        room: &mut MakeRoom<'_>,
+    ) -> Outcome {
         let now_ms = now.as_millis();
         if pkt.fragment.is_some() {
             return self.invalid(InvalidReason::Fragment);
@@ -394,12 +459,12 @@ impl Shard {
         };
         if let Some((slot, dir)) = self.lookup(&tuple) {
             if self.entries[slot as usize].expires > now_ms {
-                return self.update(now_ms, slot, dir, pkt);
+                return self.update(now_ms, slot, dir, pkt, room);
             }
             self.counters.expired += 1;
             self.destroy(slot, DestroyReason::Timeout);
         }
-        self.create(now_ms, tuple, pkt)
+        self.create(now_ms, tuple, pkt, room)
     }
 
     #[inline]
@@ -414,7 +479,14 @@ impl Shard {
         self.invalid(r)
     }
 
-    fn update(&mut self, now_ms: u64, slot: u32, dir: u32, pkt: &Packet) -> Outcome {
+    fn update(
+        &mut self,
+        now_ms: u64,
+        slot: u32,
+        dir: u32,
+        pkt: &Packet,
+        room: &mut MakeRoom<'_>,
+    ) -> Outcome {
         let direction = if dir == 0 {
             Direction::Original
         } else {
@@ -436,7 +508,7 @@ impl Shard {
                 {
                     let tuple = e.tuple;
                     self.destroy(slot, DestroyReason::Reopened);
-                    return self.create(now_ms, tuple, pkt);
+                    return self.create(now_ms, tuple, pkt, room);
                 }
                 match e.tcp.update(direction, &t, liberal) {
                     TcpVerdict::Ok => {}
@@ -524,7 +596,13 @@ impl Shard {
         }
     }
 
-    fn create(&mut self, now_ms: u64, tuple: Tuple, pkt: &Packet) -> Outcome {
+    fn create(
+        &mut self,
+        now_ms: u64,
+        tuple: Tuple,
+        pkt: &Packet,
+        room: &mut MakeRoom<'_>,
+    ) -> Outcome {
         if tuple == tuple.reverse() {
             return self.invalid(InvalidReason::SameEndpoints);
         }
@@ -540,14 +618,19 @@ impl Shard {
             },
             L4::Other { .. } => (KIND_GENERIC, TcpConn::default(), self.timeouts.generic),
         };
-        // An expected connection?
+        let Some(slot) = self.alloc(now_ms, room) else {
+            return self.invalid(InvalidReason::TableFull);
+        };
+        // An expected connection? Looked up only now that the connection has its slot, so that
+        // a full table does not consume the expectation (and after `alloc`'s early drop, which
+        // may have taken the expectation along with its master).
         let mut status_bits = 0;
         let mut master = None;
         let mut helper = self
             .helper_for(&tuple)
             .map(|k| Box::new(HelperState::new(k)));
         if let Some(i) = self.find_expectation(now_ms, &tuple) {
-            let x = self.expects.swap_remove(i);
+            let x = self.take_expect(i);
             self.counters.expect_matched += 1;
             status_bits |= status::RELATED;
             master = Some(x.master);
@@ -558,9 +641,6 @@ impl Shard {
                 reason: ExpectEnd::Matched,
             });
         }
-        let Some(slot) = self.alloc(now_ms) else {
-            return self.invalid(InvalidReason::TableFull);
-        };
         let e = &mut self.entries[slot as usize];
         e.tuple = tuple;
         e.status = status_bits;
@@ -608,10 +688,10 @@ impl Shard {
         }
     }
 
-    /// A free slot, making room by early drop in this shard if the table is full.
-    fn alloc(&mut self, now_ms: u64) -> Option<u32> {
-        let reserved = self.limit.reserve() || (self.early_drop(now_ms) && self.limit.reserve());
-        if !reserved {
+    /// A free slot, making room by early drop if the table is full.
+    #[inline]
+    fn alloc(&mut self, now_ms: u64, room: &mut MakeRoom<'_>) -> Option<u32> {
+        if !self.limit.conns.reserve() && !self.make_room(now_ms, room) {
             return None;
         }
         self.len += 1;
@@ -622,10 +702,34 @@ impl Shard {
         Some((self.entries.len() - 1) as u32)
     }
 
-    /// Free one slot: an expired entry, else the droppable entry closest to expiry among a
-    /// bounded sample (like Linux's early_drop): one that is not assured, or a TCP connection
-    /// that is closing (Linux's `tcp_can_early_drop`). False if none is droppable.
-    fn early_drop(&mut self, now_ms: u64) -> bool {
+    /// The table is full: early-drop a connection here or elsewhere (`room`) and reserve its
+    /// place. Who pays: a shard holding at least its share of the table (`max / shards`) drops
+    /// one of its own first; one below its share asks the other shards first. So one host pair
+    /// that fills the table (it lives in one shard) makes room for everyone else, and its
+    /// flood cannot make other pairs evict each other's connections.
+    #[cold]
+    fn make_room(&mut self, now_ms: u64, room: &mut MakeRoom<'_>) -> bool {
+        let shards = u64::from(self.mask) + 1;
+        let own_first = u64::from(self.len) * shards >= u64::from(self.limit.conns.max());
+        let now = Timestamp::from_millis(now_ms);
+        if own_first && self.early_drop_ms(now_ms) && self.limit.conns.reserve() {
+            return true;
+        }
+        if room(now) && self.limit.conns.reserve() {
+            return true;
+        }
+        !own_first && self.early_drop_ms(now_ms) && self.limit.conns.reserve()
+    }
+
+    /// Free one slot of this shard: an expired entry, else the droppable entry closest to
+    /// expiry among a bounded sample (like Linux's early_drop): one that is not assured, or a
+    /// TCP connection that is closing (Linux's `tcp_can_early_drop`). False if none is
+    /// droppable. `Conntrack` calls it on other shards for their `MakeRoom`.
+    pub fn early_drop(&mut self, now: Timestamp) -> bool {
+        self.early_drop_ms(now.as_millis())
+    }
+
+    fn early_drop_ms(&mut self, now_ms: u64) -> bool {
         const SAMPLE: u32 = 64;
         let n = self.entries.len() as u32;
         if n == 0 {
@@ -678,13 +782,13 @@ impl Shard {
         e.master = None;
         self.free.push(slot);
         self.len -= 1;
-        self.limit.release();
+        self.limit.conns.release();
         self.counters.destroyed += 1;
         // Expectations die with their master.
         let mut i = 0;
         while i < self.expects.len() {
             if self.expects[i].master == id {
-                let x = self.expects.swap_remove(i);
+                let x = self.take_expect(i);
                 let snap = expect_snapshot(&x, 0);
                 self.push_event(Event::ExpectDestroyed {
                     snapshot: snap,
@@ -757,6 +861,12 @@ impl Shard {
 
     // ---- expectations ------------------------------------------------------------------
 
+    /// Remove expectation `i`, giving its place in the global bound back.
+    fn take_expect(&mut self, i: usize) -> Expect {
+        self.limit.expects.release();
+        self.expects.swap_remove(i)
+    }
+
     fn find_expectation(&mut self, now_ms: u64, t: &Tuple) -> Option<usize> {
         if self.expects.is_empty() {
             return None;
@@ -769,7 +879,7 @@ impl Shard {
         let mut i = 0;
         while i < self.expects.len() {
             if self.expects[i].expires <= now_ms {
-                let x = self.expects.swap_remove(i);
+                let x = self.take_expect(i);
                 self.counters.expect_expired += 1;
                 let snap = expect_snapshot(&x, now_ms);
                 self.push_event(Event::ExpectDestroyed {
@@ -783,7 +893,8 @@ impl Shard {
     }
 
     /// Announce an expected connection (see `Expectation`). Identical announcements from the
-    /// same master refresh the timeout; beyond the per-master limit the oldest is evicted.
+    /// same master refresh the timeout; beyond the per-master limit the oldest is evicted;
+    /// beyond the global `max_expectations` (shared by all shards) a new one is refused.
     pub fn expect(
         &mut self,
         now: Timestamp,
@@ -805,23 +916,26 @@ impl Shard {
             return Ok(ExpectOutcome::Refreshed);
         }
         let owned = self.expects.iter().filter(|o| o.master == x.master).count();
-        if owned >= self.max_expect_per_master {
-            if let Some((i, _)) = self
-                .expects
-                .iter()
-                .enumerate()
-                .filter(|(_, o)| o.master == x.master)
-                .min_by_key(|(_, o)| o.created)
-            {
-                let old = self.expects.swap_remove(i);
-                self.counters.expect_evicted += 1;
-                let snap = expect_snapshot(&old, now_ms);
-                self.push_event(Event::ExpectDestroyed {
-                    snapshot: snap,
-                    reason: ExpectEnd::Evicted,
-                });
-            }
-        } else if self.expects.len() >= self.max_expects {
+        let oldest = (owned >= self.max_expect_per_master)
+            .then(|| {
+                self.expects
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, o)| o.master == x.master)
+                    .min_by_key(|(_, o)| o.created)
+                    .map(|(i, _)| i)
+            })
+            .flatten();
+        if let Some(i) = oldest {
+            // The new one takes the evicted one's place in the global bound.
+            let old = self.expects.swap_remove(i);
+            self.counters.expect_evicted += 1;
+            let snap = expect_snapshot(&old, now_ms);
+            self.push_event(Event::ExpectDestroyed {
+                snapshot: snap,
+                reason: ExpectEnd::Evicted,
+            });
+        } else if !self.limit.expects.reserve() {
             self.counters.expect_refused += 1;
             return Err(ExpectError::TableFull);
         }
@@ -929,14 +1043,67 @@ impl Shard {
     }
 
     pub fn conn(&self, id: ConnId) -> Option<ConnInfo> {
-        let e = self.live(id)?;
-        Some(ConnInfo {
-            tuple: e.tuple,
-            proto: e.proto_state(),
-            status: e.status,
-            master: e.master,
-            expires: Timestamp::from_millis(e.expires),
-        })
+        self.live(id).map(info_of)
+    }
+
+    /// Unexpired live connections, as the listing and counting below see them.
+    fn unexpired(&self, now_ms: u64) -> impl Iterator<Item = (u32, &Entry)> + '_ {
+        (0u32..)
+            .zip(self.entries.iter())
+            .filter(move |(_, e)| e.kind != KIND_FREE && e.expires > now_ms)
+    }
+
+    /// How many unexpired connections match `filter`; no snapshot is built, nothing allocated.
+    pub fn count_where(&self, now: Timestamp, filter: &dyn Fn(&ConnInfo) -> bool) -> u64 {
+        let now_ms = now.as_millis();
+        self.unexpired(now_ms)
+            .filter(|(_, e)| filter(&info_of(e)))
+            .count() as u64
+    }
+
+    /// Unexpired connections by protocol and TCP state; nothing allocated.
+    pub fn state_counts(&self, now: Timestamp) -> StateCounts {
+        let mut c = StateCounts::default();
+        for (_, e) in self.unexpired(now.as_millis()) {
+            match e.kind {
+                KIND_TCP => c.tcp[e.tcp.state() as usize] += 1,
+                KIND_UDP => c.udp += 1,
+                KIND_ICMP => c.icmp += 1,
+                _ => c.generic += 1,
+            }
+        }
+        c
+    }
+
+    /// One page of a listing: snapshots of the unexpired connections matching `filter` in slots
+    /// `from..`, appended to `out` until it holds `limit` or `scan` slots were examined. Returns
+    /// the slot to resume at, or `None` at the end of the shard. A connection keeps its slot
+    /// for life, so one that lives through a whole paged listing is listed exactly once.
+    pub fn snapshots_page(
+        &self,
+        from: u32,
+        limit: usize,
+        scan: usize,
+        now: Timestamp,
+        filter: &dyn Fn(&ConnInfo) -> bool,
+        out: &mut Vec<ConnSnapshot>,
+    ) -> Option<u32> {
+        let now_ms = now.as_millis();
+        let end = self.entries.len() as u32;
+        let mut slot = from;
+        let mut scanned = 0;
+        while slot < end {
+            if out.len() >= limit || scanned >= scan {
+                return Some(slot);
+            }
+            let e = &self.entries[slot as usize];
+            if e.kind != KIND_FREE && e.expires > now_ms && filter(&info_of(e)) {
+                out.push(self.snapshot_slot(slot, now_ms));
+            }
+            slot += 1;
+            scanned += 1;
+        }
+        None
     }
 
     pub fn helper_state_mut(&mut self, id: ConnId) -> Option<&mut HelperState> {
@@ -983,7 +1150,7 @@ impl Shard {
         if let Some((slot, _)) = self.lookup(&t) {
             self.destroy(slot, DestroyReason::Removed);
         }
-        let Some(slot) = self.alloc(now_ms) else {
+        let Some(slot) = self.alloc(now_ms, &mut no_room) else {
             return Err(ImportError::TableFull);
         };
         let master = snap
@@ -1014,12 +1181,13 @@ impl Shard {
         if live != self.len as usize {
             return Err(format!("len {} but {} live entries", self.len, live));
         }
-        if self.limit.count() > self.limit.max() {
-            return Err(format!(
-                "{} connections above the bound {}",
-                self.limit.count(),
-                self.limit.max()
-            ));
+        for (what, b) in [
+            ("connections", &self.limit.conns),
+            ("expectations", &self.limit.expects),
+        ] {
+            if b.count() > b.max() {
+                return Err(format!("{} {what} above the bound {}", b.count(), b.max()));
+            }
         }
         if self.index.len() != 2 * live {
             return Err(format!(
@@ -1048,6 +1216,17 @@ impl Shard {
             return Err("free list and slab disagree".into());
         }
         Ok(())
+    }
+}
+
+#[inline]
+fn info_of(e: &Entry) -> ConnInfo {
+    ConnInfo {
+        tuple: e.tuple,
+        proto: e.proto_state(),
+        status: e.status,
+        master: e.master,
+        expires: Timestamp::from_millis(e.expires),
     }
 }
 

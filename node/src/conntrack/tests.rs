@@ -825,11 +825,8 @@ proptest! {
                     ct.handle_timeout(t(now), 0, 1, 3);
                 }
             }
-            for i in 0..ct.shard_count() {
-                let sh = ct.lock(i);
-                if let Err(e) = sh.check_invariants() {
-                    return Err(TestCaseError::fail(e));
-                }
+            if let Err(e) = ct.check_invariants() {
+                return Err(TestCaseError::fail(e));
             }
         }
     }
@@ -911,4 +908,423 @@ fn same_endpoints_are_invalid_not_a_corrupt_index() {
     // Same address, different ports is a (local) connection like any other.
     assert!(track(&ct, 0, &build::udp(a, a, 7, 8, b"")).created);
     ct.lock(0).check_invariants().unwrap();
+}
+
+// ---- fairness of the global bounds (issue 9 items 4 and 10a) --------------------------------
+
+/// A SYN from `c:cp` to `s:80`.
+fn syn(c: IpAddr, s: IpAddr, cp: u16) -> Vec<u8> {
+    build::tcp(c, s, &TcpSpec::new(cp, 80, S))
+}
+
+fn shard_of_bytes(ct: &Conntrack, b: &[u8]) -> usize {
+    ct.shard_of(&Packet::parse(b).unwrap())
+}
+
+/// A client in 198.51.100.0/24 whose pair with `s` hashes to a shard other than `not`.
+fn client_elsewhere(ct: &Conntrack, s: IpAddr, not: &[usize]) -> IpAddr {
+    (1..=254u8)
+        .map(|i| ip(&format!("198.51.100.{i}")))
+        .find(|c| !not.contains(&shard_of_bytes(ct, &syn(*c, s, 1))))
+        .unwrap()
+}
+
+/// The original tuple of a packet.
+fn tuple_of(b: &[u8]) -> Tuple {
+    Tuple::of_packet(&Packet::parse(b).unwrap()).unwrap()
+}
+
+/// 64 shards, 100 entries; an attacker pair fills the table with unassured SYNs.
+fn attacked() -> (Conntrack, IpAddr, IpAddr, usize) {
+    let ct = Conntrack::new(&Config {
+        shards: 64,
+        max_entries: 100,
+        ..Config::default()
+    });
+    let (a, v) = (ip("198.51.100.66"), ip("203.0.113.66"));
+    let attacker = shard_of_bytes(&ct, &syn(a, v, 1));
+    (ct, a, v, attacker)
+}
+
+#[test]
+fn one_host_pair_cannot_deny_new_connections_to_everyone_else() {
+    let (ct, a, v, attacker) = attacked();
+    // The attacker fills the whole table with unanswered SYNs, oldest first.
+    for port in 0..100u16 {
+        let o = track(&ct, u64::from(port), &syn(a, v, 1000 + port));
+        assert!(o.created, "attacker SYN {port}: {o:?}");
+    }
+    assert_eq!(ct.len(), 100);
+    while ct.lock(attacker).poll_event().is_some() {}
+    // A legitimate pair in another (empty) shard still gets its SYN tracked...
+    let s = ip("203.0.113.10");
+    let c = client_elsewhere(&ct, s, &[attacker]);
+    let mut f = Flow { c, s, ..Flow::v4() };
+    let o = track(&ct, 200, &f.seg(true, S, 0));
+    assert_eq!((o.state, o.created), (CtState::New, true), "{o:?}");
+    assert_eq!(ct.len(), 100);
+    // ...because the attacker's oldest unassured entry was early-dropped, and counted there.
+    let mut sh = ct.lock(attacker);
+    assert_eq!(sh.counters.early_drops, 1);
+    let evs: Vec<_> = std::iter::from_fn(|| sh.poll_event()).collect();
+    assert_eq!(
+        evs,
+        vec![Event::ConnDestroyed {
+            tuple: tuple_of(&syn(a, v, 1000)),
+            reason: DestroyReason::EarlyDrop,
+        }]
+    );
+    drop(sh);
+    // The handshake completes.
+    assert_eq!(
+        track(&ct, 201, &f.seg(false, S | A, 0)).state,
+        CtState::Established
+    );
+    assert_eq!(
+        track(&ct, 202, &f.seg(true, A, 0)).state,
+        CtState::Established
+    );
+    // The attacker's own next SYN is paid for by the attacker's shard.
+    assert!(track(&ct, 203, &syn(a, v, 3000)).created);
+    assert_eq!(ct.lock(attacker).counters.early_drops, 2);
+    assert_eq!(ct.counters().early_drops, 2);
+    ct.check_invariants().unwrap();
+}
+
+#[test]
+fn a_shard_below_its_share_does_not_evict_its_own_connections_for_a_flood() {
+    let (ct, a, v, attacker) = attacked();
+    // A legitimate pair in another shard has one unanswered (droppable) SYN.
+    let s = ip("203.0.113.10");
+    let c = client_elsewhere(&ct, s, &[attacker]);
+    let legit = shard_of_bytes(&ct, &syn(c, s, 1));
+    assert!(track(&ct, 0, &syn(c, s, 5000)).created);
+    for port in 0..99u16 {
+        assert!(track(&ct, 1 + u64::from(port), &syn(a, v, 1000 + port)).created);
+    }
+    assert_eq!(ct.len(), 100);
+    // Its next SYN is paid for by the attacker's shard (above its share), not by its own
+    // pending SYN (its shard holds less than its share of the table).
+    assert!(track(&ct, 200, &syn(c, s, 5001)).created);
+    assert_eq!(
+        ct.lock(legit).len(),
+        2,
+        "the legitimate pending SYN survives"
+    );
+    assert_eq!(ct.lock(legit).counters.early_drops, 0);
+    assert_eq!(ct.lock(attacker).counters.early_drops, 1);
+    ct.check_invariants().unwrap();
+}
+
+#[test]
+fn global_early_drop_does_not_wait_forever_for_a_busy_shard() {
+    let (ct, a, v, attacker) = attacked();
+    for port in 0..100u16 {
+        assert!(track(&ct, u64::from(port), &syn(a, v, 1000 + port)).created);
+    }
+    let c = client_elsewhere(&ct, v, &[attacker]);
+    // Another worker holds the attacker's shard: the bounded wait gives up, the SYN is refused
+    // (no deadlock, no blocking).
+    let held = ct.lock(attacker);
+    invalid(&track(&ct, 200, &syn(c, v, 1)), InvalidReason::TableFull);
+    drop(held);
+    assert!(track(&ct, 201, &syn(c, v, 1)).created);
+    ct.check_invariants().unwrap();
+}
+
+#[test]
+fn expectation_bound_is_global() {
+    let ct = Conntrack::new(&Config {
+        shards: 64,
+        max_expectations: 2,
+        ..cfg()
+    });
+    // Two FTP control connections whose pairs live in different shards.
+    let s = ip("203.0.113.10");
+    let mut masters = Vec::new();
+    let mut used = Vec::new();
+    for cp in [40000u16, 40001] {
+        let c = client_elsewhere(&ct, s, &used);
+        used.push(shard_of_bytes(&ct, &syn(c, s, 1)));
+        let mut f = Flow {
+            c,
+            s,
+            cp,
+            sp: 21,
+            ..Flow::v4()
+        };
+        let m = track(&ct, 0, &f.seg(true, S, 0)).conn.unwrap();
+        track(&ct, 1, &f.seg(false, S | A, 0));
+        track(&ct, 2, &f.seg(true, A, 0));
+        masters.push((f, m));
+    }
+    assert_ne!(used[0], used[1]);
+    let lock = |f: &Flow| ct.lock(shard_of_bytes(&ct, &syn(f.c, f.s, 1)));
+    let (f0, m0) = &masters[0];
+    let (f1, m1) = &masters[1];
+    // The first master may use the whole global bound...
+    for port in [50000, 50001] {
+        assert_eq!(
+            lock(f0).expect(t(10), data_expect(*m0, f0, port)),
+            Ok(ExpectOutcome::Created)
+        );
+    }
+    assert_eq!(ct.expectation_count(), 2);
+    // ...and then no shard may add one.
+    assert_eq!(
+        lock(f1).expect(t(10), data_expect(*m1, f1, 50000)),
+        Err(ExpectError::TableFull)
+    );
+    assert_eq!(lock(f1).counters.expect_refused, 1);
+    // A refresh is not a new expectation.
+    assert_eq!(
+        lock(f0).expect(t(11), data_expect(*m0, f0, 50000)),
+        Ok(ExpectOutcome::Refreshed)
+    );
+    // Consuming one gives its place back.
+    let mut d = Flow {
+        c: f0.s,
+        s: f0.c,
+        cp: 20,
+        sp: 50000,
+        ..Flow::v4()
+    };
+    assert_eq!(track(&ct, 12, &d.seg(true, S, 0)).state, CtState::Related);
+    assert_eq!(ct.expectation_count(), 1);
+    assert_eq!(
+        lock(f1).expect(t(13), data_expect(*m1, f1, 50000)),
+        Ok(ExpectOutcome::Created)
+    );
+    // Expiry and master death give places back too.
+    ct.handle_timeout(t(11 + 300_000), 0, 1, 16);
+    assert_eq!(ct.expectation_count(), 1);
+    assert!(lock(f1).remove(*m1));
+    assert_eq!(ct.expectation_count(), 0);
+    ct.check_invariants().unwrap();
+}
+
+#[test]
+fn full_table_does_not_consume_the_expectation() {
+    let ct = Conntrack::new(&Config {
+        max_entries: 2,
+        ..cfg()
+    });
+    let (f, m) = ftp_master(&ct);
+    // An assured UDP flow fills the table: nothing is droppable.
+    let filler = track(&ct, 3, &build::udp(f.c, f.s, 7000, 53, b""));
+    track(&ct, 4, &build::udp(f.s, f.c, 53, 7000, b""));
+    track(&ct, 5, &build::udp(f.c, f.s, 7000, 53, b""));
+    ct.lock(0).expect(t(10), data_expect(m, &f, 50000)).unwrap();
+    let mut d = Flow {
+        c: f.s,
+        s: f.c,
+        cp: 20,
+        sp: 50000,
+        ..Flow::v4()
+    };
+    let first = d.seg(true, S, 0);
+    invalid(&track(&ct, 11, &first), InvalidReason::TableFull);
+    assert_eq!(ct.lock(0).expectation_count(), 1, "not consumed");
+    assert_eq!(ct.lock(0).counters.expect_matched, 0);
+    // Once there is room, the retransmitted SYN is still RELATED.
+    assert!(ct.lock(0).remove(filler.conn.unwrap()));
+    let o = track(&ct, 12, &first);
+    assert_eq!((o.state, o.created), (CtState::Related, true), "{o:?}");
+    assert_eq!(ct.lock(0).conn(o.conn.unwrap()).unwrap().master, Some(m));
+    assert_eq!(ct.expectation_count(), 0);
+    ct.check_invariants().unwrap();
+}
+
+#[test]
+fn expected_connection_whose_master_is_early_dropped_is_not_related() {
+    // The master is the only droppable entry: making room for the data connection drops it,
+    // and its expectation with it; the data connection is then an ordinary NEW one.
+    let ct = Conntrack::new(&Config {
+        max_entries: 2,
+        ..cfg()
+    });
+    let mut f = Flow {
+        sp: 21,
+        ..Flow::v4()
+    };
+    let m = track(&ct, 0, &f.seg(true, S, 0)).conn.unwrap();
+    track(&ct, 1, &build::udp(f.c, f.s, 7000, 53, b""));
+    track(&ct, 2, &build::udp(f.s, f.c, 53, 7000, b""));
+    track(&ct, 3, &build::udp(f.c, f.s, 7000, 53, b""));
+    ct.lock(0).expect(t(10), data_expect(m, &f, 50000)).unwrap();
+    let o = track(&ct, 11, &build::tcp(f.s, f.c, &TcpSpec::new(20, 50000, S)));
+    assert_eq!((o.state, o.created), (CtState::New, true), "{o:?}");
+    let sh = ct.lock(0);
+    assert!(sh.conn(m).is_none(), "master early-dropped");
+    assert_eq!(sh.conn(o.conn.unwrap()).unwrap().master, None);
+    assert_eq!(sh.counters.expect_matched, 0);
+    drop(sh);
+    ct.check_invariants().unwrap();
+}
+
+// ---- counting and paged listing for the control API (issue 9 item 8) ----------------------
+
+/// UDP flows `0..n` between several pairs (so over several shards), created at `now`.
+fn udp_flows(ct: &Conntrack, now: u64, n: u16) -> Vec<Tuple> {
+    (0..n)
+        .map(|i| {
+            let c = ip(&format!("198.51.100.{}", 1 + i % 50));
+            let b = build::udp(c, ip("203.0.113.10"), 1000 + i, 53, b"");
+            assert!(track(ct, now, &b).created);
+            tuple_of(&b)
+        })
+        .collect()
+}
+
+#[test]
+fn counts_by_state_and_filter_without_snapshots() {
+    let ct = Conntrack::new(&Config { shards: 8, ..cfg() });
+    let flows = udp_flows(&ct, 0, 20);
+    let mut f = Flow::v4();
+    let o = track(&ct, 1, &f.seg(true, S, 0));
+    assert!(o.created);
+    let mut g = Flow {
+        cp: 40001,
+        ..Flow::v4()
+    };
+    track(&ct, 1, &g.seg(true, S, 0));
+    track(&ct, 1, &g.seg(false, S | A, 0));
+    track(&ct, 1, &g.seg(true, A, 0));
+    track(
+        &ct,
+        1,
+        &build::echo(ip("198.51.100.1"), ip("203.0.113.1"), false, 9, 1),
+    );
+    let c = ct.state_counts(t(2));
+    assert_eq!(c.udp, 20);
+    assert_eq!(c.icmp, 1);
+    assert_eq!(c.tcp[TcpState::SynSent as usize], 1);
+    assert_eq!(c.tcp[TcpState::Established as usize], 1);
+    assert_eq!(c.total(), 23);
+    assert_eq!(ct.count_where(t(2), |i| i.tuple.src_port == 1005), 1);
+    assert_eq!(
+        ct.count_where(t(2), |i| i.tuple.proto == proto::UDP),
+        flows.len() as u64
+    );
+    // Expired but not yet reaped entries are not counted (as in `snapshots`).
+    let c = ct.state_counts(t(31_000));
+    assert_eq!((c.udp, c.icmp), (0, 0));
+    assert_eq!(c.tcp[TcpState::SynSent as usize], 1);
+    assert_eq!(ct.count_where(t(31_000), |_| true), 2);
+}
+
+/// Every page of a listing, following the cursors.
+fn all_pages(ct: &Conntrack, limit: usize, f: impl Fn(&ConnInfo) -> bool) -> Vec<ConnPage> {
+    let mut pages = Vec::new();
+    let mut cur = ListCursor::default();
+    loop {
+        let p = ct.snapshots_page(cur, limit, t(1), &f);
+        assert!(p.conns.len() <= limit);
+        let next = p.next;
+        pages.push(p);
+        match next {
+            Some(n) => cur = ListCursor::from_token(n.to_token()),
+            None => return pages,
+        }
+    }
+}
+
+#[test]
+fn paged_listing_covers_every_connection_once() {
+    let ct = Conntrack::new(&Config { shards: 8, ..cfg() });
+    let mut flows = udp_flows(&ct, 0, 300);
+    let pages = all_pages(&ct, 7, |_| true);
+    let mut listed: Vec<Tuple> = pages
+        .iter()
+        .flat_map(|p| p.conns.iter().map(|c| c.tuple))
+        .collect();
+    assert!(pages.len() >= 300 / 7);
+    let key = |t: &Tuple| (t.src, t.src_port);
+    listed.sort_by_key(key);
+    flows.sort_by_key(key);
+    assert_eq!(listed, flows);
+    // With a filter, the limit counts matching connections.
+    let pages = all_pages(&ct, 5, |i| i.tuple.src_port % 10 == 0);
+    let n: usize = pages.iter().map(|p| p.conns.len()).sum();
+    assert_eq!(n, 30);
+    // A stale or forged token just ends the listing.
+    let p = ct.snapshots_page(ListCursor::from_token(u64::MAX), 10, t(1), |_| true);
+    assert_eq!((p.conns.len(), p.next), (0, None));
+}
+
+#[test]
+fn paged_listing_survives_changes_between_pages() {
+    let ct = Conntrack::new(&Config { shards: 4, ..cfg() });
+    let flows = udp_flows(&ct, 0, 100);
+    let first = ct.snapshots_page(ListCursor::default(), 40, t(1), |_| true);
+    let mut seen: Vec<Tuple> = first.conns.iter().map(|c| c.tuple).collect();
+    // Between pages: one listed and one unlisted connection go, new ones come.
+    let unlisted = *flows.iter().find(|t| !seen.contains(t)).unwrap();
+    for gone in [seen[0], unlisted] {
+        let b = build::udp(
+            gone.src_ip(),
+            gone.dst_ip(),
+            gone.src_port,
+            gone.dst_port,
+            b"",
+        );
+        let p = Packet::parse(&b).unwrap();
+        let mut sh = ct.lock_for(&p);
+        let id = sh.track(t(1), &p).conn.unwrap();
+        assert!(sh.remove(id));
+    }
+    for i in 0..30u16 {
+        track(
+            &ct,
+            1,
+            &build::udp(ip("198.51.100.200"), ip("203.0.113.10"), 5000 + i, 53, b""),
+        );
+    }
+    let mut cur = first.next;
+    while let Some(c) = cur {
+        let p = ct.snapshots_page(c, 40, t(1), |_| true);
+        seen.extend(p.conns.iter().map(|c| c.tuple));
+        cur = p.next;
+    }
+    // Every connection that lived through the listing is listed exactly once.
+    for f in flows
+        .iter()
+        .filter(|f| **f != unlisted && **f != first.conns[0].tuple)
+    {
+        assert_eq!(seen.iter().filter(|s| *s == f).count(), 1, "{f:?}");
+    }
+    assert!(!seen.contains(&unlisted));
+}
+
+#[test]
+fn paged_listing_drops_the_lock_on_long_sparse_scans() {
+    // One shard, 5000 connections, a filter that matches only the last one.
+    let ct = Conntrack::new(&Config {
+        max_entries: 8192,
+        ..cfg()
+    });
+    let (c, s) = (ip("198.51.100.10"), ip("203.0.113.10"));
+    for i in 0..5000u16 {
+        assert!(track(&ct, 0, &build::udp(c, s, 1000 + i, 53, b"")).created);
+    }
+    let want = |i: &ConnInfo| i.tuple.src_port == 1000 + 4999;
+    // Under one lock the shard examines at most `scan` slots and says where to resume...
+    let mut out = Vec::new();
+    let sh = ct.lock(0);
+    assert_eq!(
+        sh.snapshots_page(0, 10, 4096, t(1), &want, &mut out),
+        Some(4096)
+    );
+    assert!(out.is_empty());
+    assert_eq!(
+        sh.snapshots_page(4096, 10, 4096, t(1), &want, &mut out),
+        None
+    );
+    assert_eq!(out.len(), 1);
+    drop(sh);
+    // ...and the shell goes on, re-locking, until the page is full or the table ends.
+    let p = ct.snapshots_page(ListCursor::default(), 10, t(1), want);
+    assert_eq!(p.conns.len(), 1);
+    assert_eq!(p.conns[0].tuple.src_port, 5999);
+    assert_eq!(p.next, None);
 }
