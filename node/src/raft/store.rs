@@ -147,11 +147,11 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<SmData, SnapshotCodecError> {
     }
 }
 
-/// A snapshot's metadata and its encoded data.
-type SnapshotRecord = (SnapshotMeta<NodeId, Member>, Vec<u8>);
+/// A stored snapshot: its metadata and its data.
+type Stored = (SnapshotMeta<NodeId, Member>, Vec<u8>);
 
-/// The stored snapshot's metadata and data, in the current layout or the first release's.
-fn read_snapshot(db: &Database) -> Result<Option<SnapshotRecord>, AnyError> {
+/// The stored snapshot, in the current layout or the first release's.
+fn read_snapshot(db: &Database) -> Result<Option<Stored>, AnyError> {
     let tx = db.begin_read().map_err(|e| AnyError::new(&e))?;
     let t = tx.open_table(META).map_err(|e| AnyError::new(&e))?;
     let meta = t.get(SNAPSHOT_META).map_err(|e| AnyError::new(&e))?;
