@@ -61,8 +61,9 @@ pub enum Direction {
 const EVICT_SHARDS: usize = 64;
 /// Global early drop: shards sampled for a victim per attempt (up to 64 slots each).
 const EVICT_TRIES: usize = 8;
-/// Global early drop: shards found locked during the scan, retried with a bounded wait.
-const EVICT_BUSY: usize = 2;
+/// Global early drop: shards found locked during the scan (retried with a bounded wait), and
+/// shards below their share (sampled last), remembered per attempt.
+const EVICT_LATER: usize = 2;
 /// Longest wait for one busy shard. Bounded so that two workers waiting for each other's
 /// shard both give up instead of deadlocking.
 const EVICT_WAIT: Duration = Duration::from_micros(50);
@@ -96,6 +97,25 @@ impl ListCursor {
 pub struct ConnPage {
     pub conns: Vec<ConnSnapshot>,
     pub next: Option<ListCursor>,
+}
+
+/// Up to `EVICT_LATER` shard indexes to come back to, on the stack.
+#[derive(Default)]
+struct Later {
+    at: [usize; EVICT_LATER],
+    n: usize,
+}
+
+impl Later {
+    fn push(&mut self, i: usize) {
+        if let Some(x) = self.at.get_mut(self.n) {
+            *x = i;
+            self.n += 1;
+        }
+    }
+    fn get(&self) -> &[usize] {
+        &self.at[..self.n]
+    }
 }
 
 /// The sharded tracker shared by the datapath workers.
@@ -225,14 +245,16 @@ impl Conntrack {
     /// Global early drop, the `MakeRoom` of shard `own` (whose lock the caller holds): free one
     /// connection in another shard. Bounded like Linux's `early_drop` (a bounded sample from a
     /// rotating start): looks at up to `EVICT_SHARDS` other shards and samples at most
-    /// `EVICT_TRIES` of them (`Shard::early_drop`, 64 slots each); only a shard holding at least
-    /// its share of the table (`max_entries / shards`) gives up a connection for another one.
+    /// `EVICT_TRIES` of them (`Shard::early_drop`, 64 slots each). Shards holding at least
+    /// their share of the table (`Shard::holds_its_share`: where a flooding pair lives) are
+    /// sampled first; up to `EVICT_LATER` smaller non-empty ones are the last resort, since an
+    /// unassured entry anywhere should go before a new connection is refused (as in Linux).
     ///
     /// Locking: the caller holds its own shard, so taking another shard's lock blockingly could
-    /// deadlock against a worker doing the same the other way round. Shards are only taken with
-    /// `try_lock`; the (at most `EVICT_BUSY`) shards that were busy, which under a flood are the
-    /// flooded ones, are retried with a wait bounded by `EVICT_WAIT`, so two workers waiting for
-    /// each other both give up. Never called for a packet of an existing connection.
+    /// deadlock against a worker doing the same the other way round. Shards are taken with
+    /// `try_lock`; up to `EVICT_LATER` shards that were busy (under a flood, the flooded ones)
+    /// are retried with a wait bounded by `EVICT_WAIT`, so two workers waiting for each other
+    /// both give up. Never called for a packet of an existing connection.
     ///
     /// Why not per-shard quotas: one host pair lives in one shard, so a quota would cap a
     /// legitimate busy pair (a proxy, a NAT) at a fraction of the table.
@@ -242,36 +264,40 @@ impl Conntrack {
         if n < 2 {
             return false;
         }
-        let share = (self.limit.conns.max() as usize / n).max(1);
         let start = self.evict_cursor.fetch_add(1, Ordering::Relaxed);
         let mut tries = 0;
-        let mut busy = [usize::MAX; EVICT_BUSY];
-        let mut nbusy = 0;
+        let mut busy = Later::default();
+        let mut small = Later::default();
         for k in 0..(n - 1).min(EVICT_SHARDS) {
             let i = (own + 1 + start.wrapping_add(k) % (n - 1)) & self.mask;
-            match self.shards[i].try_lock() {
-                Some(mut sh) => {
-                    if sh.len() >= share {
-                        if sh.early_drop(now) {
-                            return true;
-                        }
-                        tries += 1;
-                        if tries >= EVICT_TRIES {
-                            return false;
-                        }
-                    }
+            let Some(mut sh) = self.shards[i].try_lock() else {
+                busy.push(i);
+                continue;
+            };
+            if !sh.holds_its_share() {
+                if !sh.is_empty() {
+                    small.push(i);
                 }
-                None => {
-                    if let Some(b) = busy.get_mut(nbusy) {
-                        *b = i;
-                        nbusy += 1;
-                    }
+                continue;
+            }
+            if sh.early_drop(now) {
+                return true;
+            }
+            tries += 1;
+            if tries >= EVICT_TRIES {
+                return false;
+            }
+        }
+        for &i in busy.get() {
+            if let Some(mut sh) = self.shards[i].try_lock_for(EVICT_WAIT) {
+                if sh.holds_its_share() && sh.early_drop(now) {
+                    return true;
                 }
             }
         }
-        for &i in &busy[..nbusy] {
-            if let Some(mut sh) = self.shards[i].try_lock_for(EVICT_WAIT) {
-                if sh.len() >= share && sh.early_drop(now) {
+        for &i in small.get() {
+            if let Some(mut sh) = self.shards[i].try_lock() {
+                if sh.early_drop(now) {
                     return true;
                 }
             }

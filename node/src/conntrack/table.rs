@@ -393,6 +393,12 @@ impl Shard {
         self.expects.len()
     }
 
+    /// Does this shard hold at least its share (`max_entries / shards`) of the table? Such a
+    /// shard pays for new connections when the table is full (see `make_room`).
+    pub fn holds_its_share(&self) -> bool {
+        u64::from(self.len) * (u64::from(self.mask) + 1) >= u64::from(self.limit.conns.max())
+    }
+
     #[inline]
     fn hash(&self, t: &Tuple) -> u64 {
         self.hasher.hash_one(t)
@@ -709,8 +715,7 @@ impl Shard {
     /// flood cannot make other pairs evict each other's connections.
     #[cold]
     fn make_room(&mut self, now_ms: u64, room: &mut MakeRoom<'_>) -> bool {
-        let shards = u64::from(self.mask) + 1;
-        let own_first = u64::from(self.len) * shards >= u64::from(self.limit.conns.max());
+        let own_first = self.holds_its_share();
         let now = Timestamp::from_millis(now_ms);
         if own_first && self.early_drop_ms(now_ms) && self.limit.conns.reserve() {
             return true;

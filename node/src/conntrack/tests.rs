@@ -1017,6 +1017,52 @@ fn a_shard_below_its_share_does_not_evict_its_own_connections_for_a_flood() {
 }
 
 #[test]
+fn shards_below_their_share_pay_for_others_only_as_a_last_resort() {
+    let (ct, a, v, attacker) = attacked();
+    let s = ip("203.0.113.10");
+    let x = client_elsewhere(&ct, s, &[attacker]);
+    let xs = shard_of_bytes(&ct, &syn(x, s, 1));
+    let y = client_elsewhere(&ct, s, &[attacker, xs]);
+    let ys = shard_of_bytes(&ct, &syn(y, s, 1));
+    // Shard X: one pending SYN (below its share). The attacker: 99 unassured SYNs.
+    assert!(track(&ct, 0, &syn(x, s, 5000)).created);
+    for port in 0..99u16 {
+        assert!(track(&ct, 1, &syn(a, v, 1000 + port)).created);
+    }
+    // Y's SYN: the attacker pays, X keeps its pending connection.
+    assert!(track(&ct, 2, &syn(y, s, 6000)).created);
+    assert_eq!(ct.lock(attacker).counters.early_drops, 1);
+    let sh = ct.lock(xs);
+    assert_eq!((sh.len(), sh.counters.early_drops), (1, 0));
+    drop(sh);
+    // Now the attacker's connections are all assured: X's unassured SYN is the only victim
+    // left, and it goes rather than Y's next SYN being refused.
+    let ct = attacked().0;
+    assert!(track(&ct, 0, &syn(x, s, 5000)).created);
+    for port in 0..99u16 {
+        let mut f = Flow {
+            c: a,
+            s: v,
+            cp: 1000 + port,
+            ..Flow::v4()
+        };
+        track(&ct, 1, &f.seg(true, S, 0));
+        track(&ct, 1, &f.seg(false, S | A, 0));
+        assert_eq!(
+            track(&ct, 1, &f.seg(true, A, 0)).state,
+            CtState::Established
+        );
+    }
+    assert_eq!(ct.len(), 100);
+    let o = track(&ct, 2, &syn(y, s, 6000));
+    assert!(o.created, "{o:?}");
+    assert_eq!(ct.lock(xs).counters.early_drops, 1);
+    assert!(ct.lock(xs).is_empty());
+    assert_eq!(ct.lock(ys).len(), 1);
+    ct.check_invariants().unwrap();
+}
+
+#[test]
 fn global_early_drop_does_not_wait_forever_for_a_busy_shard() {
     let (ct, a, v, attacker) = attacked();
     for port in 0..100u16 {
