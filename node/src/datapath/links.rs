@@ -92,27 +92,7 @@ pub fn parse_link_messages<'a>(buf: &'a [u8], mut f: impl FnMut(LinkEvent<'a>)) 
     true
 }
 
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, opt: libc::c_int, v: T) -> io::Result<()> {
-    // SAFETY: `v` is a plain value of the size passed, alive for the call.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            opt,
-            &v as *const T as *const libc::c_void,
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    })
-    .map(|_| ())
-}
+use super::sys::{cvt, setsockopt};
 
 /// An rtnetlink socket subscribed to link events, in the calling thread's network namespace.
 fn open_socket(poll: Duration) -> io::Result<OwnedFd> {

@@ -423,27 +423,7 @@ fn parse_packet(body: &[u8]) -> Option<Msg<'_>> {
 
 // ---- the socket -----------------------------------------------------------------------------
 
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, opt: libc::c_int, v: T) -> io::Result<()> {
-    // SAFETY: `v` lives for the call and its size is passed; the fd is open.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            opt,
-            &v as *const T as *const libc::c_void,
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    })
-    .map(|_| ())
-}
+use super::sys::{cvt, setsockopt};
 
 impl Queue {
     fn with_fd(fd: OwnedFd, num: u16) -> Queue {
