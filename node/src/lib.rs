@@ -13,5 +13,6 @@ pub mod helper;
 pub mod packet;
 pub mod policy;
 pub mod raft;
+pub mod sync;
 pub mod time;
 pub mod transport;

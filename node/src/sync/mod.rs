@@ -1,0 +1,15 @@
+//! Connection-state replication between the gateways of a pair (DESIGN.md §7).
+//!
+//! Not in Raft: its rate is far too high for a consensus log. Each pair of gateways shares one
+//! bidirectional gRPC stream; both ends run the same sans-IO core on it.
+//!
+//! - `msg`: the protocol's messages as plain types.
+//! - `core`: the state machines (a node's `Outbox` of numbered items, one `Session` per peer)
+//!   driven by messages and an explicit `now`; they return messages, timers and table
+//!   operations. Tested over a simulated faulty link.
+//!
+//! Must not touch: packets, policy, Raft.
+
+pub mod msg;
+
+pub use msg::{ConnUpdate, Hello, Item, Msg, Resume, Seq, VERSION};
