@@ -44,6 +44,18 @@ pub struct ConnSnapshot {
     pub helper: Option<Box<HelperState>>,
 }
 
+/// The state of a connection the receiver is expected to have already (no helper state, no
+/// master): what most changes are, and cheap to build on the packet path. Replication ships it
+/// as `sync::Item::Update`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnUpdate {
+    pub tuple: Tuple,
+    pub proto: ProtoState,
+    /// `conntrack::event::status` bits.
+    pub status: u16,
+    pub expires_in_ms: u64,
+}
+
 /// A copy of one expectation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExpectSnapshot {

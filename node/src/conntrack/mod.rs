@@ -29,7 +29,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, MutexGuard};
 
 pub use config::{Config, Timeouts};
-pub use event::{ConnSnapshot, Event, ExpectSnapshot, ProtoState};
+pub use event::{ConnSnapshot, ConnUpdate, Event, ExpectSnapshot, ProtoState};
 pub use expect::{ExpectError, ExpectOutcome, Expectation};
 pub use table::{
     no_room, Bound, ConnId, ConnInfo, Counters, InvalidReason, MakeRoom, Outcome, Shard,

@@ -5,7 +5,8 @@
 //! into `keepstate.v1.Sync` protobuf and back (and validates what comes in), so the core and its
 //! simulated-link tests never see protobuf. Must not touch the table, the network or a clock.
 
-use crate::conntrack::{ConnSnapshot, ExpectSnapshot, ProtoState, Tuple};
+pub use crate::conntrack::ConnUpdate;
+use crate::conntrack::{ConnSnapshot, ExpectSnapshot, Tuple};
 
 /// Protocol version this build speaks (`Hello::version`). A node accepts any version >= 1:
 /// newer peers' unknown fields and message kinds are skipped by the codec.
@@ -13,17 +14,6 @@ pub const VERSION: u32 = 1;
 
 /// Position in one node's stream of items (per boot of that node; the first item is 1).
 pub type Seq = u64;
-
-/// The state of a connection the receiver is expected to have already (no helper state, no
-/// master): what most changes are, and cheap to build on the packet path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConnUpdate {
-    pub tuple: Tuple,
-    pub proto: ProtoState,
-    /// `conntrack::event::status` bits.
-    pub status: u16,
-    pub expires_in_ms: u64,
-}
 
 /// One replicated change.
 #[derive(Clone, Debug, PartialEq, Eq)]
