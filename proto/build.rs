@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/keepstate/v1/control.proto",
         "proto/keepstate/v1/raft.proto",
+        "proto/keepstate/v1/sync.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -28,6 +28,18 @@ pub enum Item {
     ConnGone(Tuple),
     Expect(ExpectSnapshot),
     ExpectGone(ExpectSnapshot),
+    /// An item this build cannot use: a kind a newer peer sent, or one that failed validation.
+    /// It keeps its sequence number (the stream stays gap-free) and changes nothing.
+    Skipped(Skip),
+}
+
+/// Why a received item was skipped (counted per reason by the shell).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skip {
+    /// An item kind this build does not know (a newer peer).
+    UnknownKind,
+    /// Malformed: a bad tuple, address, enum value, length or range.
+    Invalid,
 }
 
 /// What a node already holds of its peer's stream, so that a reconnect resumes.
