@@ -631,30 +631,30 @@ mod tests {
             Some(ItemKind::Conn(c)) => c,
             _ => unreachable!(),
         };
-        let corruptions: Vec<(&str, Box<dyn Fn(&mut pb::SyncConn)>)> = vec![
-            ("tcp state 0", Box::new(|c| c.tcp.as_mut().unwrap().state = 0)),
-            ("tcp state 10", Box::new(|c| c.tcp.as_mut().unwrap().state = 10)),
-            ("no tcp", Box::new(|c| c.tcp = None)),
+        let corruptions: Vec<(&str, fn(&mut pb::SyncConn))> = vec![
+            ("tcp state 0", |c| c.tcp.as_mut().unwrap().state = 0)),
+            ("tcp state 10", |c| c.tcp.as_mut().unwrap().state = 10),
+            ("no tcp", |c| c.tcp = None),
             (
                 "wscale 15",
-                Box::new(|c| c.tcp.as_mut().unwrap().original.as_mut().unwrap().scale = 15),
+                Box::new(|c| c.tcp.as_mut().unwrap().original.as_mut().unwrap().scale = 15,
             ),
             (
                 "unknown dir flag",
-                Box::new(|c| c.tcp.as_mut().unwrap().reply.as_mut().unwrap().flags = 0x80),
+                |c| c.tcp.as_mut().unwrap().reply.as_mut().unwrap().flags = 0x80,
             ),
-            ("kind udp on tcp", Box::new(|c| c.kind = pb::SyncConnKind::Udp as i32)),
-            ("kind 99", Box::new(|c| c.kind = 99)),
-            ("bad tuple", Box::new(|c| c.tuple.truncate(5))),
-            ("bad master", Box::new(|c| c.master = vec![4, 6, 1])),
-            ("lifetime", Box::new(|c| c.expires_in_ms = MAX_EXPIRES_MS + 1)),
-            ("helper kind", Box::new(|c| c.helper.as_mut().unwrap().kind = 7)),
+            ("kind udp on tcp", |c| c.kind = pb::SyncConnKind::Udp as i32)),
+            ("kind 99", |c| c.kind = 99),
+            ("bad tuple", |c| c.tuple.truncate(5)),
+            ("bad master", |c| c.master = vec![4, 6, 1]),
+            ("lifetime", |c| c.expires_in_ms = MAX_EXPIRES_MS + 1),
+            ("helper kind", |c| c.helper.as_mut().unwrap().kind = 7),
             (
                 "long line",
                 Box::new(|c| {
                     c.helper.as_mut().unwrap().original.as_mut().unwrap().partial =
                         vec![b'x'; LINE_MAX + 1]
-                }),
+                },
             ),
         ];
         for (what, corrupt) in corruptions {
@@ -706,16 +706,16 @@ mod tests {
             }),
             Item::Expect(x)
         );
-        let corruptions: Vec<Box<dyn Fn(&mut pb::SyncExpect)>> = vec![
-            Box::new(|e| e.family = 6),
-            Box::new(|e| e.family = 0),
-            Box::new(|e| e.dst_port = 0),
-            Box::new(|e| e.dst_port = 70000),
-            Box::new(|e| e.src_port = Some(65536)),
-            Box::new(|e| e.protocol = 300),
-            Box::new(|e| e.src = vec![1, 2, 3]),
-            Box::new(|e| e.helper = 3),
-            Box::new(|e| e.master.clear()),
+        let corruptions: Vec<fn(&mut pb::SyncExpect)> = vec![
+            |e| e.family = 6,
+            |e| e.family = 0,
+            |e| e.dst_port = 0,
+            |e| e.dst_port = 70000,
+            |e| e.src_port = Some(65536),
+            |e| e.protocol = 300,
+            |e| e.src = vec![1, 2, 3],
+            |e| e.helper = 3,
+            |e| e.master.clear(),
         ];
         for (i, corrupt) in corruptions.iter().enumerate() {
             let mut e = good.clone();
