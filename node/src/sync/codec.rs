@@ -159,7 +159,10 @@ pub fn encode(m: &Msg) -> pb::SyncMessage {
                 seq: r.seq,
             }),
         }),
-        Msg::Batch { first_seq, items: v } => MsgKind::Batch(pb::SyncBatch {
+        Msg::Batch {
+            first_seq,
+            items: v,
+        } => MsgKind::Batch(pb::SyncBatch {
             first_seq: *first_seq,
             items: items(v),
         }),
@@ -284,7 +287,9 @@ fn decode_proto(kind: i32, tcp: Option<&pb::SyncTcp>, t: &Tuple) -> Result<Proto
     let p = match pb::SyncConnKind::try_from(kind) {
         Ok(pb::SyncConnKind::Tcp) if t.proto == TCP => ProtoState::Tcp(decode_tcp(tcp)?),
         Ok(pb::SyncConnKind::Udp) if t.proto == UDP => ProtoState::Udp,
-        Ok(pb::SyncConnKind::IcmpEcho) if matches!((t.proto, t.family), (ICMP, 4) | (ICMPV6, 6)) => {
+        Ok(pb::SyncConnKind::IcmpEcho)
+            if matches!((t.proto, t.family), (ICMP, 4) | (ICMPV6, 6)) =>
+        {
             ProtoState::IcmpEcho
         }
         Ok(pb::SyncConnKind::Generic) if !matches!(t.proto, TCP | UDP | ICMP | ICMPV6) => {
@@ -631,31 +636,32 @@ mod tests {
             Some(ItemKind::Conn(c)) => c,
             _ => unreachable!(),
         };
-        let corruptions: Vec<(&str, fn(&mut pb::SyncConn))> = vec![
-            ("tcp state 0", |c| c.tcp.as_mut().unwrap().state = 0)),
+        type Corrupt = fn(&mut pb::SyncConn);
+        let corruptions: Vec<(&str, Corrupt)> = vec![
+            ("tcp state 0", |c| c.tcp.as_mut().unwrap().state = 0),
             ("tcp state 10", |c| c.tcp.as_mut().unwrap().state = 10),
             ("no tcp", |c| c.tcp = None),
-            (
-                "wscale 15",
-                Box::new(|c| c.tcp.as_mut().unwrap().original.as_mut().unwrap().scale = 15,
-            ),
-            (
-                "unknown dir flag",
-                |c| c.tcp.as_mut().unwrap().reply.as_mut().unwrap().flags = 0x80,
-            ),
-            ("kind udp on tcp", |c| c.kind = pb::SyncConnKind::Udp as i32)),
+            ("wscale 15", |c| {
+                c.tcp.as_mut().unwrap().original.as_mut().unwrap().scale = 15
+            }),
+            ("unknown dir flag", |c| {
+                c.tcp.as_mut().unwrap().reply.as_mut().unwrap().flags = 0x80
+            }),
+            ("kind udp on tcp", |c| c.kind = pb::SyncConnKind::Udp as i32),
             ("kind 99", |c| c.kind = 99),
             ("bad tuple", |c| c.tuple.truncate(5)),
             ("bad master", |c| c.master = vec![4, 6, 1]),
             ("lifetime", |c| c.expires_in_ms = MAX_EXPIRES_MS + 1),
             ("helper kind", |c| c.helper.as_mut().unwrap().kind = 7),
-            (
-                "long line",
-                Box::new(|c| {
-                    c.helper.as_mut().unwrap().original.as_mut().unwrap().partial =
-                        vec![b'x'; LINE_MAX + 1]
-                },
-            ),
+            ("long line", |c| {
+                c.helper
+                    .as_mut()
+                    .unwrap()
+                    .original
+                    .as_mut()
+                    .unwrap()
+                    .partial = vec![b'x'; LINE_MAX + 1]
+            }),
         ];
         for (what, corrupt) in corruptions {
             let mut c = good.clone();
@@ -674,7 +680,10 @@ mod tests {
             let bytes = m.encode_to_vec();
             let m = decode(&pb::SyncMessage::decode(bytes.as_slice()).unwrap());
             match m {
-                Some(Msg::Batch { first_seq: 1, items }) => {
+                Some(Msg::Batch {
+                    first_seq: 1,
+                    items,
+                }) => {
                     assert_eq!(items[0], Item::Skipped(Skip::Invalid), "{what}");
                     assert_eq!(items[1], Item::Conn(ftp_conn()), "{what}");
                 }
@@ -766,8 +775,14 @@ mod tests {
 
         // A batch of [unknown item kind 14, a known item], plus an unknown field 15 in the
         // batch: the unknown item keeps seq 7, the known one is seq 8.
-        let known = encode_item(&Item::ConnGone(tuple("198.51.100.1", "203.0.113.1", 1, 2, 6)))
-            .encode_to_vec();
+        let known = encode_item(&Item::ConnGone(tuple(
+            "198.51.100.1",
+            "203.0.113.1",
+            1,
+            2,
+            6,
+        )))
+        .encode_to_vec();
         let unknown_item = vec![14 << 3, 1];
         let mut batch = vec![0x08, 7]; // first_seq = 7
         for it in [&unknown_item, &known] {
@@ -805,6 +820,9 @@ mod tests {
         let mut m = vec![(1 << 3) | 2, hello.len() as u8];
         m.extend_from_slice(&hello);
         let m = pb::SyncMessage::decode(m.as_slice()).unwrap();
-        assert!(matches!(decode(&m), Some(Msg::Hello(Hello { version: 7, .. }))));
+        assert!(matches!(
+            decode(&m),
+            Some(Msg::Hello(Hello { version: 7, .. }))
+        ));
     }
 }
