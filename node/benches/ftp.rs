@@ -93,6 +93,7 @@ fn helper_cost_on_other_traffic(c: &mut Criterion) {
             ftp: FtpConfig::default(),
             stats: Arc::new(WorkerStats::default()),
             reject_mark: fwnode::datapath::worker::REJECT_MARK,
+            feed: None,
         }
     };
     let mut syn = TcpSpec::new(40000, 443, TcpFlags::SYN);

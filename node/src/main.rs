@@ -246,6 +246,7 @@ fn start_datapath(
             ftp: cfg.ftp.clone(),
             stats: stats.clone(),
             reject_mark: d.reject_mark,
+            feed: None,
         };
         let stop = stop.clone();
         let ready = ready_tx.clone();

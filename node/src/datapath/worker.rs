@@ -19,6 +19,7 @@ use crate::helper::ftp::{
 use crate::packet::checksum::{self, Checksum};
 use crate::packet::{proto, Packet, ParseError, Tcp, L4};
 use crate::policy::{Action, PacketMeta, PolicyStore};
+use crate::sync::feed::Feed;
 use crate::time::Timestamp;
 
 /// Default mark bit set on a packet handed back with NF_REPEAT so that the kernel rule at the
@@ -65,7 +66,7 @@ pub struct WorkerStats {
     pub ct_related: AtomicU64,
     /// New connections removed again because the policy did not accept their first packet.
     pub ct_discarded: AtomicU64,
-    /// Tracker events drained; replication (their consumer) is not built yet.
+    /// Tracker events handed to replication.
     pub events: AtomicU64,
     pub ftp_lines: AtomicU64,
     pub ftp_expectations: AtomicU64,
@@ -88,6 +89,9 @@ pub struct Pipeline {
     pub stats: Arc<WorkerStats>,
     /// The mark bit of a REJECT verdict (see `REJECT_MARK`).
     pub reject_mark: u32,
+    /// Replication's end of this worker: tracker events leave here (`None`: replication is
+    /// off, and the tracker builds no events).
+    pub feed: Option<Feed>,
 }
 
 impl Pipeline {
@@ -164,6 +168,9 @@ impl Pipeline {
             if tcp.payload_len > 0 {
                 self.run_ftp(&mut shard, now, id, out.dir, &tcp);
             }
+        }
+        if let Some(f) = &self.feed {
+            f.drain(&mut shard);
         }
         drop(shard);
         match action {
@@ -319,6 +326,9 @@ pub fn run(
                 datagrams += 1;
                 more = datagrams < cfg.batch_datagrams && q.recv(true)?;
             }
+            if let Some(f) = &pipeline.feed {
+                stats.events.fetch_add(f.flush() as u64, Relaxed);
+            }
             let n = q.pending() as u64;
             stats.batches.fetch_add(1, Relaxed);
             stats.max_batch.fetch_max(n, Relaxed);
@@ -358,14 +368,14 @@ pub fn run(
             pipeline
                 .ct
                 .handle_timeout(now, cfg.index, cfg.workers, cfg.sweep_budget);
-            let mut i = cfg.index;
-            while i < pipeline.ct.shard_count() {
-                let mut sh = pipeline.ct.lock(i);
-                while sh.poll_event().is_some() {
-                    stats.events.fetch_add(1, Relaxed);
+            // Events not made by a packet (expiry, operator flushes) leave on the tick.
+            if let Some(f) = &pipeline.feed {
+                let mut i = cfg.index;
+                while i < pipeline.ct.shard_count() {
+                    f.drain(&mut pipeline.ct.lock(i));
+                    i += cfg.workers.max(1);
                 }
-                drop(sh);
-                i += cfg.workers.max(1);
+                stats.events.fetch_add(f.flush() as u64, Relaxed);
             }
         }
     }
@@ -395,6 +405,7 @@ mod tests {
             ftp: FtpConfig::default(),
             stats: Arc::new(WorkerStats::default()),
             reject_mark: REJECT_MARK,
+            feed: None,
         }
     }
 

@@ -7,12 +7,14 @@
 //! - `core`: the state machines (a node's `Outbox` of numbered items, one `Session` per peer)
 //!   driven by messages and an explicit `now`; they return messages, timers and table
 //!   operations. Tested over a simulated faulty link.
+//! - `feed`: the datapath's non-blocking hand-off of tracker events to the replication thread.
 //! - `codec`: those messages as `keepstate.v1.Sync` protobuf, and the form checks of what a
 //!   peer sends.
 //!
 //! Must not touch: packets, policy, Raft.
 
 pub mod codec;
+pub mod feed;
 pub mod msg;
 
 pub use msg::{ConnUpdate, Hello, Item, Msg, Resume, Seq, Skip, VERSION};
