@@ -18,7 +18,8 @@ pub enum CliError {
     /// The request or policy is invalid, or refers to something that does not exist.
     #[error("{0}")]
     Rejected(String),
-    /// The node, a leader or a quorum is unreachable; nothing was changed.
+    /// The node, a leader or a quorum is unreachable (nothing was changed), or a write got no
+    /// answer in time (it may still commit).
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -76,7 +77,8 @@ pub fn status_error(addr: &str, s: Status) -> CliError {
             "{addr}: {msg} (the node or the cluster leader is unreachable; nothing was changed)"
         )),
         Code::DeadlineExceeded | Code::Cancelled => CliError::Unavailable(format!(
-            "{addr}: {msg} (no answer in time: the cluster may have lost its quorum)"
+            "{addr}: {msg} (no answer in time: the cluster may have lost its quorum; a write may \
+             still commit: check `fwctl policy history`)"
         )),
         _ => CliError::Internal(format!("{addr}: {} ({:?})", msg, s.code())),
     }
@@ -135,6 +137,8 @@ mod tests {
         set_ha_settings(SetHaSettingsRequest) -> HaSettings;
         count_connections(CountConnectionsRequest) -> CountConnectionsReply;
         list_expectations(ListExpectationsRequest) -> ListExpectationsReply;
+        sync_status(SyncStatusRequest) -> SyncStatusReply;
+        sync_resync(SyncResyncRequest) -> SyncStatusReply;
         {
         async fn list_connections(
             &self,
@@ -157,6 +161,7 @@ mod tests {
             Ok(Response::new(v1::ListConnectionsReply {
                 connections: vec![c; self.0],
                 truncated: false,
+                next_page_token: 0,
             }))
         }
         }

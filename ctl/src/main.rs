@@ -3,7 +3,7 @@
 //!
 //! Exit codes: 0 success · 1 `policy diff` found differences · 2 usage error · 3 rejected (invalid
 //! request or policy, unknown version or member, wrong cluster state, unreadable local file) ·
-//! 4 unavailable (node unreachable, no leader, no quorum, timeout: nothing was changed) ·
+//! 4 unavailable (node unreachable, no leader, no quorum: nothing was changed; a timed-out write may still commit) ·
 //! 5 internal error.
 
 mod client;
@@ -19,8 +19,11 @@ use serde_json::json;
 
 const EXIT_CODES: &str = "Exit codes: 0 success, 1 `policy diff` found differences, 2 usage \
 error, 3 rejected (invalid request or policy, unknown version or member, wrong cluster state, \
-unreadable file), 4 unavailable (node unreachable, no leader, no quorum, timeout; nothing was \
-changed), 5 internal error.";
+unreadable file), 4 unavailable (node unreachable, no leader or no quorum: nothing was changed; \
+a write that timed out may still commit: check `policy history`), 5 internal error.";
+
+/// Connections asked for per `ct list` call (the server's cap per message).
+const LIST_PAGE: u32 = 100_000;
 
 /// keepstate operator CLI: policy, cluster membership and connection tables of fwnode.
 #[derive(Debug, Parser)]
@@ -69,6 +72,17 @@ enum Command {
     /// High availability: this node's role and the cluster's HA settings.
     #[command(subcommand)]
     Ha(HaCmd),
+    /// State replication with the peer gateway(s).
+    #[command(subcommand)]
+    Sync(SyncCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum SyncCmd {
+    /// Per peer: stream, sequence numbers sent and acknowledged, lag, bulk transfers, errors.
+    Status,
+    /// Ask every peer for a full-table transfer now, then show its progress.
+    Resync,
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,6 +166,15 @@ struct CtFilter {
     /// TCP state, e.g. ESTABLISHED.
     #[arg(long)]
     state: Option<String>,
+    /// local: made or used on this node; peer: learned from a peer and not used here yet.
+    #[arg(long, value_enum)]
+    origin: Option<OriginArg>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OriginArg {
+    Local,
+    Peer,
 }
 
 #[derive(Debug, Subcommand)]
@@ -199,6 +222,11 @@ impl CtFilter {
             addr: self.addr.clone().unwrap_or_default(),
             port: self.port.map_or(0, u32::from),
             tcp_state: self.state.clone().unwrap_or_default(),
+            origin: match self.origin {
+                None => String::new(),
+                Some(OriginArg::Local) => "local".into(),
+                Some(OriginArg::Peer) => "peer".into(),
+            },
         })
     }
 }
@@ -424,24 +452,38 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
             }
         }
         Command::Ct(CtCmd::List { filter, limit }) => {
-            let r = c
-                .list_connections(v1::ListConnectionsRequest {
-                    filter: Some(filter.to_proto()?),
-                    limit,
-                })
-                .await
-                .map_err(err)?
-                .into_inner();
+            // Page by page (each page one message, the server's lock held briefly), up to
+            // `limit` in all.
+            let filter = filter.to_proto()?;
+            let (mut connections, mut token) = (Vec::new(), 0);
+            loop {
+                let want = limit.saturating_sub(connections.len() as u32);
+                let r = c
+                    .list_connections(v1::ListConnectionsRequest {
+                        filter: Some(filter.clone()),
+                        limit: want.min(LIST_PAGE),
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(err)?
+                    .into_inner();
+                connections.extend(r.connections);
+                token = r.next_page_token;
+                if token == 0 || connections.len() as u32 >= limit {
+                    break;
+                }
+            }
+            let truncated = token != 0;
             if json {
                 print_json(&json!({
-                    "truncated": r.truncated,
-                    "connections": r.connections.iter().map(output::connection_json).collect::<Vec<_>>(),
+                    "truncated": truncated,
+                    "connections": connections.iter().map(output::connection_json).collect::<Vec<_>>(),
                 }));
             } else {
-                output::print_connections(&r.connections);
+                output::print_connections(&connections);
             }
-            if r.truncated {
-                eprintln!("(truncated: showing {}; use --limit)", r.connections.len());
+            if truncated {
+                eprintln!("(truncated: showing {}; use --limit)", connections.len());
             }
         }
         Command::Ct(CtCmd::Count { filter }) => {
@@ -456,6 +498,19 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                 print_json(&json!({ "count": r.count, "max": r.max }));
             } else {
                 println!("{}", r.count);
+            }
+        }
+        Command::Sync(cmd) => {
+            let r = match cmd {
+                SyncCmd::Status => c.sync_status(v1::SyncStatusRequest {}).await,
+                SyncCmd::Resync => c.sync_resync(v1::SyncResyncRequest {}).await,
+            }
+            .map_err(err)?
+            .into_inner();
+            if json {
+                print_json(&output::sync_json(&r));
+            } else {
+                output::print_sync(&r);
             }
         }
         Command::Ha(HaCmd::Status) => {

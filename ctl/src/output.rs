@@ -295,6 +295,80 @@ pub fn print_connections(cs: &[v1::Connection]) {
         ]);
     }
     print_table(&t);
+    if !cs.is_empty() {
+        println!("FLAGS: A assured, R reply seen, L related (expected by a helper), P learned from a peer and not used here yet");
+    }
+}
+
+pub fn sync_json(r: &v1::SyncStatusReply) -> Value {
+    json!({
+        "enabled": r.enabled, "ready": r.ready, "outbox_items": r.outbox_items,
+        "last_seq": r.last_seq, "events_lost": r.events_lost,
+        "skipped_unknown": r.skipped_unknown, "skipped_invalid": r.skipped_invalid,
+        "apply_refused": r.apply_refused, "swept": r.swept,
+        "peers": r.peers.iter().map(|p| json!({
+            "id": p.id, "addr": p.addr, "connected": p.connected, "in_sync": p.in_sync,
+            "last_seq_sent": p.last_seq_sent, "last_seq_acked": p.last_seq_acked, "lag": p.lag,
+            "unacked": p.unacked, "items_applied": p.items_applied,
+            "bulks_sent": p.bulks_sent, "bulks_received": p.bulks_received,
+            "bulk_items": p.bulk_items, "bulk_estimate": p.bulk_estimate,
+            "nacks": p.nacks, "retransmits": p.retransmits, "last_error": p.last_error,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn print_sync(r: &v1::SyncStatusReply) {
+    if !r.enabled {
+        println!("replication: off (no [sync] section)");
+        return;
+    }
+    println!(
+        "replication: {}   stream: seq {}, {} items kept   lost {}   skipped {}/{} (unknown/invalid)   refused {}   swept {}",
+        if r.ready { "ready" } else { "NOT READY (syncing)" },
+        r.last_seq,
+        r.outbox_items,
+        r.events_lost,
+        r.skipped_unknown,
+        r.skipped_invalid,
+        r.apply_refused,
+        r.swept
+    );
+    let mut t = table(&[
+        "PEER",
+        "ADDR",
+        "STREAM",
+        "IN SYNC",
+        "SENT",
+        "ACKED",
+        "LAG",
+        "UNACKED",
+        "APPLIED",
+        "BULKS OUT/IN",
+        "BULK",
+        "LAST ERROR",
+    ]);
+    for p in &r.peers {
+        let bulk = if p.bulk_estimate > 0 && !p.in_sync {
+            format!("{}/{}", p.bulk_items, p.bulk_estimate)
+        } else {
+            "-".into()
+        };
+        t.add_row(vec![
+            p.id.to_string(),
+            p.addr.clone(),
+            if p.connected { "up" } else { "down" }.into(),
+            if p.in_sync { "yes" } else { "no" }.into(),
+            p.last_seq_sent.to_string(),
+            p.last_seq_acked.to_string(),
+            p.lag.to_string(),
+            p.unacked.to_string(),
+            p.items_applied.to_string(),
+            format!("{}/{}", p.bulks_sent, p.bulks_received),
+            bulk,
+            p.last_error.clone(),
+        ]);
+    }
+    print_table(&t);
 }
 
 pub fn expectation_json(e: &v1::Expectation) -> Value {

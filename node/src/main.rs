@@ -337,6 +337,7 @@ fn run(cfg: Config) -> Result<()> {
                 ct: ct.clone(),
                 origin,
                 counters: datapath_counters(ct.clone(), all_stats.clone()),
+                sync: None,
             });
             Some(cluster::start(c, &cfg.node.name, store.clone(), dp)?)
         }

@@ -1,8 +1,10 @@
 //! Listing the local tracker for the control API: filters and the conversion of snapshots to
 //! `keepstate.v1` messages.
 //!
-//! Owns only read-side views. Locks one shard at a time, briefly, so listing never stalls the
-//! datapath for long; must never modify the table.
+//! Owns only read-side views. Counting builds no snapshot and listing goes page by page
+//! (`Conntrack::count_where`, `snapshots_page`): one shard lock at a time, dropped every few
+//! thousand slots, so a listing of a million entries never stalls the datapath for long. Must
+//! never modify the table.
 
 use std::net::IpAddr;
 
@@ -11,7 +13,7 @@ use keepstate_proto::v1;
 use crate::conntrack::event::status;
 use crate::conntrack::helper_state::HelperKind;
 use crate::conntrack::tuple::ip_from_bytes;
-use crate::conntrack::{ConnSnapshot, Conntrack, ExpectSnapshot, ProtoState};
+use crate::conntrack::{ConnInfo, ConnSnapshot, Conntrack, ExpectSnapshot, ListCursor, ProtoState};
 use crate::time::Timestamp;
 
 /// A parsed `ConnectionFilter`.
@@ -21,6 +23,8 @@ pub struct Filter {
     addr: Option<IpAddr>,
     port: Option<u16>,
     state: Option<String>,
+    /// `Some(true)`: learned from a peer and not used here yet; `Some(false)`: the others.
+    from_peer: Option<bool>,
 }
 
 impl Filter {
@@ -44,15 +48,22 @@ impl Filter {
             p => Some(u16::try_from(p).map_err(|_| format!("port {p} is not 1..=65535"))?),
         };
         let state = (!f.tcp_state.is_empty()).then(|| f.tcp_state.to_ascii_uppercase());
+        let from_peer = match f.origin.as_str() {
+            "" => None,
+            "peer" => Some(true),
+            "local" => Some(false),
+            o => return Err(format!("origin {o:?} is not \"local\" or \"peer\"")),
+        };
         Ok(Filter {
             proto,
             addr,
             port,
             state,
+            from_peer,
         })
     }
 
-    fn matches(&self, c: &ConnSnapshot) -> bool {
+    fn matches(&self, c: &ConnInfo) -> bool {
         let t = &c.tuple;
         self.proto.is_none_or(|p| p == t.proto)
             && self.addr.is_none_or(|a| a == t.src_ip() || a == t.dst_ip())
@@ -61,6 +72,9 @@ impl Filter {
                 .state
                 .as_deref()
                 .is_none_or(|s| s == state_name(&c.proto))
+            && self
+                .from_peer
+                .is_none_or(|p| p == (c.status & status::FROM_PEER != 0))
     }
 }
 
@@ -101,30 +115,27 @@ fn to_proto(c: &ConnSnapshot) -> v1::Connection {
     }
 }
 
-/// Up to `limit` matching connections, and whether more matched.
+/// One page of up to `limit` matching connections from `page_token` (0 = the start), and the
+/// token of the next page (0 = the listing is complete).
 pub fn list(
     ct: &Conntrack,
     now: Timestamp,
     f: &Filter,
     limit: usize,
-) -> (Vec<v1::Connection>, bool) {
-    let mut out = Vec::new();
-    for i in 0..ct.shard_count() {
-        let shard = ct.lock(i);
-        for c in shard.snapshots(now).filter(|c| f.matches(c)) {
-            if out.len() == limit {
-                return (out, true);
-            }
-            out.push(to_proto(&c));
-        }
-    }
-    (out, false)
+    page_token: u64,
+) -> (Vec<v1::Connection>, u64) {
+    let page = ct.snapshots_page(ListCursor::from_token(page_token), limit, now, |c| {
+        f.matches(c)
+    });
+    let conns = page.conns.iter().map(to_proto).collect();
+    // Token 0 is the start, so a cursor at the very start (an empty first page) is never a
+    // "next" token; `snapshots_page` always moves forward, so this cannot happen after a page.
+    let next = page.next.map_or(0, |c| c.to_token().max(1));
+    (conns, next)
 }
 
 pub fn count(ct: &Conntrack, now: Timestamp, f: &Filter) -> u64 {
-    (0..ct.shard_count())
-        .map(|i| ct.lock(i).snapshots(now).filter(|c| f.matches(c)).count() as u64)
-        .sum()
+    ct.count_where(now, |c| f.matches(c))
 }
 
 fn expect_to_proto(e: &ExpectSnapshot) -> v1::Expectation {

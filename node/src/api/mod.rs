@@ -40,6 +40,21 @@ pub struct Datapath {
     /// The origin of the tracker's timestamps.
     pub origin: Instant,
     pub counters: Arc<dyn Fn() -> DatapathCounters + Send + Sync>,
+    /// State replication, when `[sync]` is configured.
+    pub sync: Option<SyncView>,
+}
+
+/// What the control API sees of state replication: its status, and a resync trigger.
+#[derive(Clone)]
+pub struct SyncView {
+    pub status: Arc<dyn Fn() -> v1::SyncStatusReply + Send + Sync>,
+    pub resync: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for SyncView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncView").finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Datapath {
@@ -345,10 +360,16 @@ impl Control for ControlService {
             0 => LIST_DEFAULT,
             n => (n as usize).min(LIST_MAX),
         };
-        let (connections, truncated) = conntrack::list(&dp.ct, Self::now(dp), &f, limit);
+        let (ct, now, token) = (dp.ct.clone(), Self::now(dp), r.page_token);
+        // Off the runtime that drives Raft: a page of snapshots is real work.
+        let (connections, next_page_token) =
+            tokio::task::spawn_blocking(move || conntrack::list(&ct, now, &f, limit, token))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(v1::ListConnectionsReply {
             connections,
-            truncated,
+            truncated: next_page_token != 0,
+            next_page_token,
         }))
     }
 
@@ -358,10 +379,38 @@ impl Control for ControlService {
     ) -> Result<Response<v1::CountConnectionsReply>, Status> {
         let dp = self.datapath()?;
         let f = conntrack::Filter::parse(request.into_inner().filter).map_err(bad)?;
+        let (ct, now) = (dp.ct.clone(), Self::now(dp));
+        let count = tokio::task::spawn_blocking(move || conntrack::count(&ct, now, &f))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(v1::CountConnectionsReply {
-            count: conntrack::count(&dp.ct, Self::now(dp), &f),
+            count,
             max: u64::from(dp.ct.max_entries()),
         }))
+    }
+
+    async fn sync_status(
+        &self,
+        _: Request<v1::SyncStatusRequest>,
+    ) -> Result<Response<v1::SyncStatusReply>, Status> {
+        let dp = self.datapath()?;
+        Ok(Response::new(
+            dp.sync.as_ref().map(|s| (s.status)()).unwrap_or_default(),
+        ))
+    }
+
+    async fn sync_resync(
+        &self,
+        _: Request<v1::SyncResyncRequest>,
+    ) -> Result<Response<v1::SyncStatusReply>, Status> {
+        let dp = self.datapath()?;
+        let Some(s) = &dp.sync else {
+            return Err(Status::failed_precondition(
+                "replication is off on this node (no [sync] section)",
+            ));
+        };
+        (s.resync)();
+        Ok(Response::new((s.status)()))
     }
 
     async fn list_expectations(
@@ -369,9 +418,11 @@ impl Control for ControlService {
         _: Request<v1::ListExpectationsRequest>,
     ) -> Result<Response<v1::ListExpectationsReply>, Status> {
         let dp = self.datapath()?;
-        Ok(Response::new(v1::ListExpectationsReply {
-            expectations: conntrack::expectations(&dp.ct, Self::now(dp)),
-        }))
+        let (ct, now) = (dp.ct.clone(), Self::now(dp));
+        let expectations = tokio::task::spawn_blocking(move || conntrack::expectations(&ct, now))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(v1::ListExpectationsReply { expectations }))
     }
 }
 
@@ -401,6 +452,7 @@ mod tests {
         let reply = v1::ListConnectionsReply {
             connections: vec![c; LIST_MAX],
             truncated: true,
+            next_page_token: u64::MAX,
         };
         let len = reply.encoded_len();
         assert!(len < keepstate_proto::MAX_MESSAGE_BYTES / 2, "{len}");
