@@ -156,7 +156,12 @@ fn ip_layer(d: &[u8], wire_len: u32, strict_len: bool) -> Result<IpLayer, ParseE
             if d.len() < ihl {
                 return Err(ParseError::Truncated(Layer::Ip));
             }
-            let total = u32::from(be16(d, 2).ok_or(ParseError::Truncated(Layer::Ip))?);
+            let mut total = u32::from(be16(d, 2).ok_or(ParseError::Truncated(Layer::Ip))?);
+            // BIG TCP: a GSO packet over 64 KiB carries total length 0 and its real length is
+            // the wire length (Linux's iph_totlen).
+            if total == 0 && strict_len && wire_len > 0xffff {
+                total = wire_len;
+            }
             if total < ihl as u32 || (strict_len && total > wire_len) {
                 return Err(ParseError::BadTotalLength);
             }
@@ -182,7 +187,13 @@ fn ip_layer(d: &[u8], wire_len: u32, strict_len: bool) -> Result<IpLayer, ParseE
             if d.len() < 40 {
                 return Err(ParseError::Truncated(Layer::Ip));
             }
-            let payload_len = u32::from(be16(d, 4).ok_or(ParseError::Truncated(Layer::Ip))?);
+            let mut payload_len =
+                u32::from(be16(d, 4).ok_or(ParseError::Truncated(Layer::Ip))?);
+            // BIG TCP over IPv6: payload length 0 on a GSO packet over 64 KiB (the kernel has
+            // already removed the jumbo option); the real length is the wire length.
+            if payload_len == 0 && strict_len && wire_len > 0xffff + 40 {
+                payload_len = wire_len - 40;
+            }
             if strict_len && payload_len + 40 > wire_len {
                 return Err(ParseError::BadTotalLength);
             }
@@ -194,16 +205,22 @@ fn ip_layer(d: &[u8], wire_len: u32, strict_len: bool) -> Result<IpLayer, ParseE
             let mut walked = 0;
             loop {
                 match next {
-                    // Hop-by-hop, routing, destination options: (next, len in 8-octet units - 1).
-                    0 | 43 | 60 => {
+                    // Extension headers of the common format (next, length in 8-octet units
+                    // minus 1): hop-by-hop, routing, destination options, and (RFC 7045's
+                    // list) Mobility, HIP and Shim6; plus AH, whose length counts 4-octet
+                    // units minus 2 (RFC 4302). ESP ends the chain: what follows is encrypted.
+                    0 | 43 | 60 | 135 | 139 | 140 | 51 => {
                         walked += 1;
                         if walked > MAX_EXT_HEADERS {
                             return Err(ParseError::TooManyExtHeaders);
                         }
                         let nh = get(d, off).ok_or(ParseError::Truncated(Layer::Ipv6Ext))?;
-                        let len = get(d, off + 1).ok_or(ParseError::Truncated(Layer::Ipv6Ext))?;
+                        let len = usize::from(
+                            get(d, off + 1).ok_or(ParseError::Truncated(Layer::Ipv6Ext))?,
+                        );
+                        let size = if next == 51 { (len + 2) * 4 } else { (len + 1) * 8 };
                         next = nh;
-                        off += (usize::from(len) + 1) * 8;
+                        off += size;
                         if off > d.len() {
                             return Err(ParseError::Truncated(Layer::Ipv6Ext));
                         }

@@ -352,3 +352,59 @@ proptest! {
         }
     }
 }
+
+/// AH's length counts 4-octet units minus 2 (RFC 4302); Mobility, HIP and Shim6 use the
+/// common extension format (RFC 7045). Read wrongly, the TCP header would be looked for in
+/// the wrong place and the packet judged by garbage ports.
+#[test]
+fn ipv6_ah_mobility_hip_and_shim6_headers_are_walked() {
+    let mut t = TcpSpec::new(40000, 443, TcpFlags::SYN);
+    t.seq = 7;
+    let tcp = build::tcp(a("2001:db8:1::10"), a("2001:db8:2::10"), &t);
+    let l4 = &tcp[40..];
+    // AH with a 12-byte ICV: payload length field 4 → (4 + 2) * 4 = 24 bytes.
+    let mut ah = vec![135, 4, 0, 0];
+    ah.extend_from_slice(&[0; 20]);
+    // Mobility (8 bytes) → HIP (16 bytes) → Shim6 (8 bytes) → TCP.
+    let mut chain = ah;
+    chain.extend_from_slice(&[139, 0, 0, 0, 0, 0, 0, 0]);
+    chain.extend_from_slice(&[140, 1]);
+    chain.extend_from_slice(&[0; 14]);
+    chain.extend_from_slice(&[6, 0, 0, 0, 0, 0, 0, 0]);
+    chain.extend_from_slice(l4);
+    let b = build::ip(a("2001:db8:1::10"), a("2001:db8:2::10"), 51, &chain);
+    let p = Packet::parse(&b).unwrap();
+    assert_eq!(p.proto, proto::TCP);
+    let L4::Tcp(t) = p.l4 else { panic!("not tcp") };
+    assert_eq!((t.src_port, t.dst_port, t.seq), (40000, 443, 7));
+    // A chain cut inside AH is truncated, not misread.
+    let cut = build::ip(a("2001:db8:1::10"), a("2001:db8:2::10"), 51, &chain[..20]);
+    assert_eq!(
+        Packet::parse(&cut).unwrap_err(),
+        ParseError::Truncated(Layer::Ipv6Ext)
+    );
+}
+
+/// BIG TCP: GSO packets over 64 KiB have IPv4 total length 0 / IPv6 payload length 0; the
+/// wire length is their real length (as Linux's iph_totlen / ipv6_payload_len).
+#[test]
+fn big_tcp_packets_take_their_length_from_the_wire() {
+    for (src, dst) in [
+        (a("198.51.100.10"), a("203.0.113.10")),
+        (a("2001:db8:1::10"), a("2001:db8:2::10")),
+    ] {
+        let mut t = TcpSpec::new(1, 2, TcpFlags::ACK);
+        t.payload = vec![1; 100];
+        let mut b = build::tcp(src, dst, &t);
+        let len_at = if src.is_ipv4() { 2 } else { 4 };
+        b[len_at] = 0;
+        b[len_at + 1] = 0;
+        let wire = 70_000u32;
+        let p = Packet::parse_truncated(&b, wire).unwrap();
+        let L4::Tcp(t) = p.l4 else { panic!("not tcp") };
+        let ip_hdr = if src.is_ipv4() { 20 } else { 40 };
+        assert_eq!(t.payload_len, wire - ip_hdr - 20, "{src}");
+        // Length 0 on a packet that fits 64 KiB is still malformed.
+        assert!(Packet::parse_truncated(&b, b.len() as u32).is_err(), "{src}");
+    }
+}
