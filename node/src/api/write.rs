@@ -256,16 +256,18 @@ impl ControlService {
         let fwd = is_forwarded(&request);
         let r = request.into_inner();
         check_note("the author", &r.author)?;
-        let (rules, warnings) = {
+        let (target, rules, warnings) = {
             let sm = self.sm.read();
             let target = sm
                 .state
                 .rollback_target(r.to_version)
                 .map_err(Status::not_found)?;
             check_policy_size(&target.text)?;
-            self.policy
+            let (rules, warnings) = self
+                .policy
                 .check(&target.text, &format!("policy version {}", target.version))
-                .map_err(|e| Status::failed_precondition(e.to_string()))?
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            (target.version, rules, warnings)
         };
         match self.route(fwd)? {
             Route::Leader(id, m) => {
@@ -280,8 +282,11 @@ impl ControlService {
             }
             Route::Local => {
                 let resp = self
+                    // The version checked above, not "the one before the current" resolved
+                    // again at apply time: a policy committed in between must not change what
+                    // this rollback enforces.
                     .propose(Cmd::Rollback {
-                        to: r.to_version,
+                        to: Some(target),
                         author: r.author,
                         proposed_at_unix_ms: unix_ms(),
                     })
