@@ -187,8 +187,7 @@ fn ip_layer(d: &[u8], wire_len: u32, strict_len: bool) -> Result<IpLayer, ParseE
             if d.len() < 40 {
                 return Err(ParseError::Truncated(Layer::Ip));
             }
-            let mut payload_len =
-                u32::from(be16(d, 4).ok_or(ParseError::Truncated(Layer::Ip))?);
+            let mut payload_len = u32::from(be16(d, 4).ok_or(ParseError::Truncated(Layer::Ip))?);
             // BIG TCP over IPv6: payload length 0 on a GSO packet over 64 KiB (the kernel has
             // already removed the jumbo option); the real length is the wire length.
             if payload_len == 0 && strict_len && wire_len > 0xffff + 40 {
@@ -218,7 +217,11 @@ fn ip_layer(d: &[u8], wire_len: u32, strict_len: bool) -> Result<IpLayer, ParseE
                         let len = usize::from(
                             get(d, off + 1).ok_or(ParseError::Truncated(Layer::Ipv6Ext))?,
                         );
-                        let size = if next == 51 { (len + 2) * 4 } else { (len + 1) * 8 };
+                        let size = if next == 51 {
+                            (len + 2) * 4
+                        } else {
+                            (len + 1) * 8
+                        };
                         next = nh;
                         off += size;
                         if off > d.len() {

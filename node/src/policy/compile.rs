@@ -103,8 +103,58 @@ pub struct CompiledPolicy {
     /// The registry slots the rules name, each once.
     ifaces: Box<[Arc<IfSlot>]>,
     default: Action,
-    hits: Box<[AtomicU64]>,
-    default_hits: AtomicU64,
+    hits: Hits,
+}
+
+/// Hit counters, striped by worker thread: the established rule is hit by every packet, and
+/// one shared counter per rule would bounce its cache line between the workers on each one.
+/// Each stripe holds every rule's counter (and the default's, last) in cache lines of its own.
+#[derive(Debug)]
+struct Hits {
+    /// Cache lines per stripe.
+    lines: usize,
+    cells: Box<[HitLine]>,
+}
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct HitLine([AtomicU64; 8]);
+
+/// Stripes per policy; threads beyond it share stripes (still correct, only slower).
+const HIT_STRIPES: usize = 8;
+
+thread_local! {
+    static HIT_STRIPE: usize = {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % HIT_STRIPES
+    };
+}
+
+impl Hits {
+    fn new(counters: usize) -> Self {
+        let lines = counters.div_ceil(8).max(1);
+        Hits {
+            lines,
+            cells: (0..lines * HIT_STRIPES)
+                .map(|_| HitLine::default())
+                .collect(),
+        }
+    }
+
+    #[inline]
+    fn add(&self, i: usize) {
+        let stripe = HIT_STRIPE.with(|s| *s);
+        if let Some(l) = self.cells.get(stripe * self.lines + i / 8) {
+            l.0[i % 8].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn get(&self, i: usize) -> u64 {
+        (0..HIT_STRIPES)
+            .filter_map(|s| self.cells.get(s * self.lines + i / 8))
+            .map(|l| l.0[i % 8].load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 #[inline]
@@ -131,8 +181,8 @@ impl CompiledPolicy {
             icmp: vec![],
             ifaces: Box::new([]),
             default: model.default,
-            hits: (0..model.rules.len()).map(|_| AtomicU64::new(0)).collect(),
-            default_hits: AtomicU64::new(0),
+            // One counter per rule, then the default's.
+            hits: Hits::new(model.rules.len() + 1),
         };
         for (i, r) in model.rules.iter().enumerate() {
             let mut ifx = |name: &Option<String>, what: &str| {
@@ -291,15 +341,13 @@ impl CompiledPolicy {
             {
                 continue;
             }
-            if let Some(h) = self.hits.get(i as usize) {
-                h.fetch_add(1, Ordering::Relaxed);
-            }
+            self.hits.add(i as usize);
             return Decision {
                 action: r.action,
                 rule: Some(i),
             };
         }
-        self.default_hits.fetch_add(1, Ordering::Relaxed);
+        self.hits.add(self.rules.len());
         Decision {
             action: self.default,
             rule: None,
@@ -308,12 +356,7 @@ impl CompiledPolicy {
 
     /// Hits per rule (in order) and of the default action.
     pub fn hits(&self) -> (Vec<u64>, u64) {
-        (
-            self.hits
-                .iter()
-                .map(|h| h.load(Ordering::Relaxed))
-                .collect(),
-            self.default_hits.load(Ordering::Relaxed),
-        )
+        let n = self.rules.len();
+        ((0..n).map(|i| self.hits.get(i)).collect(), self.hits.get(n))
     }
 }

@@ -513,3 +513,25 @@ proptest! {
         prop_assert_eq!(c.eval(&m), naive(&model, &m, eth9));
     }
 }
+
+/// Workers count hits in stripes of their own; the totals are exact however many threads
+/// (more than the stripes) count at once.
+#[test]
+fn hits_from_many_threads_add_up() {
+    let text = "default = \"drop\"\n[[rule]]\nproto = \"udp\"\naction = \"accept\"\n";
+    let p = compile(text);
+    let udp = meta("198.51.100.1", "203.0.113.1", proto::UDP, 1, CtState::New);
+    let tcp = meta("198.51.100.1", "203.0.113.1", proto::TCP, 1, CtState::New);
+    std::thread::scope(|s| {
+        for _ in 0..12 {
+            s.spawn(|| {
+                for _ in 0..1000 {
+                    p.eval(&udp);
+                    p.eval(&tcp);
+                    p.eval(&tcp);
+                }
+            });
+        }
+    });
+    assert_eq!(p.hits(), (vec![12_000], 24_000));
+}

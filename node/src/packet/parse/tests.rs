@@ -405,6 +405,9 @@ fn big_tcp_packets_take_their_length_from_the_wire() {
         let ip_hdr = if src.is_ipv4() { 20 } else { 40 };
         assert_eq!(t.payload_len, wire - ip_hdr - 20, "{src}");
         // Length 0 on a packet that fits 64 KiB is still malformed.
-        assert!(Packet::parse_truncated(&b, b.len() as u32).is_err(), "{src}");
+        assert!(
+            Packet::parse_truncated(&b, b.len() as u32).is_err(),
+            "{src}"
+        );
     }
 }
