@@ -429,7 +429,7 @@ mod tests {
         let p = d.join("ha.sock");
         drop(UnixListener::bind(&p).unwrap()); // the file of a dead server
         let srv = HaServer::start_with(opts(&p), HaHandle::new(true)).unwrap();
-        assert_eq!(call(&p, b"{\"op\":\"status\"}\n").ok, true);
+        assert!(call(&p, b"{\"op\":\"status\"}\n").ok);
         let e = HaServer::start_with(opts(&p), HaHandle::new(true)).unwrap_err();
         assert!(matches!(e, SocketError::InUse(_)), "{e}");
         drop(srv);
