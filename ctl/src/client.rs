@@ -24,6 +24,9 @@ pub enum CliError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// The caller may not do this (the local HA socket is root-only).
+    #[error("{0}")]
+    NotPermitted(String),
 }
 
 impl CliError {
@@ -32,6 +35,7 @@ impl CliError {
             CliError::Rejected(_) => 3,
             CliError::Unavailable(_) => 4,
             CliError::Internal(_) => 5,
+            CliError::NotPermitted(_) => 6,
         }
     }
 }

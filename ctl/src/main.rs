@@ -1,14 +1,20 @@
 //! fwctl: the operator CLI of keepstate. Talks gRPC (`keepstate.v1.Control`) to any fwnode;
 //! writes sent to a follower are forwarded to the Raft leader by the node.
 //!
-//! Exit codes: 0 success · 1 `policy diff` found differences · 2 usage error · 3 rejected (invalid
-//! request or policy, unknown version or member, wrong cluster state, unreadable local file) ·
-//! 4 unavailable (node unreachable, no leader, no quorum: nothing was changed; a timed-out write may still commit) ·
-//! 5 internal error.
+//! `fwctl ha promote|demote|fault|status|check` talk to the local, root-only HA socket instead
+//! (`ha`), so keepalived's scripts work whatever the state of the cluster.
+//!
+//! Exit codes: 0 success · 1 `policy diff` found differences, or `ha check`: not ready · 2 usage
+//! error · 3 rejected (invalid request or policy, unknown version or member, wrong cluster state,
+//! unreadable local file) · 4 unavailable (node unreachable, no leader or no quorum: nothing was
+//! changed; a write that timed out may still commit) · 5 internal error · 6 not permitted (the HA
+//! socket is root-only).
 
 mod client;
+mod ha;
 mod output;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -17,10 +23,11 @@ use client::{connect, status_error, CliError};
 use keepstate_proto::v1;
 use serde_json::json;
 
-const EXIT_CODES: &str = "Exit codes: 0 success, 1 `policy diff` found differences, 2 usage \
-error, 3 rejected (invalid request or policy, unknown version or member, wrong cluster state, \
-unreadable file), 4 unavailable (node unreachable, no leader or no quorum: nothing was changed; \
-a write that timed out may still commit: check `policy history`), 5 internal error.";
+const EXIT_CODES: &str = "Exit codes: 0 success, 1 `policy diff` found differences or `ha check`: \
+not ready, 2 usage error, 3 rejected (invalid request or policy, unknown version or member, wrong \
+cluster state, unreadable file), 4 unavailable (node unreachable, no leader or no quorum: nothing \
+was changed; a write that timed out may still commit: check `policy history`), 5 internal error, \
+6 not permitted (the local HA socket is root-only).";
 
 /// Connections asked for per `ct list` call (the server's cap per message).
 const LIST_PAGE: u32 = 100_000;
@@ -69,9 +76,8 @@ enum Command {
     /// The node's expectations (RELATED connections announced by helpers).
     #[command(subcommand)]
     Expect(ExpectCmd),
-    /// High availability: this node's role and the cluster's HA settings.
-    #[command(subcommand)]
-    Ha(HaCmd),
+    /// High availability: this host's role (local socket, root) and the cluster's HA settings.
+    Ha(HaArgs),
     /// State replication with the peer gateway(s).
     #[command(subcommand)]
     Sync(SyncCmd),
@@ -85,10 +91,30 @@ enum SyncCmd {
     Resync,
 }
 
+#[derive(Debug, clap::Args)]
+struct HaArgs {
+    /// The local HA socket of the fwnode on this host (its `[ha] socket`; root only).
+    #[arg(long, global = true, env = "KEEPSTATE_HA_SOCKET", default_value = ha::DEFAULT_SOCKET)]
+    ha_socket: PathBuf,
+    #[command(subcommand)]
+    cmd: HaCmd,
+}
+
 #[derive(Debug, Subcommand)]
 enum HaCmd {
-    /// This node's HA role and the replicated settings.
+    /// keepalived made this node MASTER (notify_master).
+    Promote,
+    /// keepalived made this node BACKUP (notify_backup).
+    Demote,
+    /// keepalived reported a FAULT (notify_fault).
+    Fault,
+    /// This node's role, readiness and last transitions (local socket).
     Status,
+    /// Exit 0 if this node may hold the VIPs (in sync, no fault), 1 if not: for keepalived's
+    /// vrrp_script / track_script.
+    Check,
+    /// The replicated HA settings (control API: --node).
+    Settings,
     /// Replace the replicated HA settings.
     Set {
         /// Gateway ids in order of preference for the ACTIVE role (comma-separated).
@@ -307,8 +333,68 @@ fn diff(version: u64, running: &str, file_name: &str, file: &str) -> Option<Stri
     )
 }
 
+/// The local HA socket commands; `None` for the ones that go to the control API.
+fn ha_local(cmd: &HaCmd) -> Option<ha::Op> {
+    Some(match cmd {
+        HaCmd::Promote => ha::Op::Promote,
+        HaCmd::Demote => ha::Op::Demote,
+        HaCmd::Fault => ha::Op::Fault,
+        HaCmd::Status => ha::Op::Status,
+        HaCmd::Check => ha::Op::Check,
+        HaCmd::Settings | HaCmd::Set { .. } => return None,
+    })
+}
+
+/// `fwctl ha promote|demote|fault|status|check` over the local socket. The socket answers in
+/// microseconds; the I/O bound is kept short so that `check` fails fast for a stuck node.
+fn run_ha_local(
+    path: &std::path::Path,
+    op: ha::Op,
+    json: bool,
+    timeout: u64,
+) -> Result<i32, CliError> {
+    let timeout = Duration::from_secs(timeout.max(1)).min(Duration::from_secs(2));
+    let (reply, raw) = ha::call(path, op, timeout)?;
+    let ready = reply.status.as_ref().is_some_and(|s| s.ready);
+    match op {
+        ha::Op::Check => {
+            if json {
+                print_json(&json!({ "ready": ready, "role": raw["status"]["role"] }));
+            } else if let Some(s) = &reply.status {
+                match ready {
+                    true => println!("ready ({})", s.role),
+                    false => println!(
+                        "not ready ({}{})",
+                        s.role,
+                        if s.in_sync { "" } else { ", not in sync" }
+                    ),
+                }
+            }
+            return Ok(if ready { 0 } else { 1 });
+        }
+        ha::Op::Status => match (&reply.status, json) {
+            (_, true) => print_json(&raw["status"]),
+            (Some(s), false) => ha::print_status(s),
+            (None, false) => {}
+        },
+        ha::Op::Promote | ha::Op::Demote | ha::Op::Fault => {
+            if json {
+                print_json(&json!({ "changed": raw["changed"], "status": raw["status"] }));
+            } else {
+                ha::print_change(op, &reply);
+            }
+        }
+    }
+    Ok(0)
+}
+
 async fn run(cli: Cli) -> Result<i32, CliError> {
     let json = cli.output == Format::Json;
+    if let Command::Ha(a) = &cli.command {
+        if let Some(op) = ha_local(&a.cmd) {
+            return run_ha_local(&a.ha_socket, op, json, cli.timeout);
+        }
+    }
     let addr = cli.node.clone();
     let mut c = connect(&addr, Duration::from_secs(cli.timeout.max(1))).await?;
     let err = |s| status_error(&addr, s);
@@ -513,7 +599,10 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                 output::print_sync(&r);
             }
         }
-        Command::Ha(HaCmd::Status) => {
+        Command::Ha(HaArgs {
+            cmd: HaCmd::Settings,
+            ..
+        }) => {
             let s = c
                 .status(v1::StatusRequest {})
                 .await
@@ -526,9 +615,13 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                 output::print_ha(&s);
             }
         }
-        Command::Ha(HaCmd::Set {
-            preferred_active,
-            require_quorum,
+        Command::Ha(HaArgs {
+            cmd:
+                HaCmd::Set {
+                    preferred_active,
+                    require_quorum,
+                },
+            ..
         }) => {
             let h = c
                 .set_ha_settings(v1::SetHaSettingsRequest {
@@ -551,6 +644,7 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                 );
             }
         }
+        Command::Ha(_) => {} // the local commands returned above
         Command::Expect(ExpectCmd::List) => {
             let r = c
                 .list_expectations(v1::ListExpectationsRequest {})

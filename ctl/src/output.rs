@@ -47,6 +47,7 @@ pub fn ha_role(s: i32) -> &'static str {
         Ok(v1::HaRole::Active) => "active",
         Ok(v1::HaRole::Standby) => "standby",
         Ok(v1::HaRole::Fault) => "fault",
+        Ok(v1::HaRole::Syncing) => "syncing",
         _ => "unknown",
     }
 }

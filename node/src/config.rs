@@ -30,6 +30,9 @@
 //! listen = "198.18.0.1:7400"
 //! data_dir = "/var/lib/keepstate"
 //! role = "gateway"                      # or "witness": votes, forwards nothing
+//!
+//! [ha]                                  # optional (gateways): the role machine keepalived drives
+//! socket = "/run/keepstate/ha.sock"     # root-only socket of `fwctl ha` (the default)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -53,6 +56,8 @@ pub struct Config {
     pub policy: Option<PolicyConfig>,
     #[serde(default)]
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    #[serde(default)]
+    pub ha: Option<crate::ha::HaConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -182,6 +187,15 @@ impl Config {
         if let Some(c) = &cfg.cluster {
             c.validate().map_err(|m| invalid(&m))?;
         }
+        let witness = cfg
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.role == crate::raft::Role::Witness);
+        if cfg.ha.is_some() && witness {
+            return Err(invalid(
+                "[ha] is for gateways: a witness holds no virtual IPs (remove the section)",
+            ));
+        }
         // Relative paths are relative to the configuration file.
         let dir = path.parent().unwrap_or(Path::new("."));
         if let Some(p) = cfg.policy.as_mut().filter(|p| p.file.is_relative()) {
@@ -189,6 +203,9 @@ impl Config {
         }
         if let Some(c) = cfg.cluster.as_mut().filter(|c| c.data_dir.is_relative()) {
             c.data_dir = dir.join(&c.data_dir);
+        }
+        if let Some(h) = cfg.ha.as_mut().filter(|h| h.socket.is_relative()) {
+            h.socket = dir.join(&h.socket);
         }
         Ok(cfg)
     }
@@ -199,15 +216,42 @@ mod tests {
     use super::*;
 
     fn load(datapath: &str) -> Result<Config, ConfigError> {
+        load_with(datapath, "")
+    }
+
+    fn load_with(datapath: &str, sections: &str) -> Result<Config, ConfigError> {
         let dir = std::env::temp_dir().join(format!("keepstate-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{}.toml", datapath.len()));
+        let path = dir.join(format!("{}-{}.toml", datapath.len(), sections.len()));
         std::fs::write(
             &path,
-            format!("[node]\nname = \"t\"\n[datapath]\n{datapath}\n[policy]\nfile = \"p.toml\"\n"),
+            format!("[node]\nname = \"t\"\n[datapath]\n{datapath}\n[policy]\nfile = \"p.toml\"\n{sections}\n"),
         )
         .unwrap();
         Config::load(&path)
+    }
+
+    #[test]
+    fn ha_is_optional_its_socket_relative_to_the_file_and_not_for_witnesses() {
+        assert!(load("").unwrap().ha.is_none());
+        let c = load_with("", "[ha]\n").unwrap();
+        assert_eq!(
+            c.ha.unwrap().socket,
+            std::path::PathBuf::from(crate::ha::DEFAULT_SOCKET)
+        );
+        let c = load_with("", "[ha]\nsocket = \"run/ha.sock\"\n").unwrap();
+        let s = c.ha.unwrap().socket;
+        assert!(
+            s.is_absolute() && s.ends_with("run/ha.sock"),
+            "{}",
+            s.display()
+        );
+        let witness = "[cluster]\nid = 3\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"d\"\nrole = \"witness\"\n";
+        let e = load_with("", &format!("{witness}[ha]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[ha] is for gateways"), "{e}");
+        assert!(load_with("", witness).is_ok());
     }
 
     #[test]

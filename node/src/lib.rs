@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod config;
 pub mod conntrack;
 pub mod datapath;
+pub mod ha;
 pub mod helper;
 pub mod packet;
 pub mod policy;

@@ -16,6 +16,7 @@ use fwnode::conntrack::{Conntrack, InvalidReason};
 use fwnode::datapath::nfqueue::QueueConfig;
 use fwnode::datapath::rules::{self, RuleSpec};
 use fwnode::datapath::worker::{self, Pipeline, WorkerConfig, WorkerStats};
+use fwnode::ha::{HaHandle, HaServer};
 use fwnode::helper::ftp::Reject;
 use fwnode::packet::{proto, ParseError};
 use fwnode::policy::PolicyStore;
@@ -82,6 +83,7 @@ fn stats_json(
     ct: &Conntrack,
     store: &PolicyStore,
     workers: &[Arc<WorkerStats>],
+    ha: Option<&HaHandle>,
 ) -> serde_json::Value {
     use serde_json::{json, Map, Value};
     let sum = |f: &dyn Fn(&WorkerStats) -> u64| workers.iter().map(|w| f(w)).sum::<u64>();
@@ -106,8 +108,16 @@ fn stats_json(
     }
     let policy = store.current();
     let (hits, default_hits) = policy.compiled.hits();
+    let ha = ha.map(|h| {
+        let s = h.status();
+        json!({
+            "role": s.role, "ready": s.ready, "in_sync": s.in_sync, "since_ms": s.since_ms,
+            "promoted_unsynced": s.promoted_unsynced, "socket": s.counters,
+        })
+    });
     json!({
         "node": cfg.node.name,
+        "ha": ha,
         "policy": { "version": policy.version, "rules": policy.compiled.rule_count(), "hits": hits, "default_hits": default_hits },
         "datapath": {
             "packets": sum(&|w| w.packets.load(Relaxed)),
@@ -331,6 +341,8 @@ fn run(cfg: Config) -> Result<()> {
             .context("subscribing to rtnetlink link events")?;
     }
 
+    // Until replication exists a node has no peer table to wait for: in sync from the start.
+    let ha = cfg.ha.as_ref().map(|_| HaHandle::new(true));
     let control = match &cfg.cluster {
         Some(c) => {
             let dp = gateway.then(|| ApiDatapath {
@@ -338,6 +350,7 @@ fn run(cfg: Config) -> Result<()> {
                 origin,
                 counters: datapath_counters(ct.clone(), all_stats.clone()),
                 sync: None,
+                ha: ha.clone(),
             });
             Some(cluster::start(c, &cfg.node.name, store.clone(), dp)?)
         }
@@ -357,10 +370,23 @@ fn run(cfg: Config) -> Result<()> {
         tracing::info!("witness: no datapath");
         None
     };
+    let mut died = None;
+    // The HA socket opens only once the datapath forwards, so that `fwctl ha check` never
+    // tells keepalived that a node which cannot forward yet may hold the VIPs.
+    let ha_server = match (&cfg.ha, &ha) {
+        (Some(c), Some(h)) => match HaServer::start(&c.socket, h.clone()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                died = Some(e.to_string());
+                stop.store(true, Relaxed);
+                None
+            }
+        },
+        _ => None,
+    };
     tracing::info!(node = %cfg.node.name, "running");
 
     let mut version = 1;
-    let mut died = None;
     while !stop.load(Relaxed) {
         // Sleeps 200 ms, or less when a worker dies: then fwnode stops at once.
         if let Some(d) = &datapath {
@@ -386,10 +412,12 @@ fn run(cfg: Config) -> Result<()> {
             }
         }
         if let Some(p) = &cfg.datapath.stats_file {
-            write_stats(p, &stats_json(&cfg, &ct, &store, &all_stats));
+            write_stats(p, &stats_json(&cfg, &ct, &store, &all_stats, ha.as_ref()));
         }
     }
     stop.store(true, Relaxed);
+    // keepalived's scripts fail from here on (socket gone), as they should for a stopping node.
+    drop(ha_server);
     match &died {
         Some(why) => tracing::error!("{why}; stopping (exit status 1)"),
         None => tracing::info!("stopping"),

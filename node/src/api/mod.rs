@@ -17,6 +17,7 @@ use parking_lot::RwLock;
 use tonic::{Request, Response, Status};
 
 use crate::conntrack::Conntrack;
+use crate::ha::{HaHandle, Role as HaRole};
 use crate::policy::PolicyStore;
 use crate::raft::store::SmData;
 use crate::raft::{Member, NodeId, PolicyRecord, Raft, Role};
@@ -40,6 +41,8 @@ pub struct Datapath {
     /// The origin of the tracker's timestamps.
     pub origin: Instant,
     pub counters: Arc<dyn Fn() -> DatapathCounters + Send + Sync>,
+    /// The gateway's HA role machine (`[ha]`); `None` reports `STANDALONE`.
+    pub ha: Option<HaHandle>,
     /// State replication, when `[sync]` is configured.
     pub sync: Option<SyncView>,
 }
@@ -109,6 +112,16 @@ fn state_to_proto(s: ServerState) -> i32 {
         ServerState::Candidate => v1::RaftState::Candidate,
         ServerState::Learner => v1::RaftState::Learner,
         ServerState::Shutdown => v1::RaftState::Shutdown,
+    }) as i32
+}
+
+fn ha_role_to_proto(ha: Option<&HaHandle>) -> i32 {
+    (match ha.map(HaHandle::role) {
+        None => v1::HaRole::Standalone,
+        Some(HaRole::Syncing) => v1::HaRole::Syncing,
+        Some(HaRole::Standby) => v1::HaRole::Standby,
+        Some(HaRole::Active) => v1::HaRole::Active,
+        Some(HaRole::Fault) => v1::HaRole::Fault,
     }) as i32
 }
 
@@ -243,7 +256,7 @@ impl Control for ControlService {
             addr: self.me.addr.clone(),
             raft: Some(raft),
             policy: Some(policy),
-            ha_role: v1::HaRole::Standalone as i32,
+            ha_role: ha_role_to_proto(self.datapath.as_ref().and_then(|d| d.ha.as_ref())),
             ha_settings: Some(v1::HaSettings {
                 preferred_active: ha.preferred_active,
                 require_quorum: ha.require_quorum,
@@ -431,6 +444,19 @@ mod tests {
     use prost::Message;
 
     use super::*;
+
+    #[test]
+    fn the_ha_role_is_standalone_without_ha_and_the_machine_s_role_with_it() {
+        assert_eq!(ha_role_to_proto(None), v1::HaRole::Standalone as i32);
+        let h = HaHandle::new(false);
+        assert_eq!(ha_role_to_proto(Some(&h)), v1::HaRole::Syncing as i32);
+        h.set_synced(true);
+        assert_eq!(ha_role_to_proto(Some(&h)), v1::HaRole::Standby as i32);
+        h.promote();
+        assert_eq!(ha_role_to_proto(Some(&h)), v1::HaRole::Active as i32);
+        h.fault();
+        assert_eq!(ha_role_to_proto(Some(&h)), v1::HaRole::Fault as i32);
+    }
 
     /// The largest `ct list` answer (LIST_MAX entries of the longest kind) fits one message.
     #[test]

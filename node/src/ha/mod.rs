@@ -1,0 +1,224 @@
+//! High availability: this gateway's role next to keepalived (DESIGN.md §8).
+//!
+//! keepalived owns the virtual IPs; its notify scripts tell fwnode what it decided
+//! (`fwctl ha promote|demote|fault`) over a local Unix socket only root may use, and its track
+//! script asks `fwctl ha check` whether this node may hold the VIPs.
+//!
+//! - `role`: the pure role state machine (`Syncing`, `Standby`, `Active`, `Fault`).
+//! - `wire`: the socket's one-line JSON request/reply protocol.
+//! - `socket`: the root-only socket server (its own threads; file mode and `SO_PEERCRED`).
+//! - this module: the `[ha]` settings and [`HaHandle`], the shared, clock-reading wrapper around
+//!   the machine that the socket, the control API and replication use.
+//!
+//! Must not touch: packets, the connection table, Raft.
+
+pub mod role;
+pub mod socket;
+pub mod wire;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use serde::Deserialize;
+
+use crate::time::Timestamp;
+pub use role::{Role, RoleMachine, Transition};
+pub use socket::{HaServer, SocketError};
+use wire::{SocketCounters, StatusView, TransitionView};
+
+/// Where the socket is when `[ha] socket` is not set (fwctl's `--ha-socket` default too).
+pub const DEFAULT_SOCKET: &str = "/run/keepstate/ha.sock";
+
+/// `[ha]`: present = this gateway runs the role machine next to keepalived.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HaConfig {
+    /// The root-only Unix socket `fwctl ha` talks to. Its directory is created if missing.
+    pub socket: PathBuf,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        HaConfig {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    refused: AtomicU64,
+    bad_requests: AtomicU64,
+    busy: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    machine: Mutex<RoleMachine>,
+    /// The machine's time origin, and the same instant on the wall clock (for operators).
+    origin: Instant,
+    origin_unix_ms: u64,
+    counters: Counters,
+}
+
+/// The node's HA role, shared by the socket server, the control API and replication. Cheap to
+/// clone (an `Arc`); every call takes a short lock and reads the monotonic clock once.
+#[derive(Clone, Debug)]
+pub struct HaHandle(Arc<Inner>);
+
+impl HaHandle {
+    /// A role machine starting now: `Standby` if `synced` (no replication configured, so
+    /// nothing to wait for), else `Syncing` until [`HaHandle::set_synced`]`(true)`.
+    pub fn new(synced: bool) -> HaHandle {
+        let origin_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        HaHandle(Arc::new(Inner {
+            machine: Mutex::new(RoleMachine::new(
+                Timestamp::from_millis(0),
+                synced,
+                role::HISTORY,
+            )),
+            origin: Instant::now(),
+            origin_unix_ms,
+            counters: Counters::default(),
+        }))
+    }
+
+    fn now(&self) -> Timestamp {
+        Timestamp::from_millis(self.0.origin.elapsed().as_millis() as u64)
+    }
+
+    fn unix_ms(&self, t: Timestamp) -> u64 {
+        self.0.origin_unix_ms.saturating_add(t.as_millis())
+    }
+
+    fn input(
+        &self,
+        f: impl FnOnce(&mut RoleMachine, Timestamp) -> Option<Transition>,
+    ) -> Option<Transition> {
+        let now = self.now();
+        let t = f(&mut self.0.machine.lock(), now);
+        if let Some(t) = t {
+            if t.to == Role::Active && !t.ready {
+                tracing::warn!(
+                    from = %t.from,
+                    "HA: promoted to active while not in sync with the peer: taking the VIPs \
+                     with an incomplete connection table (reported as not ready)"
+                );
+            } else {
+                tracing::info!(from = %t.from, to = %t.to, ready = t.ready, cause = ?t.cause, "HA role changed");
+            }
+        }
+        t
+    }
+
+    /// keepalived made this node master.
+    pub fn promote(&self) -> Option<Transition> {
+        self.input(|m, now| m.promote(now))
+    }
+
+    /// keepalived made this node backup.
+    pub fn demote(&self) -> Option<Transition> {
+        self.input(|m, now| m.demote(now))
+    }
+
+    /// keepalived reported a fault.
+    pub fn fault(&self) -> Option<Transition> {
+        self.input(|m, now| m.fault(now))
+    }
+
+    /// Replication's view of this node's table (the sessions' `in_sync`).
+    pub fn set_synced(&self, in_sync: bool) {
+        self.input(|m, now| m.synced(now, in_sync));
+    }
+
+    pub fn role(&self) -> Role {
+        self.0.machine.lock().role()
+    }
+
+    /// May this node hold the VIPs (not in fault, table complete)?
+    pub fn ready(&self) -> bool {
+        self.0.machine.lock().ready()
+    }
+
+    /// Everything `fwctl ha status` shows.
+    pub fn status(&self) -> StatusView {
+        let now = self.now();
+        let m = self.0.machine.lock();
+        StatusView {
+            role: m.role(),
+            ready: m.ready(),
+            in_sync: m.in_sync(),
+            vrrp: m.vrrp(),
+            since_unix_ms: self.unix_ms(m.since()),
+            since_ms: now.since(m.since()).as_millis() as u64,
+            promoted_unsynced: m.promoted_unsynced(),
+            counters: self.counters(),
+            transitions: m
+                .history()
+                .map(|t| TransitionView {
+                    at_unix_ms: self.unix_ms(t.at),
+                    from: t.from,
+                    to: t.to,
+                    cause: t.cause,
+                    ready: t.ready,
+                })
+                .collect(),
+        }
+    }
+
+    /// The socket server's counters.
+    pub fn counters(&self) -> SocketCounters {
+        let c = &self.0.counters;
+        SocketCounters {
+            requests: c.requests.load(Relaxed),
+            refused: c.refused.load(Relaxed),
+            bad_requests: c.bad_requests.load(Relaxed),
+            busy: c.busy.load(Relaxed),
+        }
+    }
+
+    fn count(&self, f: impl FnOnce(&Counters) -> &AtomicU64) -> u64 {
+        f(&self.0.counters).fetch_add(1, Relaxed) + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_handle_is_shared_and_reports_wall_clock_times() {
+        let h = HaHandle::new(false);
+        let h2 = h.clone();
+        assert_eq!(h.role(), Role::Syncing);
+        assert!(!h.ready());
+        h2.set_synced(true);
+        assert_eq!(h.role(), Role::Standby);
+        assert!(h.promote().is_some());
+        assert!(h.promote().is_none());
+        let s = h.status();
+        assert_eq!(s.role, Role::Active);
+        assert!(s.ready && s.in_sync);
+        assert_eq!(s.transitions.len(), 3);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(s.since_unix_ms <= now && now - s.since_unix_ms < 60_000);
+    }
+
+    #[test]
+    fn the_socket_path_defaults_and_unknown_keys_are_errors() {
+        let c: HaConfig = toml::from_str("").unwrap();
+        assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
+        let c: HaConfig = toml::from_str("socket = \"/tmp/x.sock\"").unwrap();
+        assert_eq!(c.socket, PathBuf::from("/tmp/x.sock"));
+        assert!(toml::from_str::<HaConfig>("sock = 1").is_err());
+    }
+}
