@@ -117,6 +117,8 @@ fn stats_json(
     });
     json!({
         "node": cfg.node.name,
+        // Every worker has published its counters at or after this time (Unix ms).
+        "published_unix_ms": workers.iter().map(|w| w.published_unix_ms.load(Relaxed)).min().unwrap_or(0),
         "ha": ha,
         "policy": { "version": policy.version, "rules": policy.compiled.rule_count(), "hits": hits, "default_hits": default_hits },
         "datapath": {

@@ -286,6 +286,31 @@ impl Lab {
         }
         panic!("[{host}] nothing listens on tcp/{port} after 10 s");
     }
+
+    /// Wait until a UDP socket is bound to `port` in `host`.
+    pub fn wait_udp(&self, host: &str, port: u16) {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            let out = self.try_sh(host, &format!("ss -Hlun 'sport = :{port}'"));
+            if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("[{host}] nothing listens on udp/{port} after 10 s");
+    }
+
+    /// Wait until `log` has a line containing `what` (a process says it is ready).
+    pub fn wait_log(&self, log: &str, what: &str) {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if self.log(log).contains(what) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("{log}: no {what:?} after 10 s: {}", self.log(log));
+    }
 }
 
 impl Drop for Lab {
@@ -403,11 +428,34 @@ impl Lab {
 }
 
 impl Gateway {
-    /// The latest counters fwnode wrote (it writes them every 200 ms).
+    /// Counters that include everything fwnode did before this call: waits (up to 10 s) for a
+    /// stats file whose every worker published after the call (workers publish about every
+    /// 100 ms, the file is written every 200 ms; a loaded machine only makes this slower).
     pub fn stats(&self) -> serde_json::Value {
-        // Give the workers' 100 ms publication tick and the writer's 200 ms loop time to run.
-        std::thread::sleep(Duration::from_millis(450));
-        let text = std::fs::read_to_string(&self.stats).expect("reading fwnode stats");
-        serde_json::from_str(&text).expect("fwnode stats are JSON")
+        let called = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let t = Instant::now();
+        loop {
+            let s: Option<serde_json::Value> = std::fs::read_to_string(&self.stats)
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok());
+            if let Some(s) = s {
+                if s["published_unix_ms"].as_u64().unwrap_or(0) > called {
+                    return s;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "fwnode stats not refreshed in 10 s: {s}"
+                );
+            } else {
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "no fwnode stats file in 10 s"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
     }
 }

@@ -215,7 +215,7 @@ fn udp_replies_and_icmp_errors_related_v4_v6() {
         &format!("{} -c {}", python(), shell_quote(echo)),
         "udp-echo",
     );
-    std::thread::sleep(Duration::from_millis(300));
+    lab.wait_udp("server", 5353);
     assert_eq!(udp_probe(&lab, SERVER4, 5353), "reply");
     assert_eq!(udp_probe(&lab, SERVER6, 5353), "reply");
     // Not allowed by the policy.
@@ -228,14 +228,14 @@ fn unsolicited_icmp_error_is_dropped() {
     let gw = lab.start_fwnode(POLICY, "", "");
     // The client listens for ICMP destination-unreachable messages for 3 s.
     let listen = "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_ICMP)\n\
-                  s.settimeout(0.2)\nn=0\nt=time.time()\nwhile time.time()-t<3:\n    try:\n        d=s.recv(2000)\n        \
+                  s.settimeout(0.2)\nprint('listening', flush=True)\nn=0\nt=time.time()\nwhile time.time()-t<3:\n    try:\n        d=s.recv(2000)\n        \
                   n+= d[20]==3\n    except socket.timeout:\n        pass\nprint(n)\n";
     let mut l = lab.spawn(
         "client",
         &format!("{} -c {}", python(), shell_quote(listen)),
         "icmp-listen",
     );
-    std::thread::sleep(Duration::from_millis(300));
+    lab.wait_log("icmp-listen", "listening");
     // A port unreachable quoting a UDP packet the client never sent.
     let forge = format!(
         "from scapy.all import *\nconf.verb=0\nsend(IP(src='{SERVER4}',dst='{CLIENT4}')/ICMP(type=3,code=3)/IP(src='{CLIENT4}',dst='{SERVER4}')/UDP(sport=40000,dport=9999), count=3)\n"
@@ -250,8 +250,8 @@ fn unsolicited_icmp_error_is_dropped() {
         "listener failed"
     );
     assert_eq!(
-        lab.log("icmp-listen").trim(),
-        "0",
+        lab.log("icmp-listen").lines().last().map(str::trim),
+        Some("0"),
         "an unsolicited ICMP error reached the client"
     );
     let s = gw.stats();
@@ -373,7 +373,7 @@ fn fragments_reach_the_policy_reassembled() {
         &format!("{} -c {}", python(), shell_quote(echo)),
         "udp-echo",
     );
-    std::thread::sleep(Duration::from_millis(300));
+    lab.wait_udp("server", 5353);
     let probe = format!(
         "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(2)\n\
          s.sendto(b'x'*3000,('{SERVER4}',5353)); print(len(s.recv(100)))\n"

@@ -41,6 +41,9 @@ pub fn with_packet_mark(v: Verdict, mark: u32) -> Verdict {
 /// Counters of one worker, readable from other threads.
 #[derive(Debug, Default)]
 pub struct WorkerStats {
+    /// Wall-clock time (Unix ms) of this worker's last publication tick: every count of a
+    /// packet handled before it is in these stats (tests wait for it instead of sleeping).
+    pub published_unix_ms: AtomicU64,
     pub packets: AtomicU64,
     pub bytes: AtomicU64,
     pub accepted: AtomicU64,
@@ -260,6 +263,12 @@ impl Pipeline {
 /// client sends one at a time, so more are counted and ignored.
 pub const MAX_ANNOUNCEMENTS: usize = 8;
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Settings of a worker loop.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -354,6 +363,7 @@ pub fn run(
             last_tick = Instant::now();
             // Each worker owns its stats: publish the queue's totals as they are.
             let qs = &q.stats;
+            stats.published_unix_ms.store(unix_ms(), Relaxed);
             stats.packets.store(qs.packets, Relaxed);
             stats.bytes.store(qs.bytes, Relaxed);
             stats.gso_packets.store(qs.gso_packets, Relaxed);
