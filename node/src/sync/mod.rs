@@ -10,6 +10,9 @@
 //!
 //! Must not touch: packets, policy, Raft.
 
+pub mod core;
 pub mod msg;
+#[cfg(test)]
+mod tests;
 
 pub use msg::{ConnUpdate, Hello, Item, Msg, Resume, Seq, VERSION};
