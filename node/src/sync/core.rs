@@ -29,9 +29,11 @@
 //! - **Chunk entries are `Op::Import`, live items `Op::Apply`.** Because of the ordering above, a
 //!   chunk entry is never older than anything the receiver applied from this stream, so the shell
 //!   replaces what it has (even a higher TCP state: a stale entry from an earlier incarnation of
-//!   the tuple must go). A live item may be older than a chunk entry, so the shell merges it
-//!   without moving TCP state backwards. A chunk carries only `Conn` and `Expect`; any other kind
-//!   is counted (`invalid_items`) and dropped.
+//!   the tuple must go). A live `Update` may be older than a chunk entry, so the shell merges it
+//!   without moving TCP state backwards; a live `Conn` replaces (it starts an incarnation, and a
+//!   stale entry of an earlier one, say from the peer's previous boot, must not block it; if it
+//!   is an older re-send, the items after it restore the newest state). A chunk carries only
+//!   `Conn` and `Expect`; any other kind is counted (`invalid_items`) and dropped.
 //! - **Bulk framing.** `BulkAck { index }` acknowledges positions `0..=index`, where the chunks are
 //!   positions `0..chunks` and `BulkEnd` is position `chunks`; the first ack of a bulk also proves
 //!   its `BulkStart` arrived. A chunk of a bulk the receiver has not seen start is answered with
@@ -247,9 +249,12 @@ pub enum CloseReason {
 /// What the shell must do for a session.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// Apply a live item from the peer's stream to the table (marked `FROM_PEER`), merging:
-    /// it may be older than an entry a bulk imported, so TCP state never moves backwards. An
-    /// `Item::Update` for a connection the table does not have: call `Session::missing(tuple)`.
+    /// Apply a live item from the peer's stream to the table (marked `FROM_PEER`). An
+    /// `Item::Conn` replaces what the table has (a creation, a helper change or a re-send: it may
+    /// be a new incarnation of a tuple the table holds stale). An `Item::Update` merges without
+    /// moving the TCP state backwards: it may be older than an entry a bulk imported (the items
+    /// after it follow in order and restore the newest state). An update for a connection the
+    /// table does not have: call `Session::missing(tuple)`.
     Apply(Item),
     /// An entry of a bulk chunk (`Item::Conn` or `Item::Expect`): the peer's state, never older
     /// than anything applied from its stream before. Replace what the table has.
@@ -343,7 +348,9 @@ enum Stream {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Readiness {
     /// Waiting for a first bulk (or for the timeout) since `since`.
-    Waiting { since: Timestamp },
+    Waiting {
+        since: Timestamp,
+    },
     Synced,
 }
 
@@ -566,10 +573,9 @@ impl Session {
         self.tx.next_send = self.tx.acked + 1;
         self.ops.retain(|op| !matches!(op, Op::ReadBulk { .. }));
         let rx = &mut self.rx;
-        if rx.bulk.take().is_some() {
-            // An abandoned bulk leaves the base incomplete: the next Hello asks for a new one.
-            rx.valid = false;
-        }
+        // An abandoned bulk already made the base invalid when it started: the next Hello asks
+        // for a new one.
+        rx.bulk = None;
         rx.ack_due = None;
         rx.acked_sent = rx.applied;
         rx.nack_pending = None;
@@ -1052,7 +1058,11 @@ impl Session {
         if !self.tx.ready {
             return;
         }
-        let covered = self.tx.bulk.as_ref().map_or(self.tx.lost_gen, |b| b.lost_gen);
+        let covered = self
+            .tx
+            .bulk
+            .as_ref()
+            .map_or(self.tx.lost_gen, |b| b.lost_gen);
         if covered != outbox.lost_generation() || self.tx.acked + 1 < outbox.first_seq() {
             self.start_bulk(now, outbox);
         }

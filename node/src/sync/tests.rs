@@ -45,7 +45,7 @@ fn rank(p: &ProtoState) -> usize {
 }
 
 fn tuple(node: usize, k: u16) -> Tuple {
-    if k % 5 == 0 {
+    if k.is_multiple_of(5) {
         let src = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x10 + node as u16);
         let dst = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x10);
         Tuple::new(IpAddr::V6(src), IpAddr::V6(dst), 1000 + k, 53, proto::UDP)
@@ -93,22 +93,13 @@ struct Table {
 }
 
 impl Table {
-    /// `Op::Apply`: merge, never moving a TCP state backwards. Returns a tuple to ask for.
+    /// `Op::Apply`: a whole connection replaces, an update merges without moving the TCP state
+    /// backwards. Returns a tuple to ask for.
     fn apply(&mut self, item: Item) -> Option<Tuple> {
         let epoch = self.epoch;
         match item {
             Item::Conn(c) => {
-                match self.learned.get_mut(&c.tuple) {
-                    Some((cur, mark)) => {
-                        if rank(&c.proto) >= rank(&cur.proto) {
-                            *cur = c;
-                        }
-                        *mark = epoch;
-                    }
-                    None => {
-                        self.learned.insert(c.tuple, (c, epoch));
-                    }
-                }
+                self.learned.insert(c.tuple, (c, epoch));
                 None
             }
             Item::Update(u) => match self.learned.get_mut(&u.tuple) {
@@ -215,12 +206,20 @@ impl Table {
 
 #[derive(Clone, Copy, Debug)]
 enum Change {
-    Create { udp: bool },
+    Create {
+        udp: bool,
+    },
     /// Move the TCP state `step` places along the lifecycle (0: status and timer only).
-    Advance { step: u8 },
-    Helper { next_seq: u32 },
+    Advance {
+        step: u8,
+    },
+    Helper {
+        next_seq: u32,
+    },
     Destroy,
-    ExpectAdd { expires: u16 },
+    ExpectAdd {
+        expires: u16,
+    },
     ExpectDel,
 }
 
@@ -392,18 +391,18 @@ struct Node {
 
 fn test_cfg() -> Config {
     Config {
-    batch_items: 4,
-    window_items: 16,
-    ack_delay: Duration::from_millis(2),
-    retransmit_timeout: Duration::from_millis(100),
-    heartbeat_interval: Duration::from_millis(200),
-    idle_timeout: Duration::from_millis(1000),
-    bulk_chunk_items: 3,
-    bulk_window_chunks: 2,
-    bulk_timeout: Duration::from_secs(5),
-    max_queued_ops: 64,
-    max_pending_needs: 8,
-    need_batch: 4,
+        batch_items: 4,
+        window_items: 16,
+        ack_delay: Duration::from_millis(2),
+        retransmit_timeout: Duration::from_millis(100),
+        heartbeat_interval: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(1000),
+        bulk_chunk_items: 3,
+        bulk_window_chunks: 2,
+        bulk_timeout: Duration::from_secs(5),
+        max_queued_ops: 64,
+        max_pending_needs: 8,
+        need_batch: 4,
     }
 }
 
@@ -480,6 +479,16 @@ impl Sim {
     }
 
     fn change(&mut self, i: usize, k: u16, ch: Change) {
+        if std::env::var_os("SIMTRACE").is_some() {
+            eprintln!(
+                "{:6} {} change {} {:?} (seq {})",
+                self.now,
+                i,
+                1000 + k,
+                ch,
+                self.nodes[i].outbox.last_seq() + 1
+            );
+        }
         if let Some(item) = change(&mut self.nodes[i].table, i, k, ch) {
             self.push(i, item);
         }
@@ -508,8 +517,18 @@ impl Sim {
     /// Runs one op of node `i`'s session on its model table. Returns the `Apply`d items.
     fn run_op(&mut self, i: usize, op: Op, applied: &mut Vec<Item>) {
         let cfg = test_cfg();
-        if std::env::var_os("SIMTRACE").is_some() && !matches!(op, Op::Apply(_) | Op::Import(_)) {
-            eprintln!("{:6} {} op {:?}", self.now, i, op);
+        if std::env::var_os("SIMTRACE").is_some() {
+            match &op {
+                Op::Apply(it) | Op::Import(it) => {
+                    let kind = if matches!(op, Op::Apply(_)) {
+                        "apply"
+                    } else {
+                        "import"
+                    };
+                    eprintln!("{:6} {} {kind} {}", self.now, i, item_brief(it));
+                }
+                other => eprintln!("{:6} {} op {:?}", self.now, i, other),
+            }
         }
         let n = &mut self.nodes[i];
         match op {
@@ -613,7 +632,9 @@ impl Sim {
             let s = n.session.stats(&n.outbox);
             assert!(s.acked <= s.sent, "{s:?}");
             assert!(s.sent <= s.last_seq, "{s:?}");
-            assert!(s.queued_ops <= cfg.max_queued_ops + cfg.batch_items.max(cfg.bulk_chunk_items) + 2);
+            assert!(
+                s.queued_ops <= cfg.max_queued_ops + cfg.batch_items.max(cfg.bulk_chunk_items) + 2
+            );
             assert!(s.pending_needs <= cfg.max_pending_needs);
             assert!(n.outbox.len() <= OUTBOX_CAP);
             if s.peer_boot_id.is_some() && s.peer_boot_id == n.rx_mark.0 {
@@ -681,17 +702,39 @@ impl Sim {
     fn assert_converged(&self) {
         for i in 0..2 {
             let (me, peer) = (&self.nodes[i], &self.nodes[1 - i]);
-            assert_eq!(
-                me.table.learned_plain(),
-                peer.table.local_by_tuple(),
-                "node {i}'s learned connections differ from node {}'s own",
-                1 - i
-            );
-            assert_eq!(
-                me.table.learned_exp_plain(),
-                peer.table.local_exp_by_key(),
-                "node {i}'s learned expectations differ"
-            );
+            let (got, want) = (me.table.learned_plain(), peer.table.local_by_tuple());
+            if got != want {
+                let mut diff = Vec::new();
+                for (t, c) in &want {
+                    match got.get(t) {
+                        None => diff.push(format!("missing port {}", t.src_port)),
+                        Some(g) if g != c => diff.push(format!(
+                            "port {}: have {:?}/{:#x}/{} want {:?}/{:#x}/{}",
+                            t.src_port,
+                            rank(&g.proto),
+                            g.status,
+                            g.expires_in_ms,
+                            rank(&c.proto),
+                            c.status,
+                            c.expires_in_ms
+                        )),
+                        _ => {}
+                    }
+                }
+                for t in got.keys().filter(|t| !want.contains_key(t)) {
+                    diff.push(format!("extra port {}", t.src_port));
+                }
+                panic!(
+                    "node {i}'s learned connections differ from node {}'s own: {diff:?}",
+                    1 - i
+                );
+            }
+            let (got, want) = (me.table.learned_exp_plain(), peer.table.local_exp_by_key());
+            if got != want {
+                let g: Vec<u16> = got.keys().map(|k| k.2).collect();
+                let w: Vec<u16> = want.keys().map(|k| k.2).collect();
+                panic!("node {i}'s learned expectations differ: have {g:?} want {w:?}");
+            }
             let s = me.session.stats(&me.outbox);
             assert!(s.connected, "node {i} not connected: {s:?}");
             assert_eq!(s.lag, 0, "node {i} lags: {s:?}");
@@ -701,6 +744,16 @@ impl Sim {
 
     fn stats(&self, i: usize) -> super::core::SessionStats {
         self.nodes[i].session.stats(&self.nodes[i].outbox)
+    }
+}
+
+fn item_brief(it: &Item) -> String {
+    match it {
+        Item::Conn(c) => format!("Conn {} r{}", c.tuple.src_port, rank(&c.proto)),
+        Item::Update(u) => format!("Update {} r{}", u.tuple.src_port, rank(&u.proto)),
+        Item::ConnGone(t) => format!("Gone {}", t.src_port),
+        Item::Expect(e) => format!("Expect {}", e.dst_port),
+        Item::ExpectGone(e) => format!("ExpectGone {}", e.dst_port),
     }
 }
 
@@ -718,13 +771,35 @@ fn brief(m: &Msg) -> String {
 
 #[derive(Clone, Debug)]
 enum Step {
-    Change { node: usize, k: u16, ch: Change },
-    Lose { node: usize, k: u16, ch: Change },
-    Wait { ms: u16 },
+    Change {
+        node: usize,
+        k: u16,
+        ch: Change,
+    },
+    Lose {
+        node: usize,
+        k: u16,
+        ch: Change,
+    },
+    Wait {
+        ms: u16,
+    },
     Faults(Faults),
-    Break { down_ms: u16 },
-    Restart { node: usize },
-    Resync { node: usize },
+    Break {
+        down_ms: u16,
+    },
+    Restart {
+        node: usize,
+    },
+    Resync {
+        node: usize,
+    },
+    /// `node` loses its copy of the peer's connection `k` (its table evicted it), then the peer
+    /// changes that connection: the update finds nothing and must be asked for whole.
+    Forget {
+        node: usize,
+        k: u16,
+    },
 }
 
 fn change_strategy() -> impl Strategy<Value = Change> {
@@ -747,6 +822,7 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         1 => (0u16..1500).prop_map(|down_ms| Step::Break { down_ms }),
         1 => (0usize..2).prop_map(|node| Step::Restart { node }),
         1 => (0usize..2).prop_map(|node| Step::Resync { node }),
+        4 => (0usize..2, 0u16..24).prop_map(|(node, k)| Step::Forget { node, k }),
     ]
 }
 
@@ -765,6 +841,10 @@ fn run_schedule(seed: u64, steps: &[Step]) -> Sim {
             }
             Step::Restart { node } => sim.restart(node),
             Step::Resync { node } => sim.nodes[node].session.request_bulk(),
+            Step::Forget { node, k } => {
+                sim.nodes[node].table.learned.remove(&tuple(1 - node, k));
+                sim.change(1 - node, k, Change::Advance { step: 1 });
+            }
         }
         sim.run(0);
     }
@@ -835,8 +915,15 @@ fn peer_restart_means_a_bulk_that_sweeps_what_it_lost() {
     sim.assert_converged();
     // Node 1 swept the entries node 0's old boot had; it holds only the new one.
     assert_eq!(sim.nodes[1].table.learned.len(), 1);
-    assert_eq!(sim.stats(1).bulks_started, 2, "the restarted node held nothing: bulk");
-    assert!(sim.nodes[1].session.in_sync(sim.ts()), "a peer's restart does not unready us");
+    assert_eq!(
+        sim.stats(1).bulks_started,
+        2,
+        "the restarted node held nothing: bulk"
+    );
+    assert!(
+        sim.nodes[1].session.in_sync(sim.ts()),
+        "a peer's restart does not unready us"
+    );
 }
 
 #[test]
@@ -887,6 +974,49 @@ fn need_round_trip() {
     assert_eq!(a.lookups, 1);
     assert_eq!(a.resent, 1);
     assert_eq!(a.bulks_started, 1, "a need is answered without a bulk");
+}
+
+#[test]
+fn need_for_a_connection_the_peer_no_longer_has_is_answered_by_its_removal() {
+    let mut sim = synced_pair();
+    sim.nodes[1].session.missing(tuple(0, 77));
+    sim.run(50);
+    assert_eq!(sim.stats(1).pending_needs, 0);
+    assert_eq!(sim.stats(0).lookups, 1);
+    sim.assert_converged();
+}
+
+#[test]
+fn unanswered_need_is_asked_again() {
+    let mut sim = synced_pair();
+    sim.faults = Faults {
+        loss_pct: 100,
+        ..Faults::default()
+    };
+    sim.nodes[1].session.missing(tuple(0, 77));
+    sim.run(0);
+    assert_eq!(sim.stats(1).needs_sent, 1);
+    sim.faults = Faults::default();
+    sim.run(150); // past the retransmit timeout, before the idle timeout
+    assert_eq!(sim.stats(1).needs_sent, 2);
+    assert_eq!(sim.stats(1).pending_needs, 0);
+}
+
+#[test]
+fn operator_resync_survives_a_break() {
+    let mut sim = synced_pair();
+    sim.faults = Faults {
+        loss_pct: 100,
+        ..Faults::default()
+    };
+    sim.nodes[1].session.request_bulk();
+    sim.run(0); // the request goes out and is lost with the stream
+    sim.faults = Faults::default();
+    sim.break_stream(100);
+    sim.run(500);
+    sim.assert_converged();
+    assert_eq!(sim.stats(0).bulks_started, 2);
+    assert_eq!(sim.stats(1).bulks_received, 2);
 }
 
 #[test]
@@ -995,7 +1125,11 @@ fn nothing_but_hello_goes_first() {
     let mut outbox = Outbox::new(5, 16);
     outbox.push(Item::ConnGone(tuple(0, 1)));
     let mut s = Session::new(cfg(), 1, Timestamp(0));
-    assert_eq!(s.poll_transmit(Timestamp(0), &outbox), None, "not connected");
+    assert_eq!(
+        s.poll_transmit(Timestamp(0), &outbox),
+        None,
+        "not connected"
+    );
     s.connected(Timestamp(0), &outbox);
     let msgs = transmits(&mut s, 0, &outbox);
     assert_eq!(msgs.len(), 1, "{msgs:?}");
@@ -1114,7 +1248,14 @@ fn live_items_wait_for_the_chunk_that_predates_them() {
     outbox.push(Item::ConnGone(t));
     let sent = transmits(&mut s, 1, &outbox);
     assert!(
-        matches!(sent.as_slice(), [Msg::BulkStart { seq: 1, .. }, Msg::BulkChunk { index: 0, .. }, Msg::BulkEnd { chunks: 1, .. }]),
+        matches!(
+            sent.as_slice(),
+            [
+                Msg::BulkStart { seq: 1, .. },
+                Msg::BulkChunk { index: 0, .. },
+                Msg::BulkEnd { chunks: 1, .. }
+            ]
+        ),
         "{sent:?}"
     );
     s.handle(Timestamp(3), Msg::BulkAck { id: 1, index: 0 }, &outbox);
@@ -1249,7 +1390,10 @@ fn outbox_numbers_from_one_and_forgets_the_oldest() {
     assert_eq!(o.push(item.clone()), 1);
     assert_eq!(o.push(item.clone()), 2);
     assert_eq!(o.push(item.clone()), 3);
-    assert_eq!((o.first_seq(), o.last_seq(), o.len(), o.dropped()), (2, 3, 2, 1));
+    assert_eq!(
+        (o.first_seq(), o.last_seq(), o.len(), o.dropped()),
+        (2, 3, 2, 1)
+    );
     assert!(o.get(1).is_none());
     assert!(o.get(3).is_some());
     assert!(o.get(4).is_none());
@@ -1360,19 +1504,45 @@ fn replay_is_deterministic_for_a_seed() {
 #[test]
 fn regression_lost_expectation() {
     use Change::*;
-    let f = |loss_pct, dup_pct, jitter_ms| Step::Faults(Faults { loss_pct, dup_pct, jitter_ms });
+    let f = |loss_pct, dup_pct, jitter_ms| {
+        Step::Faults(Faults {
+            loss_pct,
+            dup_pct,
+            jitter_ms,
+        })
+    };
     let w = |ms| Step::Wait { ms };
     let steps = vec![
-        Step::Change { node: 0, k: 0, ch: ExpectAdd { expires: 0 } },
+        Step::Change {
+            node: 0,
+            k: 0,
+            ch: ExpectAdd { expires: 0 },
+        },
         w(1),
         f(14, 9, 4),
         Step::Resync { node: 0 },
-        Step::Change { node: 0, k: 1, ch: Create { udp: false } },
+        Step::Change {
+            node: 0,
+            k: 1,
+            ch: Create { udp: false },
+        },
         w(0),
-        Step::Change { node: 0, k: 0, ch: ExpectAdd { expires: 2 } },
+        Step::Change {
+            node: 0,
+            k: 0,
+            ch: ExpectAdd { expires: 2 },
+        },
         w(48),
-        Step::Change { node: 0, k: 9, ch: ExpectAdd { expires: 22440 } },
-        Step::Change { node: 0, k: 4, ch: ExpectAdd { expires: 22952 } },
+        Step::Change {
+            node: 0,
+            k: 9,
+            ch: ExpectAdd { expires: 22440 },
+        },
+        Step::Change {
+            node: 0,
+            k: 4,
+            ch: ExpectAdd { expires: 22952 },
+        },
         w(53),
         w(138),
         f(4, 5, 1),
@@ -1381,10 +1551,18 @@ fn regression_lost_expectation() {
         w(115),
         w(74),
         w(54),
-        Step::Change { node: 0, k: 0, ch: Create { udp: true } },
+        Step::Change {
+            node: 0,
+            k: 0,
+            ch: Create { udp: true },
+        },
         w(41),
         Step::Break { down_ms: 774 },
-        Step::Lose { node: 1, k: 18, ch: ExpectAdd { expires: 38970 } },
+        Step::Lose {
+            node: 1,
+            k: 18,
+            ch: ExpectAdd { expires: 38970 },
+        },
         w(143),
         w(71),
         w(106),
@@ -1398,4 +1576,36 @@ fn regression_lost_expectation() {
     ];
     let sim = run_schedule(1715316623203924950, &steps);
     sim.assert_converged();
+}
+
+#[test]
+#[ignore]
+fn coverage_stats() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let strat = (
+        any::<u64>(),
+        proptest::collection::vec(step_strategy(), 1..250),
+    );
+    let mut tot = [0u64; 10];
+    for _ in 0..300 {
+        let (seed, steps) = strat.new_tree(&mut runner).unwrap().current();
+        let sim = run_schedule(seed, &steps);
+        for i in 0..2 {
+            let s = sim.stats(i);
+            tot[0] += s.needs_sent;
+            tot[1] += s.bulks_started;
+            tot[2] += s.nacks_sent;
+            tot[3] += s.retransmits;
+            tot[4] += s.backpressure;
+            tot[5] += s.needs_dropped;
+            tot[6] += s.resyncs;
+            tot[7] += s.resent;
+        }
+        tot[8] += sim.closes.len() as u64;
+    }
+    eprintln!(
+        "needs_sent bulks nacks retrans backpressure needs_dropped resyncs resent closes: {tot:?}"
+    );
 }
