@@ -14,7 +14,10 @@
 //! Must not touch: packets, policy, Raft.
 
 pub mod codec;
+pub mod core;
 pub mod feed;
 pub mod msg;
+#[cfg(test)]
+mod tests;
 
 pub use msg::{ConnUpdate, Hello, Item, Msg, Resume, Seq, Skip, VERSION};
