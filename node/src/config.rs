@@ -33,6 +33,9 @@
 //!
 //! [ha]                                  # optional (gateways): the role machine keepalived drives
 //! socket = "/run/keepstate/ha.sock"     # root-only socket of `fwctl ha` (the default)
+//! [sync]                                # optional: connection-state replication (needs [cluster])
+//! listen = "198.18.0.1:7401"
+//! peers = [{ id = 2, addr = "198.18.0.2:7401" }]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -58,6 +61,9 @@ pub struct Config {
     pub cluster: Option<crate::cluster::ClusterConfig>,
     #[serde(default)]
     pub ha: Option<crate::ha::HaConfig>,
+    /// State replication with the peer gateway(s); off when absent.
+    #[serde(default)]
+    pub sync: Option<crate::sync::shell::SyncConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -195,6 +201,15 @@ impl Config {
             return Err(invalid(
                 "[ha] is for gateways: a witness holds no virtual IPs (remove the section)",
             ));
+        }
+        match (&cfg.sync, &cfg.cluster) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "[sync] needs [cluster]: the node's replication id is its cluster id",
+                ))
+            }
+            (Some(s), Some(c)) => s.validate(c.id).map_err(|m| invalid(&m))?,
+            (None, _) => {}
         }
         // Relative paths are relative to the configuration file.
         let dir = path.parent().unwrap_or(Path::new("."));

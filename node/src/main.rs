@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use fwnode::api::{Datapath as ApiDatapath, DatapathCounters};
+use fwnode::api::{Datapath as ApiDatapath, DatapathCounters, SyncView as ApiSyncView};
 use fwnode::cluster;
 use fwnode::config::Config;
 use fwnode::conntrack::{Conntrack, InvalidReason};
@@ -21,6 +21,7 @@ use fwnode::helper::ftp::Reject;
 use fwnode::packet::{proto, ParseError};
 use fwnode::policy::PolicyStore;
 use fwnode::raft::Role;
+use fwnode::sync::feed::FeedMaker;
 
 /// keepstate gateway daemon.
 #[derive(Debug, Parser)]
@@ -223,6 +224,7 @@ fn start_datapath(
     all_stats: &[Arc<WorkerStats>],
     origin: Instant,
     stop: &Arc<AtomicBool>,
+    feeds: Option<&FeedMaker>,
 ) -> Result<Datapath> {
     let spec = rule_spec(cfg);
     let d = &cfg.datapath;
@@ -258,7 +260,7 @@ fn start_datapath(
             ftp: cfg.ftp.clone(),
             stats: stats.clone(),
             reject_mark: d.reject_mark,
-            feed: None,
+            feed: feeds.map(FeedMaker::feed),
         };
         let stop = stop.clone();
         let ready = ready_tx.clone();
@@ -321,9 +323,15 @@ fn run(cfg: Config) -> Result<()> {
         let version = if cfg.cluster.is_some() { 0 } else { 1 };
         load_policy(&store, &p.file, version)?;
     }
-    let ct = Arc::new(Conntrack::new(&cfg.conntrack));
-    let origin = Instant::now();
     let gateway = cfg.cluster.as_ref().is_none_or(|c| c.role == Role::Gateway);
+    let replicate = gateway && cfg.sync.is_some();
+    let mut ct_cfg = cfg.conntrack.clone();
+    if !replicate {
+        // Nobody consumes tracker events: the tracker builds none.
+        ct_cfg.event_queue = 0;
+    }
+    let ct = Arc::new(Conntrack::new(&ct_cfg));
+    let origin = Instant::now();
     let all_stats: Vec<Arc<WorkerStats>> = if gateway {
         (0..worker_count(&cfg))
             .map(|_| Arc::new(WorkerStats::default()))
@@ -343,15 +351,47 @@ fn run(cfg: Config) -> Result<()> {
             .context("subscribing to rtnetlink link events")?;
     }
 
-    // Until replication exists a node has no peer table to wait for: in sync from the start.
-    let ha = cfg.ha.as_ref().map(|_| HaHandle::new(true));
+    // A node without replication has no peer table to wait for: in sync from the start. With
+    // it, readiness follows the sync sessions (`on_ready` below).
+    let ha = cfg.ha.as_ref().map(|_| HaHandle::new(!replicate));
+    // Replication starts before the datapath so that no event of the first packets is lost.
+    let (sync, feeds) = match (&cfg.sync, &cfg.cluster) {
+        (Some(s), Some(c)) if replicate => {
+            let (maker, events, lost) = fwnode::sync::feed::channel(s.channel_batches);
+            let handle = fwnode::sync::shell::start(
+                s,
+                c.id,
+                ct.clone(),
+                events,
+                lost,
+                origin,
+                Box::new({
+                    let ha = ha.clone();
+                    move |ready| {
+                        tracing::info!(ready, "replication readiness changed");
+                        if let Some(h) = &ha {
+                            h.set_synced(ready);
+                        }
+                    }
+                }),
+            )?;
+            (Some(handle), Some(maker))
+        }
+        _ => (None, None),
+    };
     let control = match &cfg.cluster {
         Some(c) => {
             let dp = gateway.then(|| ApiDatapath {
                 ct: ct.clone(),
                 origin,
                 counters: datapath_counters(ct.clone(), all_stats.clone()),
-                sync: None,
+                sync: sync.as_ref().map(|h| {
+                    let (a, b) = (h.view(), h.view());
+                    ApiSyncView {
+                        status: Arc::new(move || a.status()),
+                        resync: Arc::new(move || b.resync()),
+                    }
+                }),
                 ha: ha.clone(),
             });
             Some(cluster::start(c, &cfg.node.name, store.clone(), dp)?)
@@ -359,11 +399,14 @@ fn run(cfg: Config) -> Result<()> {
         None => None,
     };
     let datapath = if gateway {
-        match start_datapath(&cfg, &ct, &store, &all_stats, origin, &stop) {
+        match start_datapath(&cfg, &ct, &store, &all_stats, origin, &stop, feeds.as_ref()) {
             Ok(d) => Some(d),
             Err(e) => {
                 if let Some(c) = control {
                     c.shutdown();
+                }
+                if let Some(s) = sync {
+                    s.shutdown();
                 }
                 return Err(e);
             }
@@ -426,6 +469,9 @@ fn run(cfg: Config) -> Result<()> {
     }
     if let Some(c) = control {
         c.shutdown();
+    }
+    if let Some(s) = sync {
+        s.shutdown();
     }
     let Some(Datapath { handles, spec, .. }) = datapath else {
         return Ok(());

@@ -8,6 +8,8 @@
 //!   driven by messages and an explicit `now`; they return messages, timers and table
 //!   operations. Tested over a simulated faulty link.
 //! - `feed`: the datapath's non-blocking hand-off of tracker events to the replication thread.
+//! - `shell`: the `[sync]` settings, the gRPC streams, and the thread that drives the core and
+//!   applies its operations to the live table.
 //! - `codec`: those messages as `keepstate.v1.Sync` protobuf, and the form checks of what a
 //!   peer sends.
 //!
@@ -17,6 +19,7 @@ pub mod codec;
 pub mod core;
 pub mod feed;
 pub mod msg;
+pub mod shell;
 #[cfg(test)]
 mod tests;
 

@@ -1,0 +1,749 @@
+//! The I/O shell of replication: the `[sync]` settings, the gRPC streams to the peers, and the
+//! one thread that drives the sans-IO core and applies what it decides to the live table.
+//!
+//! Threads and tasks: replication runs on its own single-threaded tokio runtime (its own
+//! thread), never on the Raft runtime, so a table transfer cannot delay a Raft heartbeat and
+//! the datapath never waits for it. One task, the engine, owns the `Outbox` and every peer's
+//! `Session`; it takes tracker events from the workers' feeds, messages from the stream tasks,
+//! operator commands and timers, and applies `Op`s to the `Conntrack`. Stream tasks only move
+//! bytes: one gRPC bidirectional stream per pair of gateways, dialled by the node with the
+//! lower id (the other accepts), each direction a bounded channel.
+//!
+//! Owns: sockets, the runtime, the engine loop, peer admission (a stream must say Hello from a
+//! configured peer). Must not touch: protocol decisions (the core), packets, policy, Raft.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keepstate_proto::v1 as pb;
+use keepstate_proto::MAX_MESSAGE_BYTES;
+use parking_lot::Mutex;
+use pb::sync_client::SyncClient;
+use pb::sync_server::{Sync as SyncRpc, SyncServer};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+use super::codec;
+use super::core::{self as core, Op, Outbox, Session};
+use super::feed::{EventBatch, Lost};
+use super::msg::{Item, Msg, Skip};
+use crate::conntrack::{ApplyError, Conntrack, Event};
+use crate::time::Timestamp;
+use crate::transport::Transport;
+
+/// `[sync]`: state replication with the other gateway(s) of the pair. Requires `[cluster]`
+/// (the node id is the Raft id).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Listener for the peers' streams, on the sync network.
+    pub listen: SocketAddr,
+    /// The other gateways: `{ id = 2, addr = "198.18.0.2:7401" }`.
+    pub peers: Vec<PeerConfig>,
+    /// Items kept for peers to resume from after a reconnect; a peer further behind gets a
+    /// bulk transfer.
+    #[serde(default = "defaults::outbox")]
+    pub outbox_items: usize,
+    /// Batches of events buffered between the datapath and this thread; beyond it events are
+    /// dropped, counted, and the peers resynchronised.
+    #[serde(default = "defaults::channel")]
+    pub channel_batches: usize,
+    /// A peer that sends nothing (not even a heartbeat) for this long is disconnected.
+    #[serde(default = "defaults::idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// A bulk transfer from the peer that has not completed by then no longer holds this node
+    /// "not ready".
+    #[serde(default = "defaults::bulk_timeout_ms")]
+    pub bulk_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: u64,
+    pub addr: String,
+}
+
+mod defaults {
+    pub fn outbox() -> usize {
+        1 << 18
+    }
+    pub fn channel() -> usize {
+        4096
+    }
+    pub fn idle_timeout_ms() -> u64 {
+        3000
+    }
+    pub fn bulk_timeout_ms() -> u64 {
+        30_000
+    }
+}
+
+impl SyncConfig {
+    /// Checks the config loader reports with the file name; `me` is this node's id.
+    pub fn validate(&self, me: u64) -> Result<(), String> {
+        if self.peers.is_empty() {
+            return Err("sync.peers must name at least one peer gateway".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.peers {
+            if p.id == me || p.id == 0 || !seen.insert(p.id) {
+                return Err(format!(
+                    "sync.peers: id {} must be non-zero, unique, and not this node's",
+                    p.id
+                ));
+            }
+        }
+        if self.outbox_items < 1024 {
+            return Err("sync.outbox_items must be at least 1024".into());
+        }
+        if self.idle_timeout_ms < 300 {
+            return Err("sync.idle_timeout_ms must be at least 300".into());
+        }
+        Ok(())
+    }
+}
+
+/// An operator's request to the engine.
+#[derive(Debug)]
+enum Command {
+    Resync,
+}
+
+/// What the stream tasks tell the engine.
+enum NetEvent {
+    Up {
+        peer: u64,
+        gen: u64,
+        tx: mpsc::Sender<pb::SyncMessage>,
+    },
+    Msg {
+        peer: u64,
+        gen: u64,
+        msg: pb::SyncMessage,
+    },
+    Down {
+        peer: u64,
+        gen: u64,
+        why: String,
+    },
+}
+
+/// A running replication shell.
+#[derive(Debug)]
+pub struct SyncHandle {
+    view: SyncView,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A cheap handle for readers of the status (the control API) and for `fwctl sync resync`.
+#[derive(Clone, Debug)]
+pub struct SyncView {
+    status: Arc<Mutex<pb::SyncStatusReply>>,
+    cmd: mpsc::UnboundedSender<Command>,
+}
+
+impl SyncView {
+    /// The status as of the last refresh (every `STATUS_EVERY`).
+    pub fn status(&self) -> pb::SyncStatusReply {
+        self.status.lock().clone()
+    }
+
+    /// Ask every peer for a bulk transfer (`fwctl sync resync`).
+    pub fn resync(&self) {
+        let _ = self.cmd.send(Command::Resync);
+    }
+}
+
+impl SyncHandle {
+    pub fn view(&self) -> SyncView {
+        self.view.clone()
+    }
+
+    pub fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Why replication did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("starting the replication runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("sync listener {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Messages buffered per stream direction.
+const STREAM_BUFFER: usize = 64;
+/// Connections listed per bulk page (one page per `Op::ReadBulk`).
+const BULK_PAGE: usize = 1024;
+/// How often the status snapshot is refreshed.
+const STATUS_EVERY: Duration = Duration::from_millis(100);
+
+/// A random id for this process start (sequence numbers restart with it).
+fn boot_id() -> u64 {
+    use std::hash::BuildHasher;
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    std::collections::hash_map::RandomState::new().hash_one((t, std::process::id()))
+}
+
+/// Start replication: the listener, a dialler for each peer with a higher id, and the engine.
+/// `origin` is the datapath's clock origin, so imported lifetimes mean the same there.
+pub fn start(
+    cfg: &SyncConfig,
+    node_id: u64,
+    ct: Arc<Conntrack>,
+    events: mpsc::Receiver<EventBatch>,
+    lost: Arc<Lost>,
+    origin: Instant,
+    on_ready: Box<dyn Fn(bool) + Send>,
+) -> Result<SyncHandle, StartError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
+    let transport = Transport::default();
+    let incoming = runtime
+        .block_on(async { transport.incoming(cfg.listen) })
+        .map_err(|e| StartError::Listen {
+            addr: cfg.listen,
+            source: e,
+        })?;
+    let status = Arc::new(Mutex::new(pb::SyncStatusReply {
+        enabled: true,
+        ..Default::default()
+    }));
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let listen = cfg.listen;
+    let cfg = cfg.clone();
+    let st = status.clone();
+    let thread = std::thread::Builder::new()
+        .name("sync".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let (net_tx, net_rx) = mpsc::channel(1024);
+                let gens = Arc::new(std::sync::atomic::AtomicU64::new(1));
+                let peers: Vec<u64> = cfg.peers.iter().map(|p| p.id).collect();
+                let service = Service {
+                    peers: peers.clone(),
+                    net: net_tx.clone(),
+                    gens: gens.clone(),
+                };
+                let (srv_stop_tx, srv_stop_rx) = tokio::sync::oneshot::channel::<()>();
+                let server = transport
+                    .server()
+                    .add_service(
+                        SyncServer::new(service)
+                            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                    )
+                    .serve_with_incoming_shutdown(incoming, async {
+                        let _ = srv_stop_rx.await;
+                    });
+                let listen = cfg.listen;
+                tokio::spawn(async move {
+                    if let Err(e) = server.await {
+                        tracing::error!(%listen, error = %e, "sync server stopped");
+                    }
+                });
+                for p in cfg.peers.iter().filter(|p| p.id > node_id) {
+                    tokio::spawn(dial(
+                        transport.clone(),
+                        p.clone(),
+                        node_id,
+                        net_tx.clone(),
+                        gens.clone(),
+                    ));
+                }
+                let engine = Engine::new(&cfg, node_id, ct, lost, origin, st, on_ready);
+                tokio::select! {
+                    _ = engine.run(events, net_rx, cmd_rx) => {}
+                    _ = stop_rx => {}
+                }
+                let _ = srv_stop_tx.send(());
+            });
+        })
+        .map_err(StartError::Runtime)?;
+    tracing::info!(%listen, "state replication running");
+    Ok(SyncHandle {
+        view: SyncView {
+            status,
+            cmd: cmd_tx,
+        },
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
+}
+
+/// Keep a stream open to a peer we dial: connect, run it until it breaks, back off, again.
+async fn dial(
+    transport: Transport,
+    peer: PeerConfig,
+    me: u64,
+    net: mpsc::Sender<NetEvent>,
+    gens: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let r = async {
+            let ep = transport.endpoint(&peer.addr).map_err(|e| e.to_string())?;
+            let ch = ep.connect().await.map_err(|e| e.to_string())?;
+            let mut client = SyncClient::new(ch)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+            let gen = gens.fetch_add(1, Relaxed);
+            let resp = client
+                .stream(ReceiverStream::new(rx))
+                .await
+                .map_err(|e| e.message().to_string())?;
+            let _ = net.send(NetEvent::Up { peer: peer.id, gen, tx }).await;
+            let why = forward(resp.into_inner(), peer.id, gen, &net).await;
+            let _ = net.send(NetEvent::Down { peer: peer.id, gen, why }).await;
+            Ok::<(), String>(())
+        }
+        .await;
+        match r {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                tracing::debug!(peer = peer.id, me, error = %e, "sync connect failed");
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+        if net.is_closed() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+/// Move a stream's incoming messages to the engine until it ends; returns why it ended.
+async fn forward(
+    mut s: tonic::Streaming<pb::SyncMessage>,
+    peer: u64,
+    gen: u64,
+    net: &mpsc::Sender<NetEvent>,
+) -> String {
+    loop {
+        match s.next().await {
+            Some(Ok(msg)) => {
+                if net.send(NetEvent::Msg { peer, gen, msg }).await.is_err() {
+                    return "shutting down".into();
+                }
+            }
+            Some(Err(e)) => return e.message().to_string(),
+            None => return "closed by the peer".into(),
+        }
+    }
+}
+
+/// The accepting side of a stream.
+struct Service {
+    peers: Vec<u64>,
+    net: mpsc::Sender<NetEvent>,
+    gens: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl SyncRpc for Service {
+    type StreamStream = ReceiverStream<Result<pb::SyncMessage, tonic::Status>>;
+
+    async fn stream(
+        &self,
+        req: tonic::Request<tonic::Streaming<pb::SyncMessage>>,
+    ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+        let mut inbound = req.into_inner();
+        // The first message names the peer; only a configured peer is admitted.
+        let first = match tokio::time::timeout(Duration::from_secs(5), inbound.next()).await {
+            Ok(Some(Ok(m))) => m,
+            _ => return Err(tonic::Status::invalid_argument("expected a Hello")),
+        };
+        let peer = match codec::decode(&first) {
+            Some(Msg::Hello(h)) if self.peers.contains(&h.node_id) => h.node_id,
+            Some(Msg::Hello(h)) => {
+                return Err(tonic::Status::permission_denied(format!(
+                    "node {} is not a configured sync peer",
+                    h.node_id
+                )))
+            }
+            _ => return Err(tonic::Status::invalid_argument("expected a Hello")),
+        };
+        let gen = self.gens.fetch_add(1, Relaxed);
+        let (tx, rx) = mpsc::channel::<pb::SyncMessage>(STREAM_BUFFER);
+        let (out_tx, out_rx) = mpsc::channel(STREAM_BUFFER);
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            if net.send(NetEvent::Up { peer, gen, tx }).await.is_err() {
+                return;
+            }
+            let _ = net
+                .send(NetEvent::Msg {
+                    peer,
+                    gen,
+                    msg: first,
+                })
+                .await;
+            // Outgoing: the engine's messages onto the response stream.
+            let mut rx = rx;
+            let pump = tokio::spawn(async move {
+                while let Some(m) = rx.recv().await {
+                    if out_tx.send(Ok(m)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let why = forward(inbound, peer, gen, &net).await;
+            pump.abort();
+            let _ = net.send(NetEvent::Down { peer, gen, why }).await;
+        });
+        Ok(tonic::Response::new(ReceiverStream::new(out_rx)))
+    }
+}
+
+/// One peer as the engine sees it.
+struct Peer {
+    id: u64,
+    addr: String,
+    session: Session,
+    /// The live stream: its generation and sender.
+    link: Option<(u64, mpsc::Sender<pb::SyncMessage>)>,
+}
+
+/// The task that owns the core.
+struct Engine {
+    ct: Arc<Conntrack>,
+    outbox: Outbox,
+    peers: Vec<Peer>,
+    lost: Arc<Lost>,
+    origin: Instant,
+    status: Arc<Mutex<pb::SyncStatusReply>>,
+    on_ready: Box<dyn Fn(bool) + Send>,
+    was_ready: Option<bool>,
+    counts: Counts,
+}
+
+/// The shell's own counters (the sessions keep theirs).
+#[derive(Clone, Debug, Default)]
+struct Counts {
+    skipped_unknown: u64,
+    skipped_invalid: u64,
+    apply_refused: u64,
+    swept: u64,
+}
+
+impl Engine {
+    fn new(
+        cfg: &SyncConfig,
+        node_id: u64,
+        ct: Arc<Conntrack>,
+        lost: Arc<Lost>,
+        origin: Instant,
+        status: Arc<Mutex<pb::SyncStatusReply>>,
+        on_ready: Box<dyn Fn(bool) + Send>,
+    ) -> Self {
+        let core_cfg = core::Config {
+            idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
+            bulk_timeout: Duration::from_millis(cfg.bulk_timeout_ms),
+            ..core::Config::default()
+        };
+        let now = Timestamp::from_millis(origin.elapsed().as_millis() as u64);
+        let peers = cfg
+            .peers
+            .iter()
+            .map(|p| {
+                let mut session = Session::new(core_cfg.clone(), node_id, now);
+                session.set_expected_peer(Some(p.id));
+                Peer {
+                    id: p.id,
+                    addr: p.addr.clone(),
+                    session,
+                    link: None,
+                }
+            })
+            .collect();
+        Engine {
+            ct,
+            outbox: Outbox::new(boot_id(), cfg.outbox_items),
+            peers,
+            lost,
+            origin,
+            status,
+            on_ready,
+            was_ready: None,
+            counts: Counts::default(),
+        }
+    }
+
+    fn now(&self) -> Timestamp {
+        Timestamp::from_millis(self.origin.elapsed().as_millis() as u64)
+    }
+
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<EventBatch>,
+        mut net: mpsc::Receiver<NetEvent>,
+        mut cmds: mpsc::UnboundedReceiver<Command>,
+    ) {
+        let mut last_status = Instant::now();
+        loop {
+            let now = self.now();
+            let wake = self
+                .peers
+                .iter()
+                .filter_map(|p| p.session.poll_timeout())
+                .min()
+                .map(|t| t.as_millis().saturating_sub(now.as_millis()))
+                .unwrap_or(100)
+                .min(100);
+            let blocked = self.peers.iter().any(|p| {
+                p.link
+                    .as_ref()
+                    .is_some_and(|(_, tx)| tx.capacity() == 0)
+            });
+            let wait = if blocked { 1 } else { wake };
+            tokio::select! {
+                b = events.recv() => match b {
+                    Some(b) => {
+                        self.take_events(b);
+                        // Take whatever else is queued before doing protocol work.
+                        while let Ok(b) = events.try_recv() {
+                            self.take_events(b);
+                        }
+                    }
+                    None => return,
+                },
+                e = net.recv() => match e {
+                    Some(e) => self.on_net(e),
+                    None => return,
+                },
+                c = cmds.recv() => match c {
+                    Some(Command::Resync) => {
+                        for p in &mut self.peers {
+                            p.session.request_bulk();
+                        }
+                    }
+                    None => return,
+                },
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+            }
+            if self.lost.flagged.swap(false, Relaxed) {
+                self.outbox.mark_lost();
+            }
+            let now = self.now();
+            for i in 0..self.peers.len() {
+                self.peers[i].session.handle_timeout(now, &self.outbox);
+                self.drive(i, now);
+            }
+            if last_status.elapsed() >= STATUS_EVERY {
+                last_status = Instant::now();
+                self.publish(now);
+            }
+        }
+    }
+
+    fn take_events(&mut self, batch: EventBatch) {
+        for ev in batch {
+            self.outbox.push(item_of(ev));
+        }
+    }
+
+    fn on_net(&mut self, e: NetEvent) {
+        let now = self.now();
+        match e {
+            NetEvent::Up { peer, gen, tx } => {
+                if let Some(p) = self.peers.iter_mut().find(|p| p.id == peer) {
+                    if p.link.is_some() {
+                        p.session.disconnected(now);
+                    }
+                    p.link = Some((gen, tx));
+                    p.session.connected(now, &self.outbox);
+                    tracing::info!(peer, "sync stream up");
+                }
+            }
+            NetEvent::Msg { peer, gen, msg } => {
+                let Some(p) = self.peers.iter_mut().find(|p| p.id == peer) else {
+                    return;
+                };
+                if p.link.as_ref().is_none_or(|(g, _)| *g != gen) {
+                    return; // from a stream that has been replaced
+                }
+                match codec::decode(&msg) {
+                    Some(m) => p.session.handle(now, m, &self.outbox),
+                    None => self.counts.skipped_unknown += 1,
+                }
+            }
+            NetEvent::Down { peer, gen, why } => {
+                if let Some(p) = self.peers.iter_mut().find(|p| p.id == peer) {
+                    if p.link.as_ref().is_some_and(|(g, _)| *g == gen) {
+                        p.link = None;
+                        p.session.disconnected(now);
+                        tracing::info!(peer, reason = %why, "sync stream down");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Apply a session's operations and send what it has to send (as far as the stream takes).
+    fn drive(&mut self, i: usize, now: Timestamp) {
+        while let Some(op) = self.peers[i].session.poll_op() {
+            self.apply(i, now, op);
+        }
+        let p = &mut self.peers[i];
+        let Some((_, tx)) = &p.link else { return };
+        while tx.capacity() > 0 {
+            let Some(m) = p.session.poll_transmit(now, &self.outbox) else {
+                break;
+            };
+            if tx.try_send(codec::encode(&m)).is_err() {
+                break;
+            }
+        }
+    }
+
+    fn apply(&mut self, i: usize, now: Timestamp, op: Op) {
+        let ct = &self.ct;
+        match op {
+            // A whole connection replaces in both (the core orders them so that it is never
+            // older than what this stream applied); an update merges without moving TCP state
+            // backwards.
+            Op::Apply(item) | Op::Import(item) => self.apply_item(i, now, &item),
+            Op::BulkBegin => ct.begin_peer_bulk(),
+            Op::BulkEnd => self.counts.swept += ct.end_peer_bulk(),
+            Op::Lookup(tuples) => {
+                let snaps = tuples
+                    .iter()
+                    .filter_map(|t| ct.snapshot_of(t, now))
+                    .collect();
+                self.peers[i].session.resend(&mut self.outbox, snaps);
+            }
+            Op::ReadBulk { cursor } => {
+                let page = ct.bulk_page(cursor, BULK_PAGE, now);
+                let mut items: Vec<Item> = page.conns.into_iter().map(Item::Conn).collect();
+                items.extend(page.expects.into_iter().map(Item::Expect));
+                self.peers[i].session.bulk_page(items, page.next);
+            }
+            Op::Close(why) => {
+                let p = &mut self.peers[i];
+                tracing::warn!(peer = p.id, reason = ?why, "closing the sync stream");
+                // Dropping our sender ends the stream; the dialler reconnects.
+                p.link = None;
+                p.session.disconnected(now);
+            }
+        }
+    }
+
+    /// One item from the peer into the live table.
+    fn apply_item(&mut self, i: usize, now: Timestamp, item: &Item) {
+        let ct = &self.ct;
+        let r = match item {
+            Item::Conn(s) => ct.import_conn(now, s).map_err(|e| e.to_string()),
+            Item::Update(u) => match ct.apply_update(now, u) {
+                Ok(()) => Ok(()),
+                Err(ApplyError::Missing) => {
+                    self.peers[i].session.missing(u.tuple);
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            Item::ConnGone(t) => {
+                ct.remove_conn(t);
+                Ok(())
+            }
+            Item::Expect(x) => ct.import_expect(now, x).map_err(|e| e.to_string()),
+            Item::ExpectGone(x) => {
+                ct.remove_expect(x);
+                Ok(())
+            }
+            Item::Skipped(Skip::UnknownKind) => {
+                self.counts.skipped_unknown += 1;
+                Ok(())
+            }
+            Item::Skipped(Skip::Invalid) => {
+                self.counts.skipped_invalid += 1;
+                Ok(())
+            }
+        };
+        if let Err(e) = r {
+            self.counts.apply_refused += 1;
+            tracing::debug!(error = %e, "replicated item refused");
+        }
+    }
+
+    fn publish(&mut self, now: Timestamp) {
+        self.outbox.set_table_estimate(self.ct.len() as u64);
+        let peers: Vec<pb::SyncPeer> = self
+            .peers
+            .iter()
+            .map(|p| {
+                let s = p.session.stats(&self.outbox);
+                let bulk = s.bulk_rx.unwrap_or_default();
+                pb::SyncPeer {
+                    id: p.id,
+                    addr: p.addr.clone(),
+                    connected: s.connected,
+                    last_seq_sent: s.sent,
+                    last_seq_acked: s.acked,
+                    lag: s.lag,
+                    unacked: s.in_flight,
+                    items_applied: s.items_applied + s.items_imported,
+                    bulks_sent: s.bulks_sent,
+                    bulks_received: s.bulks_received,
+                    bulk_items: bulk.items,
+                    bulk_estimate: bulk.estimate,
+                    in_sync: p.session.in_sync(now),
+                    nacks: s.nacks_sent + s.nacks_received,
+                    retransmits: s.retransmits,
+                    last_error: s.last_error.map(|e| e.to_string()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        let ready = peers.iter().all(|p| p.in_sync);
+        if self.was_ready != Some(ready) {
+            self.was_ready = Some(ready);
+            (self.on_ready)(ready);
+        }
+        let c = &self.counts;
+        *self.status.lock() = pb::SyncStatusReply {
+            enabled: true,
+            peers,
+            outbox_items: self.outbox.len() as u64,
+            last_seq: self.outbox.last_seq(),
+            events_lost: self.lost.events.load(Relaxed),
+            skipped_unknown: c.skipped_unknown,
+            skipped_invalid: c.skipped_invalid,
+            apply_refused: c.apply_refused,
+            swept: c.swept,
+            ready,
+        };
+    }
+}
+
+/// The replicated form of a tracker event.
+fn item_of(ev: Event) -> Item {
+    match ev {
+        Event::ConnCreated(s) => Item::Conn(s),
+        Event::ConnUpdated(u) => Item::Update(u),
+        Event::ConnDestroyed { tuple, .. } => Item::ConnGone(tuple),
+        Event::ExpectCreated(x) => Item::Expect(x),
+        Event::ExpectDestroyed { snapshot, .. } => Item::ExpectGone(snapshot),
+    }
+}
