@@ -431,20 +431,17 @@ struct BulkRx {
 impl Rx {
     /// Ask again for everything asked and not answered.
     fn requeue_needs(&mut self) {
-        for t in self.needs_out.drain() {
-            if !self.needs.contains(&t) {
-                self.needs.push(t);
-            }
-        }
+        self.needs.clear();
+        self.needs.extend(self.needs_unanswered.iter().copied());
     }
 
     /// A whole entry or its removal arrived: whatever was asked for it is answered.
     fn answered(&mut self, item: &Item) {
-        if self.needs_out.is_empty() {
+        if self.needs_unanswered.is_empty() {
             return;
         }
         if let Item::Conn(ConnSnapshot { tuple, .. }) | Item::ConnGone(tuple) = item {
-            self.needs_out.remove(tuple);
+            self.needs_unanswered.remove(tuple);
         }
     }
 }
@@ -466,10 +463,10 @@ struct Rx {
     completed: Option<(u64, u32)>,
     bulk_ack_pending: Option<(u64, u32)>,
     bulk_nack_pending: Option<(u64, u32)>,
-    /// Connections to ask for.
+    /// Connections to ask for (next `Need`s); a tuple answered meanwhile is skipped.
     needs: Vec<Tuple>,
-    /// Asked for and not yet answered (by a `Conn` or `ConnGone` for the tuple).
-    needs_out: HashSet<Tuple>,
+    /// Every connection wanted and not yet received (a `Conn` or `ConnGone` for it answers).
+    needs_unanswered: HashSet<Tuple>,
     /// When unanswered needs are asked again.
     needs_due: Option<Timestamp>,
     bulk_request_pending: bool,
@@ -531,7 +528,7 @@ impl Session {
                 bulk_ack_pending: None,
                 bulk_nack_pending: None,
                 needs: Vec::new(),
-                needs_out: HashSet::new(),
+                needs_unanswered: HashSet::new(),
                 needs_due: None,
                 bulk_request_pending: false,
                 requested_by_us: false,
@@ -1085,10 +1082,11 @@ impl Session {
             rx.acked_sent = rx.applied;
             return Some(Msg::Ack { seq: rx.applied });
         }
+        let unanswered = &rx.needs_unanswered;
+        rx.needs.retain(|t| unanswered.contains(t));
         if !rx.needs.is_empty() {
             let n = rx.needs.len().min(self.cfg.need_batch.max(1));
             let tuples: Vec<Tuple> = rx.needs.drain(..n).collect();
-            rx.needs_out.extend(tuples.iter().copied());
             if rx.needs_due.is_none() {
                 rx.needs_due = Some(now.plus(self.cfg.retransmit_timeout));
             }
@@ -1237,15 +1235,16 @@ impl Session {
 
     /// The shell could not apply an `Item::Update`: ask the peer for the connection whole.
     pub fn missing(&mut self, tuple: Tuple) {
-        if self.rx.needs_out.contains(&tuple) || self.rx.needs.contains(&tuple) {
+        if self.rx.needs_unanswered.contains(&tuple) {
             return;
         }
-        if self.rx.needs.len() + self.rx.needs_out.len() >= self.cfg.max_pending_needs {
+        if self.rx.needs_unanswered.len() >= self.cfg.max_pending_needs {
             self.st.needs_dropped += 1;
             self.rx.bulk_request_pending = true;
             self.rx.requested_by_us = true;
             return;
         }
+        self.rx.needs_unanswered.insert(tuple);
         self.rx.needs.push(tuple);
     }
 
@@ -1305,7 +1304,7 @@ impl Session {
         s.lag = outbox.last_seq().saturating_sub(self.tx.acked);
         s.in_flight = self.tx.next_send.saturating_sub(self.tx.acked + 1);
         s.queued_ops = self.ops.len();
-        s.pending_needs = self.rx.needs.len() + self.rx.needs_out.len();
+        s.pending_needs = self.rx.needs_unanswered.len();
         s.applied = self.rx.applied;
         s.bulk_rx = self.rx.bulk.as_ref().map(|b| BulkProgress {
             id: b.id,

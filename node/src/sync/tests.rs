@@ -855,7 +855,7 @@ fn run_schedule(seed: u64, steps: &[Step]) -> Sim {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn replicas_converge_after_any_fault_schedule(
@@ -1580,6 +1580,8 @@ fn regression_lost_expectation() {
     sim.assert_converged();
 }
 
+/// How much of the protocol the random schedules exercise (needs, bulks, nacks, closes...).
+/// Run with `cargo test -p fwnode --lib sync::tests::coverage_stats -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn coverage_stats() {
