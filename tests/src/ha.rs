@@ -205,9 +205,7 @@ impl HaLab {
     /// apply `POLICY`, then start keepalived on gw1 (which takes the VIPs) and gw2.
     pub fn start(opts: HaOpts) -> HaLab {
         let mut lab = Lab::empty();
-        for h in [
-            "client", "lan", "gw1", "gw2", "wan", "server", "m3", "sw",
-        ] {
+        for h in ["client", "lan", "gw1", "gw2", "wan", "server", "m3", "sw"] {
             lab.add_host(h);
             lab.no_dad(h);
         }
@@ -308,10 +306,14 @@ impl HaLab {
             });
         }
         if opts.sync && !replication {
-            eprintln!("NOTE: this fwnode rejects the [sync] section: the lab runs WITHOUT replication");
+            eprintln!(
+                "NOTE: this fwnode rejects the [sync] section: the lab runs WITHOUT replication"
+            );
         }
         if !ha_roles {
-            eprintln!("NOTE: this fwnode rejects the [ha] section: keepalived's fwctl ha hooks will fail");
+            eprintln!(
+                "NOTE: this fwnode rejects the [ha] section: keepalived's fwctl ha hooks will fail"
+            );
         }
         let mut c = ClusterLab { lab, members };
         for i in 0..3 {
@@ -338,7 +340,12 @@ impl HaLab {
         ha.start_keepalived(Gw::Gw2);
         // gw2 must have settled as BACKUP (it heard gw1's adverts) before a test crashes gw1.
         std::thread::sleep(Duration::from_millis(500));
-        assert_eq!(ha.active(), Some(Gw::Gw1), "gw1 lost the VIPs at gw2's start\n{}", ha.diag());
+        assert_eq!(
+            ha.active(),
+            Some(Gw::Gw1),
+            "gw1 lost the VIPs at gw2's start\n{}",
+            ha.diag()
+        );
         ha
     }
 
@@ -415,11 +422,23 @@ impl HaLab {
             conf.display(),
             String::from_utf8_lossy(&checked.stderr)
         );
+        // A crash leaves the pid files behind, and the killed VRRP child may linger as a zombie
+        // (reparented to an init that does not reap): keepalived would take it for a running
+        // instance and refuse to start.
+        for f in [".pid", "-vrrp.pid", "-chk.pid"] {
+            let _ = std::fs::remove_file(self.ka_path(gw, f));
+        }
         let log = self.c.lab.dir.join(format!("ka-{}.log", gw.host()));
         let f = std::fs::File::create(&log).expect("creating keepalived's log");
         let f2 = f.try_clone().expect("cloning a log file handle");
         let child = Command::new("keepalived")
-            .args(["--dont-fork", "--log-console", "--log-detail", "--vrrp", "--namespace"])
+            .args([
+                "--dont-fork",
+                "--log-console",
+                "--log-detail",
+                "--vrrp",
+                "--namespace",
+            ])
             .arg(self.c.lab.ns(gw.host()))
             .arg("-f")
             .arg(&conf)
@@ -599,7 +618,11 @@ impl HaLab {
             self.replication, self.ha_roles, self.crashed
         );
         for gw in Gw::BOTH {
-            s.push_str(&format!("{} holds VIPs: {}\n", gw.host(), self.holds_vips(gw)));
+            s.push_str(&format!(
+                "{} holds VIPs: {}\n",
+                gw.host(),
+                self.holds_vips(gw)
+            ));
         }
         for log in ["ka-gw1", "ka-gw2", "node1", "node2"] {
             let text = lab.log(log);
@@ -628,6 +651,8 @@ pub struct Stream {
     /// Log names (in the lab dir) of the server and the client.
     pub server_log: String,
     pub client_log: String,
+    /// When the client is due to finish.
+    pub ends: Instant,
 }
 
 /// One receive interval of a `Stream`: start and end (s since the stream began), bytes.
@@ -666,6 +691,7 @@ impl Stream {
             client,
             server_log,
             client_log,
+            ends: Instant::now() + Duration::from_secs(secs.into()),
         };
         let t = Instant::now();
         while s.intervals(lab).iter().filter(|i| i.bytes > 0).count() < 5 {
@@ -685,11 +711,10 @@ impl Stream {
         parse_iperf_intervals(&lab.log(&self.server_log))
     }
 
-    /// Wait for the client to finish (bounded); true if it exited 0.
-    pub fn finished_ok(&mut self, timeout: Duration) -> bool {
-        self.client
-            .wait_exit(timeout)
-            .is_some_and(|s| s.success())
+    /// Wait for the client to finish, at most `slack` past its due end; true if it exited 0.
+    pub fn finished_ok(&mut self, slack: Duration) -> bool {
+        let left = (self.ends + slack).saturating_duration_since(Instant::now());
+        self.client.wait_exit(left).is_some_and(|s| s.success())
     }
 }
 
@@ -778,9 +803,23 @@ mod tests {
     #[test]
     fn the_keepalived_template_renders_completely() {
         let vars: Vec<(&str, String)> = [
-            "name", "priority", "advert_int", "lan_if", "wan_if", "vrid_lan", "vrid_wan",
-            "lan_vip4", "wan_vip4", "lan_vip6", "wan_vip6", "fwnode_bin", "fwnode_config",
-            "fwctl", "ha_socket", "script_dir", "check_weight",
+            "name",
+            "priority",
+            "advert_int",
+            "lan_if",
+            "wan_if",
+            "vrid_lan",
+            "vrid_wan",
+            "lan_vip4",
+            "wan_vip4",
+            "lan_vip6",
+            "wan_vip6",
+            "fwnode_bin",
+            "fwnode_config",
+            "fwctl",
+            "ha_socket",
+            "script_dir",
+            "check_weight",
         ]
         .iter()
         .map(|k| (*k, "x".to_string()))
