@@ -159,17 +159,29 @@ pub fn ha_sections(sync: bool, ha_socket: &Path) -> (String, String) {
 
 /// Does this fwnode build accept `section` appended to `base` (a config text)? The `[sync]` and
 /// `[ha]` sections are being built in parallel; until they land, fwnode rejects them as unknown
-/// and the lab runs without them (and says so), so the same tests turn on by themselves.
-fn accepts(dir: &Path, base: &str, section: &str) -> bool {
+/// and the lab runs without them (and says so, with fwnode's reason), so the same tests turn
+/// on by themselves.
+fn accepts(dir: &Path, base: &str, section: &str) -> Result<(), String> {
     let probe = dir.join("probe.toml");
-    if std::fs::write(&probe, format!("{base}\n{section}")).is_err() {
-        return false;
-    }
-    Command::new(bin("fwnode"))
+    std::fs::write(&probe, format!("{base}\n{section}")).expect("writing a probe config");
+    let o = Command::new(bin("fwnode"))
         .arg("--check-config")
         .arg(&probe)
+        .env("RUST_BACKTRACE", "0")
         .output()
-        .is_ok_and(|o| o.status.success())
+        .expect("running fwnode --check-config");
+    if o.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&o.stderr);
+    // The TOML error's last line says what is wrong ("unknown field `sync`, expected ...").
+    Err(err
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty() && !l.trim().starts_with('|'))
+        .unwrap_or("")
+        .trim()
+        .to_string())
 }
 
 fn deploy_dir() -> PathBuf {
@@ -282,17 +294,33 @@ impl HaLab {
                 stats = stats.display(),
                 data = lab.dir.join(format!("data{id}")).display(),
             );
+            // A rejection of the sections below must mean "not built yet", never a broken base.
+            if let Err(e) = accepts(&lab.dir, &text, "") {
+                panic!("fwnode --check-config rejects the lab's own config: {e}\n{text}");
+            }
             if role == "gateway" {
                 let (sync, ha) = ha_sections(opts.sync, &ha_socket(&lab, id));
                 if opts.sync {
-                    replication = accepts(&lab.dir, &text, &sync);
-                    if replication {
-                        text.push_str(&format!("\n{sync}"));
+                    match accepts(&lab.dir, &text, &sync) {
+                        Ok(()) => {
+                            replication = true;
+                            text.push_str(&format!("\n{sync}"));
+                        }
+                        Err(e) if id == 1 => eprintln!(
+                            "NOTE: fwnode rejects [sync] ({e}): the lab runs WITHOUT replication"
+                        ),
+                        Err(_) => {}
                     }
                 }
-                ha_roles = accepts(&lab.dir, &text, &ha);
-                if ha_roles {
-                    text.push_str(&format!("\n{ha}"));
+                match accepts(&lab.dir, &text, &ha) {
+                    Ok(()) => {
+                        ha_roles = true;
+                        text.push_str(&format!("\n{ha}"));
+                    }
+                    Err(e) if id == 1 => eprintln!(
+                        "NOTE: fwnode rejects [ha] ({e}): keepalived's fwctl ha hooks will fail"
+                    ),
+                    Err(_) => {}
                 }
             }
             std::fs::write(&config, text).expect("writing a member config");
@@ -304,16 +332,6 @@ impl HaLab {
                 stats,
                 proc: None,
             });
-        }
-        if opts.sync && !replication {
-            eprintln!(
-                "NOTE: this fwnode rejects the [sync] section: the lab runs WITHOUT replication"
-            );
-        }
-        if !ha_roles {
-            eprintln!(
-                "NOTE: this fwnode rejects the [ha] section: keepalived's fwctl ha hooks will fail"
-            );
         }
         let mut c = ClusterLab { lab, members };
         for i in 0..3 {
