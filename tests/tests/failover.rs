@@ -53,33 +53,95 @@ fn new_tcp_works(ha: &HaLab, port: u16, v6: bool) -> bool {
     .success()
 }
 
-/// A UDP echo server on the server (the port the policy allows).
-fn udp_echo(lab: &Lab) -> Proc {
-    lab.spawn(
+/// The UDP service on the server (the port the policy allows): `stream SECS` is answered by
+/// 100 datagrams a second for SECS seconds (a response that outlasts the crash, so after the
+/// takeover the flow's packets come from the WAN side, where gw2 drops what it has no entry
+/// for), anything else is echoed.
+fn udp_server(lab: &Lab) -> Proc {
+    let script = format!(
+        "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',{UDP_PORT}))\n\
+         while True:\n    d,a=s.recvfrom(2048)\n    if d.startswith(b'stream '):\n        t=time.time(); i=0\n\
+         \x20       while time.time()-t < float(d.split()[1]):\n            s.sendto(str(i).encode(),a); i+=1; time.sleep(0.01)\n\
+         \x20   else:\n        s.sendto(d,a)\n"
+    );
+    let p = lab.spawn(
         "server",
-        &format!(
-            "{} -c 'import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind((\"0.0.0.0\",{UDP_PORT}))\nwhile True:\n  d,a=s.recvfrom(2048); s.sendto(d,a)'",
-            python()
-        ),
-        "udp-echo",
-    )
+        &format!("{} -c {}", python(), shell_quote(&script)),
+        "udp-server",
+    );
+    let t = Instant::now();
+    while lab
+        .try_sh("server", &format!("ss -Hlun 'sport = :{UDP_PORT}'"))
+        .stdout
+        .is_empty()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the UDP server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p
 }
 
-/// A UDP request/response flow from the client: `rate` requests per second for `secs`, each
-/// waiting up to 50 ms for its reply. Prints `sent got max_gap last_age` when done: the
-/// longest time without a reply and the time between the last reply and the end.
-fn udp_flow(lab: &Lab, secs: f64, rate: u32) -> Proc {
+/// One UDP request/reply exchange with the server (three tries).
+fn udp_ping(lab: &Lab) -> bool {
     let script = format!(
-        "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(0.05)\n\
-         s.connect(('{SERVER4}',{UDP_PORT}))\nstart=time.time(); last=start; gap=0.0; sent=0; got=0\n\
-         while time.time()-start < {secs}:\n    s.send(str(sent).encode()); sent+=1\n    try:\n        s.recv(2048); got+=1\n        now=time.time(); gap=max(gap,now-last); last=now\n    except (socket.timeout, ConnectionRefusedError):\n        pass\n    time.sleep(1.0/{rate})\n\
-         end=time.time(); gap=max(gap,end-last)\nprint(sent, got, round(gap,3), round(end-last,3), flush=True)\n"
+        "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(1)\n\
+         s.connect(('{SERVER4}',{UDP_PORT}))\nfor _ in range(3):\n    s.send(b'ping')\n    try:\n        s.recv(64); sys.exit(0)\n\
+         \x20   except (socket.timeout, ConnectionRefusedError):\n        pass\nsys.exit(1)\n"
+    );
+    lab.try_sh(
+        "client",
+        &format!("{} -c {}", python(), shell_quote(&script)),
+    )
+    .status
+    .success()
+}
+
+/// A UDP request whose response streams for `secs` s, from the client. Prints
+/// `got longest_gap last` when done: datagrams received, the longest time between two of
+/// them, and when the last one came (s after the request).
+fn udp_request_stream(lab: &Lab, secs: u32) -> Proc {
+    let script = format!(
+        "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(0.2)\n\
+         s.connect(('{SERVER4}',{UDP_PORT}))\ns.send(b'stream {secs}')\nstart=time.time(); last=None; gap=0.0; got=0\n\
+         while time.time()-start < {secs}+2:\n    try:\n        s.recv(64); now=time.time(); got+=1\n\
+         \x20       gap=max(gap, now-last) if last else 0.0\n        last=now\n\
+         \x20   except (socket.timeout, ConnectionRefusedError):\n        pass\n\
+         print(got, round(gap,3), round((last or start)-start,3), flush=True)\n"
     );
     lab.spawn(
         "client",
         &format!("{} -c {}", python(), shell_quote(&script)),
-        "udp-flow",
+        "udp-stream",
     )
+}
+
+/// Run a streamed UDP response of 5 s with a crash of gw1 1.5 s in; returns (got, longest
+/// gap, time of the last datagram).
+/// (`udp_server` must be running.)
+fn udp_stream_across_a_crash(ha: &mut HaLab, what: &str) -> (f64, f64, f64) {
+    let mut flow = udp_request_stream(ha.lab(), 5);
+    std::thread::sleep(Duration::from_millis(1500));
+    crash_gw1(ha, what);
+    assert!(
+        flow.wait_exit(Duration::from_secs(15))
+            .is_some_and(|s| s.success()),
+        "the UDP client failed: {}",
+        ha.lab().log("udp-stream")
+    );
+    let out = ha.lab().log("udp-stream");
+    let f: Vec<f64> = out
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    assert_eq!(f.len(), 3, "udp client output: {out}");
+    eprintln!(
+        "[{what}] {} datagrams, longest gap {:.3} s, last at {:.3} s (the response lasts 5 s)",
+        f[0], f[1], f[2]
+    );
+    (f[0], f[1], f[2])
 }
 
 /// vsftpd on the server, anonymous, serving `big.bin` (24 MB) and `small.bin` (1 MB), sending
@@ -196,7 +258,7 @@ fn crash_gw1(ha: &mut HaLab, what: &str) -> Duration {
 #[test]
 fn lab_sanity_vips_move_at_a_crash_and_new_connections_work_through_the_new_active() {
     let mut ha = HaLab::start(no_sync());
-    let _udp = udp_echo(ha.lab());
+    let _udp = udp_server(ha.lab());
     assert!(
         new_tcp_works(&ha, IPERF_PORT, false),
         "no TCP through gw1\n{}",
@@ -229,17 +291,7 @@ fn lab_sanity_vips_move_at_a_crash_and_new_connections_work_through_the_new_acti
         !new_tcp_works(&ha, 5203, false),
         "gw2 let a non-test port through"
     );
-    let mut flow = udp_flow(ha.lab(), 1.0, 20);
-    assert!(flow
-        .wait_exit(Duration::from_secs(10))
-        .is_some_and(|s| s.success()));
-    let out = ha.lab().log("udp-flow");
-    let got: u64 = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|g| g.parse().ok())
-        .unwrap_or(0);
-    assert!(got > 5, "no UDP replies through gw2: {out}");
+    assert!(udp_ping(ha.lab()), "no UDP through gw2\n{}", ha.diag());
 
     // gw1 comes back and, being preferred, takes the VIPs back.
     ha.revive(Gw::Gw1);
@@ -392,6 +444,24 @@ fn negative_c_without_replication_port_before_the_crash_retr_after_fails() {
     );
 }
 
+#[test]
+fn negative_f_without_replication_a_udp_response_dies() {
+    let mut ha = HaLab::start(no_sync());
+    let _srv = udp_server(ha.lab());
+    let (_, _, last) = udp_stream_across_a_crash(&mut ha, "negative f");
+    assert!(
+        last < 3.0,
+        "the UDP response went on through gw2 without replication\n{}",
+        ha.diag()
+    );
+    // A new exchange works: gw2 forwards, it only lacked the entry.
+    assert!(
+        udp_ping(ha.lab()),
+        "no new UDP exchange through gw2\n{}",
+        ha.diag()
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // With replication: the sessions survive.
 
@@ -491,26 +561,15 @@ fn e_an_ipv6_tcp_stream_survives() {
 #[test]
 fn f_a_udp_request_response_flow_survives() {
     let mut ha = HaLab::start(HaOpts::default());
-    let _echo = udp_echo(ha.lab());
-    let mut flow = udp_flow(ha.lab(), 5.0, 50);
-    std::thread::sleep(Duration::from_millis(1500));
-    crash_gw1(&mut ha, "f");
-    assert!(flow
-        .wait_exit(Duration::from_secs(20))
-        .is_some_and(|s| s.success()));
-    let out = ha.lab().log("udp-flow");
-    let f: Vec<f64> = out
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    assert_eq!(f.len(), 4, "udp flow output: {out}");
-    let (sent, got, gap, last_age) = (f[0], f[1], f[2], f[3]);
-    eprintln!("[f] {got}/{sent} replies, longest gap {gap:.3} s, last reply {last_age:.3} s before the end");
+    let _srv = udp_server(ha.lab());
+    let (_, gap, last) = udp_stream_across_a_crash(&mut ha, "f");
     assert!(
-        last_age < 0.5 && gap < 3.0,
-        "the UDP flow did not recover: {out}\n{}",
+        last > 4.5 && gap < 3.0,
+        "the UDP response did not survive the failover (replication in this fwnode: {})\n{}",
+        ha.replication,
         ha.diag()
     );
+    assert!(udp_ping(ha.lab()), "no new UDP exchange through gw2");
 }
 
 #[test]
