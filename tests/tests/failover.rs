@@ -146,7 +146,10 @@ fn udp_stream_across_a_crash(ha: &mut HaLab, what: &str) -> (f64, f64, f64) {
 
 /// vsftpd on the server, anonymous, serving `big.bin` (24 MB) and `small.bin` (1 MB), sending
 /// at most `rate` bytes/s per transfer so a download is still in flight at the crash. Returns
-/// the server and the sha256 of both files.
+/// the server and the sha256 of both files. `isolate*=NO`: by default vsftpd runs each
+/// session's unprivileged half in a network namespace of its own, where the lab's cleanup
+/// (which kills what runs in the lab's namespaces) cannot see it, and a session stuck on a
+/// dead connection then outlives the lab.
 fn vsftpd(lab: &Lab, rate: u32) -> (Proc, String, String) {
     let root = lab.dir.join("ftp");
     let empty = lab.dir.join("empty");
@@ -166,7 +169,8 @@ fn vsftpd(lab: &Lab, rate: u32) -> (Proc, String, String) {
             "listen=NO\nlisten_ipv6=YES\nlisten_port=21\nbackground=NO\nanonymous_enable=YES\nlocal_enable=NO\n\
              no_anon_password=YES\nanon_root={root}\nanon_max_rate={rate}\n\
              connect_from_port_20=YES\nport_enable=YES\npasv_enable=YES\npasv_min_port=40000\npasv_max_port=40100\n\
-             seccomp_sandbox=NO\nsecure_chroot_dir={empty}\nxferlog_enable=NO\n",
+             seccomp_sandbox=NO\nsecure_chroot_dir={empty}\nxferlog_enable=NO\n\
+             isolate=NO\nisolate_network=NO\n",
             root = root.display(),
             empty = empty.display(),
         ),
