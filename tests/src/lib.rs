@@ -126,34 +126,10 @@ impl Lab {
     /// Build client — gw — server. Panics (fails the test) if anything is missing.
     #[allow(clippy::new_without_default)]
     pub fn new() -> Lab {
-        require_root();
-        let n = SEQ.fetch_add(1, Ordering::Relaxed);
-        // Short: veth names are limited to 15 characters.
-        let prefix = format!(
-            "k{}{}",
-            std::process::id() % 100_000,
-            (b'a' + (n % 26) as u8) as char
-        );
-        let dir = std::env::temp_dir().join(format!("keepstate-{prefix}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating the lab's temp dir");
-        let mut lab = Lab {
-            prefix,
-            dir,
-            namespaces: vec![],
-        };
+        let mut lab = Lab::empty();
         for ns in ["client", "gw", "server"] {
-            let name = lab.ns(ns);
-            let o = ip(&["netns", "add", &name]);
-            assert!(
-                o.status.success(),
-                "ip netns add {name}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            lab.namespaces.push(name);
-            // No duplicate address detection: link-local addresses would stay tentative for a
-            // second and neighbour discovery could drop a test's first IPv6 packets.
-            lab.sh(ns, "ip link set lo up && sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0");
+            lab.add_host(ns);
+            lab.no_dad(ns);
         }
         let p = lab.prefix.clone();
         // Links are created inside the namespaces only; nothing touches the root namespace's
@@ -199,7 +175,38 @@ impl Lab {
         lab
     }
 
-    fn link(&self, a: &str, a_if: &str, b: &str, b_if: &str) {
+    /// A lab with no hosts yet (a per-run prefix and temp dir); add them with `add_host`.
+    /// `new` and the HA lab (`ha::HaLab`) build their topologies on it.
+    pub fn empty() -> Lab {
+        require_root();
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        // Short: veth names are limited to 15 characters.
+        let prefix = format!(
+            "k{}{}",
+            std::process::id() % 100_000,
+            (b'a' + (n % 26) as u8) as char
+        );
+        let dir = std::env::temp_dir().join(format!("keepstate-{prefix}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the lab's temp dir");
+        Lab {
+            prefix,
+            dir,
+            namespaces: vec![],
+        }
+    }
+
+    /// No duplicate address detection in `host`: link-local addresses would stay tentative for
+    /// a second and neighbour discovery could drop a test's first IPv6 packets.
+    pub fn no_dad(&self, host: &str) {
+        self.sh(
+            host,
+            "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0",
+        );
+    }
+
+    /// A veth pair between lab hosts `a` and `b`, both ends up.
+    pub fn link(&self, a: &str, a_if: &str, b: &str, b_if: &str) {
         self.sh(
             a,
             &format!(
@@ -337,6 +344,7 @@ impl Drop for Lab {
 }
 
 pub mod cluster;
+pub mod ha;
 
 pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))

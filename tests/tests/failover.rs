@@ -1,0 +1,660 @@
+//! Failover end-to-end tests (issue 10 item 7) in the HA-pair lab (`keepstate_tests::ha`):
+//! client — {gw1 active, gw2 standby, VIPs moved by real keepalived, sync over 198.18.0.0/24}
+//! — server, policy NEW only client → server on the test ports, `established,related`
+//! accepted, everything else dropped, mid-stream pickup off.
+//!
+//! A crash is the gateway's links going down, then SIGKILL for its keepalived and fwnode: no
+//! goodbye advert. What must survive it: (a) an iperf3 TCP stream (the longest data gap is
+//! printed), (b) an active-mode FTP download in flight, (c) an active FTP session whose PORT
+//! was sent before the crash and whose data connection opens after it, (d) an EPSV download
+//! in flight, (e) an IPv6 TCP stream, (f) a UDP request/response flow; and failback, a
+//! restarted standby, a sync link that was down for 3 s.
+//!
+//! The lab's own proof comes first: the VIPs move at a crash and new connections work through
+//! the new active gateway, a dead fwnode alone moves the VIPs, and the negative controls, (a),
+//! (b) and (c) with replication off, show the sessions DIE: the tests measure replication, and
+//! the standby does not silently pick up unknown mid-stream TCP.
+
+// Test code: a failed step must fail the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use keepstate_tests::ha::{gap_after, Gw, HaLab, HaOpts, Stream, IPERF_PORT, UDP_PORT};
+use keepstate_tests::*;
+
+/// How long a backup may take to hold the VIPs after a crash: 3 adverts + skew is ≈ 0.36 s at
+/// 0.1 s adverts; the rest is slack for a machine shared by parallel test labs.
+const TAKEOVER: Duration = Duration::from_secs(3);
+
+fn no_sync() -> HaOpts {
+    HaOpts {
+        sync: false,
+        ..HaOpts::default()
+    }
+}
+
+/// Can the client open a new TCP connection to the server's `port` (IPv6 if `v6`)? A
+/// one-shot iperf3 server answers it; false after 3 s.
+fn new_tcp_works(ha: &HaLab, port: u16, v6: bool) -> bool {
+    let lab = ha.lab();
+    let _srv = lab.spawn(
+        "server",
+        &format!("iperf3 -s -1 -p {port}"),
+        &format!("probe-s-{port}"),
+    );
+    lab.wait_listen("server", port);
+    let dst = if v6 { SERVER6 } else { SERVER4 };
+    lab.try_sh(
+        "client",
+        &format!("timeout 3 bash -c 'exec 3<>/dev/tcp/{dst}/{port}' 2>/dev/null"),
+    )
+    .status
+    .success()
+}
+
+/// The UDP service on the server (the port the policy allows): `stream SECS` is answered by
+/// 100 datagrams a second for SECS seconds (a response that outlasts the crash, so after the
+/// takeover the flow's packets come from the WAN side, where gw2 drops what it has no entry
+/// for), anything else is echoed.
+fn udp_server(lab: &Lab) -> Proc {
+    let script = format!(
+        "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',{UDP_PORT}))\n\
+         while True:\n    d,a=s.recvfrom(2048)\n    if d.startswith(b'stream '):\n        t=time.time(); i=0\n\
+         \x20       while time.time()-t < float(d.split()[1]):\n            s.sendto(str(i).encode(),a); i+=1; time.sleep(0.01)\n\
+         \x20   else:\n        s.sendto(d,a)\n"
+    );
+    let p = lab.spawn(
+        "server",
+        &format!("{} -c {}", python(), shell_quote(&script)),
+        "udp-server",
+    );
+    let t = Instant::now();
+    while lab
+        .try_sh("server", &format!("ss -Hlun 'sport = :{UDP_PORT}'"))
+        .stdout
+        .is_empty()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the UDP server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p
+}
+
+/// One UDP request/reply exchange with the server (three tries).
+fn udp_ping(lab: &Lab) -> bool {
+    let script = format!(
+        "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(1)\n\
+         s.connect(('{SERVER4}',{UDP_PORT}))\nfor _ in range(3):\n    s.send(b'ping')\n    try:\n        s.recv(64); sys.exit(0)\n\
+         \x20   except (socket.timeout, ConnectionRefusedError):\n        pass\nsys.exit(1)\n"
+    );
+    lab.try_sh(
+        "client",
+        &format!("{} -c {}", python(), shell_quote(&script)),
+    )
+    .status
+    .success()
+}
+
+/// A UDP request whose response streams for `secs` s, from the client. Prints
+/// `got longest_gap last` when done: datagrams received, the longest time between two of
+/// them, and when the last one came (s after the request).
+fn udp_request_stream(lab: &Lab, secs: u32) -> Proc {
+    let script = format!(
+        "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(0.2)\n\
+         s.connect(('{SERVER4}',{UDP_PORT}))\ns.send(b'stream {secs}')\nstart=time.time(); last=None; gap=0.0; got=0\n\
+         while time.time()-start < {secs}+2:\n    try:\n        s.recv(64); now=time.time(); got+=1\n\
+         \x20       gap=max(gap, now-last) if last else 0.0\n        last=now\n\
+         \x20   except (socket.timeout, ConnectionRefusedError):\n        pass\n\
+         print(got, round(gap,3), round((last or start)-start,3), flush=True)\n"
+    );
+    lab.spawn(
+        "client",
+        &format!("{} -c {}", python(), shell_quote(&script)),
+        "udp-stream",
+    )
+}
+
+/// Run a streamed UDP response of 5 s with a crash of gw1 1.5 s in; returns (got, longest
+/// gap, time of the last datagram).
+/// (`udp_server` must be running.)
+fn udp_stream_across_a_crash(ha: &mut HaLab, what: &str) -> (f64, f64, f64) {
+    let mut flow = udp_request_stream(ha.lab(), 5);
+    std::thread::sleep(Duration::from_millis(1500));
+    crash_gw1(ha, what);
+    assert!(
+        flow.wait_exit(Duration::from_secs(15))
+            .is_some_and(|s| s.success()),
+        "the UDP client failed: {}",
+        ha.lab().log("udp-stream")
+    );
+    let out = ha.lab().log("udp-stream");
+    let f: Vec<f64> = out
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    assert_eq!(f.len(), 3, "udp client output: {out}");
+    eprintln!(
+        "[{what}] {} datagrams, longest gap {:.3} s, last at {:.3} s (the response lasts 5 s)",
+        f[0], f[1], f[2]
+    );
+    (f[0], f[1], f[2])
+}
+
+/// vsftpd on the server, anonymous, serving `big.bin` (24 MB) and `small.bin` (1 MB), sending
+/// at most `rate` bytes/s per transfer so a download is still in flight at the crash. Returns
+/// the server and the sha256 of both files. `isolate*=NO`: by default vsftpd runs each
+/// session's unprivileged half in a network namespace of its own, where the lab's cleanup
+/// (which kills what runs in the lab's namespaces) cannot see it, and a session stuck on a
+/// dead connection then outlives the lab.
+fn vsftpd(lab: &Lab, rate: u32) -> (Proc, String, String) {
+    let root = lab.dir.join("ftp");
+    let empty = lab.dir.join("empty");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(&empty).unwrap();
+    lab.sh(
+        "server",
+        &format!(
+            "chmod 755 {r} && head -c 24000000 /dev/urandom > {r}/big.bin && head -c 1000000 /dev/urandom > {r}/small.bin",
+            r = root.display()
+        ),
+    );
+    let conf = lab.dir.join("vsftpd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen=NO\nlisten_ipv6=YES\nlisten_port=21\nbackground=NO\nanonymous_enable=YES\nlocal_enable=NO\n\
+             no_anon_password=YES\nanon_root={root}\nanon_max_rate={rate}\n\
+             connect_from_port_20=YES\nport_enable=YES\npasv_enable=YES\npasv_min_port=40000\npasv_max_port=40100\n\
+             seccomp_sandbox=NO\nsecure_chroot_dir={empty}\nxferlog_enable=NO\n\
+             isolate=NO\nisolate_network=NO\n",
+            root = root.display(),
+            empty = empty.display(),
+        ),
+    )
+    .unwrap();
+    let p = lab.spawn(
+        "server",
+        &format!("/usr/sbin/vsftpd {}", conf.display()),
+        "vsftpd",
+    );
+    lab.wait_listen("server", 21);
+    let sha = |f: &str| sha256(lab, "server", &root.join(f).display().to_string());
+    let (big, small) = (sha("big.bin"), sha("small.bin"));
+    (p, big, small)
+}
+
+fn sha256(lab: &Lab, host: &str, path: &str) -> String {
+    lab.sh(host, &format!("sha256sum {path} | cut -d' ' -f1"))
+        .trim()
+        .to_string()
+}
+
+fn file_len(lab: &Lab, name: &str) -> u64 {
+    std::fs::metadata(lab.dir.join(name)).map_or(0, |m| m.len())
+}
+
+/// Start a curl FTP download of `big.bin` in the background (`mode`: curl's options for
+/// active or passive); it gives up when no byte arrives for 5 s.
+fn ftp_download(lab: &Lab, out: &str, mode: &str) -> Proc {
+    let p = lab.spawn(
+        "client",
+        &format!(
+            "curl -sS --max-time 60 --connect-timeout 5 --speed-limit 1 --speed-time 5 {mode} -o {} ftp://{SERVER4}/big.bin",
+            lab.dir.join(out).display()
+        ),
+        out,
+    );
+    // In flight: some MB in, most still to come.
+    let t = Instant::now();
+    while file_len(lab, out) < 3_000_000 {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the FTP download {out} did not start:\n{}",
+            lab.log(out)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+/// The longest time `out` did not grow while `dl` ran (sampled every 10 ms), and its exit.
+fn follow_download(lab: &Lab, out: &str, dl: &mut Proc) -> (Duration, Option<i32>) {
+    let t = Instant::now();
+    let (mut last_len, mut last_change, mut gap) =
+        (file_len(lab, out), Instant::now(), Duration::ZERO);
+    while t.elapsed() < Duration::from_secs(70) {
+        if let Ok(Some(s)) = dl.child.try_wait() {
+            // A download that died stalled until curl gave up.
+            return (gap.max(last_change.elapsed()), s.code());
+        }
+        let len = file_len(lab, out);
+        if len != last_len {
+            gap = gap.max(last_change.elapsed());
+            last_len = len;
+            last_change = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (gap.max(last_change.elapsed()), None)
+}
+
+/// Crash the active gw1 and wait for gw2 to hold the VIPs; prints and returns the takeover.
+fn crash_gw1(ha: &mut HaLab, what: &str) -> Duration {
+    assert_eq!(
+        ha.active(),
+        Some(Gw::Gw1),
+        "gw1 must be active before the crash"
+    );
+    let at = ha.crash(Gw::Gw1);
+    ha.wait_vips_on(Gw::Gw2, TAKEOVER);
+    let took = at.elapsed();
+    eprintln!("[{what}] gw2 holds the VIPs {took:?} after gw1's crash");
+    took
+}
+
+// ---------------------------------------------------------------------------------------
+// The lab's own proof (pass without replication).
+
+#[test]
+fn lab_sanity_vips_move_at_a_crash_and_new_connections_work_through_the_new_active() {
+    let mut ha = HaLab::start(no_sync());
+    let _udp = udp_server(ha.lab());
+    assert!(
+        new_tcp_works(&ha, IPERF_PORT, false),
+        "no TCP through gw1\n{}",
+        ha.diag()
+    );
+    assert!(
+        new_tcp_works(&ha, IPERF_PORT, true),
+        "no IPv6 TCP through gw1\n{}",
+        ha.diag()
+    );
+    // The policy is enforced: a port it does not open stays closed (a listener is there).
+    assert!(
+        !new_tcp_works(&ha, 5203, false),
+        "gw1 let a non-test port through"
+    );
+
+    crash_gw1(&mut ha, "sanity");
+    assert_eq!(ha.active(), Some(Gw::Gw2));
+    assert!(
+        new_tcp_works(&ha, IPERF_PORT, false),
+        "no TCP through gw2\n{}",
+        ha.diag()
+    );
+    assert!(
+        new_tcp_works(&ha, IPERF_PORT, true),
+        "no IPv6 TCP through gw2\n{}",
+        ha.diag()
+    );
+    assert!(
+        !new_tcp_works(&ha, 5203, false),
+        "gw2 let a non-test port through"
+    );
+    assert!(udp_ping(ha.lab()), "no UDP through gw2\n{}", ha.diag());
+
+    // gw1 comes back and, being preferred, takes the VIPs back.
+    ha.revive(Gw::Gw1);
+    ha.wait_vips_on(Gw::Gw1, Duration::from_secs(20));
+    assert!(
+        new_tcp_works(&ha, IPERF_PORT, false),
+        "no TCP through gw1 after its return\n{}",
+        ha.diag()
+    );
+}
+
+#[test]
+fn a_dead_fwnode_alone_moves_the_vips() {
+    let mut ha = HaLab::start(no_sync());
+    // keepalived stays up on gw1: only track_process on fwnode can move the VIPs.
+    let t = Instant::now();
+    ha.kill_fwnode(Gw::Gw1);
+    ha.wait_vips_on(Gw::Gw2, TAKEOVER);
+    eprintln!("fwnode killed on gw1: VIPs on gw2 after {:?}", t.elapsed());
+    assert!(
+        new_tcp_works(&ha, IPERF_PORT, false),
+        "no TCP through gw2\n{}",
+        ha.diag()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Negative controls: replication off, the sessions must die.
+
+#[test]
+fn negative_a_without_replication_the_tcp_stream_dies() {
+    let mut ha = HaLab::start(no_sync());
+    let s = Stream::start(ha.lab(), IPERF_PORT, false, 30, "20M");
+    let at_crash = s.intervals(ha.lab()).len();
+    crash_gw1(&mut ha, "negative a");
+    std::thread::sleep(Duration::from_secs(4));
+    let iv = s.intervals(ha.lab());
+    let (gap, resumed) = gap_after(&iv, at_crash);
+    eprintln!(
+        "[negative a] after the crash: {} intervals, longest gap {gap:.1} s, resumed: {resumed}",
+        iv.len() - at_crash
+    );
+    assert!(
+        iv.len() > at_crash + 20,
+        "the iperf3 server stopped reporting:\n{}",
+        ha.lab().log(&s.server_log)
+    );
+    assert!(
+        !resumed,
+        "the stream survived without replication: gw2 picked up mid-stream TCP\n{}",
+        ha.diag()
+    );
+    // Not a dead lab: gw2 forwards new connections.
+    assert!(
+        new_tcp_works(&ha, IPERF_PORT + 1, false),
+        "gw2 forwards nothing\n{}",
+        ha.diag()
+    );
+}
+
+#[test]
+fn negative_b_without_replication_an_active_ftp_download_dies() {
+    let mut ha = HaLab::start(no_sync());
+    let (_ftp, big, _) = vsftpd(ha.lab(), 3_000_000);
+    let mut dl = ftp_download(ha.lab(), "neg-b.bin", "--ftp-port - --disable-eprt");
+    crash_gw1(&mut ha, "negative b");
+    let (gap, code) = follow_download(ha.lab(), "neg-b.bin", &mut dl);
+    let got = sha256(
+        ha.lab(),
+        "client",
+        &ha.lab().dir.join("neg-b.bin").display().to_string(),
+    );
+    eprintln!(
+        "[negative b] curl exit {code:?}, longest stall {gap:?}, {} bytes",
+        file_len(ha.lab(), "neg-b.bin")
+    );
+    assert!(
+        code != Some(0) && got != big,
+        "the download completed without replication\n{}",
+        ha.diag()
+    );
+    assert!(
+        new_tcp_works(&ha, IPERF_PORT, false),
+        "gw2 forwards nothing\n{}",
+        ha.diag()
+    );
+}
+
+/// The active-FTP control script for (c): login, PORT, touch `ported`, wait for `go`, RETR
+/// small.bin, accept the data connection, print the reply and the sha256 of what came.
+fn port_then_retr(lab: &Lab) -> Proc {
+    let (ported, go) = (lab.dir.join("ported"), lab.dir.join("go"));
+    let script = format!(
+        "import socket,time,os,hashlib,sys\n\
+         c=socket.create_connection(('{SERVER4}',21),timeout=8)\nf=c.makefile('rb')\n\
+         def reply():\n    l=f.readline().decode()\n    while l[3:4]=='-': l=f.readline().decode()\n    return l.strip()\n\
+         reply()\nc.sendall(b'USER anonymous\\r\\n'); reply()\nc.sendall(b'PASS x\\r\\n'); reply()\nc.sendall(b'TYPE I\\r\\n'); reply()\n\
+         d=socket.socket(); d.bind(('{CLIENT4}',0)); d.listen(1); d.settimeout(8)\np=d.getsockname()[1]\n\
+         c.sendall(('PORT 198,51,100,10,%d,%d\\r\\n' % (p//256, p%256)).encode()); print(reply(), flush=True)\n\
+         open('{ported}','w').close()\nt=time.time()\n\
+         while not os.path.exists('{go}'):\n    if time.time()-t > 30: sys.exit(3)\n    time.sleep(0.02)\n\
+         c.sendall(b'RETR small.bin\\r\\n'); print(reply(), flush=True)\n\
+         s,_=d.accept(); s.settimeout(8); h=hashlib.sha256()\n\
+         while True:\n    b=s.recv(65536)\n    if not b: break\n    h.update(b)\n\
+         print(reply(), flush=True)\nprint('sha256', h.hexdigest(), flush=True)\n",
+        ported = ported.display(),
+        go = go.display()
+    );
+    let p = lab.spawn(
+        "client",
+        &format!("{} -c {}", python(), shell_quote(&script)),
+        "port-retr",
+    );
+    let t = Instant::now();
+    while !ported.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "PORT was not sent:\n{}",
+            lab.log("port-retr")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+/// Crash gw1 between PORT and RETR; returns the script's exit and output.
+fn port_crash_retr(ha: &mut HaLab, what: &str) -> (Option<i32>, String) {
+    let mut p = port_then_retr(ha.lab());
+    crash_gw1(ha, what);
+    std::fs::write(ha.lab().dir.join("go"), "").unwrap();
+    let code = p.wait_exit(Duration::from_secs(30)).and_then(|s| s.code());
+    (code, ha.lab().log("port-retr"))
+}
+
+#[test]
+fn negative_c_without_replication_port_before_the_crash_retr_after_fails() {
+    let mut ha = HaLab::start(no_sync());
+    let (_ftp, _, small) = vsftpd(ha.lab(), 3_000_000);
+    let (code, out) = port_crash_retr(&mut ha, "negative c");
+    eprintln!("[negative c] exit {code:?}:\n{out}");
+    assert!(
+        code != Some(0) && !out.contains(&small),
+        "the data connection opened after the crash without replication:\n{out}\n{}",
+        ha.diag()
+    );
+    assert!(
+        new_tcp_works(&ha, IPERF_PORT, false),
+        "gw2 forwards nothing\n{}",
+        ha.diag()
+    );
+}
+
+#[test]
+fn negative_f_without_replication_a_udp_response_dies() {
+    let mut ha = HaLab::start(no_sync());
+    let _srv = udp_server(ha.lab());
+    let (_, _, last) = udp_stream_across_a_crash(&mut ha, "negative f");
+    assert!(
+        last < 3.0,
+        "the UDP response went on through gw2 without replication\n{}",
+        ha.diag()
+    );
+    // A new exchange works: gw2 forwards, it only lacked the entry.
+    assert!(
+        udp_ping(ha.lab()),
+        "no new UDP exchange through gw2\n{}",
+        ha.diag()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// With replication: the sessions survive.
+
+/// Assert that `s` survived a crash at interval `at_crash`; prints and returns the gap.
+fn assert_stream_survived(ha: &HaLab, s: &mut Stream, at_crash: usize, what: &str) -> f64 {
+    let ok = s.finished_ok(Duration::from_secs(8));
+    let iv = s.intervals(ha.lab());
+    let (gap, resumed) = gap_after(&iv, at_crash);
+    eprintln!("[{what}] longest data gap after the crash: {gap:.1} s (100 ms intervals); resumed: {resumed}; iperf3 client ok: {ok}");
+    assert!(
+        ok && resumed,
+        "[{what}] the stream did not survive the failover (replication in this fwnode: {})\n{}\n{}",
+        ha.replication,
+        ha.lab().log(&s.client_log),
+        ha.diag()
+    );
+    gap
+}
+
+#[test]
+fn a_tcp_stream_survives_a_crash_of_the_active_gateway() {
+    let mut ha = HaLab::start(HaOpts::default());
+    let mut s = Stream::start(ha.lab(), IPERF_PORT, false, 6, "20M");
+    std::thread::sleep(Duration::from_millis(500));
+    let at_crash = s.intervals(ha.lab()).len();
+    crash_gw1(&mut ha, "a");
+    assert_stream_survived(&ha, &mut s, at_crash, "a");
+}
+
+#[test]
+fn b_an_active_ftp_download_in_flight_completes() {
+    let mut ha = HaLab::start(HaOpts::default());
+    let (_ftp, big, _) = vsftpd(ha.lab(), 3_000_000);
+    let mut dl = ftp_download(ha.lab(), "b.bin", "--ftp-port - --disable-eprt");
+    crash_gw1(&mut ha, "b");
+    let (gap, code) = follow_download(ha.lab(), "b.bin", &mut dl);
+    let got = sha256(
+        ha.lab(),
+        "client",
+        &ha.lab().dir.join("b.bin").display().to_string(),
+    );
+    eprintln!("[b] curl exit {code:?}, longest stall of the file {gap:?}");
+    assert!(
+        code == Some(0) && got == big,
+        "the active FTP download did not survive (replication in this fwnode: {}): {}\n{}",
+        ha.replication,
+        ha.lab().log("b.bin"),
+        ha.diag()
+    );
+}
+
+#[test]
+fn c_active_ftp_port_before_the_crash_data_connection_after_it() {
+    let mut ha = HaLab::start(HaOpts::default());
+    let (_ftp, _, small) = vsftpd(ha.lab(), 3_000_000);
+    let (code, out) = port_crash_retr(&mut ha, "c");
+    assert!(
+        code == Some(0) && out.contains(&small),
+        "the data connection announced before the crash did not open after it (replication in this fwnode: {}):\n{out}\n{}",
+        ha.replication,
+        ha.diag()
+    );
+}
+
+#[test]
+fn d_a_passive_epsv_download_in_flight_completes() {
+    let mut ha = HaLab::start(HaOpts::default());
+    let (_ftp, big, _) = vsftpd(ha.lab(), 3_000_000);
+    let mut dl = ftp_download(ha.lab(), "d.bin", "--ftp-pasv");
+    crash_gw1(&mut ha, "d");
+    let (gap, code) = follow_download(ha.lab(), "d.bin", &mut dl);
+    let got = sha256(
+        ha.lab(),
+        "client",
+        &ha.lab().dir.join("d.bin").display().to_string(),
+    );
+    eprintln!("[d] curl exit {code:?}, longest stall of the file {gap:?}");
+    assert!(
+        code == Some(0) && got == big,
+        "the EPSV download did not survive (replication in this fwnode: {}): {}\n{}",
+        ha.replication,
+        ha.lab().log("d.bin"),
+        ha.diag()
+    );
+}
+
+#[test]
+fn e_an_ipv6_tcp_stream_survives() {
+    let mut ha = HaLab::start(HaOpts::default());
+    let mut s = Stream::start(ha.lab(), IPERF_PORT, true, 6, "20M");
+    std::thread::sleep(Duration::from_millis(500));
+    let at_crash = s.intervals(ha.lab()).len();
+    crash_gw1(&mut ha, "e");
+    assert_stream_survived(&ha, &mut s, at_crash, "e");
+}
+
+#[test]
+fn f_a_udp_request_response_flow_survives() {
+    let mut ha = HaLab::start(HaOpts::default());
+    let _srv = udp_server(ha.lab());
+    let (_, gap, last) = udp_stream_across_a_crash(&mut ha, "f");
+    assert!(
+        last > 4.5 && gap < 3.0,
+        "the UDP response did not survive the failover (replication in this fwnode: {})\n{}",
+        ha.replication,
+        ha.diag()
+    );
+    assert!(udp_ping(ha.lab()), "no new UDP exchange through gw2");
+}
+
+#[test]
+fn failback_gw1_returns_syncs_and_only_then_takes_the_vips_keeping_a_session_opened_on_gw2() {
+    let mut ha = HaLab::start(HaOpts::default());
+    crash_gw1(&mut ha, "failback");
+    // A session that only ever went through gw2.
+    let mut s = Stream::start(ha.lab(), IPERF_PORT, false, 14, "20M");
+    ha.revive(Gw::Gw1);
+    let t = Instant::now();
+    while !ha.holds_vips(Gw::Gw1) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "gw1 did not take the VIPs back\n{}",
+            ha.diag()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // It took them only once synced: its check passes now.
+    let check = ha.ha(Gw::Gw1, "check");
+    eprintln!(
+        "[failback] gw1 took the VIPs back {:?} after its keepalived started; ha check: {check:?}",
+        t.elapsed()
+    );
+    assert!(
+        ha.ha_roles && check.code == 0,
+        "gw1 took the VIPs while its ha check fails: {check:?}\n{}",
+        ha.diag()
+    );
+    ha.wait_vips_on(Gw::Gw1, TAKEOVER);
+    assert_stream_survived(&ha, &mut s, 0, "failback");
+}
+
+#[test]
+fn a_restarted_standby_bulk_syncs_and_a_later_failover_keeps_sessions() {
+    let mut ha = HaLab::start(HaOpts::default());
+    let mut s = Stream::start(ha.lab(), IPERF_PORT, false, 16, "20M");
+    ha.crash(Gw::Gw2);
+    ha.revive(Gw::Gw2);
+    assert!(
+        ha.wait_synced(Gw::Gw2, Duration::from_secs(10)),
+        "gw2 did not report itself synced after its restart: {:?}\n{}",
+        ha.ha(Gw::Gw2, "status"),
+        ha.diag()
+    );
+    assert_eq!(
+        ha.active(),
+        Some(Gw::Gw1),
+        "the restarted standby took the VIPs"
+    );
+    let at_crash = s.intervals(ha.lab()).len();
+    crash_gw1(&mut ha, "restarted standby");
+    assert_stream_survived(&ha, &mut s, at_crash, "restarted standby");
+}
+
+#[test]
+fn sync_link_down_3s_then_up_loses_no_session_at_a_later_failover() {
+    let mut ha = HaLab::start(HaOpts::default());
+    let mut before = Stream::start(ha.lab(), IPERF_PORT, false, 14, "10M");
+    ha.sync_link(Gw::Gw2, false);
+    let down = Instant::now();
+    // A session opened while the standby cannot hear about it.
+    let mut during = Stream::start(ha.lab(), IPERF_PORT + 1, false, 11, "10M");
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(down.elapsed()));
+    ha.sync_link(Gw::Gw2, true);
+    assert!(
+        ha.wait_synced(Gw::Gw2, Duration::from_secs(10)),
+        "gw2 did not resync after its sync link came back: {:?}\n{}",
+        ha.ha(Gw::Gw2, "status"),
+        ha.diag()
+    );
+    let (a, b) = (
+        before.intervals(ha.lab()).len(),
+        during.intervals(ha.lab()).len(),
+    );
+    crash_gw1(&mut ha, "sync link flap");
+    assert_stream_survived(&ha, &mut before, a, "sync link flap, opened before");
+    assert_stream_survived(
+        &ha,
+        &mut during,
+        b,
+        "sync link flap, opened during the outage",
+    );
+}
