@@ -90,12 +90,21 @@ pub enum ExpectEnd {
     MasterGone,
 }
 
-/// A change the replication sender ships to peers.
+/// A change the replication sender ships to peers. None is built when replication is off
+/// (`Config::event_queue == 0`), and none for what a peer told us (no echo).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
+    /// A new connection, whole (its master's tuple and an empty helper state included).
     ConnCreated(ConnSnapshot),
-    /// The protocol state or status bits changed.
-    ConnUpdated(ConnSnapshot),
+    /// The protocol state or status bits changed: the compact form, built on the packet path
+    /// without cloning the helper state or looking up the master.
+    ConnUpdated(ConnUpdate),
+    /// The helper consumed a segment of this connection (`Shard::helper_changed`): the whole
+    /// connection again, so that the peer holds the helper's parse state (next sequence
+    /// number, partial line) and parses the first command after a failover. The receiver
+    /// imports it like `ConnCreated` (it replaces what it holds, never moving the TCP state
+    /// back); it is a separate variant so the sender can coalesce or count it apart.
+    ConnHelper(ConnSnapshot),
     ConnDestroyed {
         tuple: Tuple,
         reason: DestroyReason,

@@ -21,7 +21,7 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 
 use super::config::{Config, HelperPort, Timeouts};
 use super::event::{
-    status, ConnSnapshot, DestroyReason, Event, ExpectEnd, ExpectSnapshot, ProtoState,
+    status, ConnSnapshot, ConnUpdate, DestroyReason, Event, ExpectEnd, ExpectSnapshot, ProtoState,
 };
 use super::expect::{Expect, ExpectError, ExpectOutcome, Expectation};
 use super::helper_state::{HelperKind, HelperState};
@@ -574,10 +574,16 @@ impl Shard {
         if dir == 1 {
             e.status |= status::SEEN_REPLY;
         }
-        e.expires = now_ms.saturating_add(timeout_s.saturating_mul(1000));
-        if changed || e.status != old_status {
-            let snap = self.snapshot_slot(slot, now_ms);
-            self.push_event(Event::ConnUpdated(snap));
+        let to_ms = timeout_s.saturating_mul(1000);
+        e.expires = now_ms.saturating_add(to_ms);
+        if self.max_events != 0 && (changed || e.status != old_status) {
+            let u = ConnUpdate {
+                tuple: e.tuple,
+                proto: e.proto_state(),
+                status: e.status,
+                expires_in_ms: to_ms,
+            };
+            self.push_event(Event::ConnUpdated(u));
         }
         self.outcome(slot, direction, false)
     }
@@ -641,11 +647,13 @@ impl Shard {
             status_bits |= status::RELATED;
             master = Some(x.master);
             helper = x.helper.map(|k| Box::new(HelperState::new(k)));
-            let snap = expect_snapshot(&x, now_ms);
-            self.push_event(Event::ExpectDestroyed {
-                snapshot: snap,
-                reason: ExpectEnd::Matched,
-            });
+            if self.events_on() {
+                let snap = expect_snapshot(&x, now_ms);
+                self.push_event(Event::ExpectDestroyed {
+                    snapshot: snap,
+                    reason: ExpectEnd::Matched,
+                });
+            }
         }
         let e = &mut self.entries[slot as usize];
         e.tuple = tuple;
@@ -657,8 +665,10 @@ impl Shard {
         e.helper = helper;
         self.index_insert(slot);
         self.counters.created += 1;
-        let snap = self.snapshot_slot(slot, now_ms);
-        self.push_event(Event::ConnCreated(snap));
+        if self.events_on() {
+            let snap = self.snapshot_slot(slot, now_ms);
+            self.push_event(Event::ConnCreated(snap));
+        }
         self.outcome(slot, Direction::Original, true)
     }
 
@@ -794,14 +804,19 @@ impl Shard {
         while i < self.expects.len() {
             if self.expects[i].master == id {
                 let x = self.take_expect(i);
-                let snap = expect_snapshot(&x, 0);
-                self.push_event(Event::ExpectDestroyed {
-                    snapshot: snap,
-                    reason: ExpectEnd::MasterGone,
-                });
+                if self.events_on() {
+                    let snap = expect_snapshot(&x, 0);
+                    self.push_event(Event::ExpectDestroyed {
+                        snapshot: snap,
+                        reason: ExpectEnd::MasterGone,
+                    });
+                }
             } else {
                 i += 1;
             }
+        }
+        if !self.events_on() {
+            return;
         }
         // A connection created and removed before anyone drained its creation leaves no trace.
         if reason == DestroyReason::Removed {
@@ -886,11 +901,13 @@ impl Shard {
             if self.expects[i].expires <= now_ms {
                 let x = self.take_expect(i);
                 self.counters.expect_expired += 1;
-                let snap = expect_snapshot(&x, now_ms);
-                self.push_event(Event::ExpectDestroyed {
-                    snapshot: snap,
-                    reason: ExpectEnd::Timeout,
-                });
+                if self.events_on() {
+                    let snap = expect_snapshot(&x, now_ms);
+                    self.push_event(Event::ExpectDestroyed {
+                        snapshot: snap,
+                        reason: ExpectEnd::Timeout,
+                    });
+                }
             } else {
                 i += 1;
             }
@@ -935,19 +952,23 @@ impl Shard {
             // The new one takes the evicted one's place in the global bound.
             let old = self.expects.swap_remove(i);
             self.counters.expect_evicted += 1;
-            let snap = expect_snapshot(&old, now_ms);
-            self.push_event(Event::ExpectDestroyed {
-                snapshot: snap,
-                reason: ExpectEnd::Evicted,
-            });
+            if self.events_on() {
+                let snap = expect_snapshot(&old, now_ms);
+                self.push_event(Event::ExpectDestroyed {
+                    snapshot: snap,
+                    reason: ExpectEnd::Evicted,
+                });
+            }
         } else if !self.limit.expects.reserve() {
             self.counters.expect_refused += 1;
             return Err(ExpectError::TableFull);
         }
         self.counters.expect_created += 1;
-        let snap = expect_snapshot(&x, now_ms);
+        if self.events_on() {
+            let snap = expect_snapshot(&x, now_ms);
+            self.push_event(Event::ExpectCreated(snap));
+        }
         self.expects.push(x);
-        self.push_event(Event::ExpectCreated(snap));
         Ok(ExpectOutcome::Created)
     }
 
@@ -999,6 +1020,14 @@ impl Shard {
 
     // ---- events and snapshots ------------------------------------------------------------
 
+    /// Is anyone listening (`Config::event_queue > 0`, set when replication is configured)?
+    /// Every event site asks before it builds anything, so a standalone node pays one branch.
+    #[inline]
+    fn events_on(&self) -> bool {
+        self.max_events != 0
+    }
+
+    /// Queue an event. Callers check `events_on` first, before building it.
     fn push_event(&mut self, ev: Event) {
         if self.events.len() >= self.max_events {
             self.counters.events_dropped += 1;
@@ -1006,6 +1035,17 @@ impl Shard {
         } else {
             self.events.push_back(ev);
         }
+    }
+
+    /// The helper consumed a segment of connection `id`: queue the whole connection
+    /// (`Event::ConnHelper`) so the peer's copy of the helper's parse state stays current.
+    /// Nothing when replication is off, the connection is gone or has no helper.
+    pub fn helper_changed(&mut self, id: ConnId, now: Timestamp) {
+        if !self.events_on() || self.live(id).is_none_or(|e| e.helper.is_none()) {
+            return;
+        }
+        let snap = self.snapshot_slot(id.slot, now.as_millis());
+        self.push_event(Event::ConnHelper(snap));
     }
 
     /// Next event for the replication sender.
@@ -1045,6 +1085,14 @@ impl Shard {
                 e.kind != KIND_FREE && e.expires > now_ms
             })
             .map(move |s| self.snapshot_slot(s, now_ms))
+    }
+
+    /// The live connection whose original-direction tuple is `t`.
+    pub fn find(&self, t: &Tuple) -> Option<ConnId> {
+        match self.lookup(t) {
+            Some((slot, 0)) => Some(self.id_of(slot)),
+            _ => None,
+        }
     }
 
     pub fn conn(&self, id: ConnId) -> Option<ConnInfo> {

@@ -1374,3 +1374,170 @@ fn paged_listing_drops_the_lock_on_long_sparse_scans() {
     assert_eq!(p.conns[0].tuple.src_port, 5999);
     assert_eq!(p.next, None);
 }
+
+// ---- events: nothing when replication is off, compact when on -----------------------------
+
+/// Everything that makes events: a handshake, an expectation created, matched and expired, a
+/// timeout, an early drop.
+fn busy_life(ct: &Conntrack) {
+    let (f, m) = ftp_master(ct);
+    ct.lock(0).expect(t(10), data_expect(m, &f, 50000)).unwrap();
+    ct.lock(0).expect(t(10), data_expect(m, &f, 50001)).unwrap();
+    let mut d = Flow {
+        c: f.s,
+        s: f.c,
+        cp: 20,
+        sp: 50000,
+        ..Flow::v4()
+    };
+    track(ct, 11, &d.seg(true, S, 0));
+    track(ct, 12, &build::udp(f.c, f.s, 5000, 53, b""));
+    ct.handle_timeout(t(10_000_000), 0, 1, 1000);
+}
+
+#[test]
+fn no_event_is_built_when_replication_is_off() {
+    let ct = Conntrack::new(&Config {
+        event_queue: 0,
+        ..cfg()
+    });
+    busy_life(&ct);
+    let mut sh = ct.lock(0);
+    assert!(sh.poll_event().is_none());
+    // Nothing was built and thrown away: no overflow counted, no resync asked for.
+    assert_eq!(sh.counters.events_dropped, 0);
+    assert!(!sh.take_resync_needed());
+    drop(sh);
+    // The same life with replication on does make events (the test can fail).
+    let on = Conntrack::new(&cfg());
+    busy_life(&on);
+    assert!(on.lock(0).poll_event().is_some());
+}
+
+#[test]
+fn state_changes_are_compact_updates() {
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = handshake(&ct, &mut f);
+    let mut sh = ct.lock(0);
+    let evs: Vec<_> = std::iter::from_fn(|| sh.poll_event()).collect();
+    let Event::ConnCreated(c) = &evs[0] else {
+        panic!("{evs:?}")
+    };
+    assert!(matches!(c.proto, ProtoState::Tcp(x) if x.state() == TcpState::SynSent));
+    let ups: Vec<ConnUpdate> = evs[1..]
+        .iter()
+        .map(|e| match e {
+            Event::ConnUpdated(u) => *u,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let states: Vec<_> = ups
+        .iter()
+        .map(|u| match u.proto {
+            ProtoState::Tcp(x) => x.state(),
+            _ => panic!(),
+        })
+        .collect();
+    assert_eq!(states, [TcpState::SynRecv, TcpState::Established]);
+    assert!(ups.iter().all(|u| u.tuple == c.tuple));
+    assert_eq!(ups[1].status & status::ASSURED, status::ASSURED);
+    let info = sh.conn(o.conn.unwrap()).unwrap();
+    assert_eq!(ups[1].expires_in_ms, info.expires.as_millis() - 2);
+}
+
+/// An FTP control connection on `a` whose client sent `USER` then `PASS`; each segment the
+/// helper consumed is followed by `helper_changed`, as the worker does.
+fn ftp_two_lines(a: &Conntrack) -> (Flow, ConnId, Vec<ConnSnapshot>) {
+    use crate::helper::ftp::{self, ControlConn, FtpCounters, Segment};
+    let (mut f, m) = ftp_master(a);
+    let mut sh = a.lock(0);
+    while sh.poll_event().is_some() {}
+    let ctl = ControlConn {
+        client: f.c,
+        server: f.s,
+    };
+    let mut whole = Vec::new();
+    for (i, line) in [&b"USER anonymous\r\n"[..], b"PASS x@\r\n"]
+        .iter()
+        .enumerate()
+    {
+        let seg = Segment {
+            dir: Direction::Original,
+            seq: f.cseq,
+            payload: line,
+            payload_len: line.len() as u32,
+        };
+        f.cseq = f.cseq.wrapping_add(line.len() as u32);
+        let hs = sh.helper_state_mut(m).unwrap();
+        ftp::on_segment(hs, &ctl, seg, &mut FtpCounters::default(), &mut |_| {});
+        sh.helper_changed(m, t(20 + i as u64));
+        match sh.poll_event() {
+            Some(Event::ConnHelper(s)) => whole.push(s),
+            other => panic!("{other:?}"),
+        }
+    }
+    (f, m, whole)
+}
+
+/// Feed `PORT` for the data port 50000 to the helper state of `b`'s copy of the control
+/// connection; how many announcements the helper made.
+fn port_after_failover(b: &Conntrack, f: &Flow, tuple: &Tuple) -> usize {
+    use crate::helper::ftp::{self, ControlConn, FtpCounters, Segment};
+    let mut sh = b.lock(0);
+    let id = sh.find(tuple).unwrap();
+    let ctl = ControlConn {
+        client: f.c,
+        server: f.s,
+    };
+    let line = b"PORT 198,51,100,10,195,80\r\n";
+    let seg = Segment {
+        dir: Direction::Original,
+        seq: f.cseq,
+        payload: line,
+        payload_len: line.len() as u32,
+    };
+    let mut n = 0;
+    let hs = sh.helper_state_mut(id).unwrap();
+    ftp::on_segment(hs, &ctl, seg, &mut FtpCounters::default(), &mut |_| n += 1);
+    n
+}
+
+#[test]
+fn helper_state_reaches_the_peer_so_the_first_command_after_failover_parses() {
+    let a = Conntrack::new(&cfg());
+    let (f, _, whole) = ftp_two_lines(&a);
+    let h = whole[1].helper.as_ref().unwrap();
+    assert_eq!(h.dir[0].next_seq, Some(f.cseq));
+
+    // The standby holds the latest whole snapshot: PORT parses.
+    let b = Conntrack::new(&cfg());
+    for s in &whole {
+        b.lock(0).import(t(30), s).unwrap();
+    }
+    assert_eq!(port_after_failover(&b, &f, &whole[0].tuple), 1);
+
+    // A standby holding only an older one sees PORT as beyond a gap and skips it.
+    let stale = Conntrack::new(&cfg());
+    stale.lock(0).import(t(30), &whole[0]).unwrap();
+    assert_eq!(port_after_failover(&stale, &f, &whole[0].tuple), 0);
+}
+
+#[test]
+fn helper_changed_is_silent_when_replication_is_off_or_the_connection_is_gone() {
+    let ct = Conntrack::new(&Config {
+        event_queue: 0,
+        ..cfg()
+    });
+    let (_, m) = ftp_master(&ct);
+    let mut sh = ct.lock(0);
+    sh.helper_changed(m, t(5));
+    assert!(sh.poll_event().is_none());
+    let on = Conntrack::new(&cfg());
+    let (_, m) = ftp_master(&on);
+    let mut sh = on.lock(0);
+    assert!(sh.remove(m));
+    while sh.poll_event().is_some() {}
+    sh.helper_changed(m, t(5));
+    assert!(sh.poll_event().is_none());
+}

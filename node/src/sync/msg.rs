@@ -55,27 +55,53 @@ pub struct Hello {
 pub enum Msg {
     Hello(Hello),
     /// Items numbered `first_seq`, `first_seq + 1`, ... of the sender's stream.
-    Batch { first_seq: Seq, items: Vec<Item> },
+    Batch {
+        first_seq: Seq,
+        items: Vec<Item>,
+    },
     /// Cumulative: every item of the peer's stream up to `seq` has been applied here.
-    Ack { seq: Seq },
+    Ack {
+        seq: Seq,
+    },
     /// Items from `from` on did not arrive (a gap): send them again, or a bulk if they are gone.
-    Nack { from: Seq },
+    Nack {
+        from: Seq,
+    },
     /// Nothing else to send for a while; proves the peer is alive.
     Heartbeat,
     /// A full-table transfer begins. When it completes the receiver is in sync with the
     /// sender's stream up to `seq` (items after it follow as batches, interleaved or after).
-    BulkStart { id: u64, seq: Seq, estimate: u64 },
+    BulkStart {
+        id: u64,
+        seq: Seq,
+        estimate: u64,
+    },
     /// Chunk `index` (0, 1, ...) of bulk `id`.
-    BulkChunk { id: u64, index: u32, items: Vec<Item> },
+    BulkChunk {
+        id: u64,
+        index: u32,
+        items: Vec<Item>,
+    },
     /// The last chunk of bulk `id` was `chunks - 1`.
-    BulkEnd { id: u64, chunks: u32 },
+    BulkEnd {
+        id: u64,
+        chunks: u32,
+    },
     /// Cumulative: chunks up to `index` of bulk `id` were applied (`BulkEnd` is acked with
     /// `index == chunks`).
-    BulkAck { id: u64, index: u32 },
+    BulkAck {
+        id: u64,
+        index: u32,
+    },
     /// Chunk `index` of bulk `id` was missing: send again from it.
-    BulkNack { id: u64, index: u32 },
+    BulkNack {
+        id: u64,
+        index: u32,
+    },
     /// Please send a bulk transfer (an operator's resync, or this side lost items).
     BulkRequest,
     /// The receiver got updates for connections it does not have: send them whole.
-    Need { tuples: Vec<Tuple> },
+    Need {
+        tuples: Vec<Tuple>,
+    },
 }
