@@ -15,8 +15,16 @@ pub mod status {
     pub const ASSURED: u16 = 0x0002;
     /// Created from an expectation: RELATED until the first reply.
     pub const RELATED: u16 = 0x0004;
-    /// Learned from a peer by state replication; windows are re-learned from live packets.
+    /// Learned from a peer by state replication and not used here yet: windows are re-learned
+    /// from live packets, and the peer may remove it (`Conntrack::remove_conn`, the sweep after
+    /// a bulk transfer). The first local packet clears it: from then on the entry is ours.
     pub const FROM_PEER: u16 = 0x0008;
+    /// The bits a peer's copy contributes; the rest of what it sends is ignored (FROM_PEER
+    /// means "learned by *this* node"). SEEN_REPLY and ASSURED only ever get set.
+    pub const REPLICATED: u16 = SEEN_REPLY | ASSURED | RELATED;
+    /// Internal: a learned entry not refreshed since `Conntrack::begin_peer_bulk`. Never
+    /// shown outside the table.
+    pub(crate) const PEER_STALE: u16 = 0x0010;
 }
 
 /// Protocol-specific state of a connection.

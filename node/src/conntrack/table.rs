@@ -24,12 +24,14 @@ use super::event::{
     status, ConnSnapshot, ConnUpdate, DestroyReason, Event, ExpectEnd, ExpectSnapshot, ProtoState,
 };
 use super::expect::{Expect, ExpectError, ExpectOutcome, Expectation};
-use super::helper_state::{HelperKind, HelperState};
+use super::helper_state::{HelperKind, HelperState, LINE_MAX};
 use super::tcp::{valid_flags, TcpConn, TcpState, TcpVerdict};
 use super::tuple::{shard_hash, Tuple};
 use super::{CtState, Direction};
 use crate::packet::{IcmpKind, Packet, L4};
 use crate::time::Timestamp;
+
+mod peer;
 
 /// A stable handle to a connection: slot plus generation, so a stale handle never reaches a
 /// connection that reused the slot.
@@ -141,6 +143,9 @@ impl Counters {
         self.events_dropped += o.events_dropped;
     }
 }
+
+/// Status bits that say "the peer's, not used here yet"; a local packet clears them.
+const LEARNED: u16 = status::FROM_PEER | status::PEER_STALE;
 
 const KIND_FREE: u8 = 0;
 const KIND_TCP: u8 = 1;
@@ -265,6 +270,22 @@ pub enum ImportError {
     TableFull,
     #[error("snapshot's source and destination are the same endpoint")]
     SameEndpoints,
+    #[error("snapshot's TCP state is not one a live connection can be in, or its window scale is above 14")]
+    BadTcpState,
+    #[error("snapshot's helper state is malformed (line longer than the buffer, or on a connection that is not TCP)")]
+    BadHelper,
+    #[error("the master connection is not in the table")]
+    NoMaster,
+}
+
+/// Why a peer's update was not applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// No connection with this tuple (in this orientation): ask the peer for it whole.
+    #[error("no such connection")]
+    Missing,
+    #[error(transparent)]
+    Invalid(#[from] ImportError),
 }
 
 /// A bound shared by all shards: traffic between one pair of hosts lands in one shard, so a
@@ -341,6 +362,8 @@ pub struct Shard {
     helper_ports: Vec<HelperPort>,
     max_expect_per_master: usize,
     max_events: usize,
+    /// Longest lifetime a peer may give an entry or expectation (the longest timeout).
+    max_expiry_ms: u64,
     limit: Arc<TableLimit>,
     entries: Vec<Entry>,
     free: Vec<u32>,
@@ -369,6 +392,7 @@ impl Shard {
             helper_ports: cfg.helper_ports.clone(),
             max_expect_per_master: cfg.max_expect_per_master.max(1) as usize,
             max_events: cfg.event_queue as usize,
+            max_expiry_ms: cfg.timeouts.longest().saturating_mul(1000),
             limit,
             entries: Vec::new(),
             free: Vec::new(),
@@ -520,6 +544,7 @@ impl Shard {
                     TcpVerdict::Ok => {}
                     TcpVerdict::Ignored => {
                         self.counters.tcp_ignored += 1;
+                        e.status &= !LEARNED;
                         let out = self.outcome(slot, direction, false);
                         return out;
                     }
@@ -574,9 +599,12 @@ impl Shard {
         if dir == 1 {
             e.status |= status::SEEN_REPLY;
         }
+        // A local packet: the entry is ours now (a peer's sweep or ConnGone cannot remove it).
+        // Not announced: the bit means something only here.
+        e.status &= !LEARNED;
         let to_ms = timeout_s.saturating_mul(1000);
         e.expires = now_ms.saturating_add(to_ms);
-        if self.max_events != 0 && (changed || e.status != old_status) {
+        if self.max_events != 0 && (changed || (e.status ^ old_status) & !LEARNED != 0) {
             let u = ConnUpdate {
                 tuple: e.tuple,
                 proto: e.proto_state(),
@@ -786,7 +814,23 @@ impl Shard {
         }
     }
 
+    /// Remove a connection. Its end is announced to peers unless it was still only the
+    /// peer's (`FROM_PEER`: the peer decides when its connection ends; announcing our timeout
+    /// or early drop would remove a live connection there) - except for a reopen, which the
+    /// peer must see before the new connection.
     fn destroy(&mut self, slot: u32, reason: DestroyReason) {
+        let learned = self.entries[slot as usize].status & status::FROM_PEER != 0;
+        let announce = reason == DestroyReason::Reopened || !learned;
+        self.destroy_as(slot, reason, announce)
+    }
+
+    /// Remove a connection because the peer said so: nothing is announced (no echo).
+    fn destroy_quiet(&mut self, slot: u32) {
+        self.destroy_as(slot, DestroyReason::Removed, false)
+    }
+
+    fn destroy_as(&mut self, slot: u32, reason: DestroyReason, announce: bool) {
+        let announce = announce && self.events_on();
         self.index_remove(slot);
         let id = self.id_of(slot);
         let e = &mut self.entries[slot as usize];
@@ -804,7 +848,7 @@ impl Shard {
         while i < self.expects.len() {
             if self.expects[i].master == id {
                 let x = self.take_expect(i);
-                if self.events_on() {
+                if announce && !x.from_peer {
                     let snap = expect_snapshot(&x, 0);
                     self.push_event(Event::ExpectDestroyed {
                         snapshot: snap,
@@ -815,7 +859,7 @@ impl Shard {
                 i += 1;
             }
         }
-        if !self.events_on() {
+        if !announce {
             return;
         }
         // A connection created and removed before anyone drained its creation leaves no trace.
@@ -901,7 +945,7 @@ impl Shard {
             if self.expects[i].expires <= now_ms {
                 let x = self.take_expect(i);
                 self.counters.expect_expired += 1;
-                if self.events_on() {
+                if self.events_on() && !x.from_peer {
                     let snap = expect_snapshot(&x, now_ms);
                     self.push_event(Event::ExpectDestroyed {
                         snapshot: snap,
@@ -1063,7 +1107,7 @@ impl Shard {
         ConnSnapshot {
             tuple: e.tuple,
             proto: e.proto_state(),
-            status: e.status,
+            status: e.status & !status::PEER_STALE,
             master: e.master.and_then(|m| self.live(m)).map(|m| m.tuple),
             expires_in_ms: e.expires.saturating_sub(now_ms),
             helper: e.helper.clone(),
@@ -1167,67 +1211,6 @@ impl Shard {
         e.helper.as_deref_mut()
     }
 
-    /// Insert (or replace) a connection learned from a peer. It is marked `FROM_PEER` and its
-    /// TCP windows are re-learned from the next packets in each direction.
-    pub fn import(&mut self, now: Timestamp, snap: &ConnSnapshot) -> Result<ConnId, ImportError> {
-        let now_ms = now.as_millis();
-        let t = snap.tuple;
-        let kind = match (snap.proto, t.proto) {
-            (ProtoState::Tcp(_), crate::packet::proto::TCP) => KIND_TCP,
-            (ProtoState::Udp, crate::packet::proto::UDP) => KIND_UDP,
-            (ProtoState::IcmpEcho, crate::packet::proto::ICMP | crate::packet::proto::ICMPV6) => {
-                KIND_ICMP
-            }
-            (ProtoState::Generic, p)
-                if !matches!(
-                    p,
-                    crate::packet::proto::TCP
-                        | crate::packet::proto::UDP
-                        | crate::packet::proto::ICMP
-                        | crate::packet::proto::ICMPV6
-                ) =>
-            {
-                KIND_GENERIC
-            }
-            _ => return Err(ImportError::ProtoMismatch),
-        };
-        if t.family != 4 && t.family != 6 {
-            return Err(ImportError::BadFamily);
-        }
-        if t == t.reverse() {
-            return Err(ImportError::SameEndpoints);
-        }
-        if shard_hash(&t.src, &t.dst, t.proto) as u32 & self.mask != self.id {
-            return Err(ImportError::WrongShard);
-        }
-        if let Some((slot, _)) = self.lookup(&t) {
-            self.destroy(slot, DestroyReason::Removed);
-        }
-        let Some(slot) = self.alloc(now_ms, &mut no_room) else {
-            return Err(ImportError::TableFull);
-        };
-        let master = snap
-            .master
-            .and_then(|m| self.lookup(&m))
-            .map(|(s, _)| self.id_of(s));
-        let e = &mut self.entries[slot as usize];
-        e.tuple = t;
-        e.kind = kind;
-        e.status = snap.status | status::FROM_PEER;
-        e.tcp = match snap.proto {
-            ProtoState::Tcp(mut c) => {
-                c.set_relearn();
-                c
-            }
-            _ => TcpConn::default(),
-        };
-        e.expires = now_ms.saturating_add(snap.expires_in_ms);
-        e.master = master;
-        e.helper = snap.helper.clone();
-        self.index_insert(slot);
-        Ok(self.id_of(slot))
-    }
-
     /// Check the table's internal consistency (tests and fuzzing).
     pub fn check_invariants(&self) -> Result<(), String> {
         let live = self.entries.iter().filter(|e| e.kind != KIND_FREE).count();
@@ -1264,6 +1247,21 @@ impl Shard {
             if self.live(x.master).is_none() {
                 return Err("expectation outlived its master".into());
             }
+            if x.stale && !x.from_peer {
+                return Err("a local expectation is marked stale".into());
+            }
+        }
+        for e in self.entries.iter().filter(|e| e.kind != KIND_FREE) {
+            if e.status & LEARNED == status::PEER_STALE {
+                return Err("an entry not learned from the peer is marked stale".into());
+            }
+            if e.kind == KIND_TCP && e.tcp.state.checked().is_none() {
+                return Err("TCP state out of range".into());
+            }
+            let long = |h: &HelperState| h.dir.iter().any(|d| usize::from(d.len) > LINE_MAX);
+            if e.helper.as_deref().is_some_and(long) {
+                return Err("helper line longer than its buffer".into());
+            }
         }
         if self.free.len() + live != self.entries.len() {
             return Err("free list and slab disagree".into());
@@ -1277,7 +1275,7 @@ fn info_of(e: &Entry) -> ConnInfo {
     ConnInfo {
         tuple: e.tuple,
         proto: e.proto_state(),
-        status: e.status,
+        status: e.status & !status::PEER_STALE,
         master: e.master,
         expires: Timestamp::from_millis(e.expires),
     }

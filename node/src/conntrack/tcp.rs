@@ -38,6 +38,27 @@ impl TcpState {
         TcpState::Close,
         TcpState::SynSent2,
     ];
+    /// Position in a connection's life, for merging a peer's copy: state never moves to a
+    /// lower rank. FIN_WAIT ranks below CLOSE_WAIT because the table only goes FIN_WAIT ->
+    /// CLOSE_WAIT (the ACK of the first FIN), never back. SYN_SENT2 (our SYN crossed by the
+    /// peer's) comes after SYN_SENT, from which it is reached, and before SYN_RECV, which its
+    /// SYN/ACK leads to. A reopen (TIME_WAIT/CLOSE -> SYN_SENT) is a new connection, not a
+    /// step back: the tracker replaces the entry for it, and so does an import.
+    pub fn rank(self) -> u8 {
+        match self {
+            TcpState::None => 0,
+            TcpState::SynSent => 1,
+            TcpState::SynSent2 => 2,
+            TcpState::SynRecv => 3,
+            TcpState::Established => 4,
+            TcpState::FinWait => 5,
+            TcpState::CloseWait => 6,
+            TcpState::LastAck => 7,
+            TcpState::TimeWait => 8,
+            TcpState::Close => 9,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             TcpState::None => "NONE",
@@ -77,6 +98,9 @@ pub const DIR_UNACKED: u8 = 0x02;
 /// pickup, or an entry learned from a peer whose windows are stale).
 pub const DIR_RELEARN: u8 = 0x04;
 
+/// Largest window-scale shift (RFC 7323 section 2.3).
+pub const MAX_WSCALE: u8 = 14;
+
 /// Per-connection TCP state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TcpConn {
@@ -90,6 +114,11 @@ pub struct TcpConn {
 pub struct TcpStateRepr(pub u8);
 
 impl TcpStateRepr {
+    /// The state, if the byte names one (input from a peer may not).
+    #[inline]
+    pub fn checked(self) -> Option<TcpState> {
+        TcpState::ALL.get(usize::from(self.0)).copied()
+    }
     #[inline]
     pub fn get(self) -> TcpState {
         TcpState::ALL
@@ -412,6 +441,21 @@ impl TcpConn {
     /// Either direction has data in flight the peer has not acknowledged.
     pub fn unacked(&self) -> bool {
         (self.dir[0].flags | self.dir[1].flags) & DIR_UNACKED != 0
+    }
+
+    /// Check a copy from a peer: a state a live connection can be in (not NONE, in range) and
+    /// window-scale shifts RFC 7323 allows; unknown direction flags are dropped. `None`: refuse.
+    pub fn sanitized(mut self) -> Option<TcpConn> {
+        if matches!(self.state.checked(), None | Some(TcpState::None)) {
+            return None;
+        }
+        for d in &mut self.dir {
+            if d.scale > MAX_WSCALE {
+                return None;
+            }
+            d.flags &= DIR_WSCALE | DIR_UNACKED | DIR_RELEARN;
+        }
+        Some(self)
     }
 
     /// Mark both directions for re-learning (entries learned from a peer, whose bounds are stale).
