@@ -147,11 +147,17 @@ impl Counters {
 /// Status bits that say "the peer's, not used here yet"; a local packet clears them.
 const LEARNED: u16 = status::FROM_PEER | status::PEER_STALE;
 
-const KIND_FREE: u8 = 0;
-const KIND_TCP: u8 = 1;
-const KIND_UDP: u8 = 2;
-const KIND_ICMP: u8 = 3;
-const KIND_GENERIC: u8 = 4;
+/// What a slab slot holds: free, or a connection of one protocol family of rules. An enum so
+/// that every match on it is exhaustive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Kind {
+    Free,
+    Tcp,
+    Udp,
+    Icmp,
+    Generic,
+}
 
 /// One connection. Fixed size; the helper state is boxed because only control connections
 /// have one.
@@ -159,7 +165,7 @@ const KIND_GENERIC: u8 = 4;
 struct Entry {
     tuple: Tuple,
     status: u16,
-    kind: u8,
+    kind: Kind,
     tcp: TcpConn,
     gen: u32,
     expires: u64,
@@ -179,7 +185,7 @@ impl Entry {
                 family: 0,
             },
             status: 0,
-            kind: KIND_FREE,
+            kind: Kind::Free,
             tcp: TcpConn::default(),
             gen: 0,
             expires: 0,
@@ -211,10 +217,11 @@ impl Entry {
     }
     fn proto_state(&self) -> ProtoState {
         match self.kind {
-            KIND_TCP => ProtoState::Tcp(self.tcp),
-            KIND_UDP => ProtoState::Udp,
-            KIND_ICMP => ProtoState::IcmpEcho,
-            _ => ProtoState::Generic,
+            Kind::Tcp => ProtoState::Tcp(self.tcp),
+            Kind::Udp => ProtoState::Udp,
+            Kind::Icmp => ProtoState::IcmpEcho,
+            // A free slot has no state; nothing reads it, Generic is the stateless answer.
+            Kind::Generic | Kind::Free => ProtoState::Generic,
         }
     }
 }
@@ -453,7 +460,7 @@ impl Shard {
     fn live(&self, id: ConnId) -> Option<&Entry> {
         self.entries
             .get(id.slot as usize)
-            .filter(|e| e.kind != KIND_FREE && e.gen == id.gen)
+            .filter(|e| e.kind != Kind::Free && e.gen == id.gen)
     }
 
     /// Judge one packet and update the table. The packet must belong to this shard
@@ -528,7 +535,7 @@ impl Shard {
         let mut changed = false;
         let timeout_s;
         match (e.kind, pkt.l4) {
-            (KIND_TCP, L4::Tcp(t)) => {
+            (Kind::Tcp, L4::Tcp(t)) => {
                 let old = e.tcp.state();
                 // A new SYN from the initiator of a finished connection reopens it.
                 if dir == 0
@@ -569,7 +576,7 @@ impl Shard {
                 }
                 timeout_s = to;
             }
-            (KIND_UDP, _) => {
+            (Kind::Udp, _) => {
                 if e.status & status::SEEN_REPLY != 0 {
                     e.status |= status::ASSURED;
                 }
@@ -579,7 +586,7 @@ impl Shard {
                     self.timeouts.udp_unreplied
                 };
             }
-            (KIND_ICMP, L4::Icmp(i)) => {
+            (Kind::Icmp, L4::Icmp(i)) => {
                 let ok = match i.kind {
                     IcmpKind::EchoRequest { .. } => dir == 0,
                     IcmpKind::EchoReply { .. } => dir == 1,
@@ -590,7 +597,7 @@ impl Shard {
                 }
                 timeout_s = self.timeouts.icmp;
             }
-            (KIND_GENERIC, _) => timeout_s = self.timeouts.generic,
+            (Kind::Generic, _) => timeout_s = self.timeouts.generic,
             // The tuple matched an entry of another kind: only possible with a corrupted
             // import; judge the packet invalid rather than guess.
             _ => return self.invalid(InvalidReason::IcmpUntracked),
@@ -648,15 +655,17 @@ impl Shard {
         }
         let (kind, tcp, timeout_s) = match pkt.l4 {
             L4::Tcp(t) => match TcpConn::new_from(&t, self.pickup) {
-                Some(c) => (KIND_TCP, c, self.timeouts.tcp(c.state())),
+                Some(c) => (Kind::Tcp, c, self.timeouts.tcp(c.state())),
                 None => return self.invalid(InvalidReason::TcpNoConnection),
             },
-            L4::Udp(_) => (KIND_UDP, TcpConn::default(), self.timeouts.udp_unreplied),
+            L4::Udp(_) => (Kind::Udp, TcpConn::default(), self.timeouts.udp_unreplied),
             L4::Icmp(i) => match i.kind {
-                IcmpKind::EchoRequest { .. } => (KIND_ICMP, TcpConn::default(), self.timeouts.icmp),
+                IcmpKind::EchoRequest { .. } => {
+                    (Kind::Icmp, TcpConn::default(), self.timeouts.icmp)
+                }
                 _ => return self.invalid(InvalidReason::IcmpEchoMismatch),
             },
-            L4::Other { .. } => (KIND_GENERIC, TcpConn::default(), self.timeouts.generic),
+            L4::Other { .. } => (Kind::Generic, TcpConn::default(), self.timeouts.generic),
         };
         let Some(slot) = self.alloc(now_ms, room) else {
             return self.invalid(InvalidReason::TableFull);
@@ -782,14 +791,14 @@ impl Shard {
         for k in 0..SAMPLE.min(n) {
             let slot = (self.sweep + k) % n;
             let e = &self.entries[slot as usize];
-            if e.kind == KIND_FREE {
+            if e.kind == Kind::Free {
                 continue;
             }
             if e.expires <= now_ms {
                 victim = Some((slot, 0));
                 break;
             }
-            let closing = e.kind == KIND_TCP
+            let closing = e.kind == Kind::Tcp
                 && matches!(
                     e.tcp.state(),
                     TcpState::FinWait
@@ -835,7 +844,7 @@ impl Shard {
         let id = self.id_of(slot);
         let e = &mut self.entries[slot as usize];
         let tuple = e.tuple;
-        e.kind = KIND_FREE;
+        e.kind = Kind::Free;
         e.gen = e.gen.wrapping_add(1);
         e.helper = None;
         e.master = None;
@@ -886,7 +895,7 @@ impl Shard {
     /// Remove every connection and expectation.
     pub fn flush(&mut self) {
         for slot in 0..self.entries.len() as u32 {
-            if self.entries[slot as usize].kind != KIND_FREE {
+            if self.entries[slot as usize].kind != Kind::Free {
                 self.destroy(slot, DestroyReason::Removed);
             }
         }
@@ -1041,7 +1050,7 @@ impl Shard {
             let slot = self.sweep % n;
             self.sweep = (slot + 1) % n;
             let e = &self.entries[slot as usize];
-            if e.kind != KIND_FREE && e.expires <= now_ms {
+            if e.kind != Kind::Free && e.expires <= now_ms {
                 self.counters.expired += 1;
                 self.destroy(slot, DestroyReason::Timeout);
                 reaped += 1;
@@ -1056,7 +1065,7 @@ impl Shard {
         let c = self
             .entries
             .iter()
-            .filter(|e| e.kind != KIND_FREE)
+            .filter(|e| e.kind != Kind::Free)
             .map(|e| e.expires);
         let x = self.expects.iter().map(|x| x.expires);
         c.chain(x).min().map(Timestamp::from_millis)
@@ -1126,7 +1135,7 @@ impl Shard {
         (0..self.entries.len() as u32)
             .filter(move |&s| {
                 let e = &self.entries[s as usize];
-                e.kind != KIND_FREE && e.expires > now_ms
+                e.kind != Kind::Free && e.expires > now_ms
             })
             .map(move |s| self.snapshot_slot(s, now_ms))
     }
@@ -1147,7 +1156,7 @@ impl Shard {
     fn unexpired(&self, now_ms: u64) -> impl Iterator<Item = (u32, &Entry)> + '_ {
         (0u32..)
             .zip(self.entries.iter())
-            .filter(move |(_, e)| e.kind != KIND_FREE && e.expires > now_ms)
+            .filter(move |(_, e)| e.kind != Kind::Free && e.expires > now_ms)
     }
 
     /// How many unexpired connections match `filter`; no snapshot is built, nothing allocated.
@@ -1163,10 +1172,11 @@ impl Shard {
         let mut c = StateCounts::default();
         for (_, e) in self.unexpired(now.as_millis()) {
             match e.kind {
-                KIND_TCP => c.tcp[e.tcp.state() as usize] += 1,
-                KIND_UDP => c.udp += 1,
-                KIND_ICMP => c.icmp += 1,
-                _ => c.generic += 1,
+                Kind::Tcp => c.tcp[e.tcp.state() as usize] += 1,
+                Kind::Udp => c.udp += 1,
+                Kind::Icmp => c.icmp += 1,
+                Kind::Generic => c.generic += 1,
+                Kind::Free => {}
             }
         }
         c
@@ -1194,7 +1204,7 @@ impl Shard {
                 return Some(slot);
             }
             let e = &self.entries[slot as usize];
-            if e.kind != KIND_FREE && e.expires > now_ms && filter(&info_of(e)) {
+            if e.kind != Kind::Free && e.expires > now_ms && filter(&info_of(e)) {
                 out.push(self.snapshot_slot(slot, now_ms));
             }
             slot += 1;
@@ -1205,7 +1215,7 @@ impl Shard {
 
     pub fn helper_state_mut(&mut self, id: ConnId) -> Option<&mut HelperState> {
         let e = self.entries.get_mut(id.slot as usize)?;
-        if e.kind == KIND_FREE || e.gen != id.gen {
+        if e.kind == Kind::Free || e.gen != id.gen {
             return None;
         }
         e.helper.as_deref_mut()
@@ -1213,7 +1223,7 @@ impl Shard {
 
     /// Check the table's internal consistency (tests and fuzzing).
     pub fn check_invariants(&self) -> Result<(), String> {
-        let live = self.entries.iter().filter(|e| e.kind != KIND_FREE).count();
+        let live = self.entries.iter().filter(|e| e.kind != Kind::Free).count();
         if live != self.len as usize {
             return Err(format!("len {} but {} live entries", self.len, live));
         }
@@ -1233,7 +1243,7 @@ impl Shard {
             ));
         }
         for (slot, e) in self.entries.iter().enumerate() {
-            if e.kind == KIND_FREE {
+            if e.kind == Kind::Free {
                 continue;
             }
             for dir in 0..2u32 {
@@ -1251,11 +1261,11 @@ impl Shard {
                 return Err("a local expectation is marked stale".into());
             }
         }
-        for e in self.entries.iter().filter(|e| e.kind != KIND_FREE) {
+        for e in self.entries.iter().filter(|e| e.kind != Kind::Free) {
             if e.status & LEARNED == status::PEER_STALE {
                 return Err("an entry not learned from the peer is marked stale".into());
             }
-            if e.kind == KIND_TCP && e.tcp.state.checked().is_none() {
+            if e.kind == Kind::Tcp && e.tcp.state.checked().is_none() {
                 return Err("TCP state out of range".into());
             }
             let long = |h: &HelperState| h.dir.iter().any(|d| usize::from(d.len) > LINE_MAX);

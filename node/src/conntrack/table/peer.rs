@@ -20,20 +20,20 @@ const PHASE_EXPECTS: u32 = 2;
 impl Shard {
     /// The kind of entry `t` and `proto` describe, if they are a well-formed connection of
     /// this shard. The TCP state is checked and cleaned (`TcpConn::sanitized`).
-    fn check_conn(&self, t: &Tuple, proto: &ProtoState) -> Result<(u8, ProtoState), ImportError> {
+    fn check_conn(&self, t: &Tuple, proto: &ProtoState) -> Result<(Kind, ProtoState), ImportError> {
         use crate::packet::proto::{ICMP, ICMPV6, TCP, UDP};
         if t.family != 4 && t.family != 6 {
             return Err(ImportError::BadFamily);
         }
         let (kind, proto) = match (*proto, t.proto) {
             (ProtoState::Tcp(c), TCP) => (
-                KIND_TCP,
+                Kind::Tcp,
                 ProtoState::Tcp(c.sanitized().ok_or(ImportError::BadTcpState)?),
             ),
-            (ProtoState::Udp, UDP) => (KIND_UDP, ProtoState::Udp),
-            (ProtoState::IcmpEcho, ICMP | ICMPV6) => (KIND_ICMP, ProtoState::IcmpEcho),
+            (ProtoState::Udp, UDP) => (Kind::Udp, ProtoState::Udp),
+            (ProtoState::IcmpEcho, ICMP | ICMPV6) => (Kind::Icmp, ProtoState::IcmpEcho),
             (ProtoState::Generic, p) if !matches!(p, TCP | UDP | ICMP | ICMPV6) => {
-                (KIND_GENERIC, ProtoState::Generic)
+                (Kind::Generic, ProtoState::Generic)
             }
             _ => return Err(ImportError::ProtoMismatch),
         };
@@ -106,7 +106,7 @@ impl Shard {
         let t = snap.tuple;
         let (kind, proto) = self.check_conn(&t, &snap.proto)?;
         if let Some(h) = &snap.helper {
-            let sane = kind == KIND_TCP && h.dir.iter().all(|d| usize::from(d.len) <= LINE_MAX);
+            let sane = kind == Kind::Tcp && h.dir.iter().all(|d| usize::from(d.len) <= LINE_MAX);
             if !sane {
                 return Err(ImportError::BadHelper);
             }
@@ -162,7 +162,7 @@ impl Shard {
     fn reopens(&self, slot: u32, proto: &ProtoState) -> bool {
         let e = &self.entries[slot as usize];
         matches!(proto, ProtoState::Tcp(c) if c.state() == TcpState::SynSent)
-            && e.kind == KIND_TCP
+            && e.kind == Kind::Tcp
             && matches!(e.tcp.state(), TcpState::TimeWait | TcpState::Close)
     }
 
@@ -276,7 +276,7 @@ impl Shard {
     /// not refreshed until the transfer (or a live item) brings it again.
     pub fn begin_peer_bulk(&mut self) {
         for e in self.entries.iter_mut() {
-            if e.kind != KIND_FREE && e.status & status::FROM_PEER != 0 {
+            if e.kind != Kind::Free && e.status & status::FROM_PEER != 0 {
                 e.status |= status::PEER_STALE;
             }
         }
@@ -292,7 +292,7 @@ impl Shard {
         let mut n = 0;
         for slot in 0..self.entries.len() as u32 {
             let e = &self.entries[slot as usize];
-            if e.kind != KIND_FREE && e.status & LEARNED == LEARNED {
+            if e.kind != Kind::Free && e.status & LEARNED == LEARNED {
                 self.destroy_quiet(slot);
                 n += 1;
             }
@@ -336,7 +336,7 @@ impl Shard {
                 }
                 let e = &self.entries[slot as usize];
                 let has_master = e.master.and_then(|m| self.live(m)).is_some();
-                if e.kind != KIND_FREE && e.expires > now_ms && has_master == (phase == 1) {
+                if e.kind != Kind::Free && e.expires > now_ms && has_master == (phase == 1) {
                     conns.push(self.snapshot_slot(slot, now_ms));
                 }
                 slot += 1;
