@@ -537,13 +537,16 @@ impl Shard {
         match (e.kind, pkt.l4) {
             (Kind::Tcp, L4::Tcp(t)) => {
                 let old = e.tcp.state();
-                // A new SYN from the initiator of a finished connection reopens it.
-                if dir == 0
-                    && t.flags.syn()
-                    && !t.flags.ack()
-                    && matches!(old, TcpState::TimeWait | TcpState::Close)
-                {
-                    let tuple = e.tuple;
+                // A new SYN on a finished connection reopens it (Linux: the SYN_SENT cells of
+                // the TIME_WAIT and CLOSE columns kill the entry and look up again): from the
+                // initiator in TIME_WAIT or CLOSE, or from the responder in TIME_WAIT (RFC 1122
+                // 4.2.2.13), which makes it the new connection's originator.
+                let reopen = matches!(
+                    (dir, old),
+                    (0, TcpState::TimeWait | TcpState::Close) | (1, TcpState::TimeWait)
+                );
+                if reopen && t.flags.syn() && !t.flags.ack() {
+                    let tuple = e.tuple_in(dir);
                     self.destroy(slot, DestroyReason::Reopened);
                     return self.create(now_ms, tuple, pkt, room);
                 }

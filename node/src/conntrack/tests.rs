@@ -43,6 +43,7 @@ struct Flow {
     cseq: u32,
     sseq: u32,
     wscale: Option<u8>,
+    window: u16,
 }
 
 impl Flow {
@@ -55,6 +56,7 @@ impl Flow {
             cseq: 1000,
             sseq: 5000,
             wscale: None,
+            window: 64000,
         }
     }
     fn v6() -> Self {
@@ -79,7 +81,7 @@ impl Flow {
         };
         spec.seq = seq;
         spec.ack = if flags & A != 0 { ack } else { 0 };
-        spec.window = 64000;
+        spec.window = self.window;
         spec.wscale = self.wscale;
         spec.payload = vec![b'x'; len];
         let adv = len as u32 + u32::from(flags & S != 0) + u32::from(flags & F != 0);
@@ -364,13 +366,18 @@ fn pickup_learns_windows_mid_stream() {
         track(&ct, 1, &f.seg(false, A | P, 10)).state,
         CtState::Established
     );
-    // Once learned, windows are enforced.
+    // Picked up, the window scale is unknown: like Linux (tcp_new sets BE_LIBERAL on both
+    // directions), windows are not enforced for this connection; the state machine still is.
     let mut spec = TcpSpec::new(f.cp, f.sp, A | P);
     spec.seq = f.cseq.wrapping_add(50_000_000);
     spec.ack = f.sseq;
+    assert_eq!(
+        track(&ct, 2, &build::tcp(f.c, f.s, &spec)).state,
+        CtState::Established
+    );
     invalid(
-        &track(&ct, 2, &build::tcp(f.c, f.s, &spec)),
-        InvalidReason::TcpOutOfWindow,
+        &track(&ct, 3, &f.seg(true, S | A, 0)),
+        InvalidReason::TcpBadTransition,
     );
 }
 
@@ -2235,4 +2242,207 @@ proptest! {
             let _ = drain_all(&ct);
         }
     }
+}
+
+// ---- TCP against Linux nf_conntrack_proto_tcp.c (issue 9 item 5) ---------------------------
+
+#[test]
+fn a_picked_up_scaled_flow_is_not_judged_by_windows_it_cannot_know() {
+    let ct = Conntrack::new(&Config {
+        tcp_pickup: true,
+        ..cfg()
+    });
+    // Both ends scale by 2^7; the 512 in the window field is really 64 KiB, but the SYNs
+    // that said so were before the pickup.
+    let mut f = Flow {
+        window: 512,
+        ..Flow::v4()
+    };
+    assert!(track(&ct, 0, &f.seg(true, A, 0)).created);
+    track(&ct, 1, &f.seg(false, A, 0));
+    for i in 0..3 {
+        let o = track(&ct, 2 + i, &f.seg(true, A | P, 1448));
+        assert_eq!(o.state, CtState::Established, "full segment {i}");
+    }
+}
+
+#[test]
+fn an_in_window_rst_off_the_expected_sequence_keeps_the_connection_for_a_challenge_ack() {
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = handshake(&ct, &mut f);
+    // RFC 5961 3.2: in window but not exactly the next sequence number. The receiver answers
+    // with a challenge ACK; the connection must survive so that ACK gets through.
+    let mut near = TcpSpec::new(f.cp, f.sp, R);
+    near.seq = f.cseq.wrapping_add(100);
+    let r = track(&ct, 3, &build::tcp(f.c, f.s, &near));
+    assert_eq!(r.state, CtState::Established, "passed on to the endpoint");
+    assert_eq!(tcp_state(&ct, &o), TcpState::Established);
+    assert_eq!(
+        track(&ct, 4, &f.seg(false, A, 0)).state,
+        CtState::Established
+    );
+    // The sender answers the challenge with the exact sequence number: now it closes.
+    let exact = track(&ct, 5, &f.seg(true, R, 0));
+    assert_eq!(exact.state, CtState::Established);
+    assert_eq!(tcp_state(&ct, &o), TcpState::Close);
+}
+
+#[test]
+fn a_learned_entry_refuses_a_rst_it_cannot_check_yet() {
+    let a = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = handshake(&a, &mut f);
+    let snap = a.lock(0).snapshot(o.conn.unwrap(), t(2)).unwrap();
+    let b = Conntrack::new(&cfg());
+    b.import_conn(t(3), &snap).unwrap();
+    let id = b.lock(0).find(&snap.tuple).unwrap();
+    let state = || match b.lock(0).conn(id).unwrap().proto {
+        ProtoState::Tcp(c) => c.state(),
+        p => panic!("{p:?}"),
+    };
+    // The windows are stale and nothing was seen since: a RST at any sequence number would be
+    // a free kill switch for the connection. Refused, whatever its sequence number.
+    for seq in [f.cseq.wrapping_add(9_999_999), f.cseq] {
+        let mut rst = TcpSpec::new(f.cp, f.sp, R);
+        rst.seq = seq;
+        invalid(
+            &track(&b, 4, &build::tcp(f.c, f.s, &rst)),
+            InvalidReason::TcpRstOutOfWindow,
+        );
+        assert_eq!(state(), TcpState::Established);
+    }
+    // The server's next segment says (by its ACK) where the client is: a RST at the client's
+    // exact sequence number is now accepted.
+    track(&b, 5, &f.seg(false, A, 0));
+    assert_eq!(track(&b, 6, &f.seg(true, R, 0)).state, CtState::Established);
+    assert_eq!(state(), TcpState::Close);
+}
+
+#[test]
+fn an_old_ack_within_66000_bytes_is_in_window_even_with_small_windows() {
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow {
+        window: 1000,
+        ..Flow::v4()
+    };
+    handshake(&ct, &mut f);
+    for i in 0..6 {
+        assert_eq!(
+            track(&ct, 3 + i, &f.seg(true, A | P, 900)).state,
+            CtState::Established
+        );
+        assert_eq!(
+            track(&ct, 3 + i, &f.seg(false, A, 0)).state,
+            CtState::Established
+        );
+    }
+    // A reordered ACK from before the last 5000 bytes: Linux's MAXACKWINDOW takes the larger
+    // of the sender's largest window and 66000.
+    let mut old = TcpSpec::new(f.sp, f.cp, A);
+    old.seq = f.sseq;
+    old.ack = f.cseq.wrapping_sub(5000);
+    old.window = 1000;
+    assert_eq!(
+        track(&ct, 20, &build::tcp(f.s, f.c, &old)).state,
+        CtState::Established
+    );
+    // Beyond 66000 it is not.
+    old.ack = f.cseq.wrapping_sub(70_000);
+    invalid(
+        &track(&ct, 21, &build::tcp(f.s, f.c, &old)),
+        InvalidReason::TcpOutOfWindow,
+    );
+}
+
+#[test]
+fn a_syn_with_a_new_isn_reinitialises_only_in_syn_sent_and_syn_recv() {
+    // In SYN_SENT a retransmitted SYN with a later ISN restarts the sender's bounds.
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = track(&ct, 0, &f.seg(true, S, 0));
+    f.cseq = f.cseq.wrapping_add(100_000);
+    let o2 = track(&ct, 1, &f.seg(true, S, 0));
+    assert_eq!((o2.state, o2.conn), (CtState::New, o.conn));
+    // Simultaneous open (SYN_SENT2): the same SYN does not re-initialise; it is out of window.
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = track(&ct, 0, &f.seg(true, S, 0));
+    track(&ct, 1, &f.seg(false, S, 0));
+    assert_eq!(tcp_state(&ct, &o), TcpState::SynSent2);
+    f.cseq = f.cseq.wrapping_add(100_000);
+    invalid(
+        &track(&ct, 2, &f.seg(true, S, 0)),
+        InvalidReason::TcpOutOfWindow,
+    );
+}
+
+#[test]
+fn a_reply_syn_in_time_wait_reopens_with_the_roles_swapped() {
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = handshake(&ct, &mut f);
+    track(&ct, 3, &f.seg(true, F | A, 0));
+    track(&ct, 4, &f.seg(false, F | A, 0));
+    track(&ct, 5, &f.seg(true, A, 0));
+    assert_eq!(tcp_state(&ct, &o), TcpState::TimeWait);
+    // The server opens a new connection to the client's port (RFC 1122 4.2.2.13).
+    f.sseq = f.sseq.wrapping_add(100_000);
+    let n = track(&ct, 6, &f.seg(false, S, 0));
+    assert_eq!(
+        (n.state, n.created, n.dir),
+        (CtState::New, true, Direction::Original)
+    );
+    assert_ne!(n.conn, o.conn);
+    assert_eq!(ct.len(), 1);
+    let info = ct.lock(0).conn(n.conn.unwrap()).unwrap();
+    assert_eq!((info.tuple.src_ip(), info.tuple.src_port), (f.s, f.sp));
+    assert_eq!(tcp_state(&ct, &n), TcpState::SynSent);
+    assert_eq!(
+        track(&ct, 7, &f.seg(true, S | A, 0)).state,
+        CtState::Established
+    );
+}
+
+#[test]
+fn a_window_scale_above_14_is_clamped() {
+    use crate::packet::{Tcp, TcpOptions};
+    let syn = Tcp {
+        src_port: 1,
+        dst_port: 2,
+        seq: 1,
+        ack: 0,
+        flags: TcpFlags(S),
+        window: 1000,
+        options: TcpOptions {
+            window_scale: Some(40),
+            ..TcpOptions::default()
+        },
+        payload_len: 0,
+        payload: &[],
+    };
+    let c = tcp::TcpConn::new_from(&syn, false).unwrap();
+    assert_eq!(c.dir[0].scale, 14);
+    let mut c = c;
+    let mut synack = syn;
+    synack.flags = TcpFlags(S | A);
+    synack.ack = 2;
+    synack.seq = 500;
+    synack.options.window_scale = Some(255);
+    assert_eq!(
+        c.update(Direction::Reply, &synack, false),
+        tcp::TcpVerdict::Ok
+    );
+    assert_eq!(c.dir[1].scale, 14);
+    // Scaling a full window by 14 does not overflow.
+    let mut ack = syn;
+    ack.flags = TcpFlags(A);
+    ack.seq = 2;
+    ack.ack = 501;
+    ack.window = u16::MAX;
+    ack.options = TcpOptions::default();
+    assert_eq!(
+        c.update(Direction::Original, &ack, false),
+        tcp::TcpVerdict::Ok
+    );
 }
