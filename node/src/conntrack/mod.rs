@@ -383,7 +383,9 @@ impl Conntrack {
         tuple::shard_hash(a, b, proto) as usize & self.mask
     }
 
-    fn lock_tuple(&self, t: &Tuple) -> ShardGuard<'_> {
+    /// Lock the shard that holds connection `t` (either direction), e.g. to look an entry
+    /// up and snapshot it for a peer under one lock.
+    pub fn lock_tuple(&self, t: &Tuple) -> ShardGuard<'_> {
         self.lock(self.shard_of_pair(&t.src, &t.dst, t.proto))
     }
 

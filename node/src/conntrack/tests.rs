@@ -1695,8 +1695,17 @@ fn a_peer_update_never_moves_tcp_state_back() {
         sh.conn(sh.find(&tuple).unwrap()).unwrap().expires
     };
     let before = exp(&b);
-    // A late update and an old whole copy: the state stays, the expiry does not shrink.
+    // A late update: the state stays, the expiry does not shrink.
     b.apply_update(t(4), synrecv).unwrap();
+    assert_eq!(state_of(&b, &tuple), TcpState::Established);
+    assert_eq!(exp(&b), before);
+    // After a failover the entry is ours; an old whole copy from a peer that lags (or came
+    // back with an old table) does not rewind it either.
+    assert_eq!(
+        track(&b, 4, &f.seg(false, A, 0)).state,
+        CtState::Established
+    );
+    let before = exp(&b);
     b.import_conn(t(4), syn).unwrap();
     assert_eq!(state_of(&b, &tuple), TcpState::Established);
     assert_eq!(exp(&b), before);
@@ -2445,4 +2454,59 @@ fn a_window_scale_above_14_is_clamped() {
         c.update(Direction::Original, &ack, false),
         tcp::TcpVerdict::Ok
     );
+}
+
+#[test]
+fn a_whole_copy_replaces_a_learned_entry_even_with_an_earlier_state() {
+    // The peer's previous boot left us a learned entry in LAST_ACK; after its restart the same
+    // tuple is a new connection there. Its whole copy is the peer's latest word (the sync core
+    // keeps the stream in order) and replaces ours; merging would keep LAST_ACK.
+    let a = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    handshake(&a, &mut f);
+    track(&a, 3, &f.seg(true, F | A, 0));
+    track(&a, 4, &f.seg(false, F | A, 0));
+    let b = Conntrack::new(&cfg());
+    transfer(&a, &b, 4, 10);
+    let tuple = tuple_of(&f.seg(true, A, 0));
+    assert_eq!(state_of(&b, &tuple), TcpState::LastAck);
+    let a2 = Conntrack::new(&cfg());
+    let mut g = Flow::v4();
+    handshake(&a2, &mut g);
+    let fresh = a2.bulk_page(0, 10, t(2)).conns.remove(0);
+    b.import_conn(t(5), &fresh).unwrap();
+    assert_eq!(state_of(&b, &tuple), TcpState::Established);
+    let sh = b.lock(0);
+    let st = sh.conn(sh.find(&tuple).unwrap()).unwrap().status;
+    assert_ne!(st & status::FROM_PEER, 0);
+    // A compact update, by contrast, never rewinds (it carries no incarnation).
+    drop(sh);
+    let mut u = ConnUpdate {
+        tuple,
+        proto: fresh.proto,
+        status: fresh.status,
+        expires_in_ms: 1000,
+    };
+    if let ProtoState::Tcp(mut c) = u.proto {
+        c.state.set(TcpState::SynRecv);
+        u.proto = ProtoState::Tcp(c);
+    }
+    b.apply_update(t(6), &u).unwrap();
+    assert_eq!(state_of(&b, &tuple), TcpState::Established);
+}
+
+#[test]
+fn a_whole_copy_keeps_the_expectations_of_a_learned_master() {
+    // ConnHelper re-sends the FTP control connection whole after each command: the data
+    // connections it announced must survive that.
+    let a = Conntrack::new(&cfg());
+    let (master, _) = ftp_with_related(&a);
+    let b = Conntrack::new(&cfg());
+    transfer(&a, &b, 12, 100);
+    assert_eq!(b.expectation_count(), 1);
+    let again = a.bulk_page(0, 100, t(13)).conns;
+    let m = again.iter().find(|c| c.tuple == master).unwrap();
+    b.import_conn(t(13), m).unwrap();
+    assert_eq!(b.expectation_count(), 1);
+    b.check_invariants().unwrap();
 }

@@ -10,7 +10,7 @@
 use super::*;
 
 /// Where the bulk listing of a shard is: its slot cursor carries the phase in the top bits.
-/// Phase 0 lists connections without a live master, phase 1 those with one (so a page never
+/// Phase 0 lists connections without a master, phase 1 those with one (so a page never
 /// lists a RELATED connection before its master), phase 2 the expectations (after every
 /// connection, since an expectation needs its master).
 const PHASE_SHIFT: u32 = 30;
@@ -78,9 +78,8 @@ impl Shard {
             e.expires = e.expires.max(expires);
             return;
         }
-        if let ProtoState::Tcp(mut c) = proto {
-            c.set_relearn();
-            e.tcp = c;
+        if let ProtoState::Tcp(_) = proto {
+            e.tcp = relearned(&proto);
         }
         e.expires = expires;
         e.status |= bits & (status::SEEN_REPLY | status::ASSURED);
@@ -92,11 +91,23 @@ impl Shard {
     }
 
     /// Import a whole connection from a peer (its creation, a helper change, a re-send, a bulk
-    /// item). A new entry is marked `FROM_PEER`; an existing one is merged (`merge`), except
-    /// that a new connection (SYN_SENT) on a finished one (TIME_WAIT/CLOSE) replaces it, as a
-    /// local reopen does. A RELATED connection's master is found by tuple; if it is not here
-    /// (yet) the connection is imported without one (the master only matters to the
-    /// expectations it owns). Nothing is announced.
+    /// item). Nothing is announced. What it does to what we hold:
+    /// - nothing: a new entry, marked `FROM_PEER`;
+    /// - a learned entry (`FROM_PEER`): replaced in place (its expectations and RELATED
+    ///   connections stay attached), even to an earlier TCP state. The peer's stream is
+    ///   ordered (the sync core never applies a whole copy older than what it applied before
+    ///   from that stream), so an earlier state is a new incarnation of the tuple, e.g. after
+    ///   the peer restarted, and merging would keep the stale one forever (REPORT-core);
+    /// - an entry used here: merged, never moving the TCP state back (`merge`): a peer that
+    ///   lags, or came back with an old table, cannot rewind a connection we forward;
+    /// - a new connection (SYN_SENT) on a finished one (TIME_WAIT/CLOSE), or an entry the
+    ///   peer sees the other way round: the old entry is removed (quietly, its expectations
+    ///   with it) and the new one inserted, as a local reopen does. A used-here entry seen
+    ///   the other way round is kept.
+    ///
+    /// A RELATED connection's master is found by tuple; if it is not here (yet) the
+    /// connection is imported without one (the master only matters to the expectations it
+    /// owns, which are refused without it).
     pub fn import_conn(
         &mut self,
         now: Timestamp,
@@ -116,25 +127,35 @@ impl Shard {
             .master
             .and_then(|m| self.slot_of(&m))
             .map(|s| self.id_of(s));
-        match self.lookup(&t) {
-            Some((slot, 0)) if !self.reopens(slot, &proto) => {
-                self.merge(
-                    slot,
-                    now_ms,
-                    proto,
-                    snap.status,
-                    expires_in,
-                    snap.helper.as_deref(),
-                );
-                let e = &mut self.entries[slot as usize];
-                if e.master.is_none() {
-                    e.master = master;
+        if let Some((slot, dir)) = self.lookup(&t) {
+            let learned = self.entries[slot as usize].status & status::FROM_PEER != 0;
+            match (dir, learned) {
+                (0, _) if self.reopens(slot, &proto) => self.destroy_quiet(slot),
+                (0, true) => {
+                    let e = &mut self.entries[slot as usize];
+                    e.tcp = relearned(&proto);
+                    e.status = (snap.status & status::REPLICATED) | status::FROM_PEER;
+                    e.expires = now_ms.saturating_add(expires_in);
+                    e.helper = snap.helper.clone();
+                    // Only ever set: `bulk_page` relies on a live entry's master not going
+                    // from Some to None (a dead master is harmless, it is looked up live).
+                    if master.is_some() {
+                        e.master = master;
+                    }
+                    return Ok(self.id_of(slot));
                 }
-                return Ok(self.id_of(slot));
+                (0, false) => {
+                    let h = snap.helper.as_deref();
+                    self.merge(slot, now_ms, proto, snap.status, expires_in, h);
+                    let e = &mut self.entries[slot as usize];
+                    if e.master.is_none() {
+                        e.master = master;
+                    }
+                    return Ok(self.id_of(slot));
+                }
+                (_, true) => self.destroy_quiet(slot),
+                (_, false) => return Ok(self.id_of(slot)),
             }
-            // Seen the other way round, or reopened: the peer's connection replaces ours.
-            Some((slot, _)) => self.destroy_quiet(slot),
-            None => {}
         }
         let Some(slot) = self.alloc(now_ms, &mut no_room) else {
             return Err(ImportError::TableFull);
@@ -143,13 +164,7 @@ impl Shard {
         e.tuple = t;
         e.kind = kind;
         e.status = (snap.status & status::REPLICATED) | status::FROM_PEER;
-        e.tcp = match proto {
-            ProtoState::Tcp(mut c) => {
-                c.set_relearn();
-                c
-            }
-            _ => TcpConn::default(),
-        };
+        e.tcp = relearned(&proto);
         e.expires = now_ms.saturating_add(expires_in);
         e.master = master;
         e.helper = snap.helper.clone();
@@ -335,7 +350,10 @@ impl Shard {
                     return Some(phase << PHASE_SHIFT | slot);
                 }
                 let e = &self.entries[slot as usize];
-                let has_master = e.master.and_then(|m| self.live(m)).is_some();
+                // Whether it *had* a master, not whether that master still lives: a live
+                // entry's `master` never changes from Some to None, so an entry is never
+                // skipped by both phases (the sweep after a bulk would remove it).
+                let has_master = e.master.is_some();
                 if e.kind != Kind::Free && e.expires > now_ms && has_master == (phase == 1) {
                     conns.push(self.snapshot_slot(slot, now_ms));
                 }
@@ -352,6 +370,18 @@ impl Shard {
             expects.extend(self.expectations(now));
         }
         None
+    }
+}
+
+/// The TCP state to store for a peer's `proto`: its windows are stale by the time a packet
+/// arrives here, so both directions re-learn them from their next segment.
+fn relearned(proto: &ProtoState) -> TcpConn {
+    match *proto {
+        ProtoState::Tcp(mut c) => {
+            c.set_relearn();
+            c
+        }
+        _ => TcpConn::default(),
     }
 }
 
