@@ -60,6 +60,29 @@ impl Timeouts {
             TcpState::Close => self.tcp_close,
         }
     }
+
+    /// The longest of all timeouts, in seconds: no entry lives longer without a packet, so
+    /// neither may one a peer sends us.
+    pub fn longest(&self) -> u64 {
+        [
+            self.tcp_syn_sent,
+            self.tcp_syn_recv,
+            self.tcp_established,
+            self.tcp_fin_wait,
+            self.tcp_close_wait,
+            self.tcp_last_ack,
+            self.tcp_time_wait,
+            self.tcp_close,
+            self.tcp_unacknowledged,
+            self.udp_unreplied,
+            self.udp_replied,
+            self.icmp,
+            self.generic,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+    }
 }
 
 /// A port an application helper is attached to.

@@ -15,8 +15,16 @@ pub mod status {
     pub const ASSURED: u16 = 0x0002;
     /// Created from an expectation: RELATED until the first reply.
     pub const RELATED: u16 = 0x0004;
-    /// Learned from a peer by state replication; windows are re-learned from live packets.
+    /// Learned from a peer by state replication and not used here yet: windows are re-learned
+    /// from live packets, and the peer may remove it (`Conntrack::remove_conn`, the sweep after
+    /// a bulk transfer). The first local packet clears it: from then on the entry is ours.
     pub const FROM_PEER: u16 = 0x0008;
+    /// The bits a peer's copy contributes; the rest of what it sends is ignored (FROM_PEER
+    /// means "learned by *this* node"). SEEN_REPLY and ASSURED only ever get set.
+    pub const REPLICATED: u16 = SEEN_REPLY | ASSURED | RELATED;
+    /// Internal: a learned entry not refreshed since `Conntrack::begin_peer_bulk`. Never
+    /// shown outside the table.
+    pub(crate) const PEER_STALE: u16 = 0x0010;
 }
 
 /// Protocol-specific state of a connection.
@@ -90,12 +98,21 @@ pub enum ExpectEnd {
     MasterGone,
 }
 
-/// A change the replication sender ships to peers.
+/// A change the replication sender ships to peers. None is built when replication is off
+/// (`Config::event_queue == 0`), and none for what a peer told us (no echo).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
+    /// A new connection, whole (its master's tuple and an empty helper state included).
     ConnCreated(ConnSnapshot),
-    /// The protocol state or status bits changed.
-    ConnUpdated(ConnSnapshot),
+    /// The protocol state or status bits changed: the compact form, built on the packet path
+    /// without cloning the helper state or looking up the master.
+    ConnUpdated(ConnUpdate),
+    /// The helper consumed a segment of this connection (`Shard::helper_changed`): the whole
+    /// connection again, so that the peer holds the helper's parse state (next sequence
+    /// number, partial line) and parses the first command after a failover. The receiver
+    /// imports it like `ConnCreated` (it replaces what it holds, never moving the TCP state
+    /// back); it is a separate variant so the sender can coalesce or count it apart.
+    ConnHelper(ConnSnapshot),
     ConnDestroyed {
         tuple: Tuple,
         reason: DestroyReason,

@@ -62,6 +62,10 @@ pub(crate) struct Expect {
     pub created: u64,
     pub expires: u64,
     pub helper: Option<HelperKind>,
+    /// Learned from a peer: its end is the peer's to announce, not ours.
+    pub from_peer: bool,
+    /// Learned and not refreshed since `Conntrack::begin_peer_bulk`.
+    pub stale: bool,
 }
 
 impl Expect {
@@ -85,6 +89,8 @@ impl Expect {
             created: now_ms,
             expires: now_ms.saturating_add(e.timeout.as_millis() as u64),
             helper: e.helper,
+            from_peer: false,
+            stale: false,
         })
     }
 

@@ -11,7 +11,10 @@
 //! (`early_drop_elsewhere`: bounded work, never an unbounded wait for another shard's lock), so
 //! one host pair cannot fill the table and starve every other shard. For the control API it
 //! counts (`state_counts`, `count_where`) and lists in pages (`snapshots_page`) without
-//! holding a shard lock for long. Must not touch: I/O, clocks, policy.
+//! holding a shard lock for long. For state replication it routes a peer's items to their
+//! shard (`import_conn`, `apply_update`, `remove_conn`, `import_expect`, `remove_expect`, the
+//! `begin_peer_bulk`/`end_peer_bulk` sweep; the rules are in `table::peer`) and lists its own
+//! table for a peer's bulk transfer (`bulk_page`). Must not touch: I/O, clocks, policy.
 
 pub mod config;
 pub mod event;
@@ -32,8 +35,8 @@ pub use config::{Config, Timeouts};
 pub use event::{ConnSnapshot, ConnUpdate, Event, ExpectSnapshot, ProtoState};
 pub use expect::{ExpectError, ExpectOutcome, Expectation};
 pub use table::{
-    no_room, Bound, ConnId, ConnInfo, Counters, InvalidReason, MakeRoom, Outcome, Shard,
-    StateCounts, TableLimit,
+    no_room, ApplyError, Bound, ConnId, ConnInfo, Counters, ImportError, InvalidReason, MakeRoom,
+    Outcome, Shard, StateCounts, TableLimit,
 };
 pub use tuple::Tuple;
 
@@ -97,6 +100,16 @@ impl ListCursor {
 pub struct ConnPage {
     pub conns: Vec<ConnSnapshot>,
     pub next: Option<ListCursor>,
+}
+
+/// One page of a bulk transfer (`Conntrack::bulk_page`) and where the next one starts
+/// (`None`: the transfer is complete). Import `conns` in order, then `expects`: a master comes
+/// before its RELATED connections, a shard's expectations after its connections.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BulkPage {
+    pub conns: Vec<ConnSnapshot>,
+    pub expects: Vec<ExpectSnapshot>,
+    pub next: Option<u64>,
 }
 
 /// Up to `EVICT_LATER` shard indexes to come back to, on the stack.
@@ -360,6 +373,104 @@ impl Conntrack {
             };
         }
         ConnPage { conns, next: None }
+    }
+
+    // ---- state replication: a peer's items (see `table::peer`) ------------------------------
+
+    /// The shard that holds connections between `a` and `b` over `proto` (and their
+    /// expectations), as `lock_for` routes their packets.
+    fn shard_of_pair(&self, a: &[u8; 16], b: &[u8; 16], proto: u8) -> usize {
+        tuple::shard_hash(a, b, proto) as usize & self.mask
+    }
+
+    /// Lock the shard that holds connection `t` (either direction), e.g. to look an entry
+    /// up and snapshot it for a peer under one lock.
+    pub fn lock_tuple(&self, t: &Tuple) -> ShardGuard<'_> {
+        self.lock(self.shard_of_pair(&t.src, &t.dst, t.proto))
+    }
+
+    /// Import a peer's whole connection (`Shard::import_conn`): validated first, marked
+    /// `FROM_PEER` if new, merged (never backwards) if present. Announces nothing.
+    pub fn import_conn(&self, now: Timestamp, snap: &ConnSnapshot) -> Result<(), ImportError> {
+        self.lock_tuple(&snap.tuple)
+            .import_conn(now, snap)
+            .map(|_| ())
+    }
+
+    /// Apply a peer's compact update (`Shard::apply_update`); `ApplyError::Missing` when the
+    /// connection is not here.
+    pub fn apply_update(&self, now: Timestamp, u: &ConnUpdate) -> Result<(), ApplyError> {
+        self.lock_tuple(&u.tuple).apply_update(now, u)
+    }
+
+    /// The peer's connection `t` ended (`Shard::remove_conn`: only entries still `FROM_PEER`).
+    pub fn remove_conn(&self, t: &Tuple) -> bool {
+        self.lock_tuple(t).remove_conn(t)
+    }
+
+    /// Import a peer's expectation (`Shard::import_expect`); its master must be here.
+    pub fn import_expect(&self, now: Timestamp, x: &ExpectSnapshot) -> Result<(), ImportError> {
+        self.lock(self.shard_of_pair(&x.src, &x.dst, x.proto))
+            .import_expect(now, x)
+    }
+
+    /// The peer's expectation `x` ended (`Shard::remove_expect`).
+    pub fn remove_expect(&self, x: &ExpectSnapshot) -> bool {
+        self.lock(self.shard_of_pair(&x.src, &x.dst, x.proto))
+            .remove_expect(x)
+    }
+
+    /// A bulk transfer from the peer begins: learned entries count as not refreshed until it
+    /// (or a live item) brings them again. Locks one shard at a time.
+    pub fn begin_peer_bulk(&self) {
+        for s in self.shards.iter() {
+            s.lock().begin_peer_bulk();
+        }
+    }
+
+    /// The bulk transfer completed: remove learned entries and expectations it did not
+    /// refresh (entries used here since are ours and stay). Returns how many connections and
+    /// expectations were removed. Call it only for a transfer that completed: after an
+    /// aborted one, call `begin_peer_bulk` again with the next.
+    pub fn end_peer_bulk(&self) -> u64 {
+        self.shards.iter().map(|s| s.lock().end_peer_bulk()).sum()
+    }
+
+    /// One page of this node's table for a peer's bulk transfer, from `cursor` (0: the start;
+    /// then a page's `next`; any value is safe). Up to about `limit` items (a shard's
+    /// expectations come whole). Each shard lists its masterless connections, then those
+    /// with a master, then its expectations, so importing pages in order always finds a
+    /// master first. Shard locks are dropped every `PAGE_SCAN` slots and between shards: not
+    /// atomic, the replication stream carries what changes meanwhile.
+    pub fn bulk_page(&self, cursor: u64, limit: usize, now: Timestamp) -> BulkPage {
+        let limit = limit.max(1);
+        let mut page = BulkPage::default();
+        let mut cur = ListCursor::from_token(cursor);
+        while (cur.shard as usize) < self.shards.len() {
+            if page.conns.len() + page.expects.len() >= limit {
+                page.next = Some(cur.to_token());
+                return page;
+            }
+            let next = self.shards[cur.shard as usize].lock().bulk_page(
+                cur.slot,
+                limit,
+                PAGE_SCAN,
+                now,
+                &mut page.conns,
+                &mut page.expects,
+            );
+            cur = match next {
+                Some(slot) => ListCursor {
+                    shard: cur.shard,
+                    slot,
+                },
+                None => ListCursor {
+                    shard: cur.shard + 1,
+                    slot: 0,
+                },
+            };
+        }
+        page
     }
 
     /// Check every shard and that the global counts agree with them (tests and fuzzing).

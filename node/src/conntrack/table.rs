@@ -21,15 +21,17 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 
 use super::config::{Config, HelperPort, Timeouts};
 use super::event::{
-    status, ConnSnapshot, DestroyReason, Event, ExpectEnd, ExpectSnapshot, ProtoState,
+    status, ConnSnapshot, ConnUpdate, DestroyReason, Event, ExpectEnd, ExpectSnapshot, ProtoState,
 };
 use super::expect::{Expect, ExpectError, ExpectOutcome, Expectation};
-use super::helper_state::{HelperKind, HelperState};
+use super::helper_state::{HelperKind, HelperState, LINE_MAX};
 use super::tcp::{valid_flags, TcpConn, TcpState, TcpVerdict};
 use super::tuple::{shard_hash, Tuple};
 use super::{CtState, Direction};
 use crate::packet::{IcmpKind, Packet, L4};
 use crate::time::Timestamp;
+
+mod peer;
 
 /// A stable handle to a connection: slot plus generation, so a stale handle never reaches a
 /// connection that reused the slot.
@@ -142,11 +144,20 @@ impl Counters {
     }
 }
 
-const KIND_FREE: u8 = 0;
-const KIND_TCP: u8 = 1;
-const KIND_UDP: u8 = 2;
-const KIND_ICMP: u8 = 3;
-const KIND_GENERIC: u8 = 4;
+/// Status bits that say "the peer's, not used here yet"; a local packet clears them.
+const LEARNED: u16 = status::FROM_PEER | status::PEER_STALE;
+
+/// What a slab slot holds: free, or a connection of one protocol family of rules. An enum so
+/// that every match on it is exhaustive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Kind {
+    Free,
+    Tcp,
+    Udp,
+    Icmp,
+    Generic,
+}
 
 /// One connection. Fixed size; the helper state is boxed because only control connections
 /// have one.
@@ -154,7 +165,7 @@ const KIND_GENERIC: u8 = 4;
 struct Entry {
     tuple: Tuple,
     status: u16,
-    kind: u8,
+    kind: Kind,
     tcp: TcpConn,
     gen: u32,
     expires: u64,
@@ -174,7 +185,7 @@ impl Entry {
                 family: 0,
             },
             status: 0,
-            kind: KIND_FREE,
+            kind: Kind::Free,
             tcp: TcpConn::default(),
             gen: 0,
             expires: 0,
@@ -206,10 +217,11 @@ impl Entry {
     }
     fn proto_state(&self) -> ProtoState {
         match self.kind {
-            KIND_TCP => ProtoState::Tcp(self.tcp),
-            KIND_UDP => ProtoState::Udp,
-            KIND_ICMP => ProtoState::IcmpEcho,
-            _ => ProtoState::Generic,
+            Kind::Tcp => ProtoState::Tcp(self.tcp),
+            Kind::Udp => ProtoState::Udp,
+            Kind::Icmp => ProtoState::IcmpEcho,
+            // A free slot has no state; nothing reads it, Generic is the stateless answer.
+            Kind::Generic | Kind::Free => ProtoState::Generic,
         }
     }
 }
@@ -265,6 +277,22 @@ pub enum ImportError {
     TableFull,
     #[error("snapshot's source and destination are the same endpoint")]
     SameEndpoints,
+    #[error("snapshot's TCP state is not one a live connection can be in, or its window scale is above 14")]
+    BadTcpState,
+    #[error("snapshot's helper state is malformed (line longer than the buffer, or on a connection that is not TCP)")]
+    BadHelper,
+    #[error("the master connection is not in the table")]
+    NoMaster,
+}
+
+/// Why a peer's update was not applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// No connection with this tuple (in this orientation): ask the peer for it whole.
+    #[error("no such connection")]
+    Missing,
+    #[error(transparent)]
+    Invalid(#[from] ImportError),
 }
 
 /// A bound shared by all shards: traffic between one pair of hosts lands in one shard, so a
@@ -341,6 +369,8 @@ pub struct Shard {
     helper_ports: Vec<HelperPort>,
     max_expect_per_master: usize,
     max_events: usize,
+    /// Longest lifetime a peer may give an entry or expectation (the longest timeout).
+    max_expiry_ms: u64,
     limit: Arc<TableLimit>,
     entries: Vec<Entry>,
     free: Vec<u32>,
@@ -369,6 +399,7 @@ impl Shard {
             helper_ports: cfg.helper_ports.clone(),
             max_expect_per_master: cfg.max_expect_per_master.max(1) as usize,
             max_events: cfg.event_queue as usize,
+            max_expiry_ms: cfg.timeouts.longest().saturating_mul(1000),
             limit,
             entries: Vec::new(),
             free: Vec::new(),
@@ -429,7 +460,7 @@ impl Shard {
     fn live(&self, id: ConnId) -> Option<&Entry> {
         self.entries
             .get(id.slot as usize)
-            .filter(|e| e.kind != KIND_FREE && e.gen == id.gen)
+            .filter(|e| e.kind != Kind::Free && e.gen == id.gen)
     }
 
     /// Judge one packet and update the table. The packet must belong to this shard
@@ -504,15 +535,18 @@ impl Shard {
         let mut changed = false;
         let timeout_s;
         match (e.kind, pkt.l4) {
-            (KIND_TCP, L4::Tcp(t)) => {
+            (Kind::Tcp, L4::Tcp(t)) => {
                 let old = e.tcp.state();
-                // A new SYN from the initiator of a finished connection reopens it.
-                if dir == 0
-                    && t.flags.syn()
-                    && !t.flags.ack()
-                    && matches!(old, TcpState::TimeWait | TcpState::Close)
-                {
-                    let tuple = e.tuple;
+                // A new SYN on a finished connection reopens it (Linux: the SYN_SENT cells of
+                // the TIME_WAIT and CLOSE columns kill the entry and look up again): from the
+                // initiator in TIME_WAIT or CLOSE, or from the responder in TIME_WAIT (RFC 1122
+                // 4.2.2.13), which makes it the new connection's originator.
+                let reopen = matches!(
+                    (dir, old),
+                    (0, TcpState::TimeWait | TcpState::Close) | (1, TcpState::TimeWait)
+                );
+                if reopen && t.flags.syn() && !t.flags.ack() {
+                    let tuple = e.tuple_in(dir);
                     self.destroy(slot, DestroyReason::Reopened);
                     return self.create(now_ms, tuple, pkt, room);
                 }
@@ -520,6 +554,7 @@ impl Shard {
                     TcpVerdict::Ok => {}
                     TcpVerdict::Ignored => {
                         self.counters.tcp_ignored += 1;
+                        e.status &= !LEARNED;
                         let out = self.outcome(slot, direction, false);
                         return out;
                     }
@@ -544,7 +579,7 @@ impl Shard {
                 }
                 timeout_s = to;
             }
-            (KIND_UDP, _) => {
+            (Kind::Udp, _) => {
                 if e.status & status::SEEN_REPLY != 0 {
                     e.status |= status::ASSURED;
                 }
@@ -554,7 +589,7 @@ impl Shard {
                     self.timeouts.udp_unreplied
                 };
             }
-            (KIND_ICMP, L4::Icmp(i)) => {
+            (Kind::Icmp, L4::Icmp(i)) => {
                 let ok = match i.kind {
                     IcmpKind::EchoRequest { .. } => dir == 0,
                     IcmpKind::EchoReply { .. } => dir == 1,
@@ -565,7 +600,7 @@ impl Shard {
                 }
                 timeout_s = self.timeouts.icmp;
             }
-            (KIND_GENERIC, _) => timeout_s = self.timeouts.generic,
+            (Kind::Generic, _) => timeout_s = self.timeouts.generic,
             // The tuple matched an entry of another kind: only possible with a corrupted
             // import; judge the packet invalid rather than guess.
             _ => return self.invalid(InvalidReason::IcmpUntracked),
@@ -574,10 +609,19 @@ impl Shard {
         if dir == 1 {
             e.status |= status::SEEN_REPLY;
         }
-        e.expires = now_ms.saturating_add(timeout_s.saturating_mul(1000));
-        if changed || e.status != old_status {
-            let snap = self.snapshot_slot(slot, now_ms);
-            self.push_event(Event::ConnUpdated(snap));
+        // A local packet: the entry is ours now (a peer's sweep or ConnGone cannot remove it).
+        // Not announced: the bit means something only here.
+        e.status &= !LEARNED;
+        let to_ms = timeout_s.saturating_mul(1000);
+        e.expires = now_ms.saturating_add(to_ms);
+        if self.max_events != 0 && (changed || (e.status ^ old_status) & !LEARNED != 0) {
+            let u = ConnUpdate {
+                tuple: e.tuple,
+                proto: e.proto_state(),
+                status: e.status,
+                expires_in_ms: to_ms,
+            };
+            self.push_event(Event::ConnUpdated(u));
         }
         self.outcome(slot, direction, false)
     }
@@ -614,15 +658,17 @@ impl Shard {
         }
         let (kind, tcp, timeout_s) = match pkt.l4 {
             L4::Tcp(t) => match TcpConn::new_from(&t, self.pickup) {
-                Some(c) => (KIND_TCP, c, self.timeouts.tcp(c.state())),
+                Some(c) => (Kind::Tcp, c, self.timeouts.tcp(c.state())),
                 None => return self.invalid(InvalidReason::TcpNoConnection),
             },
-            L4::Udp(_) => (KIND_UDP, TcpConn::default(), self.timeouts.udp_unreplied),
+            L4::Udp(_) => (Kind::Udp, TcpConn::default(), self.timeouts.udp_unreplied),
             L4::Icmp(i) => match i.kind {
-                IcmpKind::EchoRequest { .. } => (KIND_ICMP, TcpConn::default(), self.timeouts.icmp),
+                IcmpKind::EchoRequest { .. } => {
+                    (Kind::Icmp, TcpConn::default(), self.timeouts.icmp)
+                }
                 _ => return self.invalid(InvalidReason::IcmpEchoMismatch),
             },
-            L4::Other { .. } => (KIND_GENERIC, TcpConn::default(), self.timeouts.generic),
+            L4::Other { .. } => (Kind::Generic, TcpConn::default(), self.timeouts.generic),
         };
         let Some(slot) = self.alloc(now_ms, room) else {
             return self.invalid(InvalidReason::TableFull);
@@ -641,11 +687,13 @@ impl Shard {
             status_bits |= status::RELATED;
             master = Some(x.master);
             helper = x.helper.map(|k| Box::new(HelperState::new(k)));
-            let snap = expect_snapshot(&x, now_ms);
-            self.push_event(Event::ExpectDestroyed {
-                snapshot: snap,
-                reason: ExpectEnd::Matched,
-            });
+            if self.events_on() {
+                let snap = expect_snapshot(&x, now_ms);
+                self.push_event(Event::ExpectDestroyed {
+                    snapshot: snap,
+                    reason: ExpectEnd::Matched,
+                });
+            }
         }
         let e = &mut self.entries[slot as usize];
         e.tuple = tuple;
@@ -657,8 +705,10 @@ impl Shard {
         e.helper = helper;
         self.index_insert(slot);
         self.counters.created += 1;
-        let snap = self.snapshot_slot(slot, now_ms);
-        self.push_event(Event::ConnCreated(snap));
+        if self.events_on() {
+            let snap = self.snapshot_slot(slot, now_ms);
+            self.push_event(Event::ConnCreated(snap));
+        }
         self.outcome(slot, Direction::Original, true)
     }
 
@@ -744,14 +794,14 @@ impl Shard {
         for k in 0..SAMPLE.min(n) {
             let slot = (self.sweep + k) % n;
             let e = &self.entries[slot as usize];
-            if e.kind == KIND_FREE {
+            if e.kind == Kind::Free {
                 continue;
             }
             if e.expires <= now_ms {
                 victim = Some((slot, 0));
                 break;
             }
-            let closing = e.kind == KIND_TCP
+            let closing = e.kind == Kind::Tcp
                 && matches!(
                     e.tcp.state(),
                     TcpState::FinWait
@@ -776,12 +826,28 @@ impl Shard {
         }
     }
 
+    /// Remove a connection. Its end is announced to peers unless it was still only the
+    /// peer's (`FROM_PEER`: the peer decides when its connection ends; announcing our timeout
+    /// or early drop would remove a live connection there) - except for a reopen, which the
+    /// peer must see before the new connection.
     fn destroy(&mut self, slot: u32, reason: DestroyReason) {
+        let learned = self.entries[slot as usize].status & status::FROM_PEER != 0;
+        let announce = reason == DestroyReason::Reopened || !learned;
+        self.destroy_as(slot, reason, announce)
+    }
+
+    /// Remove a connection because the peer said so: nothing is announced (no echo).
+    fn destroy_quiet(&mut self, slot: u32) {
+        self.destroy_as(slot, DestroyReason::Removed, false)
+    }
+
+    fn destroy_as(&mut self, slot: u32, reason: DestroyReason, announce: bool) {
+        let announce = announce && self.events_on();
         self.index_remove(slot);
         let id = self.id_of(slot);
         let e = &mut self.entries[slot as usize];
         let tuple = e.tuple;
-        e.kind = KIND_FREE;
+        e.kind = Kind::Free;
         e.gen = e.gen.wrapping_add(1);
         e.helper = None;
         e.master = None;
@@ -794,14 +860,19 @@ impl Shard {
         while i < self.expects.len() {
             if self.expects[i].master == id {
                 let x = self.take_expect(i);
-                let snap = expect_snapshot(&x, 0);
-                self.push_event(Event::ExpectDestroyed {
-                    snapshot: snap,
-                    reason: ExpectEnd::MasterGone,
-                });
+                if announce && !x.from_peer {
+                    let snap = expect_snapshot(&x, 0);
+                    self.push_event(Event::ExpectDestroyed {
+                        snapshot: snap,
+                        reason: ExpectEnd::MasterGone,
+                    });
+                }
             } else {
                 i += 1;
             }
+        }
+        if !announce {
+            return;
         }
         // A connection created and removed before anyone drained its creation leaves no trace.
         if reason == DestroyReason::Removed {
@@ -827,7 +898,7 @@ impl Shard {
     /// Remove every connection and expectation.
     pub fn flush(&mut self) {
         for slot in 0..self.entries.len() as u32 {
-            if self.entries[slot as usize].kind != KIND_FREE {
+            if self.entries[slot as usize].kind != Kind::Free {
                 self.destroy(slot, DestroyReason::Removed);
             }
         }
@@ -886,11 +957,13 @@ impl Shard {
             if self.expects[i].expires <= now_ms {
                 let x = self.take_expect(i);
                 self.counters.expect_expired += 1;
-                let snap = expect_snapshot(&x, now_ms);
-                self.push_event(Event::ExpectDestroyed {
-                    snapshot: snap,
-                    reason: ExpectEnd::Timeout,
-                });
+                if self.events_on() && !x.from_peer {
+                    let snap = expect_snapshot(&x, now_ms);
+                    self.push_event(Event::ExpectDestroyed {
+                        snapshot: snap,
+                        reason: ExpectEnd::Timeout,
+                    });
+                }
             } else {
                 i += 1;
             }
@@ -935,19 +1008,23 @@ impl Shard {
             // The new one takes the evicted one's place in the global bound.
             let old = self.expects.swap_remove(i);
             self.counters.expect_evicted += 1;
-            let snap = expect_snapshot(&old, now_ms);
-            self.push_event(Event::ExpectDestroyed {
-                snapshot: snap,
-                reason: ExpectEnd::Evicted,
-            });
+            if self.events_on() {
+                let snap = expect_snapshot(&old, now_ms);
+                self.push_event(Event::ExpectDestroyed {
+                    snapshot: snap,
+                    reason: ExpectEnd::Evicted,
+                });
+            }
         } else if !self.limit.expects.reserve() {
             self.counters.expect_refused += 1;
             return Err(ExpectError::TableFull);
         }
         self.counters.expect_created += 1;
-        let snap = expect_snapshot(&x, now_ms);
+        if self.events_on() {
+            let snap = expect_snapshot(&x, now_ms);
+            self.push_event(Event::ExpectCreated(snap));
+        }
         self.expects.push(x);
-        self.push_event(Event::ExpectCreated(snap));
         Ok(ExpectOutcome::Created)
     }
 
@@ -976,7 +1053,7 @@ impl Shard {
             let slot = self.sweep % n;
             self.sweep = (slot + 1) % n;
             let e = &self.entries[slot as usize];
-            if e.kind != KIND_FREE && e.expires <= now_ms {
+            if e.kind != Kind::Free && e.expires <= now_ms {
                 self.counters.expired += 1;
                 self.destroy(slot, DestroyReason::Timeout);
                 reaped += 1;
@@ -991,7 +1068,7 @@ impl Shard {
         let c = self
             .entries
             .iter()
-            .filter(|e| e.kind != KIND_FREE)
+            .filter(|e| e.kind != Kind::Free)
             .map(|e| e.expires);
         let x = self.expects.iter().map(|x| x.expires);
         c.chain(x).min().map(Timestamp::from_millis)
@@ -999,6 +1076,14 @@ impl Shard {
 
     // ---- events and snapshots ------------------------------------------------------------
 
+    /// Is anyone listening (`Config::event_queue > 0`, set when replication is configured)?
+    /// Every event site asks before it builds anything, so a standalone node pays one branch.
+    #[inline]
+    fn events_on(&self) -> bool {
+        self.max_events != 0
+    }
+
+    /// Queue an event. Callers check `events_on` first, before building it.
     fn push_event(&mut self, ev: Event) {
         if self.events.len() >= self.max_events {
             self.counters.events_dropped += 1;
@@ -1006,6 +1091,17 @@ impl Shard {
         } else {
             self.events.push_back(ev);
         }
+    }
+
+    /// The helper consumed a segment of connection `id`: queue the whole connection
+    /// (`Event::ConnHelper`) so the peer's copy of the helper's parse state stays current.
+    /// Nothing when replication is off, the connection is gone or has no helper.
+    pub fn helper_changed(&mut self, id: ConnId, now: Timestamp) {
+        if !self.events_on() || self.live(id).is_none_or(|e| e.helper.is_none()) {
+            return;
+        }
+        let snap = self.snapshot_slot(id.slot, now.as_millis());
+        self.push_event(Event::ConnHelper(snap));
     }
 
     /// Next event for the replication sender.
@@ -1023,7 +1119,7 @@ impl Shard {
         ConnSnapshot {
             tuple: e.tuple,
             proto: e.proto_state(),
-            status: e.status,
+            status: e.status & !status::PEER_STALE,
             master: e.master.and_then(|m| self.live(m)).map(|m| m.tuple),
             expires_in_ms: e.expires.saturating_sub(now_ms),
             helper: e.helper.clone(),
@@ -1042,9 +1138,17 @@ impl Shard {
         (0..self.entries.len() as u32)
             .filter(move |&s| {
                 let e = &self.entries[s as usize];
-                e.kind != KIND_FREE && e.expires > now_ms
+                e.kind != Kind::Free && e.expires > now_ms
             })
             .map(move |s| self.snapshot_slot(s, now_ms))
+    }
+
+    /// The live connection whose original-direction tuple is `t`.
+    pub fn find(&self, t: &Tuple) -> Option<ConnId> {
+        match self.lookup(t) {
+            Some((slot, 0)) => Some(self.id_of(slot)),
+            _ => None,
+        }
     }
 
     pub fn conn(&self, id: ConnId) -> Option<ConnInfo> {
@@ -1055,7 +1159,7 @@ impl Shard {
     fn unexpired(&self, now_ms: u64) -> impl Iterator<Item = (u32, &Entry)> + '_ {
         (0u32..)
             .zip(self.entries.iter())
-            .filter(move |(_, e)| e.kind != KIND_FREE && e.expires > now_ms)
+            .filter(move |(_, e)| e.kind != Kind::Free && e.expires > now_ms)
     }
 
     /// How many unexpired connections match `filter`; no snapshot is built, nothing allocated.
@@ -1071,10 +1175,11 @@ impl Shard {
         let mut c = StateCounts::default();
         for (_, e) in self.unexpired(now.as_millis()) {
             match e.kind {
-                KIND_TCP => c.tcp[e.tcp.state() as usize] += 1,
-                KIND_UDP => c.udp += 1,
-                KIND_ICMP => c.icmp += 1,
-                _ => c.generic += 1,
+                Kind::Tcp => c.tcp[e.tcp.state() as usize] += 1,
+                Kind::Udp => c.udp += 1,
+                Kind::Icmp => c.icmp += 1,
+                Kind::Generic => c.generic += 1,
+                Kind::Free => {}
             }
         }
         c
@@ -1102,7 +1207,7 @@ impl Shard {
                 return Some(slot);
             }
             let e = &self.entries[slot as usize];
-            if e.kind != KIND_FREE && e.expires > now_ms && filter(&info_of(e)) {
+            if e.kind != Kind::Free && e.expires > now_ms && filter(&info_of(e)) {
                 out.push(self.snapshot_slot(slot, now_ms));
             }
             slot += 1;
@@ -1113,76 +1218,15 @@ impl Shard {
 
     pub fn helper_state_mut(&mut self, id: ConnId) -> Option<&mut HelperState> {
         let e = self.entries.get_mut(id.slot as usize)?;
-        if e.kind == KIND_FREE || e.gen != id.gen {
+        if e.kind == Kind::Free || e.gen != id.gen {
             return None;
         }
         e.helper.as_deref_mut()
     }
 
-    /// Insert (or replace) a connection learned from a peer. It is marked `FROM_PEER` and its
-    /// TCP windows are re-learned from the next packets in each direction.
-    pub fn import(&mut self, now: Timestamp, snap: &ConnSnapshot) -> Result<ConnId, ImportError> {
-        let now_ms = now.as_millis();
-        let t = snap.tuple;
-        let kind = match (snap.proto, t.proto) {
-            (ProtoState::Tcp(_), crate::packet::proto::TCP) => KIND_TCP,
-            (ProtoState::Udp, crate::packet::proto::UDP) => KIND_UDP,
-            (ProtoState::IcmpEcho, crate::packet::proto::ICMP | crate::packet::proto::ICMPV6) => {
-                KIND_ICMP
-            }
-            (ProtoState::Generic, p)
-                if !matches!(
-                    p,
-                    crate::packet::proto::TCP
-                        | crate::packet::proto::UDP
-                        | crate::packet::proto::ICMP
-                        | crate::packet::proto::ICMPV6
-                ) =>
-            {
-                KIND_GENERIC
-            }
-            _ => return Err(ImportError::ProtoMismatch),
-        };
-        if t.family != 4 && t.family != 6 {
-            return Err(ImportError::BadFamily);
-        }
-        if t == t.reverse() {
-            return Err(ImportError::SameEndpoints);
-        }
-        if shard_hash(&t.src, &t.dst, t.proto) as u32 & self.mask != self.id {
-            return Err(ImportError::WrongShard);
-        }
-        if let Some((slot, _)) = self.lookup(&t) {
-            self.destroy(slot, DestroyReason::Removed);
-        }
-        let Some(slot) = self.alloc(now_ms, &mut no_room) else {
-            return Err(ImportError::TableFull);
-        };
-        let master = snap
-            .master
-            .and_then(|m| self.lookup(&m))
-            .map(|(s, _)| self.id_of(s));
-        let e = &mut self.entries[slot as usize];
-        e.tuple = t;
-        e.kind = kind;
-        e.status = snap.status | status::FROM_PEER;
-        e.tcp = match snap.proto {
-            ProtoState::Tcp(mut c) => {
-                c.set_relearn();
-                c
-            }
-            _ => TcpConn::default(),
-        };
-        e.expires = now_ms.saturating_add(snap.expires_in_ms);
-        e.master = master;
-        e.helper = snap.helper.clone();
-        self.index_insert(slot);
-        Ok(self.id_of(slot))
-    }
-
     /// Check the table's internal consistency (tests and fuzzing).
     pub fn check_invariants(&self) -> Result<(), String> {
-        let live = self.entries.iter().filter(|e| e.kind != KIND_FREE).count();
+        let live = self.entries.iter().filter(|e| e.kind != Kind::Free).count();
         if live != self.len as usize {
             return Err(format!("len {} but {} live entries", self.len, live));
         }
@@ -1202,7 +1246,7 @@ impl Shard {
             ));
         }
         for (slot, e) in self.entries.iter().enumerate() {
-            if e.kind == KIND_FREE {
+            if e.kind == Kind::Free {
                 continue;
             }
             for dir in 0..2u32 {
@@ -1215,6 +1259,21 @@ impl Shard {
         for x in &self.expects {
             if self.live(x.master).is_none() {
                 return Err("expectation outlived its master".into());
+            }
+            if x.stale && !x.from_peer {
+                return Err("a local expectation is marked stale".into());
+            }
+        }
+        for e in self.entries.iter().filter(|e| e.kind != Kind::Free) {
+            if e.status & LEARNED == status::PEER_STALE {
+                return Err("an entry not learned from the peer is marked stale".into());
+            }
+            if e.kind == Kind::Tcp && e.tcp.state.checked().is_none() {
+                return Err("TCP state out of range".into());
+            }
+            let long = |h: &HelperState| h.dir.iter().any(|d| usize::from(d.len) > LINE_MAX);
+            if e.helper.as_deref().is_some_and(long) {
+                return Err("helper line longer than its buffer".into());
             }
         }
         if self.free.len() + live != self.entries.len() {
@@ -1229,7 +1288,7 @@ fn info_of(e: &Entry) -> ConnInfo {
     ConnInfo {
         tuple: e.tuple,
         proto: e.proto_state(),
-        status: e.status,
+        status: e.status & !status::PEER_STALE,
         master: e.master,
         expires: Timestamp::from_millis(e.expires),
     }

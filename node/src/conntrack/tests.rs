@@ -43,6 +43,7 @@ struct Flow {
     cseq: u32,
     sseq: u32,
     wscale: Option<u8>,
+    window: u16,
 }
 
 impl Flow {
@@ -55,6 +56,7 @@ impl Flow {
             cseq: 1000,
             sseq: 5000,
             wscale: None,
+            window: 64000,
         }
     }
     fn v6() -> Self {
@@ -79,7 +81,7 @@ impl Flow {
         };
         spec.seq = seq;
         spec.ack = if flags & A != 0 { ack } else { 0 };
-        spec.window = 64000;
+        spec.window = self.window;
         spec.wscale = self.wscale;
         spec.payload = vec![b'x'; len];
         let adv = len as u32 + u32::from(flags & S != 0) + u32::from(flags & F != 0);
@@ -364,13 +366,18 @@ fn pickup_learns_windows_mid_stream() {
         track(&ct, 1, &f.seg(false, A | P, 10)).state,
         CtState::Established
     );
-    // Once learned, windows are enforced.
+    // Picked up, the window scale is unknown: like Linux (tcp_new sets BE_LIBERAL on both
+    // directions), windows are not enforced for this connection; the state machine still is.
     let mut spec = TcpSpec::new(f.cp, f.sp, A | P);
     spec.seq = f.cseq.wrapping_add(50_000_000);
     spec.ack = f.sseq;
+    assert_eq!(
+        track(&ct, 2, &build::tcp(f.c, f.s, &spec)).state,
+        CtState::Established
+    );
     invalid(
-        &track(&ct, 2, &build::tcp(f.c, f.s, &spec)),
-        InvalidReason::TcpOutOfWindow,
+        &track(&ct, 3, &f.seg(true, S | A, 0)),
+        InvalidReason::TcpBadTransition,
     );
 }
 
@@ -383,7 +390,7 @@ fn snapshot_round_trip_and_from_peer_relearns_windows() {
     let snap = a.lock(0).snapshot(o.conn.unwrap(), t(3)).unwrap();
 
     let b = Conntrack::new(&cfg());
-    let id = b.lock(0).import(t(10), &snap).unwrap();
+    let id = b.lock(0).import_conn(t(10), &snap).unwrap();
     let info = b.lock(0).conn(id).unwrap();
     assert!(info.status & status::FROM_PEER != 0);
     assert_eq!(info.tuple, snap.tuple);
@@ -407,7 +414,7 @@ fn snapshot_round_trip_and_from_peer_relearns_windows() {
     // A snapshot whose protocol state contradicts its tuple is refused, state untouched.
     let mut bad = snap.clone();
     bad.proto = ProtoState::Udp;
-    assert!(b.lock(0).import(t(14), &bad).is_err());
+    assert!(b.lock(0).import_conn(t(14), &bad).is_err());
     assert_eq!(b.len(), 1);
     b.lock(0).check_invariants().unwrap();
 }
@@ -1373,4 +1380,1133 @@ fn paged_listing_drops_the_lock_on_long_sparse_scans() {
     assert_eq!(p.conns.len(), 1);
     assert_eq!(p.conns[0].tuple.src_port, 5999);
     assert_eq!(p.next, None);
+}
+
+// ---- events: nothing when replication is off, compact when on -----------------------------
+
+/// Everything that makes events: a handshake, an expectation created, matched and expired, a
+/// timeout, an early drop.
+fn busy_life(ct: &Conntrack) {
+    let (f, m) = ftp_master(ct);
+    ct.lock(0).expect(t(10), data_expect(m, &f, 50000)).unwrap();
+    ct.lock(0).expect(t(10), data_expect(m, &f, 50001)).unwrap();
+    let mut d = Flow {
+        c: f.s,
+        s: f.c,
+        cp: 20,
+        sp: 50000,
+        ..Flow::v4()
+    };
+    track(ct, 11, &d.seg(true, S, 0));
+    track(ct, 12, &build::udp(f.c, f.s, 5000, 53, b""));
+    ct.handle_timeout(t(10_000_000), 0, 1, 1000);
+}
+
+#[test]
+fn no_event_is_built_when_replication_is_off() {
+    let ct = Conntrack::new(&Config {
+        event_queue: 0,
+        ..cfg()
+    });
+    busy_life(&ct);
+    let mut sh = ct.lock(0);
+    assert!(sh.poll_event().is_none());
+    // Nothing was built and thrown away: no overflow counted, no resync asked for.
+    assert_eq!(sh.counters.events_dropped, 0);
+    assert!(!sh.take_resync_needed());
+    drop(sh);
+    // The same life with replication on does make events (the test can fail).
+    let on = Conntrack::new(&cfg());
+    busy_life(&on);
+    assert!(on.lock(0).poll_event().is_some());
+}
+
+#[test]
+fn state_changes_are_compact_updates() {
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = handshake(&ct, &mut f);
+    let mut sh = ct.lock(0);
+    let evs: Vec<_> = std::iter::from_fn(|| sh.poll_event()).collect();
+    let Event::ConnCreated(c) = &evs[0] else {
+        panic!("{evs:?}")
+    };
+    assert!(matches!(c.proto, ProtoState::Tcp(x) if x.state() == TcpState::SynSent));
+    let ups: Vec<ConnUpdate> = evs[1..]
+        .iter()
+        .map(|e| match e {
+            Event::ConnUpdated(u) => *u,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let states: Vec<_> = ups
+        .iter()
+        .map(|u| match u.proto {
+            ProtoState::Tcp(x) => x.state(),
+            _ => panic!(),
+        })
+        .collect();
+    assert_eq!(states, [TcpState::SynRecv, TcpState::Established]);
+    assert!(ups.iter().all(|u| u.tuple == c.tuple));
+    assert_eq!(ups[1].status & status::ASSURED, status::ASSURED);
+    let info = sh.conn(o.conn.unwrap()).unwrap();
+    assert_eq!(ups[1].expires_in_ms, info.expires.as_millis() - 2);
+}
+
+/// An FTP control connection on `a` whose client sent `USER` then `PASS`; each segment the
+/// helper consumed is followed by `helper_changed`, as the worker does.
+fn ftp_two_lines(a: &Conntrack) -> (Flow, ConnId, Vec<ConnSnapshot>) {
+    use crate::helper::ftp::{self, ControlConn, FtpCounters, Segment};
+    let (mut f, m) = ftp_master(a);
+    let mut sh = a.lock(0);
+    while sh.poll_event().is_some() {}
+    let ctl = ControlConn {
+        client: f.c,
+        server: f.s,
+    };
+    let mut whole = Vec::new();
+    for (i, line) in [&b"USER anonymous\r\n"[..], b"PASS x@\r\n"]
+        .iter()
+        .enumerate()
+    {
+        let seg = Segment {
+            dir: Direction::Original,
+            seq: f.cseq,
+            payload: line,
+            payload_len: line.len() as u32,
+        };
+        f.cseq = f.cseq.wrapping_add(line.len() as u32);
+        let hs = sh.helper_state_mut(m).unwrap();
+        ftp::on_segment(hs, &ctl, seg, &mut FtpCounters::default(), &mut |_| {});
+        sh.helper_changed(m, t(20 + i as u64));
+        match sh.poll_event() {
+            Some(Event::ConnHelper(s)) => whole.push(s),
+            other => panic!("{other:?}"),
+        }
+    }
+    (f, m, whole)
+}
+
+/// Feed `PORT` for the data port 50000 to the helper state of `b`'s copy of the control
+/// connection; how many announcements the helper made.
+fn port_after_failover(b: &Conntrack, f: &Flow, tuple: &Tuple) -> usize {
+    use crate::helper::ftp::{self, ControlConn, FtpCounters, Segment};
+    let mut sh = b.lock(0);
+    let id = sh.find(tuple).unwrap();
+    let ctl = ControlConn {
+        client: f.c,
+        server: f.s,
+    };
+    let line = b"PORT 198,51,100,10,195,80\r\n";
+    let seg = Segment {
+        dir: Direction::Original,
+        seq: f.cseq,
+        payload: line,
+        payload_len: line.len() as u32,
+    };
+    let mut n = 0;
+    let hs = sh.helper_state_mut(id).unwrap();
+    ftp::on_segment(hs, &ctl, seg, &mut FtpCounters::default(), &mut |_| n += 1);
+    n
+}
+
+#[test]
+fn helper_state_reaches_the_peer_so_the_first_command_after_failover_parses() {
+    let a = Conntrack::new(&cfg());
+    let (f, _, whole) = ftp_two_lines(&a);
+    let h = whole[1].helper.as_ref().unwrap();
+    assert_eq!(h.dir[0].next_seq, Some(f.cseq));
+
+    // The standby holds the latest whole snapshot: PORT parses.
+    let b = Conntrack::new(&cfg());
+    for s in &whole {
+        b.import_conn(t(30), s).unwrap();
+    }
+    assert_eq!(port_after_failover(&b, &f, &whole[0].tuple), 1);
+
+    // A standby holding only an older one sees PORT as beyond a gap and skips it.
+    let stale = Conntrack::new(&cfg());
+    stale.import_conn(t(30), &whole[0]).unwrap();
+    assert_eq!(port_after_failover(&stale, &f, &whole[0].tuple), 0);
+}
+
+#[test]
+fn helper_changed_is_silent_when_replication_is_off_or_the_connection_is_gone() {
+    let ct = Conntrack::new(&Config {
+        event_queue: 0,
+        ..cfg()
+    });
+    let (_, m) = ftp_master(&ct);
+    let mut sh = ct.lock(0);
+    sh.helper_changed(m, t(5));
+    assert!(sh.poll_event().is_none());
+    let on = Conntrack::new(&cfg());
+    let (_, m) = ftp_master(&on);
+    let mut sh = on.lock(0);
+    assert!(sh.remove(m));
+    while sh.poll_event().is_some() {}
+    sh.helper_changed(m, t(5));
+    assert!(sh.poll_event().is_none());
+}
+
+// ---- state replication: applying a peer's items --------------------------------------------
+
+/// Copy `a`'s whole table into `b` page by page, as a bulk transfer does; the page count.
+fn transfer(a: &Conntrack, b: &Conntrack, now: u64, limit: usize) -> usize {
+    let (mut cur, mut pages) = (0, 0);
+    loop {
+        let p = a.bulk_page(cur, limit, t(now));
+        for c in &p.conns {
+            b.import_conn(t(now), c).unwrap();
+        }
+        for x in &p.expects {
+            b.import_expect(t(now), x).unwrap();
+        }
+        pages += 1;
+        match p.next {
+            Some(n) => cur = n,
+            None => return pages,
+        }
+    }
+}
+
+fn drain_all(ct: &Conntrack) -> Vec<Event> {
+    let mut v = Vec::new();
+    for i in 0..ct.shard_count() {
+        let mut sh = ct.lock(i);
+        v.extend(std::iter::from_fn(|| sh.poll_event()));
+    }
+    v
+}
+
+fn state_of(ct: &Conntrack, tuple: &Tuple) -> TcpState {
+    let sh = ct.lock(0);
+    match sh.conn(sh.find(tuple).unwrap()).unwrap().proto {
+        ProtoState::Tcp(c) => c.state(),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// An active FTP session on `a` (one shard) whose data connection took a lower slot than its
+/// master, plus a second announced data port still expected.
+fn ftp_with_related(a: &Conntrack) -> (Tuple, Tuple) {
+    let f0 = Flow::v4();
+    let early = track(a, 0, &build::udp(f0.c, f0.s, 7, 53, b""));
+    let (f, m) = ftp_master(a);
+    assert!(a.lock(0).remove(early.conn.unwrap()));
+    a.lock(0).expect(t(10), data_expect(m, &f, 50000)).unwrap();
+    a.lock(0).expect(t(10), data_expect(m, &f, 50001)).unwrap();
+    let mut d = Flow {
+        c: f.s,
+        s: f.c,
+        cp: 20,
+        sp: 50000,
+        ..Flow::v4()
+    };
+    let o = track(a, 11, &d.seg(true, S, 0));
+    assert_eq!(o.state, CtState::Related);
+    assert!(
+        o.conn.unwrap().slot < m.slot,
+        "the data connection reused an earlier slot"
+    );
+    let sh = a.lock(0);
+    (
+        sh.conn(m).unwrap().tuple,
+        sh.conn(o.conn.unwrap()).unwrap().tuple,
+    )
+}
+
+#[test]
+fn bulk_lists_masters_before_related_and_expectations_last() {
+    let a = Conntrack::new(&cfg());
+    let (master, data) = ftp_with_related(&a);
+    let p = a.bulk_page(0, 100, t(12));
+    assert_eq!(p.next, None);
+    let at = |x: &Tuple| p.conns.iter().position(|c| c.tuple == *x).unwrap();
+    assert!(at(&master) < at(&data));
+    assert_eq!(p.conns[at(&data)].master, Some(master));
+    assert_eq!(p.expects.len(), 1);
+
+    // One item per page: the import still finds every master.
+    let b = Conntrack::new(&cfg());
+    assert!(transfer(&a, &b, 12, 1) >= 3);
+    let sh = b.lock(0);
+    let (bm, bd) = (sh.find(&master).unwrap(), sh.find(&data).unwrap());
+    let d = sh.conn(bd).unwrap();
+    assert_eq!(d.master, Some(bm), "resolved by tuple");
+    assert_eq!(d.status & status::RELATED, status::RELATED);
+    for id in [bm, bd] {
+        assert_ne!(sh.conn(id).unwrap().status & status::FROM_PEER, 0);
+    }
+    let x: Vec<_> = sh.expectations(t(12)).collect();
+    assert_eq!(x.len(), 1);
+    assert_eq!(x[0].master, master);
+    assert_eq!(x[0].expires_in_ms, 300_000 - 2, "the remaining lifetime");
+    drop(sh);
+    b.check_invariants().unwrap();
+}
+
+#[test]
+fn bulk_pages_cover_every_entry_once_over_many_shards() {
+    let a = Conntrack::new(&Config { shards: 8, ..cfg() });
+    let flows = udp_flows(&a, 0, 120);
+    let mut seen = std::collections::HashMap::new();
+    let (mut cur, mut pages) = (0, 0);
+    loop {
+        let p = a.bulk_page(cur, 7, t(1));
+        assert!(p.conns.len() <= 7);
+        for c in p.conns {
+            *seen.entry(c.tuple).or_insert(0) += 1;
+        }
+        pages += 1;
+        match p.next {
+            Some(n) => cur = n,
+            None => break,
+        }
+    }
+    assert!(pages >= 120 / 7);
+    assert_eq!(seen.len(), flows.len());
+    assert!(seen.values().all(|&n| n == 1));
+    // Garbage cursors end the listing or list something; they never panic.
+    for c in [u64::MAX, 3 << 30, 7 << 32 | 3 << 30, 1 << 63] {
+        a.bulk_page(c, 5, t(1));
+    }
+}
+
+#[test]
+fn a_peer_update_never_moves_tcp_state_back() {
+    let a = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    handshake(&a, &mut f);
+    let evs = drain_all(&a);
+    let (Event::ConnCreated(syn), Event::ConnUpdated(synrecv), Event::ConnUpdated(est)) =
+        (&evs[0], &evs[1], &evs[2])
+    else {
+        panic!("{evs:?}")
+    };
+    let tuple = syn.tuple;
+    let b = Conntrack::new(&cfg());
+    b.import_conn(t(3), syn).unwrap();
+    assert_eq!(state_of(&b, &tuple), TcpState::SynSent);
+    b.apply_update(t(3), est).unwrap();
+    assert_eq!(state_of(&b, &tuple), TcpState::Established);
+    let exp = |ct: &Conntrack| {
+        let sh = ct.lock(0);
+        sh.conn(sh.find(&tuple).unwrap()).unwrap().expires
+    };
+    let before = exp(&b);
+    // A late update: the state stays, the expiry does not shrink.
+    b.apply_update(t(4), synrecv).unwrap();
+    assert_eq!(state_of(&b, &tuple), TcpState::Established);
+    assert_eq!(exp(&b), before);
+    // After a failover the entry is ours; an old whole copy from a peer that lags (or came
+    // back with an old table) does not rewind it either.
+    assert_eq!(
+        track(&b, 4, &f.seg(false, A, 0)).state,
+        CtState::Established
+    );
+    let before = exp(&b);
+    b.import_conn(t(4), syn).unwrap();
+    assert_eq!(state_of(&b, &tuple), TcpState::Established);
+    assert_eq!(exp(&b), before);
+    // Forward still works: the client closes.
+    track(&a, 5, &f.seg(true, F | A, 0));
+    for e in drain_all(&a) {
+        if let Event::ConnUpdated(u) = e {
+            b.apply_update(t(5), &u).unwrap();
+        }
+    }
+    assert_eq!(state_of(&b, &tuple), TcpState::FinWait);
+    let status_of = |ct: &Conntrack| {
+        let sh = ct.lock(0);
+        sh.conn(sh.find(&tuple).unwrap()).unwrap().status
+    };
+    let status_before = status_of(&b);
+    assert_ne!(status_before & status::ASSURED, 0);
+    // An update without ASSURED does not take it away.
+    let mut u = *est;
+    u.status = 0;
+    u.proto = match u.proto {
+        ProtoState::Tcp(mut c) => {
+            c.state.set(TcpState::CloseWait);
+            ProtoState::Tcp(c)
+        }
+        p => p,
+    };
+    b.apply_update(t(6), &u).unwrap();
+    assert_eq!(state_of(&b, &tuple), TcpState::CloseWait);
+    let st = status_of(&b);
+    assert_ne!(st & status::ASSURED, 0);
+    // An update for a connection we do not have.
+    let mut other = *est;
+    other.tuple.src_port ^= 1;
+    assert_eq!(b.apply_update(t(6), &other), Err(ApplyError::Missing));
+    // Seen the other way round it is not the same connection to the peer either.
+    other.tuple = tuple.reverse();
+    assert_eq!(b.apply_update(t(6), &other), Err(ApplyError::Missing));
+}
+
+#[test]
+fn a_reopened_connection_replaces_the_finished_one() {
+    let a = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    handshake(&a, &mut f);
+    track(&a, 3, &f.seg(true, F | A, 0));
+    track(&a, 4, &f.seg(false, F | A, 0));
+    track(&a, 5, &f.seg(true, A, 0));
+    let b = Conntrack::new(&cfg());
+    transfer(&a, &b, 5, 10);
+    let tuple = tuple_of(&f.seg(true, A, 0));
+    assert_eq!(state_of(&b, &tuple), TcpState::TimeWait);
+    drain_all(&a);
+    f.cseq = f.cseq.wrapping_add(100_000);
+    assert!(track(&a, 6, &f.seg(true, S, 0)).created);
+    let evs = drain_all(&a);
+    assert!(matches!(
+        evs[0],
+        Event::ConnDestroyed {
+            reason: DestroyReason::Reopened,
+            ..
+        }
+    ));
+    let Event::ConnCreated(new) = &evs[1] else {
+        panic!("{evs:?}")
+    };
+    // As sent: gone, then whole.
+    assert!(b.remove_conn(&tuple));
+    b.import_conn(t(6), new).unwrap();
+    assert_eq!(state_of(&b, &tuple), TcpState::SynSent);
+    // The whole copy alone (the ConnGone was lost) also replaces a finished connection.
+    let b2 = Conntrack::new(&cfg());
+    let mut fin = Flow::v4();
+    handshake(&b2, &mut fin);
+    track(&b2, 3, &fin.seg(true, F | A, 0));
+    track(&b2, 4, &fin.seg(false, F | A, 0));
+    track(&b2, 5, &fin.seg(true, A, 0));
+    assert_eq!(state_of(&b2, &tuple), TcpState::TimeWait);
+    b2.import_conn(t(6), new).unwrap();
+    assert_eq!(state_of(&b2, &tuple), TcpState::SynSent);
+    b2.check_invariants().unwrap();
+}
+
+#[test]
+fn first_local_packet_makes_a_learned_entry_ours_and_the_sweep_spares_it() {
+    let a = Conntrack::new(&Config { shards: 4, ..cfg() });
+    let flows = udp_flows(&a, 0, 3);
+    let b = Conntrack::new(&Config { shards: 4, ..cfg() });
+    transfer(&a, &b, 1, 100);
+    assert_eq!(b.len(), 3);
+    let origin = |tu: &Tuple| {
+        let sh = b.lock_tuple(tu);
+        sh.conn(sh.find(tu).unwrap())
+            .map(|c| c.status & status::FROM_PEER != 0)
+    };
+    assert!(flows.iter().all(|f| origin(f) == Some(true)));
+    // Failover: b forwards a packet of flow 0.
+    let c0 = ip("198.51.100.1");
+    let o = track(&b, 2, &build::udp(ip("203.0.113.10"), c0, 53, 1000, b""));
+    assert_eq!(o.state, CtState::Established);
+    assert_eq!(origin(&flows[0]), Some(false));
+    // The peer no longer has flows 0 and 1; a bulk from it brings only flow 2.
+    for f in &flows[..2] {
+        let mut sh = a.lock_tuple(f);
+        let id = sh.find(f).unwrap();
+        sh.remove(id);
+    }
+    b.begin_peer_bulk();
+    transfer(&a, &b, 3, 100);
+    assert_eq!(
+        b.end_peer_bulk(),
+        1,
+        "only flow 1: learned and not refreshed"
+    );
+    let sh = |tu: &Tuple| b.lock_tuple(tu).find(tu).is_some();
+    assert!(sh(&flows[0]), "used here: ours");
+    assert!(!sh(&flows[1]));
+    assert!(sh(&flows[2]), "refreshed by the bulk");
+    // The peer's ConnGone ends only what is still the peer's.
+    assert!(!b.remove_conn(&flows[0]));
+    assert!(b.remove_conn(&flows[2]));
+    assert!(!b.remove_conn(&flows[2]));
+    assert_eq!(b.len(), 1);
+    // A second sweep with nothing learned left removes nothing.
+    b.begin_peer_bulk();
+    assert_eq!(b.end_peer_bulk(), 0);
+    b.check_invariants().unwrap();
+}
+
+#[test]
+fn a_live_item_during_a_bulk_counts_as_a_refresh() {
+    let a = Conntrack::new(&cfg());
+    let flows = udp_flows(&a, 0, 2);
+    let b = Conntrack::new(&cfg());
+    transfer(&a, &b, 1, 100);
+    b.begin_peer_bulk();
+    let snap = a.bulk_page(0, 100, t(2)).conns;
+    let one = snap.iter().find(|c| c.tuple == flows[1]).unwrap();
+    let u = ConnUpdate {
+        tuple: one.tuple,
+        proto: one.proto,
+        status: one.status,
+        expires_in_ms: one.expires_in_ms,
+    };
+    b.apply_update(t(2), &u).unwrap();
+    assert_eq!(b.end_peer_bulk(), 1);
+    assert!(b.lock(0).find(&flows[1]).is_some());
+    assert!(b.lock(0).find(&flows[0]).is_none());
+}
+
+#[test]
+fn peer_expectations_keep_their_lifetime_need_their_master_and_respect_the_bound() {
+    let a = Conntrack::new(&cfg());
+    let (f, m) = ftp_master(&a);
+    a.lock(0).expect(t(10), data_expect(m, &f, 50000)).unwrap();
+    a.lock(0).expect(t(10), data_expect(m, &f, 50001)).unwrap();
+    let p = a.bulk_page(0, 100, t(90_010));
+    let (xs, master) = (p.expects, &p.conns[0]);
+    assert_eq!(xs[0].expires_in_ms, 300_000 - 90_000);
+
+    let b = Conntrack::new(&Config {
+        max_expectations: 1,
+        ..cfg()
+    });
+    assert_eq!(b.import_expect(t(1000), &xs[0]), Err(ImportError::NoMaster));
+    assert_eq!(b.expectation_count(), 0);
+    b.import_conn(t(1000), master).unwrap();
+    b.import_expect(t(1000), &xs[0]).unwrap();
+    let got: Vec<_> = b.lock(0).expectations(t(1000)).collect();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].expires_in_ms, 210_000,
+        "remaining, not a fresh timeout"
+    );
+    // Identical: refreshed in place.
+    let mut again = xs[0].clone();
+    again.expires_in_ms = 500;
+    b.import_expect(t(2000), &again).unwrap();
+    assert_eq!(b.expectation_count(), 1);
+    assert_eq!(
+        b.lock(0)
+            .expectations(t(2000))
+            .next()
+            .unwrap()
+            .expires_in_ms,
+        500
+    );
+    // A different one: the global bound (1) refuses it.
+    assert_eq!(
+        b.import_expect(t(2000), &xs[1]),
+        Err(ImportError::TableFull)
+    );
+    // Removed when the peer says so; the data connection then is not RELATED.
+    assert!(b.remove_expect(&xs[0]));
+    assert!(!b.remove_expect(&xs[0]));
+    b.import_expect(t(2000), &again).unwrap();
+    // It expires with the lifetime the peer gave it, quietly.
+    b.handle_timeout(t(2500), 0, 1, 100);
+    assert_eq!(b.expectation_count(), 0);
+    assert!(drain_all(&b).is_empty());
+    b.check_invariants().unwrap();
+}
+
+#[test]
+fn a_learned_expectation_is_used_after_failover() {
+    let a = Conntrack::new(&cfg());
+    let (master, _) = ftp_with_related(&a);
+    let b = Conntrack::new(&cfg());
+    transfer(&a, &b, 12, 100);
+    // PORT was before the crash; the data connection opens on b after it.
+    let mut d = Flow {
+        c: ip("203.0.113.10"),
+        s: ip("198.51.100.10"),
+        cp: 20,
+        sp: 50001,
+        ..Flow::v4()
+    };
+    let o = track(&b, 13, &d.seg(true, S, 0));
+    assert_eq!((o.state, o.created), (CtState::Related, true));
+    let sh = b.lock(0);
+    assert_eq!(sh.conn(o.conn.unwrap()).unwrap().master, sh.find(&master));
+}
+
+#[test]
+fn a_peers_items_are_not_echoed_and_learned_entries_end_quietly() {
+    let a = Conntrack::new(&cfg());
+    let (master, data) = ftp_with_related(&a);
+    udp_flows(&a, 12, 2);
+    let b = Conntrack::new(&cfg());
+    transfer(&a, &b, 12, 2);
+    b.begin_peer_bulk();
+    assert_eq!(b.end_peer_bulk(), 4, "3 connections and 1 expectation");
+    transfer(&a, &b, 12, 2);
+    assert!(b.remove_conn(&data));
+    let x = b.lock(0).expectations(t(12)).next().unwrap();
+    assert!(b.remove_expect(&x));
+    // The peer's entries time out here too; their end is the peer's to announce.
+    b.handle_timeout(t(10_000_000_000), 0, 1, 1000);
+    assert!(b.is_empty());
+    assert!(drain_all(&b).is_empty(), "nothing goes back to the peer");
+    // Local traffic on a learned entry does make events.
+    transfer(&a, &b, 20, 100);
+    assert!(b.lock(0).find(&master).is_some());
+    let c = ip("198.51.100.1");
+    track(&b, 21, &build::udp(ip("203.0.113.10"), c, 53, 1000, b""));
+    assert!(!drain_all(&b).is_empty());
+}
+
+#[test]
+fn bad_peer_items_are_refused_and_change_nothing() {
+    let a = Conntrack::new(&cfg());
+    let (f, m) = ftp_master(&a);
+    a.lock(0).expect(t(10), data_expect(m, &f, 50000)).unwrap();
+    let p = a.bulk_page(0, 100, t(10));
+    let (good, gx) = (p.conns[0].clone(), p.expects[0].clone());
+    assert!(good.helper.is_some());
+    let b = Conntrack::new(&cfg());
+    b.import_conn(t(10), &good).unwrap();
+    let before = b.bulk_page(0, 100, t(10));
+
+    let tcp = |s: &ConnSnapshot| match s.proto {
+        ProtoState::Tcp(c) => c,
+        _ => unreachable!(),
+    };
+    let mut cases: Vec<(ConnSnapshot, ImportError)> = Vec::new();
+    let mut s = good.clone();
+    s.tuple.family = 5;
+    cases.push((s, ImportError::BadFamily));
+    let mut s = good.clone();
+    s.tuple.dst = s.tuple.src;
+    s.tuple.dst_port = s.tuple.src_port;
+    cases.push((s, ImportError::SameEndpoints));
+    let mut s = good.clone();
+    s.proto = ProtoState::Udp;
+    cases.push((s, ImportError::ProtoMismatch));
+    let mut s = good.clone();
+    s.tuple.proto = proto::UDP;
+    cases.push((s, ImportError::ProtoMismatch));
+    for bad in [10u8, 200, 0] {
+        let mut s = good.clone();
+        let mut c = tcp(&s);
+        c.state = tcp::TcpStateRepr(bad);
+        s.proto = ProtoState::Tcp(c);
+        cases.push((s, ImportError::BadTcpState));
+    }
+    let mut s = good.clone();
+    let mut c = tcp(&s);
+    c.dir[1].scale = 15;
+    s.proto = ProtoState::Tcp(c);
+    cases.push((s, ImportError::BadTcpState));
+    let mut s = good.clone();
+    s.helper.as_mut().unwrap().dir[1].len = helper_state::LINE_MAX as u16 + 1;
+    cases.push((s, ImportError::BadHelper));
+    let mut s = good.clone();
+    s.tuple.proto = proto::UDP;
+    s.proto = ProtoState::Udp;
+    cases.push((s, ImportError::BadHelper));
+    for (s, want) in &cases {
+        assert_eq!(b.import_conn(t(11), s), Err(*want), "{s:?}");
+        let u = ConnUpdate {
+            tuple: s.tuple,
+            proto: s.proto,
+            status: s.status,
+            expires_in_ms: s.expires_in_ms,
+        };
+        if *want != ImportError::BadHelper {
+            assert_eq!(b.apply_update(t(11), &u), Err(ApplyError::Invalid(*want)));
+        }
+    }
+    // Expectations.
+    let mut x = gx.clone();
+    x.family = 9;
+    assert_eq!(b.import_expect(t(11), &x), Err(ImportError::BadFamily));
+    let mut x = gx.clone();
+    x.proto = proto::ICMP;
+    assert_eq!(b.import_expect(t(11), &x), Err(ImportError::ProtoMismatch));
+    assert_eq!(b.bulk_page(0, 100, t(10)), before, "untouched");
+
+    // Handed to the wrong shard.
+    let many = Conntrack::new(&Config { shards: 8, ..cfg() });
+    let right = many.shard_of_pair(&good.tuple.src, &good.tuple.dst, good.tuple.proto);
+    let wrong = (right + 1) % 8;
+    assert_eq!(
+        many.lock(wrong).import_conn(t(11), &good),
+        Err(ImportError::WrongShard)
+    );
+    assert_eq!(
+        many.lock(wrong).import_expect(t(11), &gx),
+        Err(ImportError::WrongShard)
+    );
+    assert!(many.is_empty());
+    b.check_invariants().unwrap();
+    many.check_invariants().unwrap();
+}
+
+#[test]
+fn an_imported_lifetime_is_bounded_by_the_longest_timeout() {
+    let a = Conntrack::new(&cfg());
+    udp_flows(&a, 0, 1);
+    let mut s = a.bulk_page(0, 1, t(0)).conns.remove(0);
+    s.expires_in_ms = u64::MAX;
+    let b = Conntrack::new(&cfg());
+    b.import_conn(t(0), &s).unwrap();
+    let longest = Timeouts::default().longest() * 1000;
+    assert_eq!(b.bulk_page(0, 1, t(0)).conns[0].expires_in_ms, longest);
+}
+
+// ---- property test: a peer's items, random and hostile -------------------------------------
+
+fn arb_tuple() -> impl Strategy<Value = Tuple> {
+    (
+        0u8..3,
+        0u8..3,
+        prop_oneof![
+            Just(proto::TCP),
+            Just(proto::UDP),
+            Just(proto::ICMP),
+            Just(47u8)
+        ],
+        0u16..3,
+        0u16..3,
+        prop_oneof![4 => Just(4u8), 1 => Just(6u8), 1 => any::<u8>()],
+    )
+        .prop_map(|(a, b, p, sp, dp, family)| {
+            let addr = |x: u8| {
+                let mut v = [0u8; 16];
+                v[10] = 0xff;
+                v[11] = 0xff;
+                v[15] = x;
+                v
+            };
+            Tuple {
+                src: addr(a),
+                dst: addr(b),
+                src_port: sp,
+                dst_port: dp,
+                proto: p,
+                family,
+            }
+        })
+}
+
+fn arb_proto() -> impl Strategy<Value = ProtoState> {
+    prop_oneof![
+        3 => (0u8..12, any::<[u32; 6]>(), 0u8..17, 0u8..17, any::<[u8; 2]>()).prop_map(
+            |(st, w, s0, s1, fl)| {
+                let mut c = tcp::TcpConn {
+                    state: tcp::TcpStateRepr(st),
+                    ..Default::default()
+                };
+                for (i, (d, sc)) in c.dir.iter_mut().zip([s0, s1]).enumerate() {
+                    d.end = w[3 * i];
+                    d.maxend = w[3 * i + 1];
+                    d.maxwin = w[3 * i + 2];
+                    d.scale = sc;
+                    d.flags = fl[i];
+                }
+                ProtoState::Tcp(c)
+            }
+        ),
+        1 => Just(ProtoState::Udp),
+        1 => Just(ProtoState::IcmpEcho),
+        1 => Just(ProtoState::Generic),
+    ]
+}
+
+fn arb_helper() -> impl Strategy<Value = Option<Box<helper_state::HelperState>>> {
+    proptest::option::of((any::<Option<u32>>(), 0u16..600, any::<bool>()).prop_map(
+        |(seq, len, ov)| {
+            let mut h = helper_state::HelperState::new(helper_state::HelperKind::Ftp);
+            h.dir[0].next_seq = seq;
+            h.dir[1].len = len;
+            h.dir[1].overflowed = ov;
+            Box::new(h)
+        },
+    ))
+}
+
+fn arb_expect() -> impl Strategy<Value = ExpectSnapshot> {
+    (arb_tuple(), 0u8..3, 0u8..3, 0u16..3, 0u64..100_000).prop_map(
+        |(master, s, d, port, expires_in_ms)| ExpectSnapshot {
+            master,
+            proto: if port == 2 { proto::UDP } else { proto::TCP },
+            src: master.src.map(|b| b ^ s),
+            src_port: None,
+            dst: master.dst.map(|b| b ^ d),
+            dst_port: port,
+            family: master.family,
+            expires_in_ms,
+            helper: None,
+        },
+    )
+}
+
+#[derive(Clone, Debug)]
+enum PeerOp {
+    Conn(ConnSnapshot),
+    Update(ConnUpdate),
+    Gone(Tuple),
+    Expect(ExpectSnapshot),
+    ExpectGone(ExpectSnapshot),
+    Begin,
+    End,
+    Local {
+        flow: u8,
+        flags: u8,
+        seq: u32,
+        reply: bool,
+    },
+    Tick(u32),
+}
+
+fn peer_op() -> impl Strategy<Value = PeerOp> {
+    let snap = (
+        arb_tuple(),
+        arb_proto(),
+        any::<u16>(),
+        proptest::option::of(arb_tuple()),
+        0u64..400_000_000,
+        arb_helper(),
+    )
+        .prop_map(
+            |(tuple, proto, status, master, expires_in_ms, helper)| ConnSnapshot {
+                tuple,
+                proto,
+                status,
+                master,
+                expires_in_ms,
+                helper,
+            },
+        );
+    let upd = (arb_tuple(), arb_proto(), any::<u16>(), 0u64..400_000_000).prop_map(
+        |(tuple, proto, status, expires_in_ms)| ConnUpdate {
+            tuple,
+            proto,
+            status,
+            expires_in_ms,
+        },
+    );
+    prop_oneof![
+        4 => snap.prop_map(PeerOp::Conn),
+        3 => upd.prop_map(PeerOp::Update),
+        1 => arb_tuple().prop_map(PeerOp::Gone),
+        2 => arb_expect().prop_map(PeerOp::Expect),
+        1 => arb_expect().prop_map(PeerOp::ExpectGone),
+        1 => Just(PeerOp::Begin),
+        1 => Just(PeerOp::End),
+        2 => (0u8..3, any::<u8>(), any::<u32>(), any::<bool>())
+            .prop_map(|(flow, flags, seq, reply)| PeerOp::Local { flow, flags, seq, reply }),
+        1 => (0u32..200_000).prop_map(PeerOp::Tick),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn random_peer_items_never_panic_and_keep_invariants(ops in proptest::collection::vec(peer_op(), 1..80)) {
+        let ct = Conntrack::new(&Config { shards: 4, max_entries: 6, max_expectations: 3, max_expect_per_master: 2, event_queue: 64, ..Config::default() });
+        let mut now = 0u64;
+        for op in ops {
+            let before = (ct.len(), ct.expectation_count());
+            match op {
+                PeerOp::Conn(s) => {
+                    if ct.import_conn(t(now), &s).is_err() {
+                        prop_assert_eq!(ct.len(), before.0);
+                    }
+                }
+                PeerOp::Update(u) => {
+                    if ct.apply_update(t(now), &u).is_err() {
+                        prop_assert_eq!((ct.len(), ct.expectation_count()), before);
+                    }
+                }
+                PeerOp::Gone(tu) => { ct.remove_conn(&tu); }
+                PeerOp::Expect(x) => {
+                    if ct.import_expect(t(now), &x).is_err() {
+                        prop_assert_eq!((ct.len(), ct.expectation_count()), before);
+                    }
+                }
+                PeerOp::ExpectGone(x) => { ct.remove_expect(&x); }
+                PeerOp::Begin => ct.begin_peer_bulk(),
+                PeerOp::End => { ct.end_peer_bulk(); }
+                PeerOp::Local { flow, flags, seq, reply } => {
+                    let (a, b) = (ip("0.0.0.1"), ip("0.0.0.0"));
+                    let (src, dst, sp, dp) = if reply { (b, a, 1, u16::from(flow)) } else { (a, b, u16::from(flow), 1) };
+                    let mut spec = TcpSpec::new(sp, dp, flags);
+                    spec.seq = seq;
+                    spec.payload = vec![0; 3];
+                    track(&ct, now, &build::tcp(src, dst, &spec));
+                    track(&ct, now, &build::udp(src, dst, sp, dp, b""));
+                }
+                PeerOp::Tick(ms) => {
+                    now += u64::from(ms);
+                    ct.handle_timeout(t(now), 0, 1, 4);
+                }
+            }
+            if let Err(e) = ct.check_invariants() {
+                return Err(TestCaseError::fail(e));
+            }
+            // Whatever it holds can be listed and sent on.
+            let mut cur = 0;
+            for _ in 0..64 {
+                match ct.bulk_page(cur, 3, t(now)).next { Some(n) => cur = n, None => break }
+            }
+            let _ = drain_all(&ct);
+        }
+    }
+}
+
+// ---- TCP against Linux nf_conntrack_proto_tcp.c (issue 9 item 5) ---------------------------
+
+#[test]
+fn a_picked_up_scaled_flow_is_not_judged_by_windows_it_cannot_know() {
+    let ct = Conntrack::new(&Config {
+        tcp_pickup: true,
+        ..cfg()
+    });
+    // Both ends scale by 2^7; the 512 in the window field is really 64 KiB, but the SYNs
+    // that said so were before the pickup.
+    let mut f = Flow {
+        window: 512,
+        ..Flow::v4()
+    };
+    assert!(track(&ct, 0, &f.seg(true, A, 0)).created);
+    track(&ct, 1, &f.seg(false, A, 0));
+    for i in 0..3 {
+        let o = track(&ct, 2 + i, &f.seg(true, A | P, 1448));
+        assert_eq!(o.state, CtState::Established, "full segment {i}");
+    }
+}
+
+#[test]
+fn an_in_window_rst_off_the_expected_sequence_keeps_the_connection_for_a_challenge_ack() {
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = handshake(&ct, &mut f);
+    // RFC 5961 3.2: in window but not exactly the next sequence number. The receiver answers
+    // with a challenge ACK; the connection must survive so that ACK gets through.
+    let mut near = TcpSpec::new(f.cp, f.sp, R);
+    near.seq = f.cseq.wrapping_add(100);
+    let r = track(&ct, 3, &build::tcp(f.c, f.s, &near));
+    assert_eq!(r.state, CtState::Established, "passed on to the endpoint");
+    assert_eq!(tcp_state(&ct, &o), TcpState::Established);
+    assert_eq!(
+        track(&ct, 4, &f.seg(false, A, 0)).state,
+        CtState::Established
+    );
+    // The sender answers the challenge with the exact sequence number: now it closes.
+    let exact = track(&ct, 5, &f.seg(true, R, 0));
+    assert_eq!(exact.state, CtState::Established);
+    assert_eq!(tcp_state(&ct, &o), TcpState::Close);
+}
+
+#[test]
+fn a_learned_entry_refuses_a_rst_it_cannot_check_yet() {
+    let a = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = handshake(&a, &mut f);
+    let snap = a.lock(0).snapshot(o.conn.unwrap(), t(2)).unwrap();
+    let b = Conntrack::new(&cfg());
+    b.import_conn(t(3), &snap).unwrap();
+    let id = b.lock(0).find(&snap.tuple).unwrap();
+    let state = || match b.lock(0).conn(id).unwrap().proto {
+        ProtoState::Tcp(c) => c.state(),
+        p => panic!("{p:?}"),
+    };
+    // The windows are stale and nothing was seen since: a RST at any sequence number would be
+    // a free kill switch for the connection. Refused, whatever its sequence number.
+    for seq in [f.cseq.wrapping_add(9_999_999), f.cseq] {
+        let mut rst = TcpSpec::new(f.cp, f.sp, R);
+        rst.seq = seq;
+        invalid(
+            &track(&b, 4, &build::tcp(f.c, f.s, &rst)),
+            InvalidReason::TcpRstOutOfWindow,
+        );
+        assert_eq!(state(), TcpState::Established);
+    }
+    // The server's next segment says (by its ACK) where the client is: a RST at the client's
+    // exact sequence number is now accepted.
+    track(&b, 5, &f.seg(false, A, 0));
+    assert_eq!(track(&b, 6, &f.seg(true, R, 0)).state, CtState::Established);
+    assert_eq!(state(), TcpState::Close);
+}
+
+#[test]
+fn an_old_ack_within_66000_bytes_is_in_window_even_with_small_windows() {
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow {
+        window: 1000,
+        ..Flow::v4()
+    };
+    handshake(&ct, &mut f);
+    for i in 0..6 {
+        assert_eq!(
+            track(&ct, 3 + i, &f.seg(true, A | P, 900)).state,
+            CtState::Established
+        );
+        assert_eq!(
+            track(&ct, 3 + i, &f.seg(false, A, 0)).state,
+            CtState::Established
+        );
+    }
+    // A reordered ACK from before the last 5000 bytes: Linux's MAXACKWINDOW takes the larger
+    // of the sender's largest window and 66000.
+    let mut old = TcpSpec::new(f.sp, f.cp, A);
+    old.seq = f.sseq;
+    old.ack = f.cseq.wrapping_sub(5000);
+    old.window = 1000;
+    assert_eq!(
+        track(&ct, 20, &build::tcp(f.s, f.c, &old)).state,
+        CtState::Established
+    );
+    // Beyond 66000 it is not.
+    old.ack = f.cseq.wrapping_sub(70_000);
+    invalid(
+        &track(&ct, 21, &build::tcp(f.s, f.c, &old)),
+        InvalidReason::TcpOutOfWindow,
+    );
+}
+
+#[test]
+fn a_syn_with_a_new_isn_reinitialises_only_in_syn_sent_and_syn_recv() {
+    // In SYN_SENT a retransmitted SYN with a later ISN restarts the sender's bounds.
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = track(&ct, 0, &f.seg(true, S, 0));
+    f.cseq = f.cseq.wrapping_add(100_000);
+    let o2 = track(&ct, 1, &f.seg(true, S, 0));
+    assert_eq!((o2.state, o2.conn), (CtState::New, o.conn));
+    // Simultaneous open (SYN_SENT2): the same SYN does not re-initialise; it is out of window.
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = track(&ct, 0, &f.seg(true, S, 0));
+    track(&ct, 1, &f.seg(false, S, 0));
+    assert_eq!(tcp_state(&ct, &o), TcpState::SynSent2);
+    f.cseq = f.cseq.wrapping_add(100_000);
+    invalid(
+        &track(&ct, 2, &f.seg(true, S, 0)),
+        InvalidReason::TcpOutOfWindow,
+    );
+}
+
+#[test]
+fn a_reply_syn_in_time_wait_reopens_with_the_roles_swapped() {
+    let ct = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = handshake(&ct, &mut f);
+    track(&ct, 3, &f.seg(true, F | A, 0));
+    track(&ct, 4, &f.seg(false, F | A, 0));
+    track(&ct, 5, &f.seg(true, A, 0));
+    assert_eq!(tcp_state(&ct, &o), TcpState::TimeWait);
+    // The server opens a new connection to the client's port (RFC 1122 4.2.2.13).
+    f.sseq = f.sseq.wrapping_add(100_000);
+    let n = track(&ct, 6, &f.seg(false, S, 0));
+    assert_eq!(
+        (n.state, n.created, n.dir),
+        (CtState::New, true, Direction::Original)
+    );
+    assert_ne!(n.conn, o.conn);
+    assert_eq!(ct.len(), 1);
+    let info = ct.lock(0).conn(n.conn.unwrap()).unwrap();
+    assert_eq!((info.tuple.src_ip(), info.tuple.src_port), (f.s, f.sp));
+    assert_eq!(tcp_state(&ct, &n), TcpState::SynSent);
+    assert_eq!(
+        track(&ct, 7, &f.seg(true, S | A, 0)).state,
+        CtState::Established
+    );
+}
+
+#[test]
+fn a_window_scale_above_14_is_clamped() {
+    use crate::packet::{Tcp, TcpOptions};
+    let syn = Tcp {
+        src_port: 1,
+        dst_port: 2,
+        seq: 1,
+        ack: 0,
+        flags: TcpFlags(S),
+        window: 1000,
+        options: TcpOptions {
+            window_scale: Some(40),
+            ..TcpOptions::default()
+        },
+        payload_len: 0,
+        payload: &[],
+    };
+    let c = tcp::TcpConn::new_from(&syn, false).unwrap();
+    assert_eq!(c.dir[0].scale, 14);
+    let mut c = c;
+    let mut synack = syn;
+    synack.flags = TcpFlags(S | A);
+    synack.ack = 2;
+    synack.seq = 500;
+    synack.options.window_scale = Some(255);
+    assert_eq!(
+        c.update(Direction::Reply, &synack, false),
+        tcp::TcpVerdict::Ok
+    );
+    assert_eq!(c.dir[1].scale, 14);
+    // Scaling a full window by 14 does not overflow.
+    let mut ack = syn;
+    ack.flags = TcpFlags(A);
+    ack.seq = 2;
+    ack.ack = 501;
+    ack.window = u16::MAX;
+    ack.options = TcpOptions::default();
+    assert_eq!(
+        c.update(Direction::Original, &ack, false),
+        tcp::TcpVerdict::Ok
+    );
+}
+
+#[test]
+fn a_whole_copy_replaces_a_learned_entry_even_with_an_earlier_state() {
+    // The peer's previous boot left us a learned entry in LAST_ACK; after its restart the same
+    // tuple is a new connection there. Its whole copy is the peer's latest word (the sync core
+    // keeps the stream in order) and replaces ours; merging would keep LAST_ACK.
+    let a = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    handshake(&a, &mut f);
+    track(&a, 3, &f.seg(true, F | A, 0));
+    track(&a, 4, &f.seg(false, F | A, 0));
+    let b = Conntrack::new(&cfg());
+    transfer(&a, &b, 4, 10);
+    let tuple = tuple_of(&f.seg(true, A, 0));
+    assert_eq!(state_of(&b, &tuple), TcpState::LastAck);
+    let a2 = Conntrack::new(&cfg());
+    let mut g = Flow::v4();
+    handshake(&a2, &mut g);
+    let fresh = a2.bulk_page(0, 10, t(2)).conns.remove(0);
+    b.import_conn(t(5), &fresh).unwrap();
+    assert_eq!(state_of(&b, &tuple), TcpState::Established);
+    let sh = b.lock(0);
+    let st = sh.conn(sh.find(&tuple).unwrap()).unwrap().status;
+    assert_ne!(st & status::FROM_PEER, 0);
+    // A compact update, by contrast, never rewinds (it carries no incarnation).
+    drop(sh);
+    let mut u = ConnUpdate {
+        tuple,
+        proto: fresh.proto,
+        status: fresh.status,
+        expires_in_ms: 1000,
+    };
+    if let ProtoState::Tcp(mut c) = u.proto {
+        c.state.set(TcpState::SynRecv);
+        u.proto = ProtoState::Tcp(c);
+    }
+    b.apply_update(t(6), &u).unwrap();
+    assert_eq!(state_of(&b, &tuple), TcpState::Established);
+}
+
+#[test]
+fn a_whole_copy_keeps_the_expectations_of_a_learned_master() {
+    // ConnHelper re-sends the FTP control connection whole after each command: the data
+    // connections it announced must survive that.
+    let a = Conntrack::new(&cfg());
+    let (master, _) = ftp_with_related(&a);
+    let b = Conntrack::new(&cfg());
+    transfer(&a, &b, 12, 100);
+    assert_eq!(b.expectation_count(), 1);
+    let again = a.bulk_page(0, 100, t(13)).conns;
+    let m = again.iter().find(|c| c.tuple == master).unwrap();
+    b.import_conn(t(13), m).unwrap();
+    assert_eq!(b.expectation_count(), 1);
+    b.check_invariants().unwrap();
 }

@@ -245,6 +245,9 @@ impl Pipeline {
                 tracing::debug!(error = %e, "FTP expectation refused");
             }
         }
+        // The parse state moved (next sequence number, partial line): the peer needs it to
+        // parse the next command if it takes over.
+        shard.helper_changed(id, now);
         let s = &self.stats;
         s.ftp_lines.fetch_add(counters.lines, Relaxed);
         s.ftp_expectations.fetch_add(counters.expectations, Relaxed);
@@ -461,6 +464,50 @@ mod tests {
         );
         assert_eq!(p.ct.len(), 1, "the connection is still there");
         assert_eq!(decide(&seg(true, TcpFlags::ACK, 2, 101)), Verdict::Accept);
+    }
+
+    #[test]
+    fn an_ftp_segment_the_helper_consumed_queues_the_helper_state_for_the_peer() {
+        use crate::conntrack::Event;
+        let p = pipeline();
+        let (cl, sv) = (
+            "198.51.100.10".parse().unwrap(),
+            "203.0.113.10".parse().unwrap(),
+        );
+        let seg = |from_client: bool, flags: u8, seq: u32, ack: u32, data: &[u8]| {
+            let (sp, dp) = if from_client {
+                (40000, 21)
+            } else {
+                (21, 40000)
+            };
+            let mut t = TcpSpec::new(sp, dp, flags);
+            (t.seq, t.ack) = (seq, ack);
+            t.payload = data.to_vec();
+            if from_client {
+                build::tcp(cl, sv, &t)
+            } else {
+                build::tcp(sv, cl, &t)
+            }
+        };
+        let now = Timestamp::from_secs(1);
+        let pol = p.policy.current();
+        let decide = |b: &[u8]| p.decide(now, &pol, b, b.len() as u32, 2, 3, false);
+        let (a, pa) = (TcpFlags::ACK, TcpFlags::ACK | TcpFlags::PSH);
+        decide(&seg(true, TcpFlags::SYN, 1, 0, b""));
+        decide(&seg(false, TcpFlags::SYN | a, 100, 2, b""));
+        decide(&seg(true, a, 2, 101, b""));
+        let line = b"USER anonymous\r\n";
+        assert_eq!(decide(&seg(true, pa, 2, 101, line)), Verdict::Accept);
+        let probe = seg(true, a, 2, 101, b"");
+        let mut sh = p.ct.lock_for(&Packet::parse(&probe).unwrap());
+        let helper: Vec<_> = std::iter::from_fn(|| sh.poll_event())
+            .filter_map(|e| match e {
+                Event::ConnHelper(s) => s.helper,
+                _ => None,
+            })
+            .collect();
+        assert_eq!(helper.len(), 1);
+        assert_eq!(helper[0].dir[0].next_seq, Some(2 + line.len() as u32));
     }
 
     #[test]
