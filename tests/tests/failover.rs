@@ -599,7 +599,7 @@ fn failback_gw1_returns_syncs_and_only_then_takes_the_vips_keeping_a_session_ope
         t.elapsed()
     );
     assert!(
-        ha.ha_roles && check.code == 0,
+        check.code == 0,
         "gw1 took the VIPs while its ha check fails: {check:?}\n{}",
         ha.diag()
     );

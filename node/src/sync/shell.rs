@@ -315,9 +315,21 @@ async fn dial(
                 .stream(ReceiverStream::new(rx))
                 .await
                 .map_err(|e| e.message().to_string())?;
-            let _ = net.send(NetEvent::Up { peer: peer.id, gen, tx }).await;
+            let _ = net
+                .send(NetEvent::Up {
+                    peer: peer.id,
+                    gen,
+                    tx,
+                })
+                .await;
             let why = forward(resp.into_inner(), peer.id, gen, &net).await;
-            let _ = net.send(NetEvent::Down { peer: peer.id, gen, why }).await;
+            let _ = net
+                .send(NetEvent::Down {
+                    peer: peer.id,
+                    gen,
+                    why,
+                })
+                .await;
             Ok::<(), String>(())
         }
         .await;
@@ -513,11 +525,10 @@ impl Engine {
                 .map(|t| t.as_millis().saturating_sub(now.as_millis()))
                 .unwrap_or(100)
                 .min(100);
-            let blocked = self.peers.iter().any(|p| {
-                p.link
-                    .as_ref()
-                    .is_some_and(|(_, tx)| tx.capacity() == 0)
-            });
+            let blocked = self
+                .peers
+                .iter()
+                .any(|p| p.link.as_ref().is_some_and(|(_, tx)| tx.capacity() == 0));
             let wait = if blocked { 1 } else { wake };
             tokio::select! {
                 b = events.recv() => match b {
@@ -631,7 +642,10 @@ impl Engine {
             Op::Lookup(tuples) => {
                 let snaps = tuples
                     .iter()
-                    .filter_map(|t| ct.snapshot_of(t, now))
+                    .filter_map(|t| {
+                        let sh = ct.lock_tuple(t);
+                        sh.find(t).and_then(|id| sh.snapshot(id, now))
+                    })
                     .collect();
                 self.peers[i].session.resend(&mut self.outbox, snaps);
             }
@@ -740,7 +754,7 @@ impl Engine {
 /// The replicated form of a tracker event.
 fn item_of(ev: Event) -> Item {
     match ev {
-        Event::ConnCreated(s) => Item::Conn(s),
+        Event::ConnCreated(s) | Event::ConnHelper(s) => Item::Conn(s),
         Event::ConnUpdated(u) => Item::Update(u),
         Event::ConnDestroyed { tuple, .. } => Item::ConnGone(tuple),
         Event::ExpectCreated(x) => Item::Expect(x),
