@@ -580,6 +580,35 @@ impl HaLab {
         false
     }
 
+    /// Wait until both gateways' sync streams are up and each has acknowledged everything the
+    /// other sent (`fwctl sync status`: connected, in sync, lag 0). `wait_synced` is not enough
+    /// after a sync-link outage: a standby that was in sync stays "ready" while apart (it must
+    /// be able to take over from a dead peer), so only the stream shows it caught up.
+    pub fn wait_caught_up(&self, timeout: Duration) -> Result<Duration, String> {
+        let t = Instant::now();
+        let mut last = String::new();
+        while t.elapsed() < timeout {
+            let ok = [1u64, 2].iter().all(|&id| {
+                let out = self.c.ctl(id, &["-o", "json", "sync", "status"]);
+                last = out.stdout.clone();
+                out.code == 0
+                    && serde_json::from_str::<serde_json::Value>(&out.stdout).is_ok_and(|v| {
+                        v["peers"].as_array().is_some_and(|ps| {
+                            !ps.is_empty()
+                                && ps.iter().all(|p| {
+                                    p["connected"] == true && p["in_sync"] == true && p["lag"] == 0
+                                })
+                        })
+                    })
+            });
+            if ok {
+                return Ok(t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(last)
+    }
+
     /// Everything useful when a lab assertion fails: who holds what, and the logs' tails.
     pub fn diag(&self) -> String {
         let lab = &self.c.lab;

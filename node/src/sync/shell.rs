@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use pb::sync_client::SyncClient;
 use pb::sync_server::{Sync as SyncRpc, SyncServer};
 use serde::Deserialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
@@ -52,7 +52,9 @@ pub struct SyncConfig {
     /// dropped, counted, and the peers resynchronised.
     #[serde(default = "defaults::channel")]
     pub channel_batches: usize,
-    /// A peer that sends nothing (not even a heartbeat) for this long is disconnected.
+    /// A peer that sends nothing (not even a heartbeat, sent every third of this) for this long
+    /// is disconnected, and a fresh connection is dialled: after a sync-link outage that beats
+    /// waiting for the old connection's TCP retransmission backoff.
     #[serde(default = "defaults::idle_timeout_ms")]
     pub idle_timeout_ms: u64,
     /// A bulk transfer from the peer that has not completed by then no longer holds this node
@@ -76,7 +78,7 @@ mod defaults {
         4096
     }
     pub fn idle_timeout_ms() -> u64 {
-        3000
+        1500
     }
     pub fn bulk_timeout_ms() -> u64 {
         30_000
@@ -120,6 +122,9 @@ enum NetEvent {
         peer: u64,
         gen: u64,
         tx: mpsc::Sender<pb::SyncMessage>,
+        /// Notified when the engine drops the link: the stream's task ends it at once (and
+        /// the dialler opens a fresh connection rather than wait for a stalled one).
+        closer: Arc<Notify>,
     },
     Msg {
         peer: u64,
@@ -301,7 +306,7 @@ async fn dial(
     net: mpsc::Sender<NetEvent>,
     gens: Arc<std::sync::atomic::AtomicU64>,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Duration::from_millis(20);
     loop {
         let r = async {
             let ep = transport.endpoint(&peer.addr).map_err(|e| e.to_string())?;
@@ -315,14 +320,19 @@ async fn dial(
                 .stream(ReceiverStream::new(rx))
                 .await
                 .map_err(|e| e.message().to_string())?;
+            let closer = Arc::new(Notify::new());
             let _ = net
                 .send(NetEvent::Up {
                     peer: peer.id,
                     gen,
                     tx,
+                    closer: closer.clone(),
                 })
                 .await;
-            let why = forward(resp.into_inner(), peer.id, gen, &net).await;
+            let why = tokio::select! {
+                why = forward(resp.into_inner(), peer.id, gen, &net) => why,
+                _ = closer.notified() => "closed by this node".to_string(),
+            };
             let _ = net
                 .send(NetEvent::Down {
                     peer: peer.id,
@@ -333,11 +343,12 @@ async fn dial(
             Ok::<(), String>(())
         }
         .await;
+        // The sync network is a LAN: retry often, so a link that comes back is used at once.
         match r {
-            Ok(()) => backoff = Duration::from_millis(100),
+            Ok(()) => backoff = Duration::from_millis(20),
             Err(e) => {
                 tracing::debug!(peer = peer.id, me, error = %e, "sync connect failed");
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                backoff = (backoff * 2).min(Duration::from_millis(250));
             }
         }
         if net.is_closed() {
@@ -383,27 +394,52 @@ impl SyncRpc for Service {
         req: tonic::Request<tonic::Streaming<pb::SyncMessage>>,
     ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
         let mut inbound = req.into_inner();
-        // The first message names the peer; only a configured peer is admitted.
-        let first = match tokio::time::timeout(Duration::from_secs(5), inbound.next()).await {
-            Ok(Some(Ok(m))) => m,
-            _ => return Err(tonic::Status::invalid_argument("expected a Hello")),
-        };
-        let peer = match codec::decode(&first) {
-            Some(Msg::Hello(h)) if self.peers.contains(&h.node_id) => h.node_id,
-            Some(Msg::Hello(h)) => {
-                return Err(tonic::Status::permission_denied(format!(
-                    "node {} is not a configured sync peer",
-                    h.node_id
-                )))
-            }
-            _ => return Err(tonic::Status::invalid_argument("expected a Hello")),
-        };
-        let gen = self.gens.fetch_add(1, Relaxed);
-        let (tx, rx) = mpsc::channel::<pb::SyncMessage>(STREAM_BUFFER);
+        // The response goes back at once: the dialler sends its Hello only once the stream is
+        // open, so waiting for it here would deadlock. The first message must be a Hello from
+        // a configured peer; anything else ends the stream with an error status.
         let (out_tx, out_rx) = mpsc::channel(STREAM_BUFFER);
-        let net = self.net.clone();
+        let (peers, net, gen) = (
+            self.peers.clone(),
+            self.net.clone(),
+            self.gens.fetch_add(1, Relaxed),
+        );
         tokio::spawn(async move {
-            if net.send(NetEvent::Up { peer, gen, tx }).await.is_err() {
+            let first = match tokio::time::timeout(Duration::from_secs(5), inbound.next()).await {
+                Ok(Some(Ok(m))) => m,
+                _ => {
+                    let _ = out_tx
+                        .send(Err(tonic::Status::invalid_argument("expected a Hello")))
+                        .await;
+                    return;
+                }
+            };
+            let peer = match codec::decode(&first) {
+                Some(Msg::Hello(h)) if peers.contains(&h.node_id) => h.node_id,
+                Some(Msg::Hello(h)) => {
+                    let _ = out_tx
+                        .send(Err(tonic::Status::permission_denied(format!(
+                            "node {} is not a configured sync peer",
+                            h.node_id
+                        ))))
+                        .await;
+                    return;
+                }
+                _ => {
+                    let _ = out_tx
+                        .send(Err(tonic::Status::invalid_argument("expected a Hello")))
+                        .await;
+                    return;
+                }
+            };
+            let (tx, mut rx) = mpsc::channel::<pb::SyncMessage>(STREAM_BUFFER);
+            let closer = Arc::new(Notify::new());
+            let up = NetEvent::Up {
+                peer,
+                gen,
+                tx,
+                closer: closer.clone(),
+            };
+            if net.send(up).await.is_err() {
                 return;
             }
             let _ = net
@@ -414,7 +450,6 @@ impl SyncRpc for Service {
                 })
                 .await;
             // Outgoing: the engine's messages onto the response stream.
-            let mut rx = rx;
             let pump = tokio::spawn(async move {
                 while let Some(m) = rx.recv().await {
                     if out_tx.send(Ok(m)).await.is_err() {
@@ -422,7 +457,10 @@ impl SyncRpc for Service {
                     }
                 }
             });
-            let why = forward(inbound, peer, gen, &net).await;
+            let why = tokio::select! {
+                why = forward(inbound, peer, gen, &net) => why,
+                _ = closer.notified() => "closed by this node".to_string(),
+            };
             pump.abort();
             let _ = net.send(NetEvent::Down { peer, gen, why }).await;
         });
@@ -435,8 +473,21 @@ struct Peer {
     id: u64,
     addr: String,
     session: Session,
-    /// The live stream: its generation and sender.
-    link: Option<(u64, mpsc::Sender<pb::SyncMessage>)>,
+    /// The live stream.
+    link: Option<Link>,
+}
+
+/// A live stream as the engine holds it. Dropping it ends the stream's task.
+struct Link {
+    gen: u64,
+    tx: mpsc::Sender<pb::SyncMessage>,
+    closer: Arc<Notify>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.closer.notify_one();
+    }
 }
 
 /// The task that owns the core.
@@ -473,6 +524,7 @@ impl Engine {
     ) -> Self {
         let core_cfg = core::Config {
             idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
+            heartbeat_interval: Duration::from_millis(cfg.idle_timeout_ms / 3),
             bulk_timeout: Duration::from_millis(cfg.bulk_timeout_ms),
             ..core::Config::default()
         };
@@ -528,7 +580,7 @@ impl Engine {
             let blocked = self
                 .peers
                 .iter()
-                .any(|p| p.link.as_ref().is_some_and(|(_, tx)| tx.capacity() == 0));
+                .any(|p| p.link.as_ref().is_some_and(|l| l.tx.capacity() == 0));
             let wait = if blocked { 1 } else { wake };
             tokio::select! {
                 b = events.recv() => match b {
@@ -579,12 +631,17 @@ impl Engine {
     fn on_net(&mut self, e: NetEvent) {
         let now = self.now();
         match e {
-            NetEvent::Up { peer, gen, tx } => {
+            NetEvent::Up {
+                peer,
+                gen,
+                tx,
+                closer,
+            } => {
                 if let Some(p) = self.peers.iter_mut().find(|p| p.id == peer) {
                     if p.link.is_some() {
                         p.session.disconnected(now);
                     }
-                    p.link = Some((gen, tx));
+                    p.link = Some(Link { gen, tx, closer });
                     p.session.connected(now, &self.outbox);
                     tracing::info!(peer, "sync stream up");
                 }
@@ -593,7 +650,7 @@ impl Engine {
                 let Some(p) = self.peers.iter_mut().find(|p| p.id == peer) else {
                     return;
                 };
-                if p.link.as_ref().is_none_or(|(g, _)| *g != gen) {
+                if p.link.as_ref().is_none_or(|l| l.gen != gen) {
                     return; // from a stream that has been replaced
                 }
                 match codec::decode(&msg) {
@@ -603,7 +660,7 @@ impl Engine {
             }
             NetEvent::Down { peer, gen, why } => {
                 if let Some(p) = self.peers.iter_mut().find(|p| p.id == peer) {
-                    if p.link.as_ref().is_some_and(|(g, _)| *g == gen) {
+                    if p.link.as_ref().is_some_and(|l| l.gen == gen) {
                         p.link = None;
                         p.session.disconnected(now);
                         tracing::info!(peer, reason = %why, "sync stream down");
@@ -619,7 +676,9 @@ impl Engine {
             self.apply(i, now, op);
         }
         let p = &mut self.peers[i];
-        let Some((_, tx)) = &p.link else { return };
+        let Some(Link { tx, .. }) = &p.link else {
+            return;
+        };
         while tx.capacity() > 0 {
             let Some(m) = p.session.poll_transmit(now, &self.outbox) else {
                 break;
@@ -658,7 +717,7 @@ impl Engine {
             Op::Close(why) => {
                 let p = &mut self.peers[i];
                 tracing::warn!(peer = p.id, reason = ?why, "closing the sync stream");
-                // Dropping our sender ends the stream; the dialler reconnects.
+                // Dropping the link ends the stream; the dialler reconnects.
                 p.link = None;
                 p.session.disconnected(now);
             }
