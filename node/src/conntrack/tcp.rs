@@ -5,8 +5,58 @@
 //! validation and the re-learning of windows for entries picked up mid-stream or learned from a
 //! peer. Must not touch the table, timers or I/O: it judges one segment against one connection.
 
+use std::ops::{Add, Sub};
+
 use crate::conntrack::Direction;
 use crate::packet::{Tcp, TcpFlags};
+
+/// A TCP sequence number (smoltcp's `TcpSeqNumber`, Linux's `before`/`after`): arithmetic
+/// wraps modulo 2^32 and order is serial-number order (RFC 1982). That order is not
+/// transitive across more than half the space, so the type is deliberately not `PartialOrd`:
+/// every comparison says which way it looks.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct SeqNumber(pub u32);
+
+impl SeqNumber {
+    /// `self` comes strictly before `other` (Linux's `before`).
+    #[inline]
+    pub fn before(self, other: SeqNumber) -> bool {
+        (self.0.wrapping_sub(other.0) as i32) < 0
+    }
+    /// `self` comes strictly after `other` (Linux's `after`).
+    #[inline]
+    pub fn after(self, other: SeqNumber) -> bool {
+        other.before(self)
+    }
+}
+
+impl Add<u32> for SeqNumber {
+    type Output = SeqNumber;
+    #[inline]
+    fn add(self, n: u32) -> SeqNumber {
+        SeqNumber(self.0.wrapping_add(n))
+    }
+}
+
+impl Sub<u32> for SeqNumber {
+    type Output = SeqNumber;
+    #[inline]
+    fn sub(self, n: u32) -> SeqNumber {
+        SeqNumber(self.0.wrapping_sub(n))
+    }
+}
+
+/// The distance from `other` forward to `self`, modulo 2^32.
+impl Sub for SeqNumber {
+    type Output = u32;
+    #[inline]
+    fn sub(self, other: SeqNumber) -> u32 {
+        self.0.wrapping_sub(other.0)
+    }
+}
 
 /// TCP connection states, numbered as Linux's `tcp_conntrack`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -79,9 +129,9 @@ impl TcpState {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TcpDir {
     /// Highest sequence number sent + 1 (max of seq + len).
-    pub end: u32,
+    pub end: SeqNumber,
     /// Highest sequence number the peer's window allows (max of ack + window).
-    pub maxend: u32,
+    pub maxend: SeqNumber,
     /// Largest window seen from this sender (scaled); 0 = nothing seen yet.
     pub maxwin: u32,
     /// Window-scale shift this sender announced.
@@ -101,6 +151,11 @@ pub const DIR_RELEARN: u8 = 0x04;
 /// set on both directions of a connection picked up mid-stream, whose window scaling was
 /// negotiated in SYNs we never saw, so every window we would compute is too small.
 pub const DIR_LIBERAL: u8 = 0x08;
+/// The sender allowed SACK in its SYN (RFC 2018), so the peer's ACKs may carry SACK blocks
+/// that acknowledge beyond the cumulative ACK (Linux's `IP_CT_TCP_FLAG_SACK_PERM`).
+pub const DIR_SACK_PERM: u8 = 0x10;
+/// Every direction flag; a peer's copy keeps only these.
+pub const DIR_ALL: u8 = DIR_WSCALE | DIR_UNACKED | DIR_RELEARN | DIR_LIBERAL | DIR_SACK_PERM;
 
 /// Largest window-scale shift (RFC 7323 section 2.3).
 pub const MAX_WSCALE: u8 = 14;
@@ -257,22 +312,62 @@ const TRANSITIONS: [[[u8; 10]; 6]; 2] = [
 // NO is only a source state; keep the constant for the table's readability.
 const _: u8 = NO;
 
-#[inline]
-fn before(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) < 0
-}
-#[inline]
-fn after(a: u32, b: u32) -> bool {
-    before(b, a)
-}
-
 /// End of a segment in sequence space: seq + payload + SYN + FIN.
 #[inline]
-fn seg_end(t: &Tcp) -> u32 {
-    t.seq
-        .wrapping_add(t.payload_len)
-        .wrapping_add(u32::from(t.flags.syn()))
-        .wrapping_add(u32::from(t.flags.fin()))
+fn seg_end(t: &Tcp) -> SeqNumber {
+    SeqNumber(t.seq) + t.payload_len + u32::from(t.flags.syn()) + u32::from(t.flags.fin())
+}
+
+/// The options a SYN announces for its sender's direction (Linux's `tcp_options`): window
+/// scale (clamped to RFC 7323's 14) and SACK permitted. Earlier options are forgotten.
+fn syn_options(d: &mut TcpDir, t: &Tcp) {
+    d.flags &= DIR_LIBERAL;
+    d.scale = 0;
+    if let Some(s) = t.options.window_scale {
+        d.flags |= DIR_WSCALE;
+        d.scale = s.min(MAX_WSCALE);
+    }
+    if t.options.sack_permitted {
+        d.flags |= DIR_SACK_PERM;
+    }
+}
+
+/// The highest right edge of the segment's SACK blocks (RFC 2018) that lies after `ack`, else
+/// `ack` (Linux's `tcp_sack`). Only the first SACK option counts; a malformed option list
+/// ends the scan (it cannot move the edge). Hand-written: it runs on the packet path for
+/// every ACK to a SACK-permitting receiver, and must neither allocate nor index past the end.
+fn sack_edge(opts: &[u8], ack: SeqNumber) -> SeqNumber {
+    // The common case on every segment: only timestamps (NOP, NOP, TS).
+    if opts.len() == 12 && opts.starts_with(&[1, 1, 8, 10]) {
+        return ack;
+    }
+    let mut sack = ack;
+    let mut o = opts;
+    while let Some((&kind, rest)) = o.split_first() {
+        match kind {
+            0 => break,
+            1 => o = rest,
+            _ => {
+                let Some(&len) = rest.first() else { break };
+                let len = usize::from(len);
+                let Some(option) = o.get(..len).filter(|_| len >= 2) else {
+                    break;
+                };
+                if kind == 5 && len >= 10 && (len - 2) % 8 == 0 {
+                    for block in option[2..].chunks_exact(8) {
+                        let right =
+                            SeqNumber(u32::from_be_bytes([block[4], block[5], block[6], block[7]]));
+                        if right.after(sack) {
+                            sack = right;
+                        }
+                    }
+                    break;
+                }
+                o = &o[len..];
+            }
+        }
+    }
+    sack
 }
 
 impl TcpConn {
@@ -291,17 +386,15 @@ impl TcpConn {
             d.end = seg_end(t);
             d.maxend = d.end;
             d.maxwin = u32::from(t.window).max(1);
-            if let Some(s) = t.options.window_scale {
-                d.flags |= DIR_WSCALE;
-                d.scale = s.min(MAX_WSCALE);
-            }
+            syn_options(d, t);
             Some(c)
         } else if pickup && !f.rst() && !f.syn() && f.ack() {
             // Mid-stream pickup: the state is unknown, assume ESTABLISHED and learn both
-            // directions' bounds from the first segments seen.
+            // directions' bounds from the first segments seen. SACK is assumed permitted
+            // both ways, as Linux does: the SYNs that said so were never seen.
             c.state.set(TcpState::Established);
-            c.dir[0].flags = DIR_RELEARN | DIR_LIBERAL;
-            c.dir[1].flags = DIR_RELEARN | DIR_LIBERAL;
+            c.dir[0].flags = DIR_RELEARN | DIR_LIBERAL | DIR_SACK_PERM;
+            c.dir[1].flags = DIR_RELEARN | DIR_LIBERAL | DIR_SACK_PERM;
             c.in_window(Direction::Original, t, true, false);
             Some(c)
         } else {
@@ -326,7 +419,9 @@ impl TcpConn {
         if t.flags.rst() {
             if old == TcpState::SynSent {
                 // RST while SYN_SENT must acknowledge our SYN exactly (RFC 793/5961).
-                if dir == Direction::Reply && !(t.flags.ack() && t.ack == self.dir[0].end) {
+                if dir == Direction::Reply
+                    && !(t.flags.ack() && SeqNumber(t.ack) == self.dir[0].end)
+                {
                     return TcpVerdict::RstOutOfWindow;
                 }
             } else if relearn && self.dir[1 - di].flags & DIR_RELEARN != 0 {
@@ -336,7 +431,7 @@ impl TcpConn {
                 return TcpVerdict::RstOutOfWindow;
             } else if !liberal && !self.rst_in_window(dir, t) {
                 return TcpVerdict::RstOutOfWindow;
-            } else if old == TcpState::Established && t.seq != self.dir[di].end {
+            } else if old == TcpState::Established && SeqNumber(t.seq) != self.dir[di].end {
                 // RFC 5961 3.2, as Linux: in window but not the exact next sequence number.
                 // The receiver answers with a challenge ACK and keeps the connection; so do
                 // we, or that ACK would meet a closed entry. Nothing changes (its sequence
@@ -370,13 +465,15 @@ impl TcpConn {
             return true;
         }
         // [sender.end - receiver.maxwin, sender.maxend]: the receive window of the peer.
-        let lo = s.end.wrapping_sub(r.maxwin.max(1));
-        !before(t.seq, lo) && !after(t.seq, s.maxend)
+        let seq = SeqNumber(t.seq);
+        !seq.before(s.end - r.maxwin.max(1)) && !seq.after(s.maxend)
     }
 
-    /// Linux's `tcp_in_window`: check the segment against both directions' bounds and update
-    /// them. Returns false (and the caller discards `self`) when out of window.
+    /// Linux's `tcp_in_window` (v6.6): check the segment against both directions' bounds and
+    /// update them. Returns false (and the caller discards `self`) when out of window; a
+    /// liberal direction's out-of-window segment passes but moves no bound, as in Linux.
     fn in_window(&mut self, dir: Direction, t: &Tcp, liberal: bool, reinit: bool) -> bool {
+        let state = self.state();
         let di = dir as usize;
         let (sender, receiver) = if di == 0 {
             let (a, b) = self.dir.split_at_mut(1);
@@ -385,10 +482,17 @@ impl TcpConn {
             let (a, b) = self.dir.split_at_mut(1);
             (&mut b[0], &mut a[0])
         };
-        let seq = t.seq;
-        let end = seg_end(t);
+        let mut seq = SeqNumber(t.seq);
+        let mut end = seg_end(t);
         let mut win = u32::from(t.window);
-        let mut ack = t.ack;
+        let mut ack = SeqNumber(t.ack);
+        // SACK blocks acknowledge beyond the cumulative ACK; they count for the ACK bounds
+        // only if the receiver of this segment allowed SACK.
+        let mut sack = if t.flags.ack() && receiver.flags & DIR_SACK_PERM != 0 {
+            sack_edge(t.opts, ack)
+        } else {
+            ack
+        };
 
         if sender.flags & DIR_RELEARN != 0 {
             // Mid-stream (re)learning: take this segment's view as the truth.
@@ -396,16 +500,16 @@ impl TcpConn {
             let swin = (win << sender.scale).max(1);
             sender.end = end;
             sender.maxwin = sender.maxwin.max(swin);
-            sender.maxend = end.wrapping_add(sender.maxwin);
+            sender.maxend = end + sender.maxwin;
             if t.flags.ack() {
                 if receiver.maxwin == 0 || receiver.flags & DIR_RELEARN != 0 {
                     receiver.end = ack;
                     receiver.maxend = ack;
-                } else if after(ack, receiver.end) {
+                } else if ack.after(receiver.end) {
                     receiver.end = ack;
                 }
-                let m = ack.wrapping_add(swin);
-                if after(m, receiver.maxend) {
+                let m = ack + swin;
+                if m.after(receiver.maxend) {
                     receiver.maxend = m;
                 }
             }
@@ -418,10 +522,7 @@ impl TcpConn {
                 sender.end = end;
                 sender.maxend = end;
                 sender.maxwin = win.max(1);
-                if let Some(s) = t.options.window_scale {
-                    sender.flags |= DIR_WSCALE;
-                    sender.scale = s.min(MAX_WSCALE);
-                }
+                syn_options(sender, t);
                 if !(sender.flags & DIR_WSCALE != 0 && receiver.flags & DIR_WSCALE != 0) {
                     sender.scale = 0;
                     receiver.scale = 0;
@@ -433,61 +534,65 @@ impl TcpConn {
                 sender.end = end;
                 let swin = (win << sender.scale).max(1);
                 sender.maxwin = swin;
-                sender.maxend = end.wrapping_add(swin);
+                sender.maxend = end + swin;
                 if receiver.maxwin == 0 {
-                    receiver.end = ack;
-                    receiver.maxend = ack;
+                    receiver.end = sack;
+                    receiver.maxend = sack;
                 }
             }
-        } else if reinit && t.flags.syn() && after(end, sender.end) {
+        } else if reinit && t.flags.syn() && end.after(sender.end) {
             // A retransmitted SYN (or SYN/ACK) with a new initial sequence number: re-initialise.
             sender.end = end;
             sender.maxend = end;
             sender.maxwin = win.max(1);
+            syn_options(sender, t);
         }
 
         if !t.flags.ack() {
             ack = receiver.end;
-        } else if t.flags.rst() && ack == 0 {
+            sack = ack;
+        } else if t.flags.rst() && ack.0 == 0 {
             ack = receiver.end; // broken stacks send RST/ACK with ack 0
+            sack = ack;
+        }
+        // A segment without data or SYN/FIN (a pure ACK, a window update, a keep-alive) is
+        // judged at the sender's end, whatever its sequence number says.
+        if seq == end && (!t.flags.rst() || (seq.0 == 0 && state == TcpState::SynSent)) {
+            seq = sender.end;
+            end = sender.end;
         }
 
         // Linux's MAXACKWINDOW: an ACK may lag the receiver's end by the sender's largest
         // window, but by at least 66000 bytes (reordered ACKs on small-window connections).
         let maxackwin = sender.maxwin.max(MAX_ACK_WINDOW_FLOOR);
-        let in_recv_win = receiver.maxwin == 0
-            || after(
-                end,
-                sender.end.wrapping_sub(receiver.maxwin).wrapping_sub(1),
-            );
-        let ok = before(seq, sender.maxend.wrapping_add(1))
+        let in_recv_win = receiver.maxwin == 0 || end.after(sender.end - receiver.maxwin - 1);
+        let ok = seq.before(sender.maxend + 1)
             && in_recv_win
-            && before(ack, receiver.end.wrapping_add(1))
-            && after(ack, receiver.end.wrapping_sub(maxackwin).wrapping_sub(1));
-        if !ok && !liberal {
-            return false;
+            && sack.before(receiver.end + 1)
+            && sack.after(receiver.end - maxackwin - 1);
+        if !ok {
+            return liberal;
         }
         if !t.flags.syn() {
             win <<= sender.scale;
         }
-        // Update the sender's bounds.
-        if sender.maxwin < win {
-            sender.maxwin = win;
+        // Update the sender's bounds. SACKed data counts as acknowledged window.
+        let swin = win.wrapping_add(sack - ack);
+        if sender.maxwin < swin {
+            sender.maxwin = swin;
         }
-        if after(end, sender.end) {
+        if end.after(sender.end) {
             sender.end = end;
             sender.flags |= DIR_UNACKED;
         }
         // Update the receiver's bounds.
-        if receiver.maxwin != 0 && after(end, sender.maxend) {
-            receiver.maxwin = receiver
-                .maxwin
-                .wrapping_add(end.wrapping_sub(sender.maxend));
+        if receiver.maxwin != 0 && end.after(sender.maxend) {
+            receiver.maxwin = receiver.maxwin.wrapping_add(end - sender.maxend);
         }
-        if after(ack.wrapping_add(win), receiver.maxend.wrapping_sub(1)) {
-            receiver.maxend = ack.wrapping_add(win);
+        if (sack + win).after(receiver.maxend - 1) {
+            receiver.maxend = sack + win;
             if win == 0 {
-                receiver.maxend = receiver.maxend.wrapping_add(1);
+                receiver.maxend = receiver.maxend + 1;
             }
         }
         if ack == receiver.end {
@@ -511,7 +616,7 @@ impl TcpConn {
             if d.scale > MAX_WSCALE {
                 return None;
             }
-            d.flags &= DIR_WSCALE | DIR_UNACKED | DIR_RELEARN | DIR_LIBERAL;
+            d.flags &= DIR_ALL;
         }
         Some(self)
     }
@@ -520,5 +625,71 @@ impl TcpConn {
     pub fn set_relearn(&mut self) {
         self.dir[0].flags |= DIR_RELEARN;
         self.dir[1].flags |= DIR_RELEARN;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_order_wraps() {
+        let a = SeqNumber(u32::MAX - 10);
+        let b = a + 20; // wrapped past zero
+        assert_eq!(b, SeqNumber(9));
+        assert!(a.before(b) && b.after(a));
+        assert!(!a.before(a) && !a.after(a));
+        assert_eq!(b - a, 20);
+        assert_eq!(b - 20, a);
+        // Half the space away, the order flips: that is why there is no PartialOrd.
+        assert!(SeqNumber(0).before(SeqNumber(0x7fff_ffff)));
+        assert!(SeqNumber(0).after(SeqNumber(0x8000_0001)));
+    }
+
+    fn sack_opt(blocks: &[(u32, u32)]) -> Vec<u8> {
+        let mut o = vec![1, 1, 5, (2 + 8 * blocks.len()) as u8];
+        for (l, r) in blocks {
+            o.extend_from_slice(&l.to_be_bytes());
+            o.extend_from_slice(&r.to_be_bytes());
+        }
+        o
+    }
+
+    #[test]
+    fn sack_edge_takes_the_highest_right_edge_after_the_ack() {
+        let ack = SeqNumber(1000);
+        assert_eq!(sack_edge(&[], ack), ack);
+        assert_eq!(sack_edge(&sack_opt(&[(2000, 3000)]), ack), SeqNumber(3000));
+        let three = sack_opt(&[(2000, 3000), (5000, 6000), (4000, 4500)]);
+        assert_eq!(sack_edge(&three, ack), SeqNumber(6000));
+        // Edges before the ACK (D-SACK of old data) do not move it back.
+        assert_eq!(sack_edge(&sack_opt(&[(100, 900)]), ack), ack);
+        // Across the wrap.
+        let high = SeqNumber(u32::MAX - 5);
+        assert_eq!(sack_edge(&sack_opt(&[(2, 10)]), high), SeqNumber(10));
+        // After timestamps (the fast path is only for timestamps alone).
+        let mut ts_then_sack = vec![1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2];
+        ts_then_sack.extend(sack_opt(&[(2000, 2500)]));
+        assert_eq!(sack_edge(&ts_then_sack, ack), SeqNumber(2500));
+        assert_eq!(sack_edge(&ts_then_sack[..12], ack), ack);
+    }
+
+    #[test]
+    fn malformed_sack_options_never_move_the_edge_nor_panic() {
+        let ack = SeqNumber(1000);
+        let good = sack_opt(&[(2000, 3000)]);
+        // Cut at every length, and lengths that do not fit a whole number of blocks.
+        for cut in 0..good.len() {
+            assert_eq!(sack_edge(&good[..cut], ack), ack, "cut at {cut}");
+        }
+        for bad_len in [0u8, 1, 2, 9, 11, 17, 255] {
+            let mut o = good.clone();
+            o[3] = bad_len;
+            assert_eq!(sack_edge(&o, ack), ack, "length {bad_len}");
+        }
+        // End-of-list stops the scan.
+        let mut eol = vec![0];
+        eol.extend(&good);
+        assert_eq!(sack_edge(&eol, ack), ack);
     }
 }

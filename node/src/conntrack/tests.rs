@@ -402,10 +402,12 @@ fn snapshot_round_trip_and_from_peer_relearns_windows() {
     assert_eq!((o1.state, o1.conn), (CtState::Established, Some(id)));
     let o2 = track(&b, 12, &f.seg(false, A | P, 100));
     assert_eq!(o2.state, CtState::Established);
-    // Then it is judged like any other connection.
+    // Then it is judged like any other connection (data: a pure ACK is judged at the
+    // sender's end whatever its sequence number, as in Linux).
     let mut spec = TcpSpec::new(f.cp, f.sp, A | P);
     spec.seq = f.cseq.wrapping_add(50_000_000);
     spec.ack = f.sseq;
+    spec.payload = vec![b'x'; 10];
     invalid(
         &track(&b, 13, &build::tcp(f.c, f.s, &spec)),
         InvalidReason::TcpOutOfWindow,
@@ -2097,8 +2099,8 @@ fn arb_proto() -> impl Strategy<Value = ProtoState> {
                     ..Default::default()
                 };
                 for (i, (d, sc)) in c.dir.iter_mut().zip([s0, s1]).enumerate() {
-                    d.end = w[3 * i];
-                    d.maxend = w[3 * i + 1];
+                    d.end = tcp::SeqNumber(w[3 * i]);
+                    d.maxend = tcp::SeqNumber(w[3 * i + 1]);
                     d.maxwin = w[3 * i + 2];
                     d.scale = sc;
                     d.flags = fl[i];
@@ -2427,6 +2429,7 @@ fn a_window_scale_above_14_is_clamped() {
             window_scale: Some(40),
             ..TcpOptions::default()
         },
+        opts: &[],
         payload_len: 0,
         payload: &[],
     };
@@ -2509,4 +2512,210 @@ fn a_whole_copy_keeps_the_expectations_of_a_learned_master() {
     b.import_conn(t(13), m).unwrap();
     assert_eq!(b.expectation_count(), 1);
     b.check_invariants().unwrap();
+}
+
+// ---- SACK and the bounds Linux keeps (tcp_in_window, v6.6) ---------------------------------
+
+/// One segment for `TcpConn`-level tests: `opts` are raw option bytes (SACK blocks).
+fn tseg(
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    len: u32,
+    opts: &[u8],
+    sack_perm: bool,
+) -> crate::packet::Tcp<'_> {
+    crate::packet::Tcp {
+        src_port: 40000,
+        dst_port: 80,
+        seq,
+        ack,
+        flags: TcpFlags(flags),
+        window: 2000,
+        options: crate::packet::TcpOptions {
+            sack_permitted: sack_perm && flags & S != 0,
+            ..Default::default()
+        },
+        opts,
+        payload_len: len,
+        payload: &[],
+    }
+}
+
+fn sack_blocks(blocks: &[(u32, u32)]) -> Vec<u8> {
+    let mut o = vec![1, 1, 5, (2 + 8 * blocks.len()) as u8];
+    for (l, r) in blocks {
+        o.extend_from_slice(&l.to_be_bytes());
+        o.extend_from_slice(&r.to_be_bytes());
+    }
+    o
+}
+
+/// Client ISN 1000, server ISN 5000, windows 2000 unscaled; the client has sent 1001..3001.
+fn sack_conn(sack_perm: bool) -> tcp::TcpConn {
+    use tcp::TcpVerdict::Ok;
+    let (o, r) = (Direction::Original, Direction::Reply);
+    let mut c = tcp::TcpConn::new_from(&tseg(S, 1000, 0, 0, &[], sack_perm), false).unwrap();
+    assert_eq!(
+        c.update(r, &tseg(S | A, 5000, 1001, 0, &[], sack_perm), false),
+        Ok
+    );
+    assert_eq!(c.update(o, &tseg(A, 1001, 5001, 0, &[], false), false), Ok);
+    assert_eq!(
+        c.update(o, &tseg(A, 1001, 5001, 1000, &[], false), false),
+        Ok
+    );
+    assert_eq!(
+        c.update(o, &tseg(A, 2001, 5001, 1000, &[], false), false),
+        Ok
+    );
+    c
+}
+
+#[test]
+fn a_sack_block_beyond_the_data_sent_is_out_of_window_when_sack_was_permitted() {
+    let r = Direction::Reply;
+    // The server lost 1001..2001 and SACKs 2001..3001: fine.
+    let ok = sack_blocks(&[(2001, 3001)]);
+    let mut c = sack_conn(true);
+    assert_eq!(
+        c.update(r, &tseg(A, 5001, 1001, 0, &ok, false), false),
+        tcp::TcpVerdict::Ok
+    );
+    // A SACK for data the client never sent acknowledges the unseen (Linux: "ACK is over
+    // the upper bound"), although the cumulative ACK is fine.
+    let forged = sack_blocks(&[(2001, 9001)]);
+    let before = c;
+    assert_eq!(
+        c.update(r, &tseg(A, 5001, 1001, 0, &forged, false), false),
+        tcp::TcpVerdict::OutOfWindow
+    );
+    assert_eq!(c, before, "an out-of-window segment changes nothing");
+    // Without SACK permitted in the client's SYN the blocks mean nothing and are not read.
+    let mut c = sack_conn(false);
+    assert_eq!(
+        c.update(r, &tseg(A, 5001, 1001, 0, &forged, false), false),
+        tcp::TcpVerdict::Ok
+    );
+}
+
+#[test]
+fn a_sack_block_moves_the_senders_right_edge() {
+    let (o, r) = (Direction::Original, Direction::Reply);
+    for sack_perm in [true, false] {
+        let mut c = sack_conn(sack_perm);
+        let sacked = sack_blocks(&[(2001, 3001)]);
+        assert_eq!(
+            c.update(r, &tseg(A, 5001, 1001, 0, &sacked, false), false),
+            tcp::TcpVerdict::Ok
+        );
+        // Linux lets the client's window run from the highest SACKed byte: 3001 + 2000.
+        let expect = if sack_perm { 5001 } else { 3001 };
+        assert_eq!(
+            c.dir[0].maxend,
+            tcp::SeqNumber(expect),
+            "sack_perm {sack_perm}"
+        );
+        let v = c.update(o, &tseg(A, 4001, 5001, 1000, &[], false), false);
+        let want = if sack_perm {
+            tcp::TcpVerdict::Ok
+        } else {
+            tcp::TcpVerdict::OutOfWindow
+        };
+        assert_eq!(v, want, "sack_perm {sack_perm}");
+    }
+}
+
+#[test]
+fn a_pure_ack_is_judged_at_the_senders_end_whatever_its_sequence_number() {
+    let mut c = sack_conn(false);
+    // No data, no SYN/FIN: Linux moves seq and end to the sender's end before judging.
+    let stale = tseg(A, 7, 5001, 0, &[], false);
+    assert_eq!(
+        c.update(Direction::Original, &stale, false),
+        tcp::TcpVerdict::Ok
+    );
+    // The same sequence number with one byte of data is far out of window.
+    let data = tseg(A, 7, 5001, 1, &[], false);
+    assert_eq!(
+        c.update(Direction::Original, &data, false),
+        tcp::TcpVerdict::OutOfWindow
+    );
+}
+
+#[test]
+fn a_liberal_connections_out_of_window_segment_passes_and_moves_no_bound() {
+    let o = Direction::Original;
+    // Picked up mid-stream: liberal both ways, bounds learned from the first segment.
+    let mut c = tcp::TcpConn::new_from(&tseg(A, 1001, 5001, 100, &[], false), true).unwrap();
+    assert_eq!(
+        c.update(o, &tseg(A, 1101, 5001, 100, &[], false), false),
+        tcp::TcpVerdict::Ok
+    );
+    let learned = c;
+    let wild = tseg(A, 0x8000_0000, 5001, 100, &[], false);
+    assert_eq!(c.update(o, &wild, false), tcp::TcpVerdict::Ok);
+    assert_eq!(
+        c.dir, learned.dir,
+        "the wild segment passed without moving a bound"
+    );
+    assert_ne!(
+        c.dir[0].flags & tcp::DIR_SACK_PERM,
+        0,
+        "picked up: SACK assumed, as Linux"
+    );
+}
+
+#[test]
+fn a_retransmitted_syn_with_a_new_isn_forgets_the_old_options() {
+    let o = Direction::Original;
+    let mut syn = tseg(S, 1000, 0, 0, &[], true);
+    syn.options.window_scale = Some(7);
+    let mut c = tcp::TcpConn::new_from(&syn, false).unwrap();
+    assert_eq!(c.dir[0].scale, 7);
+    assert_ne!(c.dir[0].flags & tcp::DIR_SACK_PERM, 0);
+    // Same tuple, new ISN, no options: the old scale and SACK permission are gone.
+    let again = tseg(S, 90_000, 0, 0, &[], false);
+    assert_eq!(c.update(o, &again, false), tcp::TcpVerdict::Ok);
+    assert_eq!(c.dir[0].end, tcp::SeqNumber(90_001));
+    assert_eq!(c.dir[0].scale, 0);
+    assert_eq!(c.dir[0].flags & (tcp::DIR_SACK_PERM | tcp::DIR_WSCALE), 0);
+}
+
+/// The parser hands the tracker the option bytes of a SACK-carrying segment as built.
+#[test]
+fn sack_blocks_reach_the_tracker_through_the_parser() {
+    let mut f = Flow::v4();
+    let ct = Conntrack::new(&cfg());
+    let mut spec = TcpSpec::new(f.cp, f.sp, S);
+    spec.seq = f.cseq;
+    spec.sack_perm = true;
+    assert_eq!(
+        track(&ct, 0, &build::tcp(f.c, f.s, &spec)).state,
+        CtState::New
+    );
+    f.cseq += 1;
+    let mut sa = TcpSpec::new(f.sp, f.cp, S | A);
+    sa.seq = f.sseq;
+    sa.ack = f.cseq;
+    sa.sack_perm = true;
+    assert_eq!(
+        track(&ct, 1, &build::tcp(f.s, f.c, &sa)).state,
+        CtState::Established
+    );
+    f.sseq += 1;
+    // Server ACKs with a SACK block beyond anything the client sent.
+    let mut ack = TcpSpec::new(f.sp, f.cp, A);
+    ack.seq = f.sseq;
+    ack.ack = f.cseq;
+    ack.sack = vec![(f.cseq + 100, f.cseq + 200)];
+    invalid(
+        &track(&ct, 2, &build::tcp(f.s, f.c, &ack)),
+        InvalidReason::TcpOutOfWindow,
+    );
+    ack.sack.clear();
+    assert_eq!(
+        track(&ct, 3, &build::tcp(f.s, f.c, &ack)).state,
+        CtState::Established
+    );
 }

@@ -19,6 +19,10 @@ pub struct TcpSpec {
     pub window: u16,
     /// Window scale option (only emitted on SYN).
     pub wscale: Option<u8>,
+    /// SACK-permitted option (only emitted on SYN).
+    pub sack_perm: bool,
+    /// SACK blocks `(left, right)` (only emitted without SYN).
+    pub sack: Vec<(u32, u32)>,
     pub payload: Vec<u8>,
 }
 
@@ -32,6 +36,8 @@ impl TcpSpec {
             flags,
             window: 65535,
             wscale: None,
+            sack_perm: false,
+            sack: vec![],
             payload: vec![],
         }
     }
@@ -71,6 +77,15 @@ pub fn tcp_segment(t: &TcpSpec) -> Vec<u8> {
         opts.extend_from_slice(&[2, 4, 0x05, 0xb4]); // MSS 1460
         if let Some(ws) = t.wscale {
             opts.extend_from_slice(&[1, 3, 3, ws]);
+        }
+        if t.sack_perm {
+            opts.extend_from_slice(&[1, 1, 4, 2]);
+        }
+    } else if !t.sack.is_empty() {
+        opts.extend_from_slice(&[1, 1, 5, (2 + 8 * t.sack.len()) as u8]);
+        for (l, r) in &t.sack {
+            opts.extend_from_slice(&l.to_be_bytes());
+            opts.extend_from_slice(&r.to_be_bytes());
         }
     }
     let doff = ((20 + opts.len()) / 4) as u8;

@@ -127,6 +127,9 @@ pub struct Tcp<'a> {
     /// Raw (unscaled) window field.
     pub window: u16,
     pub options: TcpOptions,
+    /// The raw option bytes (captured; well-formed only if `flags` has SYN, where `options` was
+    /// parsed from them). The tracker reads SACK blocks from them, and only when it needs to.
+    pub opts: &'a [u8],
     /// Real payload length of the segment (from the IP length fields).
     pub payload_len: u32,
     /// Captured payload bytes (a prefix of the real payload in header-only copy mode).

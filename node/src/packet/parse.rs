@@ -330,8 +330,9 @@ fn tcp(seg: &[u8], real_len: u32) -> Result<Tcp<'_>, ParseError> {
         return Err(ParseError::Truncated(Layer::Tcp));
     }
     let flags = TcpFlags(get(seg, 13).ok_or(TRUNC_TCP)?);
+    let opts = seg.get(20..doff).unwrap_or(&[]);
     let options = if flags.syn() {
-        tcp_options(seg.get(20..doff).unwrap_or(&[]))?
+        tcp_options(opts)?
     } else {
         TcpOptions::default()
     };
@@ -343,6 +344,7 @@ fn tcp(seg: &[u8], real_len: u32) -> Result<Tcp<'_>, ParseError> {
         flags,
         window: be16(seg, 14).ok_or(TRUNC_TCP)?,
         options,
+        opts,
         payload_len: real_len - doff as u32,
         payload: seg.get(doff..).unwrap_or(&[]),
     })

@@ -231,7 +231,7 @@ fn new_conn(node: usize, k: u16, udp: bool) -> ConnSnapshot {
     } else {
         let mut c = TcpConn::default();
         c.state.set(TcpState::SynSent);
-        c.dir[0].end = 1000;
+        c.dir[0].end = crate::conntrack::tcp::SeqNumber(1000);
         ProtoState::Tcp(c)
     };
     ConnSnapshot {
@@ -266,7 +266,7 @@ fn change(table: &mut Table, node: usize, k: u16, ch: Change) -> Option<Item> {
                         .unwrap_or(0);
                     let i = (i + usize::from(step)).min(LIFECYCLE.len() - 1);
                     tcp.state.set(LIFECYCLE[i]);
-                    tcp.dir[0].end = tcp.dir[0].end.wrapping_add(100 * u32::from(step) + 1);
+                    tcp.dir[0].end = tcp.dir[0].end + (100 * u32::from(step) + 1);
                     if i >= 2 {
                         c.status |= status::SEEN_REPLY;
                     }
