@@ -16,7 +16,9 @@ use pb::sync_message::Kind as MsgKind;
 use super::msg::{Hello, Item, Msg, Resume, Skip};
 use crate::conntrack::event::status;
 use crate::conntrack::helper_state::{HelperKind, HelperState, LineState, LINE_MAX};
-use crate::conntrack::tcp::{TcpConn, TcpDir, TcpState, TcpStateRepr};
+use crate::conntrack::tcp::{
+    SeqNumber, TcpConn, TcpDir, TcpState, TcpStateRepr, DIR_ALL, MAX_WSCALE,
+};
 use crate::conntrack::{ConnSnapshot, ConnUpdate, ExpectSnapshot, ProtoState, Tuple};
 
 /// Status bits a peer may set; any other bit (a newer build's) is ignored.
@@ -25,12 +27,6 @@ const WIRE_STATUS: u16 = status::SEEN_REPLY | status::ASSURED | status::RELATED;
 /// Longest lifetime an entry may claim (ms): the longest default timeout is 5 days; anything
 /// beyond 30 days is a broken or hostile peer.
 pub const MAX_EXPIRES_MS: u64 = 30 * 24 * 3600 * 1000;
-
-/// Largest TCP window-scale shift (RFC 7323).
-const MAX_WSCALE: u32 = 14;
-
-/// Known per-direction TCP flag bits (`tcp::DIR_*`).
-const DIR_FLAGS: u32 = 0x07;
 
 // ---- encoding ------------------------------------------------------------------------------
 
@@ -65,8 +61,8 @@ fn encode_kind(p: &ProtoState) -> (pb::SyncConnKind, Option<pb::SyncTcp>) {
 
 fn encode_tcp(c: &TcpConn) -> pb::SyncTcp {
     let dir = |d: &TcpDir| pb::SyncTcpDir {
-        end: d.end,
-        maxend: d.maxend,
+        end: d.end.0,
+        maxend: d.maxend.0,
         maxwin: d.maxwin,
         scale: u32::from(d.scale),
         flags: u32::from(d.flags),
@@ -265,15 +261,17 @@ fn decode_tcp(t: Option<&pb::SyncTcp>) -> Result<TcpConn, Malformed> {
         .ok_or(Malformed("tcp state"))?;
     let dir = |d: Option<&pb::SyncTcpDir>| -> Result<TcpDir, Malformed> {
         let d = d.ok_or(Malformed("tcp direction"))?;
-        if d.scale > MAX_WSCALE || d.flags & !DIR_FLAGS != 0 {
+        if d.scale > u32::from(MAX_WSCALE) {
             return Err(Malformed("tcp direction"));
         }
         Ok(TcpDir {
-            end: d.end,
-            maxend: d.maxend,
+            end: SeqNumber(d.end),
+            maxend: SeqNumber(d.maxend),
             maxwin: d.maxwin,
             scale: d.scale as u8,
-            flags: d.flags as u8,
+            // Bits this build does not know (a newer peer's) are dropped, as status bits are:
+            // a rolling upgrade must not turn every entry into a malformed one.
+            flags: (d.flags & u32::from(DIR_ALL)) as u8,
         })
     };
     Ok(TcpConn {
@@ -488,8 +486,8 @@ mod tests {
         let mut c = TcpConn::default();
         c.state.set(TcpState::Established);
         c.dir[0] = TcpDir {
-            end: 1,
-            maxend: 2,
+            end: SeqNumber(1),
+            maxend: SeqNumber(2),
             maxwin: 3,
             scale: 7,
             flags: DIR_WSCALE,
@@ -629,6 +627,27 @@ mod tests {
         assert!(decode_tuple(&[]).is_err());
     }
 
+    /// A newer peer's direction flag is dropped, the entry kept (a rolling upgrade must not
+    /// turn every entry into a malformed one); the flags this build knows all survive.
+    #[test]
+    fn unknown_direction_flags_are_dropped_known_ones_kept() {
+        let mut c = match encode_item(&Item::Conn(ftp_conn())).kind {
+            Some(ItemKind::Conn(c)) => c,
+            _ => unreachable!(),
+        };
+        c.tcp.as_mut().unwrap().reply.as_mut().unwrap().flags = 0x80 | u32::from(DIR_ALL);
+        let item = decode_item(&pb::SyncItem {
+            kind: Some(ItemKind::Conn(c)),
+        });
+        match item {
+            Item::Conn(s) => match s.proto {
+                ProtoState::Tcp(t) => assert_eq!(t.dir[1].flags, DIR_ALL),
+                p => panic!("not tcp: {p:?}"),
+            },
+            other => panic!("refused: {other:?}"),
+        }
+    }
+
     /// Each corruption of a valid item makes it `Skipped(Invalid)`, never something else.
     #[test]
     fn a_malformed_item_is_skipped_and_keeps_its_place() {
@@ -643,9 +662,6 @@ mod tests {
             ("no tcp", |c| c.tcp = None),
             ("wscale 15", |c| {
                 c.tcp.as_mut().unwrap().original.as_mut().unwrap().scale = 15
-            }),
-            ("unknown dir flag", |c| {
-                c.tcp.as_mut().unwrap().reply.as_mut().unwrap().flags = 0x80
             }),
             ("kind udp on tcp", |c| c.kind = pb::SyncConnKind::Udp as i32),
             ("kind 99", |c| c.kind = 99),
