@@ -196,6 +196,29 @@ impl ControlService {
         }
     }
 
+    /// Parse and compile a proposed policy on the blocking pool (a large one takes long
+    /// enough to stall the Raft runtime's threads); the request comes back with the rule
+    /// count and warnings, or the parse error as InvalidArgument.
+    async fn check_policy(
+        &self,
+        r: v1::ApplyPolicyRequest,
+    ) -> Result<(v1::ApplyPolicyRequest, usize, Vec<String>), Status> {
+        let policy = self.policy.clone();
+        let (r, checked) = tokio::task::spawn_blocking(move || {
+            let origin = if r.origin.is_empty() {
+                "policy"
+            } else {
+                r.origin.as_str()
+            };
+            let checked = policy.check(&r.text, origin);
+            (r, checked)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("checking the policy: {e}")))?;
+        let (rules, warnings) = checked.map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok((r, rules, warnings))
+    }
+
     pub(super) async fn apply_policy_write(
         &self,
         request: Request<v1::ApplyPolicyRequest>,
@@ -205,16 +228,8 @@ impl ControlService {
         check_policy_size(&r.text)?;
         check_note("the author", &r.author)?;
         check_note("the comment", &r.comment)?;
-        let origin = if r.origin.is_empty() {
-            "policy"
-        } else {
-            r.origin.as_str()
-        };
         // Validated before it can enter the log: a bad policy never reaches any node.
-        let (rules, warnings) = self
-            .policy
-            .check(&r.text, origin)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (r, rules, warnings) = self.check_policy(r).await?;
         if r.dry_run {
             return Ok(v1::ApplyPolicyReply {
                 version: self.sm.read().state.version() + 1,
@@ -256,19 +271,23 @@ impl ControlService {
         let fwd = is_forwarded(&request);
         let r = request.into_inner();
         check_note("the author", &r.author)?;
-        let (target, rules, warnings) = {
+        let (version, text) = {
             let sm = self.sm.read();
             let target = sm
                 .state
                 .rollback_target(r.to_version)
                 .map_err(Status::not_found)?;
             check_policy_size(&target.text)?;
-            let (rules, warnings) = self
-                .policy
-                .check(&target.text, &format!("policy version {}", target.version))
-                .map_err(|e| Status::failed_precondition(e.to_string()))?;
-            (target.version, rules, warnings)
+            (target.version, target.text.clone())
         };
+        let policy = self.policy.clone();
+        let (rules, warnings) = tokio::task::spawn_blocking(move || {
+            policy.check(&text, &format!("policy version {version}"))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("checking the policy: {e}")))?
+        .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let target = version;
         match self.route(fwd)? {
             Route::Leader(id, m) => {
                 let reply = self

@@ -63,6 +63,18 @@ pub enum OpenError {
     Snapshot { path: String, message: String },
 }
 
+/// Enforces `p` from the blocking pool and waits for it: parsing and compiling a large policy
+/// takes milliseconds to seconds, and on one of the control runtime's two threads it would
+/// stall Raft heartbeats and the API meanwhile. Applying still finishes only once the policy
+/// is in force, so a reader of `last_applied` never sees a version this node does not enforce.
+async fn enforce_off_runtime(sink: &Arc<dyn PolicySink>, p: crate::raft::PolicyRecord) {
+    let sink = sink.clone();
+    let version = p.version;
+    if let Err(e) = tokio::task::spawn_blocking(move || sink.enforce(&p)).await {
+        tracing::error!(version, "enforcing the committed policy failed: {e}");
+    }
+}
+
 /// Opens (creating if needed) `<dir>/raft.redb`.
 pub fn open(
     dir: &Path,
@@ -455,7 +467,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         // One compile per batch, outside the lock, with the newest version only.
         if let (true, Some(p)) = (changed, current) {
-            self.sink.enforce(&p);
+            enforce_off_runtime(&self.sink, p).await;
         }
         Ok(out)
     }
@@ -491,7 +503,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             state: new.state,
         };
         if let Some(p) = current {
-            self.sink.enforce(&p);
+            enforce_off_runtime(&self.sink, p).await;
         }
         Ok(())
     }
