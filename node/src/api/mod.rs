@@ -5,7 +5,7 @@
 //! proposed to Raft on the leader or forwarded to it once (`write`). Must not decide about
 //! packets or hold a lock across an await.
 
-mod conntrack;
+pub mod conntrack;
 mod write;
 
 use std::sync::Arc;
