@@ -29,6 +29,17 @@ fn workdir(name: &str) -> (PathBuf, PathBuf) {
     let ctl = d.join("fwctl");
     std::fs::copy(bin("fwctl"), &ctl).unwrap();
     std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Another test's thread that forks while the copy is open for writing holds that file
+    // descriptor until its child execs, and running the copy meanwhile fails with ETXTBSY
+    // ("Text file busy"). Wait, bounded, until the copy runs.
+    for _ in 0..250 {
+        match Command::new(&ctl).arg("--help").output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            _ => break,
+        }
+    }
     (d, ctl)
 }
 
