@@ -71,8 +71,11 @@ const EVICT_LATER: usize = 2;
 /// shard both give up instead of deadlocking.
 const EVICT_WAIT: Duration = Duration::from_micros(50);
 
-/// Paged listing: slots examined per shard lock, so a listing never holds one for long.
-const PAGE_SCAN: usize = 4096;
+/// Listing and counting: slots examined per shard lock hold, and snapshots taken per hold, so
+/// that the control plane never keeps a worker waiting for more than some microseconds
+/// (`cargo bench -p fwnode --bench ct_list_load` measures it).
+const PAGE_SCAN: usize = 1024;
+const PAGE_TAKE: usize = 64;
 
 /// Where a paged listing (`Conntrack::snapshots_page`) resumes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -318,27 +321,37 @@ impl Conntrack {
         false
     }
 
-    /// Connections matching `filter`, counted without building snapshots; locks one shard at
-    /// a time.
+    /// Connections matching `filter`, counted without building snapshots; holds one shard
+    /// lock at a time, for `PAGE_SCAN` slots at most.
     pub fn count_where(&self, now: Timestamp, filter: impl Fn(&ConnInfo) -> bool) -> u64 {
-        self.shards
-            .iter()
-            .map(|s| s.lock().count_where(now, &filter))
-            .sum()
+        let mut n = 0;
+        for s in self.shards.iter() {
+            let mut from = Some(0);
+            while let Some(f) = from {
+                let (k, next) = s.lock().count_where(f, PAGE_SCAN, now, &filter);
+                n += k;
+                from = next;
+            }
+        }
+        n
     }
 
-    /// Connections by protocol and TCP state; locks one shard at a time, allocates nothing.
+    /// Connections by protocol and TCP state; holds one shard lock at a time, for `PAGE_SCAN`
+    /// slots at most, and allocates nothing.
     pub fn state_counts(&self, now: Timestamp) -> StateCounts {
         let mut c = StateCounts::default();
         for s in self.shards.iter() {
-            c.add(&s.lock().state_counts(now));
+            let mut from = Some(0);
+            while let Some(f) = from {
+                from = s.lock().state_counts(f, PAGE_SCAN, now, &mut c);
+            }
         }
         c
     }
 
     /// Up to `limit` connections matching `filter`, from `from` (`ListCursor::default()` for
-    /// the first page) on. The shard lock is dropped every `PAGE_SCAN` slots and between
-    /// shards; the listing is not atomic, but a connection that lives through all of it is
+    /// the first page) on. The shard lock is dropped every `PAGE_SCAN` slots, every
+    /// `PAGE_TAKE` snapshots and between shards; the listing is not atomic, but a connection that lives through all of it is
     /// listed exactly once (connections never move). A page may be short with a `next`
     /// cursor; only `next == None` ends the listing.
     pub fn snapshots_page(
@@ -358,9 +371,10 @@ impl Conntrack {
                     next: Some(cur),
                 };
             }
+            let take = limit.min(conns.len() + PAGE_TAKE);
             let next = self.shards[cur.shard as usize]
                 .lock()
-                .snapshots_page(cur.slot, limit, PAGE_SCAN, now, &filter, &mut conns);
+                .snapshots_page(cur.slot, take, PAGE_SCAN, now, &filter, &mut conns);
             cur = match next {
                 Some(slot) => ListCursor {
                     shard: cur.shard,

@@ -1155,25 +1155,49 @@ impl Shard {
         self.live(id).map(info_of)
     }
 
-    /// Unexpired live connections, as the listing and counting below see them.
-    fn unexpired(&self, now_ms: u64) -> impl Iterator<Item = (u32, &Entry)> + '_ {
-        (0u32..)
-            .zip(self.entries.iter())
-            .filter(move |(_, e)| e.kind != Kind::Free && e.expires > now_ms)
+    /// Unexpired live connections in slots `from..from + scan`, and where the next range
+    /// starts (`None`: the shard ends within this one). Counting goes range by range so that
+    /// a caller can drop the shard lock between ranges.
+    fn unexpired_range(
+        &self,
+        from: u32,
+        scan: usize,
+        now_ms: u64,
+    ) -> (impl Iterator<Item = &Entry> + '_, Option<u32>) {
+        let len = self.entries.len();
+        let start = (from as usize).min(len);
+        let end = start.saturating_add(scan).min(len);
+        let next = (end < len).then_some(end as u32);
+        let it = self.entries[start..end]
+            .iter()
+            .filter(move |e| e.kind != Kind::Free && e.expires > now_ms);
+        (it, next)
     }
 
-    /// How many unexpired connections match `filter`; no snapshot is built, nothing allocated.
-    pub fn count_where(&self, now: Timestamp, filter: &dyn Fn(&ConnInfo) -> bool) -> u64 {
-        let now_ms = now.as_millis();
-        self.unexpired(now_ms)
-            .filter(|(_, e)| filter(&info_of(e)))
-            .count() as u64
+    /// How many unexpired connections in slots `from..from + scan` match `filter` (no
+    /// snapshot built, nothing allocated), and where the next range starts.
+    pub fn count_where(
+        &self,
+        from: u32,
+        scan: usize,
+        now: Timestamp,
+        filter: &dyn Fn(&ConnInfo) -> bool,
+    ) -> (u64, Option<u32>) {
+        let (it, next) = self.unexpired_range(from, scan, now.as_millis());
+        (it.filter(|e| filter(&info_of(e))).count() as u64, next)
     }
 
-    /// Unexpired connections by protocol and TCP state; nothing allocated.
-    pub fn state_counts(&self, now: Timestamp) -> StateCounts {
-        let mut c = StateCounts::default();
-        for (_, e) in self.unexpired(now.as_millis()) {
+    /// Unexpired connections in slots `from..from + scan` by protocol and TCP state (nothing
+    /// allocated), added to `c`; returns where the next range starts.
+    pub fn state_counts(
+        &self,
+        from: u32,
+        scan: usize,
+        now: Timestamp,
+        c: &mut StateCounts,
+    ) -> Option<u32> {
+        let (it, next) = self.unexpired_range(from, scan, now.as_millis());
+        for e in it {
             match e.kind {
                 Kind::Tcp => c.tcp[e.tcp.state() as usize] += 1,
                 Kind::Udp => c.udp += 1,
@@ -1182,7 +1206,7 @@ impl Shard {
                 Kind::Free => {}
             }
         }
-        c
+        next
     }
 
     /// One page of a listing: snapshots of the unexpired connections matching `filter` in slots
