@@ -2,14 +2,16 @@
 # Datapath benchmark: builds client — gw — server in network namespaces (this run's own, removed
 # on exit or Ctrl-C) and measures, in ONE run so the ratios are fair on a noisy machine:
 #   kernel forwarding (no rules) · kernel iptables stateful rules · accept-all NFQUEUE loop
-#   (one verdict per packet) without and with GSO · fwnode (tracking + 50-rule policy)
+#   (one verdict per packet) without and with GSO · fwnode (tracking + 50-rule policy), with 1 and 2
+#   queues, and with 1 queue replicating its table to a standby (the real sync shell and tracker of
+#   `sync-bench recv` in a fourth namespace on 198.18.0.0/24)
 # for: iperf3 TCP Gbit/s, iperf3 UDP 64-byte packets/s received, new TCP connections/s.
 # Every load is bounded in time. Usage (root): bash tests/bench-datapath.sh [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${1:-5}
 P="kb$$"
-C=$P-c G=$P-g S=$P-s
+C=$P-c G=$P-g S=$P-s B=$P-b
 SERVER=203.0.113.10
 PY=/usr/bin/python3
 BIN=${KEEPSTATE_BIN_DIR:-$PWD/target/release}
@@ -19,18 +21,18 @@ cleanup() {
   for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
   sleep 0.3
   for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
-  for ns in $C $G $S; do ip netns del "$ns" 2>/dev/null || true; done
+  for ns in $C $G $S $B; do ip netns del "$ns" 2>/dev/null || true; done
   rm -rf "/tmp/$P"
 }
 trap cleanup EXIT INT TERM
 
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
-for b in fwnode nfq-accept-all connrate; do
+for b in fwnode nfq-accept-all connrate sync-bench; do
   [ -x "$BIN/$b" ] || { echo "$BIN/$b missing: cargo build --release -p fwnode -p keepstate-tests" >&2; exit 1; }
 done
 mkdir -p "/tmp/$P"
 
-for ns in $C $G $S; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
+for ns in $C $G $S $B; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
 ip -n $C link add ${P}c type veth peer name ${P}gl netns $G
 ip -n $G link add ${P}gw type veth peer name ${P}s netns $S
 ip -n $C link set ${P}c up; ip -n $G link set ${P}gl up; ip -n $G link set ${P}gw up; ip -n $S link set ${P}s up
@@ -38,6 +40,11 @@ ip -n $C addr add 198.51.100.10/24 dev ${P}c
 ip -n $G addr add 198.51.100.1/24 dev ${P}gl
 ip -n $G addr add 203.0.113.1/24 dev ${P}gw
 ip -n $S addr add $SERVER/24 dev ${P}s
+# The sync network between the gateway and its standby.
+ip -n $G link add ${P}gy type veth peer name ${P}b netns $B
+ip -n $G link set ${P}gy up; ip -n $B link set ${P}b up
+ip -n $G addr add 198.18.0.1/24 dev ${P}gy
+ip -n $B addr add 198.18.0.2/24 dev ${P}b
 ip -n $C route add default via 198.51.100.1
 ip -n $S route add default via 203.0.113.1
 ip netns exec $G sysctl -qw net.ipv4.ip_forward=1
@@ -96,8 +103,14 @@ fi
   printf '[[rule]]\nproto = "tcp"\ndport = [5201, 7000]\nct = "new"\naction = "accept"\n'
   printf '[[rule]]\nproto = "udp"\ndport = 5201\nct = "new"\naction = "accept"\n'
 } > "/tmp/$P/policy.toml"
-for q in 1 2; do
-  echo "measuring fwnode ($q queue(s)) ..." >&2
+for setup in 1 2 1r; do
+  q=${setup%r} replicate=""
+  [ "$setup" = 1r ] && replicate=1
+  echo "measuring fwnode ($q queue(s)${replicate:+, replicating to a standby}) ..." >&2
+  if [ -n "$replicate" ]; then
+    ip netns exec $B timeout $((6 * T + 60)) "$BIN/sync-bench" recv 2 198.18.0.2:7401 1 198.18.0.1:7401 1000000000 \
+      >/dev/null 2>"/tmp/$P/standby.err" & PIDS+=($!)
+  fi
   cat > "/tmp/$P/fwnode.toml" <<EOF
 [node]
 name = "bench"
@@ -110,13 +123,24 @@ helper_ports = []
 [policy]
 file = "/tmp/$P/policy.toml"
 EOF
+  if [ -n "$replicate" ]; then
+    cat >> "/tmp/$P/fwnode.toml" <<EOF
+[cluster]
+id = 1
+listen = "198.18.0.1:7400"
+data_dir = "/tmp/$P/raft"
+[sync]
+listen = "198.18.0.1:7401"
+peers = [{ id = 2, addr = "198.18.0.2:7401" }]
+EOF
+  fi
   rm -f "/tmp/$P/stats.json"
   ip netns exec $G "$BIN/fwnode" --config "/tmp/$P/fwnode.toml" 2>"/tmp/$P/fwnode-$q.log" & pid=$!; PIDS+=($pid)
   for _ in $(seq 100); do [ -f "/tmp/$P/stats.json" ] && break; sleep 0.1; done
-  R[fwnode-$q]=$(measure)
+  R[fwnode-$setup]=$(measure)
   sleep 0.5
-  cp "/tmp/$P/stats.json" "/tmp/$P/stats-$q.json"
-  [ -n "${ONLY_FWNODE:-}" ] && { echo "${R[fwnode-$q]}"; $PY -m json.tool "/tmp/$P/stats-$q.json"; }
+  cp "/tmp/$P/stats.json" "/tmp/$P/stats-$setup.json"
+  [ -n "${ONLY_FWNODE:-}" ] && { echo "${R[fwnode-$setup]}"; $PY -m json.tool "/tmp/$P/stats-$setup.json"; }
   kill $pid; wait $pid 2>/dev/null || true
   ip netns exec $G "$BIN/fwnode" --config "/tmp/$P/fwnode.toml" --remove-rules >/dev/null
 done
@@ -131,6 +155,7 @@ r = {k: list(map(float, v.split())) for k, v in {
     "accept-all NFQUEUE, GSO": "${R[nfq-gso]}",
     "fwnode, 1 queue": "${R[fwnode-1]}",
     "fwnode, 2 queues": "${R[fwnode-2]}",
+    "fwnode, 1 queue, replicating to a standby": "${R[fwnode-1r]}",
 }.items()}
 k, s, n0, n1 = (r[x] for x in ["kernel forwarding, no rules", "kernel iptables stateful", "accept-all NFQUEUE, no GSO", "accept-all NFQUEUE, GSO"])
 print(f"| setup ({sys.argv[1]} s each) | TCP Gbit/s | UDP 64 B pkt/s | new TCP conn/s |")
@@ -146,4 +171,9 @@ for q in ("1", "2"):
           f"UDP pps {ratio(p, n0[1]):.2f}x one-verdict loop; conn/s {ratio(c, s[2]):.2f}x kernel stateful; "
           f"GSO packets {st['gso_packets']}, max batch {st['max_batch']}, verdict msgs/packet "
           f"{st['verdict_messages'] / max(st['packets'], 1):.3f}, ENOBUFS {st['enobufs']}")
+g, p, c = r["fwnode, 1 queue, replicating to a standby"]
+g1, p1, c1 = r["fwnode, 1 queue"]
+learned = [l.split()[1] for l in open(f"{sys.argv[2]}/standby.err") if l.startswith("learned ")]
+print(f"replication on / off (1 queue): TCP {g / g1:.2f}x, UDP pps {p / p1:.2f}x, conn/s {c / c1:.2f}x; "
+      f"the standby held {learned[-1] if learned else 'NOTHING'} entries at its last report")
 EOF

@@ -4,7 +4,7 @@
 //!
 //! `sync-bench recv ME LISTEN PEER_ID PEER_ADDR COUNT` keeps a table and prints `start_ns`, then
 //!   `LEN UNIX_NS` at every change of its size until it holds COUNT (at most 120 s), then its
-//!   memory.
+//!   memory; meanwhile `learned LEN` on stderr once a second.
 //! `sync-bench send ME LISTEN PEER_ID PEER_ADDR MODE COUNT [RATE]` creates COUNT connections in
 //!   its own table (real SYN packets through `Conntrack::track`, drained into the feed as the
 //!   datapath does):
@@ -123,8 +123,15 @@ fn main() -> R<()> {
             let (h, _feed) = start(me, listen, peer, addr, &ct, origin)?;
             let mut samples = Vec::with_capacity(1 << 20);
             let (mut last, t) = (0, Instant::now());
+            let mut progress = Instant::now();
             while last < count && t.elapsed() < Duration::from_secs(120) {
                 let n = ct.len();
+                // For a caller that stops it early (bench-datapath.sh's standby): the size
+                // so far, once a second, on stderr.
+                if progress.elapsed() >= Duration::from_secs(1) {
+                    progress = Instant::now();
+                    eprintln!("learned {n}");
+                }
                 if n != last {
                     last = n;
                     samples.push((n, unix_ns()));
