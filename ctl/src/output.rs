@@ -307,6 +307,7 @@ pub fn sync_json(r: &v1::SyncStatusReply) -> Value {
         "last_seq": r.last_seq, "events_lost": r.events_lost,
         "skipped_unknown": r.skipped_unknown, "skipped_invalid": r.skipped_invalid,
         "apply_refused": r.apply_refused, "swept": r.swept,
+        "pickup_held": r.pickup_held, "pickup_ended_young": r.pickup_ended_young,
         "peers": r.peers.iter().map(|p| json!({
             "id": p.id, "addr": p.addr, "connected": p.connected, "in_sync": p.in_sync,
             "last_seq_sent": p.last_seq_sent, "last_seq_acked": p.last_seq_acked, "lag": p.lag,
@@ -334,6 +335,12 @@ pub fn print_sync(r: &v1::SyncStatusReply) {
         r.apply_refused,
         r.swept
     );
+    if r.pickup_held + r.pickup_ended_young > 0 {
+        println!(
+            "pickup delay: {} young connections held back, {} ended young (never replicated)",
+            r.pickup_held, r.pickup_ended_young
+        );
+    }
     let mut t = table(&[
         "PEER",
         "ADDR",

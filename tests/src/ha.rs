@@ -119,6 +119,8 @@ pub struct HaOpts {
     pub advert: Duration,
     /// IPv6 VIPs and routes too.
     pub ipv6: bool,
+    /// `[sync] pickup_delay_ms` (0: replicate every connection from its first packet).
+    pub pickup_delay_ms: u64,
 }
 
 impl Default for HaOpts {
@@ -127,6 +129,7 @@ impl Default for HaOpts {
             sync: true,
             advert: Duration::from_millis(100),
             ipv6: true,
+            pickup_delay_ms: 0,
         }
     }
 }
@@ -145,14 +148,16 @@ pub struct HaLab {
 }
 
 /// The `[sync]` and `[ha]` sections of gateway `id`'s fwnode config (the pair is members 1
-/// and 2): the one place that turns replication and HA roles on. `sync` is false for the
+/// and 2): the one place that turns replication and HA roles on. `opts.sync` is false for the
 /// negative controls.
-pub fn ha_sections(sync: bool, ha_socket: &Path, id: u64) -> (String, String) {
+pub fn ha_sections(opts: &HaOpts, ha_socket: &Path, id: u64) -> (String, String) {
     let peer = 3 - id;
-    let sync = if sync {
+    let sync = if opts.sync {
         format!(
             "[sync]\nlisten = \"198.18.0.{id}:{SYNC_PORT}\"\n\
-             peers = [{{ id = {peer}, addr = \"198.18.0.{peer}:{SYNC_PORT}\" }}]\n"
+             peers = [{{ id = {peer}, addr = \"198.18.0.{peer}:{SYNC_PORT}\" }}]\n\
+             pickup_delay_ms = {}\n",
+            opts.pickup_delay_ms
         )
     } else {
         String::new()
@@ -273,7 +278,7 @@ impl HaLab {
                 data = lab.dir.join(format!("data{id}")).display(),
             );
             if role == "gateway" {
-                let (sync, ha) = ha_sections(opts.sync, &ha_socket(&lab, id), id);
+                let (sync, ha) = ha_sections(&opts, &ha_socket(&lab, id), id);
                 text.push_str(&format!("\n{sync}\n{ha}"));
             }
             std::fs::write(&config, text).expect("writing a member config");

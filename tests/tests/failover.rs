@@ -576,6 +576,48 @@ fn f_a_udp_request_response_flow_survives() {
     assert!(udp_ping(ha.lab()), "no new UDP exchange through gw2");
 }
 
+/// `[sync] pickup_delay_ms`: a connection older than the delay at the crash was replicated and
+/// survives; one younger than it was held back and dies with gw1 (the trade an operator makes
+/// for not replicating short-lived connections).
+#[test]
+fn pickup_delay_an_older_stream_survives_a_younger_one_does_not() {
+    let mut ha = HaLab::start(HaOpts {
+        pickup_delay_ms: 4000,
+        ipv6: false,
+        ..HaOpts::default()
+    });
+    let mut old = Stream::start(ha.lab(), IPERF_PORT, false, 14, "5M");
+    std::thread::sleep(Duration::from_millis(4500));
+    let mut young = Stream::start(ha.lab(), IPERF_PORT + 1, false, 8, "5M");
+    // gw1 holds the young stream back (iperf3's control and data connections); its sync
+    // status is refreshed once a second.
+    let t = Instant::now();
+    let held = loop {
+        let status = ha.ctl(Gw::Gw1, &["-o", "json", "sync", "status"]);
+        let held = serde_json::from_str::<serde_json::Value>(&status.stdout)
+            .ok()
+            .and_then(|v| v["pickup_held"].as_u64());
+        if held.is_some_and(|h| h >= 2) || t.elapsed() > Duration::from_secs(2) {
+            break (held, status);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        held.0.is_some_and(|h| h >= 2),
+        "the young stream is not held back on gw1: {:?}",
+        held.1
+    );
+    let at_crash = old.intervals(ha.lab()).len();
+    crash_gw1(&mut ha, "pickup delay");
+    assert_stream_survived(&ha, &mut old, at_crash, "pickup delay, old stream");
+    let young_ok = young.finished_ok(Duration::from_secs(8));
+    let (_, resumed) = gap_after(&young.intervals(ha.lab()), at_crash);
+    assert!(
+        !(young_ok && resumed),
+        "a stream younger than the pickup delay survived the crash: it was replicated early"
+    );
+}
+
 #[test]
 fn failback_gw1_returns_syncs_and_only_then_takes_the_vips_keeping_a_session_opened_on_gw2() {
     let mut ha = HaLab::start(HaOpts::default());

@@ -8,6 +8,7 @@
 //!   driven by messages and an explicit `now`; they return messages, timers and table
 //!   operations. Tested over a simulated faulty link.
 //! - `feed`: the datapath's non-blocking hand-off of tracker events to the replication thread.
+//! - `delay`: the optional session-pickup delay, which holds young connections back.
 //! - `shell`: the `[sync]` settings, the gRPC streams, and the thread that drives the core and
 //!   applies its operations to the live table.
 //! - `codec`: those messages as `keepstate.v1.Sync` protobuf, and the form checks of what a
@@ -17,6 +18,7 @@
 
 pub mod codec;
 pub mod core;
+pub mod delay;
 pub mod feed;
 pub mod msg;
 pub mod shell;

@@ -29,9 +29,10 @@ use tokio_stream::StreamExt;
 
 use super::codec;
 use super::core::{self as core, Op, Outbox, Session};
+use super::delay::PickupDelay;
 use super::feed::{EventBatch, Lost};
 use super::msg::{Item, Msg, Skip};
-use crate::conntrack::{ApplyError, Conntrack, Event};
+use crate::conntrack::{ApplyError, Conntrack};
 use crate::time::Timestamp;
 use crate::transport::Transport;
 
@@ -61,6 +62,11 @@ pub struct SyncConfig {
     /// "not ready".
     #[serde(default = "defaults::bulk_timeout_ms")]
     pub bulk_timeout_ms: u64,
+    /// Session-pickup delay: connections younger than this are not replicated (0, the
+    /// default: every connection from its first packet). A connection younger than the
+    /// delay does not survive a failover; short-lived ones never cost the sync link.
+    #[serde(default)]
+    pub pickup_delay_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -494,6 +500,7 @@ impl Drop for Link {
 struct Engine {
     ct: Arc<Conntrack>,
     outbox: Outbox,
+    delay: PickupDelay,
     peers: Vec<Peer>,
     lost: Arc<Lost>,
     origin: Instant,
@@ -546,6 +553,8 @@ impl Engine {
         Engine {
             ct,
             outbox: Outbox::new(boot_id(), cfg.outbox_items),
+            // At most as many held connections as the outbox holds items.
+            delay: PickupDelay::new(cfg.pickup_delay_ms, cfg.outbox_items),
             peers,
             lost,
             origin,
@@ -573,6 +582,7 @@ impl Engine {
                 .peers
                 .iter()
                 .filter_map(|p| p.session.poll_timeout())
+                .chain(self.delay.poll_timeout())
                 .min()
                 .map(|t| t.as_millis().saturating_sub(now.as_millis()))
                 .unwrap_or(100)
@@ -611,6 +621,9 @@ impl Engine {
                 self.outbox.mark_lost();
             }
             let now = self.now();
+            while let Some(item) = self.delay.poll(now) {
+                self.outbox.push(item);
+            }
             for i in 0..self.peers.len() {
                 self.peers[i].session.handle_timeout(now, &self.outbox);
                 self.drive(i, now);
@@ -623,8 +636,11 @@ impl Engine {
     }
 
     fn take_events(&mut self, batch: EventBatch) {
+        let now = self.now();
         for ev in batch {
-            self.outbox.push(item_of(ev));
+            if let Some(item) = self.delay.offer(now, ev) {
+                self.outbox.push(item);
+            }
         }
     }
 
@@ -806,17 +822,8 @@ impl Engine {
             apply_refused: c.apply_refused,
             swept: c.swept,
             ready,
+            pickup_held: self.delay.len() as u64,
+            pickup_ended_young: self.delay.stats().ended_young,
         };
-    }
-}
-
-/// The replicated form of a tracker event.
-fn item_of(ev: Event) -> Item {
-    match ev {
-        Event::ConnCreated(s) | Event::ConnHelper(s) => Item::Conn(s),
-        Event::ConnUpdated(u) => Item::Update(u),
-        Event::ConnDestroyed { tuple, .. } => Item::ConnGone(tuple),
-        Event::ExpectCreated(x) => Item::Expect(x),
-        Event::ExpectDestroyed { snapshot, .. } => Item::ExpectGone(snapshot),
     }
 }
