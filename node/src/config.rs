@@ -100,6 +100,9 @@ pub struct DatapathConfig {
     pub chain: String,
     /// Install the iptables rules on start (turn off to manage them by hand).
     pub install_rules: bool,
+    /// With the rules: accept fwnode's gRPC ports (`[cluster]`, `[sync]` listen) only on the
+    /// interface that holds their address, and drop them everywhere else.
+    pub guard_ports: bool,
     /// Most netlink datagrams drained before verdicts are sent.
     pub batch_datagrams: usize,
     /// Where counters are written as JSON every 200 ms.
@@ -121,6 +124,7 @@ impl Default for DatapathConfig {
             fail_open: false,
             chain: "KEEPSTATE".into(),
             install_rules: true,
+            guard_ports: true,
             batch_datagrams: 16,
             stats_file: None,
             reject_mark: crate::datapath::worker::REJECT_MARK,

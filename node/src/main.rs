@@ -76,6 +76,15 @@ fn rule_spec(cfg: &Config) -> RuleSpec {
         helper_ports,
         reject_mark: d.reject_mark,
         fail_open: d.fail_open,
+        local_ports: if d.guard_ports {
+            cfg.cluster
+                .iter()
+                .map(|c| c.listen)
+                .chain(cfg.sync.iter().map(|s| s.listen))
+                .collect()
+        } else {
+            vec![]
+        },
     }
 }
 

@@ -497,3 +497,45 @@ fn the_datapath_keeps_forwarding_through_policy_swaps() {
         j["error"]
     );
 }
+
+/// fwnode's gRPC port answers only on the network it listens on: a LAN host that routes
+/// through the gateway cannot reach the management address (Linux would accept it on any
+/// interface), the operator host can, and the gateway's own INPUT traffic is still tracked by
+/// the kernel (only forwarded traffic is NOTRACK), so `ctstate ESTABLISHED` INPUT rules work.
+#[test]
+fn the_control_port_is_reachable_only_from_the_management_network() {
+    let c = ClusterLab::start("");
+    let port = keepstate_tests::cluster::PORT;
+    let reaches = |host: &str| {
+        c.lab
+            .try_sh(
+                host,
+                &format!("timeout 2 bash -c 'exec 3<>/dev/tcp/198.18.0.1/{port}' 2>/dev/null"),
+            )
+            .status
+            .success()
+    };
+    // A counter for the kernel's view of the gateway's own traffic, ahead of fwnode's chain.
+    c.lab.sh(
+        "gw",
+        &format!("iptables -w -I INPUT 1 -p tcp --dport {port} -m conntrack --ctstate ESTABLISHED"),
+    );
+    assert!(
+        reaches("sw"),
+        "the operator host must reach the control port"
+    );
+    assert!(
+        !reaches("client"),
+        "a LAN host reached the gateway's control port through the gateway"
+    );
+    let line = c.lab.sh("gw", "iptables -w -L INPUT 1 -v -n -x");
+    let established: u64 = line
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        established > 0,
+        "the kernel did not track the gateway's own control traffic (NOTRACK too wide?): {line}"
+    );
+}

@@ -1,15 +1,24 @@
-//! The kernel side of the datapath: iptables rules that send forwarded traffic to our queues.
+//! The kernel side of the datapath: iptables rules that send forwarded traffic to our queues,
+//! and keep fwnode's own gRPC ports to the network they listen on.
 //!
 //! Owns rendering the `iptables-restore --noflush` scripts (pure, unit-tested) and running them
-//! for IPv4 and IPv6 in the current network namespace. Only FORWARD is hooked, so the gateway's
+//! for IPv4 and IPv6 in the current network namespace. Only FORWARD is queued, so the gateway's
 //! own management traffic (INPUT/OUTPUT: gRPC, VRRP, SSH) never enters a queue.
 //!
 //! Layout for instance NAME (both families):
-//! - `raw` table: chain `NAME-raw`, jumped to from PREROUTING, holding `CT --notrack` and a
-//!   no-op ct-state match. The match makes the kernel register its defragmenter in this
-//!   namespace (priority -400, before raw) while the notrack keeps the kernel from tracking
-//!   anything: fragments reach our queue reassembled, so a fragment never slips past the policy
-//!   (and one that still arrives is INVALID and dropped).
+//! - `raw` table: chain `NAME-raw`, jumped to from PREROUTING: packets for a local address
+//!   return at once (the kernel tracks the host's own traffic, so an operator's usual
+//!   `ctstate ESTABLISHED` INPUT rules keep working); the rest (forwarded traffic) gets
+//!   `CT --notrack` and a no-op ct-state match. The match makes the kernel register its
+//!   defragmenter in this namespace (priority -400, before raw) while the notrack keeps the
+//!   kernel from tracking what we track: fragments reach our queue reassembled, so a fragment
+//!   never slips past the policy (and one that still arrives is INVALID and dropped).
+//! - `filter` table, chain `NAME-in`, jumped to from INPUT (when `local_ports` is not empty):
+//!   fwnode's gRPC ports are accepted only for the listen address, and only when the packet
+//!   arrived on the interface that holds that address (`--limit-iface-in`) or from the host
+//!   itself (lo); every other packet to those ports is dropped. Linux accepts packets for any local address on any interface,
+//!   so without this a LAN host that routes through the gateway could reach its management
+//!   ports.
 //! - `filter` table: chain `NAME`, jumped to from FORWARD (first rule): packets carrying the
 //!   reject mark (set by our NF_REPEAT verdict) are REJECTed by the kernel — TCP reset for TCP,
 //!   ICMP port unreachable otherwise; helper ports go to the helper queue with a full-payload
@@ -67,6 +76,9 @@ pub struct RuleSpec {
     pub helper_ports: Vec<(String, u16)>,
     pub reject_mark: u32,
     pub fail_open: bool,
+    /// fwnode's own TCP listeners (Raft + control, sync): reachable only on the interface
+    /// that holds their address. Empty: no INPUT chain.
+    pub local_ports: Vec<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +131,9 @@ impl RuleSpec {
         let mut s = String::new();
         s.push_str("*raw\n");
         s.push_str(&format!(":{n}-raw - [0:0]\n"));
+        s.push_str(&format!(
+            "-A {n}-raw -m addrtype --dst-type LOCAL -j RETURN\n"
+        ));
         s.push_str(&format!("-A {n}-raw -j CT --notrack\n"));
         // A no-op (an untracked packet returns from the chain's end anyway) that reads the ct
         // state: with iptables-nft, `CT --notrack` becomes nft's native notrack, which does not
@@ -152,8 +167,39 @@ impl RuleSpec {
             }
         }
         s.push_str(&format!("-A {n} {}\n", self.queue_target()));
+        let mine: Vec<&std::net::SocketAddr> = self
+            .local_ports
+            .iter()
+            .filter(|a| a.is_ipv4() == (fam == Family::V4))
+            .collect();
+        if !mine.is_empty() {
+            s.push_str(&format!(":{n}-in - [0:0]\n"));
+            // The host itself (fwctl on the gateway) reaches its own addresses over lo.
+            s.push_str(&format!("-A {n}-in -i lo -j RETURN\n"));
+            for a in &mine {
+                let dst = if a.ip().is_unspecified() {
+                    String::new()
+                } else {
+                    format!(" -d {}", a.ip())
+                };
+                s.push_str(&format!(
+                    "-A {n}-in -p tcp{dst} --dport {} -m addrtype --dst-type LOCAL --limit-iface-in -j ACCEPT\n",
+                    a.port()
+                ));
+            }
+            for a in &mine {
+                s.push_str(&format!("-A {n}-in -p tcp --dport {} -j DROP\n", a.port()));
+            }
+        }
         s.push_str("COMMIT\n");
         s
+    }
+
+    /// Whether this family gets an INPUT chain.
+    fn guards_input(&self, fam: Family) -> bool {
+        self.local_ports
+            .iter()
+            .any(|a| a.is_ipv4() == (fam == Family::V4))
     }
 }
 
@@ -216,6 +262,9 @@ pub fn install(spec: &RuleSpec) -> Result<(), RulesError> {
         run(fam.restore(), &["-w", "--noflush"], Some(&spec.render(fam)))?;
         ensure_jump(fam, "raw", "PREROUTING", &format!("{}-raw", spec.name))?;
         ensure_jump(fam, "filter", "FORWARD", &spec.name)?;
+        if spec.guards_input(fam) {
+            ensure_jump(fam, "filter", "INPUT", &format!("{}-in", spec.name))?;
+        }
     }
     Ok(())
 }
@@ -227,6 +276,7 @@ pub fn remove(spec: &RuleSpec) -> Result<(), RulesError> {
         for (table, parent, chain) in [
             ("raw", "PREROUTING", format!("{}-raw", spec.name)),
             ("filter", "FORWARD", spec.name.clone()),
+            ("filter", "INPUT", format!("{}-in", spec.name)),
         ] {
             for _ in 0..64 {
                 if run(
@@ -259,6 +309,7 @@ mod tests {
             helper_ports: vec![("tcp".into(), 21)],
             reject_mark: 0x40_0000,
             fail_open: false,
+            local_ports: vec![],
         }
     }
 
@@ -267,7 +318,8 @@ mod tests {
         let r = spec().render(Family::V4);
         assert_eq!(
             r,
-            "*raw\n:KS-raw - [0:0]\n-A KS-raw -j CT --notrack\n\
+            "*raw\n:KS-raw - [0:0]\n-A KS-raw -m addrtype --dst-type LOCAL -j RETURN\n\
+             -A KS-raw -j CT --notrack\n\
              -A KS-raw -m conntrack --ctstate UNTRACKED -j RETURN\nCOMMIT\n*filter\n:KS - [0:0]\n\
              -A KS -m mark --mark 0x400000/0x400000 -p tcp -j REJECT --reject-with tcp-reset\n\
              -A KS -m mark --mark 0x400000/0x400000 -j REJECT --reject-with icmp-port-unreachable\n\
@@ -277,6 +329,36 @@ mod tests {
         );
         assert!(!r.contains("bypass"));
         assert!(spec().render(Family::V6).contains("icmp6-port-unreachable"));
+    }
+
+    #[test]
+    fn the_grpc_ports_are_reachable_only_on_their_own_interface() {
+        let s = RuleSpec {
+            local_ports: vec![
+                "198.18.0.1:7400".parse().unwrap(),
+                "0.0.0.0:7401".parse().unwrap(),
+                "[2001:db8::1]:7400".parse().unwrap(),
+            ],
+            ..spec()
+        };
+        let v4 = s.render(Family::V4);
+        assert!(v4.ends_with(
+            ":KS-in - [0:0]\n\
+             -A KS-in -i lo -j RETURN\n\
+             -A KS-in -p tcp -d 198.18.0.1 --dport 7400 -m addrtype --dst-type LOCAL --limit-iface-in -j ACCEPT\n\
+             -A KS-in -p tcp --dport 7401 -m addrtype --dst-type LOCAL --limit-iface-in -j ACCEPT\n\
+             -A KS-in -p tcp --dport 7400 -j DROP\n\
+             -A KS-in -p tcp --dport 7401 -j DROP\nCOMMIT\n"
+        ), "{v4}");
+        let v6 = s.render(Family::V6);
+        assert!(
+            v6.contains("-A KS-in -p tcp -d 2001:db8::1 --dport 7400 "),
+            "{v6}"
+        );
+        assert!(!v6.contains("7401"), "{v6}");
+        // No listeners: no INPUT chain at all.
+        assert!(!spec().render(Family::V4).contains("KS-in"));
+        assert!(!spec().guards_input(Family::V4));
     }
 
     #[test]
