@@ -54,11 +54,13 @@ fn table(max: u32) -> Arc<Conntrack> {
     }))
 }
 
-/// Connection `i`: a SYN from a distinct client port/address to one server.
+/// Connection `i`: a SYN from a distinct client port/address to one of eight servers (unique for
+/// `i` below 64 000 × 240).
 fn syn(i: u32) -> Vec<u8> {
-    let client = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 10 + (i >> 16) as u8));
-    let t = TcpSpec::new((i & 0xffff) as u16 | 1024, 80, TcpFlags::SYN);
-    build::tcp(client, IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)), &t)
+    let client = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 10 + (i / 64_000 % 240) as u8));
+    let server = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10 + (i % 8) as u8));
+    let t = TcpSpec::new(1024 + (i % 64_000) as u16, 80, TcpFlags::SYN);
+    build::tcp(client, server, &t)
 }
 
 fn now(origin: Instant) -> Timestamp {
