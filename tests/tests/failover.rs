@@ -488,11 +488,16 @@ fn assert_stream_survived(ha: &HaLab, s: &mut Stream, at_crash: usize, what: &st
 /// (a) at the lab's VRRP settings `opts`.
 fn tcp_stream_survives(opts: HaOpts, what: &str) {
     let mut ha = HaLab::start(opts);
+    tcp_stream_survives_in(&mut ha, what);
+}
+
+/// (a) in a running lab.
+fn tcp_stream_survives_in(ha: &mut HaLab, what: &str) {
     let mut s = Stream::start(ha.lab(), IPERF_PORT, false, 6, "20M");
     std::thread::sleep(Duration::from_millis(500));
     let at_crash = s.intervals(ha.lab()).len();
-    crash_gw1(&mut ha, what);
-    assert_stream_survived(&ha, &mut s, at_crash, what);
+    crash_gw1(ha, what);
+    assert_stream_survived(ha, &mut s, at_crash, what);
 }
 
 /// 0.02 s VRRP adverts: the backup takes over in about 0.07 s instead of 0.35 s.
@@ -511,6 +516,66 @@ fn a_tcp_stream_survives_a_crash_of_the_active_gateway() {
 #[test]
 fn a_with_20ms_adverts_a_tcp_stream_survives() {
     tcp_stream_survives(fast_adverts(), "a, 0.02 s adverts");
+}
+
+/// Open `n` UDP flows from the client to the server's test port, each from its own address
+/// and port (four client addresses, 50 000 ports each); returns how many were sent.
+fn udp_flows(lab: &Lab, n: u32) -> u32 {
+    let extra = [
+        "198.51.100.20",
+        "198.51.100.21",
+        "198.51.100.22",
+        "198.51.100.23",
+    ];
+    for a in extra {
+        lab.sh(
+            "client",
+            &format!(
+                "dev=$(ip -o -4 addr show | awk '$4 ~ /^{CLIENT4}\\//{{print $2}}'); ip addr add {a}/24 dev $dev"
+            ),
+        );
+    }
+    let script = format!(
+        "import socket\nn, sent = {n}, 0\n\
+         for a in {extra:?}:\n    for p in range(10000, 60000):\n        if sent >= n: break\n\
+         \x20       s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         \x20       try:\n            s.bind((a, p)); s.sendto(b'x', ('{SERVER4}', {UDP_PORT})); sent += 1\n\
+         \x20       except OSError: pass\n        finally: s.close()\nprint(sent)\n"
+    );
+    lab.sh(
+        "client",
+        &format!("timeout 60 {} -c {}", python(), shell_quote(&script)),
+    )
+    .trim()
+    .parse()
+    .unwrap_or(0)
+}
+
+/// (a) with 200 000 other connections in the standby's table: the takeover commits nothing
+/// (they are already in gw2's live table), so the gap must not grow.
+#[test]
+fn a_with_200000_other_connections_on_the_standby_a_tcp_stream_survives() {
+    let mut ha = HaLab::start(HaOpts {
+        ipv6: false,
+        ..HaOpts::default()
+    });
+    let sent = udp_flows(ha.lab(), 200_000);
+    let t = Instant::now();
+    let learned = loop {
+        let n = ha.ctl(Gw::Gw2, &["-o", "json", "ct", "count"]).json()["count"]
+            .as_u64()
+            .unwrap_or(0);
+        if n >= 190_000 || t.elapsed() > Duration::from_secs(20) {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("[a, 200k] {sent} UDP flows sent through gw1; gw2 holds {learned} connections");
+    assert!(
+        learned >= 190_000,
+        "gw2 learned only {learned} of {sent} connections"
+    );
+    tcp_stream_survives_in(&mut ha, "a, 200 000 other connections on the standby");
 }
 
 #[test]
