@@ -257,6 +257,7 @@ impl HaLab {
             lab.sh("sw", &format!("ip link set {b} master {p}br"));
         }
 
+        let certs = crate::Certs::make(&lab.dir, &[1, 2, 3]);
         let mut members = vec![];
         for (host, id) in [("gw1", 1u64), ("gw2", 2), ("m3", 3)] {
             let addr = format!("198.18.0.{id}:{PORT}");
@@ -268,9 +269,10 @@ impl HaLab {
                  [conntrack]\ntcp_pickup = false\n\n\
                  [cluster]\nid = {id}\nlisten = \"{addr}\"\ndata_dir = \"{data}\"\nrole = \"{role}\"\n\
                  heartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n\
-                 commit_timeout_ms = 2000\n",
+                 commit_timeout_ms = 2000\n\n{tls}\n",
                 stats = stats.display(),
                 data = lab.dir.join(format!("data{id}")).display(),
+                tls = certs.tls_section(id),
             );
             if role == "gateway" {
                 let (sync, ha) = ha_sections(opts.sync, &ha_socket(&lab, id), id);
@@ -286,7 +288,12 @@ impl HaLab {
                 proc: None,
             });
         }
-        let mut c = ClusterLab { lab, members };
+        let mut c = ClusterLab {
+            lab,
+            members,
+            certs,
+            operator: "admin".into(),
+        };
         for i in 0..3 {
             c.start_member(i);
         }
