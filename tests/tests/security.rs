@@ -228,3 +228,77 @@ fn the_sync_port_refuses_strangers_and_non_members_and_the_table_is_untouched() 
         ha.diag()
     );
 }
+
+/// The certificate node `addr` presents now (PEM, normalised), fetched from the operator's host.
+fn served_cert(c: &ClusterLab, addr: &str) -> String {
+    let (host, port) = addr.split_once(':').unwrap();
+    let script =
+        format!("import ssl\nprint(ssl.get_server_certificate(('{host}', {port})).strip())");
+    let o = c
+        .lab
+        .try_sh("sw", &format!("{} -c {}", python(), shell_quote(&script)));
+    assert!(o.status.success(), "fetching the served certificate: {o:?}");
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn pem_body(p: &str) -> String {
+    p.lines().filter(|l| !l.starts_with("-----")).collect()
+}
+
+#[test]
+fn certificates_and_the_ca_are_reloaded_from_disk_without_a_restart() {
+    let c = ClusterLab::start("");
+    c.form();
+    let node = c.members[0].addr.clone();
+
+    // A node certificate reissued in place (new key): node 1 serves it within seconds, and the
+    // cluster and fwctl go on working with it.
+    let before = served_cert(&c, &node);
+    assert_eq!(
+        pem_body(&before),
+        pem_body(&std::fs::read_to_string(c.certs.path("node-1.crt")).unwrap())
+    );
+    c.certs.fwctl(&["--force", "issue-node", "1"]);
+    let after = pem_body(&std::fs::read_to_string(c.certs.path("node-1.crt")).unwrap());
+    assert_ne!(pem_body(&before), after);
+    let t = std::time::Instant::now();
+    while pem_body(&served_cert(&c, &node)) != after {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "node 1 still serves its old certificate"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_code("status after rotation", &c.ctl(1, &["status"]), 0);
+
+    // A second CA: its operator is refused until the CA file trusts both (step one of a CA
+    // roll), then accepted, all without a restart.
+    let other = Certs::make(&c.lab.dir.join("other"), &[]);
+    let args = tls_args(&c.certs, &other, "admin");
+    assert_code(
+        "another CA's operator",
+        &c.ctl_with(&args, &node, 5, &["status"]),
+        7,
+    );
+    let both = std::fs::read_to_string(c.certs.path("ca.crt")).unwrap()
+        + &std::fs::read_to_string(other.path("ca.crt")).unwrap();
+    let tmp = c.certs.path("ca.crt.new");
+    std::fs::write(&tmp, both).unwrap();
+    std::fs::rename(&tmp, c.certs.path("ca.crt")).unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let r = c.ctl_with(&args, &node, 5, &["status"]);
+        if r.code == 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the second CA is still refused: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Every member kept running throughout.
+    for id in 1..=3 {
+        assert_code(&format!("member {id}"), &c.ctl(id, &["status"]), 0);
+    }
+}
