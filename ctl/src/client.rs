@@ -105,6 +105,13 @@ pub async fn explain(addr: &str, timeout: Duration, security: &Security, e: CliE
         ..Transport::new(transport::Security::Mtls(creds))
     };
     match t.probe(addr, None, Duration::from_secs(1)).await {
+        // rustls' own verdict on the node's certificate (ours was never looked at).
+        Err(why) if why.contains("invalid peer certificate") => {
+            CliError::PermissionDenied(format!(
+            "{addr}: the node's certificate is not trusted ({why}); is --ca the cluster CA, and \
+             does the node present a certificate of it?"
+        ))
+        }
         Err(why) if tls_refusal_text(&why) => CliError::PermissionDenied(format!(
             "{addr}: the node refused this client's certificate ({why}); is it signed by the \
              cluster CA, and is it an operator's or a member's (--ca, --cert, --key)?"

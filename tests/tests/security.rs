@@ -302,3 +302,65 @@ fn certificates_and_the_ca_are_reloaded_from_disk_without_a_restart() {
         assert_code(&format!("member {id}"), &c.ctl(id, &["status"]), 0);
     }
 }
+
+#[test]
+fn plaintext_only_when_the_config_says_so_and_then_loudly() {
+    let lab = Lab::new();
+    let policy = lab.dir.join("p.toml");
+    std::fs::write(&policy, "default = \"drop\"\n").unwrap();
+    let cluster = format!(
+        "[policy]\nfile = \"{}\"\n[cluster]\nid = 1\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"{}\"\n",
+        policy.display(),
+        lab.dir.join("data").display()
+    );
+    // A [cluster] with neither certificates nor an explicit plaintext does not start.
+    let bare = lab.dir.join("bare.toml");
+    std::fs::write(&bare, &cluster).unwrap();
+    let o = std::process::Command::new(bin("fwnode"))
+        .arg("--check-config")
+        .arg(&bare)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{o:?}");
+    assert!(err.contains("[cluster] needs a [tls] section"), "{err}");
+
+    // plaintext = true: it runs, warns at start, and `fwctl status` says so.
+    let _gw = lab.start_fwnode(
+        POLICY_DROP,
+        "",
+        &format!(
+            "[cluster]\nid = 1\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"{}\"\n\n[tls]\nplaintext = true\n",
+            lab.dir.join("data").display()
+        ),
+    );
+    let ctl = bin("fwctl");
+    let status = |opts: &str, fmt: &str| {
+        lab.try_sh(
+            "gw",
+            &format!(
+                "{} --node 127.0.0.1:7400 {opts} {fmt} status",
+                ctl.display()
+            ),
+        )
+    };
+    let o = status("--plaintext", "-o json");
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["plaintext"], true, "{v}");
+    let o = status("--plaintext", "");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("PLAINTEXT"),
+        "{o:?}"
+    );
+    assert!(
+        lab.log("fwnode").contains("plaintext = true"),
+        "no start-up warning:\n{}",
+        lab.log("fwnode")
+    );
+    // fwctl without --plaintext insists on TLS and fails.
+    let certs = Certs::make(&lab.dir, &[1]);
+    assert!(!status(&certs.ctl_args("admin"), "").status.success());
+}
+
+const POLICY_DROP: &str = "default = \"drop\"\n";
