@@ -168,6 +168,20 @@ sed 's/dport = \[21, 80, 443, 8080\]/dport = ["www"]/' "$D/policy.toml" > "$D/ba
 fwctl policy apply "$D/bad.toml" || echo "-> exit code $? (rejected)"
 fwctl cluster members
 
+step "roles: a read-only operator (alice) lists, but may not change the policy"
+"$FWCTL" certs --dir "$T" issue-operator alice --role read >/dev/null
+FWCTL_CERT_ALICE="$T/alice.crt" FWCTL_KEY_ALICE="$T/alice.key"
+alice() { printf '$ fwctl %s   # as alice\n' "$*"; ip netns exec $O "$FWCTL" --node 198.18.0.1:7400 \
+  --ca "$T/ca.crt" --cert "$FWCTL_CERT_ALICE" --key "$FWCTL_KEY_ALICE" "$@"; }
+alice policy history
+alice policy apply "$D/policy2.toml" || echo "-> exit code $? (permission denied)"
+step "no certificate of the cluster CA: refused at the TLS handshake"
+"$FWCTL" certs --dir "$D/other" init >/dev/null
+"$FWCTL" certs --dir "$D/other" issue-operator mallory --role admin >/dev/null
+printf '$ fwctl status   # with a certificate of another CA\n'
+ip netns exec $O "$FWCTL" --node 198.18.0.1:7400 --ca "$T/ca.crt" --cert "$D/other/mallory.crt" \
+  --key "$D/other/mallory.key" status || echo "-> exit code $? (refused)"
+
 sleep 0.5
 step "gw1's counters"
 /usr/bin/python3 - "$D/n1/stats.json" <<'PY'
