@@ -310,6 +310,18 @@ impl HaLab {
             opts,
             crashed: [false; 2],
         };
+        // Both gateways synced before keepalived starts: a sync stream is admitted only once
+        // its peer is a Raft member (mTLS), so replication comes up after the cluster is
+        // formed; a gateway whose first `ha check` fails starts with a lowered priority, and
+        // gw2 would then preempt gw1 at its start.
+        for gw in Gw::BOTH {
+            assert!(
+                ha.wait_synced(gw, Duration::from_secs(10)),
+                "{} did not report itself synced\n{}",
+                gw.host(),
+                ha.diag()
+            );
+        }
         // gw1 first: with both started together, gw2 could win the first election and gw1
         // would then preempt, an extra move the tests do not want to see.
         ha.start_keepalived(Gw::Gw1);
