@@ -93,9 +93,15 @@ pub async fn connect(
 /// After a call failed as if the connection broke: did the node refuse our certificate? Then
 /// say so (exit 7) instead of "unreachable".
 pub async fn explain(addr: &str, timeout: Duration, security: &Security, e: CliError) -> CliError {
-    let (Security::Mtls(files), CliError::Unavailable(_) | CliError::Internal(_)) = (security, &e)
-    else {
-        return e;
+    let files = match (security, &e) {
+        (Security::Mtls(f), CliError::Unavailable(_) | CliError::Internal(_)) => f,
+        // A plaintext HTTP/2 preface at a TLS listener: the connection just closes.
+        (Security::Plaintext, CliError::Unavailable(m) | CliError::Internal(m)) => {
+            return CliError::Unavailable(format!(
+                "{m} (--plaintext: a node with [tls] certificates accepts only mTLS)"
+            ))
+        }
+        _ => return e,
     };
     let Ok(creds) = Credentials::load(files.clone()) else {
         return e;
@@ -112,6 +118,13 @@ pub async fn explain(addr: &str, timeout: Duration, security: &Security, e: CliE
              does the node present a certificate of it?"
         ))
         }
+        Err(why) if why.contains("corrupt message") => match e {
+            CliError::Unavailable(m) => CliError::Unavailable(format!(
+                "{m} (the node does not speak TLS: if it runs with [tls] plaintext = true, use \
+                 --plaintext)"
+            )),
+            other => other,
+        },
         Err(why) if tls_refusal_text(&why) => CliError::PermissionDenied(format!(
             "{addr}: the node refused this client's certificate ({why}); is it signed by the \
              cluster CA, and is it an operator's or a member's (--ca, --cert, --key)?"

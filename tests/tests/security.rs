@@ -49,7 +49,8 @@ fn the_control_port_refuses_strangers_and_read_only_operators_cannot_write() {
     assert!(r.stderr.contains("refused"), "{r:?}");
     // No certificate at all: plaintext against an mTLS port.
     let r = c.ctl_with("--plaintext", &node, 5, &["status"]);
-    assert_ne!(r.code, 0, "plaintext against mTLS: {r:?}");
+    assert_code("plaintext against mTLS", &r, 4);
+    assert!(r.stderr.contains("accepts only mTLS"), "{r:?}");
     // The read role lists but cannot change anything.
     let reader = c.certs.ctl_args("reader");
     for args in [
@@ -360,7 +361,12 @@ fn plaintext_only_when_the_config_says_so_and_then_loudly() {
     );
     // fwctl without --plaintext insists on TLS and fails.
     let certs = Certs::make(&lab.dir, &[1]);
-    assert!(!status(&certs.ctl_args("admin"), "").status.success());
+    let o = status(&certs.ctl_args("admin"), "");
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("does not speak TLS"),
+        "{o:?}"
+    );
 }
 
 const POLICY_DROP: &str = "default = \"drop\"\n";
