@@ -319,7 +319,7 @@ pub fn identity(der: &[u8]) -> Result<Identity, String> {
                     if let Some(id) = d
                         .strip_prefix("node-")
                         .and_then(|r| r.strip_suffix(".keepstate"))
-                        .and_then(|s| s.parse::<u64>().ok())
+                        .and_then(|s| s.parse::<u64>().ok().filter(|id| node_name(*id) == **d))
                     {
                         nodes.push(id);
                     }
@@ -466,5 +466,155 @@ pub fn require_role<T>(
             "this needs the {} role; {s} carries no keepstate role",
             need.name()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(peer: Option<Identity>) -> tonic::Request<()> {
+        let mut r = tonic::Request::new(());
+        r.extensions_mut().insert(ConnInfo {
+            remote: None,
+            peer: peer.map(Arc::new),
+        });
+        r
+    }
+
+    fn node(id: u64) -> Option<Identity> {
+        Some(Identity {
+            subject: format!("CN=node-{id}.keepstate"),
+            node: Some(id),
+            role: None,
+        })
+    }
+
+    fn operator(role: Option<OperatorRole>) -> Option<Identity> {
+        Some(Identity {
+            subject: "CN=alice".into(),
+            node: None,
+            role,
+        })
+    }
+
+    fn members(ids: &'static [u64]) -> Members {
+        let m = Members::default();
+        m.set(move |id| {
+            if ids.contains(&id) {
+                Membership::Member
+            } else if ids.is_empty() {
+                Membership::Unknown
+            } else {
+                Membership::NotMember
+            }
+        });
+        m
+    }
+
+    fn denied<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> String {
+        let s = r.expect_err("expected a refusal");
+        assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+        s.message().to_string()
+    }
+
+    #[test]
+    fn roles_read_and_admin_and_what_nodes_may_do() {
+        let m = members(&[1, 2]);
+        use OperatorRole::*;
+        assert!(require_role(&req(operator(Some(Read))), &m, Read).is_ok());
+        assert!(require_role(&req(operator(Some(Admin))), &m, Admin).is_ok());
+        assert!(require_role(&req(operator(Some(Admin))), &m, Read).is_ok());
+        let e = denied(require_role(&req(operator(Some(Read))), &m, Admin));
+        assert!(
+            e.contains("needs the admin role") && e.contains("CN=alice has the read role"),
+            "{e}"
+        );
+        let e = denied(require_role(&req(operator(None)), &m, Read));
+        assert!(e.contains("carries no keepstate role"), "{e}");
+        // A member node may (it forwards writes); a removed or unknown one may not.
+        assert!(require_role(&req(node(2)), &m, Admin).is_ok());
+        let e = denied(require_role(&req(node(9)), &m, Read));
+        assert!(e.contains("node 9 is not a member"), "{e}");
+        // Plaintext (by config) allows everything; a request from nowhere is refused.
+        assert!(require_role(&req(None), &m, Admin).is_ok());
+        denied(require_role(&tonic::Request::new(()), &m, Read));
+    }
+
+    #[test]
+    fn peers_must_be_current_members_and_a_fresh_node_takes_any_node_for_raft_only() {
+        let m = members(&[1, 2]);
+        assert_eq!(require_member(&req(node(2)), &m, false).ok(), Some(Some(2)));
+        let e = denied(require_member(&req(node(3)), &m, true));
+        assert!(e.contains("node 3 is not a member"), "{e}");
+        let e = denied(require_member(
+            &req(operator(Some(OperatorRole::Admin))),
+            &m,
+            true,
+        ));
+        assert!(e.contains("node certificate is required"), "{e}");
+        assert_eq!(require_member(&req(None), &m, false).ok(), Some(None));
+        // No membership yet (a node waiting to be added), or not yet set at all.
+        let fresh = members(&[]);
+        assert_eq!(
+            require_member(&req(node(5)), &fresh, true).ok(),
+            Some(Some(5))
+        );
+        denied(require_member(&req(node(5)), &fresh, false));
+        denied(require_member(&req(node(5)), &Members::default(), false));
+    }
+
+    fn cert(dns: &[&str], uris: &[&str]) -> Vec<u8> {
+        let mut p =
+            rcgen::CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        for u in uris {
+            p.subject_alt_names
+                .push(rcgen::SanType::URI((*u).try_into().unwrap()));
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn identities_come_from_the_sans_and_ambiguity_names_nothing() {
+        let id = identity(&cert(&["node-7.keepstate", SERVER_NAME], &[])).unwrap();
+        assert_eq!((id.node, id.role), (Some(7), None));
+        let id = identity(&cert(&[], &["keepstate:role:read"])).unwrap();
+        assert_eq!((id.node, id.role), (None, Some(OperatorRole::Read)));
+        // Two node ids, two roles, an unknown role, a look-alike name: nothing.
+        let id = identity(&cert(&["node-1.keepstate", "node-2.keepstate"], &[])).unwrap();
+        assert_eq!(id.node, None);
+        let id = identity(&cert(&[], &["keepstate:role:read", "keepstate:role:admin"])).unwrap();
+        assert_eq!(id.role, None);
+        let id = identity(&cert(&[], &["keepstate:role:root"])).unwrap();
+        assert_eq!(id.role, None);
+        let id = identity(&cert(
+            &[
+                "node-1.keepstate.evil",
+                "xnode-1.keepstate",
+                "node-01.keepstate",
+                "node-+1.keepstate",
+            ],
+            &[],
+        ))
+        .unwrap();
+        assert_eq!(id.node, None);
+        assert!(identity(b"not a certificate").is_err());
+    }
+
+    #[test]
+    fn tls_sections_need_all_three_files_or_plaintext_alone() {
+        let t = |ca: bool, cert: bool, key: bool, plaintext: bool| TlsConfig {
+            ca: ca.then(|| "ca".into()),
+            cert: cert.then(|| "c".into()),
+            key: key.then(|| "k".into()),
+            plaintext,
+        };
+        assert!(t(true, true, true, false).files().unwrap().is_some());
+        assert!(t(false, false, false, true).files().unwrap().is_none());
+        assert!(t(true, true, false, false).files().is_err());
+        assert!(t(false, false, false, false).files().is_err());
+        assert!(t(true, true, true, true).files().is_err());
     }
 }
