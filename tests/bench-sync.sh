@@ -27,6 +27,11 @@ trap cleanup EXIT INT TERM
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 [ -x "$BIN/sync-bench" ] || { echo "$BIN/sync-bench missing: cargo build --release -p keepstate-tests" >&2; exit 1; }
 mkdir -p "$OUT"
+# Production's transport: mTLS with a CA and node certificates made for this run.
+[ -x "$BIN/fwctl" ] || { echo "$BIN/fwctl missing: cargo build --release -p fwctl" >&2; exit 1; }
+"$BIN/fwctl" certs --dir "$OUT/tls" init >/dev/null
+for id in 1 2; do "$BIN/fwctl" certs --dir "$OUT/tls" issue-node $id >/dev/null; done
+export KEEPSTATE_TLS_DIR="$OUT/tls"
 for ns in $A $B; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
 ip -n $A link add ${P}a type veth peer name ${P}b netns $B
 ip -n $A link set ${P}a up; ip -n $B link set ${P}b up

@@ -1,15 +1,18 @@
 //! The connection to a node and what its errors mean to an operator.
 //!
-//! Owns the one place a channel is made (mTLS with the cluster CA plugs in here, as it does in
-//! fwnode's `transport`), and the mapping of gRPC statuses to `CliError`s with exit codes and
+//! Owns the one place a channel is made (mTLS with the cluster CA through fwnode's
+//! `transport`: fwctl verifies that the node's certificate is the CA's and names
+//! `fwnode.keepstate`, and presents the operator's certificate), and the mapping of gRPC statuses to `CliError`s with exit codes and
 //! advice, and the message-size limit fwctl shares with fwnode ([`MAX_MESSAGE_BYTES`]: tonic's
 //! 4 MiB default cannot carry `ct list` of tens of thousands of entries). Must not format output.
 
 use std::time::Duration;
 
+use fwnode::tls::{Credentials, TlsFiles};
+use fwnode::transport::{self, ConnectError, Transport};
 use keepstate_proto::v1::control_client::ControlClient;
 use keepstate_proto::MAX_MESSAGE_BYTES;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// An error that ends the command, with the exit code scripts can rely on.
@@ -27,6 +30,9 @@ pub enum CliError {
     /// The caller may not do this (the local HA socket is root-only).
     #[error("{0}")]
     NotPermitted(String),
+    /// The node refused the operator's certificate or its role.
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 impl CliError {
@@ -36,26 +42,100 @@ impl CliError {
             CliError::Unavailable(_) => 4,
             CliError::Internal(_) => 5,
             CliError::NotPermitted(_) => 6,
+            CliError::PermissionDenied(_) => 7,
         }
     }
 }
 
+/// How fwctl secures its channel.
+#[derive(Clone, Debug)]
+pub enum Security {
+    /// `--plaintext`: for a node with `[tls] plaintext = true`.
+    Plaintext,
+    /// The cluster CA, and the operator's certificate and key.
+    Mtls(TlsFiles),
+}
+
 /// Connect to `addr` (host:port), bounded by `timeout`.
-pub async fn connect(addr: &str, timeout: Duration) -> Result<ControlClient<Channel>, CliError> {
-    let ep = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| CliError::Rejected(format!("--node {addr:?} is not host:port: {e}")))?
-        .connect_timeout(timeout)
-        .timeout(timeout);
-    let ch = ep.connect().await.map_err(|e| {
-        let cause = std::error::Error::source(&e)
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| e.to_string());
-        CliError::Unavailable(format!(
-            "cannot reach fwnode at {addr}: {cause} — is fwnode running with a [cluster] listen \
+pub async fn connect(
+    addr: &str,
+    timeout: Duration,
+    security: &Security,
+) -> Result<ControlClient<Channel>, CliError> {
+    let security = match security {
+        Security::Plaintext => transport::Security::Plaintext,
+        Security::Mtls(files) => {
+            transport::Security::Mtls(Credentials::load(files.clone()).map_err(|e| {
+                CliError::Rejected(format!(
+                    "{e} — set --ca/--cert/--key (FWCTL_CA, FWCTL_CERT, FWCTL_KEY; `fwctl certs \
+                     issue-operator` makes them), or --plaintext for a node without TLS"
+                ))
+            })?)
+        }
+    };
+    let t = Transport {
+        connect_timeout: timeout,
+        request_timeout: timeout,
+        ..Transport::new(security)
+    };
+    let ch = t.connect(addr, None).await.map_err(|e| match e {
+        ConnectError::Addr(e) => {
+            CliError::Rejected(format!("--node {addr:?} is not host:port: {e}"))
+        }
+        ConnectError::Connect { message, .. } => CliError::Unavailable(format!(
+            "cannot reach fwnode at {addr}: {message} — is fwnode running with a [cluster] listen \
              address there? set --node or FWCTL_NODE"
-        ))
+        )),
     })?;
     Ok(control_client(ch))
+}
+
+/// After a call failed as if the connection broke: did the node refuse our certificate? Then
+/// say so (exit 7) instead of "unreachable".
+pub async fn explain(addr: &str, timeout: Duration, security: &Security, e: CliError) -> CliError {
+    let files = match (security, &e) {
+        (Security::Mtls(f), CliError::Unavailable(_) | CliError::Internal(_)) => f,
+        // A plaintext HTTP/2 preface at a TLS listener: the connection just closes.
+        (Security::Plaintext, CliError::Unavailable(m) | CliError::Internal(m)) => {
+            return CliError::Unavailable(format!(
+                "{m} (--plaintext: a node with [tls] certificates accepts only mTLS)"
+            ))
+        }
+        _ => return e,
+    };
+    let Ok(creds) = Credentials::load(files.clone()) else {
+        return e;
+    };
+    let t = Transport {
+        connect_timeout: timeout,
+        ..Transport::new(transport::Security::Mtls(creds))
+    };
+    match t.probe(addr, None, Duration::from_secs(1)).await {
+        // rustls' own verdict on the node's certificate (ours was never looked at).
+        Err(why) if why.contains("invalid peer certificate") => {
+            CliError::PermissionDenied(format!(
+            "{addr}: the node's certificate is not trusted ({why}); is --ca the cluster CA, and \
+             does the node present a certificate of it?"
+        ))
+        }
+        Err(why) if why.contains("corrupt message") => match e {
+            CliError::Unavailable(m) => CliError::Unavailable(format!(
+                "{m} (the node does not speak TLS: if it runs with [tls] plaintext = true, use \
+                 --plaintext)"
+            )),
+            other => other,
+        },
+        Err(why) if tls_refusal_text(&why) => CliError::PermissionDenied(format!(
+            "{addr}: the node refused this client's certificate ({why}); is it signed by the \
+             cluster CA, and is it an operator's or a member's (--ca, --cert, --key)?"
+        )),
+        _ => e,
+    }
+}
+
+fn tls_refusal_text(t: &str) -> bool {
+    let t = t.to_ascii_lowercase();
+    t.contains("certificate") || t.contains("alert") || t.contains("unknownca")
 }
 
 /// A control client on `ch` with the limits every keepstate end uses.
@@ -77,15 +157,37 @@ pub fn status_error(addr: &str, s: Status) -> CliError {
         Code::Unavailable if msg.contains("no quorum") || msg.contains("no Raft leader") => {
             CliError::Unavailable(msg)
         }
+        // A node that refuses our certificate ends the TLS session with an alert, which the
+        // first call sees as a broken connection.
+        Code::Unavailable | Code::Unknown if tls_refusal(&s) => {
+            CliError::PermissionDenied(format!(
+                "{addr}: the node refused this client's certificate ({msg}); is it signed by \
+                 the cluster CA (--ca, --cert, --key)?"
+            ))
+        }
         Code::Unavailable => CliError::Unavailable(format!(
             "{addr}: {msg} (the node or the cluster leader is unreachable; nothing was changed)"
         )),
+        Code::PermissionDenied | Code::Unauthenticated => {
+            CliError::PermissionDenied(format!("{addr}: permission denied: {msg}"))
+        }
         Code::DeadlineExceeded | Code::Cancelled => CliError::Unavailable(format!(
             "{addr}: {msg} (no answer in time: the cluster may have lost its quorum; a write may \
              still commit: check `fwctl policy history`)"
         )),
         _ => CliError::Internal(format!("{addr}: {} ({:?})", msg, s.code())),
     }
+}
+
+/// Does a failed call's error chain end in a TLS alert about our certificate?
+fn tls_refusal(s: &Status) -> bool {
+    let mut e: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    let mut text = s.message().to_string();
+    while let Some(x) = e {
+        text.push_str(&x.to_string());
+        e = x.source();
+    }
+    tls_refusal_text(&text)
 }
 
 #[cfg(test)]
@@ -101,6 +203,7 @@ mod tests {
         assert_eq!(code(Status::unavailable("no quorum: ...")), 4);
         assert_eq!(code(Status::deadline_exceeded("slow")), 4);
         assert_eq!(code(Status::internal("bug")), 5);
+        assert_eq!(code(Status::permission_denied("needs admin")), 7);
     }
 
     use keepstate_proto::v1::{self, control_server};
@@ -184,9 +287,13 @@ mod tests {
             )
             .serve_with_incoming(incoming);
         let task = tokio::spawn(server);
-        let mut c = connect(&addr.to_string(), Duration::from_secs(5))
-            .await
-            .unwrap();
+        let mut c = connect(
+            &addr.to_string(),
+            Duration::from_secs(5),
+            &Security::Plaintext,
+        )
+        .await
+        .unwrap();
         let r = c
             .list_connections(v1::ListConnectionsRequest::default())
             .await

@@ -8,8 +8,14 @@
 //! error · 3 rejected (invalid request or policy, unknown version or member, wrong cluster state,
 //! unreadable local file) · 4 unavailable (node unreachable, no leader or no quorum: nothing was
 //! changed; a write that timed out may still commit) · 5 internal error · 6 not permitted (the HA
-//! socket is root-only).
+//! socket is root-only) · 7 permission denied (the node refused the operator's certificate, or
+//! its role lacks the call: `read` may list, `admin` may change).
+//!
+//! The control API is mTLS: fwctl presents `--cert`/`--key` (an operator certificate of
+//! `fwctl certs issue-operator`) and verifies the node against `--ca`; `--plaintext` only for a
+//! node configured with `[tls] plaintext = true`.
 
+mod certs;
 mod client;
 mod ha;
 mod output;
@@ -27,7 +33,8 @@ const EXIT_CODES: &str = "Exit codes: 0 success, 1 `policy diff` found differenc
 not ready, 2 usage error, 3 rejected (invalid request or policy, unknown version or member, wrong \
 cluster state, unreadable file), 4 unavailable (node unreachable, no leader or no quorum: nothing \
 was changed; a write that timed out may still commit: check `policy history`), 5 internal error, \
-6 not permitted (the local HA socket is root-only).";
+6 not permitted (the local HA socket is root-only), 7 permission denied (certificate refused, or \
+its role lacks the call: `read` may list, `admin` may change).";
 
 /// Connections asked for per `ct list` call (the server's cap per message).
 const LIST_PAGE: u32 = 100_000;
@@ -50,6 +57,33 @@ struct Cli {
     /// Seconds to wait for the connection and for each call.
     #[arg(long, global = true, default_value_t = 5)]
     timeout: u64,
+    /// The cluster CA certificate the node's certificate must chain to.
+    #[arg(
+        long,
+        global = true,
+        env = "FWCTL_CA",
+        default_value = "/etc/keepstate/tls/ca.crt"
+    )]
+    ca: PathBuf,
+    /// The operator certificate to present (`fwctl certs issue-operator`).
+    #[arg(
+        long,
+        global = true,
+        env = "FWCTL_CERT",
+        default_value = "/etc/keepstate/tls/fwctl.crt"
+    )]
+    cert: PathBuf,
+    /// The operator certificate's private key.
+    #[arg(
+        long,
+        global = true,
+        env = "FWCTL_KEY",
+        default_value = "/etc/keepstate/tls/fwctl.key"
+    )]
+    key: PathBuf,
+    /// Talk to a node that runs without TLS (`[tls] plaintext = true`): no authentication.
+    #[arg(long, global = true, env = "FWCTL_PLAINTEXT")]
+    plaintext: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -81,6 +115,44 @@ enum Command {
     /// State replication with the peer gateway(s).
     #[command(subcommand)]
     Sync(SyncCmd),
+    /// Make the cluster CA and the certificates of nodes and operators (local files only).
+    Certs(CertsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CertsArgs {
+    /// Where the CA lives and certificates are written (created 0700).
+    #[arg(long, default_value = "/etc/keepstate/tls")]
+    dir: PathBuf,
+    /// Replace existing files.
+    #[arg(long)]
+    force: bool,
+    #[command(subcommand)]
+    cmd: CertsCmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCmd {
+    /// Create the cluster CA: DIR/ca.crt and DIR/ca.key (0600; protect it: it can mint nodes).
+    Init,
+    /// A node certificate, DIR/node-ID.crt and .key: names node-ID.keepstate and
+    /// fwnode.keepstate; for fwnode's [tls] cert and key.
+    IssueNode { id: u64 },
+    /// An operator certificate, DIR/NAME.crt and .key, carrying a role (name it `fwctl` for
+    /// fwctl's default --cert/--key under /etc/keepstate/tls).
+    IssueOperator {
+        name: String,
+        #[arg(long, value_enum)]
+        role: RoleName,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum RoleName {
+    /// status, ct, expect, policy show/diff/history, cluster members, sync status.
+    Read,
+    /// Everything, including policy apply/rollback, membership, HA settings, resync.
+    Admin,
 }
 
 #[derive(Debug, Subcommand)]
@@ -388,6 +460,19 @@ fn run_ha_local(
     Ok(0)
 }
 
+/// The channel security the options ask for.
+fn security(cli: &Cli) -> client::Security {
+    if cli.plaintext {
+        client::Security::Plaintext
+    } else {
+        client::Security::Mtls(fwnode::tls::TlsFiles {
+            ca: cli.ca.clone(),
+            cert: cli.cert.clone(),
+            key: cli.key.clone(),
+        })
+    }
+}
+
 async fn run(cli: Cli) -> Result<i32, CliError> {
     let json = cli.output == Format::Json;
     if let Command::Ha(a) = &cli.command {
@@ -395,8 +480,33 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
             return run_ha_local(&a.ha_socket, op, json, cli.timeout);
         }
     }
+    if let Command::Certs(a) = &cli.command {
+        let op = match &a.cmd {
+            CertsCmd::Init => certs::Op::Init,
+            CertsCmd::IssueNode { id } => certs::Op::Node { id: *id },
+            CertsCmd::IssueOperator { name, role } => certs::Op::Operator {
+                name: name.clone(),
+                role: match role {
+                    RoleName::Read => fwnode::tls::OperatorRole::Read,
+                    RoleName::Admin => fwnode::tls::OperatorRole::Admin,
+                },
+            },
+        };
+        let files = certs::run(&a.dir, &op, a.force)?;
+        if json {
+            print_json(
+                &json!({ "written": files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>() }),
+            );
+        } else {
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+        }
+        return Ok(0);
+    }
+    let security = security(&cli);
     let addr = cli.node.clone();
-    let mut c = connect(&addr, Duration::from_secs(cli.timeout.max(1))).await?;
+    let mut c = connect(&addr, Duration::from_secs(cli.timeout.max(1)), &security).await?;
     let err = |s| status_error(&addr, s);
     match cli.command {
         Command::Status => {
@@ -644,7 +754,7 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                 );
             }
         }
-        Command::Ha(_) => {} // the local commands returned above
+        Command::Ha(_) | Command::Certs(_) => {} // the local commands returned above
         Command::Expect(ExpectCmd::List) => {
             let r = c
                 .list_expectations(v1::ListExpectationsRequest {})
@@ -666,9 +776,25 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let (addr, timeout, security) = (
+        cli.node.clone(),
+        Duration::from_secs(cli.timeout.max(1)),
+        security(&cli),
+    );
+    // Commands that never talk to a node (their errors need no TLS diagnosis).
+    let local = match &cli.command {
+        Command::Certs(_) => true,
+        Command::Ha(a) => ha_local(&a.cmd).is_some(),
+        _ => false,
+    };
     match run(cli).await {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
+            let e = if local {
+                e
+            } else {
+                client::explain(&addr, timeout, &security, e).await
+            };
             eprintln!("fwctl: {e}");
             ExitCode::from(e.exit_code() as u8)
         }

@@ -102,7 +102,7 @@ pub fn status_json(s: &v1::StatusReply) -> Value {
     let ha = s.ha_settings.clone().unwrap_or_default();
     json!({
         "node_id": s.node_id, "node_name": s.node_name, "role": role(s.role), "addr": s.addr,
-        "version": s.version,
+        "version": s.version, "plaintext": s.plaintext,
         "raft": {
             "state": raft_state(r.state), "term": r.term, "leader_id": r.leader_id,
             "leader_addr": r.leader_addr, "last_log_index": r.last_log_index,
@@ -130,6 +130,14 @@ pub fn print_status(s: &v1::StatusReply) {
         ("node", format!("{} (id {})", s.node_name, s.node_id)),
         ("role", role(s.role).into()),
         ("address", s.addr.clone()),
+        (
+            "transport",
+            if s.plaintext {
+                "PLAINTEXT: no authentication, no encryption ([tls] plaintext = true)".into()
+            } else {
+                "mTLS (cluster CA)".into()
+            },
+        ),
         ("raft", format!("{} (term {})", raft_state(r.state), r.term)),
         (
             "leader",

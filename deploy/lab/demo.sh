@@ -3,7 +3,8 @@
 # 198.51.100.0/24 and a server on the WAN 203.0.113.0/24), standby gateway gw2 and a witness —
 # all in network namespaces this script creates and removes (no host changes, nothing leaves the
 # machine). The members talk Raft over a management switch (198.18.0.0/24) where the operator's
-# fwctl runs. Shows: forming the cluster, a policy applied through one member and enforced on the
+# fwctl runs. Every gRPC port is mTLS with a CA and certificates made by `fwctl certs` for the run.
+# Shows: forming the cluster, a policy applied through one member and enforced on the
 # gateway, allowed/denied/rejected traffic, active and passive FTP through the helper, the
 # connection table, a policy change, diff, history and rollback, and the counters.
 # (Failover of the VIPs and of connection state arrives with state replication.)
@@ -35,8 +36,11 @@ trap cleanup EXIT INT TERM
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
 FWCTL=$PWD/target/release/fwctl
+# The run's cluster CA, a certificate per member and the operator's (admin role), in $D/tls.
+T=$D/tls
 # The operator's shell on the management switch; FWCTL_NODE picks the member fwctl talks to.
-fwctl() { printf '$ fwctl %s\n' "$*"; ip netns exec $O env FWCTL_NODE="${NODE:-198.18.0.1:7400}" "$FWCTL" "$@"; }
+fwctl() { printf '$ fwctl %s\n' "$*"; ip netns exec $O env FWCTL_NODE="${NODE:-198.18.0.1:7400}" \
+  FWCTL_CA="$T/ca.crt" FWCTL_CERT="$T/fwctl.crt" FWCTL_KEY="$T/fwctl.key" "$FWCTL" "$@"; }
 
 step "building the lab: $C — $G — $S"
 for ns in $C $G $S; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
@@ -82,6 +86,12 @@ ip netns exec $S /usr/sbin/vsftpd "$D/vsftpd.conf" >/dev/null 2>&1 & PIDS+=($!)
 ip netns exec $S /usr/bin/python3 -m http.server 8080 >/dev/null 2>&1 & PIDS+=($!)
 ip netns exec $S /usr/bin/python3 -m http.server 9090 >/dev/null 2>&1 & PIDS+=($!)
 
+step "a cluster CA, a certificate per member and one for the operator (fwctl certs)"
+run "$FWCTL" certs --dir "$T" init
+for i in 1 2 3; do "$FWCTL" certs --dir "$T" issue-node $i >/dev/null; done
+run "$FWCTL" certs --dir "$T" issue-operator fwctl --role admin
+ls -l "$T"
+
 step "three fwnode members: gw1 and gw2 (gateways), witness (votes, forwards nothing)"
 member() { # id netns role
   mkdir -p "$D/n$1"
@@ -96,12 +106,16 @@ id = $1
 listen = "198.18.0.$1:7400"
 data_dir = "$D/n$1/data"
 role = "$3"
+[tls]
+ca = "$T/ca.crt"
+cert = "$T/node-$1.crt"
+key = "$T/node-$1.key"
 CONF
   ip netns exec "$2" target/release/fwnode --config "$D/n$1/fwnode.toml" 2>"$D/n$1/fwnode.log" & PIDS+=($!)
 }
 member 1 $G gateway; member 2 $G2 gateway; member 3 $W witness
 for i in 1 2 3; do
-  for _ in $(seq 100); do ip netns exec $O "$FWCTL" --node 198.18.0.$i:7400 status >/dev/null 2>&1 && break; sleep 0.1; done
+  for _ in $(seq 100); do ip netns exec $O "$FWCTL" --node 198.18.0.$i:7400 --ca "$T/ca.crt" --cert "$T/fwctl.crt" --key "$T/fwctl.key" status >/dev/null 2>&1 && break; sleep 0.1; done
 done
 echo "no policy committed yet: gw1 drops all forwarded traffic (fail closed)"
 ip netns exec $C curl -sS -o /dev/null --max-time 1 http://203.0.113.10:8080/ 2>/dev/null || echo "-> blocked"
@@ -153,6 +167,20 @@ step "an invalid policy is rejected with its position; nothing changes"
 sed 's/dport = \[21, 80, 443, 8080\]/dport = ["www"]/' "$D/policy.toml" > "$D/bad.toml"
 fwctl policy apply "$D/bad.toml" || echo "-> exit code $? (rejected)"
 fwctl cluster members
+
+step "roles: a read-only operator (alice) lists, but may not change the policy"
+"$FWCTL" certs --dir "$T" issue-operator alice --role read >/dev/null
+FWCTL_CERT_ALICE="$T/alice.crt" FWCTL_KEY_ALICE="$T/alice.key"
+alice() { printf '$ fwctl %s   # as alice\n' "$*"; ip netns exec $O "$FWCTL" --node 198.18.0.1:7400 \
+  --ca "$T/ca.crt" --cert "$FWCTL_CERT_ALICE" --key "$FWCTL_KEY_ALICE" "$@"; }
+alice policy history
+alice policy apply "$D/policy2.toml" || echo "-> exit code $? (permission denied)"
+step "no certificate of the cluster CA: refused at the TLS handshake"
+"$FWCTL" certs --dir "$D/other" init >/dev/null
+"$FWCTL" certs --dir "$D/other" issue-operator mallory --role admin >/dev/null
+printf '$ fwctl status   # with a certificate of another CA\n'
+ip netns exec $O "$FWCTL" --node 198.18.0.1:7400 --ca "$T/ca.crt" --cert "$D/other/mallory.crt" \
+  --key "$D/other/mallory.key" status || echo "-> exit code $? (refused)"
 
 sleep 0.5
 step "gw1's counters"

@@ -21,6 +21,7 @@ use crate::api::{ControlService, Datapath, WriteLimits};
 use crate::policy::PolicyStore;
 use crate::raft::network::{Network, RaftService, MAX_PAYLOAD_ENTRIES, SNAPSHOT_CHUNK_BYTES};
 use crate::raft::{store, Member, NodeId, PolicyRecord, PolicySink, Raft, Role};
+use crate::tls::{Members, Membership};
 use crate::transport::Transport;
 
 /// `[cluster]`: this node's Raft identity and timing.
@@ -170,11 +171,15 @@ impl std::fmt::Debug for ControlPlane {
 }
 
 /// Open the store (enforcing the last committed policy at once), start Raft and the listener.
+/// `transport` secures the listener and every channel; `members` is set here to this node's
+/// view of the Raft membership (the identity checks of every service read it).
 pub fn start(
     cfg: &ClusterConfig,
     name: &str,
     policy: Arc<PolicyStore>,
     datapath: Option<Datapath>,
+    transport: Transport,
+    members: Members,
 ) -> Result<ControlPlane, StartError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -204,7 +209,6 @@ pub fn start(
 
     let (log, sm) = store::open(&cfg.data_dir, Arc::new(StoreSink(policy.clone())))?;
     let sm_data = sm.data();
-    let transport = Transport::default();
     let network = Network {
         transport: transport.clone(),
     };
@@ -212,6 +216,20 @@ pub fn start(
     let raft = runtime
         .block_on(Raft::new(id, Arc::new(raft_cfg), network, log, sm))
         .map_err(|e| StartError::Raft(e.to_string()))?;
+    members.set({
+        let metrics = raft.metrics();
+        move |peer| {
+            let m = metrics.borrow();
+            let ms = m.membership_config.membership();
+            if ms.get_node(&peer).is_some() {
+                Membership::Member
+            } else if ms.nodes().next().is_none() {
+                Membership::Unknown
+            } else {
+                Membership::NotMember
+            }
+        }
+    });
 
     let me = Member {
         name: name.to_string(),
@@ -230,6 +248,7 @@ pub fn start(
             commit_timeout: Duration::from_millis(cfg.commit_timeout_ms),
             quorum_timeout: Duration::from_millis(cfg.election_timeout_max_ms * 2),
         },
+        members: members.clone(),
     };
     let incoming = runtime
         .block_on(async { transport.incoming(cfg.listen) })
@@ -241,9 +260,12 @@ pub fn start(
     let server = transport
         .server()
         .add_service(
-            RaftServer::new(RaftService { raft: raft.clone() })
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            RaftServer::new(RaftService {
+                raft: raft.clone(),
+                members,
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
             ControlServer::new(control)
@@ -254,12 +276,16 @@ pub fn start(
             let _ = stop_rx.await;
         });
     let listen = cfg.listen;
+    let plaintext = transport.is_plaintext();
     runtime.spawn(async move {
         if let Err(e) = server.await {
             tracing::error!(%listen, error = %e, "gRPC server stopped");
         }
     });
     tracing::info!(id, listen = %cfg.listen, role = cfg.role.name(), "control plane running");
+    if plaintext {
+        tracing::warn!(listen = %cfg.listen, "[tls] plaintext = true: the Raft transport and the control API are neither authenticated nor encrypted");
+    }
     Ok(ControlPlane {
         raft,
         runtime,

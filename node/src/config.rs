@@ -36,6 +36,12 @@
 //! [sync]                                # optional: connection-state replication (needs [cluster])
 //! listen = "198.18.0.1:7401"
 //! peers = [{ id = 2, addr = "198.18.0.2:7401" }]
+//!
+//! [tls]                                 # required with [cluster]: mTLS on every gRPC port
+//! ca = "/etc/keepstate/tls/ca.crt"      # the cluster CA (`fwctl certs init`)
+//! cert = "/etc/keepstate/tls/node-1.crt"  # this node's (`fwctl certs issue-node 1`)
+//! key = "/etc/keepstate/tls/node-1.key"
+//! # plaintext = true                    # instead of the three: no TLS at all (labs only)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -64,6 +70,9 @@ pub struct Config {
     /// State replication with the peer gateway(s); off when absent.
     #[serde(default)]
     pub sync: Option<crate::sync::shell::SyncConfig>,
+    /// Transport security of the gRPC ports; required with `[cluster]`.
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -215,8 +224,22 @@ impl Config {
             (Some(s), Some(c)) => s.validate(c.id).map_err(|m| invalid(&m))?,
             (None, _) => {}
         }
+        match (&cfg.tls, &cfg.cluster) {
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "[cluster] needs a [tls] section: ca, cert and key (PEM files; `fwctl certs` makes them), or plaintext = true to run without authentication or encryption",
+                ))
+            }
+            (Some(t), _) => {
+                t.files().map_err(|m| invalid(&m))?;
+            }
+            (None, None) => {}
+        }
         // Relative paths are relative to the configuration file.
         let dir = path.parent().unwrap_or(Path::new("."));
+        if let Some(t) = cfg.tls.as_mut() {
+            t.resolve(dir);
+        }
         if let Some(p) = cfg.policy.as_mut().filter(|p| p.file.is_relative()) {
             p.file = dir.join(&p.file);
         }
@@ -265,12 +288,45 @@ mod tests {
             "{}",
             s.display()
         );
-        let witness = "[cluster]\nid = 3\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"d\"\nrole = \"witness\"\n";
+        let witness = "[cluster]\nid = 3\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"d\"\nrole = \"witness\"\n[tls]\nplaintext = true\n";
         let e = load_with("", &format!("{witness}[ha]\n"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("[ha] is for gateways"), "{e}");
         assert!(load_with("", witness).is_ok());
+    }
+
+    #[test]
+    fn a_cluster_needs_tls_files_or_explicit_plaintext() {
+        let cluster = "[cluster]\nid = 1\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"d\"\n";
+        let e = load_with("", cluster).unwrap_err().to_string();
+        assert!(e.contains("[cluster] needs a [tls] section"), "{e}");
+        let e = load_with("", &format!("{cluster}[tls]\nca = \"ca.crt\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs ca, cert and key"), "{e}");
+        let e = load_with(
+            "",
+            &format!("{cluster}[tls]\nplaintext = true\nca = \"ca.crt\"\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("excludes"), "{e}");
+        assert!(load_with("", &format!("{cluster}[tls]\nplaintext = true\n")).is_ok());
+        let c = load_with(
+            "",
+            &format!(
+                "{cluster}[tls]\nca = \"t/ca.crt\"\ncert = \"/abs/n.crt\"\nkey = \"t/n.key\"\n"
+            ),
+        )
+        .unwrap();
+        let f = c.tls.unwrap().files().unwrap().unwrap();
+        assert!(
+            f.ca.is_absolute() && f.ca.ends_with("t/ca.crt"),
+            "{}",
+            f.ca.display()
+        );
+        assert_eq!(f.cert, std::path::PathBuf::from("/abs/n.crt"));
     }
 
     #[test]

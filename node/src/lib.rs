@@ -12,7 +12,8 @@
 //! - `ha` keeps the node's role (active, standby, syncing, fault) that keepalived drives and
 //!   replication's readiness gates.
 //! - `raft`, `api` and `cluster` replicate the policy with openraft and serve the control API;
-//!   `transport` is the one place gRPC servers and channels are built.
+//!   `transport` is the one place gRPC servers and channels are built; `tls` holds the cluster
+//!   CA's rustls configurations and the identity checks (node membership, operator roles).
 
 pub mod api;
 pub mod cluster;
@@ -26,4 +27,5 @@ pub mod policy;
 pub mod raft;
 pub mod sync;
 pub mod time;
+pub mod tls;
 pub mod transport;

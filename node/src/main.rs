@@ -22,6 +22,8 @@ use fwnode::packet::{proto, ParseError};
 use fwnode::policy::PolicyStore;
 use fwnode::raft::Role;
 use fwnode::sync::feed::FeedMaker;
+use fwnode::tls::{Credentials, Members};
+use fwnode::transport::{Security, Transport};
 
 /// keepstate gateway daemon.
 #[derive(Debug, Parser)]
@@ -30,7 +32,7 @@ struct Cli {
     /// Run with this configuration file.
     #[arg(long, value_name = "FILE", required_unless_present = "check_config")]
     config: Option<PathBuf>,
-    /// Validate a configuration file and its policy, then exit (0 = valid).
+    /// Validate a configuration file, its policy and its certificates, then exit (0 = valid).
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     check_config: Option<PathBuf>,
     /// Remove this instance's iptables rules and exit (decommissioning; with --config).
@@ -360,6 +362,16 @@ fn run(cfg: Config) -> Result<()> {
             .context("subscribing to rtnetlink link events")?;
     }
 
+    // Every gRPC port (Raft, control, sync) is secured alike; the config loader has checked
+    // that a [cluster] has [tls] files or an explicit plaintext.
+    let transport = match cfg.tls.as_ref().map(|t| t.files()) {
+        Some(Ok(Some(files))) => Transport::new(Security::Mtls(
+            Credentials::load(files).context("loading the [tls] certificates")?,
+        )),
+        Some(Err(e)) => bail!("{e}"),
+        Some(Ok(None)) | None => Transport::new(Security::Plaintext),
+    };
+    let members = Members::default();
     // A node without replication has no peer table to wait for: in sync from the start. With
     // it, readiness follows the sync sessions (`on_ready` below).
     let ha = cfg.ha.as_ref().map(|_| HaHandle::new(!replicate));
@@ -369,7 +381,6 @@ fn run(cfg: Config) -> Result<()> {
             let (maker, events, lost) = fwnode::sync::feed::channel(s.channel_batches);
             let handle = fwnode::sync::shell::start(
                 s,
-                c.id,
                 ct.clone(),
                 events,
                 lost,
@@ -383,6 +394,11 @@ fn run(cfg: Config) -> Result<()> {
                         }
                     }
                 }),
+                fwnode::sync::shell::Net {
+                    node_id: c.id,
+                    transport: transport.clone(),
+                    members: members.clone(),
+                },
             )?;
             (Some(handle), Some(maker))
         }
@@ -403,7 +419,14 @@ fn run(cfg: Config) -> Result<()> {
                 }),
                 ha: ha.clone(),
             });
-            Some(cluster::start(c, &cfg.node.name, store.clone(), dp)?)
+            Some(cluster::start(
+                c,
+                &cfg.node.name,
+                store.clone(),
+                dp,
+                transport.clone(),
+                members.clone(),
+            )?)
         }
         None => None,
     };
@@ -521,6 +544,9 @@ fn main() -> Result<()> {
         let store = PolicyStore::new(Box::new(ifindex));
         if let Some(p) = &cfg.policy {
             load_policy(&store, &p.file, 1)?;
+        }
+        if let Some(Ok(Some(files))) = cfg.tls.as_ref().map(|t| t.files()) {
+            Credentials::load(files).context("loading the [tls] certificates")?;
         }
         println!("{}: configuration and policy are valid", path.display());
         return Ok(());

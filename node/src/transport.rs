@@ -1,34 +1,72 @@
 //! How every gRPC server and client of a node is built: the single place where transport
 //! security plugs in.
 //!
-//! Owns endpoint and server construction (timeouts, keepalive, and later the rustls mTLS
-//! configuration of the cluster CA). Every channel to a peer and every listener goes through
-//! [`Transport`], so turning on mTLS changes this file and the config, not the services.
+//! Owns endpoint and server construction (timeouts, keepalive, and the rustls mTLS of the
+//! cluster CA: [`Security`]). Every channel to a peer and every listener goes through
+//! [`Transport`]: a listener hands tonic connections whose TLS handshake (client certificate
+//! required and verified against the CA) has completed, each carrying a [`ConnInfo`] with the
+//! client's identity for the services' checks (`tls`); a channel verifies the server's
+//! certificate against the CA and, for a known peer, that it names that peer.
 //! The message-size limit is not set here: tonic sets it per generated service and client,
 //! so every one of them sets [`keepstate_proto::MAX_MESSAGE_BYTES`] where it is built (the
 //! one constant both ends share, fwctl included).
 //! Must not know about any service.
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Endpoint, Server};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::transport::server::{Connected, TcpIncoming};
+use tonic::transport::{Channel, Endpoint, Server, Uri};
 
-/// Transport settings shared by the Raft transport, the control API and (later) state sync.
+use crate::tls::{self, ConnInfo, Credentials, Identity};
+
+/// A TLS handshake that has not completed in this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes in progress per listener; connections beyond are closed at once (a flood of
+/// connection attempts costs a listener this much, and other listeners nothing).
+const MAX_HANDSHAKES: usize = 128;
+
+/// Whether and how connections are secured.
+#[derive(Clone, Debug)]
+pub enum Security {
+    /// No TLS, no identity: only when the config says `[tls] plaintext = true`.
+    Plaintext,
+    /// mTLS with the cluster CA.
+    Mtls(Arc<Credentials>),
+}
+
+/// Transport settings shared by the Raft transport, the control API and state sync.
 #[derive(Clone, Debug)]
 pub struct Transport {
     pub connect_timeout: Duration,
     /// Upper bound for one unary call (Raft RPCs carry their own shorter deadline).
     pub request_timeout: Duration,
+    pub security: Security,
 }
 
-impl Default for Transport {
-    fn default() -> Self {
+impl Transport {
+    pub fn new(security: Security) -> Transport {
         Transport {
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(10),
+            security,
         }
+    }
+
+    pub fn is_plaintext(&self) -> bool {
+        matches!(self.security, Security::Plaintext)
     }
 }
 
@@ -40,9 +78,52 @@ pub struct AddrError {
     pub message: String,
 }
 
+/// Dials TCP, then TLS with the credentials current at that moment, verifying `name`.
+#[derive(Clone, Debug)]
+pub struct TlsConnector {
+    creds: Arc<Credentials>,
+    name: ServerName<'static>,
+}
+
+impl TlsConnector {
+    pub fn new(creds: Arc<Credentials>, name: ServerName<'static>) -> TlsConnector {
+        TlsConnector { creds, name }
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl tower::Service<Uri> for TlsConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = io::Error;
+    type Future = BoxFuture<Result<Self::Response, io::Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connector = tokio_rustls::TlsConnector::from(self.creds.client_config());
+        let name = self.name.clone();
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host"))?;
+            let port = uri
+                .port_u16()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no port"))?;
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = connector.connect(name, tcp).await?;
+            Ok(TokioIo::new(tls))
+        })
+    }
+}
+
 impl Transport {
-    /// A lazily connecting endpoint for `host:port`.
-    pub fn endpoint(&self, addr: &str) -> Result<Endpoint, AddrError> {
+    /// An endpoint for `host:port` with this transport's timeouts (no connector yet).
+    fn endpoint(&self, addr: &str) -> Result<Endpoint, AddrError> {
         Endpoint::from_shared(format!("http://{addr}"))
             .map(|e| {
                 e.connect_timeout(self.connect_timeout)
@@ -57,13 +138,152 @@ impl Transport {
             })
     }
 
-    /// A listening socket for `server()`. Its TCP options are set here: tonic's
-    /// `Server::tcp_nodelay` applies only when tonic binds the socket itself, and without
-    /// TCP_NODELAY small replies meet the peer's delayed ACK (a 40 ms stall per call).
-    pub fn incoming(&self, addr: SocketAddr) -> std::io::Result<TcpIncoming> {
-        Ok(TcpIncoming::bind(addr)?
+    fn connector(&self, addr: &str, peer: Option<u64>) -> Result<Option<TlsConnector>, AddrError> {
+        match &self.security {
+            Security::Plaintext => Ok(None),
+            Security::Mtls(c) => {
+                let name = tls::server_name(peer).map_err(|e| AddrError {
+                    addr: addr.to_string(),
+                    message: e.to_string(),
+                })?;
+                Ok(Some(TlsConnector::new(c.clone(), name)))
+            }
+        }
+    }
+
+    /// A lazily connecting channel to `addr`; `peer`: the node id the server must prove (any
+    /// node of the cluster when `None`).
+    pub fn channel_lazy(&self, addr: &str, peer: Option<u64>) -> Result<Channel, AddrError> {
+        let ep = self.endpoint(addr)?;
+        Ok(match self.connector(addr, peer)? {
+            None => ep.connect_lazy(),
+            Some(c) => ep.connect_with_connector_lazy(c),
+        })
+    }
+
+    /// A connected channel to `addr` (see [`Transport::channel_lazy`]).
+    pub async fn connect(&self, addr: &str, peer: Option<u64>) -> Result<Channel, ConnectError> {
+        let ep = self.endpoint(addr)?;
+        let r = match self.connector(addr, peer)? {
+            None => ep.connect().await,
+            Some(c) => ep.connect_with_connector(c).await,
+        };
+        r.map_err(|e| ConnectError::Connect {
+            addr: addr.to_string(),
+            message: match std::error::Error::source(&e) {
+                Some(s) => format!("{e}: {s}"),
+                None => e.to_string(),
+            },
+        })
+    }
+
+    /// Whether a server accepts this end's certificate: a TLS handshake with `addr`, then a
+    /// short wait for the server's verdict (with TLS 1.3 a server that refuses the client's
+    /// certificate says so only after the client's handshake has completed, so a gRPC call
+    /// sees no more than a closed connection). `Ok` for plaintext or when nothing was refused
+    /// within `wait`; for diagnosing a failed call, not for every connection.
+    pub async fn probe(&self, addr: &str, peer: Option<u64>, wait: Duration) -> Result<(), String> {
+        use tokio::io::AsyncReadExt;
+        let Security::Mtls(creds) = &self.security else {
+            return Ok(());
+        };
+        let name = tls::server_name(peer).map_err(|e| e.to_string())?;
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let connector = tokio_rustls::TlsConnector::from(creds.client_config());
+        let mut s = tokio::time::timeout(wait, connector.connect(name, tcp))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(wait, s.read(&mut buf)).await {
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(0)) => Err("the server closed the TLS session".into()),
+            Ok(Ok(_)) | Err(_) => Ok(()),
+        }
+    }
+
+    /// The connections accepted on `addr`, for `server()...serve_with_incoming`: with mTLS,
+    /// only those whose handshake completed (a verified client certificate). The socket's TCP
+    /// options are set here: tonic's `Server::tcp_nodelay` applies only when tonic binds the
+    /// socket itself, and without TCP_NODELAY small replies meet the peer's delayed ACK (a
+    /// 40 ms stall per call). Must be called inside a tokio runtime (it spawns the acceptor,
+    /// which ends when the returned stream is dropped).
+    pub fn incoming(&self, addr: SocketAddr) -> io::Result<ReceiverStream<io::Result<Conn>>> {
+        let mut tcp = TcpIncoming::bind(addr)?
             .with_nodelay(Some(true))
-            .with_keepalive(Some(Duration::from_secs(10))))
+            .with_keepalive(Some(Duration::from_secs(10)));
+        let (tx, rx) = mpsc::channel::<io::Result<Conn>>(64);
+        let security = self.security.clone();
+        let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let s = tokio::select! {
+                    s = tcp.next() => s,
+                    _ = tx.closed() => return,
+                };
+                let s = match s {
+                    Some(Ok(s)) => s,
+                    Some(Err(e)) => {
+                        tracing::debug!(%addr, error = %e, "accept failed");
+                        continue;
+                    }
+                    None => return,
+                };
+                let remote = s.peer_addr().ok();
+                match &security {
+                    Security::Plaintext => {
+                        if tx.send(Ok(Conn::Plain(s, remote))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Security::Mtls(creds) => {
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            tracing::debug!(%addr, ?remote, "too many TLS handshakes in progress");
+                            continue;
+                        };
+                        let acceptor = tokio_rustls::TlsAcceptor::from(creds.server_config());
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let r =
+                                tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(s)).await;
+                            drop(slot);
+                            let tls = match r {
+                                Ok(Ok(t)) => t,
+                                Ok(Err(e)) => {
+                                    tracing::info!(%addr, ?remote, error = %e, "TLS handshake refused");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::info!(%addr, ?remote, "TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            let id = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .map(|c| tls::identity(c));
+                            let id = match id {
+                                Some(Ok(id)) => id,
+                                Some(Err(e)) => {
+                                    tracing::info!(%addr, ?remote, error = %e, "unreadable client certificate");
+                                    return;
+                                }
+                                None => return,
+                            };
+                            let _ = tx
+                                .send(Ok(Conn::Tls(Box::new(tls), remote, Arc::new(id))))
+                                .await;
+                        });
+                    }
+                }
+            }
+        });
+        Ok(ReceiverStream::new(rx))
     }
 
     /// A server builder with this transport's settings.
@@ -71,5 +291,334 @@ impl Transport {
         Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+    }
+}
+
+/// A channel that could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Addr(#[from] AddrError),
+    #[error("connecting to {addr}: {message}")]
+    Connect { addr: String, message: String },
+}
+
+/// One accepted connection, plaintext or after a completed mTLS handshake.
+#[derive(Debug)]
+pub enum Conn {
+    Plain(TcpStream, Option<SocketAddr>),
+    Tls(
+        Box<tokio_rustls::server::TlsStream<TcpStream>>,
+        Option<SocketAddr>,
+        Arc<Identity>,
+    ),
+}
+
+impl Connected for Conn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        match self {
+            Conn::Plain(_, remote) => ConnInfo {
+                remote: *remote,
+                peer: None,
+            },
+            Conn::Tls(_, remote, id) => ConnInfo {
+                remote: *remote,
+                peer: Some(id.clone()),
+            },
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s, _, _) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s, _, _) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s, _, _) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s, _) => s.is_write_vectored(),
+            Conn::Tls(s, _, _) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s, _, _) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s, _, _) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use keepstate_proto::v1::raft_client::RaftClient;
+    use keepstate_proto::v1::raft_server::{Raft, RaftServer};
+    use keepstate_proto::v1::RaftPayload;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+        KeyPair, SanType,
+    };
+
+    use super::*;
+    use crate::tls::{Caller, OperatorRole, TlsFiles};
+
+    /// Answers every call with its caller, as the services' checks see it.
+    struct Probe;
+
+    fn who(
+        req: &tonic::Request<RaftPayload>,
+    ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+        let c = tls::caller(req)?;
+        Ok(tonic::Response::new(RaftPayload {
+            payload: format!("{c:?}").into_bytes(),
+            encoding: 0,
+        }))
+    }
+
+    #[tonic::async_trait]
+    impl Raft for Probe {
+        async fn append_entries(
+            &self,
+            r: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            who(&r)
+        }
+        async fn vote(
+            &self,
+            r: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            who(&r)
+        }
+        async fn install_snapshot(
+            &self,
+            r: tonic::Request<RaftPayload>,
+        ) -> Result<tonic::Response<RaftPayload>, tonic::Status> {
+            who(&r)
+        }
+    }
+
+    type Ca = CertifiedIssuer<'static, KeyPair>;
+
+    fn ca(name: &str) -> Ca {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, name.to_string());
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+    }
+
+    /// A leaf of `ca` with DNS names `dns` and/or a role URI; (cert PEM, key PEM).
+    fn leaf(ca: &Ca, dns: &[String], role: Option<&str>) -> (String, String) {
+        let mut p = CertificateParams::new(dns.to_vec()).unwrap();
+        if let Some(r) = role {
+            p.subject_alt_names.push(SanType::URI(
+                format!("keepstate:role:{r}").as_str().try_into().unwrap(),
+            ));
+        }
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn node(ca: &Ca, id: u64) -> (String, String) {
+        leaf(ca, &[tls::node_name(id), tls::SERVER_NAME.into()], None)
+    }
+
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Dir {
+            let d =
+                std::env::temp_dir().join(format!("ks-transport-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).unwrap();
+            Dir(d)
+        }
+
+        /// Write CA `cas` (PEMs concatenated) and a cert/key pair as `<stem>.*`.
+        fn files(&self, stem: &str, cas: &[&Ca], pair: &(String, String)) -> TlsFiles {
+            let f = TlsFiles {
+                ca: self.0.join(format!("{stem}-ca.crt")),
+                cert: self.0.join(format!("{stem}.crt")),
+                key: self.0.join(format!("{stem}.key")),
+            };
+            write(&f.ca, &cas.iter().map(|c| c.pem()).collect::<String>());
+            write(&f.cert, &pair.0);
+            write(&f.key, &pair.1);
+            f
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn write(p: &Path, s: &str) {
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, s).unwrap();
+        std::fs::rename(&tmp, p).unwrap();
+    }
+
+    fn mtls(f: TlsFiles) -> Transport {
+        Transport::new(Security::Mtls(Credentials::load(f).unwrap()))
+    }
+
+    async fn serve(t: &Transport) -> SocketAddr {
+        // Bind a free port first: `incoming` takes an address.
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let incoming = t.incoming(addr).unwrap();
+        let server = t
+            .server()
+            .add_service(RaftServer::new(Probe))
+            .serve_with_incoming(incoming);
+        tokio::spawn(server);
+        addr
+    }
+
+    /// The caller the server saw, or the error of the call.
+    async fn call(t: &Transport, addr: SocketAddr, peer: Option<u64>) -> Result<String, String> {
+        let ch = t
+            .connect(&addr.to_string(), peer)
+            .await
+            .map_err(|e| e.to_string())?;
+        let r = RaftClient::new(ch)
+            .vote(RaftPayload::default())
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(String::from_utf8_lossy(&r.into_inner().payload).into_owned())
+    }
+
+    #[tokio::test]
+    async fn mtls_tells_the_server_who_calls_and_the_client_which_node_answers() {
+        let d = Dir::new("who");
+        let ca1 = ca("ca1");
+        let server = mtls(d.files("n1", &[&ca1], &node(&ca1, 1)));
+        let addr = serve(&server).await;
+        let n2 = mtls(d.files("n2", &[&ca1], &node(&ca1, 2)));
+        assert_eq!(
+            call(&n2, addr, Some(1)).await,
+            Ok(format!("{:?}", Caller::Node(2)))
+        );
+        // Any node will do for fwctl: the shared name.
+        assert!(call(&n2, addr, None).await.is_ok());
+        // Node 1's certificate does not name node 3: a client that dials node 3 refuses it.
+        let e = call(&n2, addr, Some(3)).await.unwrap_err();
+        assert!(
+            e.contains("certificate") || e.contains("Certificate"),
+            "{e}"
+        );
+        let admin = mtls(d.files("op", &[&ca1], &leaf(&ca1, &[], Some("admin"))));
+        let c = call(&admin, addr, None).await.unwrap();
+        assert!(c.starts_with("Operator(Admin"), "{c}");
+        let odd = mtls(d.files("odd", &[&ca1], &leaf(&ca1, &[], Some("root"))));
+        let c = call(&odd, addr, None).await.unwrap();
+        assert!(c.starts_with("Nobody("), "{c}");
+    }
+
+    #[tokio::test]
+    async fn a_client_of_another_ca_or_without_tls_is_refused() {
+        let d = Dir::new("refused");
+        let (ca1, ca2) = (ca("ca1"), ca("ca2"));
+        let server = mtls(d.files("n1", &[&ca1], &node(&ca1, 1)));
+        let addr = serve(&server).await;
+        // Trusts the server's CA, but its own certificate is another CA's.
+        let stranger = mtls(d.files("x", &[&ca1], &node(&ca2, 2)));
+        assert!(call(&stranger, addr, Some(1)).await.is_err());
+        let plain = Transport::new(Security::Plaintext);
+        assert!(call(&plain, addr, Some(1)).await.is_err());
+        // And a plaintext server's callers are `Plaintext` (everything allowed, by config).
+        let paddr = serve(&plain).await;
+        assert_eq!(
+            call(&plain, paddr, None).await,
+            Ok(format!("{:?}", Caller::Plaintext))
+        );
+    }
+
+    #[tokio::test]
+    async fn certificates_and_the_ca_are_reloaded_from_disk_without_a_restart() {
+        let d = Dir::new("rotate");
+        let (ca1, ca2) = (ca("ca1"), ca("ca2"));
+        let sfiles = d.files("n1", &[&ca1], &node(&ca1, 1));
+        let server = mtls(sfiles.clone());
+        let addr = serve(&server).await;
+        // Client side: a read operator's certificate, replaced on disk by an admin's.
+        let cfiles = d.files("op", &[&ca1], &leaf(&ca1, &[], Some("read")));
+        let op = mtls(cfiles.clone());
+        let c = call(&op, addr, None).await.unwrap();
+        assert!(
+            c.starts_with(
+                &format!("{:?}", Caller::Operator(OperatorRole::Read, String::new()))[..14]
+            ),
+            "{c}"
+        );
+        let admin = leaf(&ca1, &[], Some("admin"));
+        write(&cfiles.cert, &admin.0);
+        write(&cfiles.key, &admin.1);
+        // Server side: a client of a second CA is refused until the server's CA file trusts
+        // both (a CA rotation's first step).
+        let other = mtls(d.files("n2", &[&ca1], &node(&ca2, 2)));
+        assert!(call(&other, addr, Some(1)).await.is_err());
+        write(&sfiles.ca, &(ca1.pem() + &ca2.pem()));
+        tokio::time::sleep(tls::RELOAD_CHECK + Duration::from_millis(200)).await;
+        let c = call(&op, addr, None).await.unwrap();
+        assert!(c.starts_with("Operator(Admin"), "{c}");
+        assert_eq!(
+            call(&other, addr, Some(1)).await,
+            Ok(format!("{:?}", Caller::Node(2)))
+        );
+        // A half-written file is not taken: the previous configuration stays.
+        write(&sfiles.key, "-----BEGIN PRIVATE KEY-----\ngarbage");
+        tokio::time::sleep(tls::RELOAD_CHECK + Duration::from_millis(200)).await;
+        assert!(call(&other, addr, Some(1)).await.is_ok());
     }
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use crate::{bin, shell_quote, Lab, Proc};
+use crate::{bin, shell_quote, Certs, Lab, Proc};
 
 pub const OPS: &str = "198.18.0.100";
 pub const PORT: u16 = 7400;
@@ -31,6 +31,10 @@ pub struct Member {
 pub struct ClusterLab {
     pub lab: Lab,
     pub members: Vec<Member>,
+    /// The run's CA and certificates (every member and fwctl use mTLS).
+    pub certs: Certs,
+    /// The certificate (file stem in `certs`) fwctl presents: `admin` unless a test changes it.
+    pub operator: String,
 }
 
 /// The parsed outcome of one `fwctl` run.
@@ -73,6 +77,7 @@ impl ClusterLab {
             &format!("ip link add {p}br type bridge && ip link set {p}br up && ip addr add {OPS}/24 dev {p}br"),
         );
         let hosts = [("gw", 1u64), ("m2", 2), ("m3", 3)];
+        let certs = Certs::make(&lab.dir, &[1, 2, 3]);
         let mut members = vec![];
         for (host, id) in hosts {
             let (a_if, b_if) = (format!("{p}m{id}"), format!("{p}b{id}"));
@@ -101,9 +106,10 @@ impl ClusterLab {
                     "[node]\nname = \"n{id}\"\n\n[datapath]\nchain = \"{p}\"\nstats_file = \"{stats}\"\n\n\
                      [cluster]\nid = {id}\nlisten = \"{addr}\"\ndata_dir = \"{data}\"\nrole = \"{role}\"\n\
                      heartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n\
-                     {commit}{extra_cluster}\n",
+                     {commit}{extra_cluster}\n\n{tls}",
                     stats = stats.display(),
                     data = lab.dir.join(format!("data{id}")).display(),
+                    tls = certs.tls_section(id),
                 ),
             )
             .expect("writing a member config");
@@ -116,7 +122,12 @@ impl ClusterLab {
                 proc: None,
             });
         }
-        let mut c = ClusterLab { lab, members };
+        let mut c = ClusterLab {
+            lab,
+            members,
+            certs,
+            operator: "admin".into(),
+        };
         for i in 0..3 {
             c.start_member(i);
         }
@@ -181,11 +192,17 @@ impl ClusterLab {
 
     /// `ctl_at` with fwctl's `--timeout` (seconds) instead of 5.
     pub fn ctl_at_timeout(&self, node: &str, timeout_s: u64, args: &[&str]) -> Ctl {
+        self.ctl_with(&self.certs.ctl_args(&self.operator), node, timeout_s, args)
+    }
+
+    /// `fwctl` from the operator's host with `security` as its TLS options (e.g.
+    /// `certs.ctl_args("reader")`, or `--plaintext`).
+    pub fn ctl_with(&self, security: &str, node: &str, timeout_s: u64, args: &[&str]) -> Ctl {
         let quoted: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
         let o: Output = self.lab.try_sh(
             "sw",
             &format!(
-                "{} --node {node} --timeout {timeout_s} {}",
+                "{} --node {node} --timeout {timeout_s} {security} {}",
                 bin("fwctl").display(),
                 quoted.join(" ")
             ),

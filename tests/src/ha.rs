@@ -262,6 +262,7 @@ impl HaLab {
             lab.sh("sw", &format!("ip link set {b} master {p}br"));
         }
 
+        let certs = crate::Certs::make(&lab.dir, &[1, 2, 3]);
         let mut members = vec![];
         for (host, id) in [("gw1", 1u64), ("gw2", 2), ("m3", 3)] {
             let addr = format!("198.18.0.{id}:{PORT}");
@@ -273,9 +274,10 @@ impl HaLab {
                  [conntrack]\ntcp_pickup = false\n\n\
                  [cluster]\nid = {id}\nlisten = \"{addr}\"\ndata_dir = \"{data}\"\nrole = \"{role}\"\n\
                  heartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n\
-                 commit_timeout_ms = 2000\n",
+                 commit_timeout_ms = 2000\n\n{tls}\n",
                 stats = stats.display(),
                 data = lab.dir.join(format!("data{id}")).display(),
+                tls = certs.tls_section(id),
             );
             if role == "gateway" {
                 let (sync, ha) = ha_sections(&opts, &ha_socket(&lab, id), id);
@@ -291,7 +293,12 @@ impl HaLab {
                 proc: None,
             });
         }
-        let mut c = ClusterLab { lab, members };
+        let mut c = ClusterLab {
+            lab,
+            members,
+            certs,
+            operator: "admin".into(),
+        };
         for i in 0..3 {
             c.start_member(i);
         }
@@ -308,6 +315,18 @@ impl HaLab {
             opts,
             crashed: [false; 2],
         };
+        // Both gateways synced before keepalived starts: a sync stream is admitted only once
+        // its peer is a Raft member (mTLS), so replication comes up after the cluster is
+        // formed; a gateway whose first `ha check` fails starts with a lowered priority, and
+        // gw2 would then preempt gw1 at its start.
+        for gw in Gw::BOTH {
+            assert!(
+                ha.wait_synced(gw, Duration::from_secs(10)),
+                "{} did not report itself synced\n{}",
+                gw.host(),
+                ha.diag()
+            );
+        }
         // gw1 first: with both started together, gw2 could win the first election and gw1
         // would then preempt, an extra move the tests do not want to see.
         ha.start_keepalived(Gw::Gw1);

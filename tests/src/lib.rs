@@ -346,6 +346,64 @@ impl Drop for Lab {
 pub mod cluster;
 pub mod ha;
 
+/// A cluster CA and certificates for one lab run, made with `fwctl certs` in `<dir>/tls`
+/// (what an operator would run): node certificates for the given ids, and two operators,
+/// `admin` (role admin) and `reader` (role read).
+#[derive(Debug, Clone)]
+pub struct Certs {
+    pub dir: PathBuf,
+}
+
+impl Certs {
+    pub fn make(lab_dir: &std::path::Path, nodes: &[u64]) -> Certs {
+        let dir = lab_dir.join("tls");
+        let certs = Certs { dir };
+        certs.fwctl(&["init"]);
+        for id in nodes {
+            certs.fwctl(&["issue-node", &id.to_string()]);
+        }
+        certs.fwctl(&["issue-operator", "admin", "--role", "admin"]);
+        certs.fwctl(&["issue-operator", "reader", "--role", "read"]);
+        certs
+    }
+
+    /// `fwctl certs --dir <dir> ARGS`, which must succeed.
+    pub fn fwctl(&self, args: &[&str]) {
+        let o = Command::new(bin("fwctl"))
+            .arg("certs")
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .expect("running fwctl certs");
+        assert!(o.status.success(), "fwctl certs {args:?}: {o:?}");
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// The `[tls]` section of node `id`'s fwnode config.
+    pub fn tls_section(&self, id: u64) -> String {
+        format!(
+            "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            self.path("ca.crt").display(),
+            self.path(&format!("node-{id}.crt")).display(),
+            self.path(&format!("node-{id}.key")).display(),
+        )
+    }
+
+    /// fwctl's options to present the certificate `<stem>.crt` (an operator's or a node's).
+    pub fn ctl_args(&self, stem: &str) -> String {
+        format!(
+            "--ca {} --cert {} --key {}",
+            shell_quote(&self.path("ca.crt").display().to_string()),
+            shell_quote(&self.path(&format!("{stem}.crt")).display().to_string()),
+            shell_quote(&self.path(&format!("{stem}.key")).display().to_string()),
+        )
+    }
+}
+
 pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }

@@ -229,13 +229,15 @@ fn fwnode_reports_the_role_its_socket_sets() {
     let lab = Lab::new();
     let sock = lab.dir.join("run").join("ha.sock");
     let data = lab.dir.join("data");
+    let certs = keepstate_tests::Certs::make(&lab.dir, &[1]);
     let gw = lab.start_fwnode(
         POLICY,
         "",
         &format!(
-            "[cluster]\nid = 1\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"{}\"\n\n[ha]\nsocket = \"{}\"\n",
+            "[cluster]\nid = 1\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"{}\"\n\n[ha]\nsocket = \"{}\"\n\n{}",
             data.display(),
-            sock.display()
+            sock.display(),
+            certs.tls_section(1),
         ),
     );
     assert_eq!(mode(&sock), 0o600);
@@ -244,7 +246,11 @@ fn fwnode_reports_the_role_its_socket_sets() {
     let status = || -> serde_json::Value {
         let o = lab.try_sh(
             "gw",
-            &format!("{} --node 127.0.0.1:7400 -o json status", ctl.display()),
+            &format!(
+                "{} --node 127.0.0.1:7400 {} -o json status",
+                ctl.display(),
+                certs.ctl_args("admin")
+            ),
         );
         assert!(o.status.success(), "{o:?}");
         serde_json::from_slice(&o.stdout).unwrap()

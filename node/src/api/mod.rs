@@ -22,6 +22,7 @@ use crate::policy::PolicyStore;
 use crate::raft::store::SmData;
 use crate::raft::{Member, NodeId, PolicyRecord, Raft, Role};
 use crate::time::Timestamp;
+use crate::tls::{self, Members, OperatorRole};
 use crate::transport::Transport;
 
 /// Datapath counters the status call reports.
@@ -85,6 +86,8 @@ pub struct ControlService {
     pub datapath: Option<Datapath>,
     pub transport: Transport,
     pub limits: WriteLimits,
+    /// The membership the identity checks use (member nodes may forward writes).
+    pub members: Members,
 }
 
 impl std::fmt::Debug for ControlService {
@@ -142,6 +145,11 @@ fn version_to_proto(p: &PolicyRecord, with_text: bool) -> v1::PolicyVersion {
 }
 
 impl ControlService {
+    /// May the caller of `req` do what needs `role`? (PERMISSION_DENIED naming the role.)
+    fn allow<T>(&self, req: &Request<T>, role: OperatorRole) -> Result<(), Status> {
+        tls::require_role(req, &self.members, role)
+    }
+
     fn datapath(&self) -> Result<&Datapath, Status> {
         self.datapath.as_ref().ok_or_else(|| {
             Status::failed_precondition(format!(
@@ -195,8 +203,9 @@ fn bad(msg: impl Into<String>) -> Status {
 impl Control for ControlService {
     async fn status(
         &self,
-        _: Request<v1::StatusRequest>,
+        request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusReply>, Status> {
+        self.allow(&request, OperatorRole::Read)?;
         let m = self.raft.metrics().borrow().clone();
         let leader_addr = m
             .current_leader
@@ -265,6 +274,7 @@ impl Control for ControlService {
             expectations,
             datapath,
             version: env!("CARGO_PKG_VERSION").into(),
+            plaintext: self.transport.is_plaintext(),
         }))
     }
 
@@ -272,6 +282,7 @@ impl Control for ControlService {
         &self,
         request: Request<v1::GetPolicyRequest>,
     ) -> Result<Response<v1::PolicyVersion>, Status> {
+        self.allow(&request, OperatorRole::Read)?;
         let want = request.into_inner().version;
         let sm = self.sm.read();
         let found = match want {
@@ -294,6 +305,7 @@ impl Control for ControlService {
         &self,
         request: Request<v1::ApplyPolicyRequest>,
     ) -> Result<Response<v1::ApplyPolicyReply>, Status> {
+        self.allow(&request, OperatorRole::Admin)?;
         self.apply_policy_write(request).await.map(Response::new)
     }
 
@@ -301,13 +313,15 @@ impl Control for ControlService {
         &self,
         request: Request<v1::RollbackPolicyRequest>,
     ) -> Result<Response<v1::ApplyPolicyReply>, Status> {
+        self.allow(&request, OperatorRole::Admin)?;
         self.rollback_write(request).await.map(Response::new)
     }
 
     async fn policy_history(
         &self,
-        _: Request<v1::PolicyHistoryRequest>,
+        request: Request<v1::PolicyHistoryRequest>,
     ) -> Result<Response<v1::PolicyHistoryReply>, Status> {
+        self.allow(&request, OperatorRole::Read)?;
         let sm = self.sm.read();
         Ok(Response::new(v1::PolicyHistoryReply {
             versions: sm
@@ -322,15 +336,17 @@ impl Control for ControlService {
 
     async fn cluster_init(
         &self,
-        _: Request<v1::ClusterInitRequest>,
+        request: Request<v1::ClusterInitRequest>,
     ) -> Result<Response<v1::MembersReply>, Status> {
+        self.allow(&request, OperatorRole::Admin)?;
         self.init().await.map(Response::new)
     }
 
     async fn cluster_members(
         &self,
-        _: Request<v1::MembersRequest>,
+        request: Request<v1::MembersRequest>,
     ) -> Result<Response<v1::MembersReply>, Status> {
+        self.allow(&request, OperatorRole::Read)?;
         Ok(Response::new(self.members()))
     }
 
@@ -338,6 +354,7 @@ impl Control for ControlService {
         &self,
         request: Request<v1::ClusterAddRequest>,
     ) -> Result<Response<v1::MembersReply>, Status> {
+        self.allow(&request, OperatorRole::Admin)?;
         self.add_write(request).await.map(Response::new)
     }
 
@@ -345,6 +362,7 @@ impl Control for ControlService {
         &self,
         request: Request<v1::ClusterPromoteRequest>,
     ) -> Result<Response<v1::MembersReply>, Status> {
+        self.allow(&request, OperatorRole::Admin)?;
         self.promote_write(request).await.map(Response::new)
     }
 
@@ -352,6 +370,7 @@ impl Control for ControlService {
         &self,
         request: Request<v1::ClusterRemoveRequest>,
     ) -> Result<Response<v1::MembersReply>, Status> {
+        self.allow(&request, OperatorRole::Admin)?;
         self.remove_write(request).await.map(Response::new)
     }
 
@@ -359,6 +378,7 @@ impl Control for ControlService {
         &self,
         request: Request<v1::SetHaSettingsRequest>,
     ) -> Result<Response<v1::HaSettings>, Status> {
+        self.allow(&request, OperatorRole::Admin)?;
         self.set_ha_write(request).await.map(Response::new)
     }
 
@@ -366,6 +386,7 @@ impl Control for ControlService {
         &self,
         request: Request<v1::ListConnectionsRequest>,
     ) -> Result<Response<v1::ListConnectionsReply>, Status> {
+        self.allow(&request, OperatorRole::Read)?;
         let dp = self.datapath()?;
         let r = request.into_inner();
         let f = conntrack::Filter::parse(r.filter).map_err(bad)?;
@@ -390,6 +411,7 @@ impl Control for ControlService {
         &self,
         request: Request<v1::CountConnectionsRequest>,
     ) -> Result<Response<v1::CountConnectionsReply>, Status> {
+        self.allow(&request, OperatorRole::Read)?;
         let dp = self.datapath()?;
         let f = conntrack::Filter::parse(request.into_inner().filter).map_err(bad)?;
         let (ct, now) = (dp.ct.clone(), Self::now(dp));
@@ -404,8 +426,9 @@ impl Control for ControlService {
 
     async fn sync_status(
         &self,
-        _: Request<v1::SyncStatusRequest>,
+        request: Request<v1::SyncStatusRequest>,
     ) -> Result<Response<v1::SyncStatusReply>, Status> {
+        self.allow(&request, OperatorRole::Read)?;
         let dp = self.datapath()?;
         Ok(Response::new(
             dp.sync.as_ref().map(|s| (s.status)()).unwrap_or_default(),
@@ -414,8 +437,9 @@ impl Control for ControlService {
 
     async fn sync_resync(
         &self,
-        _: Request<v1::SyncResyncRequest>,
+        request: Request<v1::SyncResyncRequest>,
     ) -> Result<Response<v1::SyncStatusReply>, Status> {
+        self.allow(&request, OperatorRole::Admin)?;
         let dp = self.datapath()?;
         let Some(s) = &dp.sync else {
             return Err(Status::failed_precondition(
@@ -428,8 +452,9 @@ impl Control for ControlService {
 
     async fn list_expectations(
         &self,
-        _: Request<v1::ListExpectationsRequest>,
+        request: Request<v1::ListExpectationsRequest>,
     ) -> Result<Response<v1::ListExpectationsReply>, Status> {
+        self.allow(&request, OperatorRole::Read)?;
         let dp = self.datapath()?;
         let (ct, now) = (dp.ct.clone(), Self::now(dp));
         let expectations = tokio::task::spawn_blocking(move || conntrack::expectations(&ct, now))

@@ -20,6 +20,7 @@ use tonic::{Request, Status};
 
 use super::{is_voter, ControlService};
 use crate::raft::{Member, NodeId, Request as Cmd, Response as CmdResponse, Role};
+use crate::transport::Transport;
 
 /// Where a write goes.
 enum Route {
@@ -133,17 +134,20 @@ impl ControlService {
     }
 
     async fn leader(&self, id: NodeId, leader: &Member) -> Result<ControlClient<Channel>, Status> {
-        let ep = self
-            .transport
-            .endpoint(&leader.addr)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .timeout(self.limits.commit_timeout + Duration::from_secs(1));
-        let ch = ep.connect().await.map_err(|e| {
-            Status::unavailable(format!(
+        let transport = Transport {
+            request_timeout: self.limits.commit_timeout + Duration::from_secs(1),
+            ..self.transport.clone()
+        };
+        // The leader must prove it is node `id`.
+        let ch = transport
+            .connect(&leader.addr, Some(id))
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
                 "forwarding to the leader (node {id}, {}): {e}; retry or ask the leader directly",
                 leader.addr
             ))
-        })?;
+            })?;
         Ok(ControlClient::new(ch)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES))

@@ -38,6 +38,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use super::{Member, NodeId, Raft, TypeConfig};
+use crate::tls::{self, Members};
 use crate::transport::Transport;
 
 /// A log batch whose entries add up to more than this is split before it is sent (a single
@@ -135,11 +136,15 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerClient {
-        let client = self.transport.endpoint(&node.addr).map(|e| {
-            RaftClient::new(e.connect_lazy())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES)
-        });
+        // The peer must prove it is `target` (its certificate names node-<target>).
+        let client = self
+            .transport
+            .channel_lazy(&node.addr, Some(target))
+            .map(|ch| {
+                RaftClient::new(ch)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            });
         if let Err(e) = &client {
             tracing::error!(target, error = %e, "cannot reach Raft member");
         }
@@ -301,10 +306,30 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     }
 }
 
-/// The `keepstate.v1.Raft` service: hands decoded RPCs to the local openraft instance.
+/// The `keepstate.v1.Raft` service: hands decoded RPCs to the local openraft instance, from
+/// callers whose certificate names a current member (any node of the CA while this node knows
+/// no membership yet: the leader adding it) and the node the RPC says it comes from.
 #[derive(Clone)]
 pub struct RaftService {
     pub raft: Raft,
+    pub members: Members,
+}
+
+impl RaftService {
+    /// The certified caller, checked against the node id the RPC claims to come from.
+    fn admit<T>(&self, req: &tonic::Request<T>) -> Result<Option<NodeId>, Status> {
+        tls::require_member(req, &self.members, true)
+    }
+}
+
+/// A certified caller must be the node the RPC names (a leader or a candidate).
+fn same_node(cert: Option<NodeId>, claimed: Option<NodeId>) -> Result<(), Status> {
+    match (cert, claimed) {
+        (Some(c), Some(r)) if c != r => Err(Status::permission_denied(format!(
+            "node {c} sent an RPC in the name of node {r}"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 impl std::fmt::Debug for RaftService {
@@ -333,7 +358,9 @@ impl raft_server::Raft for RaftService {
         &self,
         request: tonic::Request<RaftPayload>,
     ) -> Result<tonic::Response<RaftPayload>, Status> {
+        let who = self.admit(&request)?;
         let (rpc, enc): (AppendEntriesRequest<TypeConfig>, _) = decode(request)?;
+        same_node(who, rpc.vote.leader_id().voted_for())?;
         encode(enc, &self.raft.append_entries(rpc).await)
     }
 
@@ -341,7 +368,9 @@ impl raft_server::Raft for RaftService {
         &self,
         request: tonic::Request<RaftPayload>,
     ) -> Result<tonic::Response<RaftPayload>, Status> {
+        let who = self.admit(&request)?;
         let (rpc, enc): (VoteRequest<NodeId>, _) = decode(request)?;
+        same_node(who, rpc.vote.leader_id().voted_for())?;
         encode(enc, &self.raft.vote(rpc).await)
     }
 
@@ -349,7 +378,9 @@ impl raft_server::Raft for RaftService {
         &self,
         request: tonic::Request<RaftPayload>,
     ) -> Result<tonic::Response<RaftPayload>, Status> {
+        let who = self.admit(&request)?;
         let (rpc, enc): (InstallSnapshotRequest<TypeConfig>, _) = decode(request)?;
+        same_node(who, rpc.vote.leader_id().voted_for())?;
         encode(enc, &self.raft.install_snapshot(rpc).await)
     }
 }

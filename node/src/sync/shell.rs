@@ -34,6 +34,7 @@ use super::feed::{EventBatch, Lost};
 use super::msg::{Item, Msg, Skip};
 use crate::conntrack::{ApplyError, Conntrack};
 use crate::time::Timestamp;
+use crate::tls::{self, Members};
 use crate::transport::Transport;
 
 /// `[sync]`: state replication with the other gateway(s) of the pair. Requires `[cluster]`
@@ -187,6 +188,17 @@ impl SyncHandle {
 }
 
 /// Why replication did not start.
+/// Who this node is and how replication reaches and admits its peers: the node's transport
+/// (mTLS or explicit plaintext) and the Raft membership a peer's certificate must name a
+/// member of.
+#[derive(Clone, Debug)]
+pub struct Net {
+    /// This node's cluster id (its replication id).
+    pub node_id: u64,
+    pub transport: Transport,
+    pub members: Members,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("starting the replication runtime: {0}")]
@@ -219,18 +231,22 @@ fn boot_id() -> u64 {
 /// `origin` is the datapath's clock origin, so imported lifetimes mean the same there.
 pub fn start(
     cfg: &SyncConfig,
-    node_id: u64,
     ct: Arc<Conntrack>,
     events: mpsc::Receiver<EventBatch>,
     lost: Arc<Lost>,
     origin: Instant,
     on_ready: Box<dyn Fn(bool) + Send>,
+    net: Net,
 ) -> Result<SyncHandle, StartError> {
+    let Net {
+        node_id,
+        transport,
+        members,
+    } = net;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(StartError::Runtime)?;
-    let transport = Transport::default();
     let incoming = runtime
         .block_on(async { transport.incoming(cfg.listen) })
         .map_err(|e| StartError::Listen {
@@ -244,6 +260,7 @@ pub fn start(
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let listen = cfg.listen;
+    let plaintext = transport.is_plaintext();
     let cfg = cfg.clone();
     let st = status.clone();
     let thread = std::thread::Builder::new()
@@ -254,6 +271,7 @@ pub fn start(
                 let gens = Arc::new(std::sync::atomic::AtomicU64::new(1));
                 let peers: Vec<u64> = cfg.peers.iter().map(|p| p.id).collect();
                 let service = Service {
+                    members,
                     peers: peers.clone(),
                     net: net_tx.clone(),
                     gens: gens.clone(),
@@ -294,6 +312,9 @@ pub fn start(
         })
         .map_err(StartError::Runtime)?;
     tracing::info!(%listen, "state replication running");
+    if plaintext {
+        tracing::warn!(%listen, "[tls] plaintext = true: state replication is neither authenticated nor encrypted");
+    }
     Ok(SyncHandle {
         view: SyncView {
             status,
@@ -315,8 +336,11 @@ async fn dial(
     let mut backoff = Duration::from_millis(20);
     loop {
         let r = async {
-            let ep = transport.endpoint(&peer.addr).map_err(|e| e.to_string())?;
-            let ch = ep.connect().await.map_err(|e| e.to_string())?;
+            // The peer must prove it is node `peer.id`.
+            let ch = transport
+                .connect(&peer.addr, Some(peer.id))
+                .await
+                .map_err(|e| e.to_string())?;
             let mut client = SyncClient::new(ch)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -384,8 +408,10 @@ async fn forward(
     }
 }
 
-/// The accepting side of a stream.
+/// The accepting side of a stream: from a current Raft member whose certificate names the
+/// node its Hello names.
 struct Service {
+    members: Members,
     peers: Vec<u64>,
     net: mpsc::Sender<NetEvent>,
     gens: Arc<std::sync::atomic::AtomicU64>,
@@ -399,6 +425,8 @@ impl SyncRpc for Service {
         &self,
         req: tonic::Request<tonic::Streaming<pb::SyncMessage>>,
     ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+        // Membership is read at each stream open: a removed member is refused at once.
+        let cert = tls::require_member(&req, &self.members, false)?;
         let mut inbound = req.into_inner();
         // The response goes back at once: the dialler sends its Hello only once the stream is
         // open, so waiting for it here would deadlock. The first message must be a Hello from
@@ -420,6 +448,16 @@ impl SyncRpc for Service {
                 }
             };
             let peer = match codec::decode(&first) {
+                Some(Msg::Hello(h)) if cert.is_some_and(|c| c != h.node_id) => {
+                    let _ = out_tx
+                        .send(Err(tonic::Status::permission_denied(format!(
+                            "the Hello names node {} but the certificate is node {}'s",
+                            h.node_id,
+                            cert.unwrap_or_default()
+                        ))))
+                        .await;
+                    return;
+                }
                 Some(Msg::Hello(h)) if peers.contains(&h.node_id) => h.node_id,
                 Some(Msg::Hello(h)) => {
                     let _ = out_tx

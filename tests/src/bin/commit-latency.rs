@@ -15,6 +15,8 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use fwnode::policy::PolicyStore;
+use fwnode::tls::{Credentials, TlsFiles};
+use fwnode::transport::{Security, Transport};
 use keepstate_proto::v1::control_client::ControlClient;
 use keepstate_proto::v1::{ApplyPolicyRequest, StatusRequest};
 use keepstate_tests::cluster::ClusterLab;
@@ -119,13 +121,18 @@ fn main() {
     let leader = c.wait_leader(Duration::from_secs(5)) as usize - 1;
     let follower = (leader + 1) % 3;
     let sw = std::fs::File::open(format!("/run/netns/{}", c.lab.ns("sw"))).expect("sw netns");
-    let addrs: Vec<String> = c
-        .members
-        .iter()
-        .map(|m| format!("http://{}", m.addr))
-        .collect();
+    let addrs: Vec<String> = c.members.iter().map(|m| m.addr.clone()).collect();
 
     // The measuring thread lives in the operator's namespace: its sockets are created there.
+    // The operator's channel: mTLS with the run's admin certificate.
+    let transport = Transport::new(Security::Mtls(
+        Credentials::load(TlsFiles {
+            ca: c.certs.path("ca.crt"),
+            cert: c.certs.path("admin.crt"),
+            key: c.certs.path("admin.key"),
+        })
+        .expect("the run's operator certificate"),
+    ));
     let out = std::thread::spawn(move || {
         // SAFETY: setns(2) on a valid namespace fd; affects only this thread.
         let r = unsafe { libc::setns(sw.as_raw_fd(), libc::CLONE_NEWNET) };
@@ -137,11 +144,7 @@ fn main() {
         rt.block_on(async move {
             let mut clients = vec![];
             for a in &addrs {
-                let ch = tonic::transport::Endpoint::from_shared(a.clone())
-                    .unwrap()
-                    .connect()
-                    .await
-                    .expect("connect");
+                let ch = transport.connect(a, None).await.expect("connect");
                 clients.push(ControlClient::new(ch));
             }
             for i in 0..5 {

@@ -13,6 +13,9 @@
 //!     the receiver's arrival times give each connection's replication lag;
 //!   - `bulk`: all of them before the peer starts (prints `ready`), then serves its bulk.
 //!
+//! With `KEEPSTATE_TLS_DIR` set (a `fwctl certs` directory holding node-1 and node-2), the
+//! stream runs over mTLS as in production; without it, in plaintext.
+//!
 //! The script computes the figures from both outputs (same host, same wall clock).
 //! Every phase is bounded in time.
 
@@ -26,6 +29,8 @@ use fwnode::packet::{Packet, TcpFlags};
 use fwnode::sync::feed::{self, Feed};
 use fwnode::sync::shell::{self, SyncConfig, SyncHandle};
 use fwnode::time::Timestamp;
+use fwnode::tls::{Credentials, Members, Membership, TlsFiles};
+use fwnode::transport::{Security, Transport};
 
 type R<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -41,7 +46,39 @@ fn start(
         "listen = \"{listen}\"\npeers = [{{ id = {peer}, addr = \"{addr}\" }}]\noutbox_items = 4194304\nchannel_batches = 65536\n"
     ))?;
     let (maker, events, lost) = feed::channel(cfg.channel_batches);
-    let h = shell::start(&cfg, me, ct.clone(), events, lost, origin, Box::new(|_| {}))?;
+    let security = match std::env::var_os("KEEPSTATE_TLS_DIR") {
+        Some(d) => {
+            let d = std::path::PathBuf::from(d);
+            Security::Mtls(Credentials::load(TlsFiles {
+                ca: d.join("ca.crt"),
+                cert: d.join(format!("node-{me}.crt")),
+                key: d.join(format!("node-{me}.key")),
+            })?)
+        }
+        None => Security::Plaintext,
+    };
+    // No Raft here: the two ends are each other's only members.
+    let members = Members::default();
+    members.set(move |id| {
+        if id == peer || id == me {
+            Membership::Member
+        } else {
+            Membership::NotMember
+        }
+    });
+    let h = shell::start(
+        &cfg,
+        ct.clone(),
+        events,
+        lost,
+        origin,
+        Box::new(|_| {}),
+        shell::Net {
+            node_id: me,
+            transport: Transport::new(security),
+            members,
+        },
+    )?;
     Ok((h, maker.feed()))
 }
 

@@ -1,0 +1,372 @@
+//! Transport security end to end (issue 11): mTLS on the control and sync ports, operator
+//! roles, membership-checked node identities.
+//!
+//! The cluster lab (`keepstate_tests::cluster`) and the HA-pair lab (`keepstate_tests::ha`)
+//! run with a CA and certificates made by `fwctl certs` for each run. Intruders are made here:
+//! a second CA's certificates, a certificate of the right CA for a node that is not a member,
+//! and plaintext. The rogue sync clients run in the management namespace, as a host on the
+//! sync network would.
+
+// Test code: a failed step must fail the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use fwnode::tls::{Credentials, TlsFiles};
+use fwnode::transport::{Security, Transport};
+use keepstate_proto::v1 as pb;
+use keepstate_tests::cluster::{ClusterLab, Ctl};
+use keepstate_tests::ha::{Gw, HaLab, HaOpts, IPERF_PORT, SYNC_PORT};
+use keepstate_tests::*;
+
+fn assert_code(what: &str, c: &Ctl, code: i32) {
+    assert_eq!(c.code, code, "{what}: {c:?}");
+}
+
+/// fwctl options for a certificate of `certs` trusted against the real cluster CA.
+fn tls_args(ca: &Certs, certs: &Certs, stem: &str) -> String {
+    format!(
+        "--ca {} --cert {} --key {}",
+        shell_quote(&ca.path("ca.crt").display().to_string()),
+        shell_quote(&certs.path(&format!("{stem}.crt")).display().to_string()),
+        shell_quote(&certs.path(&format!("{stem}.key")).display().to_string()),
+    )
+}
+
+#[test]
+fn the_control_port_refuses_strangers_and_read_only_operators_cannot_write() {
+    let c = ClusterLab::start("");
+    c.form();
+    let node = c.members[0].addr.clone();
+    let status = c.ctl(1, &["-o", "json", "status"]).ok().json();
+    assert_eq!(status["plaintext"], false, "{status}");
+
+    // A certificate of another CA (the client trusts the real CA: only its own cert is wrong).
+    let other = Certs::make(&c.lab.dir.join("other"), &[1]);
+    let r = c.ctl_with(&tls_args(&c.certs, &other, "admin"), &node, 5, &["status"]);
+    assert_code("another CA's operator", &r, 7);
+    assert!(r.stderr.contains("refused"), "{r:?}");
+    // No certificate at all: plaintext against an mTLS port.
+    let r = c.ctl_with("--plaintext", &node, 5, &["status"]);
+    assert_code("plaintext against mTLS", &r, 4);
+    assert!(r.stderr.contains("accepts only mTLS"), "{r:?}");
+    // The read role lists but cannot change anything.
+    let reader = c.certs.ctl_args("reader");
+    for args in [
+        &["status"][..],
+        &["policy", "history"],
+        &["cluster", "members"],
+        &["ct", "count"],
+    ] {
+        assert_code(
+            &format!("reader {args:?}"),
+            &c.ctl_with(&reader, &node, 5, args),
+            0,
+        );
+    }
+    let policy = c.lab.dir.join("p.toml");
+    std::fs::write(&policy, "default = \"accept\"\n").unwrap();
+    let p = policy.display().to_string();
+    let r = c.ctl_with(&reader, &node, 5, &["policy", "apply", &p]);
+    assert_code("reader policy apply", &r, 7);
+    assert!(r.stderr.contains("needs the admin role"), "{r:?}");
+    let r = c.ctl_with(&reader, &node, 5, &["cluster", "remove", "3"]);
+    assert_code("reader cluster remove", &r, 7);
+    // The admin can (and the write is forwarded by a follower to the leader over mTLS).
+    let leader = c.wait_leader(Duration::from_secs(5));
+    let follower = if leader == 1 { 2 } else { 1 };
+    let r = c.ctl(follower, &["policy", "apply", &p]);
+    assert_code("admin policy apply via a follower", &r, 0);
+
+    // A member's node certificate may call (nodes forward writes); once the node is removed,
+    // its certificate is refused at once, without a restart.
+    let n3 = c.certs.ctl_args("node-3");
+    assert_code(
+        "node 3 while a member",
+        &c.ctl_with(&n3, &node, 5, &["status"]),
+        0,
+    );
+    assert_code("remove node 3", &c.ctl(1, &["cluster", "remove", "3"]), 0);
+    // Node 1 sees the new membership as soon as it has the entry (a follower: a moment later).
+    let t = std::time::Instant::now();
+    let r = loop {
+        let r = c.ctl_with(&n3, &node, 5, &["status"]);
+        if r.code != 0 || t.elapsed() > Duration::from_secs(3) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_code("node 3 after its removal", &r, 7);
+    assert!(r.stderr.contains("not a member"), "{r:?}");
+}
+
+/// Open a sync stream to `target` from the management namespace with `security`, say Hello
+/// as node `claim`, and report whether the node accepted it (it answered with a message).
+fn rogue_sync(
+    lab: &Lab,
+    security: Security,
+    target: &str,
+    target_id: u64,
+    claim: u64,
+) -> Result<(), String> {
+    let sw = std::fs::File::open(format!("/run/netns/{}", lab.ns("sw"))).expect("sw netns");
+    let target = target.to_string();
+    std::thread::spawn(move || {
+        // SAFETY: setns(2) on a valid namespace fd; affects only this thread.
+        let r = unsafe { libc::setns(sw.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns into the lab's management namespace");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let t = Transport::new(security);
+            let ch = t
+                .connect(&target, Some(target_id))
+                .await
+                .map_err(|e| e.to_string())?;
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let hello = pb::SyncMessage {
+                kind: Some(pb::sync_message::Kind::Hello(pb::SyncHello {
+                    version: 1,
+                    node_id: claim,
+                    boot_id: 42,
+                    resume: None,
+                })),
+            };
+            tx.send(hello).await.map_err(|e| e.to_string())?;
+            let mut s = pb::sync_client::SyncClient::new(ch)
+                .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .map_err(|e| format!("refused at open: {e:?}"))?
+                .into_inner();
+            match tokio::time::timeout(Duration::from_secs(3), s.message()).await {
+                Ok(Ok(Some(_))) => Ok(()),
+                Ok(Ok(None)) => Err("closed".into()),
+                Ok(Err(e)) => Err(format!("refused: {e:?}")),
+                Err(_) => Err("no answer".into()),
+            }
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+fn creds(ca: &Certs, certs: &Certs, stem: &str) -> Security {
+    Security::Mtls(
+        Credentials::load(TlsFiles {
+            ca: ca.path("ca.crt"),
+            cert: certs.path(&format!("{stem}.crt")),
+            key: certs.path(&format!("{stem}.key")),
+        })
+        .unwrap(),
+    )
+}
+
+#[test]
+fn the_sync_port_refuses_strangers_and_non_members_and_the_table_is_untouched() {
+    let ha = HaLab::start(HaOpts::default());
+    ha.wait_caught_up(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("not caught up: {e}\n{}", ha.diag()));
+    let lab = ha.lab();
+    let certs = ha.c.certs.clone();
+    let count = |gw: Gw| ha.ctl(gw, &["ct", "count"]).ok().stdout.trim().to_string();
+    let before = [count(Gw::Gw1), count(Gw::Gw2)];
+    let gw1 = format!("198.18.0.1:{SYNC_PORT}");
+
+    // A stranger: a certificate of another CA naming node 2.
+    let other = Certs::make(&lab.dir.join("other"), &[2]);
+    let r = rogue_sync(lab, creds(&certs, &other, "node-2"), &gw1, 1, 2);
+    assert!(r.is_err(), "another CA's node 2 was accepted");
+    // The right CA, a node that is not a member, claiming to be member 2.
+    certs.fwctl(&["issue-node", "9"]);
+    let r = rogue_sync(lab, creds(&certs, &certs, "node-9"), &gw1, 1, 2);
+    let e = r.expect_err("non-member node 9 was accepted");
+    assert!(e.contains("not a member"), "{e}");
+    // An operator's certificate is not a node's.
+    let r = rogue_sync(lab, creds(&certs, &certs, "admin"), &gw1, 1, 2);
+    assert!(r
+        .expect_err("an operator was accepted")
+        .contains("node certificate"));
+    // Plaintext.
+    assert!(rogue_sync(lab, Security::Plaintext, &gw1, 1, 2).is_err());
+
+    // The tables are untouched and the real pair is still in step.
+    assert_eq!([count(Gw::Gw1), count(Gw::Gw2)], before);
+    ha.wait_caught_up(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("the real peers lost their streams: {e}\n{}", ha.diag()));
+
+    // And the datapath still says no to an unsolicited inbound connection (a listener on the
+    // client, a connection attempt from the server), while the client's outbound works.
+    let _l = lab.spawn(
+        "client",
+        &format!("iperf3 -s -1 -p {IPERF_PORT}"),
+        "in-listener",
+    );
+    lab.wait_listen("client", IPERF_PORT);
+    let inbound = lab.try_sh(
+        "server",
+        &format!("timeout 3 bash -c 'exec 3<>/dev/tcp/{CLIENT4}/{IPERF_PORT}' 2>/dev/null"),
+    );
+    assert!(
+        !inbound.status.success(),
+        "an unsolicited inbound connection passed"
+    );
+    let _s = lab.spawn(
+        "server",
+        &format!("iperf3 -s -1 -p {IPERF_PORT}"),
+        "out-listener",
+    );
+    lab.wait_listen("server", IPERF_PORT);
+    let outbound = lab.try_sh(
+        "client",
+        &format!("timeout 3 bash -c 'exec 3<>/dev/tcp/{SERVER4}/{IPERF_PORT}' 2>/dev/null"),
+    );
+    assert!(
+        outbound.status.success(),
+        "the client's own connection failed\n{}",
+        ha.diag()
+    );
+}
+
+/// The certificate node `addr` presents now (PEM, normalised), fetched from the operator's host.
+fn served_cert(c: &ClusterLab, addr: &str) -> String {
+    let (host, port) = addr.split_once(':').unwrap();
+    let script =
+        format!("import ssl\nprint(ssl.get_server_certificate(('{host}', {port})).strip())");
+    let o = c
+        .lab
+        .try_sh("sw", &format!("{} -c {}", python(), shell_quote(&script)));
+    assert!(o.status.success(), "fetching the served certificate: {o:?}");
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn pem_body(p: &str) -> String {
+    p.lines().filter(|l| !l.starts_with("-----")).collect()
+}
+
+#[test]
+fn certificates_and_the_ca_are_reloaded_from_disk_without_a_restart() {
+    let c = ClusterLab::start("");
+    c.form();
+    let node = c.members[0].addr.clone();
+
+    // A node certificate reissued in place (new key): node 1 serves it within seconds, and the
+    // cluster and fwctl go on working with it.
+    let before = served_cert(&c, &node);
+    assert_eq!(
+        pem_body(&before),
+        pem_body(&std::fs::read_to_string(c.certs.path("node-1.crt")).unwrap())
+    );
+    c.certs.fwctl(&["--force", "issue-node", "1"]);
+    let after = pem_body(&std::fs::read_to_string(c.certs.path("node-1.crt")).unwrap());
+    assert_ne!(pem_body(&before), after);
+    let t = std::time::Instant::now();
+    while pem_body(&served_cert(&c, &node)) != after {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "node 1 still serves its old certificate"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_code("status after rotation", &c.ctl(1, &["status"]), 0);
+
+    // A second CA: its operator is refused until the CA file trusts both (step one of a CA
+    // roll), then accepted, all without a restart.
+    let other = Certs::make(&c.lab.dir.join("other"), &[]);
+    let args = tls_args(&c.certs, &other, "admin");
+    assert_code(
+        "another CA's operator",
+        &c.ctl_with(&args, &node, 5, &["status"]),
+        7,
+    );
+    let both = std::fs::read_to_string(c.certs.path("ca.crt")).unwrap()
+        + &std::fs::read_to_string(other.path("ca.crt")).unwrap();
+    let tmp = c.certs.path("ca.crt.new");
+    std::fs::write(&tmp, both).unwrap();
+    std::fs::rename(&tmp, c.certs.path("ca.crt")).unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let r = c.ctl_with(&args, &node, 5, &["status"]);
+        if r.code == 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the second CA is still refused: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Every member kept running throughout.
+    for id in 1..=3 {
+        assert_code(&format!("member {id}"), &c.ctl(id, &["status"]), 0);
+    }
+}
+
+#[test]
+fn plaintext_only_when_the_config_says_so_and_then_loudly() {
+    let lab = Lab::new();
+    let policy = lab.dir.join("p.toml");
+    std::fs::write(&policy, "default = \"drop\"\n").unwrap();
+    let cluster = format!(
+        "[policy]\nfile = \"{}\"\n[cluster]\nid = 1\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"{}\"\n",
+        policy.display(),
+        lab.dir.join("data").display()
+    );
+    // A [cluster] with neither certificates nor an explicit plaintext does not start.
+    let bare = lab.dir.join("bare.toml");
+    std::fs::write(&bare, &cluster).unwrap();
+    let o = std::process::Command::new(bin("fwnode"))
+        .arg("--check-config")
+        .arg(&bare)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{o:?}");
+    assert!(err.contains("[cluster] needs a [tls] section"), "{err}");
+
+    // plaintext = true: it runs, warns at start, and `fwctl status` says so.
+    let _gw = lab.start_fwnode(
+        POLICY_DROP,
+        "",
+        &format!(
+            "[cluster]\nid = 1\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"{}\"\n\n[tls]\nplaintext = true\n",
+            lab.dir.join("data").display()
+        ),
+    );
+    let ctl = bin("fwctl");
+    let status = |opts: &str, fmt: &str| {
+        lab.try_sh(
+            "gw",
+            &format!(
+                "{} --node 127.0.0.1:7400 {opts} {fmt} status",
+                ctl.display()
+            ),
+        )
+    };
+    let o = status("--plaintext", "-o json");
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["plaintext"], true, "{v}");
+    let o = status("--plaintext", "");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("PLAINTEXT"),
+        "{o:?}"
+    );
+    assert!(
+        lab.log("fwnode").contains("plaintext = true"),
+        "no start-up warning:\n{}",
+        lab.log("fwnode")
+    );
+    // fwctl without --plaintext insists on TLS and fails.
+    let certs = Certs::make(&lab.dir, &[1]);
+    let o = status(&certs.ctl_args("admin"), "");
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("does not speak TLS"),
+        "{o:?}"
+    );
+}
+
+const POLICY_DROP: &str = "default = \"drop\"\n";
