@@ -129,6 +129,9 @@ EOF
 id = 1
 listen = "198.18.0.1:7400"
 data_dir = "/tmp/$P/raft"
+# The standby is not a Raft member of this one-node cluster, so mTLS would refuse it.
+[tls]
+plaintext = true
 [sync]
 listen = "198.18.0.1:7401"
 peers = [{ id = 2, addr = "198.18.0.2:7401" }]
