@@ -32,6 +32,12 @@ use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
+/// `SYNC_WIRE_TRACE=1`: print every step, message and table operation (to read a crash).
+fn trace() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("SYNC_WIRE_TRACE").is_some())
+}
+
 /// Most messages in flight one way; beyond it the oldest is lost (a lossy link).
 const LINK_CAP: usize = 64;
 /// Entries per bulk page (`Op::ReadBulk`).
@@ -459,6 +465,9 @@ impl Node {
 
     /// One operation of the session, as `sync::shell` applies it. `false`: close the stream.
     fn apply(&mut self, now: Timestamp, op: Op) -> bool {
+        if trace() {
+            eprintln!("  {} op {op:?}", self.outbox.boot_id() - 100);
+        }
         match op {
             Op::Apply(item) | Op::Import(item) => {
                 let _ = match &item {
@@ -598,6 +607,9 @@ impl Pair {
             return; // the real stream would fail and reconnect; nothing reaches the core
         };
         if let Some(m) = codec::decode(&m) {
+            if trace() {
+                eprintln!("  t={} -> {to}: {m:?}", self.now);
+            }
             n.session.handle(now, m, &n.outbox);
         }
     }
@@ -645,6 +657,9 @@ fuzz_target!(|steps: Vec<Step>| {
     let mut p = Pair::new();
     let mut hostile = false;
     for step in steps.iter().take(256) {
+        if trace() {
+            eprintln!("t={} step {step:?}", p.now);
+        }
         match step {
             Step::Packet { node, foreign, pkt } => {
                 let i = usize::from(*node);
@@ -722,6 +737,14 @@ fuzz_target!(|steps: Vec<Step>| {
         }
         p.now += 5;
         p.timers();
+        // The datapath's workers reap expired entries all the time; the owner's reaping is what
+        // tells the peer that a connection ended by timeout. (An item replayed from the outbox
+        // after a gap carries the lifetime it had when it was made, so the peer's copy can
+        // outlive the owner's entry until then.)
+        let now = p.ts();
+        for n in &p.nodes {
+            n.ct.handle_timeout(now, 0, 1, 1024);
+        }
         p.check();
     }
     p.pump();
