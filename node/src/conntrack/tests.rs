@@ -2565,3 +2565,59 @@ fn a_bulk_lists_only_own_entries_so_a_peer_never_gets_its_own_back_older() {
     a.check_invariants().unwrap();
     b.check_invariants().unwrap();
 }
+
+/// Found by the `sync_wire` fuzz target: packets refresh a connection's timer here without
+/// any state change, and the peer's copy learns timers only from items, so a UDP or ICMP flow
+/// kept alive by traffic expired on the standby (a failover then dropped it). The tracker now
+/// announces the refresh whenever the expiry crosses a multiple of (about) half the timeout:
+/// the copy keeps at least half a timeout while packets flow, for a few updates per timeout.
+#[test]
+fn a_flow_kept_alive_by_packets_keeps_its_copy_alive_at_the_peer() {
+    let a = Conntrack::new(&Config {
+        event_queue: 1024,
+        ..cfg()
+    });
+    let b = Conntrack::new(&cfg());
+    let (c, s) = (ip("198.51.100.10"), ip("203.0.113.10"));
+    let query = build::udp(c, s, 5000, 53, b"q");
+    let tuple = tuple_of(&query);
+    let mut updates = 0;
+    let mut replay = |now: u64| {
+        for ev in drain_all(&a) {
+            match ev {
+                Event::ConnCreated(x) => b.import_conn(t(now), &x).unwrap(),
+                Event::ConnUpdated(u) => {
+                    updates += 1;
+                    b.apply_update(t(now), &u).unwrap()
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    track(&a, 0, &query);
+    track(&a, 0, &build::udp(s, c, 53, 5000, b"r"));
+    replay(0);
+    let timeout = Timeouts::default().udp_replied * 1000;
+    // Ten timeouts of one query a second, each side reaping as the workers do.
+    let end = 10 * timeout;
+    for now in (1000..=end).step_by(1000) {
+        track(&a, now, &query);
+        replay(now);
+        a.handle_timeout(t(now), 0, 1, 1024);
+        b.handle_timeout(t(now), 0, 1, 1024);
+        let sh = b.lock_tuple(&tuple);
+        let left = sh
+            .find(&tuple)
+            .and_then(|id| sh.snapshot(id, t(now)))
+            .map(|x| x.expires_in_ms);
+        assert!(
+            left.is_some_and(|l| l >= timeout / 2),
+            "at {now} ms the peer's copy has {left:?} ms left"
+        );
+    }
+    // The state change (SEEN_REPLY, ASSURED) and then two to four refreshes per timeout, not
+    // one per packet.
+    assert!((20..=45).contains(&updates), "{updates} updates");
+    a.check_invariants().unwrap();
+    b.check_invariants().unwrap();
+}
