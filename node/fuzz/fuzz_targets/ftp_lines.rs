@@ -8,7 +8,10 @@ use fwnode::helper::ftp::{on_segment, ControlConn, FtpCommand, FtpCounters, Segm
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let ctl = ControlConn { client: [198, 51, 100, 10].into(), server: [203, 0, 113, 10].into() };
+    let ctl = ControlConn {
+        client: [198, 51, 100, 10].into(),
+        server: [203, 0, 113, 10].into(),
+    };
     let mut st = HelperState::new(HelperKind::Ftp);
     let mut c = FtpCounters::default();
     // Input format: [flags: u8][seq delta: u8][len: u8][bytes; len] ...
@@ -19,9 +22,18 @@ fuzz_target!(|data: &[u8]| {
         let (payload, next) = tail.split_at(n);
         rest = next;
         let d = usize::from(flags & 1);
-        let dir = if d == 0 { Direction::Original } else { Direction::Reply };
+        let dir = if d == 0 {
+            Direction::Original
+        } else {
+            Direction::Reply
+        };
         seq[d] = seq[d].wrapping_add(u32::from(*delta)).wrapping_sub(64);
-        let seg = Segment { dir, seq: seq[d], payload, payload_len: n as u32 };
+        let seg = Segment {
+            dir,
+            seq: seq[d],
+            payload,
+            payload_len: n as u32,
+        };
         on_segment(&mut st, &ctl, seg, &mut c, &mut |r| {
             let ok = match r.cmd {
                 FtpCommand::Port | FtpCommand::Eprt => r.dst == ctl.client && r.src == ctl.server,

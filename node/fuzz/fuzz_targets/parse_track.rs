@@ -9,7 +9,12 @@ use fwnode::time::Timestamp;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let ct = Conntrack::new(&Config { shards: 2, max_entries: 16, event_queue: 8, ..Config::default() });
+    let ct = Conntrack::new(&Config {
+        shards: 2,
+        max_entries: 16,
+        event_queue: 8,
+        ..Config::default()
+    });
     let mut now = 0u64;
     // Input format: [len: u8][time step: u8][packet bytes; len] ...
     let mut rest = data;

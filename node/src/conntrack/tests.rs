@@ -1572,6 +1572,18 @@ fn transfer(a: &Conntrack, b: &Conntrack, now: u64, limit: usize) -> usize {
     }
 }
 
+/// Everything a table holds, its own and learned entries and expectations (a bulk page lists
+/// only its own), for before/after comparisons.
+fn everything(ct: &Conntrack, now: u64) -> (Vec<ConnSnapshot>, Vec<ExpectSnapshot>) {
+    let (mut conns, mut expects) = (vec![], vec![]);
+    for i in 0..ct.shard_count() {
+        let sh = ct.lock(i);
+        conns.extend(sh.snapshots(t(now)));
+        expects.extend(sh.expectations(t(now)));
+    }
+    (conns, expects)
+}
+
 fn drain_all(ct: &Conntrack) -> Vec<Event> {
     let mut v = Vec::new();
     for i in 0..ct.shard_count() {
@@ -1966,7 +1978,8 @@ fn bad_peer_items_are_refused_and_change_nothing() {
     assert!(good.helper.is_some());
     let b = Conntrack::new(&cfg());
     b.import_conn(t(10), &good).unwrap();
-    let before = b.bulk_page(0, 100, t(10));
+    let before = everything(&b, 10);
+    assert_eq!((before.0.len(), before.1.len()), (1, 0));
 
     let tcp = |s: &ConnSnapshot| match s.proto {
         ProtoState::Tcp(c) => c,
@@ -2024,7 +2037,7 @@ fn bad_peer_items_are_refused_and_change_nothing() {
     let mut x = gx.clone();
     x.proto = proto::ICMP;
     assert_eq!(b.import_expect(t(11), &x), Err(ImportError::ProtoMismatch));
-    assert_eq!(b.bulk_page(0, 100, t(10)), before, "untouched");
+    assert_eq!(everything(&b, 10), before, "untouched");
 
     // Handed to the wrong shard.
     let many = Conntrack::new(&Config { shards: 8, ..cfg() });
@@ -2052,7 +2065,7 @@ fn an_imported_lifetime_is_bounded_by_the_longest_timeout() {
     let b = Conntrack::new(&cfg());
     b.import_conn(t(0), &s).unwrap();
     let longest = Timeouts::default().longest() * 1000;
-    assert_eq!(b.bulk_page(0, 1, t(0)).conns[0].expires_in_ms, longest);
+    assert_eq!(everything(&b, 0).0[0].expires_in_ms, longest);
 }
 
 // ---- property test: a peer's items, random and hostile -------------------------------------
@@ -2744,4 +2757,102 @@ fn counting_and_listing_in_lock_holds_cover_a_large_shard_exactly() {
         .map(|p| p.conns.len())
         .sum();
     assert_eq!(listed, 4100);
+}
+
+/// Found by the `sync_wire` fuzz target. A bulk page lists only this node's own entries and
+/// expectations, never what it learned from its peer: B's bulk used to hand A back A's own
+/// connection as B last heard of it. A had reset the connection meanwhile (CLOSE); the echo
+/// (SYN_SENT) made A's import "reopen" it, replacing A's own entry by a learned SYN_SENT one
+/// (a reset connection resurrected on the node that saw the reset), and B kept its copy.
+#[test]
+fn a_bulk_lists_only_own_entries_so_a_peer_never_gets_its_own_back_older() {
+    let a = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    track(&a, 0, &f.seg(true, S, 0));
+    let tuple = tuple_of(&f.seg(true, A, 0));
+    let b = Conntrack::new(&cfg());
+    transfer(&a, &b, 0, 100);
+    assert_eq!(state_of(&b, &tuple), TcpState::SynSent);
+    // B also has a connection of its own, and learned expectations of A's FTP session.
+    let (ff, m) = ftp_master(&a);
+    a.lock(0).expect(t(10), data_expect(m, &ff, 50000)).unwrap();
+    transfer(&a, &b, 10, 100);
+    assert_eq!(b.expectation_count(), 1);
+    let own = build::udp(ip("198.51.100.99"), ip("203.0.113.99"), 5000, 53, b"");
+    track(&b, 10, &own);
+
+    // B's bulk carries only B's own connection.
+    let page = b.bulk_page(0, 100, t(11));
+    assert_eq!(page.next, None);
+    assert_eq!(page.conns.len(), 1, "{page:?}");
+    assert_eq!(page.conns[0].tuple, tuple_of(&own));
+    assert!(page.expects.is_empty(), "{page:?}");
+
+    // A's connection is reset; B's bulk arrives after: A keeps its own CLOSE entry.
+    track(&a, 12, &f.seg(false, R | A, 0));
+    assert_eq!(state_of(&a, &tuple), TcpState::Close);
+    transfer(&b, &a, 12, 100);
+    assert_eq!(state_of(&a, &tuple), TcpState::Close);
+    let sh = a.lock(0);
+    let st = sh.conn(sh.find(&tuple).unwrap()).unwrap().status;
+    assert_eq!(st & status::FROM_PEER, 0, "still A's own");
+    drop(sh);
+    a.check_invariants().unwrap();
+    b.check_invariants().unwrap();
+}
+
+/// Found by the `sync_wire` fuzz target: packets refresh a connection's timer here without
+/// any state change, and the peer's copy learns timers only from items, so a UDP or ICMP flow
+/// kept alive by traffic expired on the standby (a failover then dropped it). The tracker now
+/// announces the refresh whenever the expiry crosses a multiple of (about) half the timeout:
+/// the copy keeps at least half a timeout while packets flow, for a few updates per timeout.
+#[test]
+fn a_flow_kept_alive_by_packets_keeps_its_copy_alive_at_the_peer() {
+    let a = Conntrack::new(&Config {
+        event_queue: 1024,
+        ..cfg()
+    });
+    let b = Conntrack::new(&cfg());
+    let (c, s) = (ip("198.51.100.10"), ip("203.0.113.10"));
+    let query = build::udp(c, s, 5000, 53, b"q");
+    let tuple = tuple_of(&query);
+    let mut updates = 0;
+    let mut replay = |now: u64| {
+        for ev in drain_all(&a) {
+            match ev {
+                Event::ConnCreated(x) => b.import_conn(t(now), &x).unwrap(),
+                Event::ConnUpdated(u) => {
+                    updates += 1;
+                    b.apply_update(t(now), &u).unwrap()
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    track(&a, 0, &query);
+    track(&a, 0, &build::udp(s, c, 53, 5000, b"r"));
+    replay(0);
+    let timeout = Timeouts::default().udp_replied * 1000;
+    // Ten timeouts of one query a second, each side reaping as the workers do.
+    let end = 10 * timeout;
+    for now in (1000..=end).step_by(1000) {
+        track(&a, now, &query);
+        replay(now);
+        a.handle_timeout(t(now), 0, 1, 1024);
+        b.handle_timeout(t(now), 0, 1, 1024);
+        let sh = b.lock_tuple(&tuple);
+        let left = sh
+            .find(&tuple)
+            .and_then(|id| sh.snapshot(id, t(now)))
+            .map(|x| x.expires_in_ms);
+        assert!(
+            left.is_some_and(|l| l >= timeout / 2),
+            "at {now} ms the peer's copy has {left:?} ms left"
+        );
+    }
+    // The state change (SEEN_REPLY, ASSURED) and then two to four refreshes per timeout, not
+    // one per packet.
+    assert!((20..=45).contains(&updates), "{updates} updates");
+    a.check_invariants().unwrap();
+    b.check_invariants().unwrap();
 }

@@ -113,7 +113,14 @@ pub fn parse(text: &str, origin: &str) -> Result<PolicyModel, PolicyError> {
     let cx = Ctx::new(origin, text);
     let raw: RawPolicy = toml::from_str(text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
-        cx.err(span, String::new(), e.message().to_string())
+        let msg = e.message().trim();
+        // The parser says nothing at all for some inputs, such as a key without a value.
+        let msg = if msg.is_empty() {
+            "malformed TOML here (a missing or unreadable value?)"
+        } else {
+            msg
+        };
+        cx.err(span, String::new(), msg)
     })?;
     let default = match &raw.default {
         None => Action::Drop,

@@ -535,3 +535,18 @@ fn hits_from_many_threads_add_up() {
     });
     assert_eq!(p.hits(), (vec![12_000], 24_000));
 }
+
+/// Found by fuzzing (policy_file): a key without a value (`z=`) made the TOML parser's error
+/// message empty, so the operator got `t.toml:1:3: ` and nothing else.
+#[test]
+fn a_key_without_a_value_is_a_clear_error() {
+    for (text, line, column) in [
+        ("z=", 1, 3),
+        ("default = \"drop\"\n[[rule]]\naction=", 3, 8),
+    ] {
+        let e = file::parse(text, "t.toml").unwrap_err();
+        assert_eq!((e.line, e.column), (line, column), "{e}");
+        assert!(!e.message.trim().is_empty(), "{e:?}");
+        assert!(e.to_string().contains("missing"), "{e}");
+    }
+}

@@ -316,6 +316,8 @@ pub struct SessionStats {
     /// Bulks started to replace state the peer could not resume (every bulk after the first).
     pub resyncs: u64,
     pub last_error: Option<CloseReason>,
+    /// Streams closed because of what the peer sent (every `CloseReason` but `IdleTimeout`).
+    pub protocol_errors: u64,
     pub nacks_sent: u64,
     pub nacks_received: u64,
     pub retransmits: u64,
@@ -599,6 +601,9 @@ impl Session {
 
     fn close(&mut self, reason: CloseReason) {
         if matches!(self.stream, Stream::Up { .. }) {
+            if reason != CloseReason::IdleTimeout {
+                self.st.protocol_errors += 1;
+            }
             self.st.last_error = Some(reason.clone());
             self.ops.push_back(Op::Close(reason));
             self.reset_stream();
@@ -754,6 +759,11 @@ impl Session {
         if items.is_empty() {
             return;
         }
+        // A peer numbers its items; it does not get to overflow ours. Checked before anything
+        // else so that a batch like that closes the stream in every state.
+        let Some(last) = first_seq.checked_add(items.len() as u64 - 1) else {
+            return self.close(CloseReason::Protocol("batch numbered past u64::MAX"));
+        };
         if self.rx.resume_pending {
             self.rx.resume_pending = false;
         }
@@ -761,7 +771,6 @@ impl Session {
             // No base to apply onto; the sender is about to start a bulk.
             return;
         }
-        let last = first_seq + items.len() as u64 - 1;
         let applied = self.rx.applied;
         if last <= applied {
             // A resend of what we have: our ack may have been lost.
@@ -883,6 +892,10 @@ impl Session {
         }
         if index > expected {
             return self.bulk_gap(id, expected);
+        }
+        if index == u32::MAX {
+            // `BulkEnd { chunks: index + 1 }` could not be said.
+            return self.close(CloseReason::Protocol("bulk chunk numbered past u32::MAX"));
         }
         if self.ops_full() {
             self.st.backpressure += 1;
@@ -1111,7 +1124,7 @@ impl Session {
                 seq: b.seq,
                 estimate: b.estimate,
             }
-        } else if b.next_tx < b.read_chunks && b.next_tx < b.base + window {
+        } else if b.next_tx < b.read_chunks && b.next_tx < b.base.saturating_add(window) {
             let chunk = b.chunks.get((b.next_tx - b.base) as usize)?;
             let msg = Msg::BulkChunk {
                 id: b.id,

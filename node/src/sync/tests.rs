@@ -1613,3 +1613,77 @@ fn coverage_stats() {
         "needs_sent bulks nacks retrans backpressure needs_dropped resyncs resent closes: {tot:?}"
     );
 }
+
+/// A peer numbering a batch past `u64::MAX` (found by fuzzing, lost, found again): the stream
+/// is closed and counted, in every receive state, and nothing is applied. Before the fix the
+/// sequence arithmetic overflowed (a panic with overflow checks, a wrap without).
+#[test]
+fn batch_numbered_past_u64_max_closes_the_stream() {
+    let items = vec![Item::ConnGone(tuple(1, 1)), Item::ConnGone(tuple(1, 2))];
+    // Without a base (no bulk yet), during a bulk, and after a bulk that jumped to the top.
+    for bulk_seq in [None, Some(0), Some(u64::MAX)] {
+        let outbox = Outbox::new(5, 16);
+        let mut s = connected(&outbox);
+        s.handle(Timestamp(1), hello(2, 9, None), &outbox);
+        if let Some(seq) = bulk_seq {
+            s.handle(
+                Timestamp(1),
+                Msg::BulkStart {
+                    id: 1,
+                    seq,
+                    estimate: 0,
+                },
+                &outbox,
+            );
+        }
+        let _ = ops(&mut s);
+        s.handle(
+            Timestamp(2),
+            Msg::Batch {
+                first_seq: u64::MAX,
+                items: items.clone(),
+            },
+            &outbox,
+        );
+        let reason = CloseReason::Protocol("batch numbered past u64::MAX");
+        assert_eq!(ops(&mut s), vec![Op::Close(reason.clone())], "{bulk_seq:?}");
+        let st = s.stats(&outbox);
+        assert_eq!(st.last_error, Some(reason), "{bulk_seq:?}");
+        assert_eq!(st.protocol_errors, 1, "{bulk_seq:?}");
+        assert_eq!(st.items_applied, 0, "{bulk_seq:?}");
+    }
+    // One item numbered u64::MAX itself does not overflow: it is a valid (if absurd) number.
+    let outbox = Outbox::new(5, 16);
+    let mut s = connected(&outbox);
+    s.handle(Timestamp(1), hello(2, 9, None), &outbox);
+    s.handle(
+        Timestamp(1),
+        Msg::BulkStart {
+            id: 1,
+            seq: u64::MAX - 1,
+            estimate: 0,
+        },
+        &outbox,
+    );
+    let _ = ops(&mut s);
+    s.handle(
+        Timestamp(2),
+        Msg::Batch {
+            first_seq: u64::MAX,
+            items: items[..1].to_vec(),
+        },
+        &outbox,
+    );
+    assert_eq!(ops(&mut s), vec![Op::Apply(items[0].clone())]);
+    // And the same number again is a resend, acked, not applied twice nor an overflow.
+    s.handle(
+        Timestamp(3),
+        Msg::Batch {
+            first_seq: u64::MAX,
+            items: items[..1].to_vec(),
+        },
+        &outbox,
+    );
+    assert_eq!(ops(&mut s), vec![]);
+    assert_eq!(s.stats(&outbox).protocol_errors, 0);
+}

@@ -325,11 +325,20 @@ impl Shard {
     }
 
     /// One step of a bulk listing (`Conntrack::bulk_page`): from cursor `from` (0 = start of
-    /// the shard), append unexpired connections to `conns` (masterless ones first, then those
-    /// with a live master) and then all of the shard's expectations to `expects`, until the
-    /// two hold `limit` items or `scan` slots were examined. The expectations come in one go
-    /// (they are few: `Config::max_expectations` over all shards), so a page may exceed
-    /// `limit` by them. Returns where to resume, or `None` at the end of the shard.
+    /// the shard), append this node's own unexpired connections to `conns` (masterless ones
+    /// first, then those with a live master) and then the shard's own expectations to
+    /// `expects`, until the two hold `limit` items or `scan` slots were examined. The
+    /// expectations come in one go (they are few: `Config::max_expectations` over all shards),
+    /// so a page may exceed `limit` by them. Returns where to resume, or `None` at the end of
+    /// the shard.
+    ///
+    /// Learned entries (`FROM_PEER`) and expectations are not listed: a node replicates what
+    /// it tracks, and its peer is the source of what it learned. Echoing them back (found by
+    /// the `sync_wire` fuzz target) let bulks that cross, or that race a removal, hand the peer
+    /// its own connections in an older state: a connection the peer had just reset came back
+    /// to it as a learned SYN_SENT entry (the import's reopen rule replaced its own CLOSE
+    /// entry), one it had destroyed came back as a learned ghost, and two learned copies kept
+    /// each other alive through the sweep after each bulk.
     pub fn bulk_page(
         &self,
         from: u32,
@@ -354,7 +363,8 @@ impl Shard {
                 // entry's `master` never changes from Some to None, so an entry is never
                 // skipped by both phases (the sweep after a bulk would remove it).
                 let has_master = e.master.is_some();
-                if e.kind != Kind::Free && e.expires > now_ms && has_master == (phase == 1) {
+                let own = e.status & status::FROM_PEER == 0;
+                if e.kind != Kind::Free && own && e.expires > now_ms && has_master == (phase == 1) {
                     conns.push(self.snapshot_slot(slot, now_ms));
                 }
                 slot += 1;
@@ -367,7 +377,12 @@ impl Shard {
             if full(conns, expects) {
                 return Some(PHASE_EXPECTS << PHASE_SHIFT);
             }
-            expects.extend(self.expectations(now));
+            expects.extend(
+                self.expects
+                    .iter()
+                    .filter(|x| !x.from_peer && x.expires > now_ms)
+                    .map(|x| expect_snapshot(x, now_ms)),
+            );
         }
         None
     }
