@@ -742,6 +742,67 @@ fn failback_gw1_returns_syncs_and_only_then_takes_the_vips_keeping_a_session_ope
     assert_stream_survived(&ha, &mut s, 0, "failback");
 }
 
+/// A session that is idle from before gw1's crash until after gw1 came back and took the VIPs
+/// again (an SSH session nobody typed in) still works: gw1 restarted with an empty table, so
+/// gw2's bulk must hand back what gw2 learned from gw1's previous life and never used.
+#[test]
+fn failback_a_session_idle_since_before_the_crash_still_works() {
+    let mut ha = HaLab::start(HaOpts {
+        ipv6: false,
+        ..HaOpts::default()
+    });
+    let port = IPERF_PORT + 1;
+    let py = python();
+    let _echo = ha.lab().spawn(
+        "server",
+        &format!(
+            "{py} -c {}",
+            shell_quote(&format!(
+                "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+                 s.bind(('0.0.0.0',{port}))\ns.listen(1)\nc,_=s.accept()\n\
+                 while True:\n    d=c.recv(100)\n    if not d: break\n    c.sendall(d)\n"
+            ))
+        ),
+        "idle-echo",
+    );
+    ha.lab().wait_listen("server", port);
+    let go = ha.lab().dir.join("idle-go");
+    let client = format!(
+        "import socket,os,time\nc=socket.create_connection(('{SERVER4}',{port}),timeout=3)\n\
+         c.sendall(b'one'); print(c.recv(10).decode(), flush=True)\n\
+         t=time.time()\nwhile not os.path.exists('{go}') and time.time()-t<120: time.sleep(0.05)\n\
+         c.settimeout(10); c.sendall(b'two'); print(c.recv(10).decode(), flush=True)\n",
+        go = go.display()
+    );
+    let mut cl = ha.lab().spawn(
+        "client",
+        &format!("timeout 150 {py} -c {}", shell_quote(&client)),
+        "idle-client",
+    );
+    ha.lab().wait_log("idle-client", "one");
+    crash_gw1(&mut ha, "idle failback");
+    ha.revive(Gw::Gw1);
+    let t = Instant::now();
+    while !ha.holds_vips(Gw::Gw1) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "gw1 did not take the VIPs back\n{}",
+            ha.diag()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ha.wait_vips_on(Gw::Gw1, TAKEOVER);
+    // The session has sent nothing since before the crash; now it does, through gw1.
+    std::fs::write(&go, b"").unwrap();
+    let done = cl.wait_exit(Duration::from_secs(20));
+    let out = ha.lab().log("idle-client");
+    assert!(
+        done.is_some_and(|s| s.success()) && out.contains("two"),
+        "the idle session died at the failback: {out}\n{}",
+        ha.diag()
+    );
+}
+
 #[test]
 fn a_restarted_standby_bulk_syncs_and_a_later_failover_keeps_sessions() {
     let mut ha = HaLab::start(HaOpts::default());
