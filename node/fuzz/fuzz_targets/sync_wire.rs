@@ -20,6 +20,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use fwnode::conntrack::event::status;
 use fwnode::conntrack::tcp::{TcpConn, TcpState};
 use fwnode::conntrack::{
+    BulkScope,
     ApplyError, Config as CtConfig, ConnSnapshot, ConnUpdate, Conntrack, Event, ExpectSnapshot,
     ProtoState, Tuple,
 };
@@ -524,7 +525,12 @@ impl Node {
                 self.session.resend(&mut self.outbox, snaps);
             }
             Op::ReadBulk { cursor } => {
-                let page = self.ct.bulk_page(cursor, PAGE, now);
+                let scope = if self.session.peer_lost_our_copies() {
+                    BulkScope::OwnAndLearned
+                } else {
+                    BulkScope::Own
+                };
+                let page = self.ct.bulk_page(cursor, PAGE, now, scope);
                 for c in &page.conns {
                     self.announced
                         .insert(c.tuple, now.as_millis() + c.expires_in_ms);

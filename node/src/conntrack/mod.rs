@@ -108,6 +108,15 @@ pub struct ConnPage {
 /// One page of a bulk transfer (`Conntrack::bulk_page`) and where the next one starts
 /// (`None`: the transfer is complete). Import `conns` in order, then `expects`: a master comes
 /// before its RELATED connections, a shard's expectations after its connections.
+/// What a bulk transfer for a peer carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BulkScope {
+    /// This node's own entries (the normal case: the peer is the source of what we learned).
+    Own,
+    /// Also what we learned from the peer and never used: the peer restarted and lost them.
+    OwnAndLearned,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BulkPage {
     pub conns: Vec<ConnSnapshot>,
@@ -455,8 +464,15 @@ impl Conntrack {
     /// expectations come whole). Each shard lists its masterless connections, then those
     /// with a master, then its expectations, so importing pages in order always finds a
     /// master first. Shard locks are dropped every `PAGE_SCAN` slots and between shards: not
-    /// atomic, the replication stream carries what changes meanwhile.
-    pub fn bulk_page(&self, cursor: u64, limit: usize, now: Timestamp) -> BulkPage {
+    /// atomic, the replication stream carries what changes meanwhile. `scope`: see
+    /// [`BulkScope`].
+    pub fn bulk_page(
+        &self,
+        cursor: u64,
+        limit: usize,
+        now: Timestamp,
+        scope: BulkScope,
+    ) -> BulkPage {
         let limit = limit.max(1);
         let mut page = BulkPage::default();
         let mut cur = ListCursor::from_token(cursor);
@@ -470,6 +486,7 @@ impl Conntrack {
                 limit,
                 PAGE_SCAN,
                 now,
+                scope == BulkScope::OwnAndLearned,
                 &mut page.conns,
                 &mut page.expects,
             );

@@ -1557,7 +1557,7 @@ fn helper_changed_is_silent_when_replication_is_off_or_the_connection_is_gone() 
 fn transfer(a: &Conntrack, b: &Conntrack, now: u64, limit: usize) -> usize {
     let (mut cur, mut pages) = (0, 0);
     loop {
-        let p = a.bulk_page(cur, limit, t(now));
+        let p = a.bulk_page(cur, limit, t(now), BulkScope::Own);
         for c in &p.conns {
             b.import_conn(t(now), c).unwrap();
         }
@@ -1634,7 +1634,7 @@ fn ftp_with_related(a: &Conntrack) -> (Tuple, Tuple) {
 fn bulk_lists_masters_before_related_and_expectations_last() {
     let a = Conntrack::new(&cfg());
     let (master, data) = ftp_with_related(&a);
-    let p = a.bulk_page(0, 100, t(12));
+    let p = a.bulk_page(0, 100, t(12), BulkScope::Own);
     assert_eq!(p.next, None);
     let at = |x: &Tuple| p.conns.iter().position(|c| c.tuple == *x).unwrap();
     assert!(at(&master) < at(&data));
@@ -1667,7 +1667,7 @@ fn bulk_pages_cover_every_entry_once_over_many_shards() {
     let mut seen = std::collections::HashMap::new();
     let (mut cur, mut pages) = (0, 0);
     loop {
-        let p = a.bulk_page(cur, 7, t(1));
+        let p = a.bulk_page(cur, 7, t(1), BulkScope::Own);
         assert!(p.conns.len() <= 7);
         for c in p.conns {
             *seen.entry(c.tuple).or_insert(0) += 1;
@@ -1683,7 +1683,7 @@ fn bulk_pages_cover_every_entry_once_over_many_shards() {
     assert!(seen.values().all(|&n| n == 1));
     // Garbage cursors end the listing or list something; they never panic.
     for c in [u64::MAX, 3 << 30, 7 << 32 | 3 << 30, 1 << 63] {
-        a.bulk_page(c, 5, t(1));
+        a.bulk_page(c, 5, t(1), BulkScope::Own);
     }
 }
 
@@ -1856,7 +1856,7 @@ fn a_live_item_during_a_bulk_counts_as_a_refresh() {
     let b = Conntrack::new(&cfg());
     transfer(&a, &b, 1, 100);
     b.begin_peer_bulk();
-    let snap = a.bulk_page(0, 100, t(2)).conns;
+    let snap = a.bulk_page(0, 100, t(2), BulkScope::Own).conns;
     let one = snap.iter().find(|c| c.tuple == flows[1]).unwrap();
     let u = ConnUpdate {
         tuple: one.tuple,
@@ -1876,7 +1876,7 @@ fn peer_expectations_keep_their_lifetime_need_their_master_and_respect_the_bound
     let (f, m) = ftp_master(&a);
     a.lock(0).expect(t(10), data_expect(m, &f, 50000)).unwrap();
     a.lock(0).expect(t(10), data_expect(m, &f, 50001)).unwrap();
-    let p = a.bulk_page(0, 100, t(90_010));
+    let p = a.bulk_page(0, 100, t(90_010), BulkScope::Own);
     let (xs, master) = (p.expects, &p.conns[0]);
     assert_eq!(xs[0].expires_in_ms, 300_000 - 90_000);
 
@@ -1973,7 +1973,7 @@ fn bad_peer_items_are_refused_and_change_nothing() {
     let a = Conntrack::new(&cfg());
     let (f, m) = ftp_master(&a);
     a.lock(0).expect(t(10), data_expect(m, &f, 50000)).unwrap();
-    let p = a.bulk_page(0, 100, t(10));
+    let p = a.bulk_page(0, 100, t(10), BulkScope::Own);
     let (good, gx) = (p.conns[0].clone(), p.expects[0].clone());
     assert!(good.helper.is_some());
     let b = Conntrack::new(&cfg());
@@ -2060,7 +2060,7 @@ fn bad_peer_items_are_refused_and_change_nothing() {
 fn an_imported_lifetime_is_bounded_by_the_longest_timeout() {
     let a = Conntrack::new(&cfg());
     udp_flows(&a, 0, 1);
-    let mut s = a.bulk_page(0, 1, t(0)).conns.remove(0);
+    let mut s = a.bulk_page(0, 1, t(0), BulkScope::Own).conns.remove(0);
     s.expires_in_ms = u64::MAX;
     let b = Conntrack::new(&cfg());
     b.import_conn(t(0), &s).unwrap();
@@ -2261,7 +2261,7 @@ proptest! {
             // Whatever it holds can be listed and sent on.
             let mut cur = 0;
             for _ in 0..64 {
-                match ct.bulk_page(cur, 3, t(now)).next { Some(n) => cur = n, None => break }
+                match ct.bulk_page(cur, 3, t(now), BulkScope::Own).next { Some(n) => cur = n, None => break }
             }
             let _ = drain_all(&ct);
         }
@@ -2489,7 +2489,7 @@ fn a_whole_copy_replaces_a_learned_entry_even_with_an_earlier_state() {
     let a2 = Conntrack::new(&cfg());
     let mut g = Flow::v4();
     handshake(&a2, &mut g);
-    let fresh = a2.bulk_page(0, 10, t(2)).conns.remove(0);
+    let fresh = a2.bulk_page(0, 10, t(2), BulkScope::Own).conns.remove(0);
     b.import_conn(t(5), &fresh).unwrap();
     assert_eq!(state_of(&b, &tuple), TcpState::Established);
     let sh = b.lock(0);
@@ -2520,7 +2520,7 @@ fn a_whole_copy_keeps_the_expectations_of_a_learned_master() {
     let b = Conntrack::new(&cfg());
     transfer(&a, &b, 12, 100);
     assert_eq!(b.expectation_count(), 1);
-    let again = a.bulk_page(0, 100, t(13)).conns;
+    let again = a.bulk_page(0, 100, t(13), BulkScope::Own).conns;
     let m = again.iter().find(|c| c.tuple == master).unwrap();
     b.import_conn(t(13), m).unwrap();
     assert_eq!(b.expectation_count(), 1);
@@ -2782,11 +2782,17 @@ fn a_bulk_lists_only_own_entries_so_a_peer_never_gets_its_own_back_older() {
     track(&b, 10, &own);
 
     // B's bulk carries only B's own connection.
-    let page = b.bulk_page(0, 100, t(11));
+    let page = b.bulk_page(0, 100, t(11), BulkScope::Own);
     assert_eq!(page.next, None);
     assert_eq!(page.conns.len(), 1, "{page:?}");
     assert_eq!(page.conns[0].tuple, tuple_of(&own));
     assert!(page.expects.is_empty(), "{page:?}");
+    // For a peer that restarted (and lost its table), what B learned goes back too: the
+    // connection, the FTP master and its expectation, and B's own connection.
+    let back = b.bulk_page(0, 100, t(11), BulkScope::OwnAndLearned);
+    assert_eq!(back.conns.len(), 3, "{back:?}");
+    assert!(back.conns.iter().any(|c| c.tuple == tuple));
+    assert_eq!(back.expects.len(), 1, "{back:?}");
 
     // A's connection is reset; B's bulk arrives after: A keeps its own CLOSE entry.
     track(&a, 12, &f.seg(false, R | A, 0));

@@ -493,6 +493,8 @@ pub struct Session {
     ops: VecDeque<Op>,
     readiness: Readiness,
     st: SessionStats,
+    /// The peer boot whose items we last applied or imported: what we learned belongs to it.
+    learned_from: Option<u64>,
 }
 
 impl Session {
@@ -539,7 +541,17 @@ impl Session {
             ops: VecDeque::new(),
             readiness: Readiness::Waiting { since: now },
             st: SessionStats::default(),
+            learned_from: None,
         }
+    }
+
+    /// The peer restarted since we last learned entries from it, so its table lost what we
+    /// hold of its previous life: a bulk for it should carry what we learned (and never used)
+    /// as well as our own entries. On any other bulk learned entries stay out: echoing a
+    /// peer's entries back to it races its own changes (a reset connection came back to it as
+    /// a learned SYN_SENT entry; found by the `sync_wire` fuzz target).
+    pub fn peer_lost_our_copies(&self) -> bool {
+        matches!((self.learned_from, self.rx.boot), (Some(a), Some(b)) if a != b)
     }
 
     /// Only this node id is accepted in the peer's Hello.
@@ -793,6 +805,7 @@ impl Session {
             self.rx.answered(&item);
             self.ops.push_back(Op::Apply(item));
             self.st.items_applied += 1;
+            self.learned_from = self.rx.boot;
         }
         self.rx.applied = last;
         self.rx.nacked_at = None;
@@ -907,6 +920,7 @@ impl Session {
                 Item::Conn(_) | Item::Expect(_) => {
                     self.rx.answered(&item);
                     self.ops.push_back(Op::Import(item));
+                    self.learned_from = self.rx.boot;
                     imported += 1;
                 }
                 _ => self.st.invalid_items += 1,

@@ -1687,3 +1687,51 @@ fn batch_numbered_past_u64_max_closes_the_stream() {
     assert_eq!(ops(&mut s), vec![]);
     assert_eq!(s.stats(&outbox).protocol_errors, 0);
 }
+
+/// A bulk for a peer carries what we learned from it only when the peer restarted since: its
+/// table lost those entries. The same boot again (a reconnect) gets our own entries only.
+#[test]
+fn a_peer_that_restarted_since_we_learned_from_it_lost_our_copies() {
+    let outbox = Outbox::new(5, 16);
+    let mut s = connected(&outbox);
+    assert!(!s.peer_lost_our_copies(), "nothing learned yet");
+    s.handle(Timestamp(1), hello(2, 7, None), &outbox);
+    s.handle(
+        Timestamp(2),
+        Msg::BulkStart {
+            id: 1,
+            seq: 0,
+            estimate: 1,
+        },
+        &outbox,
+    );
+    s.handle(
+        Timestamp(3),
+        Msg::BulkChunk {
+            id: 1,
+            index: 0,
+            items: vec![Item::Conn(new_conn(1, 1, false))],
+        },
+        &outbox,
+    );
+    assert!(
+        ops(&mut s).iter().any(|o| matches!(o, Op::Import(_))),
+        "the chunk was imported"
+    );
+    assert!(
+        !s.peer_lost_our_copies(),
+        "learned from the boot that is there"
+    );
+    // The same boot reconnects: it still has its entries.
+    s.disconnected(Timestamp(4));
+    s.connected(Timestamp(5), &outbox);
+    let _ = transmits(&mut s, 5, &outbox);
+    s.handle(Timestamp(6), hello(2, 7, None), &outbox);
+    assert!(!s.peer_lost_our_copies());
+    // A new boot of the peer: what we learned from the old one is gone there.
+    s.disconnected(Timestamp(7));
+    s.connected(Timestamp(8), &outbox);
+    let _ = transmits(&mut s, 8, &outbox);
+    s.handle(Timestamp(9), hello(2, 8, None), &outbox);
+    assert!(s.peer_lost_our_copies());
+}

@@ -332,8 +332,9 @@ impl Shard {
     /// so a page may exceed `limit` by them. Returns where to resume, or `None` at the end of
     /// the shard.
     ///
-    /// Learned entries (`FROM_PEER`) and expectations are not listed: a node replicates what
-    /// it tracks, and its peer is the source of what it learned. Echoing them back (found by
+    /// Learned entries (`FROM_PEER`) and expectations are listed only with `learned` (a peer
+    /// that restarted and lost them; `sync::core::Session::peer_lost_our_copies`): a node
+    /// replicates what it tracks, and its peer is the source of what it learned. Echoing them back (found by
     /// the `sync_wire` fuzz target) let bulks that cross, or that race a removal, hand the peer
     /// its own connections in an older state: a connection the peer had just reset came back
     /// to it as a learned SYN_SENT entry (the import's reopen rule replaced its own CLOSE
@@ -345,6 +346,7 @@ impl Shard {
         limit: usize,
         scan: usize,
         now: Timestamp,
+        learned: bool,
         conns: &mut Vec<ConnSnapshot>,
         expects: &mut Vec<ExpectSnapshot>,
     ) -> Option<u32> {
@@ -363,8 +365,12 @@ impl Shard {
                 // entry's `master` never changes from Some to None, so an entry is never
                 // skipped by both phases (the sweep after a bulk would remove it).
                 let has_master = e.master.is_some();
-                let own = e.status & status::FROM_PEER == 0;
-                if e.kind != Kind::Free && own && e.expires > now_ms && has_master == (phase == 1) {
+                let listed = learned || e.status & status::FROM_PEER == 0;
+                if e.kind != Kind::Free
+                    && listed
+                    && e.expires > now_ms
+                    && has_master == (phase == 1)
+                {
                     conns.push(self.snapshot_slot(slot, now_ms));
                 }
                 slot += 1;
@@ -380,7 +386,7 @@ impl Shard {
             expects.extend(
                 self.expects
                     .iter()
-                    .filter(|x| !x.from_peer && x.expires > now_ms)
+                    .filter(|x| (learned || !x.from_peer) && x.expires > now_ms)
                     .map(|x| expect_snapshot(x, now_ms)),
             );
         }
