@@ -487,8 +487,7 @@ impl Conntrack {
                 PAGE_SCAN,
                 now,
                 scope == BulkScope::OwnAndLearned,
-                &mut page.conns,
-                &mut page.expects,
+                &mut page,
             );
             cur = match next {
                 Some(slot) => ListCursor {

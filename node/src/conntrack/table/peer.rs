@@ -8,6 +8,7 @@
 //! echo). Must not touch packets, locks, clocks or I/O; `Conntrack` routes items to shards.
 
 use super::*;
+use crate::conntrack::BulkPage;
 
 /// Where the bulk listing of a shard is: its slot cursor carries the phase in the top bits.
 /// Phase 0 lists connections without a master, phase 1 those with one (so a page never
@@ -325,9 +326,9 @@ impl Shard {
     }
 
     /// One step of a bulk listing (`Conntrack::bulk_page`): from cursor `from` (0 = start of
-    /// the shard), append this node's own unexpired connections to `conns` (masterless ones
-    /// first, then those with a live master) and then the shard's own expectations to
-    /// `expects`, until the two hold `limit` items or `scan` slots were examined. The
+    /// the shard), append this node's own unexpired connections to `out.conns` (masterless
+    /// ones first, then those with a live master) and then the shard's own expectations to
+    /// `out.expects`, until the two hold `limit` items or `scan` slots were examined. The
     /// expectations come in one go (they are few: `Config::max_expectations` over all shards),
     /// so a page may exceed `limit` by them. Returns where to resume, or `None` at the end of
     /// the shard.
@@ -347,9 +348,9 @@ impl Shard {
         scan: usize,
         now: Timestamp,
         learned: bool,
-        conns: &mut Vec<ConnSnapshot>,
-        expects: &mut Vec<ExpectSnapshot>,
+        out: &mut BulkPage,
     ) -> Option<u32> {
+        let BulkPage { conns, expects, .. } = out;
         let now_ms = now.as_millis();
         let (mut phase, mut slot) = (from >> PHASE_SHIFT, from & SLOT_MASK);
         let full = |c: &Vec<ConnSnapshot>, x: &Vec<ExpectSnapshot>| c.len() + x.len() >= limit;
