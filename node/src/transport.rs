@@ -37,6 +37,67 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handshakes in progress per listener; connections beyond are closed at once (a flood of
 /// connection attempts costs a listener this much, and other listeners nothing).
 const MAX_HANDSHAKES: usize = 128;
+/// Handshakes in progress per listener from one source address: a host that floods the port
+/// (Raft and the control API share it) with connections it never completes holds at most
+/// these, and the members' own connections still get a slot.
+const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
+
+/// The handshake slots of one listener, in all and per source address.
+#[derive(Debug)]
+struct HandshakeSlots {
+    all: Arc<Semaphore>,
+    by_source: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One handshake's slot; given back when dropped.
+#[derive(Debug)]
+struct Slot {
+    _all: tokio::sync::OwnedSemaphorePermit,
+    source: Option<std::net::IpAddr>,
+    slots: Arc<HandshakeSlots>,
+}
+
+impl HandshakeSlots {
+    fn new() -> Arc<Self> {
+        Arc::new(HandshakeSlots {
+            all: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            by_source: parking_lot::Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    /// A slot for a handshake from `source`, unless the listener or that source is at its
+    /// bound.
+    fn take(self: &Arc<Self>, source: Option<std::net::IpAddr>) -> Option<Slot> {
+        let all = self.all.clone().try_acquire_owned().ok()?;
+        if let Some(ip) = source {
+            let mut m = self.by_source.lock();
+            let n = m.entry(ip).or_insert(0);
+            if *n >= MAX_HANDSHAKES_PER_SOURCE {
+                return None;
+            }
+            *n += 1;
+        }
+        Some(Slot {
+            _all: all,
+            source,
+            slots: self.clone(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(ip) = self.source {
+            let mut m = self.slots.by_source.lock();
+            if let Some(n) = m.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&ip);
+                }
+            }
+        }
+    }
+}
 
 /// Whether and how connections are secured.
 #[derive(Clone, Debug)]
@@ -217,7 +278,7 @@ impl Transport {
             .with_keepalive(Some(Duration::from_secs(10)));
         let (tx, rx) = mpsc::channel::<io::Result<Conn>>(64);
         let security = self.security.clone();
-        let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let slots = HandshakeSlots::new();
         tokio::spawn(async move {
             loop {
                 let s = tokio::select! {
@@ -240,7 +301,7 @@ impl Transport {
                         }
                     }
                     Security::Mtls(creds) => {
-                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        let Some(slot) = slots.take(remote.map(|r| r.ip())) else {
                             tracing::debug!(%addr, ?remote, "too many TLS handshakes in progress");
                             continue;
                         };
@@ -536,6 +597,35 @@ mod tests {
             .await
             .map_err(|e| format!("{e:?}"))?;
         Ok(String::from_utf8_lossy(&r.into_inner().payload).into_owned())
+    }
+
+    /// One host that floods the shared Raft/control port with connections it never completes
+    /// holds only its own few handshake slots: a member's call still goes through at once.
+    #[tokio::test]
+    async fn a_connection_flood_from_one_host_does_not_starve_the_others() {
+        let d = Dir::new("flood");
+        let ca1 = ca("ca1");
+        let server = mtls(d.files("n1", &[&ca1], &node(&ca1, 1)));
+        let addr = serve(&server).await;
+        // 2 * MAX_HANDSHAKES idle connections from 127.0.0.2, none of which says a word.
+        let mut flood = Vec::new();
+        for _ in 0..2 * MAX_HANDSHAKES {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            flood.push(s.connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Node 2 calls from 127.0.0.1 while the flood holds its connections open.
+        let n2 = mtls(d.files("n2", &[&ca1], &node(&ca1, 2)));
+        let t = std::time::Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(3), call(&n2, addr, Some(1))).await;
+        assert_eq!(
+            r.ok(),
+            Some(Ok(format!("{:?}", Caller::Node(2)))),
+            "the member's call did not get through the flood"
+        );
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        drop(flood);
     }
 
     #[tokio::test]
