@@ -711,12 +711,9 @@ fn pickup_delay_an_older_stream_survives_a_younger_one_does_not() {
     );
 }
 
-#[test]
-fn failback_gw1_returns_syncs_and_only_then_takes_the_vips_keeping_a_session_opened_on_gw2() {
-    let mut ha = HaLab::start(HaOpts::default());
-    crash_gw1(&mut ha, "failback");
-    // A session that only ever went through gw2.
-    let mut s = Stream::start(ha.lab(), IPERF_PORT, false, 14, "20M");
+/// Bring gw1 back and wait (at most 20 s) until it holds the VIPs again; returns when it was
+/// revived.
+fn revive_gw1_until_it_takes_the_vips_back(ha: &mut HaLab) -> Instant {
     ha.revive(Gw::Gw1);
     let t = Instant::now();
     while !ha.holds_vips(Gw::Gw1) {
@@ -727,6 +724,16 @@ fn failback_gw1_returns_syncs_and_only_then_takes_the_vips_keeping_a_session_ope
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+    t
+}
+
+#[test]
+fn failback_gw1_returns_syncs_and_only_then_takes_the_vips_keeping_a_session_opened_on_gw2() {
+    let mut ha = HaLab::start(HaOpts::default());
+    crash_gw1(&mut ha, "failback");
+    // A session that only ever went through gw2.
+    let mut s = Stream::start(ha.lab(), IPERF_PORT, false, 14, "20M");
+    let t = revive_gw1_until_it_takes_the_vips_back(&mut ha);
     // It took them only once synced: its check passes now.
     let check = ha.ha(Gw::Gw1, "check");
     eprintln!(
@@ -781,16 +788,7 @@ fn failback_a_session_idle_since_before_the_crash_still_works() {
     );
     ha.lab().wait_log("idle-client", "one");
     crash_gw1(&mut ha, "idle failback");
-    ha.revive(Gw::Gw1);
-    let t = Instant::now();
-    while !ha.holds_vips(Gw::Gw1) {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "gw1 did not take the VIPs back\n{}",
-            ha.diag()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    revive_gw1_until_it_takes_the_vips_back(&mut ha);
     ha.wait_vips_on(Gw::Gw1, TAKEOVER);
     // The session has sent nothing since before the crash; now it does, through gw1.
     std::fs::write(&go, b"").unwrap();
