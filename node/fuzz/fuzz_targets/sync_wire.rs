@@ -18,11 +18,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use fwnode::conntrack::event::status;
-use fwnode::conntrack::tcp::{TcpConn, TcpState};
+use fwnode::conntrack::tcp::{SeqNumber, TcpConn, TcpState};
 use fwnode::conntrack::{
-    BulkScope,
-    ApplyError, Config as CtConfig, ConnSnapshot, ConnUpdate, Conntrack, Event, ExpectSnapshot,
-    ProtoState, Tuple,
+    ApplyError, BulkScope, Config as CtConfig, ConnSnapshot, ConnUpdate, Conntrack, Event,
+    ExpectSnapshot, ProtoState, Tuple,
 };
 use fwnode::packet::{build, proto, Packet};
 use fwnode::sync::core::{Config, Op, Outbox, Session};
@@ -288,7 +287,7 @@ fn proto_state(t: &Tuple, state: u8) -> ProtoState {
             if c.state.0 == TcpState::None as u8 {
                 c.state.set(TcpState::Established);
             }
-            c.dir[0].end = u32::from(state) << 8;
+            c.dir[0].end = SeqNumber(u32::from(state) << 8);
             ProtoState::Tcp(c)
         }
         proto::UDP => ProtoState::Udp,
