@@ -10,9 +10,10 @@
 //! depends on it). Connections are released in the order they were created, so a RELATED
 //! connection never overtakes its master. Everything else passes through unchanged.
 //!
-//! Pure (the shell passes `now`). Bounded: beyond `cap` held connections a new one passes at
-//! once (replicated early rather than lost) and is counted. Must not touch the table, the
-//! outbox or a clock.
+//! Pure (the shell passes `now`). Bounded: beyond `cap` held connections, or `2 * cap`
+//! creations still waiting for their release time (a flood of connections that end young), a
+//! new one passes at once (replicated early rather than lost) and is counted. Must not touch
+//! the table, the outbox or a clock.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -78,7 +79,8 @@ impl PickupDelay {
         }
         match ev {
             Event::ConnCreated(s) => {
-                if self.held.len() >= self.cap && !self.held.contains_key(&s.tuple) {
+                let full = self.held.len() >= self.cap || self.order.len() >= 2 * self.cap;
+                if full && !self.held.contains_key(&s.tuple) {
                     self.stats.over_cap += 1;
                     return Some(Item::Conn(s));
                 }
@@ -407,5 +409,26 @@ mod tests {
         );
         assert_eq!(d.stats().over_cap, 1);
         assert_eq!(d.len(), 2);
+        // Connections that end young free their hold but not their place in the creation
+        // order until it comes up: a flood of them is bounded too.
+        let mut d = PickupDelay::new(1000, 2);
+        for p in 10..14 {
+            let c = conn(p, TcpState::SynSent, 9);
+            assert_eq!(d.offer(ms(0), Event::ConnCreated(c.clone())), None);
+            let gone = Event::ConnDestroyed {
+                tuple: c.tuple,
+                reason: DestroyReason::Timeout,
+            };
+            assert_eq!(d.offer(ms(0), gone), None);
+        }
+        assert!(d.is_empty());
+        let next = conn(20, TcpState::SynSent, 9);
+        assert_eq!(
+            d.offer(ms(0), Event::ConnCreated(next.clone())),
+            Some(Item::Conn(next))
+        );
+        assert_eq!(d.stats().over_cap, 1);
+        assert!(drain(&mut d, 2000).is_empty());
+        assert_eq!(d.poll_timeout(), None, "the order drained");
     }
 }
