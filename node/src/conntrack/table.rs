@@ -1346,8 +1346,14 @@ fn expect_snapshot(x: &Expect, now_ms: u64) -> ExpectSnapshot {
 /// expiring while packets flow, at two to four updates per timeout per busy connection (one
 /// every 1.6 to 3.2 days for an established TCP connection), with no state per entry: one shift
 /// and compare per packet.
+///
+/// Only a forward move by less than half the timeout counts: a jump between timeout classes
+/// (a TCP connection's 300 s "unacknowledged data" timeout and its 5-day established one flip
+/// with nearly every ACK of a bulk transfer) is not a refresh, and announcing it made an update
+/// per packet, which kept a busy pair's sync stream from ever catching up (the end-to-end
+/// `sync_link_down_3s_then_up_loses_no_session_at_a_later_failover` caught it).
 #[inline]
 fn refresh_due(old: u64, new: u64, timeout: u64) -> bool {
     let k = 63 - (timeout / 2).max(1).leading_zeros();
-    new >> k != old >> k
+    new > old && new - old < timeout / 2 && new >> k != old >> k
 }

@@ -2862,3 +2862,31 @@ fn a_flow_kept_alive_by_packets_keeps_its_copy_alive_at_the_peer() {
     a.check_invariants().unwrap();
     b.check_invariants().unwrap();
 }
+
+/// A bulk transfer flips between the "unacknowledged data" timeout (300 s) and the established
+/// one (5 days) with nearly every ACK; that is no refresh to announce. Announcing it made an
+/// update per packet and kept a busy pair's sync stream from catching up (caught end to end).
+#[test]
+fn a_bulk_transfer_flipping_timeout_classes_is_not_announced_per_packet() {
+    let a = Conntrack::new(&Config {
+        event_queue: 4096,
+        ..cfg()
+    });
+    let mut f = Flow::v4();
+    handshake(&a, &mut f);
+    let _ = drain_all(&a);
+    let mut updates = 0;
+    for i in 0..2000u64 {
+        let now = 10 + i;
+        track(&a, now, &f.seg(true, A | P, 100));
+        track(&a, now, &f.seg(false, A, 0));
+        updates += drain_all(&a)
+            .iter()
+            .filter(|e| matches!(e, Event::ConnUpdated(_)))
+            .count();
+    }
+    assert!(
+        updates <= 2,
+        "{updates} updates for 4000 packets of one transfer"
+    );
+}
