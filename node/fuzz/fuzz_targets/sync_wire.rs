@@ -20,8 +20,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use fwnode::conntrack::event::status;
 use fwnode::conntrack::tcp::{SeqNumber, TcpConn, TcpState};
 use fwnode::conntrack::{
-    ApplyError, BulkScope, Config as CtConfig, ConnSnapshot, ConnUpdate, Conntrack, Event,
-    ExpectSnapshot, ProtoState, Tuple,
+    ApplyError, Config as CtConfig, ConnSnapshot, ConnUpdate, Conntrack, Event, ExpectSnapshot,
+    ProtoState, Tuple,
 };
 use fwnode::packet::{build, proto, Packet};
 use fwnode::sync::core::{Config, Op, Outbox, Session};
@@ -524,12 +524,9 @@ impl Node {
                 self.session.resend(&mut self.outbox, snaps);
             }
             Op::ReadBulk { cursor } => {
-                let scope = if self.session.peer_lost_our_copies() {
-                    BulkScope::OwnAndLearned
-                } else {
-                    BulkScope::Own
-                };
-                let page = self.ct.bulk_page(cursor, PAGE, now, scope);
+                let page = self
+                    .ct
+                    .bulk_page(cursor, PAGE, now, self.session.bulk_scope());
                 for c in &page.conns {
                     self.announced
                         .insert(c.tuple, now.as_millis() + c.expires_in_ms);

@@ -73,7 +73,7 @@ use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use super::msg::{Hello, Item, Msg, Resume, Seq, VERSION};
-use crate::conntrack::{ConnSnapshot, Tuple};
+use crate::conntrack::{BulkScope, ConnSnapshot, Tuple};
 use crate::time::Timestamp;
 
 /// Most `Op::Lookup`s waiting for `resend`; beyond it a `Need` is dropped (the peer asks again).
@@ -545,13 +545,15 @@ impl Session {
         }
     }
 
-    /// The peer restarted since we last learned entries from it, so its table lost what we
-    /// hold of its previous life: a bulk for it should carry what we learned (and never used)
-    /// as well as our own entries. On any other bulk learned entries stay out: echoing a
-    /// peer's entries back to it races its own changes (a reset connection came back to it as
-    /// a learned SYN_SENT entry; found by the `sync_wire` fuzz target).
-    pub fn peer_lost_our_copies(&self) -> bool {
-        matches!((self.learned_from, self.rx.boot), (Some(a), Some(b)) if a != b)
+    /// What a bulk for this peer carries. Our own entries; and what we learned from the peer
+    /// (and never used) only if it restarted since we learned it, so that its table lost them.
+    /// Echoing a live peer's entries back races its own changes (a reset connection came back
+    /// to it as a learned SYN_SENT entry; found by the `sync_wire` fuzz target).
+    pub fn bulk_scope(&self) -> BulkScope {
+        match (self.learned_from, self.rx.boot) {
+            (Some(a), Some(b)) if a != b => BulkScope::OwnAndLearned,
+            _ => BulkScope::Own,
+        }
     }
 
     /// Only this node id is accepted in the peer's Hello.

@@ -32,7 +32,7 @@ use super::core::{self as core, Op, Outbox, Session};
 use super::delay::PickupDelay;
 use super::feed::{EventBatch, Lost};
 use super::msg::{Item, Msg, Skip};
-use crate::conntrack::{ApplyError, BulkScope, Conntrack};
+use crate::conntrack::{ApplyError, Conntrack};
 use crate::time::Timestamp;
 use crate::tls::{self, Members};
 use crate::transport::Transport;
@@ -763,11 +763,7 @@ impl Engine {
                 self.peers[i].session.resend(&mut self.outbox, snaps);
             }
             Op::ReadBulk { cursor } => {
-                let scope = if self.peers[i].session.peer_lost_our_copies() {
-                    BulkScope::OwnAndLearned
-                } else {
-                    BulkScope::Own
-                };
+                let scope = self.peers[i].session.bulk_scope();
                 let page = ct.bulk_page(cursor, BULK_PAGE, now, scope);
                 let mut items: Vec<Item> = page.conns.into_iter().map(Item::Conn).collect();
                 items.extend(page.expects.into_iter().map(Item::Expect));

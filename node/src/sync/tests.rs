@@ -15,7 +15,7 @@ use super::msg::{Hello, Item, Msg, Resume, Seq, VERSION};
 use crate::conntrack::event::status;
 use crate::conntrack::helper_state::{HelperKind, HelperState};
 use crate::conntrack::tcp::{TcpConn, TcpState};
-use crate::conntrack::{ConnSnapshot, ConnUpdate, ExpectSnapshot, ProtoState, Tuple};
+use crate::conntrack::{BulkScope, ConnSnapshot, ConnUpdate, ExpectSnapshot, ProtoState, Tuple};
 use crate::packet::proto;
 use crate::time::Timestamp;
 
@@ -1694,7 +1694,7 @@ fn batch_numbered_past_u64_max_closes_the_stream() {
 fn a_peer_that_restarted_since_we_learned_from_it_lost_our_copies() {
     let outbox = Outbox::new(5, 16);
     let mut s = connected(&outbox);
-    assert!(!s.peer_lost_our_copies(), "nothing learned yet");
+    assert_eq!(s.bulk_scope(), BulkScope::Own, "nothing learned yet");
     s.handle(Timestamp(1), hello(2, 7, None), &outbox);
     s.handle(
         Timestamp(2),
@@ -1719,7 +1719,7 @@ fn a_peer_that_restarted_since_we_learned_from_it_lost_our_copies() {
         "the chunk was imported"
     );
     assert!(
-        !s.peer_lost_our_copies(),
+        s.bulk_scope() == BulkScope::Own,
         "learned from the boot that is there"
     );
     // The same boot reconnects: it still has its entries.
@@ -1727,11 +1727,11 @@ fn a_peer_that_restarted_since_we_learned_from_it_lost_our_copies() {
     s.connected(Timestamp(5), &outbox);
     let _ = transmits(&mut s, 5, &outbox);
     s.handle(Timestamp(6), hello(2, 7, None), &outbox);
-    assert!(!s.peer_lost_our_copies());
+    assert_eq!(s.bulk_scope(), BulkScope::Own);
     // A new boot of the peer: what we learned from the old one is gone there.
     s.disconnected(Timestamp(7));
     s.connected(Timestamp(8), &outbox);
     let _ = transmits(&mut s, 8, &outbox);
     s.handle(Timestamp(9), hello(2, 8, None), &outbox);
-    assert!(s.peer_lost_our_copies());
+    assert_eq!(s.bulk_scope(), BulkScope::OwnAndLearned);
 }

@@ -334,7 +334,7 @@ impl Shard {
     /// the shard.
     ///
     /// Learned entries (`FROM_PEER`) and expectations are listed only with `learned` (a peer
-    /// that restarted and lost them; `sync::core::Session::peer_lost_our_copies`): a node
+    /// that restarted and lost them; `sync::core::Session::bulk_scope`): a node
     /// replicates what it tracks, and its peer is the source of what it learned. Echoing them back (found by
     /// the `sync_wire` fuzz target) let bulks that cross, or that race a removal, hand the peer
     /// its own connections in an older state: a connection the peer had just reset came back
