@@ -534,6 +534,8 @@ impl Shard {
         let old_status = e.status;
         let mut changed = false;
         let timeout_s;
+        // What an update tells the peer, when it differs from `timeout_s`.
+        let mut announce_s = None;
         match (e.kind, pkt.l4) {
             (Kind::Tcp, L4::Tcp(t)) => {
                 let old = e.tcp.state();
@@ -573,11 +575,17 @@ impl Shard {
                         e.status |= status::ASSURED;
                     }
                 }
-                let mut to = self.timeouts.tcp(new);
-                if e.tcp.unacked() {
-                    to = to.min(self.timeouts.tcp_unacknowledged);
-                }
-                timeout_s = to;
+                let to = self.timeouts.tcp(new);
+                // The peer's copy gets the state's own timeout: the "unacknowledged data" one
+                // flips on and off with the ACKs, which are not announced (see `refresh_due`),
+                // so a copy given 300 s by an update sent while data was in flight would
+                // expire on the standby under a long transfer's idle control connection.
+                announce_s = Some(to);
+                timeout_s = if e.tcp.unacked() {
+                    to.min(self.timeouts.tcp_unacknowledged)
+                } else {
+                    to
+                };
             }
             (Kind::Udp, _) => {
                 if e.status & status::SEEN_REPLY != 0 {
@@ -624,7 +632,7 @@ impl Shard {
                 tuple: e.tuple,
                 proto: e.proto_state(),
                 status: e.status,
-                expires_in_ms: to_ms,
+                expires_in_ms: announce_s.map_or(to_ms, |a| a.saturating_mul(1000)),
             };
             self.push_event(Event::ConnUpdated(u));
         }
@@ -711,7 +719,7 @@ impl Shard {
         self.index_insert(slot);
         self.counters.created += 1;
         if self.events_on() {
-            let snap = self.snapshot_slot(slot, now_ms);
+            let snap = self.peer_snapshot_slot(slot, now_ms);
             self.push_event(Event::ConnCreated(snap));
         }
         self.outcome(slot, Direction::Original, true)
@@ -1105,7 +1113,7 @@ impl Shard {
         if !self.events_on() || self.live(id).is_none_or(|e| e.helper.is_none()) {
             return;
         }
-        let snap = self.snapshot_slot(id.slot, now.as_millis());
+        let snap = self.peer_snapshot_slot(id.slot, now.as_millis());
         self.push_event(Event::ConnHelper(snap));
     }
 
@@ -1117,6 +1125,23 @@ impl Shard {
     /// Events were lost since the last call (queue overflow): the peer needs a full resync.
     pub fn take_resync_needed(&mut self) -> bool {
         std::mem::take(&mut self.resync_needed)
+    }
+
+    /// A copy for the peer: like `snapshot_slot`, with a TCP connection's timer as its state's
+    /// own timeout set it at the last packet. The "unacknowledged data" limit flips with ACKs
+    /// that are not announced (see `track`), so a copy sent while data was in flight would keep
+    /// 300 s, and expire on the standby under an FTP download's idle control connection.
+    fn peer_snapshot_slot(&self, slot: u32, now_ms: u64) -> ConnSnapshot {
+        let mut snap = self.snapshot_slot(slot, now_ms);
+        let e = &self.entries[slot as usize];
+        if e.kind == Kind::Tcp && e.tcp.unacked() {
+            let state_ms = self.timeouts.tcp(e.tcp.state()).saturating_mul(1000);
+            let unacked_ms = self.timeouts.tcp_unacknowledged.saturating_mul(1000);
+            snap.expires_in_ms = snap
+                .expires_in_ms
+                .saturating_add(state_ms.saturating_sub(unacked_ms));
+        }
+        snap
     }
 
     fn snapshot_slot(&self, slot: u32, now_ms: u64) -> ConnSnapshot {
@@ -1131,10 +1156,10 @@ impl Shard {
         }
     }
 
-    /// A copy of a live connection, for replication or listing.
+    /// A copy of a live connection for the peer (its timer as `peer_snapshot_slot` says).
     pub fn snapshot(&self, id: ConnId, now: Timestamp) -> Option<ConnSnapshot> {
         self.live(id)?;
-        Some(self.snapshot_slot(id.slot, now.as_millis()))
+        Some(self.peer_snapshot_slot(id.slot, now.as_millis()))
     }
 
     /// Copies of every live connection.

@@ -2890,3 +2890,34 @@ fn a_bulk_transfer_flipping_timeout_classes_is_not_announced_per_packet() {
         "{updates} updates for 4000 packets of one transfer"
     );
 }
+
+/// The peer's copy must not inherit the short "unacknowledged data" timeout: the ACK that
+/// lifts it on the master is not announced, so the copy of an FTP control connection idle
+/// under a long download expired on the standby after 300 s (found by the HA demo) and the
+/// download's final reply was dropped after a failover.
+#[test]
+fn a_copy_sent_with_data_in_flight_gets_the_states_own_timeout() {
+    let a = Conntrack::new(&Config {
+        event_queue: 4096,
+        ..cfg()
+    });
+    let mut f = Flow::v4();
+    let o = handshake(&a, &mut f);
+    // The server's reply is in flight (unacknowledged): locally the 300 s limit applies.
+    track(&a, 10, &f.seg(false, A | P, 100));
+    let to = Config::default().timeouts;
+    let sh = a.lock(0);
+    let id = o.conn.unwrap();
+    let listed = sh.snapshots(t(10)).next().unwrap();
+    assert_eq!(
+        listed.expires_in_ms,
+        to.tcp_unacknowledged * 1000,
+        "listing shows the real timer"
+    );
+    let copy = sh.snapshot(id, t(10)).unwrap();
+    assert_eq!(
+        copy.expires_in_ms,
+        to.tcp_established * 1000,
+        "the peer's copy would expire 300 s after the last packet"
+    );
+}

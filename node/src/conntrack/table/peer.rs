@@ -372,7 +372,7 @@ impl Shard {
                     && e.expires > now_ms
                     && has_master == (phase == 1)
                 {
-                    conns.push(self.snapshot_slot(slot, now_ms));
+                    conns.push(self.peer_snapshot_slot(slot, now_ms));
                 }
                 slot += 1;
                 scanned += 1;
