@@ -316,6 +316,10 @@ pub fn sync_json(r: &v1::SyncStatusReply) -> Value {
         "skipped_unknown": r.skipped_unknown, "skipped_invalid": r.skipped_invalid,
         "apply_refused": r.apply_refused, "swept": r.swept,
         "pickup_held": r.pickup_held, "pickup_ended_young": r.pickup_ended_young,
+        "defer": r.defer.as_ref().map(|d| json!({
+            "defer_ms": d.defer_ms, "held": d.held, "acked": d.acked, "timed_out": d.timed_out,
+            "abandoned": d.abandoned, "full": d.full, "wait_us": d.wait_us,
+        })),
         "peers": r.peers.iter().map(|p| json!({
             "id": p.id, "addr": p.addr, "connected": p.connected, "in_sync": p.in_sync,
             "last_seq_sent": p.last_seq_sent, "last_seq_acked": p.last_seq_acked, "lag": p.lag,
@@ -347,6 +351,19 @@ pub fn print_sync(r: &v1::SyncStatusReply) {
         println!(
             "pickup delay: {} young connections held back, {} ended young (never replicated)",
             r.pickup_held, r.pickup_ended_young
+        );
+    }
+    if let Some(d) = &r.defer {
+        let released = d.acked + d.timed_out + d.abandoned;
+        println!(
+            "defer (at most {} ms): {} first packets held; {} acked by the peers, {} waited the limit, {} abandoned, {} not held (worker full); mean wait {} us",
+            d.defer_ms,
+            d.held,
+            d.acked,
+            d.timed_out,
+            d.abandoned,
+            d.full,
+            d.wait_us / released.max(1)
         );
     }
     let mut t = table(&[

@@ -21,6 +21,7 @@ use fwnode::helper::ftp::Reject;
 use fwnode::packet::{proto, ParseError};
 use fwnode::policy::PolicyStore;
 use fwnode::raft::Role;
+use fwnode::sync::defer::DeferConfig;
 use fwnode::sync::feed::FeedMaker;
 use fwnode::tls::{Credentials, Members};
 use fwnode::transport::{Security, Transport};
@@ -189,6 +190,20 @@ fn write_stats(path: &Path, v: &serde_json::Value) {
 }
 
 /// Sums the workers' counters for the control API's status call.
+/// The workers' `defer` counters, summed.
+fn defer_stats(wait: Duration, workers: &[Arc<WorkerStats>]) -> keepstate_proto::v1::SyncDefer {
+    let sum = |f: &dyn Fn(&WorkerStats) -> u64| workers.iter().map(|w| f(w)).sum::<u64>();
+    keepstate_proto::v1::SyncDefer {
+        defer_ms: wait.as_millis() as u64,
+        held: sum(&|w| w.defer_held.load(Relaxed)),
+        acked: sum(&|w| w.defer_acked.load(Relaxed)),
+        timed_out: sum(&|w| w.defer_timed_out.load(Relaxed)),
+        abandoned: sum(&|w| w.defer_abandoned.load(Relaxed)),
+        full: sum(&|w| w.defer_full.load(Relaxed)),
+        wait_us: sum(&|w| w.defer_wait_us.load(Relaxed)),
+    }
+}
+
 fn datapath_counters(
     ct: Arc<Conntrack>,
     workers: Vec<Arc<WorkerStats>>,
@@ -235,7 +250,7 @@ fn start_datapath(
     all_stats: &[Arc<WorkerStats>],
     origin: Instant,
     stop: &Arc<AtomicBool>,
-    feeds: Option<&FeedMaker>,
+    replication: Option<(&FeedMaker, Option<DeferConfig>)>,
 ) -> Result<Datapath> {
     let spec = rule_spec(cfg);
     let d = &cfg.datapath;
@@ -264,6 +279,7 @@ fn start_datapath(
             index,
             workers: n,
             sweep_budget: 256,
+            defer: replication.as_ref().and_then(|(_, d)| d.clone()),
         };
         let pipeline = Pipeline {
             ct: ct.clone(),
@@ -271,7 +287,7 @@ fn start_datapath(
             ftp: cfg.ftp.clone(),
             stats: stats.clone(),
             reject_mark: d.reject_mark,
-            feed: feeds.map(FeedMaker::feed),
+            feed: replication.as_ref().map(|(f, _)| f.feed(index)),
         };
         let stop = stop.clone();
         let ready = ready_tx.clone();
@@ -378,12 +394,11 @@ fn run(cfg: Config) -> Result<()> {
     // Replication starts before the datapath so that no event of the first packets is lost.
     let (sync, feeds) = match (&cfg.sync, &cfg.cluster) {
         (Some(s), Some(c)) if replicate => {
-            let (maker, events, lost) = fwnode::sync::feed::channel(s.channel_batches);
+            let (maker, events) = fwnode::sync::feed::channel(s.channel_batches, all_stats.len());
             let handle = fwnode::sync::shell::start(
                 s,
                 ct.clone(),
                 events,
-                lost,
                 origin,
                 Box::new({
                     let ha = ha.clone();
@@ -412,8 +427,13 @@ fn run(cfg: Config) -> Result<()> {
                 counters: datapath_counters(ct.clone(), all_stats.clone()),
                 sync: sync.as_ref().map(|h| {
                     let (a, b) = (h.view(), h.view());
+                    let defer = h.defer().map(|d| (d.wait, all_stats.clone()));
                     ApiSyncView {
-                        status: Arc::new(move || a.status()),
+                        status: Arc::new(move || {
+                            let mut r = a.status();
+                            r.defer = defer.as_ref().map(|(wait, w)| defer_stats(*wait, w));
+                            r
+                        }),
                         resync: Arc::new(move || b.resync()),
                     }
                 }),
@@ -431,7 +451,9 @@ fn run(cfg: Config) -> Result<()> {
         None => None,
     };
     let datapath = if gateway {
-        match start_datapath(&cfg, &ct, &store, &all_stats, origin, &stop, feeds.as_ref()) {
+        let defer = sync.as_ref().and_then(|s| s.defer());
+        let replication = feeds.as_ref().map(|f| (f, defer));
+        match start_datapath(&cfg, &ct, &store, &all_stats, origin, &stop, replication) {
             Ok(d) => Some(d),
             Err(e) => {
                 if let Some(c) = control {

@@ -121,6 +121,8 @@ pub struct HaOpts {
     pub ipv6: bool,
     /// `[sync] pickup_delay_ms` (0: replicate every connection from its first packet).
     pub pickup_delay_ms: u64,
+    /// `[sync] defer_ms` (0: off).
+    pub defer_ms: u64,
 }
 
 impl Default for HaOpts {
@@ -130,6 +132,7 @@ impl Default for HaOpts {
             advert: Duration::from_millis(100),
             ipv6: true,
             pickup_delay_ms: 0,
+            defer_ms: 0,
         }
     }
 }
@@ -156,8 +159,8 @@ pub fn ha_sections(opts: &HaOpts, ha_socket: &Path, id: u64) -> (String, String)
         format!(
             "[sync]\nlisten = \"198.18.0.{id}:{SYNC_PORT}\"\n\
              peers = [{{ id = {peer}, addr = \"198.18.0.{peer}:{SYNC_PORT}\" }}]\n\
-             pickup_delay_ms = {}\n",
-            opts.pickup_delay_ms
+             pickup_delay_ms = {}\ndefer_ms = {}\n",
+            opts.pickup_delay_ms, opts.defer_ms
         )
     } else {
         String::new()

@@ -711,6 +711,161 @@ fn pickup_delay_an_older_stream_survives_a_younger_one_does_not() {
     );
 }
 
+/// An echo server on the server's `port` that serves connections one after another.
+fn echo_server(ha: &HaLab, port: u16) -> Proc {
+    let py = python();
+    let p = ha.lab().spawn(
+        "server",
+        &format!(
+            "timeout 120 {py} -c {}",
+            shell_quote(&format!(
+                "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+                 s.bind(('0.0.0.0',{port}))\ns.listen(64)\n\
+                 while True:\n    c,_=s.accept()\n    c.settimeout(60)\n\
+                 \x20   while True:\n        d=c.recv(100)\n        if not d: break\n        c.sendall(d)\n\
+                 \x20   c.close()\n"
+            ))
+        ),
+        "echo",
+    );
+    ha.lab().wait_listen("server", port);
+    p
+}
+
+/// Connect to the echo server `n` times (one after another, each says hello and closes);
+/// returns each connect()'s duration in ms.
+fn connect_times(ha: &HaLab, port: u16, n: u32, log: &str) -> Vec<f64> {
+    let py = python();
+    let script = format!(
+        "import socket,time\nfor i in range({n}):\n    t=time.perf_counter()\n\
+         \x20   c=socket.create_connection(('{SERVER4}',{port}),timeout=3)\n\
+         \x20   ms=(time.perf_counter()-t)*1000\n    c.sendall(b'hi'); c.recv(10); c.close()\n\
+         \x20   print('%.2f' % ms, flush=True)\n"
+    );
+    let mut p = ha.lab().spawn(
+        "client",
+        &format!("timeout 60 {py} -c {}", shell_quote(&script)),
+        log,
+    );
+    let st = p.wait_exit(Duration::from_secs(70));
+    let out = ha.lab().log(log);
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "connections failed: {out}\n{}",
+        ha.diag()
+    );
+    out.lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+/// gw1's `defer` counters (`fwctl sync status`).
+fn defer_counters(ha: &HaLab) -> serde_json::Value {
+    let out = ha.ctl(Gw::Gw1, &["-o", "json", "sync", "status"]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+    v["defer"].clone()
+}
+
+/// Wait (≤ 3 s: the status is refreshed once a second) until gw1's defer counter `key` is at
+/// least `n`; returns the counters.
+fn wait_defer(ha: &HaLab, key: &str, n: u64) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        let d = defer_counters(ha);
+        if d[key].as_u64().is_some_and(|v| v >= n) || t.elapsed() > Duration::from_secs(3) {
+            return d;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn defer_new_connections_wait_for_the_standby_and_one_opened_just_before_a_crash_survives() {
+    let mut ha = HaLab::start(HaOpts {
+        defer_ms: 20,
+        ipv6: false,
+        ..HaOpts::default()
+    });
+    let port = IPERF_PORT + 1;
+    let _echo = echo_server(&ha, port);
+    let times = connect_times(&ha, port, 30, "defer-connects");
+    assert_eq!(times.len(), 30, "every connection opened");
+    let d = wait_defer(&ha, "acked", 30);
+    eprintln!("[defer] connect ms: {times:?}\n[defer] gw1: {d}");
+    // Each first packet was held until gw2 had the connection: acked, not timed out.
+    assert!(
+        d["held"].as_u64().is_some_and(|h| h >= 30) && d["acked"].as_u64().is_some_and(|a| a >= 30),
+        "gw1 did not hold the new connections until gw2 acked them: {d}"
+    );
+    assert!(
+        d["timed_out"].as_u64().is_some_and(|t| t <= 3),
+        "the standby's acks did not come within 20 ms: {d}"
+    );
+    // A session opened right before the crash: its SYN left gw1 only once gw2 had it.
+    let go = ha.lab().dir.join("defer-go");
+    let py = python();
+    let client = format!(
+        "import socket,os,time\nc=socket.create_connection(('{SERVER4}',{port}),timeout=3)\n\
+         print('open', flush=True)\n\
+         t=time.time()\nwhile not os.path.exists('{go}') and time.time()-t<60: time.sleep(0.02)\n\
+         c.settimeout(10); c.sendall(b'two'); print(c.recv(10).decode(), flush=True)\n",
+        go = go.display()
+    );
+    let mut cl = ha.lab().spawn(
+        "client",
+        &format!("timeout 90 {py} -c {}", shell_quote(&client)),
+        "defer-client",
+    );
+    ha.lab().wait_log("defer-client", "open");
+    crash_gw1(&mut ha, "defer");
+    std::fs::write(&go, b"").unwrap();
+    let done = cl.wait_exit(Duration::from_secs(20));
+    let out = ha.lab().log("defer-client");
+    assert!(
+        done.is_some_and(|s| s.success()) && out.contains("two"),
+        "a session opened just before the crash died: {out}\n{}",
+        ha.diag()
+    );
+}
+
+#[test]
+fn defer_a_silent_standby_costs_a_new_connection_at_most_defer_ms_and_a_lost_one_nothing() {
+    let ha = HaLab::start(HaOpts {
+        defer_ms: 20,
+        ipv6: false,
+        ..HaOpts::default()
+    });
+    let port = IPERF_PORT + 1;
+    let _echo = echo_server(&ha, port);
+    // gw2 stops hearing gw1's sync stream (gw1 dials gw2's sync port): for gw1 the peer is
+    // still connected until its idle timeout, and no ack comes.
+    ha.lab().sh(
+        Gw::Gw2.host(),
+        &format!(
+            "iptables -I INPUT 1 -p tcp --dport {} -j DROP",
+            keepstate_tests::ha::SYNC_PORT
+        ),
+    );
+    let times = connect_times(&ha, port, 5, "defer-silent");
+    let d = wait_defer(&ha, "timed_out", 5);
+    eprintln!("[defer, silent standby] connect ms: {times:?}\n[defer] gw1: {d}");
+    assert!(
+        d["timed_out"].as_u64().is_some_and(|t| t >= 5),
+        "the held packets were not let go at defer_ms: {d}"
+    );
+    // Held for the whole 20 ms, never much longer (bounded wait).
+    assert!(
+        times.iter().all(|&ms| (15.0..500.0).contains(&ms)),
+        "connect times with a silent standby should be about 20 ms: {times:?}"
+    );
+    // Once gw1 has given the stream up (idle timeout), nobody is waited for.
+    std::thread::sleep(Duration::from_secs(3));
+    let before = defer_counters(&ha)["held"].as_u64().unwrap_or(0);
+    let times = connect_times(&ha, port, 5, "defer-alone");
+    std::thread::sleep(Duration::from_millis(1200));
+    let after = defer_counters(&ha)["held"].as_u64().unwrap_or(0);
+    eprintln!("[defer, peer gone] connect ms: {times:?}");
+    assert_eq!(before, after, "gw1 held packets with no peer connected");
+}
+
 /// Bring gw1 back and wait (at most 20 s) until it holds the VIPs again; returns when it was
 /// revived.
 fn revive_gw1_until_it_takes_the_vips_back(ha: &mut HaLab) -> Instant {

@@ -7,5 +7,5 @@
 pub mod links;
 pub mod nfqueue;
 pub mod rules;
-mod sys;
+pub mod sys;
 pub mod worker;

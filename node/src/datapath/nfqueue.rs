@@ -19,6 +19,13 @@
 //! the next packet we do identify, sent after every verdict before it. Owed verdicts are kept
 //! until the kernel has taken them: a failed send leaves them owed, and the next flush sends
 //! them first.
+//!
+//! **Held packets** (`Answer::Hold`, for `defer`) stay queued in the kernel until `release`.
+//! A batch verdict would sweep them along, so while any packet is held, verdicts for packets
+//! after it go out one message each (still one datagram per flush), and a released packet's
+//! verdict is always a message of its own. (A `DropThrough` sweep for an unreadable message
+//! does drop held packets before it: fail closed; their later release is a verdict the kernel
+//! refuses, counted in `verdict_errors`.)
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -87,6 +94,20 @@ impl Verdict {
             Verdict::Drop => (NF_DROP, None),
             Verdict::Repeat { mark } => (NF_REPEAT, Some(mark)),
         }
+    }
+}
+
+/// What the caller of `Queue::for_each` does with a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    Now(Verdict),
+    /// Keep it queued in the kernel; the caller owes a `Queue::release` for its id.
+    Hold,
+}
+
+impl From<Verdict> for Answer {
+    fn from(v: Verdict) -> Self {
+        Answer::Now(v)
     }
 }
 
@@ -167,6 +188,8 @@ enum Owed {
     /// whose message was unreadable: by the time it is sent, every packet before them has its
     /// verdict, so only they are left for it to catch.
     DropThrough(u32),
+    /// The verdict for a packet that was held, out of receive order: always a message of its own.
+    Released(u32, Verdict),
 }
 
 /// A bound queue.
@@ -181,6 +204,8 @@ pub struct Queue {
     /// The last receive was cut by the buffer (`MSG_TRUNC`).
     rx_truncated: bool,
     owed: Vec<Owed>,
+    /// Ids of packets held (`Answer::Hold`), in receive order.
+    held: Vec<u32>,
     /// A packet message without a readable id was seen; the next identified packet first owes a
     /// `DropThrough` up to the id before its own.
     unidentified: bool,
@@ -249,45 +274,84 @@ fn config_params(b: &mut Vec<u8>, seq: u32, c: &QueueConfig) {
     end_msg(b, at);
 }
 
+/// Packet ids wrap: is `a` before `b`?
+#[inline]
+fn id_before(a: u32, b: u32) -> bool {
+    (b.wrapping_sub(a) as i32) > 0
+}
+
+/// One verdict message.
+fn verdict_msg(b: &mut Vec<u8>, seq: &mut u32, queue: u16, kind: u16, id: u32, verdict: Verdict) {
+    let (code, mark) = verdict.wire();
+    *seq = seq.wrapping_add(1);
+    let at = begin_msg(b, kind, NLM_F_REQUEST, *seq, queue);
+    let mut hdr = [0u8; 8];
+    hdr[..4].copy_from_slice(&code.to_be_bytes());
+    hdr[4..].copy_from_slice(&id.to_be_bytes());
+    attr(b, NFQA_VERDICT_HDR, &hdr);
+    if let Some(m) = mark {
+        attr(b, NFQA_MARK, &m.to_be_bytes());
+    }
+    end_msg(b, at);
+}
+
 /// Append the verdicts `owed` (in receive order) to `b`: each run of consecutive packets with
 /// the same verdict becomes one VERDICT_BATCH message (it covers every packet up to its id, and
 /// everything before the run already has its verdict); a run of one is a plain VERDICT; a
-/// `DropThrough` is a DROP batch of its own. Returns the number of messages.
-fn build_verdicts(b: &mut Vec<u8>, seq: &mut u32, queue: u16, owed: &[Owed]) -> u64 {
+/// `DropThrough` is a DROP batch of its own. Released packets go first, one VERDICT each, so
+/// that no batch after them in the datagram can sweep them; `held` is the oldest packet still
+/// held: a batch would sweep it, so a run reaching it goes one VERDICT per packet. Returns the
+/// number of messages.
+fn build_verdicts(
+    b: &mut Vec<u8>,
+    seq: &mut u32,
+    queue: u16,
+    owed: &[Owed],
+    held: Option<u32>,
+) -> u64 {
     let mut msgs = 0;
+    for o in owed {
+        if let Owed::Released(id, v) = *o {
+            verdict_msg(b, seq, queue, NFQNL_MSG_VERDICT, id, v);
+            msgs += 1;
+        }
+    }
     let mut i = 0;
     while i < owed.len() {
-        let (kind, id, verdict) = match owed[i] {
-            Owed::DropThrough(id) => (NFQNL_MSG_VERDICT_BATCH, id, Verdict::Drop),
+        match owed[i] {
+            Owed::DropThrough(id) => {
+                verdict_msg(b, seq, queue, NFQNL_MSG_VERDICT_BATCH, id, Verdict::Drop);
+                msgs += 1;
+            }
+            Owed::Released(..) => {}
             Owed::One(first, v) => {
+                let start = i;
                 let mut last = first;
+                // Packets before the oldest held one can share a batch; a run ends there.
+                let before_held = |id: u32| held.is_none_or(|h| id_before(id, h));
                 while let Some(Owed::One(id, w)) = owed.get(i + 1) {
-                    if *w != v {
+                    if *w != v || before_held(*id) != before_held(first) {
                         break;
                     }
                     last = *id;
                     i += 1;
                 }
-                let kind = if last != first {
-                    NFQNL_MSG_VERDICT_BATCH
+                if last == first {
+                    verdict_msg(b, seq, queue, NFQNL_MSG_VERDICT, first, v);
+                    msgs += 1;
+                } else if before_held(last) {
+                    verdict_msg(b, seq, queue, NFQNL_MSG_VERDICT_BATCH, last, v);
+                    msgs += 1;
                 } else {
-                    NFQNL_MSG_VERDICT
-                };
-                (kind, last, v)
+                    for o in &owed[start..=i] {
+                        if let Owed::One(id, _) = o {
+                            verdict_msg(b, seq, queue, NFQNL_MSG_VERDICT, *id, v);
+                            msgs += 1;
+                        }
+                    }
+                }
             }
-        };
-        let (code, mark) = verdict.wire();
-        *seq = seq.wrapping_add(1);
-        let at = begin_msg(b, kind, NLM_F_REQUEST, *seq, queue);
-        let mut hdr = [0u8; 8];
-        hdr[..4].copy_from_slice(&code.to_be_bytes());
-        hdr[4..].copy_from_slice(&id.to_be_bytes());
-        attr(b, NFQA_VERDICT_HDR, &hdr);
-        if let Some(m) = mark {
-            attr(b, NFQA_MARK, &m.to_be_bytes());
         }
-        end_msg(b, at);
-        msgs += 1;
         i += 1;
     }
     msgs
@@ -423,7 +487,7 @@ fn parse_packet(body: &[u8]) -> Option<Msg<'_>> {
 
 // ---- the socket -----------------------------------------------------------------------------
 
-use super::sys::{cvt, setsockopt};
+use super::sys::{cvt, setsockopt, EventFd};
 
 impl Queue {
     fn with_fd(fd: OwnedFd, num: u16) -> Queue {
@@ -438,6 +502,7 @@ impl Queue {
             tx: Vec::with_capacity(64 * 1024),
             rx_truncated: false,
             owed: Vec::with_capacity(1024),
+            held: Vec::new(),
             unidentified: false,
             stats: QueueStats::default(),
             #[cfg(test)]
@@ -472,12 +537,8 @@ impl Queue {
         if setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, rcvbuf).is_err() {
             setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, rcvbuf)?;
         }
-        let tv = libc::timeval {
-            tv_sec: cfg.poll_timeout.as_secs() as libc::time_t,
-            tv_usec: cfg.poll_timeout.subsec_micros() as libc::suseconds_t,
-        };
-        setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, tv)?;
         let mut q = Queue::with_fd(fd, cfg.num);
+        q.set_poll_timeout(cfg.poll_timeout)?;
         let mut b = vec![];
         q.seq += 1;
         config_cmd(&mut b, q.seq, cfg.num, NFQNL_CFG_CMD_BIND);
@@ -581,11 +642,12 @@ impl Queue {
     /// Hand every packet of the last received datagram to `f`, which returns its verdict.
     /// Verdicts are owed until `flush` has sent them. A packet message that does not parse, or
     /// that the receive buffer cut, is dropped without calling `f`.
-    pub fn for_each(&mut self, mut f: impl FnMut(&Msg) -> Verdict) {
+    pub fn for_each<A: Into<Answer>>(&mut self, mut f: impl FnMut(&Msg) -> A) {
         let Queue {
             rx,
             rx_len,
             owed,
+            held,
             unidentified,
             stats,
             ..
@@ -597,7 +659,16 @@ impl Queue {
                         stats.packets += 1;
                         stats.bytes += u64::from(msg.wire_len);
                         stats.gso_packets += u64::from(msg.gso);
-                        (Some(msg.id), f(&msg))
+                        match f(&msg).into() {
+                            Answer::Now(v) => (Some(msg.id), v),
+                            Answer::Hold => {
+                                if std::mem::take(unidentified) {
+                                    owed.push(Owed::DropThrough(msg.id.wrapping_sub(1)));
+                                }
+                                held.push(msg.id);
+                                continue;
+                            }
+                        }
                     }
                     None => {
                         stats.malformed += 1;
@@ -630,9 +701,57 @@ impl Queue {
         *rx_len = 0;
     }
 
-    /// Packets whose verdict has not been sent yet.
+    /// Packets whose verdict has not been sent yet (held packets not included).
     pub fn pending(&self) -> usize {
         self.owed.len()
+    }
+
+    /// Give a held packet its verdict (sent with the next flush). An id that is not held is
+    /// ignored (returns false): a verdict for a packet we do not hold could only be wrong.
+    pub fn release(&mut self, id: u32, verdict: Verdict) -> bool {
+        let Some(at) = self.held.iter().position(|&h| h == id) else {
+            return false;
+        };
+        self.held.remove(at);
+        self.owed.push(Owed::Released(id, verdict));
+        true
+    }
+
+    /// Packets held and not released yet.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Sleep until a packet arrives, `also` is notified, or `timeout` passed (poll(2), whose
+    /// timer is finer than SO_RCVTIMEO's jiffies). EINTR counts as a wake-up.
+    pub fn wait(&self, also: &EventFd, timeout: Duration) -> io::Result<()> {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: also.raw(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: `fds` is a live array of two pollfds, its length passed alongside.
+        match cvt(unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) }) {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
+    /// How long a blocking receive waits (SO_RCVTIMEO).
+    fn set_poll_timeout(&mut self, t: Duration) -> io::Result<()> {
+        let tv = libc::timeval {
+            tv_sec: t.as_secs() as libc::time_t,
+            tv_usec: t.subsec_micros() as libc::suseconds_t,
+        };
+        setsockopt(&self.fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, tv)
     }
 
     /// Send every owed verdict in one datagram. If the send fails, they stay owed (nothing was
@@ -644,7 +763,8 @@ impl Queue {
         }
         let mut tx = std::mem::take(&mut self.tx);
         tx.clear();
-        let n = build_verdicts(&mut tx, &mut self.seq, self.num, &self.owed);
+        let held = self.held.first().copied();
+        let n = build_verdicts(&mut tx, &mut self.seq, self.num, &self.owed, held);
         let sent = self.send(&tx);
         self.tx = tx;
         match sent {
@@ -677,7 +797,7 @@ impl Queue {
         for i in 0..self.owed.len() {
             let o = self.owed[i];
             tx.clear();
-            let n = build_verdicts(&mut tx, &mut self.seq, self.num, &[o]);
+            let n = build_verdicts(&mut tx, &mut self.seq, self.num, &[o], None);
             if let Err(e) = self.send(&tx) {
                 self.stats.send_failures += 1;
                 result = Err(e);
@@ -844,7 +964,7 @@ mod tests {
             (16, Verdict::Accept),
         ]
         .map(|(id, v)| Owed::One(id, v));
-        let n = build_verdicts(&mut b, &mut seq, 7, &pending);
+        let n = build_verdicts(&mut b, &mut seq, 7, &pending, None);
         assert_eq!(n, 4);
         assert_eq!(
             verdicts(&b),
@@ -858,7 +978,7 @@ mod tests {
         // All accepted: one message for the whole batch.
         b.clear();
         let all: Vec<_> = (100..164).map(|i| Owed::One(i, Verdict::Accept)).collect();
-        assert_eq!(build_verdicts(&mut b, &mut seq, 7, &all), 1);
+        assert_eq!(build_verdicts(&mut b, &mut seq, 7, &all, None), 1);
     }
 
     /// A queue on one end of a datagram socket pair; verdicts sent land on the other end.
@@ -962,6 +1082,66 @@ mod tests {
             ]
         );
         assert_eq!(q.stats.swept, 1);
+    }
+
+    #[test]
+    fn a_held_packet_is_never_swept_by_a_batch_and_its_release_is_its_own_verdict() {
+        let (mut q, peer) = test_queue();
+        let mut buf = vec![];
+        for id in 60..66 {
+            buf.extend(packet_msg(id, &ipv4_packet(), None, 0));
+        }
+        load(&mut q, &buf);
+        // 62 is held (a new connection waiting for the peer); the others are accepted.
+        q.for_each(|m| {
+            if m.id == 62 {
+                Answer::Hold
+            } else {
+                Answer::Now(Verdict::Accept)
+            }
+        });
+        assert_eq!((q.pending(), q.held()), (5, 1));
+        q.flush().unwrap();
+        assert_eq!(
+            sent(&peer),
+            vec![
+                // Before the held packet a batch is safe; after it, one verdict each.
+                (NFQNL_MSG_VERDICT_BATCH, NF_ACCEPT, 61, None),
+                (NFQNL_MSG_VERDICT, NF_ACCEPT, 63, None),
+                (NFQNL_MSG_VERDICT, NF_ACCEPT, 64, None),
+                (NFQNL_MSG_VERDICT, NF_ACCEPT, 65, None),
+            ]
+        );
+        assert!(!q.release(99, Verdict::Accept), "not held: no verdict");
+        load(
+            &mut q,
+            &[
+                packet_msg(66, &ipv4_packet(), None, 0),
+                packet_msg(67, &ipv4_packet(), None, 0),
+            ]
+            .concat(),
+        );
+        q.for_each(|_| Verdict::Accept);
+        assert!(q.release(62, Verdict::Accept));
+        assert_eq!(q.held(), 0);
+        q.flush().unwrap();
+        // 62 goes first, on its own (the batch after it would otherwise sweep it); nothing is
+        // held any more, so 66..67 batch again.
+        assert_eq!(
+            sent(&peer),
+            vec![
+                (NFQNL_MSG_VERDICT, NF_ACCEPT, 62, None),
+                (NFQNL_MSG_VERDICT_BATCH, NF_ACCEPT, 67, None),
+            ]
+        );
+    }
+
+    #[test]
+    fn packet_ids_wrap() {
+        assert!(id_before(u32::MAX, 0));
+        assert!(id_before(5, 6));
+        assert!(!id_before(6, 6));
+        assert!(!id_before(0, u32::MAX));
     }
 
     #[test]

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::nfqueue::{Msg, Queue, QueueConfig, Verdict};
+use super::nfqueue::{Answer, Msg, Queue, QueueConfig, Verdict};
+use super::sys::EventFd;
 use crate::conntrack::helper_state::HelperKind;
 use crate::conntrack::{ConnId, Conntrack, CtState, Direction, Expectation, InvalidReason, Shard};
 use crate::helper::ftp::{
@@ -19,7 +20,8 @@ use crate::helper::ftp::{
 use crate::packet::checksum::{self, Checksum};
 use crate::packet::{proto, Packet, ParseError, Tcp, L4};
 use crate::policy::{Action, PacketMeta, PolicyStore};
-use crate::sync::feed::Feed;
+use crate::sync::defer::{DeferConfig, Held, Release};
+use crate::sync::feed::{Feed, Flushed};
 use crate::time::Timestamp;
 
 /// Default mark bit set on a packet handed back with NF_REPEAT so that the kernel rule at the
@@ -71,6 +73,18 @@ pub struct WorkerStats {
     pub ct_discarded: AtomicU64,
     /// Tracker events handed to replication.
     pub events: AtomicU64,
+    /// `defer`: first packets of new connections held until the peers had them...
+    pub defer_held: AtomicU64,
+    /// ... released because every connected peer acked ...
+    pub defer_acked: AtomicU64,
+    /// ... released because the wait reached `defer_ms` ...
+    pub defer_timed_out: AtomicU64,
+    /// ... or released because their event never reached replication (hand-off overflow).
+    pub defer_abandoned: AtomicU64,
+    /// New connections not held because this worker already held `MAX_HELD` packets.
+    pub defer_full: AtomicU64,
+    /// Microseconds held, summed over every released packet.
+    pub defer_wait_us: AtomicU64,
     pub ftp_lines: AtomicU64,
     pub ftp_expectations: AtomicU64,
     pub ftp_rejected: [AtomicU64; Reject::COUNT],
@@ -97,14 +111,18 @@ pub struct Pipeline {
     pub feed: Option<Feed>,
 }
 
+/// A packet's verdict, and whether it opened a connection here (the policy accepted the first
+/// packet of a connection this node created): what `defer` holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Judged {
+    pub verdict: Verdict,
+    pub opened: bool,
+}
+
 impl Pipeline {
-    /// Decide one packet. `iif`/`oif` are interface indexes from the kernel; `verify_checksum`
-    /// asks for the transport checksum to be checked (the kernel did not), as Linux conntrack
-    /// does: a segment with a bad checksum is INVALID, so a forged RST or FIN cannot close a
-    /// connection and a corrupt segment cannot feed the FTP helper. Only a whole capture can be
-    /// checked; header-only captures of payload-carrying packets pass unchecked (their payload
-    /// is not here), which still covers RST/FIN/SYN and every helper-queue packet.
+    /// Decide one packet (see `judge`).
     #[allow(clippy::too_many_arguments)]
+    #[inline]
     pub fn decide(
         &self,
         now: Timestamp,
@@ -115,13 +133,37 @@ impl Pipeline {
         oif: u32,
         verify_checksum: bool,
     ) -> Verdict {
+        self.judge(now, policy, data, wire_len, iif, oif, verify_checksum)
+            .verdict
+    }
+
+    /// Judge one packet. `iif`/`oif` are interface indexes from the kernel; `verify_checksum`
+    /// asks for the transport checksum to be checked (the kernel did not), as Linux conntrack
+    /// does: a segment with a bad checksum is INVALID, so a forged RST or FIN cannot close a
+    /// connection and a corrupt segment cannot feed the FTP helper. Only a whole capture can be
+    /// checked; header-only captures of payload-carrying packets pass unchecked (their payload
+    /// is not here), which still covers RST/FIN/SYN and every helper-queue packet.
+    #[allow(clippy::too_many_arguments)]
+    pub fn judge(
+        &self,
+        now: Timestamp,
+        policy: &crate::policy::ActivePolicy,
+        data: &[u8],
+        wire_len: u32,
+        iif: u32,
+        oif: u32,
+        verify_checksum: bool,
+    ) -> Judged {
         let s = &self.stats;
         let pkt = match Packet::parse_truncated(data, wire_len) {
             Ok(p) => p,
             Err(e) => {
                 s.parse_errors[e.counter_index()].fetch_add(1, Relaxed);
                 s.dropped.fetch_add(1, Relaxed);
-                return Verdict::Drop;
+                return Judged {
+                    verdict: Verdict::Drop,
+                    opened: false,
+                };
             }
         };
         let bad_checksum = verify_checksum && checksum::check(&pkt, data) == Checksum::Bad;
@@ -176,7 +218,7 @@ impl Pipeline {
             f.drain(&mut shard);
         }
         drop(shard);
-        match action {
+        let verdict = match action {
             Action::Accept => {
                 s.accepted.fetch_add(1, Relaxed);
                 Verdict::Accept
@@ -191,6 +233,10 @@ impl Pipeline {
                     mark: self.reject_mark,
                 }
             }
+        };
+        Judged {
+            verdict,
+            opened: out.created && action == Action::Accept,
         }
     }
 }
@@ -283,6 +329,8 @@ pub struct WorkerConfig {
     pub workers: usize,
     /// Slots examined per shard per timer tick.
     pub sweep_budget: u32,
+    /// `[sync] defer_ms`: hold new connections' first packets until the peers have them.
+    pub defer: Option<DeferConfig>,
 }
 
 /// Flushes that may fail in a row before the worker gives up (and with it the daemon: the
@@ -313,18 +361,43 @@ pub fn run(
     let stats = pipeline.stats.clone();
     let mut last_tick = Instant::now();
     let mut failed_flushes = 0;
+    // `defer`: only with replication (the feed numbers the batches the peers ack).
+    let defer = cfg.defer.as_ref().filter(|_| pipeline.feed.is_some());
+    let mut held = defer.map(|d| Held::new(d.wait));
+    // Woken by the replication thread when it releases one of our batches.
+    let wake = match defer {
+        Some(d) => {
+            let fd = Arc::new(EventFd::new()?);
+            let w = fd.clone();
+            d.gate.set_waker(cfg.index, Box::new(move || w.notify()));
+            Some(fd)
+        }
+        None => None,
+    };
+    // Every batch numbered up to this one was lost on the way to replication.
+    let mut abandoned = 0;
     while !stop.load(Relaxed) {
-        // Verdicts still owed after a failed send: do not sleep in recv before retrying.
-        let got = q.recv(q.pending() > 0)?;
+        let deadline = held.as_ref().and_then(Held::deadline);
+        let got = match (deadline, &wake) {
+            // Holding: sleep until a packet, a release, or the oldest held packet's deadline.
+            (Some(t), Some(wake)) => {
+                q.wait(wake, t.saturating_duration_since(Instant::now()))?;
+                wake.drain();
+                q.recv(true)?
+            }
+            // Verdicts still owed after a failed send: do not sleep in recv before retrying.
+            _ => q.recv(q.pending() > 0)?,
+        };
         let mut datagrams = 0;
         if got {
             let now = Timestamp::from_millis(origin.elapsed().as_millis() as u64);
             let policy = pipeline.policy.current();
+            let hold = defer.is_some_and(|d| d.gate.peers_up());
             let mut more = true;
             while more {
                 q.for_each(|m: &Msg| {
                     fault.on_packet();
-                    let v = pipeline.decide(
+                    let j = pipeline.judge(
                         now,
                         &policy,
                         m.payload,
@@ -333,17 +406,35 @@ pub fn run(
                         m.outdev,
                         m.needs_checksum(),
                     );
-                    with_packet_mark(v, m.mark)
+                    if j.opened && hold {
+                        if let (Some(h), Some(f)) = (held.as_mut(), &pipeline.feed) {
+                            if h.hold(m.id, f.batch_number(), Instant::now()) {
+                                stats.defer_held.fetch_add(1, Relaxed);
+                                return Answer::Hold;
+                            }
+                            stats.defer_full.fetch_add(1, Relaxed);
+                        }
+                    }
+                    Answer::Now(with_packet_mark(j.verdict, m.mark))
                 });
                 datagrams += 1;
                 more = datagrams < cfg.batch_datagrams && q.recv(true)?;
             }
             if let Some(f) = &pipeline.feed {
-                stats.events.fetch_add(f.flush() as u64, Relaxed);
+                flushed(&stats, f.flush(), &mut abandoned);
             }
             let n = q.pending() as u64;
             stats.batches.fetch_add(1, Relaxed);
             stats.max_batch.fetch_max(n, Relaxed);
+        }
+        if let (Some(h), Some(d)) = (held.as_mut(), defer) {
+            if !h.is_empty() {
+                let released = d.gate.released(cfg.index);
+                h.release(released, abandoned, Instant::now(), |id, why, waited| {
+                    let _ = q.release(id, Verdict::Accept);
+                    count_release(&stats, why, waited);
+                });
+            }
         }
         if q.pending() > 0 {
             match q.flush() {
@@ -388,11 +479,41 @@ pub fn run(
                     f.drain(&mut pipeline.ct.lock(i));
                     i += cfg.workers.max(1);
                 }
-                stats.events.fetch_add(f.flush() as u64, Relaxed);
+                flushed(&stats, f.flush(), &mut abandoned);
             }
         }
     }
+    // Stopping: whatever is held was accepted by the policy; let it go.
+    if let Some(h) = held.as_mut() {
+        h.release_all(Instant::now(), |id, why, waited| {
+            let _ = q.release(id, Verdict::Accept);
+            count_release(&stats, why, waited);
+        });
+    }
     Ok(())
+}
+
+/// Count what a feed flush did; a lost batch lets go of the packets held for it.
+fn flushed(stats: &WorkerStats, f: Flushed, abandoned: &mut u64) {
+    match f {
+        Flushed::Empty => {}
+        Flushed::Sent { events, .. } => {
+            stats.events.fetch_add(events as u64, Relaxed);
+        }
+        Flushed::Lost { number } => *abandoned = number,
+    }
+}
+
+fn count_release(stats: &WorkerStats, why: Release, waited: Duration) {
+    match why {
+        Release::Acked => &stats.defer_acked,
+        Release::TimedOut => &stats.defer_timed_out,
+        Release::Abandoned => &stats.defer_abandoned,
+    }
+    .fetch_add(1, Relaxed);
+    stats
+        .defer_wait_us
+        .fetch_add(waited.as_micros() as u64, Relaxed);
 }
 
 #[cfg(test)]

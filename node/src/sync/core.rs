@@ -1353,4 +1353,10 @@ impl Session {
     pub fn config(&self) -> &Config {
         &self.cfg
     }
+
+    /// The highest outbox sequence this peer acked, while it is connected (Hello exchanged);
+    /// `None` otherwise. What `defer` waits for.
+    pub fn acked_while_up(&self) -> Option<Seq> {
+        self.peer_hello().map(|_| self.tx.acked)
+    }
 }

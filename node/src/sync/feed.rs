@@ -5,9 +5,10 @@
 //! into its own buffer (`drain`), and once per batch hands the buffer to the replication thread
 //! over a bounded channel (`flush`, never blocking). When that channel is full the events are
 //! dropped, counted, and a resync is flagged (`Lost`), which makes every peer's session do a
-//! bulk transfer. Must not touch the protocol or the network.
+//! bulk transfer. Batches are numbered per worker, so that `defer` can tell when the peers have
+//! a given batch. Must not touch the protocol or the network.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -25,18 +26,48 @@ pub struct Lost {
 }
 
 /// A batch of events from one worker.
-pub type EventBatch = Vec<Event>;
+#[derive(Debug)]
+pub struct EventBatch {
+    /// The worker's index (`FeedMaker::feed`).
+    pub worker: usize,
+    /// Numbered from 1 per worker, in the order the worker flushed them.
+    pub number: u64,
+    pub events: Vec<Event>,
+}
 
 /// The datapath's end of the event channel; one per worker thread.
 #[derive(Debug)]
 pub struct Feed {
-    buf: RefCell<EventBatch>,
+    buf: RefCell<Vec<Event>>,
+    worker: usize,
+    /// The number the next flushed batch gets.
+    next: Cell<u64>,
     tx: mpsc::Sender<EventBatch>,
     lost: Arc<Lost>,
 }
 
-/// The channel between the workers and the replication thread: `capacity` batches.
-pub fn channel(capacity: usize) -> (FeedMaker, mpsc::Receiver<EventBatch>, Arc<Lost>) {
+/// What `Feed::flush` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flushed {
+    /// Nothing was buffered.
+    Empty,
+    /// Batch `number` with `events` events went to the replication thread.
+    Sent { number: u64, events: usize },
+    /// Batch `number` was dropped (channel full or closed), counted and flagged for a resync.
+    Lost { number: u64 },
+}
+
+/// The replication thread's end of the channel.
+#[derive(Debug)]
+pub struct Events {
+    pub rx: mpsc::Receiver<EventBatch>,
+    pub lost: Arc<Lost>,
+    /// How many workers feed it (their indexes are `0..workers`).
+    pub workers: usize,
+}
+
+/// The channel between `workers` workers and the replication thread: `capacity` batches.
+pub fn channel(capacity: usize, workers: usize) -> (FeedMaker, Events) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let lost = Arc::new(Lost::default());
     (
@@ -44,8 +75,7 @@ pub fn channel(capacity: usize) -> (FeedMaker, mpsc::Receiver<EventBatch>, Arc<L
             tx,
             lost: lost.clone(),
         },
-        rx,
-        lost,
+        Events { rx, lost, workers },
     )
 }
 
@@ -57,9 +87,12 @@ pub struct FeedMaker {
 }
 
 impl FeedMaker {
-    pub fn feed(&self) -> Feed {
+    /// The feed of worker `worker`.
+    pub fn feed(&self, worker: usize) -> Feed {
         Feed {
             buf: RefCell::new(Vec::new()),
+            worker,
+            next: Cell::new(1),
             tx: self.tx.clone(),
             lost: self.lost.clone(),
         }
@@ -76,27 +109,35 @@ impl Feed {
         }
     }
 
-    /// Hand the buffered events to the replication thread; never waits. Returns how many were
-    /// handed over.
-    pub fn flush(&self) -> usize {
+    /// The number the batch now being filled will have.
+    #[inline]
+    pub fn batch_number(&self) -> u64 {
+        self.next.get()
+    }
+
+    /// Hand the buffered events to the replication thread; never waits.
+    pub fn flush(&self) -> Flushed {
         let mut buf = self.buf.borrow_mut();
         if buf.is_empty() {
-            return 0;
+            return Flushed::Empty;
         }
-        let n = buf.len();
-        match self.tx.try_send(std::mem::take(&mut *buf)) {
-            Ok(()) => n,
-            Err(e) => {
+        let number = self.next.get();
+        self.next.set(number + 1);
+        let events = std::mem::take(&mut *buf);
+        let n = events.len();
+        let batch = EventBatch {
+            worker: self.worker,
+            number,
+            events,
+        };
+        match self.tx.try_send(batch) {
+            Ok(()) => Flushed::Sent { number, events: n },
+            Err(_) => {
                 // Full (the replication thread is behind) or closed (it stopped): the peer's
                 // copy is now incomplete, so it needs a bulk transfer.
-                let dropped = match e {
-                    mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b) => {
-                        b.len()
-                    }
-                };
-                self.lost.events.fetch_add(dropped as u64, Relaxed);
+                self.lost.events.fetch_add(n as u64, Relaxed);
                 self.lost.flagged.store(true, Relaxed);
-                0
+                Flushed::Lost { number }
             }
         }
     }
@@ -124,8 +165,8 @@ mod tests {
             shards: 1,
             ..Config::default()
         });
-        let (maker, mut rx, lost) = channel(1);
-        let feed = maker.feed();
+        let (maker, Events { mut rx, lost, .. }) = channel(1, 1);
+        let feed = maker.feed(0);
         for port in [1000, 1001] {
             let bytes = syn(port);
             let p = Packet::parse(&bytes).unwrap();
@@ -133,21 +174,40 @@ mod tests {
             sh.track(Timestamp::from_secs(1), &p);
             feed.drain(&mut sh);
         }
-        assert_eq!(feed.flush(), 2);
-        assert_eq!(rx.try_recv().unwrap().len(), 2);
-        assert_eq!(feed.flush(), 0, "nothing buffered");
+        assert_eq!(feed.batch_number(), 1);
+        assert_eq!(
+            feed.flush(),
+            Flushed::Sent {
+                number: 1,
+                events: 2
+            }
+        );
+        assert_eq!(rx.try_recv().unwrap().events.len(), 2);
+        assert_eq!(feed.flush(), Flushed::Empty, "nothing buffered");
+        assert_eq!(feed.batch_number(), 2);
 
         // The channel holds one batch: the second is dropped, counted and flagged.
+        let mut flushed = vec![];
         for port in [2000, 2001] {
             let bytes = syn(port);
             let p = Packet::parse(&bytes).unwrap();
             let mut sh = ct.lock_for(&p);
             sh.track(Timestamp::from_secs(1), &p);
             feed.drain(&mut sh);
-            feed.flush();
+            flushed.push(feed.flush());
         }
+        assert_eq!(
+            flushed,
+            [
+                Flushed::Sent {
+                    number: 2,
+                    events: 1
+                },
+                Flushed::Lost { number: 3 }
+            ]
+        );
         assert_eq!(lost.events.load(Relaxed), 1);
         assert!(lost.flagged.load(Relaxed));
-        assert_eq!(rx.try_recv().unwrap().len(), 1);
+        assert_eq!(rx.try_recv().unwrap().events.len(), 1);
     }
 }

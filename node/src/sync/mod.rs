@@ -9,6 +9,7 @@
 //!   operations. Tested over a simulated faulty link.
 //! - `feed`: the datapath's non-blocking hand-off of tracker events to the replication thread.
 //! - `delay`: the optional session-pickup delay, which holds young connections back.
+//! - `defer`: the optional hold of a new connection's first packet until the peers have it.
 //! - `shell`: the `[sync]` settings, the gRPC streams, and the thread that drives the core and
 //!   applies its operations to the live table.
 //! - `codec`: those messages as `keepstate.v1.Sync` protobuf, and the form checks of what a
@@ -18,6 +19,7 @@
 
 pub mod codec;
 pub mod core;
+pub mod defer;
 pub mod delay;
 pub mod feed;
 pub mod msg;

@@ -29,8 +29,9 @@ use tokio_stream::StreamExt;
 
 use super::codec;
 use super::core::{self as core, Op, Outbox, Session};
+use super::defer::{self, DeferConfig, Gate, Pending};
 use super::delay::PickupDelay;
-use super::feed::{EventBatch, Lost};
+use super::feed::{EventBatch, Events, Lost};
 use super::msg::{Item, Msg, Skip};
 use crate::conntrack::{ApplyError, Conntrack};
 use crate::time::Timestamp;
@@ -68,6 +69,13 @@ pub struct SyncConfig {
     /// delay does not survive a failover; short-lived ones never cost the sync link.
     #[serde(default)]
     pub pickup_delay_ms: u64,
+    /// `defer` (pfsync's): hold the first packet of each new connection until every connected
+    /// peer has acknowledged the connection, at most this long (0, the default: off). A
+    /// failover right after a connection opened cannot lose it; every new connection pays
+    /// one sync round trip. Set it on both gateways: a node with it acks its peer's
+    /// replication at once instead of coalescing acks for 2 ms.
+    #[serde(default)]
+    pub defer_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -113,6 +121,19 @@ impl SyncConfig {
         if self.idle_timeout_ms < 300 {
             return Err("sync.idle_timeout_ms must be at least 300".into());
         }
+        if self.defer_ms > defer::MAX_DEFER_MS {
+            return Err(format!(
+                "sync.defer_ms must be at most {} (pfsync holds at most 20)",
+                defer::MAX_DEFER_MS
+            ));
+        }
+        if self.defer_ms > 0 && self.pickup_delay_ms > 0 {
+            return Err(
+                "sync.defer_ms and sync.pickup_delay_ms exclude each other: defer waits for the \
+                 peers to have a new connection, the pickup delay keeps it from them"
+                    .into(),
+            );
+        }
         Ok(())
     }
 }
@@ -149,6 +170,7 @@ enum NetEvent {
 #[derive(Debug)]
 pub struct SyncHandle {
     view: SyncView,
+    defer: Option<DeferConfig>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -173,6 +195,11 @@ impl SyncView {
 }
 
 impl SyncHandle {
+    /// What the workers need for `defer` (`None` when it is off).
+    pub fn defer(&self) -> Option<DeferConfig> {
+        self.defer.clone()
+    }
+
     pub fn view(&self) -> SyncView {
         self.view.clone()
     }
@@ -232,12 +259,21 @@ fn boot_id() -> u64 {
 pub fn start(
     cfg: &SyncConfig,
     ct: Arc<Conntrack>,
-    events: mpsc::Receiver<EventBatch>,
-    lost: Arc<Lost>,
+    events: Events,
     origin: Instant,
     on_ready: Box<dyn Fn(bool) + Send>,
     net: Net,
 ) -> Result<SyncHandle, StartError> {
+    let Events {
+        rx: events,
+        lost,
+        workers,
+    } = events;
+    let defer = (cfg.defer_ms > 0).then(|| DeferConfig {
+        wait: Duration::from_millis(cfg.defer_ms),
+        gate: Arc::new(Gate::new(workers)),
+    });
+    let gate = defer.as_ref().map(|d| d.gate.clone());
     let Net {
         node_id,
         transport,
@@ -302,7 +338,8 @@ pub fn start(
                         gens.clone(),
                     ));
                 }
-                let engine = Engine::new(&cfg, node_id, ct, lost, origin, st, on_ready);
+                let mut engine = Engine::new(&cfg, node_id, ct, lost, origin, st, on_ready);
+                engine.defer = gate.map(|g| (g, Pending::new(workers)));
                 tokio::select! {
                     _ = engine.run(events, net_rx, cmd_rx) => {}
                     _ = stop_rx => {}
@@ -320,6 +357,7 @@ pub fn start(
             status,
             cmd: cmd_tx,
         },
+        defer,
         stop: Some(stop_tx),
         thread: Some(thread),
     })
@@ -546,6 +584,8 @@ struct Engine {
     on_ready: Box<dyn Fn(bool) + Send>,
     was_ready: Option<bool>,
     counts: Counts,
+    /// `defer`: the workers' gate, and where each of their batches ends in the outbox.
+    defer: Option<(Arc<Gate>, Pending)>,
 }
 
 /// The shell's own counters (the sessions keep theirs).
@@ -571,6 +611,13 @@ impl Engine {
             idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
             heartbeat_interval: Duration::from_millis(cfg.idle_timeout_ms / 3),
             bulk_timeout: Duration::from_millis(cfg.bulk_timeout_ms),
+            // A peer configured like this node defers its new connections until we ack them:
+            // ack at once rather than coalesce acks for a few milliseconds.
+            ack_delay: if cfg.defer_ms > 0 {
+                Duration::ZERO
+            } else {
+                core::Config::default().ack_delay
+            },
             ..core::Config::default()
         };
         let now = Timestamp::from_millis(origin.elapsed().as_millis() as u64);
@@ -600,6 +647,7 @@ impl Engine {
             on_ready,
             was_ready: None,
             counts: Counts::default(),
+            defer: None,
         }
     }
 
@@ -666,6 +714,15 @@ impl Engine {
                 self.peers[i].session.handle_timeout(now, &self.outbox);
                 self.drive(i, now);
             }
+            if let Some((gate, pending)) = &mut self.defer {
+                // What every connected peer has; `None` (nobody connected) waits for no one.
+                let acked = self
+                    .peers
+                    .iter()
+                    .filter_map(|p| p.session.acked_while_up())
+                    .min();
+                pending.acked(gate, acked);
+            }
             if last_status.elapsed() >= STATUS_EVERY {
                 last_status = Instant::now();
                 self.publish(now);
@@ -675,10 +732,13 @@ impl Engine {
 
     fn take_events(&mut self, batch: EventBatch) {
         let now = self.now();
-        for ev in batch {
+        for ev in batch.events {
             if let Some(item) = self.delay.offer(now, ev) {
                 self.outbox.push(item);
             }
+        }
+        if let Some((_, pending)) = &mut self.defer {
+            pending.pushed(batch.worker, batch.number, self.outbox.last_seq());
         }
     }
 
@@ -863,6 +923,8 @@ impl Engine {
             ready,
             pickup_held: self.delay.len() as u64,
             pickup_ended_young: self.delay.stats().ended_young,
+            // Filled in by the daemon from the workers' counters.
+            defer: None,
         };
     }
 }

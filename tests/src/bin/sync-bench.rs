@@ -45,7 +45,7 @@ fn start(
     let cfg: SyncConfig = toml::from_str(&format!(
         "listen = \"{listen}\"\npeers = [{{ id = {peer}, addr = \"{addr}\" }}]\noutbox_items = 4194304\nchannel_batches = 65536\n"
     ))?;
-    let (maker, events, lost) = feed::channel(cfg.channel_batches);
+    let (maker, events) = feed::channel(cfg.channel_batches, 1);
     let security = match std::env::var_os("KEEPSTATE_TLS_DIR") {
         Some(d) => {
             let d = std::path::PathBuf::from(d);
@@ -70,7 +70,6 @@ fn start(
         &cfg,
         ct.clone(),
         events,
-        lost,
         origin,
         Box::new(|_| {}),
         shell::Net {
@@ -79,7 +78,7 @@ fn start(
             members,
         },
     )?;
-    Ok((h, maker.feed()))
+    Ok((h, maker.feed(0)))
 }
 
 fn table(max: u32) -> Arc<Conntrack> {
