@@ -101,7 +101,7 @@ cleanup() {
   teardown "$P"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'echo "interrupted: removing the lab" >&2; exit 130' INT TERM
 spawn() { "$@" & echo $! >> "$D/pids"; LASTPID=$!; }   # start in the background, record its PID
 
 B=$'\033[1m' N=$'\033[0m'
