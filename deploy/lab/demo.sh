@@ -309,6 +309,8 @@ for _ in $(seq 100); do [ "$(got)" -ge 4000000 ] && [ "$(intervals | wc -l)" -ge
 say "client has $(got) of 16000000 bytes; iperf3 receives:"
 intervals | tail -2
 fwctl ct list --proto tcp
+echo "gw2 holds the same connections, learned from gw1 (flag P) over the sync stream:"
+NODE=198.18.0.2:7400 fwctl ct list --proto tcp --origin peer
 fwctl sync status
 
 step "CRASH of gw1: frozen, links down, then SIGKILL for its keepalived and fwnode (no goodbye)"
@@ -336,7 +338,6 @@ for _ in $(seq 50); do   # Raft: gw2 and the witness elect a new leader
   [ -n "$l" ] && [ "$l" != 0 ] && [ "$l" != 1 ] && break; sleep 0.1
 done
 NODE=198.18.0.2:7400 fwctl cluster members
-NODE=198.18.0.2:7400 fwctl ct list --proto tcp
 sleep 1
 NODE=198.18.0.2:7400 fwctl sync status
 say "gw2 has lost its peer (the stream is down) and carries on alone"

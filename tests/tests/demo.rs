@@ -1,12 +1,15 @@
 //! The lab demo (`bash deploy/lab/demo.sh`, the README's first command) end to end, as a user
-//! runs it: its exit status, the lines that say the HA pair did its job (gw2 took the VIPs at
-//! gw1's crash, the FTP download's sha256 matches the server's, the iperf3 stream finished,
-//! gw1 took the VIPs back), and that it left no namespace or temp dir behind. The negative
-//! control runs the same demo with replication off (`DEMO_SYNC=off`): the download must break
-//! and the demo must fail, so a demo that stops checking what it claims cannot pass.
+//! runs it: its exit status and the lines that say the HA pair did its job (gw2 took the VIPs
+//! at gw1's crash, the FTP download's sha256 matches the server's, the iperf3 stream finished,
+//! gw1 took the VIPs back). It runs with `--keep`, so the test also sees the kept lab up (gw1
+//! holding the VIPs) and `--down PREFIX` removing it: no namespace, process or temp dir left.
+//! The negative control runs the demo with replication off (`DEMO_SYNC=off`): the download
+//! must break and the demo must fail, so a demo that stops checking what it claims cannot
+//! pass; its trap must remove the lab on that failure too.
 //!
-//! Owns nothing but the demo's process: the demo builds and removes its own lab (namespaces
-//! `kd<pid>-*`, files in `/tmp/keepstate-demo-kd<pid>`).
+//! Owns nothing but the demo's processes: the demo builds and removes its own lab (namespaces
+//! `kd<pid>-*`, files in `/tmp/keepstate-demo-kd<pid>`). A `--keep` run records its prefix in
+//! `/tmp/keepstate-demo.last`, which `--down` of that prefix removes again.
 
 // Test code: a failed step must fail the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -26,10 +29,15 @@ struct Run {
     took: Duration,
 }
 
-/// Run the demo with the release binaries the tests use; `sync` false is the negative control.
-fn run_demo(sync: bool) -> Run {
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Run the demo (with `args`) with the release binaries the tests use; `sync` false is the
+/// negative control.
+fn run_demo(sync: bool, args: &[&str]) -> Run {
     require_root();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = repo();
     let fwnode = bin("fwnode");
     let bin_dir = fwnode
         .parent()
@@ -43,6 +51,7 @@ fn run_demo(sync: bool) -> Run {
     let f = std::fs::File::create(&log).expect("creating the demo's log");
     let mut child = Command::new("bash")
         .arg("deploy/lab/demo.sh")
+        .args(args)
         .current_dir(&root)
         .env("KEEPSTATE_BIN_DIR", &bin_dir)
         .env("DEMO_SYNC", if sync { "on" } else { "off" })
@@ -100,8 +109,8 @@ fn prefix(out: &str) -> String {
         .to_string()
 }
 
-/// Nothing of lab `prefix` is left: no namespace, no temp dir.
-fn assert_removed(prefix: &str, out: &str) {
+/// The namespaces of lab `prefix`.
+fn namespaces(prefix: &str) -> Vec<String> {
     assert!(
         prefix.starts_with("kd") && prefix.len() > 2,
         "odd prefix {prefix:?}"
@@ -110,24 +119,60 @@ fn assert_removed(prefix: &str, out: &str) {
         .args(["netns", "list"])
         .output()
         .expect("ip netns list");
-    let left: Vec<String> = String::from_utf8_lossy(&ns.stdout)
+    String::from_utf8_lossy(&ns.stdout)
         .lines()
         .filter(|l| l.starts_with(&format!("{prefix}-")))
-        .map(str::to_string)
-        .collect();
+        .map(|l| l.split_whitespace().next().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Processes whose command line names the lab's dir (fwnode, keepalived and vsftpd do).
+fn processes_of(dir: &str) -> Vec<String> {
+    let mut found = vec![];
+    for e in std::fs::read_dir("/proc").expect("reading /proc").flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(dir) {
+                found.push(format!("{name}: {cmd}"));
+            }
+        }
+    }
+    found
+}
+
+/// Nothing of lab `prefix` is left: no namespace, no process, no temp dir.
+fn assert_removed(prefix: &str, out: &str) {
+    let left = namespaces(prefix);
     assert!(
         left.is_empty(),
         "the demo left namespaces behind: {left:?}\n{out}"
     );
-    let dir = PathBuf::from(format!("/tmp/keepstate-demo-{prefix}"));
-    assert!(!dir.exists(), "the demo left {} behind", dir.display());
+    let dir = format!("/tmp/keepstate-demo-{prefix}");
+    let procs = processes_of(&dir);
+    assert!(
+        procs.is_empty(),
+        "processes of the lab still run: {procs:?}"
+    );
+    assert!(!PathBuf::from(&dir).exists(), "the demo left {dir} behind");
 }
 
 #[test]
-fn the_demo_carries_the_download_and_the_stream_through_a_crash_and_gw1_takes_the_vips_back() {
-    let run = run_demo(true);
+fn the_demo_carries_a_download_through_a_crash_fails_back_and_down_removes_the_kept_lab() {
+    let run = run_demo(true, &["--keep"]);
     let out = &run.out;
-    assert_eq!(run.code, Some(0), "the demo failed:\n{out}");
+    let p = prefix(out);
+    if run.code != Some(0) {
+        // A failed run removes its lab itself; this makes sure before failing.
+        let _ = Command::new("bash")
+            .args(["deploy/lab/demo.sh", "--down", &p])
+            .current_dir(repo())
+            .output();
+        panic!("the demo failed (exit {:?}):\n{out}", run.code);
+    }
     for line in [
         "-> gw2 holds the VIPs",
         "-> sha256 match: the download survived the crash intact",
@@ -135,7 +180,7 @@ fn the_demo_carries_the_download_and_the_stream_through_a_crash_and_gw1_takes_th
         "-> gw1 has taken back the VIPs",
         "-> iperf3 finished without error",
         "applied policy version 3",
-        "== done; the lab is removed on exit",
+        "== the lab stays up (--keep)",
     ] {
         assert!(
             out.contains(line),
@@ -153,13 +198,31 @@ fn the_demo_carries_the_download_and_the_stream_through_a_crash_and_gw1_takes_th
         at_crash > 0 && at_crash < 16_000_000,
         "the download was not in flight at the crash ({at_crash} bytes)"
     );
+    // --keep: the lab is up, in the demo's final state (gw1 active again); --down removes it.
+    let ns = namespaces(&p);
+    let gw1 = Command::new("ip")
+        .args(["-n", &format!("{p}-gw1"), "-o", "addr", "show"])
+        .output()
+        .expect("ip addr show");
+    let down = Command::new("bash")
+        .args(["deploy/lab/demo.sh", "--down", &p])
+        .current_dir(repo())
+        .output()
+        .expect("running demo.sh --down");
+    assert_eq!(ns.len(), 8, "the kept lab's namespaces: {ns:?}");
+    assert!(
+        String::from_utf8_lossy(&gw1.stdout).contains(" 198.51.100.1/"),
+        "gw1 of the kept lab does not hold the LAN VIP:\n{}",
+        String::from_utf8_lossy(&gw1.stdout)
+    );
+    assert!(down.status.success(), "demo.sh --down {p} failed: {down:?}");
     assert!(!out.contains("!!"), "the demo reported a problem:\n{out}");
-    assert_removed(&prefix(out), out);
+    assert_removed(&p, out);
 }
 
 #[test]
 fn negative_without_replication_the_demo_fails_at_the_download() {
-    let run = run_demo(false);
+    let run = run_demo(false, &[]);
     let out = &run.out;
     assert!(
         run.code.is_some_and(|c| c != 0),
