@@ -76,6 +76,7 @@ for pair in iptables:iptables ip:iproute2 vsftpd:vsftpd curl:curl ping:iputils-p
             keepalived:keepalived iperf3:iperf3 sha256sum:coreutils; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
 done
+[ -x /usr/bin/python3 ] || need+=(python3)   # the lab's web servers
 if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
