@@ -394,6 +394,7 @@ say "iperf3 finished without error: the stream lived through the crash and the f
 step "policy: change, diff, history, rollback (the cluster keeps one version on every member)"
 sed 's/dport = \[21, 80, 443, 5201, 8080\]/dport = [21, 80, 443, 5201, 8080, 9090]/' "$D/policy.toml" > "$D/policy2.toml"
 fwctl policy diff "$D/policy2.toml" || true
+echo "(an interface \"does not exist now\" warning comes from the Raft leader's check: the witness, when it leads, has no LAN)"
 NODE=198.18.0.2:7400 fwctl policy apply "$D/policy2.toml" --comment "open 9090"
 on client curl -sS -o /dev/null -w '%{http_code}\n' --max-time 2 http://203.0.113.10:9090/
 fwctl policy history
@@ -401,6 +402,10 @@ fwctl policy rollback
 on client curl -sS -o /dev/null --max-time 1 http://203.0.113.10:9090/ 2>/dev/null || say "port 9090 blocked again"
 sed 's/dport = \[21, 80, 443, 5201, 8080\]/dport = ["www"]/' "$D/policy.toml" > "$D/bad.toml"
 fwctl policy apply "$D/bad.toml" || say "exit $? : an invalid policy is refused with its position; nothing changed"
+"$BIN/fwctl" certs --dir "$T" issue-operator alice --role read >/dev/null
+printf '[ops]$ fwctl policy apply %s   # as alice: fwctl certs issue-operator alice --role read\n' "$D/policy2.toml"
+nx ops "$BIN/fwctl" --node 198.18.0.1:7400 --ca "$T/ca.crt" --cert "$T/alice.crt" --key "$T/alice.key" \
+  policy apply "$D/policy2.toml" 2>&1 || say "exit $? : a read-only operator may list, not change"
 printf '[ops]$ fwctl status   # with a certificate of another CA\n'
 "$BIN/fwctl" certs --dir "$D/other" init >/dev/null
 "$BIN/fwctl" certs --dir "$D/other" issue-operator mallory --role admin >/dev/null
