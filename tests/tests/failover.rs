@@ -589,10 +589,44 @@ fn b_with_20ms_adverts_an_active_ftp_download_completes() {
 }
 
 /// (b) at the lab's VRRP settings `opts`.
+/// gw2's copy of the FTP control connection must carry the established timer (days), not
+/// the 300 s "unacknowledged data" limit the master applies while a reply is in flight: the
+/// control connection is idle during the transfer, and a copy expiring after 300 s breaks any
+/// download longer than that at a failover (found by the HA demo).
+fn control_copy_outlives_a_long_download(ha: &HaLab) {
+    let t = Instant::now();
+    let mut last = String::new();
+    while t.elapsed() < Duration::from_secs(5) {
+        let out = ha.ctl(Gw::Gw2, &["-o", "json", "ct", "list", "--origin", "peer"]);
+        last = out.stdout.clone();
+        let ctl = serde_json::from_str::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| {
+                v["connections"]
+                    .as_array()?
+                    .iter()
+                    .find(|c| c["dst_port"] == 21)
+                    .and_then(|c| c["expires_in_ms"].as_u64())
+            });
+        if let Some(ms) = ctl {
+            assert!(
+                ms > 3_600_000,
+                "gw2's copy of the FTP control connection expires in {ms} ms: {last}"
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("gw2 has no copy of the FTP control connection: {last}");
+}
+
 fn active_ftp_download_survives(opts: HaOpts, what: &str) {
     let mut ha = HaLab::start(opts);
     let (_ftp, big, _) = vsftpd(ha.lab(), 3_000_000);
     let mut dl = ftp_download(ha.lab(), "b.bin", "--ftp-port - --disable-eprt");
+    if ha.replication {
+        control_copy_outlives_a_long_download(&ha);
+    }
     crash_gw1(&mut ha, what);
     let (gap, code) = follow_download(ha.lab(), "b.bin", &mut dl);
     let got = sha256(
