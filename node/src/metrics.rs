@@ -1118,4 +1118,58 @@ mod tests {
             }
         }
     }
+
+    /// Every `keepstate_*` token in `text`.
+    fn metric_tokens(text: &str) -> Vec<String> {
+        let mut out = vec![];
+        let mut rest = text;
+        while let Some(i) = rest.find(PREFIX) {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            out.push(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+        out
+    }
+
+    /// The Grafana dashboard is valid JSON, queries only metrics that exist, and has the panels
+    /// operators look for.
+    #[test]
+    fn the_grafana_dashboard_uses_only_existing_metrics() {
+        let text = include_str!("../../deploy/grafana/keepstate.json");
+        let dash: serde_json::Value = serde_json::from_str(text).unwrap();
+        let known: Vec<String> = sources()
+            .collect_view(Some(&RaftView::default()))
+            .iter()
+            .map(Family::exposed_name)
+            .collect();
+        let mut used = vec![];
+        for p in dash["panels"].as_array().unwrap() {
+            for t in p["targets"].as_array().into_iter().flatten() {
+                let expr = t["expr"].as_str().unwrap();
+                for m in metric_tokens(expr) {
+                    assert!(
+                        known.contains(&m),
+                        "panel {:?} queries unknown {m}",
+                        p["title"]
+                    );
+                    used.push(m);
+                }
+            }
+        }
+        for want in [
+            "keepstate_verdicts_total",
+            "keepstate_invalid_packets_total",
+            "keepstate_connections",
+            "keepstate_sync_lag",
+            "keepstate_ha_role",
+            "keepstate_raft_leader_id",
+            "keepstate_raft_term",
+            "keepstate_policy_version",
+        ] {
+            assert!(used.iter().any(|u| u == want), "no panel shows {want}");
+        }
+    }
 }
