@@ -844,18 +844,11 @@ async fn respond(
     scrape: Arc<Scrape>,
 ) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
     use hyper::StatusCode;
-    if req.uri().path() != "/metrics" {
+    if req.method() != hyper::Method::GET || req.uri().path() != "/metrics" {
         return Ok(reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: the metrics are at /metrics\n".into(),
-        ));
-    }
-    if req.method() != hyper::Method::GET {
-        return Ok(reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "only GET\n".into(),
+            "not found: the metrics are at GET /metrics\n".into(),
         ));
     }
     // Off the runtime's workers: the per-state counts take the shard locks one at a time.
@@ -1171,5 +1164,39 @@ mod tests {
         ] {
             assert!(used.iter().any(|u| u == want), "no panel shows {want}");
         }
+    }
+
+    fn http(addr: SocketAddr, method: &str, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            c,
+            "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    /// The endpoint on a runtime of its own (a node without [cluster]): GET /metrics only.
+    #[test]
+    fn the_endpoint_serves_get_metrics_and_nothing_else() {
+        let addr = "127.0.0.1:0".parse().unwrap();
+        let srv = MetricsServer::start(addr, None, Arc::new(sources()), None).unwrap();
+        let ok = http(srv.local_addr, "GET", "/metrics");
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(ok.contains("application/openmetrics-text"), "{ok}");
+        assert!(
+            ok.contains("keepstate_verdicts_total{verdict=\"accept\",reason=\"policy\"} 7"),
+            "{ok}"
+        );
+        assert!(ok.trim_end().ends_with("# EOF"), "{ok}");
+        let nf = http(srv.local_addr, "GET", "/");
+        assert!(nf.starts_with("HTTP/1.1 404"), "{nf}");
+        let post = http(srv.local_addr, "POST", "/metrics");
+        assert!(post.starts_with("HTTP/1.1 404"), "{post}");
+        srv.shutdown();
     }
 }
