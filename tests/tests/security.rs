@@ -58,6 +58,7 @@ fn the_control_port_refuses_strangers_and_read_only_operators_cannot_write() {
         &["policy", "history"],
         &["cluster", "members"],
         &["ct", "count"],
+        &["stats", "--json"],
     ] {
         assert_code(
             &format!("reader {args:?}"),
