@@ -246,6 +246,7 @@ mod tests {
         list_expectations(ListExpectationsRequest) -> ListExpectationsReply;
         sync_status(SyncStatusRequest) -> SyncStatusReply;
         sync_resync(SyncResyncRequest) -> SyncStatusReply;
+        stats(StatsRequest) -> StatsReply;
         {
         async fn list_connections(
             &self,

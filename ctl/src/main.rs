@@ -115,6 +115,15 @@ enum Command {
     /// State replication with the peer gateway(s).
     #[command(subcommand)]
     Sync(SyncCmd),
+    /// Every counter and gauge of the node: the families of its Prometheus endpoint.
+    Stats {
+        /// Redraw every SECONDS, with per-second rates of the counters, until Ctrl-C.
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+        watch: Option<u64>,
+        /// Print JSON (like `-o json`); with --watch, one line per refresh.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make the cluster CA and the certificates of nodes and operators (local files only).
     Certs(CertsArgs),
 }
@@ -752,6 +761,38 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                     "HA settings committed: preferred active {:?}, require quorum {}",
                     h.preferred_active, h.require_quorum
                 );
+            }
+        }
+        Command::Stats { watch, json: j } => {
+            let json = json || j;
+            let mut prev: Option<v1::StatsReply> = None;
+            loop {
+                let r = c
+                    .stats(v1::StatsRequest {})
+                    .await
+                    .map_err(err)?
+                    .into_inner();
+                match (json, watch) {
+                    (true, None) => print_json(&output::stats_json(&r)),
+                    (true, Some(_)) => println!("{}", output::stats_json(&r)),
+                    (false, None) => output::print_stats(&r, None),
+                    (false, Some(s)) => {
+                        // Clear the terminal and redraw from its top.
+                        print!("\x1b[2J\x1b[H");
+                        println!(
+                            "{} at {} UTC, every {s} s (Ctrl-C stops)",
+                            r.node_name,
+                            output::utc(r.unix_ms)
+                        );
+                        output::print_stats(&r, prev.as_ref());
+                    }
+                }
+                let Some(s) = watch else { break };
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(s)) => {}
+                    _ = tokio::signal::ctrl_c() => break,
+                }
+                prev = Some(r);
             }
         }
         Command::Ha(_) | Command::Certs(_) => {} // the local commands returned above

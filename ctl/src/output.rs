@@ -432,6 +432,82 @@ pub fn print_expectations(es: &[v1::Expectation]) {
     print_table(&t);
 }
 
+fn labels_text(s: &v1::StatsSample) -> String {
+    s.labels
+        .iter()
+        .map(|l| format!("{}={}", l.name, l.value))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `fwctl stats -o json`: families by exposed name, each with its type, help and samples.
+pub fn stats_json(r: &v1::StatsReply) -> Value {
+    let metrics: serde_json::Map<String, Value> = r
+        .families
+        .iter()
+        .map(|f| {
+            let samples: Vec<Value> = f
+                .samples
+                .iter()
+                .map(|s| {
+                    let labels: serde_json::Map<String, Value> = s
+                        .labels
+                        .iter()
+                        .map(|l| (l.name.clone(), Value::from(l.value.clone())))
+                        .collect();
+                    json!({ "labels": labels, "value": s.value })
+                })
+                .collect();
+            let kind = if f.counter { "counter" } else { "gauge" };
+            (
+                f.name.clone(),
+                json!({ "type": kind, "help": f.help, "samples": samples }),
+            )
+        })
+        .collect();
+    json!({ "node": r.node_name, "unix_ms": r.unix_ms, "metrics": metrics })
+}
+
+/// Per-second rate of a counter sample since `prev` (same family and labels), if it was there.
+fn rate(
+    prev: &v1::StatsReply,
+    now: &v1::StatsReply,
+    f: &v1::StatsFamily,
+    s: &v1::StatsSample,
+) -> Option<f64> {
+    let dt = now.unix_ms.checked_sub(prev.unix_ms).filter(|d| *d > 0)? as f64 / 1000.0;
+    let before = prev
+        .families
+        .iter()
+        .find(|p| p.name == f.name)?
+        .samples
+        .iter()
+        .find(|p| p.labels == s.labels)?;
+    Some(s.value.saturating_sub(before.value) as f64 / dt)
+}
+
+/// `fwctl stats`: one row per sample; with `prev` (watch mode) a rate column for counters.
+pub fn print_stats(r: &v1::StatsReply, prev: Option<&v1::StatsReply>) {
+    let mut header = vec!["METRIC", "LABELS", "VALUE"];
+    if prev.is_some() {
+        header.push("PER SECOND");
+    }
+    let mut t = table(&header);
+    for f in &r.families {
+        for s in &f.samples {
+            let mut row = vec![f.name.clone(), labels_text(s), s.value.to_string()];
+            if let Some(p) = prev {
+                row.push(match (f.counter, rate(p, r, f, s)) {
+                    (true, Some(x)) => format!("{x:.1}"),
+                    _ => String::new(),
+                });
+            }
+            t.add_row(row);
+        }
+    }
+    print_table(&t);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,5 +526,40 @@ mod tests {
         assert_eq!(endpoint("203.0.113.10", 0), "203.0.113.10");
         assert_eq!(proto_name(6), "tcp");
         assert_eq!(proto_name(132), "132");
+    }
+
+    #[test]
+    fn stats_json_keys_families_by_name_and_rates_follow_counters() {
+        let sample = |v| v1::StatsSample {
+            labels: vec![v1::StatsLabel {
+                name: "verdict".into(),
+                value: "accept".into(),
+            }],
+            value: v,
+        };
+        let reply = |ms, v| v1::StatsReply {
+            node_name: "n1".into(),
+            unix_ms: ms,
+            families: vec![v1::StatsFamily {
+                name: "keepstate_verdicts_total".into(),
+                help: "h".into(),
+                counter: true,
+                samples: vec![sample(v)],
+            }],
+        };
+        let (a, b) = (reply(1_000, 10), reply(3_000, 30));
+        let j = stats_json(&b);
+        let f = &j["metrics"]["keepstate_verdicts_total"];
+        assert_eq!(f["type"], "counter");
+        assert_eq!(f["samples"][0]["labels"]["verdict"], "accept");
+        assert_eq!(f["samples"][0]["value"], 30);
+        assert_eq!(
+            rate(&a, &b, &b.families[0], &b.families[0].samples[0]),
+            Some(10.0)
+        );
+        assert_eq!(
+            rate(&b, &a, &a.families[0], &a.families[0].samples[0]),
+            None
+        );
     }
 }

@@ -180,6 +180,7 @@ pub fn start(
     datapath: Option<Datapath>,
     transport: Transport,
     members: Members,
+    stats: Arc<crate::metrics::Sources>,
 ) -> Result<ControlPlane, StartError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -249,6 +250,7 @@ pub fn start(
             quorum_timeout: Duration::from_millis(cfg.election_timeout_max_ms * 2),
         },
         members: members.clone(),
+        stats,
     };
     let incoming = runtime
         .block_on(async { transport.incoming(cfg.listen) })
@@ -294,6 +296,12 @@ pub fn start(
 }
 
 impl ControlPlane {
+    /// The control plane's runtime, for other small servers of the management network
+    /// (the metrics endpoint).
+    pub fn runtime(&self) -> tokio::runtime::Handle {
+        self.runtime.handle().clone()
+    }
+
     /// Stop serving and shut Raft down (bounded).
     pub fn shutdown(mut self) {
         if let Some(s) = self.stop.take() {

@@ -42,6 +42,9 @@
 //! cert = "/etc/keepstate/tls/node-1.crt"  # this node's (`fwctl certs issue-node 1`)
 //! key = "/etc/keepstate/tls/node-1.key"
 //! # plaintext = true                    # instead of the three: no TLS at all (labs only)
+//!
+//! [metrics]                             # optional: Prometheus endpoint, GET /metrics (off
+//! listen = "198.18.0.1:9400"            # when absent); guarded like the gRPC ports
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -73,6 +76,9 @@ pub struct Config {
     /// Transport security of the gRPC ports; required with `[cluster]`.
     #[serde(default)]
     pub tls: Option<crate::tls::TlsConfig>,
+    /// The Prometheus endpoint (`GET /metrics`); off when absent.
+    #[serde(default)]
+    pub metrics: Option<crate::metrics::MetricsConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -109,12 +115,13 @@ pub struct DatapathConfig {
     pub chain: String,
     /// Install the iptables rules on start (turn off to manage them by hand).
     pub install_rules: bool,
-    /// With the rules: accept fwnode's gRPC ports (`[cluster]`, `[sync]` listen) only on the
-    /// interface that holds their address, and drop them everywhere else.
+    /// With the rules: accept fwnode's own ports (`[cluster]`, `[sync]` and `[metrics]`
+    /// listen) only on the interface that holds their address, and drop them everywhere else.
     pub guard_ports: bool,
     /// Most netlink datagrams drained before verdicts are sent.
     pub batch_datagrams: usize,
-    /// Where counters are written as JSON every 200 ms.
+    /// Where counters are written as JSON every 200 ms (for scripts and benchmarks; people use
+    /// `fwctl stats`, Prometheus the `[metrics]` endpoint).
     pub stats_file: Option<PathBuf>,
     /// The mark bit (exactly one bit) a REJECT verdict ORs into the packet's mark so that our
     /// kernel rule rejects it; pick one that no other mark user on the gateway sets.

@@ -14,6 +14,8 @@
 //! - `raft`, `api` and `cluster` replicate the policy with openraft and serve the control API;
 //!   `transport` is the one place gRPC servers and channels are built; `tls` holds the cluster
 //!   CA's rustls configurations and the identity checks (node membership, operator roles).
+//! - `metrics` reads every counter at scrape time for Prometheus (`[metrics]`) and `fwctl
+//!   stats`; it only reads what the others count.
 
 pub mod api;
 pub mod cluster;
@@ -22,6 +24,7 @@ pub mod conntrack;
 pub mod datapath;
 pub mod ha;
 pub mod helper;
+pub mod metrics;
 pub mod packet;
 pub mod policy;
 pub mod raft;

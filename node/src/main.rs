@@ -18,6 +18,7 @@ use fwnode::datapath::rules::{self, RuleSpec};
 use fwnode::datapath::worker::{self, Pipeline, WorkerConfig, WorkerStats};
 use fwnode::ha::{HaHandle, HaServer};
 use fwnode::helper::ftp::Reject;
+use fwnode::metrics::{DatapathSource, MetricsServer, Sources};
 use fwnode::packet::{proto, ParseError};
 use fwnode::policy::PolicyStore;
 use fwnode::raft::Role;
@@ -84,6 +85,7 @@ fn rule_spec(cfg: &Config) -> RuleSpec {
                 .iter()
                 .map(|c| c.listen)
                 .chain(cfg.sync.iter().map(|s| s.listen))
+                .chain(cfg.metrics.iter().map(|m| m.listen))
                 .collect()
         } else {
             vec![]
@@ -419,6 +421,28 @@ fn run(cfg: Config) -> Result<()> {
         }
         _ => (None, None),
     };
+    // What Prometheus and `fwctl stats` read, at their own time.
+    let sources = Arc::new(Sources {
+        node: cfg.node.name.clone(),
+        policy: store.clone(),
+        datapath: gateway.then(|| {
+            let spec = rule_spec(&cfg);
+            DatapathSource {
+                ct: ct.clone(),
+                origin,
+                workers: all_stats.clone(),
+                queues: (0..spec.queues)
+                    .map(|i| spec.first_queue + i)
+                    .chain(spec.helper_queue)
+                    .collect(),
+                sync: sync.as_ref().map(|h| {
+                    let v = h.view();
+                    Arc::new(move || v.status()) as Arc<dyn Fn() -> _ + Send + Sync>
+                }),
+            }
+        }),
+        ha: ha.clone(),
+    });
     let control = match &cfg.cluster {
         Some(c) => {
             let dp = gateway.then(|| ApiDatapath {
@@ -446,8 +470,30 @@ fn run(cfg: Config) -> Result<()> {
                 dp,
                 transport.clone(),
                 members.clone(),
+                sources.clone(),
             )?)
         }
+        None => None,
+    };
+    // On the control plane's runtime when there is one.
+    let metrics = match &cfg.metrics {
+        Some(m) => match MetricsServer::start(
+            m.listen,
+            control.as_ref().map(|c| c.runtime()),
+            sources.clone(),
+            control.as_ref().map(|c| c.raft.clone()),
+        ) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                if let Some(c) = control {
+                    c.shutdown();
+                }
+                if let Some(s) = sync {
+                    s.shutdown();
+                }
+                return Err(e.into());
+            }
+        },
         None => None,
     };
     let datapath = if gateway {
@@ -456,6 +502,9 @@ fn run(cfg: Config) -> Result<()> {
         match start_datapath(&cfg, &ct, &store, &all_stats, origin, &stop, replication) {
             Ok(d) => Some(d),
             Err(e) => {
+                if let Some(m) = metrics {
+                    m.shutdown();
+                }
                 if let Some(c) = control {
                     c.shutdown();
                 }
@@ -520,6 +569,9 @@ fn run(cfg: Config) -> Result<()> {
     match &died {
         Some(why) => tracing::error!("{why}; stopping (exit status 1)"),
         None => tracing::info!("stopping"),
+    }
+    if let Some(m) = metrics {
+        m.shutdown();
     }
     if let Some(c) = control {
         c.shutdown();

@@ -271,7 +271,7 @@ pub fn server_name(peer: Option<u64>) -> Result<ServerName<'static>, TlsError> {
 /// An operator's role, carried in the certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum OperatorRole {
-    /// Reads: status, connections, expectations, policy show/history, sync status.
+    /// Reads: status, connections, expectations, policy show/history, sync status, stats.
     Read,
     /// Everything.
     Admin,

@@ -12,6 +12,8 @@ use crate::{bin, shell_quote, Certs, Lab, Proc};
 
 pub const OPS: &str = "198.18.0.100";
 pub const PORT: u16 = 7400;
+/// Every member serves Prometheus metrics on its management address at this port.
+pub const METRICS_PORT: u16 = 9400;
 
 /// One member: where it runs and how it is configured.
 #[derive(Debug)]
@@ -106,7 +108,7 @@ impl ClusterLab {
                     "[node]\nname = \"n{id}\"\n\n[datapath]\nchain = \"{p}\"\nstats_file = \"{stats}\"\n\n\
                      [cluster]\nid = {id}\nlisten = \"{addr}\"\ndata_dir = \"{data}\"\nrole = \"{role}\"\n\
                      heartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n\
-                     {commit}{extra_cluster}\n\n{tls}",
+                     {commit}{extra_cluster}\n\n[metrics]\nlisten = \"198.18.0.{id}:{METRICS_PORT}\"\n\n{tls}",
                     stats = stats.display(),
                     data = lab.dir.join(format!("data{id}")).display(),
                     tls = certs.tls_section(id),
@@ -212,6 +214,42 @@ impl ClusterLab {
             stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
         }
+    }
+
+    /// `curl` of member `id`'s metrics endpoint at `path` from the operator's host: the HTTP
+    /// status code and the body.
+    pub fn scrape_path(&self, id: u64, path: &str) -> (u16, String) {
+        let out = self.lab.sh(
+            "sw",
+            &format!(
+                "curl -sS --max-time 5 -w '\\n%{{http_code}}' http://198.18.0.{id}:{METRICS_PORT}{path}"
+            ),
+        );
+        let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", out.trim()));
+        (
+            code.trim().parse().unwrap_or(0),
+            body.trim_end().to_string(),
+        )
+    }
+
+    /// The metrics of member `id`: each series (`name{labels}` as exposed) and its value.
+    pub fn scrape(&self, id: u64) -> std::collections::BTreeMap<String, f64> {
+        let (code, body) = self.scrape_path(id, "/metrics");
+        assert_eq!(code, 200, "GET /metrics of member {id}: {body}");
+        assert!(
+            body.ends_with("# EOF"),
+            "an OpenMetrics exposition ends in # EOF: {body}"
+        );
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (series, v) = l
+                    .rsplit_once(' ')
+                    .unwrap_or_else(|| panic!("not a sample line: {l:?}"));
+                let v = v.parse().unwrap_or_else(|_| panic!("not a value: {l:?}"));
+                (series.to_string(), v)
+            })
+            .collect()
     }
 
     /// `status -o json` of member `id`.

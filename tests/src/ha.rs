@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::cluster::{ClusterLab, Ctl, Member, OPS, PORT};
+use crate::cluster::{ClusterLab, Ctl, Member, METRICS_PORT, OPS, PORT};
 use crate::{bin, shell_quote, Lab, Proc, GW_LAN4, GW_LAN6, GW_WAN4, GW_WAN6};
 use crate::{CLIENT4, CLIENT6, SERVER4, SERVER6};
 
@@ -277,7 +277,7 @@ impl HaLab {
                  [conntrack]\ntcp_pickup = false\n\n\
                  [cluster]\nid = {id}\nlisten = \"{addr}\"\ndata_dir = \"{data}\"\nrole = \"{role}\"\n\
                  heartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n\
-                 commit_timeout_ms = 2000\n\n{tls}\n",
+                 commit_timeout_ms = 2000\n\n[metrics]\nlisten = \"198.18.0.{id}:{METRICS_PORT}\"\n\n{tls}\n",
                 stats = stats.display(),
                 data = lab.dir.join(format!("data{id}")).display(),
                 tls = certs.tls_section(id),

@@ -502,11 +502,147 @@ fn the_datapath_keeps_forwarding_through_policy_swaps() {
 /// through the gateway cannot reach the management address (Linux would accept it on any
 /// interface), the operator host can, and the gateway's own INPUT traffic is still tracked by
 /// the kernel (only forwarded traffic is NOTRACK), so `ctstate ESTABLISHED` INPUT rules work.
+/// The value of `series` (as exposed: `name{labels}`) in a scrape; 0 when absent.
+fn val(m: &std::collections::BTreeMap<String, f64>, series: &str) -> f64 {
+    m.get(series).copied().unwrap_or(0.0)
+}
+
+/// The sum of every series of family `name` (all label sets).
+fn family_sum(m: &std::collections::BTreeMap<String, f64>, name: &str) -> f64 {
+    m.iter()
+        .filter(|(k, _)| k.as_str() == name || k.starts_with(&format!("{name}{{")))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+const ACCEPTED: &str = r#"keepstate_verdicts_total{verdict="accept",reason="policy"}"#;
+const DROPPED: &str = r#"keepstate_verdicts_total{verdict="drop",reason="policy"}"#;
+
+#[test]
+fn metrics_are_scraped_and_move_with_allowed_and_denied_traffic() {
+    let c = ClusterLab::start("");
+    c.form();
+    let _srv = serve(&c);
+    c.apply(1, &allow(8080)).ok();
+    wait_version(&c, 1, Duration::from_secs(2));
+    let leader = c.wait_leader(Duration::from_secs(5));
+
+    let before = c.scrape(1);
+    assert_eq!(val(&before, "keepstate_policy_version"), 1.0, "{before:?}");
+    assert_eq!(
+        val(&before, r#"keepstate_node_info{node="n1",version="0.1.0"}"#),
+        1.0,
+        "{before:?}"
+    );
+    assert_eq!(val(&before, "keepstate_raft_leader_id"), leader as f64);
+    assert!(val(&before, "keepstate_raft_term") >= 1.0, "{before:?}");
+    assert!(
+        val(&before, "keepstate_raft_applied_index") >= 1.0,
+        "{before:?}"
+    );
+    assert_eq!(
+        val(&before, r#"keepstate_ha_role{role="standalone"}"#),
+        1.0,
+        "no [ha]: standalone"
+    );
+
+    // Allowed: five connections to 8080. Denied: one to 9000 (its SYNs are dropped).
+    for _ in 0..5 {
+        assert!(connects(&c, 8080), "policy v1 allows 8080");
+    }
+    assert!(!connects(&c, 9000), "policy v1 drops 9000");
+
+    // Verdicts count at once; the queue totals are published about ten times a second.
+    let t = Instant::now();
+    let after = loop {
+        let m = c.scrape(1);
+        let moved = val(&m, ACCEPTED) >= val(&before, ACCEPTED) + 10.0
+            && val(&m, DROPPED) > val(&before, DROPPED)
+            && val(&m, "keepstate_packets_total") > val(&before, "keepstate_packets_total")
+            && val(&m, "keepstate_bytes_total") > val(&before, "keepstate_bytes_total");
+        if moved {
+            break m;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the counters did not move with the traffic:\nbefore {before:?}\nafter {m:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        val(&after, r#"keepstate_ct_packets_total{state="new"}"#) >= 6.0,
+        "{after:?}"
+    );
+    assert!(
+        family_sum(&after, "keepstate_connections") > 0.0,
+        "the five connections (closing or closed) are still in the table: {after:?}"
+    );
+    assert!(
+        val(
+            &after,
+            r#"keepstate_ct_connection_events_total{event="created"}"#
+        ) >= 5.0,
+        "{after:?}"
+    );
+    assert_eq!(val(&after, "keepstate_policy_version"), 1.0);
+    // The kernel's view of the node's queues (worker queue 0, helper queue 1) is read too.
+    for q in [0, 1] {
+        let waiting = format!(r#"keepstate_nfqueue_waiting{{queue="{q}"}}"#);
+        assert!(after.contains_key(&waiting), "no {waiting}: {after:?}");
+    }
+    // A new policy version shows at the next scrape.
+    c.apply(2, &allow(9000)).ok();
+    wait_version(&c, 2, Duration::from_secs(2));
+    assert_eq!(val(&c.scrape(1), "keepstate_policy_version"), 2.0);
+
+    // Only GET /metrics.
+    let (code, _) = c.scrape_path(1, "/");
+    assert_eq!(code, 404);
+    // The witness has the Raft and policy families, no datapath.
+    let w = c.scrape(3);
+    assert_eq!(val(&w, "keepstate_policy_version"), 2.0, "{w:?}");
+    assert_eq!(val(&w, "keepstate_raft_leader_id"), leader as f64, "{w:?}");
+    assert!(
+        !w.keys().any(|k| k.starts_with("keepstate_verdicts")),
+        "{w:?}"
+    );
+
+    // `fwctl stats` (read role) reports the same families.
+    let reader = c.certs.ctl_args("reader");
+    let out = c.ctl_with(&reader, &c.members[0].addr, 5, &["stats", "--json"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let j = out.json();
+    assert_eq!(j["node"], "n1", "{j}");
+    assert_eq!(
+        j["metrics"]["keepstate_policy_version"]["samples"][0]["value"], 2,
+        "{j}"
+    );
+    let verdicts = &j["metrics"]["keepstate_verdicts_total"];
+    assert_eq!(verdicts["type"], "counter", "{j}");
+    let accepted = verdicts["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["labels"]["verdict"] == "accept")
+        .and_then(|s| s["value"].as_u64())
+        .unwrap();
+    assert!(
+        accepted as f64 >= val(&after, ACCEPTED),
+        "fwctl stats and /metrics count alike: {accepted} < {}",
+        val(&after, ACCEPTED)
+    );
+    let table = c.ctl(1, &["stats"]).ok().stdout;
+    assert!(
+        table.contains("METRIC") && table.contains("verdict=accept,reason=policy"),
+        "{table}"
+    );
+}
+
 #[test]
 fn the_control_port_is_reachable_only_from_the_management_network() {
     let c = ClusterLab::start("");
     let port = keepstate_tests::cluster::PORT;
-    let reaches = |host: &str| {
+    let reaches_port = |host: &str, port: u16| {
         c.lab
             .try_sh(
                 host,
@@ -515,6 +651,14 @@ fn the_control_port_is_reachable_only_from_the_management_network() {
             .status
             .success()
     };
+    let reaches = |host: &str| reaches_port(host, port);
+    // The metrics port is guarded alike.
+    let metrics = keepstate_tests::cluster::METRICS_PORT;
+    assert!(reaches_port("sw", metrics), "the operator host scrapes");
+    assert!(
+        !reaches_port("client", metrics),
+        "a LAN host reached the gateway's metrics port through the gateway"
+    );
     // A counter for the kernel's view of the gateway's own traffic, ahead of fwnode's chain.
     c.lab.sh(
         "gw",

@@ -261,6 +261,29 @@ fn fwnode_reports_the_role_its_socket_sets() {
     let st = gw.stats();
     assert_eq!(st["ha"]["role"], "active", "{st}");
     assert_eq!(st["ha"]["ready"], true, "{st}");
+    // `fwctl stats` (the metrics' families) reports the role alike: 1 for active, 0 for the rest.
+    let o = lab.try_sh(
+        "gw",
+        &format!(
+            "{} --node 127.0.0.1:7400 {} stats --json",
+            ctl.display(),
+            certs.ctl_args("reader")
+        ),
+    );
+    assert!(o.status.success(), "{o:?}");
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let roles = m["metrics"]["keepstate_ha_role"]["samples"]
+        .as_array()
+        .unwrap();
+    for r in roles {
+        let want = u64::from(r["labels"]["role"] == "active");
+        assert_eq!(r["value"], want, "{m}");
+    }
+    assert_eq!(roles.len(), 5, "{m}");
+    assert_eq!(
+        m["metrics"]["keepstate_ha_ready"]["samples"][0]["value"], 1,
+        "{m}"
+    );
     fwctl(&ctl, false, &["ha", "fault", "--ha-socket", s]).ok();
     assert_eq!(status()["ha"]["role"], "fault");
 

@@ -58,6 +58,7 @@ fn the_control_port_refuses_strangers_and_read_only_operators_cannot_write() {
         &["policy", "history"],
         &["cluster", "members"],
         &["ct", "count"],
+        &["stats", "--json"],
     ] {
         assert_code(
             &format!("reader {args:?}"),
@@ -196,6 +197,31 @@ fn the_sync_port_refuses_strangers_and_non_members_and_the_table_is_untouched() 
     assert_eq!([count(Gw::Gw1), count(Gw::Gw2)], before);
     ha.wait_caught_up(Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("the real peers lost their streams: {e}\n{}", ha.diag()));
+    // The metrics say so too: each gateway's stream with the other is up and in sync, and
+    // the refused strangers are not peers.
+    for (id, peer) in [(1u64, 2u64), (2, 1)] {
+        let m = ha.c.scrape(id);
+        let series = |name: &str| -> Vec<f64> {
+            m.iter()
+                .filter(|(k, _)| k.starts_with(&format!("{name}{{")))
+                .map(|(_, v)| *v)
+                .collect()
+        };
+        let addr = format!("198.18.0.{peer}:{SYNC_PORT}");
+        for name in [
+            "keepstate_sync_peer_connected",
+            "keepstate_sync_peer_in_sync",
+        ] {
+            let key = format!(r#"{name}{{peer="{peer}",addr="{addr}"}}"#);
+            assert_eq!(m.get(&key), Some(&1.0), "member {id}: {key} in {m:?}");
+            assert_eq!(series(name).len(), 1, "member {id}: one peer only: {m:?}");
+        }
+        assert_eq!(
+            m.get("keepstate_sync_ready"),
+            Some(&1.0),
+            "member {id}: {m:?}"
+        );
+    }
 
     // And the datapath still says no to an unsolicited inbound connection (a listener on the
     // client, a connection attempt from the server), while the client's outbound works.

@@ -88,6 +88,8 @@ pub struct ControlService {
     pub limits: WriteLimits,
     /// The membership the identity checks use (member nodes may forward writes).
     pub members: Members,
+    /// What `Stats` reports (the metrics endpoint's families).
+    pub stats: Arc<crate::metrics::Sources>,
 }
 
 impl std::fmt::Debug for ControlService {
@@ -461,6 +463,19 @@ impl Control for ControlService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(v1::ListExpectationsReply { expectations }))
+    }
+
+    async fn stats(
+        &self,
+        request: Request<v1::StatsRequest>,
+    ) -> Result<Response<v1::StatsReply>, Status> {
+        self.allow(&request, OperatorRole::Read)?;
+        let (stats, raft) = (self.stats.clone(), self.raft.clone());
+        // Off the runtime that drives Raft: the per-state counts visit every shard.
+        let reply = tokio::task::spawn_blocking(move || stats.stats_reply(Some(&raft)))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(reply))
     }
 }
 

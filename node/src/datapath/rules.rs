@@ -14,7 +14,7 @@
 //!   kernel from tracking what we track: fragments reach our queue reassembled, so a fragment
 //!   never slips past the policy (and one that still arrives is INVALID and dropped).
 //! - `filter` table, chain `NAME-in`, jumped to from INPUT (when `local_ports` is not empty):
-//!   fwnode's gRPC ports are accepted only for the listen address, and only when the packet
+//!   fwnode's own ports (gRPC, and the metrics endpoint) are accepted only for the listen address, and only when the packet
 //!   arrived on the interface that holds that address (`--limit-iface-in`) or from the host
 //!   itself (lo); every other packet to those ports is dropped. Linux accepts packets for any local address on any interface,
 //!   so without this a LAN host that routes through the gateway could reach its management
@@ -76,7 +76,7 @@ pub struct RuleSpec {
     pub helper_ports: Vec<(String, u16)>,
     pub reject_mark: u32,
     pub fail_open: bool,
-    /// fwnode's own TCP listeners (Raft + control, sync): reachable only on the interface
+    /// fwnode's own TCP listeners (Raft + control, sync, metrics): reachable only on the interface
     /// that holds their address. Empty: no INPUT chain.
     pub local_ports: Vec<std::net::SocketAddr>,
 }
