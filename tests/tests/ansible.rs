@@ -130,7 +130,8 @@ const HOSTS: [(&str, u64, &str); 3] = [
 
 struct AnsibleLab {
     lab: Lab,
-    inventory: PathBuf,
+    /// Where fwnode and fwctl are (copied to the hosts by the role).
+    bin_dir: PathBuf,
 }
 
 impl AnsibleLab {
@@ -178,18 +179,25 @@ impl AnsibleLab {
             "fwctl is not next to fwnode in {}",
             bin_dir.display()
         );
-        let mut hosts = String::new();
-        for (host, id, role) in HOSTS {
-            let prio = if host == "gw1" { 110 } else { 100 };
-            hosts.push_str(&format!(
+        AnsibleLab { lab, bin_dir }
+    }
+
+    /// Write an inventory of `hosts` (a subset of HOSTS, in that order) to `<lab>/<name>.yml`.
+    fn inventory(&self, name: &str, hosts: &[&str]) -> PathBuf {
+        let lab = &self.lab;
+        let p = &lab.prefix;
+        let mut list = String::new();
+        for (host, id, role) in HOSTS.iter().filter(|(h, _, _)| hosts.contains(h)) {
+            let prio = if *host == "gw1" { 110 } else { 100 };
+            list.push_str(&format!(
                 "        {host}:\n          ansible_python_interpreter: {py}\n          keepstate_root: {root}\n\
                  \x20         keepstate_node_id: {id}\n          keepstate_mgmt_address: 198.18.0.{id}\n\
                  \x20         keepstate_cluster_role: {role}\n          keepstate_vrrp_priority: {prio}\n",
                 py = lab.dir.join(format!("python-{host}")).display(),
-                root = lab.dir.join(format!("root-{host}")).display(),
+                root = self.root(host).display(),
             ));
         }
-        let inventory = lab.dir.join("hosts.yml");
+        let inventory = lab.dir.join(format!("{name}.yml"));
         std::fs::write(
             &inventory,
             format!(
@@ -201,26 +209,28 @@ impl AnsibleLab {
                  \x20       keepstate_lan_if: {lan}\n        keepstate_wan_if: {wan}\n\
                  \x20       keepstate_lan_vip6: 2001:db8:1::1/64\n        keepstate_wan_vip6: 2001:db8:2::1/64\n\
                  \x20       keepstate_cluster_extra: \"heartbeat_ms = 50\\nelection_timeout_min_ms = 300\\nelection_timeout_max_ms = 600\\n\"\n\
-                 \x20     hosts:\n{hosts}",
-                bins = bin_dir.display(),
+                 \x20     hosts:\n{list}",
+                bins = self.bin_dir.display(),
                 ca = lab.dir.join("ca").display(),
                 lan = lab.gw_if("lan"),
                 wan = lab.gw_if("wan"),
             ),
         )
         .unwrap();
-        AnsibleLab { lab, inventory }
+        inventory
     }
 
     fn root(&self, host: &str) -> PathBuf {
         self.lab.dir.join(format!("root-{host}"))
     }
 
-    /// Run site.yml on the lab; returns the recap (host -> counters) after asserting success.
-    fn play(&self, run: &str) -> BTreeMap<String, BTreeMap<String, u64>> {
+    /// Run site.yml on `hosts` of the lab; returns the recap (host -> counters) after
+    /// asserting that it succeeded on each of them.
+    fn play(&self, run: &str, hosts: &[&str]) -> BTreeMap<String, BTreeMap<String, u64>> {
+        let inventory = self.inventory(run, hosts);
         let o = ansible("ansible-playbook", &self.lab.dir)
             .arg("-i")
-            .arg(&self.inventory)
+            .arg(&inventory)
             .arg("site.yml")
             .output()
             .expect("running ansible-playbook");
@@ -232,9 +242,9 @@ impl AnsibleLab {
             self.logs()
         );
         let recap = recap(&out);
-        for (host, _, _) in HOSTS {
+        for host in hosts {
             let r = recap
-                .get(host)
+                .get(*host)
                 .unwrap_or_else(|| panic!("{host} is not in the recap of the {run} run:\n{out}"));
             for bad in ["failed", "unreachable"] {
                 assert_eq!(r.get(bad), Some(&0), "{run} run: {host} {bad}:\n{out}");
@@ -343,24 +353,13 @@ fn recap_parses_ansible_output() {
     assert!(recap("no recap here").is_empty());
 }
 
-#[test]
-fn role_forms_the_cluster_in_the_namespace_lab_and_a_second_run_changes_nothing() {
-    let a = AnsibleLab::start();
-
-    let first = a.play("first");
-    for (host, _, _) in HOSTS {
-        assert!(
-            first[host]["changed"] > 0,
-            "the first run changed nothing on {host}: {first:?}"
-        );
-    }
-
-    // Every rendered file passes the daemons' own checks (in the host's namespace, where the
-    // interfaces they name exist).
-    for (host, _, role) in HOSTS {
-        let root = a.root(host);
+impl AnsibleLab {
+    /// Every rendered file of `host` passes the daemons' own checks (in the host's namespace,
+    /// where the interfaces they name exist).
+    fn check_files(&self, host: &str, role: &str) {
+        let root = self.root(host);
         let config = root.join("etc/keepstate/fwnode.toml");
-        a.lab.sh(
+        self.lab.sh(
             host,
             &format!(
                 "{} --check-config {}",
@@ -370,7 +369,7 @@ fn role_forms_the_cluster_in_the_namespace_lab_and_a_second_run_changes_nothing(
         );
         let ka = root.join("etc/keepalived/keepalived.conf");
         if role == "gateway" {
-            let o = a.lab.try_sh(
+            let o = self.lab.try_sh(
                 host,
                 &format!(
                     "keepalived -t -f {}",
@@ -405,75 +404,127 @@ fn role_forms_the_cluster_in_the_namespace_lab_and_a_second_run_changes_nothing(
         let unit = std::fs::read_to_string(root.join("etc/systemd/system/fwnode.service")).unwrap();
         assert!(
             unit.contains(&format!(
-                "ExecStart={}",
-                root.join("usr/local/bin/fwnode").display()
+                "ExecStart={} --config {}",
+                root.join("usr/local/bin/fwnode").display(),
+                config.display()
             )),
             "the unit does not run the installed fwnode:\n{unit}"
         );
     }
 
-    // The cluster is the role's doing: three voters, one leader seen by everyone, the policy
-    // committed once (version 1) and enforced by every member.
-    let t = Instant::now();
-    let leader = loop {
-        let leaders: Vec<u64> = HOSTS
+    /// Wait until the members `hosts` all see one leader and enforce policy version 1, then
+    /// check the membership: exactly those hosts, all voters, with their roles, names and
+    /// addresses.
+    fn check_cluster(&self, hosts: &[&str]) {
+        let expected: Vec<(&str, u64, &str)> = HOSTS
             .iter()
-            .map(|(_, id, _)| {
-                let s = a.json(*id, &["status"]);
+            .copied()
+            .filter(|(h, _, _)| hosts.contains(h))
+            .collect();
+        let t = Instant::now();
+        let leader = loop {
+            let mut leaders = vec![];
+            let mut versions = vec![];
+            for (_, id, _) in &expected {
+                let s = self.json(*id, &["status"]);
                 assert_eq!(s["raft"]["initialized"], true, "node {id}: {s}");
-                s["raft"]["leader_id"].as_u64().unwrap_or(0)
-            })
-            .collect();
-        let versions: Vec<u64> = HOSTS
-            .iter()
-            .map(|(_, id, _)| {
-                a.json(*id, &["status"])["policy"]["version"]
-                    .as_u64()
-                    .unwrap_or(0)
-            })
-            .collect();
-        if leaders[0] != 0
-            && leaders.iter().all(|&l| l == leaders[0])
-            && versions.iter().all(|&v| v == 1)
-        {
-            break leaders[0];
+                leaders.push(s["raft"]["leader_id"].as_u64().unwrap_or(0));
+                versions.push(s["policy"]["version"].as_u64().unwrap_or(0));
+            }
+            if leaders[0] != 0
+                && leaders.iter().all(|&l| l == leaders[0])
+                && versions.iter().all(|&v| v == 1)
+            {
+                break leaders[0];
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "no agreed leader and policy version 1 on {hosts:?}: leaders {leaders:?}, \
+                 versions {versions:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let via = expected[expected.len() - 1].1;
+        let members = self.json(via, &["cluster", "members"]);
+        assert_eq!(members["leader_id"].as_u64(), Some(leader), "{members}");
+        let list = members["members"].as_array().unwrap();
+        assert_eq!(list.len(), expected.len(), "{members}");
+        for (host, id, role) in expected {
+            let m = list
+                .iter()
+                .find(|m| m["id"].as_u64() == Some(id))
+                .unwrap_or_else(|| panic!("{host} (id {id}) is not a member: {members}"));
+            assert_eq!(m["voter"], true, "{members}");
+            assert_eq!(m["role"], role, "{members}");
+            assert_eq!(m["name"], host, "{members}");
+            assert_eq!(m["addr"], format!("198.18.0.{id}:{PORT}"), "{members}");
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "no agreed leader and policy version 1 everywhere: leaders {leaders:?}, versions {versions:?}\n{}",
-            a.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let members = a.json(2, &["cluster", "members"]);
-    assert_eq!(members["leader_id"].as_u64(), Some(leader), "{members}");
-    let list = members["members"].as_array().unwrap();
-    assert_eq!(list.len(), 3, "{members}");
-    for (host, id, role) in HOSTS {
-        let m = list
-            .iter()
-            .find(|m| m["id"].as_u64() == Some(id))
-            .unwrap_or_else(|| panic!("{host} (id {id}) is not a member: {members}"));
-        assert_eq!(m["voter"], true, "{members}");
-        assert_eq!(m["role"], role, "{members}");
-        assert_eq!(m["name"], host, "{members}");
-        assert_eq!(m["addr"], format!("198.18.0.{id}:{PORT}"), "{members}");
     }
-    let pids: Vec<String> = HOSTS.iter().map(|(h, _, _)| a.pid(h)).collect();
+
+    /// Assert that a run reported `changed=0` for every host of its recap.
+    fn assert_unchanged(&self, run: &str, recap: &BTreeMap<String, BTreeMap<String, u64>>) {
+        for (host, r) in recap {
+            assert_eq!(
+                r.get("changed"),
+                Some(&0),
+                "the {run} run changed {host}:\n{}",
+                changed_tasks(&self.lab.dir.join(format!("ansible-{run}.log")))
+            );
+        }
+    }
+}
+
+/// The cluster grows as an operator would grow it: the role first deploys gw1 and the
+/// witness (init on gw1, the witness joins), then the whole inventory (gw2 joins the existing
+/// cluster; gw1 gets gw2 as its [sync] peer and is restarted for it), then the whole
+/// inventory again, which must change nothing. The test itself never forms the cluster.
+#[test]
+fn role_forms_and_grows_the_cluster_in_the_namespace_lab_and_a_rerun_changes_nothing() {
+    let a = AnsibleLab::start();
+    let all = ["gw1", "gw2", "m3"];
+
+    let first = a.play("first", &["gw1", "m3"]);
+    assert!(
+        !first.contains_key("gw2"),
+        "gw2 was not in the first run: {first:?}"
+    );
+    for (host, r) in &first {
+        assert!(r["changed"] > 0, "the first run changed nothing on {host}");
+    }
+    a.check_cluster(&["gw1", "m3"]);
+    let m3_pid = a.pid("m3");
+
+    let join = a.play("join", &all);
+    assert!(join["gw2"]["changed"] > 0, "gw2 was not deployed: {join:?}");
+    assert!(
+        join["gw1"]["changed"] > 0,
+        "gw1 did not get gw2 as its sync peer: {join:?}"
+    );
+    for (host, _, role) in HOSTS {
+        a.check_files(host, role);
+    }
+    a.check_cluster(&all);
+    assert_eq!(
+        a.pid("m3"),
+        m3_pid,
+        "the witness was restarted, though nothing of it changed"
+    );
+    let gw1_conf =
+        std::fs::read_to_string(a.root("gw1").join("etc/keepstate/fwnode.toml")).unwrap();
+    assert!(
+        gw1_conf.contains("peers = [{ id = 2, addr = \"198.18.0.2:7401\" }]"),
+        "gw1's [sync] does not name gw2:\n{gw1_conf}"
+    );
+    let pids: Vec<String> = all.iter().map(|h| a.pid(h)).collect();
 
     // Again: nothing to do anywhere, no restart, no new policy version.
-    let second = a.play("second");
-    for (host, _, _) in HOSTS {
-        assert_eq!(
-            second[host]["changed"],
-            0,
-            "the second run changed {host}:\n{}",
-            changed_tasks(&a.lab.dir.join("ansible-second.log"))
-        );
-    }
-    let after: Vec<String> = HOSTS.iter().map(|(h, _, _)| a.pid(h)).collect();
-    assert_eq!(pids, after, "fwnode was restarted by the second run");
-    for (_, id, _) in HOSTS {
-        assert_eq!(a.json(id, &["status"])["policy"]["version"], 1, "node {id}");
-    }
+    let again = a.play("again", &all);
+    a.assert_unchanged("again", &again);
+    let after: Vec<String> = all.iter().map(|h| a.pid(h)).collect();
+    assert_eq!(
+        pids, after,
+        "fwnode was restarted by a run that changed nothing"
+    );
+    a.check_cluster(&all);
 }
