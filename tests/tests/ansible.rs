@@ -10,8 +10,10 @@
 //! host is `ansible_connection: local` with a Python that runs inside the host's namespace
 //! (`ip netns exec NS /usr/bin/python3`), `keepstate_root` puts every file the role writes
 //! under the lab's temp dir, and `keepstate_service: lab` starts fwnode in the background
-//! instead of systemd. The namespaces have no link to the root namespace; the lab kills what
-//! runs in them (by PID) and deletes them on drop, also when a test fails.
+//! instead of systemd. The gateways get fwnode and fwctl copied from the controller; the witness
+//! downloads them (`keepstate_install_from: url`) from an HTTP server on the management switch.
+//! The namespaces have no link to the root namespace; the lab kills what runs in them (by PID)
+//! and deletes them on drop, also when a test fails.
 
 // Test code: a failed step must fail the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -129,9 +131,35 @@ const HOSTS: [(&str, u64, &str); 3] = [
 ];
 
 struct AnsibleLab {
+    /// Serves `bin_dir` on the management switch (RELEASE_URL), for the witness, which
+    /// installs with `keepstate_install_from: url`. Declared first: dropped first.
+    _http: Proc,
     lab: Lab,
-    /// Where fwnode and fwctl are (copied to the hosts by the role).
+    /// Where fwnode and fwctl are (copied to the gateways by the role, downloaded by the
+    /// witness).
     bin_dir: PathBuf,
+}
+
+/// Where the witness downloads fwnode and fwctl from (an HTTP server in `sw`).
+const RELEASE_URL: &str = "http://198.18.0.100:8080";
+
+/// `sha256:<hex>` of a file, as get_url's `checksum` wants it.
+fn sha256(path: &Path) -> String {
+    let o = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("running sha256sum");
+    assert!(
+        o.status.success(),
+        "sha256sum {}: {}",
+        path.display(),
+        text(&o)
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    format!(
+        "sha256:{}",
+        out.split_whitespace().next().unwrap_or_default()
+    )
 }
 
 impl AnsibleLab {
@@ -179,7 +207,20 @@ impl AnsibleLab {
             "fwctl is not next to fwnode in {}",
             bin_dir.display()
         );
-        AnsibleLab { lab, bin_dir }
+        let http = lab.spawn(
+            "sw",
+            &format!(
+                "/usr/bin/python3 -m http.server 8080 --bind {OPS} --directory {}",
+                shell_quote(&bin_dir.display().to_string())
+            ),
+            "http",
+        );
+        lab.wait_listen("sw", 8080);
+        AnsibleLab {
+            _http: http,
+            lab,
+            bin_dir,
+        }
     }
 
     /// Write an inventory of `hosts` (a subset of HOSTS, in that order) to `<lab>/<name>.yml`.
@@ -196,6 +237,14 @@ impl AnsibleLab {
                 py = lab.dir.join(format!("python-{host}")).display(),
                 root = self.root(host).display(),
             ));
+            if *role == "witness" {
+                list.push_str(&format!(
+                    "          keepstate_install_from: url\n          keepstate_release_url: {RELEASE_URL}\n\
+                     \x20         keepstate_release_checksums: {{fwnode: \"{}\", fwctl: \"{}\"}}\n",
+                    sha256(&self.bin_dir.join("fwnode")),
+                    sha256(&self.bin_dir.join("fwctl")),
+                ));
+            }
         }
         let inventory = lab.dir.join(format!("{name}.yml"));
         std::fs::write(
@@ -493,6 +542,18 @@ fn role_forms_and_grows_the_cluster_in_the_namespace_lab_and_a_rerun_changes_not
         assert!(r["changed"] > 0, "the first run changed nothing on {host}");
     }
     a.check_cluster(&["gw1", "m3"]);
+    for b in ["fwnode", "fwctl"] {
+        assert_eq!(
+            sha256(&a.root("m3").join("usr/local/bin").join(b)),
+            sha256(&a.bin_dir.join(b)),
+            "the witness's {b} is not the one it was to download"
+        );
+    }
+    assert!(
+        a.lab.log("http").contains("GET /fwnode"),
+        "the witness did not download fwnode from {RELEASE_URL}:\n{}",
+        a.lab.log("http")
+    );
     let m3_pid = a.pid("m3");
 
     let join = a.play("join", &all);
