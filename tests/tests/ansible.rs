@@ -12,6 +12,9 @@
 //! under the lab's temp dir, and `keepstate_service: lab` starts fwnode in the background
 //! instead of systemd. The gateways get fwnode and fwctl copied from the controller; the witness
 //! downloads them (`keepstate_install_from: url`) from an HTTP server on the management switch.
+//! Owns: its lab's namespaces, temp dir and inventories, and what runs in those namespaces; the
+//! role writes only under the lab's `keepstate_root`s and the CA dir in the temp dir, never to the
+//! host's /etc, and the test never forms the cluster itself (that is the role's job under test).
 //! The namespaces have no link to the root namespace; the lab kills what runs in them (by PID)
 //! and deletes them on drop, also when a test fails.
 
