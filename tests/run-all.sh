@@ -14,6 +14,8 @@ for pair in iptables:iptables ip:iproute2 iperf3:iperf3 vsftpd:vsftpd lftp:lftp 
 done
 # The tests run Debian's interpreter, where python3-scapy installs.
 /usr/bin/python3 -c 'import scapy' 2>/dev/null || need_apt+=(python3-scapy)
+# The Ansible checks' venv (below) is made with Debian's interpreter.
+/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -22,6 +24,21 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 /usr/bin/python3 -c 'import scapy' || { echo "scapy is not importable by /usr/bin/python3" >&2; exit 1; }
 export KEEPSTATE_PYTHON=/usr/bin/python3
+# Ansible for the role's checks (tests/tests/ansible.rs): ansible-core and ansible-lint with
+# every dependency pinned (deploy/ansible/requirements-ci.txt), in a venv under target/; a venv
+# made from the same file is left alone.
+export KEEPSTATE_ANSIBLE_VENV="${KEEPSTATE_ANSIBLE_VENV:-$PWD/target/ansible-venv}"
+ansible_reqs=deploy/ansible/requirements-ci.txt
+if ! cmp -s "$ansible_reqs" "$KEEPSTATE_ANSIBLE_VENV/.keepstate-requirements"; then
+  echo "== installing ansible-core and ansible-lint into $KEEPSTATE_ANSIBLE_VENV"
+  if [ -e "$KEEPSTATE_ANSIBLE_VENV" ] && [ ! -f "$KEEPSTATE_ANSIBLE_VENV/pyvenv.cfg" ]; then
+    echo "$KEEPSTATE_ANSIBLE_VENV exists and is not a venv; not touching it" >&2
+    exit 1
+  fi
+  /usr/bin/python3 -m venv --clear "$KEEPSTATE_ANSIBLE_VENV"
+  "$KEEPSTATE_ANSIBLE_VENV/bin/pip" install -q --disable-pip-version-check -r "$ansible_reqs"
+  cp "$ansible_reqs" "$KEEPSTATE_ANSIBLE_VENV/.keepstate-requirements"
+fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 
 echo "== cargo fmt --check"

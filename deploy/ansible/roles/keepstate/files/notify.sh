@@ -1,0 +1,1 @@
+../../../../keepalived/notify.sh

@@ -1,0 +1,594 @@
+//! The Ansible role (`deploy/ansible/`), checked the way an operator would use it: the
+//! playbook's syntax, `ansible-lint` with the production profile, and a real run of `site.yml`
+//! against a namespace lab (two gateways and a witness on a management switch,
+//! 198.18.0.0/24, as in `cluster::ClusterLab`). The run must render files that
+//! `fwnode --check-config` and `keepalived -t` accept, form the cluster by the role's own
+//! bootstrap step, apply the policy once, and change nothing when run again.
+//!
+//! Ansible runs from the venv that tests/run-all.sh installs (`target/ansible-venv`, or
+//! `$KEEPSTATE_ANSIBLE_VENV`); without it these tests fail, they do not skip. In the lab every
+//! host is `ansible_connection: local` with a Python that runs inside the host's namespace
+//! (`ip netns exec NS /usr/bin/python3`), `keepstate_root` puts every file the role writes
+//! under the lab's temp dir, and `keepstate_service: lab` starts fwnode in the background
+//! instead of systemd. The gateways get fwnode and fwctl copied from the controller; the witness
+//! downloads them (`keepstate_install_from: url`) from an HTTP server on the management switch.
+//! Owns: its lab's namespaces, temp dir and inventories, and what runs in those namespaces; the
+//! role writes only under the lab's `keepstate_root`s and the CA dir in the temp dir, never to the
+//! host's /etc, and the test never forms the cluster itself (that is the role's job under test).
+//! The namespaces have no link to the root namespace; the lab kills what runs in them (by PID)
+//! and deletes them on drop, also when a test fails.
+
+// Test code: a failed step must fail the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use keepstate_tests::cluster::{OPS, PORT};
+use keepstate_tests::*;
+
+fn ansible_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("deploy")
+        .join("ansible")
+}
+
+/// The venv with ansible-core and ansible-lint (tests/run-all.sh makes it).
+fn venv_bin() -> PathBuf {
+    let venv = std::env::var_os("KEEPSTATE_ANSIBLE_VENV").map_or_else(
+        || {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("target")
+                .join("ansible-venv")
+        },
+        PathBuf::from,
+    );
+    let bin = venv.join("bin");
+    assert!(
+        bin.join("ansible-playbook").exists() && bin.join("ansible-lint").exists(),
+        "no ansible venv at {}: run tests/run-all.sh, which installs ansible-core and ansible-lint \
+         there (or set KEEPSTATE_ANSIBLE_VENV)",
+        venv.display()
+    );
+    bin
+}
+
+/// An Ansible command from the venv, run in deploy/ansible with its ansible.cfg, no colours.
+fn ansible(tool: &str, tmp: &Path) -> Command {
+    let bin = venv_bin();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut c = Command::new("timeout");
+    c.arg("900")
+        .arg(bin.join(tool))
+        .current_dir(ansible_dir())
+        .env("PATH", path)
+        .env("ANSIBLE_CONFIG", ansible_dir().join("ansible.cfg"))
+        .env("ANSIBLE_NOCOLOR", "1")
+        .env("NO_COLOR", "1")
+        .env("ANSIBLE_LOCAL_TEMP", tmp.join("ansible-local"))
+        .env("ANSIBLE_REMOTE_TEMP", tmp.join("ansible-remote"))
+        .env_remove("ANSIBLE_FORCE_COLOR");
+    c
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("keepstate-ansible-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn playbook_passes_syntax_check() {
+    let tmp = scratch("syntax");
+    let o = ansible("ansible-playbook", &tmp)
+        .args([
+            "--syntax-check",
+            "-i",
+            "inventory/example/hosts.yml",
+            "site.yml",
+        ])
+        .output()
+        .expect("running ansible-playbook");
+    assert!(o.status.success(), "syntax check failed:\n{}", text(&o));
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn role_passes_ansible_lint_production_profile() {
+    let tmp = scratch("lint");
+    let o = ansible("ansible-lint", &tmp)
+        .args(["--offline", "--nocolor", "--profile", "production"])
+        .output()
+        .expect("running ansible-lint");
+    let out = text(&o);
+    assert!(o.status.success(), "ansible-lint failed:\n{out}");
+    assert!(
+        out.contains("Profile 'production' was required, and it passed"),
+        "ansible-lint did not report the production profile as passed:\n{out}"
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// The lab's hosts: (inventory name, cluster id, cluster role).
+const HOSTS: [(&str, u64, &str); 3] = [
+    ("gw1", 1, "gateway"),
+    ("gw2", 2, "gateway"),
+    ("m3", 3, "witness"),
+];
+
+struct AnsibleLab {
+    /// Serves `bin_dir` on the management switch (RELEASE_URL), for the witness, which
+    /// installs with `keepstate_install_from: url`. Declared first: dropped first.
+    _http: Proc,
+    lab: Lab,
+    /// Where fwnode and fwctl are (copied to the gateways by the role, downloaded by the
+    /// witness).
+    bin_dir: PathBuf,
+}
+
+/// Where the witness downloads fwnode and fwctl from (an HTTP server in `sw`).
+const RELEASE_URL: &str = "http://198.18.0.100:8080";
+
+/// `sha256:<hex>` of a file, as get_url's `checksum` wants it.
+fn sha256(path: &Path) -> String {
+    let o = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("running sha256sum");
+    assert!(
+        o.status.success(),
+        "sha256sum {}: {}",
+        path.display(),
+        text(&o)
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    format!(
+        "sha256:{}",
+        out.split_whitespace().next().unwrap_or_default()
+    )
+}
+
+impl AnsibleLab {
+    /// The namespaces: gw1, gw2 and the witness m3 on a management switch (`sw`, a bridge,
+    /// where the test's own fwctl runs at OPS); each gateway has a LAN and a WAN interface (a
+    /// veth pair inside its own namespace: the role only needs the names to exist).
+    fn start() -> AnsibleLab {
+        let mut lab = Lab::empty();
+        for h in ["gw1", "gw2", "m3", "sw"] {
+            lab.add_host(h);
+        }
+        let p = lab.prefix.clone();
+        lab.sh(
+            "sw",
+            &format!("ip link add {p}br type bridge && ip link set {p}br up && ip addr add {OPS}/24 dev {p}br"),
+        );
+        for (host, id, role) in HOSTS {
+            let (a, b) = (format!("{p}m{id}"), format!("{p}b{id}"));
+            lab.link(host, &a, "sw", &b);
+            lab.sh(host, &format!("ip addr add 198.18.0.{id}/24 dev {a}"));
+            lab.sh("sw", &format!("ip link set {b} master {p}br"));
+            if role == "gateway" {
+                for side in ["lan", "wan"] {
+                    let i = lab.gw_if(side);
+                    lab.sh(
+                        host,
+                        &format!("ip link add {i} type veth peer name {i}x && ip link set {i} up && ip link set {i}x up"),
+                    );
+                }
+            }
+            let py = lab.dir.join(format!("python-{host}"));
+            std::fs::write(
+                &py,
+                format!(
+                    "#!/bin/sh\nexec ip netns exec {} /usr/bin/python3 \"$@\"\n",
+                    lab.ns(host)
+                ),
+            )
+            .unwrap();
+            Command::new("chmod").arg("755").arg(&py).status().unwrap();
+        }
+        let bin_dir = bin("fwnode").parent().unwrap().to_path_buf();
+        assert!(
+            bin_dir.join("fwctl").exists(),
+            "fwctl is not next to fwnode in {}",
+            bin_dir.display()
+        );
+        let http = lab.spawn(
+            "sw",
+            &format!(
+                "/usr/bin/python3 -m http.server 8080 --bind {OPS} --directory {}",
+                shell_quote(&bin_dir.display().to_string())
+            ),
+            "http",
+        );
+        lab.wait_listen("sw", 8080);
+        AnsibleLab {
+            _http: http,
+            lab,
+            bin_dir,
+        }
+    }
+
+    /// Write an inventory of `hosts` (a subset of HOSTS, in that order) to `<lab>/<name>.yml`.
+    fn inventory(&self, name: &str, hosts: &[&str]) -> PathBuf {
+        let lab = &self.lab;
+        let p = &lab.prefix;
+        let mut list = String::new();
+        for (host, id, role) in HOSTS.iter().filter(|(h, _, _)| hosts.contains(h)) {
+            let prio = if *host == "gw1" { 110 } else { 100 };
+            list.push_str(&format!(
+                "        {host}:\n          ansible_python_interpreter: {py}\n          keepstate_root: {root}\n\
+                 \x20         keepstate_node_id: {id}\n          keepstate_mgmt_address: 198.18.0.{id}\n\
+                 \x20         keepstate_cluster_role: {role}\n          keepstate_vrrp_priority: {prio}\n",
+                py = lab.dir.join(format!("python-{host}")).display(),
+                root = self.root(host).display(),
+            ));
+            if *role == "witness" {
+                list.push_str(&format!(
+                    "          keepstate_install_from: url\n          keepstate_release_url: {RELEASE_URL}\n\
+                     \x20         keepstate_release_checksums: {{fwnode: \"{}\", fwctl: \"{}\"}}\n",
+                    sha256(&self.bin_dir.join("fwnode")),
+                    sha256(&self.bin_dir.join("fwctl")),
+                ));
+            }
+        }
+        let inventory = lab.dir.join(format!("{name}.yml"));
+        std::fs::write(
+            &inventory,
+            format!(
+                "all:\n  children:\n    keepstate:\n      vars:\n\
+                 \x20       ansible_connection: local\n        ansible_become: false\n\
+                 \x20       keepstate_service: lab\n        keepstate_install_packages: false\n\
+                 \x20       keepstate_local_bin_dir: {bins}\n        keepstate_ca_dir: {ca}\n\
+                 \x20       keepstate_init_host: gw1\n        keepstate_chain: {p}\n\
+                 \x20       keepstate_lan_if: {lan}\n        keepstate_wan_if: {wan}\n\
+                 \x20       keepstate_lan_vip6: 2001:db8:1::1/64\n        keepstate_wan_vip6: 2001:db8:2::1/64\n\
+                 \x20       keepstate_cluster_extra: \"heartbeat_ms = 50\\nelection_timeout_min_ms = 300\\nelection_timeout_max_ms = 600\\n\"\n\
+                 \x20     hosts:\n{list}",
+                bins = self.bin_dir.display(),
+                ca = lab.dir.join("ca").display(),
+                lan = lab.gw_if("lan"),
+                wan = lab.gw_if("wan"),
+            ),
+        )
+        .unwrap();
+        inventory
+    }
+
+    fn root(&self, host: &str) -> PathBuf {
+        self.lab.dir.join(format!("root-{host}"))
+    }
+
+    /// Run site.yml on `hosts` of the lab; returns the recap (host -> counters) after
+    /// asserting that it succeeded on each of them.
+    fn play(&self, run: &str, hosts: &[&str]) -> BTreeMap<String, BTreeMap<String, u64>> {
+        let inventory = self.inventory(run, hosts);
+        let o = ansible("ansible-playbook", &self.lab.dir)
+            .arg("-i")
+            .arg(&inventory)
+            .arg("site.yml")
+            .output()
+            .expect("running ansible-playbook");
+        let out = text(&o);
+        std::fs::write(self.lab.dir.join(format!("ansible-{run}.log")), &out).unwrap();
+        assert!(
+            o.status.success(),
+            "ansible-playbook ({run}) failed:\n{out}\n{}",
+            self.logs()
+        );
+        let recap = recap(&out);
+        for host in hosts {
+            let r = recap
+                .get(*host)
+                .unwrap_or_else(|| panic!("{host} is not in the recap of the {run} run:\n{out}"));
+            for bad in ["failed", "unreachable"] {
+                assert_eq!(r.get(bad), Some(&0), "{run} run: {host} {bad}:\n{out}");
+            }
+        }
+        recap
+    }
+
+    fn logs(&self) -> String {
+        HOSTS
+            .iter()
+            .map(|(h, _, _)| {
+                let log = self.root(h).join("run/keepstate/fwnode.log");
+                format!(
+                    "--- {h}: {}\n{}",
+                    log.display(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
+    /// `fwctl` from the operator's host with the admin certificate the role issued.
+    fn ctl(&self, id: u64, args: &[&str]) -> (i32, String, String) {
+        let ca = self.lab.dir.join("ca");
+        let quoted: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
+        let o = self.lab.try_sh(
+            "sw",
+            &format!(
+                "{} --node 198.18.0.{id}:{PORT} --timeout 5 --ca {} --cert {} --key {} {}",
+                bin("fwctl").display(),
+                shell_quote(&ca.join("ca.crt").display().to_string()),
+                shell_quote(&ca.join("ansible.crt").display().to_string()),
+                shell_quote(&ca.join("ansible.key").display().to_string()),
+                quoted.join(" ")
+            ),
+        );
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    fn json(&self, id: u64, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        let (code, out, err) = self.ctl(id, &all);
+        assert_eq!(code, 0, "fwctl {args:?} on node {id}: {out}{err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    }
+
+    /// The pid in the lab service's pid file of `host`.
+    fn pid(&self, host: &str) -> String {
+        let f = self.root(host).join("run/keepstate/fwnode.pid");
+        std::fs::read_to_string(&f)
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+            .trim()
+            .to_string()
+    }
+}
+
+/// `PLAY RECAP` lines: `gw1 : ok=31 changed=0 unreachable=0 failed=0 ...`.
+fn recap(out: &str) -> BTreeMap<String, BTreeMap<String, u64>> {
+    let mut hosts = BTreeMap::new();
+    let Some(start) = out.find("PLAY RECAP") else {
+        return hosts;
+    };
+    for line in out[start..].lines().skip(1) {
+        let Some((host, counters)) = line.split_once(" : ") else {
+            continue;
+        };
+        let map: BTreeMap<String, u64> = counters
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+            .collect();
+        hosts.insert(host.trim().to_string(), map);
+    }
+    hosts
+}
+
+/// The `TASK [...]` headers followed by their `changed:` lines, from a playbook log.
+fn changed_tasks(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut task = "";
+    let mut out = String::new();
+    for line in text.lines() {
+        if line.starts_with("TASK [") || line.starts_with("RUNNING HANDLER [") {
+            task = line;
+        } else if line.starts_with("changed:") {
+            out.push_str(&format!("{task}\n  {line}\n"));
+        }
+    }
+    out
+}
+
+#[test]
+fn recap_parses_ansible_output() {
+    let r = recap(
+        "PLAY RECAP *****\ngw1                        : ok=31   changed=2    unreachable=0    failed=0    skipped=7\nm3 : ok=1 changed=0 unreachable=0 failed=1\n",
+    );
+    assert_eq!(r["gw1"]["changed"], 2);
+    assert_eq!(r["gw1"]["skipped"], 7);
+    assert_eq!(r["m3"]["failed"], 1);
+    assert!(recap("no recap here").is_empty());
+}
+
+impl AnsibleLab {
+    /// Every rendered file of `host` passes the daemons' own checks (in the host's namespace,
+    /// where the interfaces they name exist).
+    fn check_files(&self, host: &str, role: &str) {
+        let root = self.root(host);
+        let config = root.join("etc/keepstate/fwnode.toml");
+        self.lab.sh(
+            host,
+            &format!(
+                "{} --check-config {}",
+                bin("fwnode").display(),
+                shell_quote(&config.display().to_string())
+            ),
+        );
+        let ka = root.join("etc/keepalived/keepalived.conf");
+        if role == "gateway" {
+            let o = self.lab.try_sh(
+                host,
+                &format!(
+                    "keepalived -t -f {}",
+                    shell_quote(&ka.display().to_string())
+                ),
+            );
+            assert!(
+                o.status.success(),
+                "keepalived -t rejects {}:\n{}",
+                ka.display(),
+                text(&o)
+            );
+            let conf = std::fs::read_to_string(&ka).unwrap();
+            // keepalived tracks fwnode by the exact argv the role runs it with.
+            assert!(
+                conf.contains(&format!(
+                    "process \"{}\" --config \"{}\"",
+                    root.join("usr/local/bin/fwnode").display(),
+                    config.display()
+                )),
+                "keepalived.conf does not track the role's fwnode:\n{conf}"
+            );
+            let notify = root.join("etc/keepalived/keepstate/notify.sh");
+            assert!(notify.exists(), "{} is missing", notify.display());
+        } else {
+            assert!(
+                !ka.exists(),
+                "the witness got a keepalived config: {}",
+                ka.display()
+            );
+        }
+        let unit = std::fs::read_to_string(root.join("etc/systemd/system/fwnode.service")).unwrap();
+        assert!(
+            unit.contains(&format!(
+                "ExecStart={} --config {}",
+                root.join("usr/local/bin/fwnode").display(),
+                config.display()
+            )),
+            "the unit does not run the installed fwnode:\n{unit}"
+        );
+    }
+
+    /// Wait until the members `hosts` all see one leader and enforce policy version 1, then
+    /// check the membership: exactly those hosts, all voters, with their roles, names and
+    /// addresses.
+    fn check_cluster(&self, hosts: &[&str]) {
+        let expected: Vec<(&str, u64, &str)> = HOSTS
+            .iter()
+            .copied()
+            .filter(|(h, _, _)| hosts.contains(h))
+            .collect();
+        let t = Instant::now();
+        let leader = loop {
+            let mut leaders = vec![];
+            let mut versions = vec![];
+            for (_, id, _) in &expected {
+                let s = self.json(*id, &["status"]);
+                assert_eq!(s["raft"]["initialized"], true, "node {id}: {s}");
+                leaders.push(s["raft"]["leader_id"].as_u64().unwrap_or(0));
+                versions.push(s["policy"]["version"].as_u64().unwrap_or(0));
+            }
+            if leaders[0] != 0
+                && leaders.iter().all(|&l| l == leaders[0])
+                && versions.iter().all(|&v| v == 1)
+            {
+                break leaders[0];
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "no agreed leader and policy version 1 on {hosts:?}: leaders {leaders:?}, \
+                 versions {versions:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let via = expected[expected.len() - 1].1;
+        let members = self.json(via, &["cluster", "members"]);
+        assert_eq!(members["leader_id"].as_u64(), Some(leader), "{members}");
+        let list = members["members"].as_array().unwrap();
+        assert_eq!(list.len(), expected.len(), "{members}");
+        for (host, id, role) in expected {
+            let m = list
+                .iter()
+                .find(|m| m["id"].as_u64() == Some(id))
+                .unwrap_or_else(|| panic!("{host} (id {id}) is not a member: {members}"));
+            assert_eq!(m["voter"], true, "{members}");
+            assert_eq!(m["role"], role, "{members}");
+            assert_eq!(m["name"], host, "{members}");
+            assert_eq!(m["addr"], format!("198.18.0.{id}:{PORT}"), "{members}");
+        }
+    }
+
+    /// Assert that a run reported `changed=0` for every host of its recap.
+    fn assert_unchanged(&self, run: &str, recap: &BTreeMap<String, BTreeMap<String, u64>>) {
+        for (host, r) in recap {
+            assert_eq!(
+                r.get("changed"),
+                Some(&0),
+                "the {run} run changed {host}:\n{}",
+                changed_tasks(&self.lab.dir.join(format!("ansible-{run}.log")))
+            );
+        }
+    }
+}
+
+/// The cluster grows as an operator would grow it: the role first deploys gw1 and the
+/// witness (init on gw1, the witness joins), then the whole inventory (gw2 joins the existing
+/// cluster; gw1 gets gw2 as its [sync] peer and is restarted for it), then the whole
+/// inventory again, which must change nothing. The test itself never forms the cluster.
+#[test]
+fn role_forms_and_grows_the_cluster_in_the_namespace_lab_and_a_rerun_changes_nothing() {
+    let a = AnsibleLab::start();
+    let all = ["gw1", "gw2", "m3"];
+
+    let first = a.play("first", &["gw1", "m3"]);
+    assert!(
+        !first.contains_key("gw2"),
+        "gw2 was not in the first run: {first:?}"
+    );
+    for (host, r) in &first {
+        assert!(r["changed"] > 0, "the first run changed nothing on {host}");
+    }
+    a.check_cluster(&["gw1", "m3"]);
+    for b in ["fwnode", "fwctl"] {
+        assert_eq!(
+            sha256(&a.root("m3").join("usr/local/bin").join(b)),
+            sha256(&a.bin_dir.join(b)),
+            "the witness's {b} is not the one it was to download"
+        );
+    }
+    assert!(
+        a.lab.log("http").contains("GET /fwnode"),
+        "the witness did not download fwnode from {RELEASE_URL}:\n{}",
+        a.lab.log("http")
+    );
+    let m3_pid = a.pid("m3");
+
+    let join = a.play("join", &all);
+    assert!(join["gw2"]["changed"] > 0, "gw2 was not deployed: {join:?}");
+    assert!(
+        join["gw1"]["changed"] > 0,
+        "gw1 did not get gw2 as its sync peer: {join:?}"
+    );
+    for (host, _, role) in HOSTS {
+        a.check_files(host, role);
+    }
+    a.check_cluster(&all);
+    assert_eq!(
+        a.pid("m3"),
+        m3_pid,
+        "the witness was restarted, though nothing of it changed"
+    );
+    let gw1_conf =
+        std::fs::read_to_string(a.root("gw1").join("etc/keepstate/fwnode.toml")).unwrap();
+    assert!(
+        gw1_conf.contains("peers = [{ id = 2, addr = \"198.18.0.2:7401\" }]"),
+        "gw1's [sync] does not name gw2:\n{gw1_conf}"
+    );
+    let pids: Vec<String> = all.iter().map(|h| a.pid(h)).collect();
+
+    // Again: nothing to do anywhere, no restart, no new policy version.
+    let again = a.play("again", &all);
+    a.assert_unchanged("again", &again);
+    let after: Vec<String> = all.iter().map(|h| a.pid(h)).collect();
+    assert_eq!(
+        pids, after,
+        "fwnode was restarted by a run that changed nothing"
+    );
+    a.check_cluster(&all);
+}
