@@ -176,7 +176,8 @@ member() { # id host role
     printf '[tls]\nca = "%s/ca.crt"\ncert = "%s/node-%s.crt"\nkey = "%s/node-%s.key"\n' "$T" "$T" "$id" "$T" "$id"
     if [ "$3" = gateway ]; then
       printf '\n[ha]\nsocket = "%s/ha.sock"\n' "$dir"
-      [ "$SYNC" = off ] || printf '\n[sync]\nlisten = "198.18.0.%s:7401"\npeers = [{ id = %s, addr = "198.18.0.%s:7401" }]\n' \
+      # defer: a new connection's first packet leaves only once the other gateway has it.
+      [ "$SYNC" = off ] || printf '\n[sync]\nlisten = "198.18.0.%s:7401"\npeers = [{ id = %s, addr = "198.18.0.%s:7401" }]\ndefer_ms = 20\n' \
         "$id" $((3 - id)) $((3 - id))
     fi
   } > "$dir/fwnode.toml"
