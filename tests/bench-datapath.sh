@@ -9,6 +9,9 @@
 #   `sync-bench recv` in a fourth namespace on 198.18.0.0/24)
 # for: iperf3 TCP Gbit/s, iperf3 UDP 64-byte packets/s received, new TCP connections/s.
 # Every load is bounded in time. Usage (root): bash tests/bench-datapath.sh [SECONDS]
+# PROFILE=DIR: instead, profile fwnode (1 queue) under the UDP 64 B load and the connection load with a
+# system-wide `perf record`, and write DIR/{udp,conn}.{folded,svg} (flame graphs, with inferno installed:
+# `cargo install inferno`) and the per-stage breakdown (tests/perf-stages.py) to stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${1:-5}
@@ -69,6 +72,7 @@ measure() { # prints "gbps pps conn_per_s"
 gw_reset() { ip netns exec $G iptables -F FORWARD; ip netns exec $G iptables -P FORWARD ACCEPT; }
 
 declare -A R
+[ -n "${PROFILE:-}" ] && ONLY_FWNODE=1
 if [ -z "${ONLY_FWNODE:-}" ]; then
 echo "measuring kernel forwarding (no rules) ..." >&2
 R[kernel]=$(measure)
@@ -119,7 +123,9 @@ fi
   printf '[[rule]]\nproto = "tcp"\ndport = [5201, 7000]\nct = "new"\naction = "accept"\n'
   printf '[[rule]]\nproto = "udp"\ndport = 5201\nct = "new"\naction = "accept"\n'
 } > "/tmp/$P/policy.toml"
-for setup in 1 2 1r; do
+setups="1 2 1r"
+[ -n "${PROFILE:-}" ] && { setups=1; mkdir -p "$PROFILE"; }
+for setup in $setups; do
   q=${setup%r} replicate=""
   [ "$setup" = 1r ] && replicate=1
   echo "measuring fwnode ($q queue(s)${replicate:+, replicating to a standby}) ..." >&2
@@ -156,10 +162,31 @@ EOF
   rm -f "/tmp/$P/stats.json"
   ip netns exec $G "$BIN/fwnode" --config "/tmp/$P/fwnode.toml" 2>"/tmp/$P/fwnode-$q.log" & pid=$!; PIDS+=($pid)
   for _ in $(seq 100); do [ -f "/tmp/$P/stats.json" ] && break; sleep 0.1; done
-  R[fwnode-$setup]=$(measure)
+  if [ -n "${PROFILE:-}" ]; then
+    packets() { $PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["datapath"]["packets"])' "/tmp/$P/stats.json"; }
+    for kind in udp conn; do
+      sleep 0.5; before=$(packets)
+      perf record -e cpu-clock -F 999 -a -g -o "$PROFILE/$kind.data" -- sleep "$T" >/dev/null 2>&1 & perf_pid=$!
+      if [ $kind = udp ]; then
+        ip netns exec $C timeout $((T + 10)) iperf3 -c $SERVER -p 5201 -u -l 64 -b 0 -t "$T" >/dev/null 2>&1 || true
+      else
+        ip netns exec $C timeout $((T + 10)) "$BIN/connrate" run $SERVER:7000 "$T" 8 >/dev/null || true
+      fi
+      wait $perf_pid || true
+      sleep 0.5; n=$(( $(packets) - before ))
+      perf script -i "$PROFILE/$kind.data" 2>/dev/null | inferno-collapse-perf > "$PROFILE/$kind.folded"
+      inferno-flamegraph --title "fwnode, 1 queue: $kind load (system-wide, $T s)" \
+        < "$PROFILE/$kind.folded" > "$PROFILE/$kind.svg" || true
+      $PY tests/perf-stages.py "$PROFILE/$kind.folded" "$T" "$(nproc)" "$n" "$kind load"
+      echo
+    done
+    R[fwnode-$setup]="0 0 0"
+  else
+    R[fwnode-$setup]=$(measure)
+  fi
   sleep 0.5
   cp "/tmp/$P/stats.json" "/tmp/$P/stats-$setup.json"
-  [ -n "${ONLY_FWNODE:-}" ] && { echo "${R[fwnode-$setup]}"; $PY -m json.tool "/tmp/$P/stats-$setup.json"; }
+  [ -n "${ONLY_FWNODE:-}" ] && [ -z "${PROFILE:-}" ] && { echo "${R[fwnode-$setup]}"; $PY -m json.tool "/tmp/$P/stats-$setup.json"; }
   kill $pid; wait $pid 2>/dev/null || true
   ip netns exec $G "$BIN/fwnode" --config "/tmp/$P/fwnode.toml" --remove-rules >/dev/null
 done
