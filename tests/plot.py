@@ -138,7 +138,7 @@ def failover_svg(data):
     tmax = max([b for _, b, _ in iv] + [1.0])
     top = max([v for _, v in pts] + [1.0])
     step = next(s for s in (1, 2, 5, 10, 20, 25, 50, 100, 250, 500, 1000, 10**9) if top / s <= 7)
-    ymax = (int(top / step) + 1) * step
+    ymax = (int(top * 1.15 / step) + 1) * step  # headroom for the labels
     x = lambda t: x0 + t / tmax * pw  # noqa: E731
     y = lambda v: y0 + ph - v / ymax * ph  # noqa: E731
     body = [text(W / 2, 26, data.get("what", "failover"), 15, "middle", ' font-weight="bold"'),
