@@ -12,6 +12,8 @@
 # PROFILE=DIR: instead, profile fwnode (1 queue) under the UDP 64 B load and the connection load with a
 # system-wide `perf record`, and write DIR/{udp,conn}.{folded,svg} (flame graphs, with inferno installed:
 # `cargo install inferno`) and the per-stage breakdown (tests/perf-stages.py) to stdout.
+# With KEEPSTATE_BENCH_OUT=FILE the results are also written to FILE as JSON (the input of
+# `python3 tests/plot.py ratios FILE OUT.svg`); the table is printed either way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${1:-5}
@@ -193,7 +195,7 @@ done
 
 [ -n "${ONLY_FWNODE:-}" ] && exit 0
 $PY - "$T" "/tmp/$P" <<EOF
-import json, sys
+import datetime, json, os, sys
 r = {k: list(map(float, v.split())) for k, v in {
     "kernel forwarding, no rules": "${R[kernel]}",
     "kernel iptables stateful": "${R[stateful]}",
@@ -241,4 +243,19 @@ print(f"fwnode replicating (1 queue): conn/s {ratio(c, n0[2]):.2f}x one-verdict 
       f"UDP pps {ratio(p, n0[1]):.2f}x one-verdict loop, {ratio(p, b1[1]):.2f}x best-case; TCP {ratio(g, s[0]):.2f}x kernel stateful")
 print(f"replication on / off (1 queue): TCP {g / g1:.2f}x, UDP pps {p / p1:.2f}x, conn/s {c / c1:.2f}x; "
       f"the standby held {learned[-1] if learned else 'NOTHING'} entries at its last report")
+# The same results as data (for tests/plot.py ratios), when asked for.
+out = os.environ.get("KEEPSTATE_BENCH_OUT")
+if out:
+    doc = {
+        "bench": "tests/bench-datapath.sh",
+        "seconds_each": float(sys.argv[1]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "setups": [{"name": n, "tcp_gbps": v[0], "udp_pps": v[1], "conn_per_s": v[2]} for n, v in r.items()],
+        "standby_learned": int(learned[-1]) if learned else 0,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    print(f"results written to {out}")
 EOF

@@ -286,12 +286,15 @@ enum OriginArg {
 
 #[derive(Debug, Subcommand)]
 enum CtCmd {
+    /// List the connections that match the filters, fetched page by page
     List {
         #[command(flatten)]
         filter: CtFilter,
+        /// List at most this many
         #[arg(long, default_value_t = 1000)]
         limit: u32,
     },
+    /// Count the connections that match the filters, without listing them
     Count {
         #[command(flatten)]
         filter: CtFilter,
@@ -300,6 +303,7 @@ enum CtCmd {
 
 #[derive(Debug, Subcommand)]
 enum ExpectCmd {
+    /// List the live expectations: what each lets in, its master connection and when it expires
     List,
 }
 

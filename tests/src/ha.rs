@@ -782,6 +782,48 @@ pub fn parse_iperf_intervals(text: &str) -> Vec<Interval> {
     out
 }
 
+/// With `KEEPSTATE_PLOT_DIR` set, write a stream's receive intervals across a failover to
+/// `<dir>/failover-<what as a file name>.json` for `tests/plot.py failover`; without it,
+/// nothing. `at_crash` is the interval count when the crash began (the crash is placed at
+/// the end of the last interval then reported: at most one 0.1 s interval early), `took`
+/// how long the VIPs took to reach the standby, `gap` the longest gap measured.
+pub fn write_failover_plot(what: &str, iv: &[Interval], at_crash: usize, took: Duration, gap: f64) {
+    let Some(dir) = std::env::var_os("KEEPSTATE_PLOT_DIR") else {
+        return;
+    };
+    let crash = at_crash
+        .checked_sub(1)
+        .and_then(|i| iv.get(i))
+        .map_or(0.0, |i| i.end);
+    let slug: String = what
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect::<String>()
+        .split('-')
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("-");
+    let doc = serde_json::json!({
+        "what": format!("failover ({what}): an iperf3 TCP stream through gw1, gw1 crashed"),
+        "interval_s": 0.1,
+        "crash_s": crash,
+        "takeover_s": crash + took.as_secs_f64(),
+        "longest_gap_s": gap,
+        "intervals": iv.iter().map(|i| serde_json::json!([i.start, i.end, i.bytes])).collect::<Vec<_>>(),
+    });
+    let dir = PathBuf::from(dir);
+    let path = dir.join(format!("failover-{slug}.json"));
+    let text = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, text + "\n"))
+    {
+        panic!(
+            "KEEPSTATE_PLOT_DIR is set but {} could not be written: {e}",
+            path.display()
+        );
+    }
+    eprintln!("[{what}] plot data: {}", path.display());
+}
+
 /// What happened to a stream from interval `from` on (the interval count at the crash):
 /// the longest run of empty intervals in seconds, and whether data flowed again after the
 /// first empty interval (or never stopped).

@@ -20,7 +20,9 @@
 
 use std::time::{Duration, Instant};
 
-use keepstate_tests::ha::{gap_after, Gw, HaLab, HaOpts, Stream, IPERF_PORT, UDP_PORT};
+use keepstate_tests::ha::{
+    gap_after, write_failover_plot, Gw, HaLab, HaOpts, Stream, IPERF_PORT, UDP_PORT,
+};
 use keepstate_tests::*;
 
 /// How long a backup may take to hold the VIPs after a crash: 3 adverts + skew is ≈ 0.36 s at
@@ -496,8 +498,9 @@ fn tcp_stream_survives_in(ha: &mut HaLab, what: &str) {
     let mut s = Stream::start(ha.lab(), IPERF_PORT, false, 6, "20M");
     std::thread::sleep(Duration::from_millis(500));
     let at_crash = s.intervals(ha.lab()).len();
-    crash_gw1(ha, what);
-    assert_stream_survived(ha, &mut s, at_crash, what);
+    let took = crash_gw1(ha, what);
+    let gap = assert_stream_survived(ha, &mut s, at_crash, what);
+    write_failover_plot(what, &s.intervals(ha.lab()), at_crash, took, gap);
 }
 
 /// 0.02 s VRRP adverts: the backup takes over in about 0.07 s instead of 0.35 s.
