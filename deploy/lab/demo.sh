@@ -236,7 +236,7 @@ has_vips() { # gw: does it hold all four VIPs?
   for v in 198.51.100.1/ 203.0.113.1/ 2001:db8:1::1/ 2001:db8:2::1/; do [[ $a == *" $v"* ]] || return 1; done
 }
 wait_vips() { # gw other timeout_s: until gw holds the VIPs and other (if not "-") none
-  local end; end=$(awk -v t="$3" -v n="$(now)" 'BEGIN { print n + t }')
+  local end; end=$(awk -v t="$3" -v n="$(now)" 'BEGIN { printf "%.3f", n + t }')
   while :; do
     if has_vips "$1" && { [ "$2" = - ] || ! ip -n "$P-$2" -o addr show 2>/dev/null | grep -q ' 198.51.100.1/'; }; then return 0; fi
     awk -v e="$end" -v n="$(now)" 'BEGIN { exit !(n > e) }' && return 1
