@@ -335,6 +335,30 @@ fn datapath_families(o: &mut Out, dp: &DatapathSource) {
             },
         ],
     );
+    let malformed_bytes = sum(&|s| s.malformed_bytes.load(Relaxed));
+    o.family(
+        "keepstate_verdict_bytes",
+        "Bytes (on the wire) of the packets behind each verdict, by verdict and reason as keepstate_verdicts_total.",
+        Kind::Counter,
+        vec![
+            Sample {
+                labels: vec![("verdict", "accept".into()), ("reason", "policy".into())],
+                value: sum(&|s| s.accepted_bytes.load(Relaxed)),
+            },
+            Sample {
+                labels: vec![("verdict", "drop".into()), ("reason", "policy".into())],
+                value: sum(&|s| s.dropped_bytes.load(Relaxed)).saturating_sub(malformed_bytes),
+            },
+            Sample {
+                labels: vec![("verdict", "drop".into()), ("reason", "malformed".into())],
+                value: malformed_bytes,
+            },
+            Sample {
+                labels: vec![("verdict", "reject".into()), ("reason", "policy".into())],
+                value: sum(&|s| s.rejected_bytes.load(Relaxed)),
+            },
+        ],
+    );
     o.family(
         "keepstate_malformed_packets",
         "Packets that did not parse (dropped), by reason.",

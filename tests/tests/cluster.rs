@@ -517,6 +517,8 @@ fn family_sum(m: &std::collections::BTreeMap<String, f64>, name: &str) -> f64 {
 
 const ACCEPTED: &str = r#"keepstate_verdicts_total{verdict="accept",reason="policy"}"#;
 const DROPPED: &str = r#"keepstate_verdicts_total{verdict="drop",reason="policy"}"#;
+const ACCEPTED_BYTES: &str = r#"keepstate_verdict_bytes_total{verdict="accept",reason="policy"}"#;
+const DROPPED_BYTES: &str = r#"keepstate_verdict_bytes_total{verdict="drop",reason="policy"}"#;
 
 #[test]
 fn metrics_are_scraped_and_move_with_allowed_and_denied_traffic() {
@@ -559,7 +561,9 @@ fn metrics_are_scraped_and_move_with_allowed_and_denied_traffic() {
         let moved = val(&m, ACCEPTED) >= val(&before, ACCEPTED) + 10.0
             && val(&m, DROPPED) > val(&before, DROPPED)
             && val(&m, "keepstate_packets_total") > val(&before, "keepstate_packets_total")
-            && val(&m, "keepstate_bytes_total") > val(&before, "keepstate_bytes_total");
+            && val(&m, "keepstate_bytes_total") > val(&before, "keepstate_bytes_total")
+            && val(&m, ACCEPTED_BYTES) >= val(&before, ACCEPTED_BYTES) + 10.0 * 40.0
+            && val(&m, DROPPED_BYTES) >= val(&before, DROPPED_BYTES) + 40.0;
         if moved {
             break m;
         }

@@ -51,6 +51,12 @@ pub struct WorkerStats {
     pub accepted: AtomicU64,
     pub dropped: AtomicU64,
     pub rejected: AtomicU64,
+    /// Bytes (on the wire) of the packets behind each verdict; `malformed_bytes` is the part of
+    /// `dropped_bytes` whose packet did not parse.
+    pub accepted_bytes: AtomicU64,
+    pub dropped_bytes: AtomicU64,
+    pub rejected_bytes: AtomicU64,
+    pub malformed_bytes: AtomicU64,
     pub gso_packets: AtomicU64,
     pub batches: AtomicU64,
     pub max_batch: AtomicU64,
@@ -160,6 +166,8 @@ impl Pipeline {
             Err(e) => {
                 s.parse_errors[e.counter_index()].fetch_add(1, Relaxed);
                 s.dropped.fetch_add(1, Relaxed);
+                s.dropped_bytes.fetch_add(u64::from(wire_len), Relaxed);
+                s.malformed_bytes.fetch_add(u64::from(wire_len), Relaxed);
                 return Judged {
                     verdict: Verdict::Drop,
                     opened: false,
@@ -218,17 +226,21 @@ impl Pipeline {
             f.drain(&mut shard);
         }
         drop(shard);
+        let bytes = u64::from(wire_len);
         let verdict = match action {
             Action::Accept => {
                 s.accepted.fetch_add(1, Relaxed);
+                s.accepted_bytes.fetch_add(bytes, Relaxed);
                 Verdict::Accept
             }
             Action::Drop => {
                 s.dropped.fetch_add(1, Relaxed);
+                s.dropped_bytes.fetch_add(bytes, Relaxed);
                 Verdict::Drop
             }
             Action::Reject => {
                 s.rejected.fetch_add(1, Relaxed);
+                s.rejected_bytes.fetch_add(bytes, Relaxed);
                 Verdict::Repeat {
                     mark: self.reject_mark,
                 }
