@@ -6,7 +6,8 @@
 //! over a bounded channel (`flush`, never blocking). When that channel is full the events are
 //! dropped, counted, and a resync is flagged (`Lost`), which makes every peer's session do a
 //! bulk transfer. Batches are numbered per worker, so that `defer` can tell when the peers have
-//! a given batch. Must not touch the protocol or the network.
+//! a given batch. The replication thread hands emptied batch buffers back (`Spares`), so in
+//! the steady state a batch allocates nothing. Must not touch the protocol or the network.
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -23,6 +24,29 @@ pub struct Lost {
     pub flagged: AtomicBool,
     /// Events dropped because the channel was full.
     pub events: AtomicU64,
+}
+
+/// Emptied batch buffers, returned by the replication thread for the workers to fill again
+/// (one lock per batch, never per packet).
+#[derive(Debug, Default)]
+pub struct Spares(parking_lot::Mutex<Vec<Vec<Event>>>);
+
+impl Spares {
+    /// Buffers kept; more are freed.
+    const MAX: usize = 64;
+
+    fn take(&self) -> Vec<Event> {
+        self.0.lock().pop().unwrap_or_default()
+    }
+
+    /// Give back a buffer whose events have been taken.
+    pub fn give(&self, mut v: Vec<Event>) {
+        v.clear();
+        let mut s = self.0.lock();
+        if s.len() < Self::MAX {
+            s.push(v);
+        }
+    }
 }
 
 /// A batch of events from one worker.
@@ -44,6 +68,7 @@ pub struct Feed {
     next: Cell<u64>,
     tx: mpsc::Sender<EventBatch>,
     lost: Arc<Lost>,
+    spares: Arc<Spares>,
 }
 
 /// What `Feed::flush` did.
@@ -64,18 +89,27 @@ pub struct Events {
     pub lost: Arc<Lost>,
     /// How many workers feed it (their indexes are `0..workers`).
     pub workers: usize,
+    /// Where emptied batch buffers go back to.
+    pub spares: Arc<Spares>,
 }
 
 /// The channel between `workers` workers and the replication thread: `capacity` batches.
 pub fn channel(capacity: usize, workers: usize) -> (FeedMaker, Events) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let lost = Arc::new(Lost::default());
+    let spares = Arc::new(Spares::default());
     (
         FeedMaker {
             tx,
             lost: lost.clone(),
+            spares: spares.clone(),
         },
-        Events { rx, lost, workers },
+        Events {
+            rx,
+            lost,
+            workers,
+            spares,
+        },
     )
 }
 
@@ -84,6 +118,7 @@ pub fn channel(capacity: usize, workers: usize) -> (FeedMaker, Events) {
 pub struct FeedMaker {
     tx: mpsc::Sender<EventBatch>,
     lost: Arc<Lost>,
+    spares: Arc<Spares>,
 }
 
 impl FeedMaker {
@@ -95,6 +130,7 @@ impl FeedMaker {
             next: Cell::new(1),
             tx: self.tx.clone(),
             lost: self.lost.clone(),
+            spares: self.spares.clone(),
         }
     }
 }
@@ -123,7 +159,7 @@ impl Feed {
         }
         let number = self.next.get();
         self.next.set(number + 1);
-        let events = std::mem::take(&mut *buf);
+        let events = std::mem::replace(&mut *buf, self.spares.take());
         let n = events.len();
         let batch = EventBatch {
             worker: self.worker,
@@ -132,9 +168,11 @@ impl Feed {
         };
         match self.tx.try_send(batch) {
             Ok(()) => Flushed::Sent { number, events: n },
-            Err(_) => {
+            Err(e) => {
                 // Full (the replication thread is behind) or closed (it stopped): the peer's
                 // copy is now incomplete, so it needs a bulk transfer.
+                let (mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b)) = e;
+                self.spares.give(b.events);
                 self.lost.events.fetch_add(n as u64, Relaxed);
                 self.lost.flagged.store(true, Relaxed);
                 Flushed::Lost { number }
@@ -165,7 +203,15 @@ mod tests {
             shards: 1,
             ..Config::default()
         });
-        let (maker, Events { mut rx, lost, .. }) = channel(1, 1);
+        let (
+            maker,
+            Events {
+                mut rx,
+                lost,
+                spares,
+                ..
+            },
+        ) = channel(1, 1);
         let feed = maker.feed(0);
         for port in [1000, 1001] {
             let bytes = syn(port);
@@ -182,8 +228,16 @@ mod tests {
                 events: 2
             }
         );
-        assert_eq!(rx.try_recv().unwrap().events.len(), 2);
+        let first = rx.try_recv().unwrap();
+        assert_eq!(first.events.len(), 2);
         assert_eq!(feed.flush(), Flushed::Empty, "nothing buffered");
+        // The replication thread gives the emptied buffer back; the next batch reuses it.
+        let reused = first.events.as_ptr();
+        spares.give(first.events);
+        assert!(
+            feed.buf.borrow().capacity() == 0,
+            "the worker filled a fresh buffer before"
+        );
         assert_eq!(feed.batch_number(), 2);
 
         // The channel holds one batch: the second is dropped, counted and flagged.
@@ -209,5 +263,13 @@ mod tests {
         assert_eq!(lost.events.load(Relaxed), 1);
         assert!(lost.flagged.load(Relaxed));
         assert_eq!(rx.try_recv().unwrap().events.len(), 1);
+        // Batch 3 was filled in batch 1's returned buffer, and its loss gave that buffer back.
+        let pool = spares.0.lock();
+        assert_eq!(pool.len(), 1);
+        assert_eq!(
+            pool[0].as_ptr(),
+            reused,
+            "batch 1's buffer went round again"
+        );
     }
 }

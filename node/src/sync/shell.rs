@@ -31,7 +31,7 @@ use super::codec;
 use super::core::{self as core, Op, Outbox, Session};
 use super::defer::{self, DeferConfig, Gate, Pending};
 use super::delay::PickupDelay;
-use super::feed::{EventBatch, Events, Lost};
+use super::feed::{EventBatch, Events, Lost, Spares};
 use super::msg::{Item, Msg, Skip};
 use crate::conntrack::{ApplyError, Conntrack};
 use crate::time::Timestamp;
@@ -268,6 +268,7 @@ pub fn start(
         rx: events,
         lost,
         workers,
+        spares,
     } = events;
     let defer = (cfg.defer_ms > 0).then(|| DeferConfig {
         wait: Duration::from_millis(cfg.defer_ms),
@@ -340,6 +341,7 @@ pub fn start(
                 }
                 let mut engine = Engine::new(&cfg, node_id, ct, lost, origin, st, on_ready);
                 engine.defer = gate.map(|g| (g, Pending::new(workers)));
+                engine.spares = Some(spares);
                 tokio::select! {
                     _ = engine.run(events, net_rx, cmd_rx) => {}
                     _ = stop_rx => {}
@@ -586,6 +588,8 @@ struct Engine {
     counts: Counts,
     /// `defer`: the workers' gate, and where each of their batches ends in the outbox.
     defer: Option<(Arc<Gate>, Pending)>,
+    /// Where emptied batch buffers go back to the workers.
+    spares: Option<Arc<Spares>>,
 }
 
 /// The shell's own counters (the sessions keep theirs).
@@ -648,6 +652,7 @@ impl Engine {
             was_ready: None,
             counts: Counts::default(),
             defer: None,
+            spares: None,
         }
     }
 
@@ -732,13 +737,21 @@ impl Engine {
 
     fn take_events(&mut self, batch: EventBatch) {
         let now = self.now();
-        for ev in batch.events {
+        let EventBatch {
+            worker,
+            number,
+            mut events,
+        } = batch;
+        for ev in events.drain(..) {
             if let Some(item) = self.delay.offer(now, ev) {
                 self.outbox.push(item);
             }
         }
+        if let Some(s) = &self.spares {
+            s.give(events);
+        }
         if let Some((_, pending)) = &mut self.defer {
-            pending.pushed(batch.worker, batch.number, self.outbox.last_seq());
+            pending.pushed(worker, number, self.outbox.last_seq());
         }
     }
 
