@@ -4,7 +4,9 @@ system-wide `perf record -a -g` taken while one load ran through fwnode) and att
 sample to one stage of the datapath, by the innermost frame that names a stage.
 
 usage: perf-stages.py FOLDED SECONDS CPUS PACKETS [TITLE]
-prints a Markdown table: stage, share of all CPU time, microseconds per packet.
+prints two Markdown tables (all CPUs, then fwnode's worker threads `queue-*` only): stage, share of
+the samples, microseconds of CPU per packet. `perf record -e cpu-clock` samples weigh their period
+in ns, so the microseconds come from the weights themselves.
 """
 import sys
 
@@ -50,23 +52,41 @@ def stage_of(frames):
     return "unrelated processes (whatever else ran on the machine)"
 
 
+def table(rows, title, packets, order, cpu_ns=None):
+    all_ = sum(rows.values())
+    print(f"| {title}: stage | share of samples | µs of CPU per packet |")
+    print("|---|---:|---:|")
+    path = 0.0
+    for i, name in enumerate(order):
+        if name in rows:
+            share = rows[name] / all_
+            us = rows[name] / 1e3 / packets
+            if i < PATH_STAGES and not name.startswith("kernel: forwarding"):
+                path += us
+            print(f"| {name} | {share * 100:.1f} % | {us:.2f} |")
+    print(f"| **what NFQUEUE and fwnode add per packet (the stages above, less forwarding)** | | **{path:.2f}** |")
+    total = f"{all_ / 1e9:.1f} s of CPU"
+    if cpu_ns:
+        total += f" of {cpu_ns / 1e9:.0f} s ({all_ / cpu_ns * 100:.0f} %)"
+    print(f"| all ({total}, {packets} packets through fwnode) | 100 % | {all_ / 1e3 / packets:.2f} |")
+    print()
+
+
 def main():
     folded, seconds, cpus, packets = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     title = sys.argv[5] if len(sys.argv) > 5 else folded
-    totals, all_ = {}, 0
+    every, worker = {}, {}
     for line in open(folded):
         stack, _, n = line.rstrip("\n").rpartition(" ")
         if not n.isdigit():
             continue
-        n = int(n)
-        s = stage_of(stack.split(";"))
-        totals[s] = totals.get(s, 0) + n
-        all_ += n
-    if not all_ or not packets:
+        frames = stack.split(";")
+        s = stage_of(frames)
+        every[s] = every.get(s, 0) + int(n)
+        if frames[0].startswith("queue-"):
+            worker[s] = worker.get(s, 0) + int(n)
+    if not every or not packets:
         sys.exit(f"{folded}: no samples or no packets")
-    cpu_us = seconds * cpus * 1e6
-    print(f"| {title}: stage | share of CPU samples | µs of CPU per packet |")
-    print("|---|---:|---:|")
     order = [n for n, _ in STAGES] + [
         "fwnode's threads: other (allocator, std, kernel work in their context)",
         "load generator: client and server processes and their TCP/IP",
@@ -74,16 +94,9 @@ def main():
         "idle",
         "unrelated processes (whatever else ran on the machine)",
     ]
-    path = 0.0
-    for i, name in enumerate(order):
-        if name in totals:
-            share = totals[name] / all_
-            us = share * cpu_us / packets
-            if i < PATH_STAGES and not name.startswith("kernel: forwarding"):
-                path += us
-            print(f"| {name} | {share * 100:.1f} % | {us:.2f} |")
-    print(f"| **what NFQUEUE and fwnode add per packet (the stages above, less forwarding)** | | **{path:.2f}** |")
-    print(f"| all CPU time ({seconds:.0f} s x {cpus} CPUs, {packets} packets through fwnode) | 100 % | {cpu_us / packets:.2f} |")
+    table(every, f"{title}, all CPUs", packets, order, seconds * cpus * 1e9)
+    if worker:
+        table(worker, f"{title}, fwnode's worker threads only", packets, order, seconds * 1e9)
 
 
 main()
