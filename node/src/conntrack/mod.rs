@@ -20,6 +20,7 @@ pub mod config;
 pub mod event;
 pub mod expect;
 pub mod helper_state;
+mod index;
 pub mod table;
 pub mod tcp;
 pub mod tuple;
@@ -212,14 +213,14 @@ impl Conntrack {
     /// The shard a packet belongs to: ICMP errors go to the shard of the packet they quote.
     #[inline]
     pub fn shard_of(&self, pkt: &Packet) -> usize {
-        let (a, b, p) = match pkt.l4 {
-            L4::Icmp(i) => match i.kind {
+        let (a, b, p) = match &pkt.l4 {
+            L4::Icmp(i) => match &i.kind {
                 IcmpKind::Error(inner) => (inner.src, inner.dst, inner.proto),
                 _ => (pkt.src, pkt.dst, pkt.proto),
             },
             _ => (pkt.src, pkt.dst, pkt.proto),
         };
-        tuple::shard_hash(&tuple::addr_bytes(a), &tuple::addr_bytes(b), p) as usize & self.mask
+        tuple::shard_hash_ip(a, b, p) as usize & self.mask
     }
 
     /// Lock the shard `pkt` belongs to; track it, run helpers and add expectations under it.

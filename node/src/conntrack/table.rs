@@ -8,16 +8,16 @@
 //! shares the global bounds (`TableLimit`) with every shard and frees room in other shards
 //! through the `MakeRoom` callback.
 //!
-//! Layout: the index is a `hashbrown::HashTable<u32>` whose values are `slot << 1 | direction`;
-//! the tuple is compared in the slab, so each connection costs two 4-byte index slots plus its
-//! entry, and both directions find the same entry.
+//! Layout: the index (`index::Index`) maps a tuple's hash to `slot << 1 | direction`; the tuple
+//! is compared in the slab, so each connection costs two 8-byte index words (tag and value) plus
+//! its entry, and both directions find the same entry.
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use hashbrown::{DefaultHashBuilder, HashTable};
+use hashbrown::DefaultHashBuilder;
 
 use super::config::{Config, HelperPort, Timeouts};
 use super::event::{
@@ -25,6 +25,7 @@ use super::event::{
 };
 use super::expect::{Expect, ExpectError, ExpectOutcome, Expectation};
 use super::helper_state::{HelperKind, HelperState, LINE_MAX};
+use super::index::Index;
 use super::tcp::{valid_flags, TcpConn, TcpState, TcpVerdict};
 use super::tuple::{shard_hash, Tuple};
 use super::{CtState, Direction};
@@ -375,7 +376,7 @@ pub struct Shard {
     entries: Vec<Entry>,
     free: Vec<u32>,
     len: u32,
-    index: HashTable<u32>,
+    index: Index,
     hasher: DefaultHashBuilder,
     sweep: u32,
     expects: Vec<Expect>,
@@ -404,7 +405,7 @@ impl Shard {
             entries: Vec::new(),
             free: Vec::new(),
             len: 0,
-            index: HashTable::new(),
+            index: Index::default(),
             hasher: DefaultHashBuilder::default(),
             sweep: 0,
             expects: Vec::new(),
@@ -441,12 +442,12 @@ impl Shard {
         let h = self.hash(t);
         let entries = &self.entries;
         self.index
-            .find(h, |&v| {
+            .find(h, |v| {
                 entries
                     .get((v >> 1) as usize)
                     .is_some_and(|e| e.matches(v & 1, t))
             })
-            .map(|&v| (v >> 1, v & 1))
+            .map(|v| (v >> 1, v & 1))
     }
 
     #[inline]
@@ -736,24 +737,15 @@ impl Shard {
         let e = &self.entries[slot as usize];
         let (t0, t1) = (e.tuple, e.tuple.reverse());
         let (h0, h1) = (self.hash(&t0), self.hash(&t1));
-        let hasher = &self.hasher;
-        let entries = &self.entries;
-        let rehash = |v: &u32| {
-            let e = &entries[(*v >> 1) as usize];
-            hasher.hash_one(e.tuple_in(*v & 1))
-        };
-        self.index.insert_unique(h0, slot << 1, rehash);
-        self.index.insert_unique(h1, slot << 1 | 1, rehash);
+        self.index.insert(h0, slot << 1);
+        self.index.insert(h1, slot << 1 | 1);
     }
 
     fn index_remove(&mut self, slot: u32) {
         let e = &self.entries[slot as usize];
         for dir in 0..2u32 {
             let h = self.hash(&e.tuple_in(dir));
-            let v = slot << 1 | dir;
-            if let Ok(entry) = self.index.find_entry(h, |&x| x == v) {
-                entry.remove();
-            }
+            self.index.remove(h, slot << 1 | dir);
         }
     }
 
