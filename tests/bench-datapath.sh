@@ -34,6 +34,10 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
+# A missing tool would otherwise turn into a row of zeros: refuse to start instead.
+for t in ip iptables iperf3 "$PY"; do
+  command -v "$t" >/dev/null || { echo "$t missing: apt-get install iproute2 iptables iperf3 python3 (or run tests/run-all.sh once)" >&2; exit 1; }
+done
 for b in fwnode nfq-accept-all connrate sync-bench; do
   [ -x "$BIN/$b" ] || { echo "$BIN/$b missing: cargo build --release -p fwnode -p keepstate-tests" >&2; exit 1; }
 done

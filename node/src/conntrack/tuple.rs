@@ -22,8 +22,8 @@ pub struct Tuple {
 }
 
 /// Three words instead of the derived field-by-field hash (two length-prefixed byte slices and
-/// four small integers): the index hashes every packet's tuple, and this is a fifth of the
-/// established lookup's cost.
+/// four small integers): the index hashes every packet's tuple, and the derived hash was 8 % of
+/// the established path's profile.
 impl Hash for Tuple {
     #[inline]
     fn hash<H: Hasher>(&self, h: &mut H) {
