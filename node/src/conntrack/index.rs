@@ -129,53 +129,36 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    /// A tiny deterministic generator: the test needs many collisions and no crate.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-    }
 
     /// Random inserts and removes against a model, with hashes drawn from a small set so that
-    /// runs collide, wrap around the end and get shifted back; every value stays findable.
+    /// runs collide, wrap around the end and get shifted back: after every step each stored
+    /// value is found, a removed one is not, and the load stays at most 3/4.
     #[test]
     fn matches_a_model_under_colliding_inserts_and_removes() {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        let mut index = Index::default();
-        let mut model: HashMap<u32, u64> = HashMap::new();
-        let hashes: Vec<u64> = (0..37).map(|_| rng.next()).collect();
-        let mut next = 0u32;
-        for step in 0..20_000u32 {
-            let r = rng.next();
-            if !r.is_multiple_of(3) || model.is_empty() {
-                let h = hashes[(r >> 8) as usize % hashes.len()];
-                index.insert(h, next);
-                model.insert(next, h);
-                next += 1;
-            } else {
-                let k = *model.keys().nth((r >> 8) as usize % model.len()).unwrap();
-                let h = model.remove(&k).unwrap();
-                assert!(index.remove(h, k), "step {step}: {k} not removed");
-                assert!(!index.remove(h, k), "step {step}: {k} removed twice");
-                assert_eq!(index.find(h, |v| v == k), None);
-            }
-            assert_eq!(index.len(), model.len());
-            if step.is_multiple_of(97) {
-                for (&v, &h) in &model {
-                    assert_eq!(index.find(h, |x| x == v), Some(v), "step {step}: lost {v}");
+        use proptest::prelude::*;
+        // (true, i): insert the next value under hash i; (false, i): remove the i-th stored value.
+        let op = (any::<bool>(), 0usize..37);
+        let hashes = proptest::collection::vec(any::<u64>(), 37);
+        proptest!(|(hashes in hashes, ops in proptest::collection::vec(op, 0..400))| {
+            let mut index = Index::default();
+            let mut model: Vec<(u32, u64)> = Vec::new();
+            for (next, &(insert, i)) in ops.iter().enumerate() {
+                if insert || model.is_empty() {
+                    index.insert(hashes[i], next as u32);
+                    model.push((next as u32, hashes[i]));
+                } else {
+                    let (v, h) = model.swap_remove(i % model.len());
+                    prop_assert!(index.remove(h, v));
+                    prop_assert!(!index.remove(h, v));
+                    prop_assert_eq!(index.find(h, |x| x == v), None);
                 }
-                assert!(index.len() * 4 <= index.words.len() * 3);
+                prop_assert_eq!(index.len(), model.len());
+                prop_assert!(index.len() * 4 <= index.words.len() * 3);
+                for &(v, h) in &model {
+                    prop_assert_eq!(index.find(h, |x| x == v), Some(v));
+                }
             }
-        }
-        for (&v, &h) in &model {
-            assert_eq!(index.find(h, |x| x == v), Some(v));
-        }
+        });
     }
 
     #[test]
