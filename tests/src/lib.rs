@@ -87,6 +87,15 @@ fn ip(args: &[&str]) -> Output {
         .expect("running ip(8)")
 }
 
+/// Move the calling thread (only it) into the network namespace `ns` (from `Lab::netns`): the
+/// sockets it creates afterwards live there.
+pub fn enter_netns(ns: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns(2) on an open namespace fd; it changes only this thread's namespace.
+    let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
 /// Panic unless we are root and can create network namespaces: the tests must not skip.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
@@ -221,6 +230,12 @@ impl Lab {
     /// Full namespace name of lab host `host`.
     pub fn ns(&self, host: &str) -> String {
         format!("{}-{host}", self.prefix)
+    }
+
+    /// An open handle on lab host `host`'s network namespace, for `enter_netns` on a thread.
+    pub fn netns(&self, host: &str) -> std::fs::File {
+        let path = format!("/run/netns/{}", self.ns(host));
+        std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
     /// Interface name of the gateway's LAN / WAN side.

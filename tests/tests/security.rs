@@ -10,7 +10,6 @@
 // Test code: a failed step must fail the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use fwnode::tls::{Credentials, TlsFiles};
@@ -111,12 +110,10 @@ fn rogue_sync(
     target_id: u64,
     claim: u64,
 ) -> Result<(), String> {
-    let sw = std::fs::File::open(format!("/run/netns/{}", lab.ns("sw"))).expect("sw netns");
+    let sw = lab.netns("sw");
     let target = target.to_string();
     std::thread::spawn(move || {
-        // SAFETY: setns(2) on a valid namespace fd; affects only this thread.
-        let r = unsafe { libc::setns(sw.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns into the lab's management namespace");
+        enter_netns(&sw);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

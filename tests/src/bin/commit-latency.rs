@@ -11,7 +11,6 @@
 // A benchmark binary: a failed setup step ends the run with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use fwnode::policy::PolicyStore;
@@ -20,6 +19,7 @@ use fwnode::transport::{Security, Transport};
 use keepstate_proto::v1::control_client::ControlClient;
 use keepstate_proto::v1::{ApplyPolicyRequest, StatusRequest};
 use keepstate_tests::cluster::ClusterLab;
+use keepstate_tests::enter_netns;
 use tonic::transport::Channel;
 
 fn policy(i: usize, filler: usize) -> String {
@@ -120,7 +120,7 @@ fn main() {
     c.form();
     let leader = c.wait_leader(Duration::from_secs(5)) as usize - 1;
     let follower = (leader + 1) % 3;
-    let sw = std::fs::File::open(format!("/run/netns/{}", c.lab.ns("sw"))).expect("sw netns");
+    let sw = c.lab.netns("sw");
     let addrs: Vec<String> = c.members.iter().map(|m| m.addr.clone()).collect();
 
     // The measuring thread lives in the operator's namespace: its sockets are created there.
@@ -134,9 +134,7 @@ fn main() {
         .expect("the run's operator certificate"),
     ));
     let out = std::thread::spawn(move || {
-        // SAFETY: setns(2) on a valid namespace fd; affects only this thread.
-        let r = unsafe { libc::setns(sw.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns into the lab's management namespace");
+        enter_netns(&sw);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
