@@ -232,6 +232,22 @@ impl Entry {
 pub const ENTRY_SIZE: usize = std::mem::size_of::<Entry>();
 const _: () = assert!(ENTRY_SIZE <= 112);
 
+/// How long a peer's copy of `e` should live, in milliseconds from `now_ms`: what is left of the
+/// local timer, except that a TCP entry with data in flight gets its state's own timeout. The
+/// "unacknowledged data" timeout flips on and off with the ACKs, which are not announced (see
+/// `refresh_due`), so a copy given 300 s while data was in flight would expire on the standby
+/// under a long transfer's idle control connection.
+fn peer_expires_in_ms(timeouts: &Timeouts, e: &Entry, now_ms: u64) -> u64 {
+    let left = e.expires.saturating_sub(now_ms);
+    if e.kind == Kind::Tcp && e.tcp.unacked() {
+        let state_ms = timeouts.tcp(e.tcp.state()).saturating_mul(1000);
+        let unacked_ms = timeouts.tcp_unacknowledged.saturating_mul(1000);
+        left.saturating_add(state_ms.saturating_sub(unacked_ms))
+    } else {
+        left
+    }
+}
+
 /// Read-only facts about a live connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnInfo {
@@ -536,7 +552,6 @@ impl Shard {
         let mut changed = false;
         let timeout_s;
         // What an update tells the peer, when it differs from `timeout_s`.
-        let mut announce_s = None;
         match (e.kind, pkt.l4) {
             (Kind::Tcp, L4::Tcp(t)) => {
                 let old = e.tcp.state();
@@ -577,11 +592,6 @@ impl Shard {
                     }
                 }
                 let to = self.timeouts.tcp(new);
-                // The peer's copy gets the state's own timeout: the "unacknowledged data" one
-                // flips on and off with the ACKs, which are not announced (see `refresh_due`),
-                // so a copy given 300 s by an update sent while data was in flight would
-                // expire on the standby under a long transfer's idle control connection.
-                announce_s = Some(to);
                 timeout_s = if e.tcp.unacked() {
                     to.min(self.timeouts.tcp_unacknowledged)
                 } else {
@@ -633,7 +643,7 @@ impl Shard {
                 tuple: e.tuple,
                 proto: e.proto_state(),
                 status: e.status,
-                expires_in_ms: announce_s.map_or(to_ms, |a| a.saturating_mul(1000)),
+                expires_in_ms: peer_expires_in_ms(&self.timeouts, e, now_ms),
             };
             self.push_event(Event::ConnUpdated(u));
         }
@@ -1125,14 +1135,8 @@ impl Shard {
     /// 300 s, and expire on the standby under an FTP download's idle control connection.
     fn peer_snapshot_slot(&self, slot: u32, now_ms: u64) -> ConnSnapshot {
         let mut snap = self.snapshot_slot(slot, now_ms);
-        let e = &self.entries[slot as usize];
-        if e.kind == Kind::Tcp && e.tcp.unacked() {
-            let state_ms = self.timeouts.tcp(e.tcp.state()).saturating_mul(1000);
-            let unacked_ms = self.timeouts.tcp_unacknowledged.saturating_mul(1000);
-            snap.expires_in_ms = snap
-                .expires_in_ms
-                .saturating_add(state_ms.saturating_sub(unacked_ms));
-        }
+        snap.expires_in_ms =
+            peer_expires_in_ms(&self.timeouts, &self.entries[slot as usize], now_ms);
         snap
     }
 

@@ -2903,18 +2903,30 @@ fn a_copy_sent_with_data_in_flight_gets_the_states_own_timeout() {
     });
     let mut f = Flow::v4();
     let o = handshake(&a, &mut f);
+    drain_all(&a);
     // The server's reply is in flight (unacknowledged): locally the 300 s limit applies.
     track(&a, 10, &f.seg(false, A | P, 100));
     let to = Config::default().timeouts;
+    // More data 100 s later, still unacknowledged: the 300 s timer is refreshed, and the update
+    // that announces the refresh carries the state's own timeout too.
+    track(&a, 100_010, &f.seg(false, A | P, 100));
+    let updates: Vec<u64> = drain_all(&a)
+        .iter()
+        .filter_map(|e| match e {
+            Event::ConnUpdated(u) => Some(u.expires_in_ms),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(updates, vec![to.tcp_established * 1000]);
     let sh = a.lock(0);
     let id = o.conn.unwrap();
-    let listed = sh.snapshots(t(10)).next().unwrap();
+    let listed = sh.snapshots(t(100_010)).next().unwrap();
     assert_eq!(
         listed.expires_in_ms,
         to.tcp_unacknowledged * 1000,
         "listing shows the real timer"
     );
-    let copy = sh.snapshot(id, t(10)).unwrap();
+    let copy = sh.snapshot(id, t(100_010)).unwrap();
     assert_eq!(
         copy.expires_in_ms,
         to.tcp_established * 1000,
