@@ -13,7 +13,8 @@
 //! (backward shift, no tombstones) without hashing anything again. The hash is the shard's
 //! seeded one, so an attacker cannot aim tuples at one probe run.
 
-/// An unused word. A stored word never is: its tag has the top bit set.
+/// An unused word. A stored word never is: its tag has the top bit set (so home positions use
+/// 31 bits of the hash: up to 2^31 words, a billion connections in one shard).
 const EMPTY: u64 = 0;
 /// Smallest capacity once anything is stored (eight words: one cache line).
 const MIN_CAPACITY: usize = 8;
