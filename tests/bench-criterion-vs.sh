@@ -13,11 +13,14 @@ BENCHES=("$@")
 [ ${#BENCHES[@]} -gt 0 ] || BENCHES=(conntrack ftp policy ct_list_load)
 read -r -a ARGS <<<"${CRITERION_ARGS:---warm-up-time 1 --measurement-time 3}"
 WT=$(mktemp -d /tmp/keepstate-base.XXXXXX)
-cleanup() { git worktree remove --force "$WT" 2>/dev/null || rm -rf "$WT"; }
+cleanup() {
+    git worktree remove --force "$WT" 2>/dev/null || rm -rf "$WT"
+    rm -f "$WT".*.log
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 git worktree add --detach "$WT" "$BASE" >/dev/null
-export CARGO_TARGET_DIR_BASE="$PWD/target/bench-base"
+CARGO_TARGET_DIR_BASE="$PWD/target/bench-base"
 echo "== building the base ($(git rev-parse --short "$BASE")) and the working tree"
 (cd "$WT" && CARGO_TARGET_DIR="$CARGO_TARGET_DIR_BASE" cargo bench -p fwnode --benches --no-run --locked -q)
 cargo bench -p fwnode --benches --no-run --locked -q
@@ -28,8 +31,12 @@ for b in "${BENCHES[@]}"; do
         exe=$(bin "$dir" "$b")
         [ -n "$exe" ] || { echo "no bench binary $b for $side" >&2; exit 1; }
         echo "=== $b: $side"
-        # Bench fixtures are found relative to the crate, as `cargo bench` runs them.
-        (cd "$src/node" && timeout 900 "$exe" --bench "${ARGS[@]}" 2>&1) |
-            grep -E '^(memory|filled|median|ratio|table full)|^[a-z_]+/[a-z0-9_]+$|^[a-z_]+/[a-z0-9_]+ +time:|^ +(time|thrpt): +\[[0-9]' || true
+        # Bench fixtures are found relative to the crate, as `cargo bench` runs them. A failed
+        # bench stops the script (with its output) rather than vanishing from the filtered log.
+        out="$WT.$b.$side.log"
+        (cd "$src/node" && timeout 900 "$exe" --bench "${ARGS[@]}") >"$out" 2>&1 ||
+            { cat "$out" >&2; echo "bench $b ($side) failed" >&2; exit 1; }
+        grep -E '^(memory|filled|median|ratio|table full)|^[a-z_]+/[a-z0-9_]+$|^[a-z_]+/[a-z0-9_]+ +time:|^ +(time|thrpt): +\[[0-9]' "$out" || true
+        rm -f "$out"
     done
 done

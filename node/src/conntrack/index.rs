@@ -6,7 +6,7 @@
 //!
 //! Written by hand, not `hashbrown::HashTable`, because it is the hot path's first memory access
 //! and a `HashTable` lookup touches two cache lines far apart (the control bytes and the
-//! bucket) before it reaches the entry. Here a slot is one `u64` word holding a 32-bit tag of the
+//! bucket) before it reaches the entry. Here a slot is one `u64` word holding a 31-bit tag of the
 //! hash *and* the value, in one array probed linearly: a lookup reads one line (eight words) in
 //! the common case, and the tag both filters candidates (a wrong candidate's entry is rarely
 //! touched) and, because the home position is taken from it, lets the table grow and delete
