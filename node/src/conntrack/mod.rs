@@ -61,6 +61,11 @@ pub enum Direction {
     Reply = 1,
 }
 
+/// How long TCP window checks stay liberal after the VIPs move to or from this node
+/// ([`Conntrack::handover`]): they move within a few advert intervals, and pfsync keeps the
+/// peer's recent changes for the same 2 s.
+pub const HANDOVER_LIBERAL: Duration = Duration::from_secs(2);
+
 /// Global early drop: other shards looked at per attempt (one `try_lock` each).
 const EVICT_SHARDS: usize = 64;
 /// Global early drop: shards sampled for a victim per attempt (up to 64 slots each).
@@ -450,6 +455,24 @@ impl Conntrack {
         for s in self.shards.iter() {
             s.lock().begin_peer_bulk();
         }
+    }
+
+    /// The VIPs move to or from this node (its HA role becomes or stops being ACTIVE, or a
+    /// planned move is about to give it the VIPs): every TCP connection re-learns its
+    /// sequence bounds from its next segment in each direction, as a learned entry does, and
+    /// for [`HANDOVER_LIBERAL`] the window checks are liberal (a segment outside the bounds
+    /// passes without moving them, as Linux's `be_liberal`). The peer may have forwarded any
+    /// connection meanwhile (a switchover, and the failback after it), and replication
+    /// carries state changes and refreshes, not every window move: stale bounds would drop
+    /// the live streams; and while the two gateways swap the VIPs, the segments of one stream
+    /// cross both and each sees part of them. A RST still needs a segment each way first
+    /// (`TcpConn::update`). Locks one shard at a time; returns how many connections were
+    /// marked.
+    pub fn handover(&self, now: Timestamp) -> u64 {
+        let until = now
+            .as_millis()
+            .saturating_add(HANDOVER_LIBERAL.as_millis() as u64);
+        self.shards.iter().map(|s| s.lock().handover(until)).sum()
     }
 
     /// The bulk transfer completed: remove learned entries and expectations it did not

@@ -382,6 +382,9 @@ pub struct Shard {
     mask: u32,
     timeouts: Timeouts,
     liberal: bool,
+    /// TCP window checks are liberal before this time (ms): a takeover's grace period
+    /// (`Conntrack::handover`).
+    liberal_until_ms: u64,
     pickup: bool,
     helper_ports: Vec<HelperPort>,
     max_expect_per_master: usize,
@@ -412,6 +415,7 @@ impl Shard {
             mask: count - 1,
             timeouts: cfg.timeouts.clone(),
             liberal: cfg.tcp_liberal,
+            liberal_until_ms: 0,
             pickup: cfg.tcp_pickup,
             helper_ports: cfg.helper_ports.clone(),
             max_expect_per_master: cfg.max_expect_per_master.max(1) as usize,
@@ -546,7 +550,7 @@ impl Shard {
         } else {
             Direction::Reply
         };
-        let liberal = self.liberal;
+        let liberal = self.liberal || now_ms < self.liberal_until_ms;
         let e = &mut self.entries[slot as usize];
         let old_status = e.status;
         let mut changed = false;

@@ -381,6 +381,54 @@ fn pickup_learns_windows_mid_stream() {
     );
 }
 
+/// A connection this node forwarded, then its peer (a switchover), then this node again (the
+/// failback): its own bounds are stale by the time it forwards again. Without the re-learn
+/// the stream is out of window; after `handover` it carries on, a RST still needs a
+/// segment each way first, and segments out of order pass during the grace period only.
+#[test]
+fn a_node_taking_over_again_relearns_its_own_stale_bounds() {
+    let a = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    let o = handshake(&a, &mut f);
+    track(&a, 3, &f.seg(true, A | P, 500));
+    // The peer forwarded 10 MB each way meanwhile.
+    f.cseq = f.cseq.wrapping_add(10_000_000);
+    f.sseq = f.sseq.wrapping_add(10_000_000);
+    invalid(
+        &track(&a, 4, &f.seg(true, A | P, 100)),
+        InvalidReason::TcpOutOfWindow,
+    );
+    assert_eq!(a.handover(t(5)), 1);
+    let mut rst = TcpSpec::new(f.sp, f.cp, R | A);
+    rst.seq = f.sseq.wrapping_add(77);
+    invalid(
+        &track(&a, 5, &build::tcp(f.s, f.c, &rst)),
+        InvalidReason::TcpRstOutOfWindow,
+    );
+    let o1 = track(&a, 5, &f.seg(true, A | P, 100));
+    assert_eq!((o1.state, o1.conn), (CtState::Established, o.conn));
+    let o2 = track(&a, 6, &f.seg(false, A | P, 100));
+    assert_eq!(o2.state, CtState::Established);
+    // A segment from far behind (it crossed the other gateway) passes in the grace period...
+    let behind = |f: &Flow| {
+        let mut spec = TcpSpec::new(f.cp, f.sp, A | P);
+        spec.seq = f.cseq.wrapping_sub(5_000_000);
+        spec.ack = f.sseq;
+        spec.payload = vec![b'x'; 10];
+        build::tcp(f.c, f.s, &spec)
+    };
+    let liberal_ms = HANDOVER_LIBERAL.as_millis() as u64;
+    assert_eq!(
+        track(&a, 5 + liberal_ms - 1, &behind(&f)).state,
+        CtState::Established
+    );
+    // ...and not after it.
+    invalid(
+        &track(&a, 5 + liberal_ms, &behind(&f)),
+        InvalidReason::TcpOutOfWindow,
+    );
+}
+
 #[test]
 fn snapshot_round_trip_and_from_peer_relearns_windows() {
     let a = Conntrack::new(&cfg());

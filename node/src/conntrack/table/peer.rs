@@ -301,6 +301,19 @@ impl Shard {
         }
     }
 
+    /// Every TCP connection re-learns its bounds from its next segments, and window checks
+    /// are liberal until `until_ms` (`Conntrack::handover`). Returns how many were
+    /// marked.
+    pub fn handover(&mut self, until_ms: u64) -> u64 {
+        self.liberal_until_ms = self.liberal_until_ms.max(until_ms);
+        let mut n = 0;
+        for e in self.entries.iter_mut().filter(|e| e.kind == Kind::Tcp) {
+            e.tcp.set_relearn();
+            n += 1;
+        }
+        n
+    }
+
     /// The bulk transfer ended: remove the learned entries and expectations it did not
     /// refresh (the peer no longer has them). Entries used here since are ours and stay.
     /// Returns how many connections and expectations were removed. Nothing is announced.
