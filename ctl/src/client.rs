@@ -33,6 +33,10 @@ pub enum CliError {
     /// The node refused the operator's certificate or its role.
     #[error("{0}")]
     PermissionDenied(String),
+    /// A planned HA move (switchover, maintenance on) was refused: the peer could not carry
+    /// every session now. Nothing changed.
+    #[error("{0}")]
+    HaRefused(String),
 }
 
 impl CliError {
@@ -43,6 +47,7 @@ impl CliError {
             CliError::Internal(_) => 5,
             CliError::NotPermitted(_) => 6,
             CliError::PermissionDenied(_) => 7,
+            CliError::HaRefused(_) => 8,
         }
     }
 }
@@ -242,6 +247,7 @@ mod tests {
         cluster_promote(ClusterPromoteRequest) -> MembersReply;
         cluster_remove(ClusterRemoveRequest) -> MembersReply;
         set_ha_settings(SetHaSettingsRequest) -> HaSettings;
+        ha_move(HaMoveRequest) -> HaMoveReply;
         count_connections(CountConnectionsRequest) -> CountConnectionsReply;
         list_expectations(ListExpectationsRequest) -> ListExpectationsReply;
         sync_status(SyncStatusRequest) -> SyncStatusReply;

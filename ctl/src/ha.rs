@@ -62,6 +62,12 @@ pub struct Reply {
 pub struct Status {
     pub role: String,
     pub ready: bool,
+    /// Held standby by the cluster's HA settings (absent from an older fwnode).
+    #[serde(default)]
+    pub held: Option<bool>,
+    /// What keepalived's track script is told (absent from an older fwnode: `ready`).
+    #[serde(default)]
+    pub check: Option<bool>,
     pub in_sync: bool,
     pub vrrp: String,
     pub since_unix_ms: u64,
@@ -72,6 +78,14 @@ pub struct Status {
     pub counters: Counters,
     #[serde(default)]
     pub transitions: Vec<Transition>,
+}
+
+impl Status {
+    /// `fwctl ha check`'s answer: may this node hold the VIPs now? An fwnode older than this
+    /// fwctl (an upgrade replaces the binaries before it restarts fwnode) says only `ready`.
+    pub fn check(&self) -> bool {
+        self.check.unwrap_or(self.ready)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -179,6 +193,15 @@ pub fn print_status(s: &Status) {
     let rows = [
         ("role", s.role.clone()),
         ("ready", yes(s.ready).to_string()),
+        (
+            "held",
+            match s.held {
+                Some(true) => "yes: another gateway is the cluster's choice for ACTIVE                                (fwctl ha maintenance off releases it)"
+                    .to_string(),
+                Some(false) => "no".to_string(),
+                None => "unknown (older fwnode)".to_string(),
+            },
+        ),
         ("in sync", yes(s.in_sync).to_string()),
         ("keepalived", s.vrrp.clone()),
         (

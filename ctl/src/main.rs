@@ -26,8 +26,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use client::{connect, status_error, CliError};
-use keepstate_proto::v1;
+use keepstate_proto::v1::{self, control_client::ControlClient};
 use serde_json::json;
+use tonic::transport::Channel;
 
 const EXIT_CODES: &str = "Exit codes: 0 success, 1 `policy diff` found differences or `ha check`: \
 not ready, 2 usage error, 3 rejected (invalid request or policy, unknown version or member, wrong \
@@ -198,13 +199,43 @@ enum HaCmd {
     Settings,
     /// Replace the replicated HA settings.
     Set {
-        /// Gateway ids in order of preference for the ACTIVE role (comma-separated).
+        /// The operator's choice for ACTIVE first (comma-separated gateway ids): every other
+        /// gateway is held standby. Empty: keepalived's priorities decide.
         #[arg(long, value_delimiter = ',')]
         preferred_active: Vec<u64>,
-        /// Refuse the ACTIVE role without a Raft quorum.
+        /// Stored and shown; not enforced yet.
         #[arg(long, action = clap::ArgAction::Set, default_value_t = true)]
         require_quorum: bool,
     },
+    /// Move the VIPs from the active gateway (--node) to its peer, without losing a session,
+    /// and keep them there. Refused (exit 8) unless the peer is connected, holds this
+    /// gateway's table and is standby.
+    Switchover {
+        /// Move even if the peer is not ready: it drops every session it does not hold.
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for keepalived to move the VIPs.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=300))]
+        wait: u32,
+    },
+    /// Hold the gateway (--node) standby until `off` (replicated: survives its restart); `on`
+    /// switches over first if it is active, with the same checks as `switchover`.
+    Maintenance {
+        #[arg(value_enum)]
+        state: OnOff,
+        /// With `on`: move even if the peer is not ready.
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for keepalived to move the VIPs.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=300))]
+        wait: u32,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Debug, Subcommand)]
@@ -426,7 +457,10 @@ fn ha_local(cmd: &HaCmd) -> Option<ha::Op> {
         HaCmd::Fault => ha::Op::Fault,
         HaCmd::Status => ha::Op::Status,
         HaCmd::Check => ha::Op::Check,
-        HaCmd::Settings | HaCmd::Set { .. } => return None,
+        HaCmd::Settings
+        | HaCmd::Set { .. }
+        | HaCmd::Switchover { .. }
+        | HaCmd::Maintenance { .. } => return None,
     })
 }
 
@@ -440,22 +474,27 @@ fn run_ha_local(
 ) -> Result<i32, CliError> {
     let timeout = Duration::from_secs(timeout.max(1)).min(Duration::from_secs(2));
     let (reply, raw) = ha::call(path, op, timeout)?;
-    let ready = reply.status.as_ref().is_some_and(|s| s.ready);
     match op {
         ha::Op::Check => {
+            let ok = reply.status.as_ref().is_some_and(ha::Status::check);
             if json {
-                print_json(&json!({ "ready": ready, "role": raw["status"]["role"] }));
+                print_json(&json!({ "ready": ok, "role": raw["status"]["role"] }));
             } else if let Some(s) = &reply.status {
-                match ready {
+                match ok {
                     true => println!("ready ({})", s.role),
                     false => println!(
-                        "not ready ({}{})",
+                        "not ready ({}{}{})",
                         s.role,
-                        if s.in_sync { "" } else { ", not in sync" }
+                        if s.in_sync { "" } else { ", not in sync" },
+                        if s.held == Some(true) {
+                            ", held standby by the cluster's HA settings"
+                        } else {
+                            ""
+                        }
                     ),
                 }
             }
-            return Ok(if ready { 0 } else { 1 });
+            return Ok(if ok { 0 } else { 1 });
         }
         ha::Op::Status => match (&reply.status, json) {
             (_, true) => print_json(&raw["status"]),
@@ -471,6 +510,64 @@ fn run_ha_local(
         }
     }
     Ok(0)
+}
+
+/// `fwctl ha switchover|maintenance`: one `HaMove` call; a refusal gets its own exit code.
+async fn ha_move(
+    addr: &str,
+    c: &mut ControlClient<Channel>,
+    kind: v1::HaMoveKind,
+    force: bool,
+    wait: u32,
+) -> Result<v1::HaMoveReply, CliError> {
+    c.ha_move(v1::HaMoveRequest {
+        kind: kind as i32,
+        force,
+        wait_ms: wait.saturating_mul(1000),
+    })
+    .await
+    .map(tonic::Response::into_inner)
+    .map_err(|s| {
+        if s.code() == tonic::Code::FailedPrecondition && s.message().starts_with("refused:") {
+            CliError::HaRefused(s.message().to_string())
+        } else {
+            status_error(addr, s)
+        }
+    })
+}
+
+fn print_move(r: &v1::HaMoveReply, json: bool, what: &str) {
+    if json {
+        print_json(&json!({
+            "node_id": r.node_id, "peer_id": r.peer_id, "preferred_active": r.preferred_active,
+            "moved": r.moved, "took_ms": r.took_ms, "forced": r.forced, "unchanged": r.unchanged,
+        }));
+        return;
+    }
+    for f in &r.forced {
+        eprintln!("warning: forced past: {f}");
+    }
+    if r.unchanged {
+        println!(
+            "{what}: nothing to change (preferred active: {:?})",
+            r.preferred_active
+        );
+    } else if r.moved {
+        println!(
+            "{what}: peer {} holds the VIPs ({} ms after the commit); node {} is held standby",
+            r.peer_id, r.took_ms, r.node_id
+        );
+    } else if r.preferred_active.is_empty() {
+        println!(
+            "{what}: node {} released; keepalived's priorities decide again",
+            r.node_id
+        );
+    } else {
+        println!(
+            "{what}: node {} is held standby (preferred active: {:?})",
+            r.node_id, r.preferred_active
+        );
+    }
 }
 
 /// The channel security the options ask for.
@@ -519,7 +616,15 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
     }
     let security = security(&cli);
     let addr = cli.node.clone();
-    let mut c = connect(&addr, Duration::from_secs(cli.timeout.max(1)), &security).await?;
+    // A planned HA move answers once keepalived has moved the VIPs.
+    let timeout = match &cli.command {
+        Command::Ha(HaArgs {
+            cmd: HaCmd::Switchover { wait, .. } | HaCmd::Maintenance { wait, .. },
+            ..
+        }) => cli.timeout.max(u64::from(*wait) + 15),
+        _ => cli.timeout,
+    };
+    let mut c = connect(&addr, Duration::from_secs(timeout.max(1)), &security).await?;
     let err = |s| status_error(&addr, s);
     match cli.command {
         Command::Status => {
@@ -766,6 +871,24 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                     h.preferred_active, h.require_quorum
                 );
             }
+        }
+        Command::Ha(HaArgs {
+            cmd: HaCmd::Switchover { force, wait },
+            ..
+        }) => {
+            let r = ha_move(&addr, &mut c, v1::HaMoveKind::Switchover, force, wait).await?;
+            print_move(&r, json, "switchover");
+        }
+        Command::Ha(HaArgs {
+            cmd: HaCmd::Maintenance { state, force, wait },
+            ..
+        }) => {
+            let kind = match state {
+                OnOff::On => v1::HaMoveKind::MaintenanceOn,
+                OnOff::Off => v1::HaMoveKind::MaintenanceOff,
+            };
+            let r = ha_move(&addr, &mut c, kind, force, wait).await?;
+            print_move(&r, json, "maintenance");
         }
         Command::Stats { watch, json: j } => {
             let json = json || j;

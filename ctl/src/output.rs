@@ -198,12 +198,15 @@ pub fn print_ha(s: &v1::StatusReply) {
         "{:<17} {}",
         "preferred active",
         if pref.is_empty() {
-            "-".into()
+            "- (keepalived's priorities decide)".into()
         } else {
-            pref.join(", ")
+            format!("{} (every other gateway is held standby)", pref.join(", "))
         }
     );
-    println!("{:<17} {}", "require quorum", ha.require_quorum);
+    println!(
+        "{:<17} {} (stored; not enforced yet)",
+        "require quorum", ha.require_quorum
+    );
 }
 
 pub fn members_json(m: &v1::MembersReply) -> Value {
@@ -322,6 +325,7 @@ pub fn sync_json(r: &v1::SyncStatusReply) -> Value {
         })),
         "peers": r.peers.iter().map(|p| json!({
             "id": p.id, "addr": p.addr, "connected": p.connected, "in_sync": p.in_sync,
+            "peer_has_table": p.peer_has_table,
             "last_seq_sent": p.last_seq_sent, "last_seq_acked": p.last_seq_acked, "lag": p.lag,
             "unacked": p.unacked, "items_applied": p.items_applied,
             "bulks_sent": p.bulks_sent, "bulks_received": p.bulks_received,
@@ -371,6 +375,7 @@ pub fn print_sync(r: &v1::SyncStatusReply) {
         "ADDR",
         "STREAM",
         "IN SYNC",
+        "HAS OURS",
         "SENT",
         "ACKED",
         "LAG",
@@ -391,6 +396,7 @@ pub fn print_sync(r: &v1::SyncStatusReply) {
             p.addr.clone(),
             if p.connected { "up" } else { "down" }.into(),
             if p.in_sync { "yes" } else { "no" }.into(),
+            if p.peer_has_table { "yes" } else { "no" }.into(),
             p.last_seq_sent.to_string(),
             p.last_seq_acked.to_string(),
             p.lag.to_string(),

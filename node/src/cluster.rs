@@ -18,9 +18,10 @@ use openraft::SnapshotPolicy;
 use serde::Deserialize;
 
 use crate::api::{ControlService, Datapath, WriteLimits};
+use crate::ha::HaHandle;
 use crate::policy::PolicyStore;
 use crate::raft::network::{Network, RaftService, MAX_PAYLOAD_ENTRIES, SNAPSHOT_CHUNK_BYTES};
-use crate::raft::{store, Member, NodeId, PolicyRecord, PolicySink, Raft, Role};
+use crate::raft::{store, HaSettings, Member, NodeId, PolicyRecord, PolicySink, Raft, Role};
 use crate::tls::{Members, Membership};
 use crate::transport::Transport;
 
@@ -129,10 +130,17 @@ pub enum StartError {
     },
 }
 
-/// Swaps every applied policy into the datapath's store.
-struct StoreSink(Arc<PolicyStore>);
+/// Swaps every applied policy into the datapath's store, and hands the HA settings to the
+/// gateway's role machine (`ha`: this node's id and its handle, on a gateway with `[ha]`).
+struct StoreSink(Arc<PolicyStore>, Option<(NodeId, HaHandle)>);
 
 impl PolicySink for StoreSink {
+    fn ha(&self, settings: &HaSettings) {
+        if let Some((me, h)) = &self.1 {
+            h.apply_settings(*me, settings.preferred_active.first().copied());
+        }
+    }
+
     fn enforce(&self, p: &PolicyRecord) {
         let origin = format!("cluster version {} ({})", p.version, p.author);
         match self.0.load_text(p.version, &origin, &p.text) {
@@ -208,7 +216,16 @@ pub fn start(
     .validate()
     .map_err(|e| StartError::Config(e.to_string()))?;
 
-    let (log, sm) = store::open(&cfg.data_dir, Arc::new(StoreSink(policy.clone())))?;
+    let (log, sm) = store::open(
+        &cfg.data_dir,
+        Arc::new(StoreSink(
+            policy.clone(),
+            datapath
+                .as_ref()
+                .and_then(|d| d.ha.clone())
+                .map(|h| (cfg.id, h)),
+        )),
+    )?;
     let sm_data = sm.data();
     let network = Network {
         transport: transport.clone(),

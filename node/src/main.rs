@@ -24,6 +24,7 @@ use fwnode::policy::PolicyStore;
 use fwnode::raft::Role;
 use fwnode::sync::defer::DeferConfig;
 use fwnode::sync::feed::FeedMaker;
+use fwnode::time::Timestamp;
 use fwnode::tls::{Credentials, Members};
 use fwnode::transport::{Security, Transport};
 
@@ -393,6 +394,19 @@ fn run(cfg: Config) -> Result<()> {
     // A node without replication has no peer table to wait for: in sync from the start. With
     // it, readiness follows the sync sessions (`on_ready` below).
     let ha = cfg.ha.as_ref().map(|_| HaHandle::new(!replicate));
+    if let Some(h) = &ha {
+        let ct = ct.clone();
+        h.on_handover(move || {
+            let t = Instant::now();
+            let now = Timestamp::from_millis(origin.elapsed().as_millis() as u64);
+            let n = ct.handover(now);
+            tracing::info!(
+                connections = n,
+                took = ?t.elapsed(),
+                "HA: the VIPs move; TCP bounds re-learn from the next segments, liberal for a while"
+            );
+        });
+    }
     // Replication starts before the datapath so that no event of the first packets is lost.
     let (sync, feeds) = match (&cfg.sync, &cfg.cluster) {
         (Some(s), Some(c)) if replicate => {

@@ -6,6 +6,7 @@
 //! packets or hold a lock across an await.
 
 pub mod conntrack;
+mod ha;
 mod write;
 
 use std::sync::Arc;
@@ -382,6 +383,14 @@ impl Control for ControlService {
     ) -> Result<Response<v1::HaSettings>, Status> {
         self.allow(&request, OperatorRole::Admin)?;
         self.set_ha_write(request).await.map(Response::new)
+    }
+
+    async fn ha_move(
+        &self,
+        request: Request<v1::HaMoveRequest>,
+    ) -> Result<Response<v1::HaMoveReply>, Status> {
+        self.allow(&request, OperatorRole::Admin)?;
+        self.ha_move_write(request).await.map(Response::new)
     }
 
     async fn list_connections(

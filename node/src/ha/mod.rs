@@ -56,13 +56,26 @@ struct Counters {
     busy: AtomicU64,
 }
 
-#[derive(Debug)]
+/// What runs when the VIPs move to or from this node, or are about to come (outside the
+/// machine's lock).
+type OnHandover = Box<dyn Fn() + Send + Sync>;
+
 struct Inner {
     machine: Mutex<RoleMachine>,
     /// The machine's time origin, and the same instant on the wall clock (for operators).
     origin: Instant,
     origin_unix_ms: u64,
     counters: Counters,
+    on_handover: std::sync::OnceLock<OnHandover>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("machine", &self.machine)
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The node's HA role, shared by the socket server, the control API and replication. Cheap to
@@ -86,7 +99,22 @@ impl HaHandle {
             origin: Instant::now(),
             origin_unix_ms,
             counters: Counters::default(),
+            on_handover: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Run `f` every time the VIPs move to or from this node: when it becomes or stops being
+    /// ACTIVE, and when the HA settings make it the gateway that is to take them (a planned
+    /// move, before keepalived moves them). The datapath prepares its table then
+    /// (`Conntrack::handover`). Set once; a second call is ignored.
+    pub fn on_handover(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.0.on_handover.set(Box::new(f));
+    }
+
+    fn handover(&self) {
+        if let Some(hook) = self.0.on_handover.get() {
+            hook();
+        }
     }
 
     fn now(&self) -> Timestamp {
@@ -103,6 +131,9 @@ impl HaHandle {
     ) -> Option<Transition> {
         let now = self.now();
         let t = f(&mut self.0.machine.lock(), now);
+        if t.is_some_and(|t| (t.to == Role::Active) != (t.from == Role::Active)) {
+            self.handover();
+        }
         if let Some(t) = t {
             if t.to == Role::Active && !t.ready {
                 tracing::warn!(
@@ -111,7 +142,7 @@ impl HaHandle {
                      with an incomplete connection table (reported as not ready)"
                 );
             } else {
-                tracing::info!(from = %t.from, to = %t.to, ready = t.ready, cause = ?t.cause, "HA role changed");
+                tracing::info!(from = %t.from, to = %t.to, ready = t.ready, held = t.held, cause = ?t.cause, "HA role changed");
             }
         }
         t
@@ -137,6 +168,25 @@ impl HaHandle {
         self.input(|m, now| m.synced(now, in_sync));
     }
 
+    /// The cluster's HA settings, as applied on this node: `preferred` is the operator's
+    /// choice for ACTIVE (the first of `preferred_active`), `me` this node's id. Every gateway
+    /// but the chosen one is held standby.
+    pub fn apply_settings(&self, me: u64, preferred: Option<u64>) {
+        let held = preferred.is_some_and(|p| p != me);
+        let t = self.input(|m, now| m.hold(now, held));
+        // A planned move is to give this gateway the VIPs: the chosen one, or one just
+        // released (the preferred gateway fails back).
+        let coming = preferred == Some(me) || t.is_some_and(|t| t.cause == role::Cause::Release);
+        if coming && self.role() != Role::Active {
+            self.handover();
+        }
+    }
+
+    /// What keepalived's track script is told (`fwctl ha check`): ready and not held.
+    pub fn check(&self) -> bool {
+        self.0.machine.lock().check()
+    }
+
     pub fn role(&self) -> Role {
         self.0.machine.lock().role()
     }
@@ -153,6 +203,8 @@ impl HaHandle {
         StatusView {
             role: m.role(),
             ready: m.ready(),
+            held: m.held(),
+            check: m.check(),
             in_sync: m.in_sync(),
             vrrp: m.vrrp(),
             since_unix_ms: self.unix_ms(m.since()),
@@ -167,6 +219,7 @@ impl HaHandle {
                     to: t.to,
                     cause: t.cause,
                     ready: t.ready,
+                    held: t.held,
                 })
                 .collect(),
         }
@@ -211,6 +264,36 @@ mod tests {
             .unwrap()
             .as_millis() as u64;
         assert!(s.since_unix_ms <= now && now - s.since_unix_ms < 60_000);
+    }
+
+    #[test]
+    fn the_handover_hook_runs_when_the_vips_move_and_before_a_planned_move_to_this_node() {
+        use std::sync::atomic::AtomicUsize;
+        let h = HaHandle::new(true);
+        let n = Arc::new(AtomicUsize::new(0));
+        let n2 = n.clone();
+        h.on_handover(move || {
+            n2.fetch_add(1, Relaxed);
+        });
+        let runs = || n.load(Relaxed);
+        h.promote();
+        h.promote();
+        assert_eq!(runs(), 1);
+        h.apply_settings(1, Some(2)); // held while active: it is leaving, not coming
+        assert_eq!(runs(), 1);
+        assert!(!h.check() && h.ready());
+        h.demote(); // the VIPs left
+        assert_eq!(runs(), 2);
+        h.apply_settings(1, None); // released: it will fail back
+        assert_eq!(runs(), 3);
+        h.apply_settings(1, None); // nothing changed
+        assert_eq!(runs(), 3);
+        h.apply_settings(1, Some(1)); // chosen while standby
+        assert_eq!(runs(), 4);
+        h.promote();
+        assert_eq!(runs(), 5);
+        h.fault();
+        assert_eq!(runs(), 6);
     }
 
     #[test]

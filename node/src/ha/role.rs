@@ -19,8 +19,17 @@
 //! | backup/nothing  | yes            | `Standby` |
 //! | backup/nothing  | no             | `Syncing` |
 //!
-//! `ready()` ("may hold the VIPs", what `fwctl ha check` answers) is: not `Fault` and the
-//! table complete.
+//! `ready()` ("fit to hold the VIPs") is: not `Fault` and the table complete. `check()` (what
+//! `fwctl ha check` answers keepalived) is `ready()` and not *held*.
+//!
+//! # Held standby (planned switchover, maintenance)
+//!
+//! The cluster's replicated HA settings can name another gateway as the operator's choice for
+//! the ACTIVE role (`preferred_active`); every gateway that is not that choice is *held*
+//! ([`RoleMachine::held`]): its check fails, so keepalived lowers its priority by the check's
+//! weight and the chosen peer, when ready, preempts. Held changes neither the role nor
+//! `ready()`: a held gateway still takes the VIPs when its peer dies (VRRP elects whoever is
+//! left, whatever the priorities), and is fit to.
 //!
 //! # Decisions
 //!
@@ -99,6 +108,10 @@ pub enum Cause {
     Synced,
     /// Replication reported the table out of sync.
     Unsynced,
+    /// The cluster's HA settings now hold this gateway standby (switchover, maintenance).
+    Hold,
+    /// ... and no longer do.
+    Release,
 }
 
 /// One recorded change of the role or of readiness.
@@ -110,6 +123,8 @@ pub struct Transition {
     pub cause: Cause,
     /// `ready()` after the change; `false` with `to == Active` is a promotion while unsynced.
     pub ready: bool,
+    /// `held()` after the change.
+    pub held: bool,
 }
 
 /// The default number of transitions kept.
@@ -123,6 +138,8 @@ pub struct RoleMachine {
     synced: bool,
     /// The table holds the peer's entries (see the module docs: sticky while active).
     complete: bool,
+    /// Held standby by the cluster's HA settings (see the module docs).
+    held: bool,
     role: Role,
     since: Timestamp,
     history: VecDeque<Transition>,
@@ -140,6 +157,7 @@ impl RoleMachine {
             vrrp: Vrrp::Unknown,
             synced,
             complete: synced,
+            held: false,
             role,
             since: now,
             history: VecDeque::with_capacity(history.max(1)),
@@ -152,6 +170,7 @@ impl RoleMachine {
             to: role,
             cause: Cause::Start,
             ready: synced,
+            held: false,
         });
         m
     }
@@ -192,15 +211,22 @@ impl RoleMachine {
         })
     }
 
-    /// Apply one input, derive the role again, and record the change if the role or
-    /// readiness moved.
+    /// The cluster's HA settings: is this gateway held standby (another gateway is the
+    /// operator's choice for ACTIVE)?
+    pub fn hold(&mut self, now: Timestamp, held: bool) -> Option<Transition> {
+        let cause = if held { Cause::Hold } else { Cause::Release };
+        self.apply(now, cause, |m| m.held = held)
+    }
+
+    /// Apply one input, derive the role again, and record the change if the role, readiness
+    /// or the hold moved.
     fn apply(
         &mut self,
         now: Timestamp,
         cause: Cause,
         input: impl FnOnce(&mut Self),
     ) -> Option<Transition> {
-        let (from, was_ready) = (self.role, self.ready());
+        let (from, was_ready, was_held) = (self.role, self.ready(), self.held);
         input(self);
         self.role = match (self.vrrp, self.complete) {
             (Vrrp::Fault, _) => Role::Fault,
@@ -209,7 +235,7 @@ impl RoleMachine {
             (Vrrp::Backup | Vrrp::Unknown, false) => Role::Syncing,
         };
         let ready = self.ready();
-        if self.role == from && ready == was_ready {
+        if self.role == from && ready == was_ready && self.held == was_held {
             return None;
         }
         self.since = now;
@@ -219,6 +245,7 @@ impl RoleMachine {
             to: self.role,
             cause,
             ready,
+            held: self.held,
         };
         self.record(t);
         Some(t)
@@ -238,6 +265,16 @@ impl RoleMachine {
     /// May this node hold the VIPs: not in fault and its table complete.
     pub fn ready(&self) -> bool {
         self.role != Role::Fault && self.complete
+    }
+
+    /// What keepalived's track script is told: ready, and not held standby.
+    pub fn check(&self) -> bool {
+        self.ready() && !self.held
+    }
+
+    /// Held standby by the cluster's HA settings.
+    pub fn held(&self) -> bool {
+        self.held
     }
 
     /// The last `synced` input (an active node can be ready while this is false).
@@ -392,6 +429,37 @@ mod tests {
     }
 
     #[test]
+    fn a_held_gateway_fails_its_check_but_stays_ready_and_still_takes_over() {
+        let mut m = RoleMachine::new(t(0), true, HISTORY);
+        m.promote(t(1));
+        assert!(m.check());
+        let c = m.hold(t(2), true).unwrap();
+        assert_eq!(
+            (c.from, c.to, c.cause, c.ready, c.held),
+            (Role::Active, Role::Active, Cause::Hold, true, true)
+        );
+        assert!(
+            m.ready() && !m.check(),
+            "held: fit, but keepalived must prefer the peer"
+        );
+        assert_eq!(m.hold(t(3), true), None, "a repeat records nothing");
+        // keepalived moved the VIPs to the peer.
+        let c = m.demote(t(4)).unwrap();
+        assert_eq!((c.to, c.held), (Role::Standby, true));
+        // The peer died: keepalived promotes the held gateway anyway, and that is no
+        // promotion while unsynced.
+        m.promote(t(5));
+        assert_eq!((m.role(), m.promoted_unsynced()), (Role::Active, 0));
+        let c = m.hold(t(6), false).unwrap();
+        assert_eq!((c.cause, c.held), (Cause::Release, false));
+        assert!(m.check());
+        // Held or not, an unsynced standby fails its check.
+        m.demote(t(7));
+        m.synced(t(8), false);
+        assert!(!m.check());
+    }
+
+    #[test]
     fn history_is_bounded_and_keeps_the_newest() {
         let mut m = RoleMachine::new(t(0), true, 4);
         for i in 1..=10 {
@@ -411,20 +479,23 @@ mod tests {
     #[test]
     fn every_input_sequence_keeps_the_invariants() {
         use proptest::prelude::*;
-        let input = prop_oneof![Just(0u8), Just(1u8), Just(2u8), Just(3u8), Just(4u8)];
+        let input = (0u8..7).boxed();
         proptest!(|(start in any::<bool>(), ops in proptest::collection::vec(input, 0..64))| {
             let mut m = RoleMachine::new(t(0), start, 8);
             for (i, op) in ops.iter().enumerate() {
                 let now = t(i as u64 + 1);
-                let before = (m.role(), m.ready());
+                let before = (m.role(), m.ready(), m.held());
                 let r = match op {
                     0 => m.promote(now),
                     1 => m.demote(now),
                     2 => m.fault(now),
                     3 => m.synced(now, true),
-                    _ => m.synced(now, false),
+                    4 => m.synced(now, false),
+                    5 => m.hold(now, true),
+                    _ => m.hold(now, false),
                 };
-                let after = (m.role(), m.ready());
+                let after = (m.role(), m.ready(), m.held());
+                prop_assert_eq!(m.check(), m.ready() && !m.held());
                 prop_assert_eq!(r.is_some(), before != after);
                 let expect = match m.vrrp() {
                     Vrrp::Fault => Role::Fault,

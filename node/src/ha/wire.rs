@@ -93,8 +93,14 @@ impl Reply {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatusView {
     pub role: Role,
-    /// May hold the VIPs (what `check` answers).
+    /// Fit to hold the VIPs: not in fault, table complete.
     pub ready: bool,
+    /// Held standby by the cluster's HA settings (another gateway is the operator's choice).
+    #[serde(default)]
+    pub held: bool,
+    /// What `check` answers keepalived: ready and not held.
+    #[serde(default)]
+    pub check: bool,
     /// Replication's last word on this node's table.
     pub in_sync: bool,
     /// What keepalived last told this node.
@@ -118,6 +124,8 @@ pub struct TransitionView {
     pub to: Role,
     pub cause: Cause,
     pub ready: bool,
+    #[serde(default)]
+    pub held: bool,
 }
 
 /// What the socket server counted since start.

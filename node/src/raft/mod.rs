@@ -76,4 +76,8 @@ pub type Raft = openraft::Raft<TypeConfig>;
 /// long (a compile of 10 000 rules takes tens of milliseconds).
 pub trait PolicySink: Send + Sync + 'static {
     fn enforce(&self, policy: &PolicyRecord);
+
+    /// The HA settings, at the same three points (start, a batch that changed them, a
+    /// snapshot installed). Must be quick: it runs on Raft's runtime.
+    fn ha(&self, _settings: &HaSettings) {}
 }

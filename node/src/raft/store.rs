@@ -113,6 +113,7 @@ pub fn open(
     if let Some(cur) = data.state.current() {
         sink.enforce(cur);
     }
+    sink.ha(&data.state.ha);
     let sm = StateMachineStore {
         db,
         data: Arc::new(RwLock::new(data)),
@@ -449,9 +450,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let mut out = vec![];
-        let (changed, current) = {
+        let (changed, current, ha) = {
             let mut d = self.data.write();
             let before = d.state.version();
+            let ha_before = d.state.ha.clone();
             for e in entries {
                 d.last_applied = Some(e.log_id);
                 out.push(match e.payload {
@@ -463,8 +465,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     }
                 });
             }
-            (d.state.version() != before, d.state.current().cloned())
+            let ha = (d.state.ha != ha_before).then(|| d.state.ha.clone());
+            (d.state.version() != before, d.state.current().cloned(), ha)
         };
+        if let Some(ha) = ha {
+            self.sink.ha(&ha);
+        }
         // One compile per batch, outside the lock, with the newest version only.
         if let (true, Some(p)) = (changed, current) {
             enforce_off_runtime(&self.sink, p).await;
@@ -497,6 +503,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         write_snapshot(&self.db, meta, &bytes)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
         let current = new.state.current().cloned();
+        self.sink.ha(&new.state.ha);
         *self.data.write() = SmData {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),

@@ -289,6 +289,10 @@ pub struct BulkProgress {
 pub struct SessionStats {
     /// The stream is up and both Hellos were exchanged.
     pub connected: bool,
+    /// The peer holds our table: connected, and it resumed our stream or our bulk to it
+    /// completed, with nothing lost since (no bulk to it running or due). Live items may still
+    /// be in flight (`lag`). What a planned switchover to this peer requires.
+    pub peer_has_table: bool,
     pub peer_node_id: Option<u64>,
     pub peer_boot_id: Option<u64>,
     /// This node's newest item.
@@ -1327,6 +1331,11 @@ impl Session {
     pub fn stats(&self, outbox: &Outbox) -> SessionStats {
         let mut s = self.st.clone();
         s.connected = self.peer_hello().is_some();
+        s.peer_has_table = s.connected
+            && self.tx.ready
+            && self.tx.bulk.is_none()
+            && self.tx.lost_gen == outbox.lost_generation()
+            && self.tx.acked + 1 >= outbox.first_seq();
         s.last_seq = outbox.last_seq();
         s.sent = self.tx.max_sent;
         s.acked = self.tx.acked;

@@ -911,6 +911,7 @@ impl Engine {
                     bulk_items: bulk.items,
                     bulk_estimate: bulk.estimate,
                     in_sync: p.session.in_sync(now),
+                    peer_has_table: s.peer_has_table,
                     nacks: s.nacks_sent + s.nacks_received,
                     retransmits: s.retransmits,
                     last_error: s.last_error.map(|e| e.to_string()).unwrap_or_default(),

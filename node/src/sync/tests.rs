@@ -942,6 +942,32 @@ fn outbox_overflow_while_apart_means_a_bulk() {
     assert_eq!(sim.stats(0).resyncs, 1);
 }
 
+/// What a planned switchover asks of the active gateway's session: does the peer hold our
+/// table? Not before the first bulk completed, not while items are lost and not yet made good
+/// by a bulk, not while the stream is down; yes after a resume.
+#[test]
+fn the_sender_knows_when_its_peer_holds_its_table() {
+    let mut sim = Sim::new(7);
+    sim.change(0, 1, Change::Create { udp: false });
+    assert!(!sim.stats(0).peer_has_table, "no Hello yet");
+    sim.run(500);
+    assert!(sim.stats(0).peer_has_table && sim.stats(1).peer_has_table);
+    sim.lose(0, 2, Change::Create { udp: false });
+    assert!(
+        !sim.stats(0).peer_has_table,
+        "an item never reached the outbox"
+    );
+    assert!(sim.stats(1).peer_has_table, "the other direction is whole");
+    sim.run(500);
+    assert!(sim.stats(0).peer_has_table, "the bulk made it good");
+    sim.break_stream(300);
+    assert!(!sim.stats(0).peer_has_table, "stream down");
+    sim.run(1000);
+    assert!(sim.stats(0).peer_has_table, "resumed");
+    assert_eq!(sim.stats(0).bulks_started, 2);
+    sim.assert_converged();
+}
+
 #[test]
 fn lost_items_mean_a_bulk_to_every_peer() {
     let mut sim = synced_pair();
