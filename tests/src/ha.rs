@@ -667,6 +667,107 @@ fn ha_socket(lab: &Lab, id: u64) -> PathBuf {
     lab.dir.join(format!("ha{id}.sock"))
 }
 
+// ---------------------------------------------------------------------------------------
+// FTP through the pair (the failover and switchover tests share it).
+
+/// vsftpd on the server, anonymous, serving `big.bin` (24 MB) and `small.bin` (1 MB), sending
+/// at most `rate` bytes/s per transfer so a download is still in flight at the crash. Returns
+/// the server and the sha256 of both files. `isolate*=NO`: by default vsftpd runs each
+/// session's unprivileged half in a network namespace of its own, where the lab's cleanup
+/// (which kills what runs in the lab's namespaces) cannot see it, and a session stuck on a
+/// dead connection then outlives the lab.
+pub fn vsftpd(lab: &Lab, rate: u32) -> (Proc, String, String) {
+    let root = lab.dir.join("ftp");
+    let empty = lab.dir.join("empty");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(&empty).unwrap();
+    lab.sh(
+        "server",
+        &format!(
+            "chmod 755 {r} && head -c 24000000 /dev/urandom > {r}/big.bin && head -c 1000000 /dev/urandom > {r}/small.bin",
+            r = root.display()
+        ),
+    );
+    let conf = lab.dir.join("vsftpd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen=NO\nlisten_ipv6=YES\nlisten_port=21\nbackground=NO\nanonymous_enable=YES\nlocal_enable=NO\n\
+             no_anon_password=YES\nanon_root={root}\nanon_max_rate={rate}\n\
+             connect_from_port_20=YES\nport_enable=YES\npasv_enable=YES\npasv_min_port=40000\npasv_max_port=40100\n\
+             seccomp_sandbox=NO\nsecure_chroot_dir={empty}\nxferlog_enable=NO\n\
+             isolate=NO\nisolate_network=NO\n",
+            root = root.display(),
+            empty = empty.display(),
+        ),
+    )
+    .unwrap();
+    let p = lab.spawn(
+        "server",
+        &format!("/usr/sbin/vsftpd {}", conf.display()),
+        "vsftpd",
+    );
+    lab.wait_listen("server", 21);
+    let sha = |f: &str| sha256(lab, "server", &root.join(f).display().to_string());
+    let (big, small) = (sha("big.bin"), sha("small.bin"));
+    (p, big, small)
+}
+
+pub fn sha256(lab: &Lab, host: &str, path: &str) -> String {
+    lab.sh(host, &format!("sha256sum {path} | cut -d' ' -f1"))
+        .trim()
+        .to_string()
+}
+
+pub fn file_len(lab: &Lab, name: &str) -> u64 {
+    std::fs::metadata(lab.dir.join(name)).map_or(0, |m| m.len())
+}
+
+/// Start a curl FTP download of `big.bin` in the background (`mode`: curl's options for
+/// active or passive); it gives up when no byte arrives for 5 s.
+pub fn ftp_download(lab: &Lab, out: &str, mode: &str) -> Proc {
+    let p = lab.spawn(
+        "client",
+        &format!(
+            "curl -sS --max-time 60 --connect-timeout 5 --speed-limit 1 --speed-time 5 {mode} -o {} ftp://{SERVER4}/big.bin",
+            lab.dir.join(out).display()
+        ),
+        out,
+    );
+    // In flight: some MB in, most still to come.
+    let t = Instant::now();
+    while file_len(lab, out) < 3_000_000 {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the FTP download {out} did not start:\n{}",
+            lab.log(out)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+/// The longest time `out` did not grow while `dl` ran (sampled every 10 ms), and its exit.
+pub fn follow_download(lab: &Lab, out: &str, dl: &mut Proc) -> (Duration, Option<i32>) {
+    let t = Instant::now();
+    let (mut last_len, mut last_change, mut gap) =
+        (file_len(lab, out), Instant::now(), Duration::ZERO);
+    while t.elapsed() < Duration::from_secs(70) {
+        if let Ok(Some(s)) = dl.child.try_wait() {
+            // A download that died stalled until curl gave up.
+            return (gap.max(last_change.elapsed()), s.code());
+        }
+        let len = file_len(lab, out);
+        if len != last_len {
+            gap = gap.max(last_change.elapsed());
+            last_len = len;
+            last_change = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (gap.max(last_change.elapsed()), None)
+}
+
 /// An iperf3 TCP stream client → server through the pair, rate-limited (the lab shares two
 /// cores), with the server reporting every 100 ms: its receive series is what a failover test
 /// measures, since a sender's series only shows its socket buffer filling.
