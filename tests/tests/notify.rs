@@ -1,7 +1,7 @@
 //! keepalived's glue without keepalived: `deploy/keepalived/notify.sh` run by `sh` against a
 //! fake `fwctl` (a shell script that prints a line and exits with the status the test asks
 //! for, or hangs) and a fake `logger` (first on PATH, it records its arguments instead of
-//! writing to the host's syslog).
+//! writing to the host's syslog); and the timers of `keepalived.conf.tmpl`'s `chk_synced`.
 //!
 //! Owns only its temporary directories (`$TMPDIR/keepstate-notify-<pid>-<test>`, removed on
 //! drop). No root, no network, no keepstate binary needed.
@@ -197,4 +197,52 @@ fn an_unknown_event_is_refused_without_calling_fwctl() {
     assert_eq!(r.code, Some(2), "{r:#?}");
     assert!(r.stderr.contains("unknown event 'promote'"), "{r:#?}");
     assert!(r.logged.is_empty(), "{r:#?}");
+}
+
+/// The `key value` lines of the template's `vrrp_script chk_synced { ... }` block.
+fn chk_synced(key: &str) -> u64 {
+    let tmpl = std::fs::read_to_string(keepalived_dir().join("keepalived.conf.tmpl")).unwrap();
+    let block = tmpl
+        .split_once("vrrp_script chk_synced {")
+        .and_then(|(_, rest)| rest.split_once("\n}"))
+        .expect("the template has a `vrrp_script chk_synced` block")
+        .0;
+    block
+        .lines()
+        .filter_map(|l| l.trim().split_once(' '))
+        .find(|(k, _)| *k == key)
+        .unwrap_or_else(|| panic!("chk_synced has no `{key}`"))
+        .1
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("chk_synced's `{key}` is not a whole number: {e}"))
+}
+
+#[test]
+fn one_slow_check_does_not_move_the_vips_and_a_failing_check_moves_them_within_2_s() {
+    let (interval, timeout, fall, rise) = (
+        chk_synced("interval"),
+        chk_synced("timeout"),
+        chk_synced("fall"),
+        chk_synced("rise"),
+    );
+    assert!(
+        fall >= 2,
+        "one failed (slow) check must not demote the master: fall {fall}"
+    );
+    assert!(
+        fall * interval <= 2,
+        "a check that fails (a planned switchover) must move the VIPs within 2 s: \
+         fall {fall} x interval {interval}"
+    );
+    assert!(
+        timeout >= 2,
+        "fwctl's own bound on the HA socket is 2 s; a shorter timeout fails checks that \
+         would have answered: timeout {timeout}"
+    );
+    assert!(
+        rise * interval <= 2,
+        "a gateway that passes again must get its weight back within 2 s: \
+         rise {rise} x interval {interval}"
+    );
 }
