@@ -7,7 +7,7 @@
 //! a deadline (`poll_timeout`) and table operations (`poll_op`). Must not touch the table, a
 //! socket, a clock or protobuf: the shell applies `Op`s, `codec` does the wire.
 //!
-//! Decisions beyond the brief (the reasons are the interesting part):
+//! Decisions (the reasons are the interesting part):
 //!
 //! - **Hello first.** Nothing but our Hello is sent before it; anything but a Hello received before
 //!   the peer's is a protocol error (`Op::Close`). A second Hello is an error too. Any

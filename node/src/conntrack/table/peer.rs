@@ -2,10 +2,12 @@
 //! compact updates, remove what the peer removed, sweep what a bulk transfer did not refresh,
 //! and serve its own table as bulk pages.
 //!
-//! Owns the merge rules of state replication (DESIGN.md §7): every item is validated before it
-//! touches the table; learned entries are marked `FROM_PEER` and re-learn their TCP windows
-//! from live packets; TCP state never moves back; nothing done here is announced to peers (no
-//! echo). Must not touch packets, locks, clocks or I/O; `Conntrack` routes items to shards.
+//! Owns the merge rules of state replication (the protocol that carries the items is
+//! [`crate::sync`]; why learned entries go into the live table: `docs/design.md`, section 5):
+//! every item is validated before it touches the table; learned entries are marked `FROM_PEER`
+//! and re-learn their TCP windows from live packets; TCP state never moves back; nothing done
+//! here is announced to peers (no echo). Must not touch packets, locks, clocks or I/O;
+//! `Conntrack` routes items to shards.
 
 use super::*;
 use crate::conntrack::BulkPage;
