@@ -9,8 +9,8 @@
 //! through the `MakeRoom` callback.
 //!
 //! Layout: the index (`index::Index`) maps a tuple's hash to `slot << 1 | direction`; the tuple
-//! is compared in the slab, so each connection costs two 8-byte index words (tag and value) plus
-//! its entry, and both directions find the same entry.
+//! is compared in the slab, so each connection costs two 8-byte index words (one per direction,
+//! each a hash tag beside the value) plus its entry, and both directions find the same entry.
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
@@ -227,8 +227,9 @@ impl Entry {
     }
 }
 
-/// Bytes of one slab entry (the index adds two 4-byte slots and control bytes). The bench
-/// measures the whole per-connection cost; this keeps the entry from growing unnoticed.
+/// Bytes of one slab entry (the index adds two 8-byte words per connection, at most 3/4
+/// full). The bench measures the whole per-connection cost; this keeps the entry from growing
+/// unnoticed.
 pub const ENTRY_SIZE: usize = std::mem::size_of::<Entry>();
 const _: () = assert!(ENTRY_SIZE <= 112);
 
@@ -551,7 +552,6 @@ impl Shard {
         let old_status = e.status;
         let mut changed = false;
         let timeout_s;
-        // What an update tells the peer, when it differs from `timeout_s`.
         match (e.kind, pkt.l4) {
             (Kind::Tcp, L4::Tcp(t)) => {
                 let old = e.tcp.state();
@@ -1129,10 +1129,9 @@ impl Shard {
         std::mem::take(&mut self.resync_needed)
     }
 
-    /// A copy for the peer: like `snapshot_slot`, with a TCP connection's timer as its state's
-    /// own timeout set it at the last packet. The "unacknowledged data" limit flips with ACKs
-    /// that are not announced (see `track`), so a copy sent while data was in flight would keep
-    /// 300 s, and expire on the standby under an FTP download's idle control connection.
+    /// A copy for the peer: like `snapshot_slot`, with the lifetime `peer_expires_in_ms` gives
+    /// it (a TCP connection with data in flight gets its state's own timeout, not the
+    /// "unacknowledged data" limit, whose end is not announced).
     fn peer_snapshot_slot(&self, slot: u32, now_ms: u64) -> ConnSnapshot {
         let mut snap = self.snapshot_slot(slot, now_ms);
         snap.expires_in_ms =

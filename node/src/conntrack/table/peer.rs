@@ -100,7 +100,7 @@ impl Shard {
     ///   connections stay attached), even to an earlier TCP state. The peer's stream is
     ///   ordered (the sync core never applies a whole copy older than what it applied before
     ///   from that stream), so an earlier state is a new incarnation of the tuple, e.g. after
-    ///   the peer restarted, and merging would keep the stale one forever (REPORT-core);
+    ///   the peer restarted, and merging would keep the stale one forever;
     /// - an entry used here: merged, never moving the TCP state back (`merge`): a peer that
     ///   lags, or came back with an old table, cannot rewind a connection we forward;
     /// - a new connection (SYN_SENT) on a finished one (TIME_WAIT/CLOSE), or an entry the
@@ -328,9 +328,10 @@ impl Shard {
     }
 
     /// One step of a bulk listing (`Conntrack::bulk_page`): from cursor `from` (0 = start of
-    /// the shard), append this node's own unexpired connections to `out.conns` (masterless
-    /// ones first, then those with a live master) and then the shard's own expectations to
-    /// `out.expects`, until the two hold `limit` items or `scan` slots were examined. The
+    /// the shard), append this node's own unexpired connections to `out.conns` (those without
+    /// a master first, then those created with one, whether that master still lives or not)
+    /// and then the shard's own expectations to `out.expects`, until the two hold `limit` items
+    /// or `scan` slots were examined. The
     /// expectations come in one go (they are few: `Config::max_expectations` over all shards),
     /// so a page may exceed `limit` by them. Returns where to resume, or `None` at the end of
     /// the shard.
