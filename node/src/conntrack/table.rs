@@ -42,19 +42,35 @@ pub struct ConnId {
     pub gen: u32,
 }
 
-/// Why a packet was judged INVALID.
+/// Why a packet was judged INVALID (counted per reason: `keepstate_invalid_packets_total`,
+/// the stats file's `conntrack.invalid`, under the names of [`InvalidReason::NAMES`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum InvalidReason {
+    /// An IP fragment: the kernel reassembles before the queue, so one that still arrives is
+    /// not judged piece by piece.
     Fragment,
+    /// A TCP flag combination Linux does not accept either (SYN+FIN, no flags, Xmas, ...).
     TcpBadFlags,
+    /// A TCP segment that finds no connection and may not start one (not a SYN, and no
+    /// `tcp_pickup`).
     TcpNoConnection,
+    /// A TCP segment the state table refuses in the connection's state.
     TcpBadTransition,
+    /// A TCP segment outside the window its receiver announced.
     TcpOutOfWindow,
+    /// A RST outside the window (in SYN_SENT: one that does not acknowledge the SYN).
     TcpRstOutOfWindow,
+    /// An ICMP or ICMPv6 message that is neither an echo nor an error: the tracker follows only
+    /// those.
     IcmpUntracked,
+    /// An echo that fits no exchange: a reply that would start one, or a request or reply going
+    /// the wrong way in an existing one.
     IcmpEchoMismatch,
+    /// An ICMP error whose quoted packet belongs to no connection, or that does not travel back
+    /// toward the quoted packet's sender.
     IcmpErrorUnmatched,
+    /// A new connection while the table is full and nothing could be early-dropped.
     TableFull,
     /// Source and destination (address and port) are the same: a LAND-style packet whose
     /// reply would be itself.
@@ -608,10 +624,16 @@ impl Shard {
                     self.timeouts.udp_unreplied
                 };
             }
-            (Kind::Icmp, L4::Icmp(i)) => {
-                let ok = match i.kind {
-                    IcmpKind::EchoRequest { .. } => dir == 0,
-                    IcmpKind::EchoReply { .. } => dir == 1,
+            (Kind::Icmp, l4) => {
+                // An echo entry's tuple is ICMP over IPv4 or ICMPv6 over IPv6 (as created, and
+                // on import: `check_conn`), so its packets parse as ICMP; only an echo going
+                // the entry's way fits.
+                let ok = match l4 {
+                    L4::Icmp(i) => match i.kind {
+                        IcmpKind::EchoRequest { .. } => dir == 0,
+                        IcmpKind::EchoReply { .. } => dir == 1,
+                        _ => false,
+                    },
                     _ => false,
                 };
                 if !ok {
@@ -620,9 +642,11 @@ impl Shard {
                 timeout_s = self.timeouts.icmp;
             }
             (Kind::Generic, _) => timeout_s = self.timeouts.generic,
-            // The tuple matched an entry of another kind: only possible with a corrupted
-            // import; judge the packet invalid rather than guess.
-            _ => return self.invalid(InvalidReason::IcmpUntracked),
+            // Unreachable: the tuple holds the protocol, and a TCP packet that is not a
+            // fragment parses as `L4::Tcp` or not at all; the index never points at a free
+            // slot. Judged INVALID (a TCP packet without a usable connection) rather than a
+            // panic on the packet path.
+            (Kind::Tcp | Kind::Free, _) => return self.invalid(InvalidReason::TcpNoConnection),
         }
         let e = &mut self.entries[slot as usize];
         if dir == 1 {

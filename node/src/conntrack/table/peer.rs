@@ -4,10 +4,11 @@
 //!
 //! Owns the merge rules of state replication (the protocol that carries the items is
 //! [`crate::sync`]; why learned entries go into the live table: `docs/design.md`, section 5):
-//! every item is validated before it touches the table; learned entries are marked `FROM_PEER`
-//! and re-learn their TCP windows from live packets; TCP state never moves back; nothing done
-//! here is announced to peers (no echo). Must not touch packets, locks, clocks or I/O;
-//! `Conntrack` routes items to shards.
+//! every item is validated before it touches the table (its kind must fit its tuple the way
+//! the tracker's own entries do); learned entries are marked `FROM_PEER` and
+//! re-learn their TCP windows from live packets; TCP state never moves back; nothing done here is
+//! announced to peers (no echo). Must not touch packets, locks, clocks or I/O; `Conntrack`
+//! routes items to shards.
 
 use super::*;
 use crate::conntrack::BulkPage;
@@ -22,7 +23,11 @@ const PHASE_EXPECTS: u32 = 2;
 
 impl Shard {
     /// The kind of entry `t` and `proto` describe, if they are a well-formed connection of
-    /// this shard. The TCP state is checked and cleaned (`TcpConn::sanitized`).
+    /// this shard. The TCP state is checked and cleaned (`TcpConn::sanitized`). The kind must
+    /// be one the tracker itself makes for `t` (what `sync::codec` also checks on the wire): an
+    /// ICMP echo only over its own family's ICMP, since ICMP carried over IPv6 (or ICMPv6 over
+    /// IPv4) parses as an unknown protocol, and an echo entry for it would meet packets it
+    /// cannot judge.
     fn check_conn(&self, t: &Tuple, proto: &ProtoState) -> Result<(Kind, ProtoState), ImportError> {
         use crate::packet::proto::{ICMP, ICMPV6, TCP, UDP};
         if t.family != 4 && t.family != 6 {
@@ -34,7 +39,9 @@ impl Shard {
                 ProtoState::Tcp(c.sanitized().ok_or(ImportError::BadTcpState)?),
             ),
             (ProtoState::Udp, UDP) => (Kind::Udp, ProtoState::Udp),
-            (ProtoState::IcmpEcho, ICMP | ICMPV6) => (Kind::Icmp, ProtoState::IcmpEcho),
+            (ProtoState::IcmpEcho, p) if matches!((p, t.family), (ICMP, 4) | (ICMPV6, 6)) => {
+                (Kind::Icmp, ProtoState::IcmpEcho)
+            }
             (ProtoState::Generic, p) if !matches!(p, TCP | UDP | ICMP | ICMPV6) => {
                 (Kind::Generic, ProtoState::Generic)
             }
