@@ -17,8 +17,8 @@ use serde_json::Value;
 use crate::client::CliError;
 use crate::output;
 
-/// fwnode's default `[ha] socket` (`fwnode::ha::DEFAULT_SOCKET`; fwctl does not link fwnode).
-pub const DEFAULT_SOCKET: &str = "/run/keepstate/ha.sock";
+/// fwnode's default `[ha] socket`: fwnode's own constant, so the two cannot drift apart.
+pub const DEFAULT_SOCKET: &str = fwnode::ha::DEFAULT_SOCKET;
 
 /// The largest reply read (a status with a full transition history is a few KiB).
 const MAX_REPLY: u64 = 256 * 1024;

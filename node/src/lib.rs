@@ -1,21 +1,81 @@
-//! fwnode: the keepstate gateway.
+//! fwnode: the keepstate gateway (library and daemon).
 //!
-//! Layers only import downward: `packet` ← `conntrack` ← `helper` ← `policy` ← `datapath`.
-//! The first four are sans-IO state machines driven by an explicit `now`; `datapath` and the
-//! binary are the thin I/O shells around them.
+//! One `fwnode` runs on every gateway; a cluster may add a non-forwarding *witness* member so that
+//! a gateway pair keeps a Raft quorum of three. This page is the map of the crate: its modules, the
+//! layers they form, and what each part owns. Each module's own decisions open its documentation
+//! ("Owns … Must not touch …"); the cross-cutting design (the datapath, replication, the HA role,
+//! Raft) and the reasons behind it are in `docs/design.md` in the repository.
 //!
-//! Beside the packet path:
-//! - `sync` replicates the tracker's table to the peer gateway (`sync::core` is the sans-IO
-//!   protocol; `sync::feed` takes events off the datapath without ever blocking it;
-//!   `sync::shell` runs the gRPC streams on a thread of its own). It imports `conntrack`, never
-//!   the reverse.
-//! - `ha` keeps the node's role (active, standby, syncing, fault) that keepalived drives and
-//!   replication's readiness gates.
-//! - `raft`, `api` and `cluster` replicate the policy with openraft and serve the control API;
-//!   `transport` is the one place gRPC servers and channels are built; `tls` holds the cluster
-//!   CA's rustls configurations and the identity checks (node membership, operator roles).
-//! - `metrics` reads every counter at scrape time for Prometheus (`[metrics]`) and `fwctl
-//!   stats`; it only reads what the others count.
+//! # Sans-IO cores and their shells
+//!
+//! Whatever decides something is a *core*: a plain struct (or function) driven by its inputs,
+//! with an explicit `now` ([`time::Timestamp`]) where time matters, and drained for what it
+//! decided. A core never reads a clock, a socket or a file, so it is tested without a network,
+//! with virtual time. The *shells* move bytes,
+//! read the monotonic clock once per batch, and own threads, locks and sockets.
+//!
+//! | core | driven by | owns |
+//! |---|---|---|
+//! | [`packet`] | `Packet::parse(bytes)` | the zero-copy view of one IP packet, checked once at the edge |
+//! | [`conntrack::table::Shard`] | `track(now, &packet)`, `handle_timeout(now, budget)`; drained by `poll_event()` | one shard of the connection table: entries, index, expectations, expiry, early drop, events, the merge rules for a peer's items |
+//! | [`helper::ftp`] | `(state, segment)` | FTP line reassembly and parsing; the expectations it asks for |
+//! | [`policy`] | `CompiledPolicy::eval(meta)` | the rule model, its file format, the compiled first-match matcher |
+//! | [`sync::core`] | `handle(now, msg)`, `handle_timeout(now)`; drained by `poll_transmit`, `poll_op`, `poll_timeout` | the replication protocol: outbox, sessions, acks, retransmission, bulk transfers |
+//! | [`sync::delay`], [`sync::defer`] | tracker events, acks, `now` | the session-pickup delay; which held first packets may go |
+//! | [`ha::role`] | `promote`, `demote`, `fault` (keepalived), `synced` (replication), each with `now` | the gateway's HA role and whether it may hold the VIPs |
+//! | [`raft::state`] | `apply(request)` for each committed command | policy versions, history, rollback, HA settings |
+//!
+//! | shell | around | owns |
+//! |---|---|---|
+//! | [`conntrack::Conntrack`] | `Shard` | the shards behind one mutex each, routing by a symmetric hash, the global bounds, paged reads for the API and bulk pages |
+//! | [`datapath`] | `packet`, `conntrack`, `helper`, `policy` | the NFQUEUE client ([`datapath::nfqueue`]), the iptables rules ([`datapath::rules`]), the per-queue worker loop ([`datapath::worker`]), the interface listener ([`datapath::links`]) |
+//! | [`policy::PolicyStore`] | `policy` | the enforced version behind one atomic pointer |
+//! | [`sync::feed`], [`sync::shell`] | `sync::core` | the datapath's non-blocking hand-off of events; the gRPC streams and the engine thread that applies the core's operations to the table |
+//! | [`ha`] | `ha::role` | the clock-reading handle and the root-only local socket ([`ha::socket`]) |
+//! | [`raft`] (`store`, `network`), [`api`], [`cluster`] | `raft::state`, `policy` | openraft's storage and transport, the `keepstate.v1.Control` service, the control-plane runtime |
+//! | [`transport`], [`tls`] | every gRPC port | how servers and channels are built (mTLS plugs in there); certificates and the "may this caller do that" checks |
+//! | [`metrics`] | everything that counts | Prometheus and `fwctl stats`: reads counters at scrape time, adds nothing to the packet path |
+//! | [`config`] and the binary (`main.rs`) | everything | the TOML schema; startup order, signals, the stats file, the threads |
+//!
+//! # Layers: imports only go downward
+//!
+//! A module imports only modules on a lower line (never one on its own line, never one above);
+//! tests may reach further.
+//!
+//! ```text
+//! config          the settings struct of every module below; imported by no module
+//! cluster         api, metrics, policy, raft, tls, transport
+//! api             conntrack, ha, metrics, policy, raft, time, tls, transport
+//! metrics         conntrack, datapath, ha, helper, packet, policy, raft, time
+//! datapath        conntrack, helper, packet, policy, sync, time
+//! sync            conntrack, packet, time, tls, transport
+//! raft            tls, transport
+//! ha              time
+//! helper, policy  conntrack (helper); conntrack, packet (policy)
+//! conntrack       packet, time
+//! transport       tls
+//! packet, time, tls
+//! ```
+//!
+//! So the packet path is `packet` ← `conntrack` ← `helper`, `policy` ← `datapath`; replication
+//! (`sync`) sits beside it, importing `conntrack`, and the datapath hands it events through
+//! [`sync::feed`]; the control plane is `raft` ← `api` ← `cluster` and reaches the datapath only
+//! through the [`policy::PolicyStore`] it swaps policies into. The binary wires the parts
+//! together, passing callbacks where a lower part must tell another something it does not import
+//! (replication's readiness reaches [`ha`] that way; applied policies leave [`raft`] through
+//! [`raft::PolicySink`]).
+//!
+//! # Threads
+//!
+//! | thread | runs | never waits for |
+//! |---|---|---|
+//! | `queue-N`, one per NFQUEUE queue (and one for the helper queue) | [`datapath::worker::run`]: receive a batch, parse, track, judge, help, send the verdicts; timer work every 100 ms | the network, Raft, replication (its events go through a bounded channel that drops and flags a resync when full) |
+//! | `links` | rtnetlink link events into the policy's interface registry | — |
+//! | the replication engine (its own single-threaded tokio runtime) | [`sync::shell`]: the streams, the core, applying items to the table | Raft |
+//! | the control plane (a two-thread tokio runtime; parsing and compiling policies on its blocking pool) | [`cluster`]: openraft, the Raft and Control services, and the metrics endpoint | the datapath, which only sees whole policies swapped in |
+//! | `metrics`, only on a node with `[metrics]` but no `[cluster]` | [`metrics`]'s endpoint on a one-thread runtime of its own | the datapath |
+//! | `ha-socket` and one short-lived thread per client | [`ha::socket`] | the control plane's runtime |
+//! | main | signals, SIGHUP reloads of a standalone policy, the stats file every 200 ms, a dead worker stopping the daemon | — |
 
 pub mod api;
 pub mod cluster;

@@ -94,6 +94,23 @@ fn rule_spec(cfg: &Config) -> RuleSpec {
     }
 }
 
+/// The stats file (`[datapath] stats_file`), rewritten by the main loop every 200 ms, for scripts
+/// and benchmarks (people use `fwctl stats`, monitoring the `[metrics]` endpoint). One JSON
+/// object:
+/// - `node`; `published_unix_ms`: every worker published its queue counters (packets, bytes,
+///   GSO, netlink and verdict counts, about every 100 ms) at or after this time (0 without
+///   workers, as on a witness);
+/// - `ha`: role, ready, in_sync, since_ms, promoted_unsynced and the socket's counters, or
+///   `null` without `[ha]`;
+/// - `policy`: the enforced version, its rule count, hits per rule in order and of the default;
+/// - `datapath`: packets, bytes, verdicts, batching, netlink and verdict errors, and parse errors
+///   by reason, summed over the workers;
+/// - `conntrack`: live connections, packets by ct state, INVALID by reason, connection and
+///   expectation events, events handed to replication and dropped before it;
+/// - `ftp`: the helper's lines, expectations, refusals by reason and other counts.
+///
+/// Nothing of replication, `defer` or Raft: those are in `fwctl sync status`, `fwctl status`
+/// and the metrics.
 fn stats_json(
     cfg: &Config,
     ct: &Conntrack,
@@ -182,6 +199,8 @@ fn stats_json(
     })
 }
 
+/// Replaces the stats file at once: written beside it (same name, extension `.tmp`), then
+/// renamed over it, so a reader never sees half a file.
 fn write_stats(path: &Path, v: &serde_json::Value) {
     let tmp = path.with_extension("tmp");
     if std::fs::write(&tmp, v.to_string())
@@ -192,7 +211,6 @@ fn write_stats(path: &Path, v: &serde_json::Value) {
     }
 }
 
-/// Sums the workers' counters for the control API's status call.
 /// The workers' `defer` counters, summed.
 fn defer_stats(wait: Duration, workers: &[Arc<WorkerStats>]) -> keepstate_proto::v1::SyncDefer {
     let sum = |f: &dyn Fn(&WorkerStats) -> u64| workers.iter().map(|w| f(w)).sum::<u64>();
@@ -207,6 +225,7 @@ fn defer_stats(wait: Duration, workers: &[Arc<WorkerStats>]) -> keepstate_proto:
     }
 }
 
+/// Sums the workers' counters for the control API's status call.
 fn datapath_counters(
     ct: Arc<Conntrack>,
     workers: Vec<Arc<WorkerStats>>,

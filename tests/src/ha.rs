@@ -1,5 +1,6 @@
 //! The HA-pair lab: two gateways behind virtual IPs held by real keepalived, a witness and an
-//! operator host, all in namespaces this lab creates (DESIGN.md §8, issue 10 item 7).
+//! operator host, all in namespaces this lab creates (issue 10 item 7; the HA design:
+//! `docs/design.md`, section 6).
 //!
 //! ```text
 //!   client ─ [lan switch] ─┬─ gw1 ─┬─ [wan switch] ─ server

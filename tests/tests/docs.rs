@@ -3,12 +3,13 @@
 //! its annotated configuration and its policy example are loaded by the real
 //! `fwnode --check-config`; and the pictures under `docs/` are redrawn from their committed
 //! data by `tests/plot.py selftest`, which also checks they are well-formed with one bar per
-//! ratio and one point per interval.
+//! ratio and one point per interval. And the repository stands on its own: no tracked file
+//! cites a document kept outside it (the design lives in `docs/design.md` and the rustdoc).
 //!
 //! Owns only its temporary directories (`$TMPDIR/keepstate-docs-<pid>-<test>`, removed on
 //! drop). It reads README.md and writes it only when `KEEPSTATE_UPDATE_DOCS=1`
-//! (`tests/gen-docs.sh`), and then only between the fwctl reference's markers. No network,
-//! no root needed.
+//! (`tests/gen-docs.sh`), and then only between the fwctl reference's markers; the last check
+//! reads every file `git ls-files` lists. No network, no root needed.
 
 // Test code: a failed step must fail the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -372,4 +373,72 @@ fn the_pictures_are_drawn_from_their_committed_data() {
             "README.md does not show {svg}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The repository stands on its own
+
+/// What a tracked file must not mention: the project's early design notes, which live outside
+/// the repository (what still holds of them is in `docs/design.md` and the rustdoc), and the
+/// directory they were shared from. Spelled in pieces so that this file does not match itself.
+const OUTSIDE: [&str; 3] = [
+    concat!("DESIGN", ".md"),
+    concat!("../", "shared"),
+    concat!("/work/", "shared"),
+];
+
+/// Every line of a git-tracked file that names `needle`, as `path:line: text`.
+fn tracked_mentions(needles: &[&str]) -> Vec<String> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(root())
+        .args(["ls-files", "-z"])
+        .output()
+        .expect("running git ls-files (the check needs a git checkout)");
+    assert!(out.status.success(), "git ls-files failed: {out:?}");
+    let files: Vec<String> = out
+        .stdout
+        .split(|b| *b == 0)
+        .filter(|p| !p.is_empty())
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    assert!(
+        files.iter().any(|f| f == "README.md") && files.len() > 50,
+        "git ls-files listed {} files: not this repository?",
+        files.len()
+    );
+    let mut hits = vec![];
+    for f in &files {
+        // A tracked file deleted in the working tree cites nothing; anything else is read
+        // (symlinks through their target), text or not.
+        let bytes = match std::fs::read(root().join(f)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("reading {f}: {e}"),
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        for (i, line) in text.lines().enumerate() {
+            if needles.iter().any(|n| line.contains(n)) {
+                hits.push(format!("{f}:{}: {}", i + 1, line.trim()));
+            }
+        }
+    }
+    hits
+}
+
+#[test]
+fn no_tracked_file_cites_a_document_outside_the_repository() {
+    // The scan finds what it looks for (a file every checkout has, and a line it holds).
+    let probe = tracked_mentions(&["[workspace]"]);
+    assert!(
+        probe.iter().any(|h| h.starts_with("Cargo.toml:")),
+        "the scan did not find [workspace] in Cargo.toml: {probe:?}"
+    );
+    let hits = tracked_mentions(&OUTSIDE);
+    assert!(
+        hits.is_empty(),
+        "these tracked lines cite a document outside the repository; point them at \
+         docs/design.md or the rustdoc instead:\n{}",
+        hits.join("\n")
+    );
 }

@@ -1,7 +1,8 @@
 //! What the tracker tells the outside world: events for replication and plain snapshots of
 //! connections and expectations that a peer can import.
 //!
-//! Owns the event and snapshot types and their validation on import. Must not touch the table.
+//! Owns the event and snapshot types. Must not touch the table: what a snapshot may hold is
+//! checked where it is imported (`table::peer`).
 
 use super::helper_state::{HelperKind, HelperState};
 use super::tcp::TcpConn;

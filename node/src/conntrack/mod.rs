@@ -111,10 +111,7 @@ pub struct ConnPage {
     pub next: Option<ListCursor>,
 }
 
-/// One page of a bulk transfer (`Conntrack::bulk_page`) and where the next one starts
-/// (`None`: the transfer is complete). Import `conns` in order, then `expects`: a master comes
-/// before its RELATED connections, a shard's expectations after its connections.
-/// What a bulk transfer for a peer carries.
+/// What a bulk transfer for a peer carries (`sync::core::Session::bulk_scope` decides).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BulkScope {
     /// This node's own entries (the normal case: the peer is the source of what we learned).
@@ -123,10 +120,15 @@ pub enum BulkScope {
     OwnAndLearned,
 }
 
+/// One page of a bulk transfer (`Conntrack::bulk_page`). Import `conns` in order, then
+/// `expects`: each shard lists its connections without a master, then those with one (a
+/// RELATED connection lives in its master's shard, so it follows its master), then its
+/// expectations.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BulkPage {
     pub conns: Vec<ConnSnapshot>,
     pub expects: Vec<ExpectSnapshot>,
+    /// The cursor of the next page (`None`: the transfer is complete).
     pub next: Option<u64>,
 }
 

@@ -9,8 +9,8 @@
 //! through the `MakeRoom` callback.
 //!
 //! Layout: the index (`index::Index`) maps a tuple's hash to `slot << 1 | direction`; the tuple
-//! is compared in the slab, so each connection costs two 8-byte index words (tag and value) plus
-//! its entry, and both directions find the same entry.
+//! is compared in the slab, so each connection costs two 8-byte index words (one per direction,
+//! each a hash tag beside the value) plus its entry, and both directions find the same entry.
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
@@ -42,19 +42,35 @@ pub struct ConnId {
     pub gen: u32,
 }
 
-/// Why a packet was judged INVALID.
+/// Why a packet was judged INVALID (counted per reason: `keepstate_invalid_packets_total`,
+/// the stats file's `conntrack.invalid`, under the names of [`InvalidReason::NAMES`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum InvalidReason {
+    /// An IP fragment: the kernel reassembles before the queue, so one that still arrives is
+    /// not judged piece by piece.
     Fragment,
+    /// A TCP flag combination Linux does not accept either (SYN+FIN, no flags, Xmas, ...).
     TcpBadFlags,
+    /// A TCP segment that finds no connection and may not start one (not a SYN, and no
+    /// `tcp_pickup`).
     TcpNoConnection,
+    /// A TCP segment the state table refuses in the connection's state.
     TcpBadTransition,
+    /// A TCP segment outside the window its receiver announced.
     TcpOutOfWindow,
+    /// A RST outside the window (in SYN_SENT: one that does not acknowledge the SYN).
     TcpRstOutOfWindow,
+    /// An ICMP or ICMPv6 message that is neither an echo nor an error: the tracker follows only
+    /// those.
     IcmpUntracked,
+    /// An echo that fits no exchange: a reply that would start one, or a request or reply going
+    /// the wrong way in an existing one.
     IcmpEchoMismatch,
+    /// An ICMP error whose quoted packet belongs to no connection, or that does not travel back
+    /// toward the quoted packet's sender.
     IcmpErrorUnmatched,
+    /// A new connection while the table is full and nothing could be early-dropped.
     TableFull,
     /// Source and destination (address and port) are the same: a LAND-style packet whose
     /// reply would be itself.
@@ -227,8 +243,9 @@ impl Entry {
     }
 }
 
-/// Bytes of one slab entry (the index adds two 4-byte slots and control bytes). The bench
-/// measures the whole per-connection cost; this keeps the entry from growing unnoticed.
+/// Bytes of one slab entry (the index adds two 8-byte words per connection, at most 3/4
+/// full). The bench measures the whole per-connection cost; this keeps the entry from growing
+/// unnoticed.
 pub const ENTRY_SIZE: usize = std::mem::size_of::<Entry>();
 const _: () = assert!(ENTRY_SIZE <= 112);
 
@@ -555,7 +572,6 @@ impl Shard {
         let old_status = e.status;
         let mut changed = false;
         let timeout_s;
-        // What an update tells the peer, when it differs from `timeout_s`.
         match (e.kind, pkt.l4) {
             (Kind::Tcp, L4::Tcp(t)) => {
                 let old = e.tcp.state();
@@ -612,10 +628,16 @@ impl Shard {
                     self.timeouts.udp_unreplied
                 };
             }
-            (Kind::Icmp, L4::Icmp(i)) => {
-                let ok = match i.kind {
-                    IcmpKind::EchoRequest { .. } => dir == 0,
-                    IcmpKind::EchoReply { .. } => dir == 1,
+            (Kind::Icmp, l4) => {
+                // An echo entry's tuple is ICMP over IPv4 or ICMPv6 over IPv6 (as created, and
+                // on import: `check_conn`), so its packets parse as ICMP; only an echo going
+                // the entry's way fits.
+                let ok = match l4 {
+                    L4::Icmp(i) => match i.kind {
+                        IcmpKind::EchoRequest { .. } => dir == 0,
+                        IcmpKind::EchoReply { .. } => dir == 1,
+                        _ => false,
+                    },
                     _ => false,
                 };
                 if !ok {
@@ -624,9 +646,11 @@ impl Shard {
                 timeout_s = self.timeouts.icmp;
             }
             (Kind::Generic, _) => timeout_s = self.timeouts.generic,
-            // The tuple matched an entry of another kind: only possible with a corrupted
-            // import; judge the packet invalid rather than guess.
-            _ => return self.invalid(InvalidReason::IcmpUntracked),
+            // Unreachable: the tuple holds the protocol, and a TCP packet that is not a
+            // fragment parses as `L4::Tcp` or not at all; the index never points at a free
+            // slot. Judged INVALID (a TCP packet without a usable connection) rather than a
+            // panic on the packet path.
+            (Kind::Tcp | Kind::Free, _) => return self.invalid(InvalidReason::TcpNoConnection),
         }
         let e = &mut self.entries[slot as usize];
         if dir == 1 {
@@ -1133,10 +1157,9 @@ impl Shard {
         std::mem::take(&mut self.resync_needed)
     }
 
-    /// A copy for the peer: like `snapshot_slot`, with a TCP connection's timer as its state's
-    /// own timeout set it at the last packet. The "unacknowledged data" limit flips with ACKs
-    /// that are not announced (see `track`), so a copy sent while data was in flight would keep
-    /// 300 s, and expire on the standby under an FTP download's idle control connection.
+    /// A copy for the peer: like `snapshot_slot`, with the lifetime `peer_expires_in_ms` gives
+    /// it (a TCP connection with data in flight gets its state's own timeout, not the
+    /// "unacknowledged data" limit, whose end is not announced).
     fn peer_snapshot_slot(&self, slot: u32, now_ms: u64) -> ConnSnapshot {
         let mut snap = self.snapshot_slot(slot, now_ms);
         snap.expires_in_ms =

@@ -2104,6 +2104,52 @@ fn bad_peer_items_are_refused_and_change_nothing() {
     many.check_invariants().unwrap();
 }
 
+/// ICMP carried over IPv6 (or ICMPv6 over IPv4) does not parse as ICMP: the tracker keeps it
+/// as an unknown protocol. A peer's echo entry for such a tuple is refused (as `sync::codec`
+/// refuses it on the wire), so no packet meets an entry of a kind it cannot be judged by
+/// (such a packet used to be INVALID, counted as `icmp_untracked`).
+#[test]
+fn an_echo_entry_is_imported_only_over_its_own_familys_icmp() {
+    let snap = |pkt: &[u8]| ConnSnapshot {
+        tuple: tuple_of(pkt),
+        proto: ProtoState::IcmpEcho,
+        status: 0,
+        master: None,
+        expires_in_ms: 30_000,
+        helper: None,
+    };
+    for (c, s, p) in [
+        ("2001:db8:1::10", "2001:db8:2::10", proto::ICMP),
+        ("198.51.100.10", "203.0.113.10", proto::ICMPV6),
+    ] {
+        // An echo request of the other family (type 8 or 128, identifier 0).
+        let ty = if p == proto::ICMP { 8 } else { 128 };
+        let pkt = build::ip(ip(c), ip(s), p, &[ty, 0, 0, 0, 0, 0, 0, 1]);
+        let b = Conntrack::new(&cfg());
+        assert_eq!(
+            b.import_conn(t(0), &snap(&pkt)),
+            Err(ImportError::ProtoMismatch),
+            "{c}, protocol {p}"
+        );
+        assert!(b.is_empty());
+        // The packet is tracked as what it parses as.
+        let o = track(&b, 1, &pkt);
+        assert_eq!((o.state, o.invalid, o.created), (CtState::New, None, true));
+    }
+    // Over its own family's ICMP an echo entry is imported, and the reply finds it.
+    for (c, s) in [
+        ("198.51.100.10", "203.0.113.10"),
+        ("2001:db8:1::10", "2001:db8:2::10"),
+    ] {
+        let (c, s) = (ip(c), ip(s));
+        let b = Conntrack::new(&cfg());
+        b.import_conn(t(0), &snap(&build::echo(c, s, false, 9, 1)))
+            .unwrap();
+        let o = track(&b, 1, &build::echo(s, c, true, 9, 1));
+        assert_eq!((o.state, o.invalid), (CtState::Established, None));
+    }
+}
+
 #[test]
 fn an_imported_lifetime_is_bounded_by_the_longest_timeout() {
     let a = Conntrack::new(&cfg());

@@ -1,4 +1,4 @@
-//! High availability: this gateway's role next to keepalived (DESIGN.md §8).
+//! High availability: this gateway's role next to keepalived (docs/design.md, section 6).
 //!
 //! keepalived owns the virtual IPs; its notify scripts tell fwnode what it decided
 //! (`fwctl ha promote|demote|fault`) over a local Unix socket only root may use, and its track

@@ -7,7 +7,7 @@
 //! a deadline (`poll_timeout`) and table operations (`poll_op`). Must not touch the table, a
 //! socket, a clock or protobuf: the shell applies `Op`s, `codec` does the wire.
 //!
-//! Decisions beyond the brief (the reasons are the interesting part):
+//! Decisions (the reasons are the interesting part):
 //!
 //! - **Hello first.** Nothing but our Hello is sent before it; anything but a Hello received before
 //!   the peer's is a protocol error (`Op::Close`). A second Hello is an error too. Any
@@ -64,10 +64,15 @@
 //!   Whenever not synced, it turns true `bulk_timeout` after the wait began (session start, or
 //!   the refused resume), so a node without a reachable peer still comes up.
 //! - **Shell contract for bulk reads.** Answer `Op::ReadBulk` with `bulk_page` before calling
-//!   anything else on the session (the chunk's outbox position is taken then), page by a cursor
-//!   that lists every entry which lives through the whole bulk exactly once (conntrack's
-//!   `snapshots_page` does), at most `bulk_chunk_items` entries a page, and count only the
-//!   learned entries of *this* peer as sweepable at `Op::BulkEnd`.
+//!   anything else on the session (the chunk's outbox position is taken then); page by a cursor
+//!   that lists every entry which lives through the whole bulk at least once (twice is
+//!   harmless: chunk entries replace), masters before what depends on them, about
+//!   `bulk_chunk_items` entries a page (the core does not enforce it), in the scope
+//!   `bulk_scope` says; and at `Op::BulkBegin`/`Op::BulkEnd` mark and sweep only entries
+//!   learned from *this* peer. `sync::shell` does this with `Conntrack::bulk_page` (pages of
+//!   `BULK_PAGE` connections, plus a shard's expectations whole) and
+//!   `begin_peer_bulk`/`end_peer_bulk`, which mark and sweep every learned entry: a learned
+//!   entry does not record its peer, which is exact for a pair (one peer) only.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;

@@ -1,4 +1,5 @@
-//! Connection-state replication between the gateways of a pair (DESIGN.md §7).
+//! Connection-state replication between the gateways of a pair (the picture and what it takes
+//! from pfsync and conntrackd: `docs/design.md`, section 5).
 //!
 //! Not in Raft: its rate is far too high for a consensus log. Each pair of gateways shares one
 //! bidirectional gRPC stream; both ends run the same sans-IO core on it.

@@ -239,7 +239,8 @@ pub enum StartError {
 
 /// Messages buffered per stream direction.
 const STREAM_BUFFER: usize = 64;
-/// Connections listed per bulk page (one page per `Op::ReadBulk`).
+/// Connections listed per bulk page (one page per `Op::ReadBulk`; a shard's expectations come
+/// whole on top). The core's `bulk_chunk_items` is the same size.
 const BULK_PAGE: usize = 1024;
 /// How often the status snapshot is refreshed.
 const STATUS_EVERY: Duration = Duration::from_millis(100);

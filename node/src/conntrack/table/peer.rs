@@ -2,10 +2,13 @@
 //! compact updates, remove what the peer removed, sweep what a bulk transfer did not refresh,
 //! and serve its own table as bulk pages.
 //!
-//! Owns the merge rules of state replication (DESIGN.md §7): every item is validated before it
-//! touches the table; learned entries are marked `FROM_PEER` and re-learn their TCP windows
-//! from live packets; TCP state never moves back; nothing done here is announced to peers (no
-//! echo). Must not touch packets, locks, clocks or I/O; `Conntrack` routes items to shards.
+//! Owns the merge rules of state replication (the protocol that carries the items is
+//! [`crate::sync`]; why learned entries go into the live table: `docs/design.md`, section 5):
+//! every item is validated before it touches the table (its kind must fit its tuple the way
+//! the tracker's own entries do); learned entries are marked `FROM_PEER` and
+//! re-learn their TCP windows from live packets; TCP state never moves back; nothing done here is
+//! announced to peers (no echo). Must not touch packets, locks, clocks or I/O; `Conntrack`
+//! routes items to shards.
 
 use super::*;
 use crate::conntrack::BulkPage;
@@ -20,7 +23,11 @@ const PHASE_EXPECTS: u32 = 2;
 
 impl Shard {
     /// The kind of entry `t` and `proto` describe, if they are a well-formed connection of
-    /// this shard. The TCP state is checked and cleaned (`TcpConn::sanitized`).
+    /// this shard. The TCP state is checked and cleaned (`TcpConn::sanitized`). The kind must
+    /// be one the tracker itself makes for `t` (what `sync::codec` also checks on the wire): an
+    /// ICMP echo only over its own family's ICMP, since ICMP carried over IPv6 (or ICMPv6 over
+    /// IPv4) parses as an unknown protocol, and an echo entry for it would meet packets it
+    /// cannot judge.
     fn check_conn(&self, t: &Tuple, proto: &ProtoState) -> Result<(Kind, ProtoState), ImportError> {
         use crate::packet::proto::{ICMP, ICMPV6, TCP, UDP};
         if t.family != 4 && t.family != 6 {
@@ -32,7 +39,9 @@ impl Shard {
                 ProtoState::Tcp(c.sanitized().ok_or(ImportError::BadTcpState)?),
             ),
             (ProtoState::Udp, UDP) => (Kind::Udp, ProtoState::Udp),
-            (ProtoState::IcmpEcho, ICMP | ICMPV6) => (Kind::Icmp, ProtoState::IcmpEcho),
+            (ProtoState::IcmpEcho, p) if matches!((p, t.family), (ICMP, 4) | (ICMPV6, 6)) => {
+                (Kind::Icmp, ProtoState::IcmpEcho)
+            }
             (ProtoState::Generic, p) if !matches!(p, TCP | UDP | ICMP | ICMPV6) => {
                 (Kind::Generic, ProtoState::Generic)
             }
@@ -98,7 +107,7 @@ impl Shard {
     ///   connections stay attached), even to an earlier TCP state. The peer's stream is
     ///   ordered (the sync core never applies a whole copy older than what it applied before
     ///   from that stream), so an earlier state is a new incarnation of the tuple, e.g. after
-    ///   the peer restarted, and merging would keep the stale one forever (REPORT-core);
+    ///   the peer restarted, and merging would keep the stale one forever;
     /// - an entry used here: merged, never moving the TCP state back (`merge`): a peer that
     ///   lags, or came back with an old table, cannot rewind a connection we forward;
     /// - a new connection (SYN_SENT) on a finished one (TIME_WAIT/CLOSE), or an entry the
@@ -339,9 +348,10 @@ impl Shard {
     }
 
     /// One step of a bulk listing (`Conntrack::bulk_page`): from cursor `from` (0 = start of
-    /// the shard), append this node's own unexpired connections to `out.conns` (masterless
-    /// ones first, then those with a live master) and then the shard's own expectations to
-    /// `out.expects`, until the two hold `limit` items or `scan` slots were examined. The
+    /// the shard), append this node's own unexpired connections to `out.conns` (those without
+    /// a master first, then those created with one, whether that master still lives or not)
+    /// and then the shard's own expectations to `out.expects`, until the two hold `limit` items
+    /// or `scan` slots were examined. The
     /// expectations come in one go (they are few: `Config::max_expectations` over all shards),
     /// so a page may exceed `limit` by them. Returns where to resume, or `None` at the end of
     /// the shard.
