@@ -192,8 +192,8 @@ enum HaCmd {
     Fault,
     /// This node's role, readiness and last transitions (local socket).
     Status,
-    /// Exit 0 if this node may hold the VIPs (in sync, no fault), 1 if not: for keepalived's
-    /// vrrp_script / track_script.
+    /// Exit 0 if this node may hold the VIPs (in sync, no fault, not held standby), 1 if not:
+    /// for keepalived's vrrp_script / track_script.
     Check,
     /// The replicated HA settings (control API: --node).
     Settings,

@@ -748,11 +748,16 @@ pub fn ftp_download(lab: &Lab, out: &str, mode: &str) -> Proc {
     p
 }
 
-/// The longest time `out` did not grow while `dl` ran (sampled every 10 ms), and its exit.
-pub fn follow_download(lab: &Lab, out: &str, dl: &mut Proc) -> (Duration, Option<i32>) {
+/// The longest time `out` did not grow from `from` on (a crash: a failover gap runs from the
+/// crash, not from the takeover) while `dl` ran, sampled every 10 ms, and curl's exit.
+pub fn follow_download(
+    lab: &Lab,
+    out: &str,
+    dl: &mut Proc,
+    from: Instant,
+) -> (Duration, Option<i32>) {
     let t = Instant::now();
-    let (mut last_len, mut last_change, mut gap) =
-        (file_len(lab, out), Instant::now(), Duration::ZERO);
+    let (mut last_len, mut last_change, mut gap) = (file_len(lab, out), from, Duration::ZERO);
     while t.elapsed() < Duration::from_secs(70) {
         if let Ok(Some(s)) = dl.child.try_wait() {
             // A download that died stalled until curl gave up.

@@ -147,8 +147,16 @@ fn udp_stream_across_a_crash(ha: &mut HaLab, what: &str) -> (f64, f64, f64) {
     (f[0], f[1], f[2])
 }
 
-/// Crash the active gw1 and wait for gw2 to hold the VIPs; prints and returns the takeover.
-fn crash_gw1(ha: &mut HaLab, what: &str) -> Duration {
+/// A crash of the active gateway: when it happened, and how long gw2 took to hold the VIPs.
+#[derive(Clone, Copy, Debug)]
+struct Crash {
+    at: Instant,
+    took: Duration,
+}
+
+/// Crash the active gw1 and wait for gw2 to hold the VIPs; prints the takeover. Every gap a
+/// test reports runs from `at`, the crash, with the takeover beside it.
+fn crash_gw1(ha: &mut HaLab, what: &str) -> Crash {
     assert_eq!(
         ha.active(),
         Some(Gw::Gw1),
@@ -158,7 +166,7 @@ fn crash_gw1(ha: &mut HaLab, what: &str) -> Duration {
     ha.wait_vips_on(Gw::Gw2, TAKEOVER);
     let took = at.elapsed();
     eprintln!("[{what}] gw2 holds the VIPs {took:?} after gw1's crash");
-    took
+    Crash { at, took }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -266,8 +274,8 @@ fn negative_b_without_replication_an_active_ftp_download_dies() {
     let mut ha = HaLab::start(no_sync());
     let (_ftp, big, _) = vsftpd(ha.lab(), 3_000_000);
     let mut dl = ftp_download(ha.lab(), "neg-b.bin", "--ftp-port - --disable-eprt");
-    crash_gw1(&mut ha, "negative b");
-    let (gap, code) = follow_download(ha.lab(), "neg-b.bin", &mut dl);
+    let crash = crash_gw1(&mut ha, "negative b");
+    let (gap, code) = follow_download(ha.lab(), "neg-b.bin", &mut dl, crash.at);
     let got = sha256(
         ha.lab(),
         "client",
@@ -401,7 +409,7 @@ fn tcp_stream_survives_in(ha: &mut HaLab, what: &str) {
     let mut s = Stream::start(ha.lab(), IPERF_PORT, false, 6, "20M");
     std::thread::sleep(Duration::from_millis(500));
     let at_crash = s.intervals(ha.lab()).len();
-    let took = crash_gw1(ha, what);
+    let took = crash_gw1(ha, what).took;
     let gap = assert_stream_survived(ha, &mut s, at_crash, what);
     write_failover_plot(what, &s.intervals(ha.lab()), at_crash, took, gap);
 }
@@ -533,14 +541,18 @@ fn active_ftp_download_survives(opts: HaOpts, what: &str) {
     if ha.replication {
         control_copy_outlives_a_long_download(&ha);
     }
-    crash_gw1(&mut ha, what);
-    let (gap, code) = follow_download(ha.lab(), "b.bin", &mut dl);
+    let crash = crash_gw1(&mut ha, what);
+    let (gap, code) = follow_download(ha.lab(), "b.bin", &mut dl, crash.at);
     let got = sha256(
         ha.lab(),
         "client",
         &ha.lab().dir.join("b.bin").display().to_string(),
     );
-    eprintln!("[{what}] curl exit {code:?}, longest stall of the file {gap:?}");
+    eprintln!(
+        "[{what}] curl exit {code:?}, longest stall of the file from the crash {gap:?} \
+         (takeover {:?})",
+        crash.took
+    );
     assert!(
         code == Some(0) && got == big,
         "the active FTP download did not survive (replication in this fwnode: {}): {}\n{}",
@@ -568,14 +580,17 @@ fn d_a_passive_epsv_download_in_flight_completes() {
     let mut ha = HaLab::start(HaOpts::default());
     let (_ftp, big, _) = vsftpd(ha.lab(), 3_000_000);
     let mut dl = ftp_download(ha.lab(), "d.bin", "--ftp-pasv");
-    crash_gw1(&mut ha, "d");
-    let (gap, code) = follow_download(ha.lab(), "d.bin", &mut dl);
+    let crash = crash_gw1(&mut ha, "d");
+    let (gap, code) = follow_download(ha.lab(), "d.bin", &mut dl, crash.at);
     let got = sha256(
         ha.lab(),
         "client",
         &ha.lab().dir.join("d.bin").display().to_string(),
     );
-    eprintln!("[d] curl exit {code:?}, longest stall of the file {gap:?}");
+    eprintln!(
+        "[d] curl exit {code:?}, longest stall of the file from the crash {gap:?} (takeover {:?})",
+        crash.took
+    );
     assert!(
         code == Some(0) && got == big,
         "the EPSV download did not survive (replication in this fwnode: {}): {}\n{}",

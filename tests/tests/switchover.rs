@@ -186,7 +186,7 @@ fn a_switchover_and_its_failback_keep_a_stream_and_an_ftp_download_without_a_tim
     let iv = s.intervals(ha.lab());
     let (gap_move, _) = gap_after(&iv[..at_back.min(iv.len())], at_move);
     let (gap_back, resumed) = gap_after(&iv, at_back);
-    let (_, code) = follow_download(ha.lab(), "so.bin", &mut dl);
+    let (_, code) = follow_download(ha.lab(), "so.bin", &mut dl, Instant::now());
     let samples = grow.finish();
     let stall_before = longest_stall(&samples, Duration::ZERO, move_at);
     let stall = longest_stall(&samples, move_at, Duration::MAX);
@@ -227,8 +227,9 @@ fn a_switchover_and_its_failback_keep_a_stream_and_an_ftp_download_without_a_tim
         rto, 0,
         "a retransmission timeout during the switchover or the failback"
     );
+    // iperf3's intervals are 0.1 s (one advert) give or take 10 ms: at most one of them empty.
     assert!(
-        gap_move <= ADVERT_S + 1e-6 && gap_back <= ADVERT_S + 1e-6,
+        gap_move < 1.5 * ADVERT_S && gap_back < 1.5 * ADVERT_S,
         "a data gap longer than one advert interval: {gap_move} s / {gap_back} s"
     );
     // The download's stall includes vsftpd's own pacing (20-30 ms before the move); what it must
