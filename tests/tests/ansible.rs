@@ -514,6 +514,30 @@ impl AnsibleLab {
         }
     }
 
+    /// fwnode's log of `host` without terminal colours: one line per event, each starting
+    /// with its RFC 3339 UTC time (so times compare as strings).
+    fn fwnode_log(&self, host: &str) -> Vec<String> {
+        let log = self.root(host).join("run/keepstate/fwnode.log");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines().map(strip_ansi).collect()
+    }
+
+    /// When `host`'s fwnode last started ("running"), and when that fwnode first reported its
+    /// table in sync ("replication readiness changed ready=true"), if it did.
+    fn last_start_and_sync(&self, host: &str) -> (String, Option<String>) {
+        let log = self.fwnode_log(host);
+        let time = |l: &str| l.split_whitespace().next().unwrap_or_default().to_string();
+        let start = log
+            .iter()
+            .rposition(|l| l.contains(" running ") && l.contains("node="))
+            .unwrap_or_else(|| panic!("{host}'s fwnode never logged `running`:\n{log:?}"));
+        let synced = log[start..]
+            .iter()
+            .find(|l| l.contains("replication readiness changed ready=true"))
+            .map(|l| time(l));
+        (time(&log[start]), synced)
+    }
+
     /// Assert that a run reported `changed=0` for every host of its recap.
     fn assert_unchanged(&self, run: &str, recap: &BTreeMap<String, BTreeMap<String, u64>>) {
         for (host, r) in recap {
@@ -525,6 +549,24 @@ impl AnsibleLab {
             );
         }
     }
+}
+
+/// Drop terminal colour sequences (`ESC [ ... m`) from a log line.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The cluster grows as an operator would grow it: the role first deploys gw1 and the
@@ -573,6 +615,19 @@ fn role_forms_and_grows_the_cluster_in_the_namespace_lab_and_a_rerun_changes_not
         a.pid("m3"),
         m3_pid,
         "the witness was restarted, though nothing of it changed"
+    );
+    // The restart handler (keepstate-restart, one host at a time): gw1, restarted for its new
+    // peer, was back in sync (here after fwnode's 30 s bulk timeout: gw2 was not running yet)
+    // before gw2's turn started it. The old handlers restarted the next host as soon as the
+    // previous one's control port listened.
+    let (gw1_start, gw1_synced) = a.last_start_and_sync("gw1");
+    let (gw2_start, _) = a.last_start_and_sync("gw2");
+    let gw1_synced = gw1_synced
+        .unwrap_or_else(|| panic!("gw1 never got in sync after its restart\n{}", a.logs()));
+    assert!(
+        gw1_start < gw1_synced && gw1_synced < gw2_start,
+        "gw2 was started ({gw2_start}) before gw1, restarted at {gw1_start}, was in sync \
+         ({gw1_synced})"
     );
     let gw1_conf =
         std::fs::read_to_string(a.root("gw1").join("etc/keepstate/fwnode.toml")).unwrap();
