@@ -77,7 +77,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
-use super::msg::{Hello, Item, Msg, Resume, Seq, VERSION};
+use super::msg::{Hello, Item, Msg, Resume, Seq, MIN_PEER_VERSION, VERSION};
 use crate::conntrack::{BulkScope, ConnSnapshot, Tuple};
 use crate::time::Timestamp;
 
@@ -241,7 +241,10 @@ pub enum CloseReason {
     MessageBeforeHello,
     #[error("second Hello on one stream")]
     DuplicateHello,
-    #[error("unsupported protocol version {0}")]
+    #[error(
+        "the peer speaks sync protocol version {0}; this node speaks {VERSION} and understands \
+         {MIN_PEER_VERSION} and newer"
+    )]
     UnsupportedVersion(u32),
     #[error("peer is node {got}, expected node {expected}")]
     UnexpectedPeer { expected: u64, got: u64 },
@@ -327,6 +330,10 @@ pub struct SessionStats {
     pub last_error: Option<CloseReason>,
     /// Streams closed because of what the peer sent (every `CloseReason` but `IdleTimeout`).
     pub protocol_errors: u64,
+    /// The protocol version of the peer's last Hello.
+    pub peer_version: Option<u32>,
+    /// Hellos refused for a version this build does not understand (`MIN_PEER_VERSION`).
+    pub versions_refused: u64,
     pub nacks_sent: u64,
     pub nacks_received: u64,
     pub retransmits: u64,
@@ -664,7 +671,9 @@ impl Session {
     }
 
     fn on_hello(&mut self, now: Timestamp, h: Hello, outbox: &Outbox) {
-        if h.version < 1 {
+        self.st.peer_version = Some(h.version);
+        if h.version < MIN_PEER_VERSION {
+            self.st.versions_refused += 1;
             return self.close(CloseReason::UnsupportedVersion(h.version));
         }
         if h.node_id == self.node_id {

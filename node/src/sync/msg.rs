@@ -8,9 +8,16 @@
 pub use crate::conntrack::ConnUpdate;
 use crate::conntrack::{ConnSnapshot, ExpectSnapshot, Tuple};
 
-/// Protocol version this build speaks (`Hello::version`). A node accepts any version >= 1:
-/// newer peers' unknown fields and message kinds are skipped by the codec.
+/// Protocol version this build speaks (`Hello::version`).
 pub const VERSION: u32 = 1;
+
+/// The oldest peer version this build understands (the first release speaks 1). A Hello below
+/// it closes the stream (`CloseReason::UnsupportedVersion`, counted in the session's
+/// `versions_refused`, shown by `fwctl sync status`). A newer peer is accepted: its unknown
+/// fields and message kinds are skipped by the codec, and it is the newer side's job to refuse
+/// a version it no longer speaks. Raise this only together with a release note: a rolling
+/// upgrade needs N to speak N−1.
+pub const MIN_PEER_VERSION: u32 = 1;
 
 /// Position in one node's stream of items (per boot of that node; the first item is 1).
 pub type Seq = u64;

@@ -913,6 +913,8 @@ impl Engine {
                     bulk_estimate: bulk.estimate,
                     in_sync: p.session.in_sync(now),
                     peer_has_table: s.peer_has_table,
+                    peer_version: s.peer_version.unwrap_or(0),
+                    versions_refused: s.versions_refused,
                     nacks: s.nacks_sent + s.nacks_received,
                     retransmits: s.retransmits,
                     last_error: s.last_error.map(|e| e.to_string()).unwrap_or_default(),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::core::{CloseReason, Config, Op, Outbox, Session};
-use super::msg::{Hello, Item, Msg, Resume, Seq, VERSION};
+use super::msg::{Hello, Item, Msg, Resume, Seq, MIN_PEER_VERSION, VERSION};
 use crate::conntrack::event::status;
 use crate::conntrack::helper_state::{HelperKind, HelperState};
 use crate::conntrack::tcp::{TcpConn, TcpState};
@@ -1204,12 +1204,22 @@ fn newer_version_is_accepted_and_zero_is_not() {
     assert_eq!(ops(&mut s), vec![Op::ReadBulk { cursor: 0 }]);
     assert!(s.stats(&outbox).connected);
 
+    assert_eq!(s.stats(&outbox).peer_version, Some(VERSION + 6));
+
     let mut s = connected(&outbox);
-    h.version = 0;
+    h.version = MIN_PEER_VERSION - 1;
     s.handle(Timestamp(1), Msg::Hello(h), &outbox);
     assert_eq!(
         ops(&mut s),
         vec![Op::Close(CloseReason::UnsupportedVersion(0))]
+    );
+    let st = s.stats(&outbox);
+    assert_eq!((st.versions_refused, st.protocol_errors), (1, 1));
+    assert_eq!(st.peer_version, Some(0));
+    let why = st.last_error.map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        why.contains("version 0") && why.contains("understands 1"),
+        "{why}"
     );
 }
 
