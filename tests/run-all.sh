@@ -50,6 +50,9 @@ cargo build --release --locked --manifest-path node/fuzz/Cargo.toml
 echo "== building release binaries for the end-to-end tests"
 # fault-injection: the test-only hook that lets a test kill a datapath worker (off by default).
 cargo build --release --locked -p fwnode -p fwctl -p keepstate-tests --bins --features fwnode/fault-injection
+echo "== the previous release's fwnode and fwctl (tests/PREVIOUS_RELEASE) for the upgrade tests"
+KEEPSTATE_PREVIOUS_DIR=$(bash tests/build-previous.sh)
+export KEEPSTATE_PREVIOUS_DIR
 echo "== cargo test"
 export KEEPSTATE_BIN_DIR="$PWD/target/release"
 log=$(mktemp)

@@ -23,6 +23,8 @@ pub struct Member {
     pub host: &'static str,
     pub addr: String,
     pub config: PathBuf,
+    /// The fwnode binary it runs (today's, or another release's in the upgrade tests).
+    pub fwnode: PathBuf,
     /// Written by fwnode's main loop, which starts only once the datapath is up.
     pub stats: PathBuf,
     pub proc: Option<Proc>,
@@ -120,6 +122,7 @@ impl ClusterLab {
                 host,
                 addr,
                 config,
+                fwnode: bin("fwnode"),
                 stats,
                 proc: None,
             });
@@ -147,11 +150,7 @@ impl ClusterLab {
         let _ = std::fs::remove_file(&m.stats);
         let mut proc = self.lab.spawn(
             m.host,
-            &format!(
-                "{} --config {}",
-                bin("fwnode").display(),
-                m.config.display()
-            ),
+            &format!("{} --config {}", m.fwnode.display(), m.config.display()),
             &format!("node{}", m.id),
         );
         let t = Instant::now();

@@ -124,6 +124,12 @@ pub struct HaOpts {
     pub pickup_delay_ms: u64,
     /// `[sync] defer_ms` (0: off).
     pub defer_ms: u64,
+    /// The directory of the fwnode and fwctl that gw1, gw2 and the witness run (and gw1's and
+    /// gw2's keepalived scripts call); `None`: today's (`bin`). The upgrade tests run the
+    /// previous release beside today's.
+    pub bin_dirs: [Option<PathBuf>; 3],
+    /// Lines appended to every member's `[cluster]` section.
+    pub cluster_extra: String,
 }
 
 impl Default for HaOpts {
@@ -134,6 +140,8 @@ impl Default for HaOpts {
             ipv6: true,
             pickup_delay_ms: 0,
             defer_ms: 0,
+            bin_dirs: [None, None, None],
+            cluster_extra: String::new(),
         }
     }
 }
@@ -278,10 +286,11 @@ impl HaLab {
                  [conntrack]\ntcp_pickup = false\n\n\
                  [cluster]\nid = {id}\nlisten = \"{addr}\"\ndata_dir = \"{data}\"\nrole = \"{role}\"\n\
                  heartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n\
-                 commit_timeout_ms = 2000\n\n[metrics]\nlisten = \"198.18.0.{id}:{METRICS_PORT}\"\n\n{tls}\n",
+                 commit_timeout_ms = 2000\n{extra}\n\n[metrics]\nlisten = \"198.18.0.{id}:{METRICS_PORT}\"\n\n{tls}\n",
                 stats = stats.display(),
                 data = lab.dir.join(format!("data{id}")).display(),
                 tls = certs.tls_section(id),
+                extra = opts.cluster_extra,
             );
             if role == "gateway" {
                 let (sync, ha) = ha_sections(&opts, &ha_socket(&lab, id), id);
@@ -293,6 +302,7 @@ impl HaLab {
                 host,
                 addr,
                 config,
+                fwnode: member_bin(&opts, id, "fwnode"),
                 stats,
                 proc: None,
             });
@@ -373,7 +383,9 @@ impl HaLab {
                 String::new()
             }
         };
-        let fwctl = bin("fwctl").display().to_string();
+        let fwctl = member_bin(&self.opts, gw.id(), "fwctl")
+            .display()
+            .to_string();
         render_keepalived(&[
             ("name", gw.host().to_string()),
             ("priority", gw.priority().to_string()),
@@ -391,7 +403,7 @@ impl HaLab {
             ("wan_vip6", v6(GW_WAN6, &wan)),
             // Exactly the argv[0] and --config that ClusterLab::start_member runs fwnode with:
             // keepalived compares them literally.
-            ("fwnode_bin", bin("fwnode").display().to_string()),
+            ("fwnode_bin", m.fwnode.display().to_string()),
             ("fwnode_config", m.config.display().to_string()),
             ("fwctl", fwctl),
             ("ha_socket", self.ha_socket(gw).display().to_string()),
@@ -554,8 +566,10 @@ impl HaLab {
         );
         self.links(gw, true);
         self.c.start_member(gw.index());
+        // The version the witness enforces: tests may have applied more while gw was down.
+        let want = self.c.version(3);
         self.c
-            .wait_member_version(gw.id(), 1, Duration::from_secs(15));
+            .wait_member_version(gw.id(), want, Duration::from_secs(15));
         self.start_keepalived(gw);
         self.crashed[gw.index()] = false;
     }
@@ -661,6 +675,14 @@ impl HaLab {
             }
         }
         s
+    }
+}
+
+/// The binary `name` (fwnode, fwctl) that member `id` runs.
+fn member_bin(opts: &HaOpts, id: u64, name: &str) -> PathBuf {
+    match &opts.bin_dirs[(id - 1) as usize] {
+        Some(dir) => dir.join(name),
+        None => bin(name),
     }
 }
 
