@@ -47,6 +47,7 @@
 //! listen = "198.18.0.1:9400"            # when absent); guarded like the gRPC ports
 //! ```
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -242,6 +243,23 @@ impl Config {
             }
             (None, None) => {}
         }
+        if cfg.datapath.guard_ports && cfg.datapath.install_rules {
+            let listens = [
+                ("cluster", cfg.cluster.as_ref().map(|c| c.listen)),
+                ("sync", cfg.sync.as_ref().map(|s| s.listen)),
+                ("metrics", cfg.metrics.as_ref().map(|m| m.listen)),
+            ];
+            for (section, addr) in listens {
+                if let Some(a) = addr.filter(|a| a.ip().is_unspecified()) {
+                    let at = line_of(&text, section, "listen")
+                        .map_or(String::new(), |l| format!(":{l}"));
+                    return Err(ConfigError::Invalid {
+                        path: format!("{p}{at}"),
+                        message: wildcard_refused(section, a),
+                    });
+                }
+            }
+        }
         // Relative paths are relative to the configuration file.
         let dir = path.parent().unwrap_or(Path::new("."));
         if let Some(t) = cfg.tls.as_mut() {
@@ -260,9 +278,86 @@ impl Config {
     }
 }
 
+/// Why `[section] listen = a` (a wildcard) is refused while `datapath.guard_ports` is on.
+fn wildcard_refused(section: &str, a: SocketAddr) -> String {
+    format!(
+        "[{section}] listen = \"{a}\" is a wildcard: the socket accepts connections on every \
+         interface and address of this gateway ({}), and datapath.guard_ports can keep a port to \
+         its network only for one address on the interface that holds it, so a LAN host would \
+         reach it through the gateway's LAN address. Listen on the management address (e.g. \
+         \"198.18.0.1:{}\"), or set guard_ports = false and guard the port yourself",
+        if a.is_ipv6() {
+            "IPv6 and, dual-stack, IPv4 too"
+        } else {
+            "IPv4"
+        },
+        a.port()
+    )
+}
+
+/// The 1-based line of `key = ...` inside `[section]` of a TOML text (for error messages).
+fn line_of(text: &str, section: &str, key: &str) -> Option<usize> {
+    let header = format!("[{section}]");
+    let mut inside = false;
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            inside = l == header;
+        } else if inside && l.split('=').next().is_some_and(|k| k.trim() == key) {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wildcard_listen_is_refused_while_guard_ports_is_on_with_its_line_and_why() {
+        let tls = "[tls]\nplaintext = true\n";
+        let cluster = |listen: &str| {
+            format!("[cluster]\nid = 1\nlisten = \"{listen}\"\ndata_dir = \"d\"\n{tls}")
+        };
+        for (sections, what) in [
+            (cluster("0.0.0.0:7400"), "[cluster] listen = \"0.0.0.0:7400\""),
+            (cluster("[::]:7400"), "[cluster] listen = \"[::]:7400\""),
+            (
+                format!(
+                    "{}[sync]\nlisten = \"0.0.0.0:7401\"\npeers = [{{ id = 2, addr = \"198.18.0.2:7401\" }}]\n",
+                    cluster("198.18.0.1:7400")
+                ),
+                "[sync] listen = \"0.0.0.0:7401\"",
+            ),
+            (
+                "[metrics]\nlisten = \"[::]:9400\"\n".to_string(),
+                "[metrics] listen = \"[::]:9400\"",
+            ),
+        ] {
+            let e = load_with("", &sections).unwrap_err().to_string();
+            assert!(
+                e.contains(what) && e.contains("wildcard") && e.contains("guard_ports = false"),
+                "{e}"
+            );
+            // file:line points at the listen line.
+            let line = e.split(": ").next().and_then(|p| p.rsplit(':').next()).unwrap_or("");
+            let n: usize = line.parse().unwrap_or_else(|_| panic!("no line in {e}"));
+            let text_line = format!(
+                "[node]\nname = \"t\"\n[datapath]\n\n[policy]\nfile = \"p.toml\"\n{sections}\n"
+            )
+            .lines()
+            .nth(n - 1)
+            .unwrap_or_default()
+            .to_string();
+            assert!(text_line.starts_with("listen"), "line {n} is {text_line:?}: {e}");
+            // Off, or rules managed by hand: the operator guards it.
+            assert!(load_with("guard_ports = false", &sections).is_ok());
+            assert!(load_with("install_rules = false", &sections).is_ok());
+        }
+        assert!(load_with("", &cluster("198.18.0.1:7400")).is_ok());
+        assert!(load_with("", &cluster("[2001:db8::1]:7400")).is_ok());
+    }
 
     fn load(datapath: &str) -> Result<Config, ConfigError> {
         load_with(datapath, "")
