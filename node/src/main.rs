@@ -41,6 +41,30 @@ struct Cli {
     /// Remove this instance's iptables rules and exit (decommissioning; with --config).
     #[arg(long, requires = "config")]
     remove_rules: bool,
+    /// Log lines on stderr as text (colours only on a terminal, never in a journal or a file)
+    /// or as one JSON object per line.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logging to stderr, as `format` says; RUST_LOG filters (default: info, openraft warn).
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 fn ifindex(name: &str) -> Option<u32> {
@@ -638,14 +662,8 @@ fn run(cfg: Config) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     if let Some(path) = cli.check_config {
         let cfg = Config::load(&path)?;
         let store = PolicyStore::new(Box::new(ifindex));

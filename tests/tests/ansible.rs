@@ -514,12 +514,12 @@ impl AnsibleLab {
         }
     }
 
-    /// fwnode's log of `host` without terminal colours: one line per event, each starting
-    /// with its RFC 3339 UTC time (so times compare as strings).
+    /// fwnode's log of `host` (no terminal colours in a file): one line per event, each
+    /// starting with its RFC 3339 UTC time (so times compare as strings).
     fn fwnode_log(&self, host: &str) -> Vec<String> {
         let log = self.root(host).join("run/keepstate/fwnode.log");
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        text.lines().map(strip_ansi).collect()
+        text.lines().map(str::to_string).collect()
     }
 
     /// When `host`'s fwnode last started ("running"), and when that fwnode first reported its
@@ -549,24 +549,6 @@ impl AnsibleLab {
             );
         }
     }
-}
-
-/// Drop terminal colour sequences (`ESC [ ... m`) from a log line.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The cluster grows as an operator would grow it: the role first deploys gw1 and the

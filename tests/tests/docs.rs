@@ -290,6 +290,46 @@ fn the_policy_example_loads() {
     );
 }
 
+/// fwnode's log on stderr: text without terminal colours when stderr is a file or a journal
+/// (it used to write escape codes there), or one JSON object per line with `--log-format json`.
+#[test]
+fn logs_off_a_terminal_carry_no_escape_codes_and_json_is_one_object_a_line() {
+    let d = TempDir::new("logs");
+    std::fs::write(d.0.join("policy.toml"), readme_policy()).unwrap();
+    let config = d.0.join("fwnode.toml");
+    std::fs::write(
+        &config,
+        "[node]\nname = \"docs\"\n[policy]\nfile = \"policy.toml\"\n",
+    )
+    .unwrap();
+    let run = |format: &str| {
+        let out = Command::new(bin("fwnode"))
+            .args(["--log-format", format, "--check-config"])
+            .arg(&config)
+            .output()
+            .expect("running fwnode --check-config");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let text = run("text");
+    assert!(text.contains("policy loaded"), "no log line: {text:?}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "escape codes in a piped log: {text:?}"
+    );
+    let json = run("json");
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["level"] == "INFO" && v["fields"]["message"] == "policy loaded"),
+        "{json}"
+    );
+}
+
 #[test]
 fn the_config_example_passes_check_config() {
     let d = TempDir::new("config");
