@@ -177,8 +177,16 @@ impl HaHandle {
         // A planned move is to give this gateway the VIPs: the chosen one, or one just
         // released (the preferred gateway fails back).
         let coming = preferred == Some(me) || t.is_some_and(|t| t.cause == role::Cause::Release);
-        if coming && self.role() != Role::Active {
-            self.handover();
+        if coming && self.role() != Role::Active && self.0.on_handover.get().is_some() {
+            // Called from Raft's runtime: a sweep of a large table must not hold it up.
+            let h = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("ha-handover".into())
+                .spawn(move || h.handover());
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "HA: cannot start the handover thread; running it here");
+                self.handover();
+            }
         }
     }
 
@@ -275,25 +283,34 @@ mod tests {
         h.on_handover(move || {
             n2.fetch_add(1, Relaxed);
         });
-        let runs = || n.load(Relaxed);
+        // The hook of a settings change runs on a thread of its own: `runs(k)` waits (bounded)
+        // for k runs, then a moment more, so that a run too many is seen too.
+        let runs = |want: usize| {
+            let t = std::time::Instant::now();
+            while n.load(Relaxed) < want && t.elapsed() < std::time::Duration::from_secs(2) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            n.load(Relaxed)
+        };
         h.promote();
         h.promote();
-        assert_eq!(runs(), 1);
+        assert_eq!(runs(1), 1);
         h.apply_settings(1, Some(2)); // held while active: it is leaving, not coming
-        assert_eq!(runs(), 1);
+        assert_eq!(runs(1), 1);
         assert!(!h.check() && h.ready());
         h.demote(); // the VIPs left
-        assert_eq!(runs(), 2);
+        assert_eq!(runs(2), 2);
         h.apply_settings(1, None); // released: it will fail back
-        assert_eq!(runs(), 3);
+        assert_eq!(runs(3), 3);
         h.apply_settings(1, None); // nothing changed
-        assert_eq!(runs(), 3);
+        assert_eq!(runs(3), 3);
         h.apply_settings(1, Some(1)); // chosen while standby
-        assert_eq!(runs(), 4);
+        assert_eq!(runs(4), 4);
         h.promote();
-        assert_eq!(runs(), 5);
+        assert_eq!(runs(5), 5);
         h.fault();
-        assert_eq!(runs(), 6);
+        assert_eq!(runs(6), 6);
     }
 
     #[test]

@@ -78,6 +78,7 @@ pub trait PolicySink: Send + Sync + 'static {
     fn enforce(&self, policy: &PolicyRecord);
 
     /// The HA settings, at the same three points (start, a batch that changed them, a
-    /// snapshot installed). Must be quick: it runs on Raft's runtime.
+    /// snapshot installed). Must be quick: it runs on Raft's runtime (work on the table goes
+    /// to a thread of its own: `HaHandle::apply_settings`).
     fn ha(&self, _settings: &HaSettings) {}
 }
