@@ -265,9 +265,8 @@ fn readme_policy() -> String {
     fenced(between(&readme(), POLICY_BEGIN, POLICY_END), "toml")
 }
 
-#[test]
-fn the_policy_example_loads() {
-    let d = TempDir::new("policy");
+/// A standalone node's config in `d` that enforces README.md's policy example; its path.
+fn config_with_readme_policy(d: &TempDir) -> PathBuf {
     std::fs::write(d.0.join("policy.toml"), readme_policy()).unwrap();
     let config = d.0.join("fwnode.toml");
     std::fs::write(
@@ -275,6 +274,13 @@ fn the_policy_example_loads() {
         "[node]\nname = \"docs\"\n[policy]\nfile = \"policy.toml\"\n",
     )
     .unwrap();
+    config
+}
+
+#[test]
+fn the_policy_example_loads() {
+    let d = TempDir::new("policy");
+    let config = config_with_readme_policy(&d);
     let (ok, out) = check_config(&config);
     assert!(ok, "README.md's policy example does not load:\n{out}");
     // The check can fail: one wrong field in the same example is refused with its position.
@@ -295,13 +301,7 @@ fn the_policy_example_loads() {
 #[test]
 fn logs_off_a_terminal_carry_no_escape_codes_and_json_is_one_object_a_line() {
     let d = TempDir::new("logs");
-    std::fs::write(d.0.join("policy.toml"), readme_policy()).unwrap();
-    let config = d.0.join("fwnode.toml");
-    std::fs::write(
-        &config,
-        "[node]\nname = \"docs\"\n[policy]\nfile = \"policy.toml\"\n",
-    )
-    .unwrap();
+    let config = config_with_readme_policy(&d);
     let run = |format: &str| {
         let out = Command::new(bin("fwnode"))
             .args(["--log-format", format, "--check-config"])
