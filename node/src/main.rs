@@ -53,6 +53,13 @@ enum LogFormat {
     Json,
 }
 
+/// Tell systemd `state` (a no-op unless it set NOTIFY_SOCKET); a failure is logged, never fatal.
+fn notify_systemd(state: sd_notify::NotifyState) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::warn!(error = %e, "telling systemd our state (NOTIFY_SOCKET) failed");
+    }
+}
+
 /// Logging to stderr, as `format` says; RUST_LOG filters (default: info, openraft warn).
 fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
@@ -590,9 +597,21 @@ fn run(cfg: Config) -> Result<()> {
         _ => None,
     };
     tracing::info!(node = %cfg.node.name, "running");
+    // systemd (Type=notify): ready now that the datapath forwards and the HA socket serves; the
+    // watchdog is fed from this loop, which ends when a worker dies. Without NOTIFY_SOCKET
+    // (not under systemd) these do nothing.
+    if !stop.load(Relaxed) {
+        notify_systemd(sd_notify::NotifyState::Ready);
+    }
+    let watchdog = sd_notify::watchdog_enabled().map(|every| every / 2);
+    let mut fed = Instant::now();
 
     let mut version = 1;
     while !stop.load(Relaxed) {
+        if watchdog.is_some_and(|every| fed.elapsed() >= every) {
+            notify_systemd(sd_notify::NotifyState::Watchdog);
+            fed = Instant::now();
+        }
         // Sleeps 200 ms, or less when a worker dies: then fwnode stops at once.
         if let Some(d) = &datapath {
             if let Ok(why) = d.died.recv_timeout(Duration::from_millis(200)) {
@@ -621,6 +640,7 @@ fn run(cfg: Config) -> Result<()> {
         }
     }
     stop.store(true, Relaxed);
+    notify_systemd(sd_notify::NotifyState::Stopping);
     // keepalived's scripts fail from here on (socket gone), as they should for a stopping node.
     drop(ha_server);
     match &died {

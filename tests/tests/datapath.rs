@@ -435,6 +435,70 @@ fn fail_closed_by_default_and_restart_restores() {
     assert_eq!(curl(&lab, "client", &url), 0);
 }
 
+/// systemd's notify protocol, as the unit (Type=notify, WatchdogSec) uses it, against a socket
+/// of the test's own: READY=1 once fwnode forwards, WATCHDOG=1 from the main loop at half the
+/// interval systemd asks for (and none when it asks for none), STOPPING=1 at a clean stop.
+#[test]
+fn fwnode_tells_systemd_ready_feeds_the_watchdog_and_says_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let lab = Lab::new();
+    let gw = lab.start_fwnode(POLICY, "", "");
+    let mut p = gw.proc;
+    p.signal(libc::SIGTERM);
+    p.wait_exit(Duration::from_secs(5));
+    let _s = http_server(&lab, "server", 8080);
+    let url = format!("http://{SERVER4}:8080/");
+    for watchdog_usec in [Some(1_000_000u64), None] {
+        let path = lab.dir.join("notify.sock");
+        let _ = std::fs::remove_file(&path);
+        let sock = UnixDatagram::bind(&path).expect("binding the notify socket");
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let env = match watchdog_usec {
+            Some(u) => format!("NOTIFY_SOCKET={} WATCHDOG_USEC={u}", path.display()),
+            None => format!("NOTIFY_SOCKET={}", path.display()),
+        };
+        let gw = lab.restart_fwnode_with_env(&gw.config, &gw.policy, &gw.stats, &env);
+        let mut got: Vec<(Duration, String)> = vec![];
+        let t = Instant::now();
+        let mut buf = [0u8; 256];
+        let mut forwarding_when_ready = None;
+        while t.elapsed() < Duration::from_millis(2600) {
+            if let Ok(n) = sock.recv(&mut buf) {
+                let m = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+                if m == "READY=1" {
+                    forwarding_when_ready = Some(curl(&lab, "client", &url) == 0);
+                }
+                got.push((t.elapsed(), m));
+            }
+        }
+        let mut p = gw.proc;
+        p.signal(libc::SIGTERM);
+        p.wait_exit(Duration::from_secs(5));
+        while let Ok(n) = sock.recv(&mut buf) {
+            got.push((
+                t.elapsed(),
+                String::from_utf8_lossy(&buf[..n]).trim().to_string(),
+            ));
+        }
+        let said: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+        eprintln!("[notify, WATCHDOG_USEC={watchdog_usec:?}] {got:?}");
+        assert_eq!(said.first(), Some(&"READY=1"), "{said:?}");
+        assert_eq!(
+            forwarding_when_ready,
+            Some(true),
+            "READY=1 before fwnode forwards"
+        );
+        assert_eq!(said.last(), Some(&"STOPPING=1"), "{said:?}");
+        let fed = said.iter().filter(|m| **m == "WATCHDOG=1").count();
+        match watchdog_usec {
+            // Every 0.5-0.6 s (the loop ticks every 0.2 s) for the ~2.8 s watched.
+            Some(_) => assert!((3..=7).contains(&fed), "watchdog fed {fed} times: {said:?}"),
+            None => assert_eq!(fed, 0, "fed a watchdog systemd did not ask for: {said:?}"),
+        }
+    }
+}
+
 /// A datapath worker that dies (here: a panic injected in the FTP helper queue's worker on its
 /// first packet) takes fwnode down at once with a non-zero status, the packet it was judging is
 /// never accepted, the fail-closed rules stay, and a restart restores forwarding. Needs the
