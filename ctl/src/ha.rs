@@ -68,6 +68,14 @@ pub struct Status {
     /// What keepalived's track script is told (absent from an older fwnode: `ready`).
     #[serde(default)]
     pub check: Option<bool>,
+    /// The cluster's `require_quorum`, this node's quorum, and what `check --quorum` answers
+    /// (absent from an older fwnode: the check passes).
+    #[serde(default)]
+    pub require_quorum: Option<bool>,
+    #[serde(default)]
+    pub quorum: Option<bool>,
+    #[serde(default)]
+    pub quorum_check: Option<bool>,
     pub in_sync: bool,
     pub vrrp: String,
     pub since_unix_ms: u64,
@@ -85,6 +93,11 @@ impl Status {
     /// fwctl (an upgrade replaces the binaries before it restarts fwnode) says only `ready`.
     pub fn check(&self) -> bool {
         self.check.unwrap_or(self.ready)
+    }
+
+    /// `fwctl ha check --quorum`'s answer.
+    pub fn quorum_check(&self) -> bool {
+        self.quorum_check.unwrap_or(true)
     }
 }
 
@@ -196,13 +209,26 @@ pub fn print_status(s: &Status) {
         (
             "held",
             match s.held {
-                Some(true) => "yes: another gateway is the cluster's choice for ACTIVE                                (fwctl ha maintenance off releases it)"
+                Some(true) => "yes: another gateway is the cluster's choice for ACTIVE \
+                               (fwctl ha maintenance off releases it)"
                     .to_string(),
                 Some(false) => "no".to_string(),
                 None => "unknown (older fwnode)".to_string(),
             },
         ),
         ("in sync", yes(s.in_sync).to_string()),
+        (
+            "quorum",
+            match (s.quorum, s.require_quorum) {
+                (None, _) => "unknown (older fwnode)".to_string(),
+                (Some(q), Some(true)) if !s.quorum_check() => format!(
+                    "{}: required by the cluster, so this gateway must not hold the VIPs",
+                    yes(q)
+                ),
+                (Some(q), Some(true)) => format!("{} (required by the cluster)", yes(q)),
+                (Some(q), _) => format!("{} (not required)", yes(q)),
+            },
+        ),
         ("keepalived", s.vrrp.clone()),
         (
             "since",

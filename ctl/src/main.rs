@@ -194,18 +194,27 @@ enum HaCmd {
     Status,
     /// Exit 0 if this node may hold the VIPs (in sync, no fault, not held standby), 1 if not:
     /// for keepalived's vrrp_script / track_script.
-    Check,
+    Check {
+        /// Answer the quorum check instead (keepalived's FAULT script): exit 1 only when the
+        /// cluster requires a Raft quorum and this node has none; 0 when fwnode does not answer
+        /// (keepalived tracks the process itself).
+        #[arg(long)]
+        quorum: bool,
+    },
     /// The replicated HA settings (control API: --node).
     Settings,
-    /// Replace the replicated HA settings.
+    /// Change the replicated HA settings (a setting not given keeps its value).
+    #[command(group(clap::ArgGroup::new("setting").required(true).multiple(true)))]
     Set {
         /// The operator's choice for ACTIVE first (comma-separated gateway ids): every other
-        /// gateway is held standby. Empty: keepalived's priorities decide.
-        #[arg(long, value_delimiter = ',')]
-        preferred_active: Vec<u64>,
-        /// Stored and shown; not enforced yet.
-        #[arg(long, action = clap::ArgAction::Set, default_value_t = true)]
-        require_quorum: bool,
+        /// gateway is held standby. Given without ids: keepalived's priorities decide.
+        #[arg(long, value_delimiter = ',', num_args = 0.., group = "setting")]
+        preferred_active: Option<Vec<u64>>,
+        /// A gateway that cannot reach a Raft quorum gives up the VIPs (keepalived's quorum
+        /// script faults it): a partitioned pair ends with one active gateway, the one on the
+        /// witness's side; with no quorum anywhere, none.
+        #[arg(long, action = clap::ArgAction::Set, group = "setting")]
+        require_quorum: Option<bool>,
     },
     /// Move the VIPs from the active gateway (--node) to its peer, without losing a session,
     /// and keep them there. Refused (exit 8) unless the peer is connected, holds this
@@ -456,7 +465,7 @@ fn ha_local(cmd: &HaCmd) -> Option<ha::Op> {
         HaCmd::Demote => ha::Op::Demote,
         HaCmd::Fault => ha::Op::Fault,
         HaCmd::Status => ha::Op::Status,
-        HaCmd::Check => ha::Op::Check,
+        HaCmd::Check { .. } => ha::Op::Check,
         HaCmd::Settings
         | HaCmd::Set { .. }
         | HaCmd::Switchover { .. }
@@ -510,6 +519,38 @@ fn run_ha_local(
         }
     }
     Ok(0)
+}
+
+/// `fwctl ha check --quorum`: exit 1 only on fwnode's word that the cluster requires a quorum
+/// and this node has none. A question that gets no answer passes (a warning on stderr): this
+/// check FAULTs the gateway, and its own failure must never take the VIPs from a pair —
+/// keepalived tracks the fwnode process, and `ha check` demotes a stuck one.
+fn ha_check_quorum(path: &std::path::Path, json: bool, timeout: u64) -> i32 {
+    let timeout = Duration::from_secs(timeout.max(1)).min(Duration::from_secs(2));
+    let status = match ha::call(path, ha::Op::Check, timeout) {
+        Ok((reply, _)) => reply.status,
+        Err(e) => {
+            eprintln!("fwctl: quorum check: no answer from fwnode ({e}); passing");
+            None
+        }
+    };
+    let ok = status.as_ref().is_none_or(ha::Status::quorum_check);
+    if json {
+        print_json(&json!({
+            "quorum_check": ok,
+            "require_quorum": status.as_ref().and_then(|s| s.require_quorum),
+            "quorum": status.as_ref().and_then(|s| s.quorum),
+        }));
+    } else if let Some(s) = &status {
+        match (ok, s.require_quorum) {
+            (true, Some(true)) => println!("quorum reached"),
+            (true, _) => println!("passes (the cluster does not require a quorum)"),
+            (false, _) => println!(
+                "no Raft quorum, and the cluster requires one: this gateway must not hold the VIPs"
+            ),
+        }
+    }
+    i32::from(!ok)
 }
 
 /// `fwctl ha switchover|maintenance`: one `HaMove` call; a refusal gets its own exit code.
@@ -586,6 +627,9 @@ fn security(cli: &Cli) -> client::Security {
 async fn run(cli: Cli) -> Result<i32, CliError> {
     let json = cli.output == Format::Json;
     if let Command::Ha(a) = &cli.command {
+        if let HaCmd::Check { quorum: true } = a.cmd {
+            return Ok(ha_check_quorum(&a.ha_socket, json, cli.timeout));
+        }
         if let Some(op) = ha_local(&a.cmd) {
             return run_ha_local(&a.ha_socket, op, json, cli.timeout);
         }
@@ -851,11 +895,19 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                 },
             ..
         }) => {
+            // A setting not given keeps the cluster's value.
+            let now = c
+                .status(v1::StatusRequest {})
+                .await
+                .map_err(err)?
+                .into_inner()
+                .ha_settings
+                .unwrap_or_default();
             let h = c
                 .set_ha_settings(v1::SetHaSettingsRequest {
                     settings: Some(v1::HaSettings {
-                        preferred_active,
-                        require_quorum,
+                        preferred_active: preferred_active.unwrap_or(now.preferred_active),
+                        require_quorum: require_quorum.unwrap_or(now.require_quorum),
                     }),
                 })
                 .await

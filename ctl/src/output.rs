@@ -204,8 +204,13 @@ pub fn print_ha(s: &v1::StatusReply) {
         }
     );
     println!(
-        "{:<17} {} (stored; not enforced yet)",
-        "require quorum", ha.require_quorum
+        "{:<17} {}",
+        "require quorum",
+        if ha.require_quorum {
+            "yes (a gateway without a Raft quorum gives up the VIPs)"
+        } else {
+            "no"
+        }
     );
 }
 

@@ -137,7 +137,11 @@ struct StoreSink(Arc<PolicyStore>, Option<(NodeId, HaHandle)>);
 impl PolicySink for StoreSink {
     fn ha(&self, settings: &HaSettings) {
         if let Some((me, h)) = &self.1 {
-            h.apply_settings(*me, settings.preferred_active.first().copied());
+            h.apply_settings(
+                *me,
+                settings.preferred_active.first().copied(),
+                settings.require_quorum,
+            );
         }
     }
 
@@ -161,6 +165,27 @@ impl PolicySink for StoreSink {
                 "committed policy does not compile on this node, still enforcing version {}: {e}",
                 self.0.current().version
             ),
+        }
+    }
+}
+
+/// How often the HA role machine hears whether this node has a Raft quorum.
+const QUORUM_FEED_EVERY: Duration = Duration::from_millis(100);
+
+/// Tell the gateway's role machine, every `QUORUM_FEED_EVERY` and whenever Raft's metrics
+/// change, whether this node has a quorum (`raft::Quorum`); `limit` is also the grace the
+/// machine gives a lost quorum (an election after the leader died takes less). Ends with Raft.
+async fn feed_quorum(raft: Raft, me: NodeId, limit: Duration, ha: HaHandle) {
+    ha.set_quorum_grace(limit);
+    let mut metrics = raft.metrics();
+    let mut tick = tokio::time::interval(QUORUM_FEED_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let q = crate::raft::Quorum::of(&metrics.borrow_and_update(), me, limit);
+        ha.set_quorum(q.reached());
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = metrics.changed() => if changed.is_err() { return },
         }
     }
 }
@@ -249,6 +274,13 @@ pub fn start(
         }
     });
 
+    // How long a leader may go without a majority's ack: writes are refused after it, and a
+    // gateway whose cluster requires a quorum gives up its VIPs after it.
+    let quorum_timeout = Duration::from_millis(cfg.election_timeout_max_ms * 2);
+    if let Some(ha) = datapath.as_ref().and_then(|d| d.ha.clone()) {
+        runtime.spawn(feed_quorum(raft.clone(), id, quorum_timeout, ha));
+    }
+
     let me = Member {
         name: name.to_string(),
         addr: cfg.advertise(),
@@ -264,7 +296,7 @@ pub fn start(
         transport: transport.clone(),
         limits: WriteLimits {
             commit_timeout: Duration::from_millis(cfg.commit_timeout_ms),
-            quorum_timeout: Duration::from_millis(cfg.election_timeout_max_ms * 2),
+            quorum_timeout,
         },
         members: members.clone(),
         stats,

@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use super::{is_voter, ControlService};
-use crate::raft::{Member, NodeId, Request as Cmd, Response as CmdResponse, Role};
+use crate::raft::{Member, NodeId, Quorum, Request as Cmd, Response as CmdResponse, Role};
 use crate::transport::Transport;
 
 /// Where a write goes.
@@ -101,31 +101,25 @@ impl ControlService {
                  node, or `fwctl cluster add` this node from a member",
             ));
         }
-        match m.current_leader {
-            Some(l) if l == self.id => {
-                let voters = membership.voter_ids().count();
-                let limit = self.limits.quorum_timeout.as_millis() as u64;
-                match m.millis_since_quorum_ack {
-                    _ if voters <= 1 => Ok(Route::Local),
-                    Some(ms) if ms <= limit => Ok(Route::Local),
-                    ms => Err(Status::unavailable(format!(
-                        "no quorum: this leader has not heard from a majority of the {voters} \
-                         voters for {}; the write was not proposed and {}",
-                        ms.map_or("ever".into(), |ms| format!("{ms} ms")),
-                        self.enforcing()
-                    ))),
-                }
-            }
-            Some(l) if forwarded => Err(Status::unavailable(format!(
+        let voters = membership.voter_ids().count();
+        match Quorum::of(&m, self.id, self.limits.quorum_timeout) {
+            Quorum::Leader => Ok(Route::Local),
+            Quorum::LeaderAlone(ms) => Err(Status::unavailable(format!(
+                "no quorum: this leader has not heard from a majority of the {voters} \
+                 voters for {}; the write was not proposed and {}",
+                ms.map_or("ever".into(), |ms| format!("{ms} ms")),
+                self.enforcing()
+            ))),
+            Quorum::Follower(l) if forwarded => Err(Status::unavailable(format!(
                 "this node is no longer the leader (node {l} is); retry the write"
             ))),
-            Some(l) => match membership.get_node(&l) {
+            Quorum::Follower(l) => match membership.get_node(&l) {
                 Some(n) => Ok(Route::Leader(l, n.clone())),
                 None => Err(Status::unavailable(format!(
                     "the leader (node {l}) is not in this node's membership yet; retry"
                 ))),
             },
-            None => Err(Status::unavailable(format!(
+            Quorum::NoLeader => Err(Status::unavailable(format!(
                 "no Raft leader: a majority of the voters is unreachable or an election is under \
                  way; writes are refused until a quorum elects a leader, and {}",
                 self.enforcing()

@@ -2,7 +2,9 @@
 //!
 //! keepalived owns the virtual IPs; its notify scripts tell fwnode what it decided
 //! (`fwctl ha promote|demote|fault`) over a local Unix socket only root may use, and its track
-//! script asks `fwctl ha check` whether this node may hold the VIPs.
+//! scripts ask `fwctl ha check` whether this node may hold the VIPs and `fwctl ha check
+//! --quorum` whether the cluster's `require_quorum` forbids it (Raft's view arrives through
+//! [`HaHandle::set_quorum`], fed by the control plane).
 //!
 //! - `role`: the pure role state machine (`Syncing`, `Standby`, `Active`, `Fault`).
 //! - `wire`: the socket's one-line JSON request/reply protocol.
@@ -170,10 +172,13 @@ impl HaHandle {
 
     /// The cluster's HA settings, as applied on this node: `preferred` is the operator's
     /// choice for ACTIVE (the first of `preferred_active`), `me` this node's id. Every gateway
-    /// but the chosen one is held standby.
-    pub fn apply_settings(&self, me: u64, preferred: Option<u64>) {
+    /// but the chosen one is held standby. `require_quorum`: see [`HaHandle::set_quorum`].
+    pub fn apply_settings(&self, me: u64, preferred: Option<u64>, require_quorum: bool) {
         let held = preferred.is_some_and(|p| p != me);
-        let t = self.input(|m, now| m.hold(now, held));
+        let t = self.input(|m, now| {
+            m.require_quorum(require_quorum);
+            m.hold(now, held)
+        });
         // A planned move is to give this gateway the VIPs: the chosen one, or one just
         // released (the preferred gateway fails back).
         let coming = preferred == Some(me) || t.is_some_and(|t| t.cause == role::Cause::Release);
@@ -188,6 +193,39 @@ impl HaHandle {
                 self.handover();
             }
         }
+    }
+
+    /// How long a quorum seen counts for `quorum_check` (the shell sets it from Raft's
+    /// election timeout before feeding `set_quorum`).
+    pub fn set_quorum_grace(&self, grace: std::time::Duration) {
+        self.0.machine.lock().set_quorum_grace(grace);
+    }
+
+    /// Raft's view, fed periodically: does this node have a quorum now? Logs when the
+    /// quorum check (`fwctl ha check --quorum`) changes its answer.
+    pub fn set_quorum(&self, has: bool) {
+        let now = self.now();
+        let mut m = self.0.machine.lock();
+        let before = m.quorum_check(now);
+        m.quorum(now, has);
+        let after = m.quorum_check(now);
+        drop(m);
+        if before != after {
+            if after {
+                tracing::info!("HA: Raft quorum reached: this gateway may hold the VIPs again");
+            } else {
+                tracing::warn!(
+                    "HA: no Raft quorum and the cluster requires one: `fwctl ha check --quorum` \
+                     fails, keepalived takes the VIPs from this gateway"
+                );
+            }
+        }
+    }
+
+    /// What keepalived's quorum track script is told (`fwctl ha check --quorum`).
+    pub fn quorum_check(&self) -> bool {
+        let now = self.now();
+        self.0.machine.lock().quorum_check(now)
     }
 
     /// What keepalived's track script is told (`fwctl ha check`): ready and not held.
@@ -213,6 +251,9 @@ impl HaHandle {
             ready: m.ready(),
             held: m.held(),
             check: m.check(),
+            require_quorum: m.quorum_required(),
+            quorum: m.has_quorum(now),
+            quorum_check: m.quorum_check(now),
             in_sync: m.in_sync(),
             vrrp: m.vrrp(),
             since_unix_ms: self.unix_ms(m.since()),
@@ -296,16 +337,16 @@ mod tests {
         h.promote();
         h.promote();
         assert_eq!(runs(1), 1);
-        h.apply_settings(1, Some(2)); // held while active: it is leaving, not coming
+        h.apply_settings(1, Some(2), false); // held while active: it is leaving, not coming
         assert_eq!(runs(1), 1);
         assert!(!h.check() && h.ready());
         h.demote(); // the VIPs left
         assert_eq!(runs(2), 2);
-        h.apply_settings(1, None); // released: it will fail back
+        h.apply_settings(1, None, false); // released: it will fail back
         assert_eq!(runs(3), 3);
-        h.apply_settings(1, None); // nothing changed
+        h.apply_settings(1, None, false); // nothing changed
         assert_eq!(runs(3), 3);
-        h.apply_settings(1, Some(1)); // chosen while standby
+        h.apply_settings(1, Some(1), false); // chosen while standby
         assert_eq!(runs(4), 4);
         h.promote();
         assert_eq!(runs(5), 5);

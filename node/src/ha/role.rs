@@ -31,6 +31,18 @@
 //! `ready()`: a held gateway still takes the VIPs when its peer dies (VRRP elects whoever is
 //! left, whatever the priorities), and is fit to.
 //!
+//! # Quorum (a partition of the pair)
+//!
+//! The cluster's `require_quorum` setting makes a gateway that cannot reach a Raft quorum give
+//! up the VIPs: [`RoleMachine::quorum_check`] (what `fwctl ha check --quorum` answers
+//! keepalived's second track script, a FAULT one) is false while the setting is on and no
+//! quorum was seen within the grace ([`RoleMachine::set_quorum_grace`]). The grace covers an
+//! election after the leader died: a surviving gateway must not fault while its quorum elects
+//! a new leader. Without the setting the check always passes; with it, a node that has not
+//! seen a quorum since it started does not pass (a gateway restarted inside a partition must
+//! not take the VIPs). Neither the role nor `ready()` depends on quorum: the FAULT keepalived
+//! reports back does.
+//!
 //! # Decisions
 //!
 //! - **Promote while `Syncing` is accepted**: the node becomes `Active`, stays *not ready*, and
@@ -50,6 +62,7 @@
 //!   records nothing.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use crate::time::Timestamp;
 
@@ -145,7 +158,15 @@ pub struct RoleMachine {
     history: VecDeque<Transition>,
     capacity: usize,
     promoted_unsynced: u64,
+    /// The cluster's `require_quorum`.
+    require_quorum: bool,
+    /// When this node last had a Raft quorum (the shell's `quorum` input).
+    quorum_seen: Option<Timestamp>,
+    quorum_grace: Duration,
 }
+
+/// The default [`RoleMachine::set_quorum_grace`].
+pub const QUORUM_GRACE: Duration = Duration::from_secs(2);
 
 impl RoleMachine {
     /// A machine that keepalived has not spoken to yet: `Standby` when `synced` (a node
@@ -163,6 +184,9 @@ impl RoleMachine {
             history: VecDeque::with_capacity(history.max(1)),
             capacity: history.max(1),
             promoted_unsynced: 0,
+            require_quorum: false,
+            quorum_seen: None,
+            quorum_grace: QUORUM_GRACE,
         };
         m.record(Transition {
             at: now,
@@ -173,6 +197,11 @@ impl RoleMachine {
             held: false,
         });
         m
+    }
+
+    /// How long a quorum seen counts (see the module docs); [`QUORUM_GRACE`] by default.
+    pub fn set_quorum_grace(&mut self, grace: Duration) {
+        self.quorum_grace = grace;
     }
 
     /// keepalived's `notify_master`.
@@ -216,6 +245,36 @@ impl RoleMachine {
     pub fn hold(&mut self, now: Timestamp, held: bool) -> Option<Transition> {
         let cause = if held { Cause::Hold } else { Cause::Release };
         self.apply(now, cause, |m| m.held = held)
+    }
+
+    /// The cluster's `require_quorum` setting.
+    pub fn require_quorum(&mut self, on: bool) {
+        self.require_quorum = on;
+    }
+
+    /// Raft's view, fed periodically: does this node have a quorum now (a leader that heard
+    /// from a majority recently, or a follower of a known leader)?
+    pub fn quorum(&mut self, now: Timestamp, has: bool) {
+        if has {
+            self.quorum_seen = Some(now);
+        }
+    }
+
+    /// Was a quorum seen within the grace?
+    pub fn has_quorum(&self, now: Timestamp) -> bool {
+        self.quorum_seen
+            .is_some_and(|t| now.since(t) <= self.quorum_grace)
+    }
+
+    /// What keepalived's quorum track script is told: false only while `require_quorum` is on
+    /// and no quorum was seen within the grace.
+    pub fn quorum_check(&self, now: Timestamp) -> bool {
+        !self.require_quorum || self.has_quorum(now)
+    }
+
+    /// The cluster's `require_quorum`, as last applied.
+    pub fn quorum_required(&self) -> bool {
+        self.require_quorum
     }
 
     /// Apply one input, derive the role again, and record the change if the role, readiness
@@ -472,6 +531,32 @@ mod tests {
         let h: Vec<_> = m.history().map(|x| x.at).collect();
         assert_eq!(h, vec![t(7), t(8), t(9), t(10)]);
         assert_eq!(m.history().last().map(|x| x.to), Some(Role::Standby));
+    }
+
+    #[test]
+    fn the_quorum_check_fails_only_when_required_and_no_quorum_was_seen_within_the_grace() {
+        let mut m = RoleMachine::new(t(0), true, HISTORY);
+        m.set_quorum_grace(Duration::from_secs(2));
+        // Not required: passes without ever hearing of a quorum.
+        assert!(m.quorum_check(t(10)) && !m.has_quorum(t(10)));
+        // Required: a node that has not seen a quorum since it started does not pass.
+        m.require_quorum(true);
+        assert!(!m.quorum_check(t(10)));
+        m.quorum(t(100), true);
+        assert!(m.quorum_check(t(100)));
+        // A `false` only ends the quorum once the grace has run out (an election after the
+        // leader died does not fault the survivor).
+        m.quorum(t(200), false);
+        assert!(m.quorum_check(t(2100)));
+        assert!(!m.quorum_check(t(2101)));
+        m.quorum(t(2500), true);
+        assert!(m.quorum_check(t(2500)));
+        // Neither the role nor readiness follows quorum; keepalived's FAULT does.
+        assert_eq!(m.role(), Role::Standby);
+        assert!(m.ready() && m.check());
+        // Turning the setting off passes at once.
+        m.require_quorum(false);
+        assert!(m.quorum_check(t(99_999)));
     }
 
     /// The role is always the documented function of keepalived's word and completeness,

@@ -101,6 +101,16 @@ pub struct StatusView {
     /// What `check` answers keepalived: ready and not held.
     #[serde(default)]
     pub check: bool,
+    /// The cluster's `require_quorum` setting, as applied on this node.
+    #[serde(default)]
+    pub require_quorum: bool,
+    /// This node saw a Raft quorum within the grace.
+    #[serde(default)]
+    pub quorum: bool,
+    /// What `check --quorum` answers keepalived: not (`require_quorum` and no quorum). An
+    /// older fwnode does not send it: the check then passes.
+    #[serde(default = "yes")]
+    pub quorum_check: bool,
     /// Replication's last word on this node's table.
     pub in_sync: bool,
     /// What keepalived last told this node.
@@ -114,6 +124,10 @@ pub struct StatusView {
     pub counters: SocketCounters,
     /// Oldest first.
     pub transitions: Vec<TransitionView>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One recorded change, with a wall-clock time.

@@ -69,6 +69,47 @@ openraft::declare_raft_types!(
 
 pub type Raft = openraft::Raft<TypeConfig>;
 
+/// Raft's metrics as openraft publishes them.
+pub type Metrics = openraft::RaftMetrics<NodeId, Member>;
+
+/// Does this node have a Raft quorum, as far as it can tell from its metrics? The one place
+/// that decides it: writes are refused without one (`api::write`), and a gateway whose
+/// cluster requires one gives up its VIPs (`ha`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quorum {
+    /// This node leads and heard from a majority within the limit (or is the only voter).
+    Leader,
+    /// This node leads but has not heard from a majority for this long (`None`: ever).
+    LeaderAlone(Option<u64>),
+    /// Another node leads: this follower heard from it within its election timeout (a
+    /// follower that does not starts an election and knows no leader until one wins).
+    Follower(NodeId),
+    /// No leader known: an election is under way or no majority is reachable.
+    NoLeader,
+}
+
+impl Quorum {
+    /// `limit`: how long a leader may go without a majority's ack (2 x the election timeout).
+    pub fn of(m: &Metrics, me: NodeId, limit: std::time::Duration) -> Quorum {
+        match m.current_leader {
+            Some(l) if l == me => {
+                let voters = m.membership_config.membership().voter_ids().count();
+                match m.millis_since_quorum_ack {
+                    _ if voters <= 1 => Quorum::Leader,
+                    Some(ms) if ms <= limit.as_millis() as u64 => Quorum::Leader,
+                    ms => Quorum::LeaderAlone(ms),
+                }
+            }
+            Some(l) => Quorum::Follower(l),
+            None => Quorum::NoLeader,
+        }
+    }
+
+    pub fn reached(self) -> bool {
+        matches!(self, Quorum::Leader | Quorum::Follower(_))
+    }
+}
+
 /// Where applied policies go: the daemon compiles and swaps them into the datapath.
 ///
 /// Called from the state machine after a batch of entries is applied, after a snapshot is
