@@ -211,8 +211,10 @@ NODE=198.18.0.2:7400 fwctl policy apply "$D/policy.toml" --comment "lab policy"
 fwctl cluster members
 
 step "keepalived on both gateways, rendered from deploy/keepalived/keepalived.conf.tmpl"
-render() { # gw priority
+render() { # gw priority own-sync-octet peer-sync-octet
   sed -e "s/{{ name }}/$1/; s/{{ priority }}/$2/; s/{{ advert_int }}/0.1/" \
+      -e "s/{{ sync_if }}/${P}m/g; s/{{ sync_src }}/198.18.0.$3/; s/{{ sync_peer }}/198.18.0.$4/" \
+      -e "s/{{ vrid_sync }}/53/; s#{{ sync_vip4 }}#198.18.0.254/24#" \
       -e "s/{{ lan_if }}/${P}gl/g; s/{{ wan_if }}/${P}gw/g; s/{{ vrid_lan }}/51/; s/{{ vrid_wan }}/52/" \
       -e "s#{{ lan_vip4 }}#198.51.100.1/24#; s#{{ wan_vip4 }}#203.0.113.1/24#" \
       -e "s#{{ lan_vip6 }}#2001:db8:1::1/64 dev ${P}gl#; s#{{ wan_vip6 }}#2001:db8:2::1/64 dev ${P}gw#" \
@@ -247,7 +249,7 @@ wait_ready() { # gw timeout_s: until `fwctl ha check` passes (synced with its pe
   for _ in $(seq $(($2 * 10))); do nx "$1" "$BIN/fwctl" ha check --ha-socket "$D/$1/ha.sock" >/dev/null 2>&1 && return 0; sleep 0.1; done
   return 1
 }
-render gw1 110; render gw2 100
+render gw1 110 1 2; render gw2 100 2 1
 echo "gw1: priority 110, gw2: 100; \`fwctl ha check\` (synced?) weighs 50; VRRPv3 adverts every 0.1 s"
 grep -v '^ *#' "$D/gw1/keepalived.conf" | grep -E 'vrrp_version|process "|script "|weight -|notify_master|priority|advert_int' \
   | sed 's/^ */    /' | awk '!seen[$0]++'

@@ -130,6 +130,9 @@ pub struct HaOpts {
     pub bin_dirs: [Option<PathBuf>; 3],
     /// Lines appended to every member's `[cluster]` section.
     pub cluster_extra: String,
+    /// Applied to each gateway's rendered keepalived config: the negative controls of
+    /// tests/tests/vrrp.rs take a part of the template out (e.g. [`without_sync_instance`]).
+    pub keepalived_edit: Option<fn(String) -> String>,
 }
 
 impl Default for HaOpts {
@@ -142,6 +145,7 @@ impl Default for HaOpts {
             defer_ms: 0,
             bin_dirs: [None, None, None],
             cluster_extra: String::new(),
+            keepalived_edit: None,
         }
     }
 }
@@ -178,6 +182,9 @@ pub fn ha_sections(opts: &HaOpts, ha_socket: &Path, id: u64) -> (String, String)
     (sync, ha)
 }
 
+/// The management VIP (the SYNC instance's) on the sync network: it follows the active gateway.
+pub const SYNC_VIP4: &str = "198.18.0.254";
+
 /// The state-replication port of the gateways, on the sync/management network.
 pub const SYNC_PORT: u16 = 7401;
 
@@ -188,11 +195,13 @@ fn deploy_dir() -> PathBuf {
         .join("keepalived")
 }
 
-/// Render `deploy/keepalived/keepalived.conf.tmpl`: each `{{ name }}` replaced by its value;
-/// panics on a placeholder left over (a template and a renderer out of step).
-pub fn render_keepalived(vars: &[(&str, String)]) -> String {
-    let tmpl = std::fs::read_to_string(deploy_dir().join("keepalived.conf.tmpl"))
-        .expect("reading deploy/keepalived/keepalived.conf.tmpl");
+/// Render `keepalived.conf.tmpl` of `dir` (`deploy/keepalived/`, or a previous release's copy
+/// beside its binaries): each `{{ name }}` replaced by its value; panics on a placeholder left
+/// over (a template and a renderer out of step). Values a template does not use are ignored.
+pub fn render_keepalived(dir: &Path, vars: &[(&str, String)]) -> String {
+    let path = dir.join("keepalived.conf.tmpl");
+    let tmpl = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     let mut out = tmpl;
     for (k, v) in vars {
         out = out.replace(&format!("{{{{ {k} }}}}"), v);
@@ -386,30 +395,47 @@ impl HaLab {
         let fwctl = member_bin(&self.opts, gw.id(), "fwctl")
             .display()
             .to_string();
-        render_keepalived(&[
-            ("name", gw.host().to_string()),
-            ("priority", gw.priority().to_string()),
-            (
-                "advert_int",
-                format!("{}.{:02}", advert_cs / 100, advert_cs % 100),
-            ),
-            ("lan_if", lan.clone()),
-            ("wan_if", wan.clone()),
-            ("vrid_lan", "51".into()),
-            ("vrid_wan", "52".into()),
-            ("lan_vip4", format!("{GW_LAN4}/24")),
-            ("wan_vip4", format!("{GW_WAN4}/24")),
-            ("lan_vip6", v6(GW_LAN6, &lan)),
-            ("wan_vip6", v6(GW_WAN6, &wan)),
-            // Exactly the argv[0] and --config that ClusterLab::start_member runs fwnode with:
-            // keepalived compares them literally.
-            ("fwnode_bin", m.fwnode.display().to_string()),
-            ("fwnode_config", m.config.display().to_string()),
-            ("fwctl", fwctl),
-            ("ha_socket", self.ha_socket(gw).display().to_string()),
-            ("script_dir", deploy_dir().display().to_string()),
-            ("check_weight", CHECK_WEIGHT.to_string()),
-        ])
+        // The keepalived files of the release this gateway runs: its template calls its fwctl.
+        let release = match &self.opts.bin_dirs[gw.index()] {
+            Some(dir) => dir.clone(),
+            None => deploy_dir(),
+        };
+        let conf = render_keepalived(
+            &release,
+            &[
+                ("name", gw.host().to_string()),
+                ("priority", gw.priority().to_string()),
+                (
+                    "advert_int",
+                    format!("{}.{:02}", advert_cs / 100, advert_cs % 100),
+                ),
+                ("lan_if", lan.clone()),
+                ("wan_if", wan.clone()),
+                ("vrid_lan", "51".into()),
+                ("vrid_wan", "52".into()),
+                ("lan_vip4", format!("{GW_LAN4}/24")),
+                ("wan_vip4", format!("{GW_WAN4}/24")),
+                ("lan_vip6", v6(GW_LAN6, &lan)),
+                ("wan_vip6", v6(GW_WAN6, &wan)),
+                // Exactly the argv[0] and --config that ClusterLab::start_member runs fwnode with:
+                // keepalived compares them literally.
+                ("fwnode_bin", m.fwnode.display().to_string()),
+                ("fwnode_config", m.config.display().to_string()),
+                ("fwctl", fwctl),
+                ("ha_socket", self.ha_socket(gw).display().to_string()),
+                ("script_dir", release.display().to_string()),
+                ("check_weight", CHECK_WEIGHT.to_string()),
+                ("sync_if", format!("{}m{}", lab.prefix, gw.id())),
+                ("sync_src", format!("198.18.0.{}", gw.id())),
+                ("sync_peer", format!("198.18.0.{}", gw.other().id())),
+                ("vrid_sync", "53".into()),
+                ("sync_vip4", format!("{SYNC_VIP4}/24")),
+            ],
+        );
+        match self.opts.keepalived_edit {
+            Some(edit) => edit(conf),
+            None => conf,
+        }
     }
 
     /// Write `gw`'s keepalived config and start keepalived (VRRP only, in the foreground, its
@@ -479,18 +505,51 @@ impl HaLab {
 
     /// Does `gw` have every VIP (both sides, IPv6 too if on) on its interfaces?
     pub fn holds_vips(&self, gw: Gw) -> bool {
-        // `ip -n` directly (no shell): this is polled every few milliseconds.
-        let out = Command::new("ip")
-            .args(["-n", &self.c.lab.ns(gw.host()), "-o", "addr", "show"])
-            .output();
-        let Ok(out) = out else { return false };
-        let text = String::from_utf8_lossy(&out.stdout);
+        let (held, want) = self.vips_on(gw);
+        held == want
+    }
+
+    /// Does `gw` have any VIP on its interfaces (a master on one side is enough)?
+    pub fn holds_any_vip(&self, gw: Gw) -> bool {
+        self.vips_on(gw).0 > 0
+    }
+
+    /// How many of the VIPs `gw` has, and how many there are.
+    fn vips_on(&self, gw: Gw) -> (usize, usize) {
         let mut want = vec![format!(" {GW_LAN4}/"), format!(" {GW_WAN4}/")];
         if self.opts.ipv6 {
             want.push(format!(" {GW_LAN6}/"));
             want.push(format!(" {GW_WAN6}/"));
         }
-        want.iter().all(|w| text.contains(w.as_str()))
+        // `ip -n` directly (no shell): this is polled every few milliseconds.
+        let out = Command::new("ip")
+            .args(["-n", &self.c.lab.ns(gw.host()), "-o", "addr", "show"])
+            .output();
+        let Ok(out) = out else { return (0, want.len()) };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let held = want.iter().filter(|w| text.contains(w.as_str())).count();
+        (held, want.len())
+    }
+
+    /// Cut (or heal) VRRP between the gateways on the LAN and/or the WAN switch: the switch
+    /// drops protocol 112 between the two gateways' ports (ebtables in the switch's own
+    /// namespace), while every other frame, the hosts' traffic included, still passes.
+    pub fn vrrp_cut(&self, lan: bool, wan: bool, cut: bool) {
+        let lab = &self.c.lab;
+        let p = &lab.prefix;
+        let op = if cut { "-A" } else { "-D" };
+        for (on, sw, port) in [(lan, "lan", 'l'), (wan, "wan", 'w')] {
+            if on {
+                for (a, b) in [(1, 2), (2, 1)] {
+                    lab.sh(
+                        sw,
+                        &format!(
+                            "ebtables {op} FORWARD -i {p}{port}{a} -o {p}{port}{b} -p IPv4 --ip-proto 112 -j DROP"
+                        ),
+                    );
+                }
+            }
+        }
     }
 
     /// Wait until `gw` holds the VIPs and its (live) peer does not; returns how long it took.
@@ -676,6 +735,31 @@ impl HaLab {
         }
         s
     }
+}
+
+/// A rendered keepalived config without the SYNC instance (and out of the sync group): the
+/// template as it was before VRRP ran over the sync network.
+pub fn without_sync_instance(conf: String) -> String {
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in conf.lines() {
+        if line.starts_with("vrrp_instance SYNC ") {
+            skipping = true;
+        }
+        if !skipping && line.trim() != "SYNC" {
+            out.push_str(line);
+            out.push('\n');
+        }
+        if skipping && line == "}" {
+            skipping = false;
+        }
+    }
+    assert!(
+        out.lines()
+            .all(|l| l.trim_start().starts_with('#') || !l.contains("SYNC")),
+        "the SYNC instance is still in the config:\n{out}"
+    );
+    out
 }
 
 /// The binary `name` (fwnode, fwctl) that member `id` runs.
@@ -873,6 +957,25 @@ impl Stream {
     }
 }
 
+/// Retransmission timeouts the kernel of `host`'s namespace counted (`TcpExt: TCPTimeouts`).
+pub fn rto_count(lab: &Lab, host: &str) -> u64 {
+    let text = lab.sh(host, "cat /proc/net/netstat");
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "TCPTimeouts")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no TCPTimeouts in {host}'s /proc/net/netstat:\n{text}"))
+}
+
+/// Retransmission timeouts of both ends (the stream's sender is the client, the download's
+/// the server).
+pub fn rtos(lab: &Lab) -> u64 {
+    rto_count(lab, "client") + rto_count(lab, "server")
+}
+
 /// Parse iperf3's per-interval lines (`[  5]   1.00-1.10   sec   244 KBytes  20000 Kbits/sec`);
 /// the end-of-test summary lines (`sender`/`receiver`) are left out.
 pub fn parse_iperf_intervals(text: &str) -> Vec<Interval> {
@@ -1017,11 +1120,19 @@ mod tests {
             "ha_socket",
             "script_dir",
             "check_weight",
+            "sync_if",
+            "sync_src",
+            "sync_peer",
+            "vrid_sync",
+            "sync_vip4",
         ]
         .iter()
         .map(|k| (*k, "x".to_string()))
         .collect();
-        let text = render_keepalived(&vars);
+        let text = render_keepalived(&deploy_dir(), &vars);
+        assert!(text.contains("vrrp_instance SYNC"));
+        let without = without_sync_instance(text.clone());
+        assert!(without.contains("vrrp_instance WAN") && !without.contains("vrrp_instance SYNC"));
         assert!(text.contains("vrrp_version 3"));
         assert!(text.contains("weight -x"));
     }

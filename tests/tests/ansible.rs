@@ -236,7 +236,8 @@ impl AnsibleLab {
             list.push_str(&format!(
                 "        {host}:\n          ansible_python_interpreter: {py}\n          keepstate_root: {root}\n\
                  \x20         keepstate_node_id: {id}\n          keepstate_mgmt_address: 198.18.0.{id}\n\
-                 \x20         keepstate_cluster_role: {role}\n          keepstate_vrrp_priority: {prio}\n",
+                 \x20         keepstate_cluster_role: {role}\n          keepstate_vrrp_priority: {prio}\n\
+                 \x20         keepstate_sync_if: {p}m{id}\n",
                 py = lab.dir.join(format!("python-{host}")).display(),
                 root = self.root(host).display(),
             ));
@@ -260,6 +261,7 @@ impl AnsibleLab {
                  \x20       keepstate_init_host: gw1\n        keepstate_chain: {p}\n\
                  \x20       keepstate_lan_if: {lan}\n        keepstate_wan_if: {wan}\n\
                  \x20       keepstate_lan_vip6: 2001:db8:1::1/64\n        keepstate_wan_vip6: 2001:db8:2::1/64\n\
+                 \x20       keepstate_sync_vip4: 198.18.0.254/24\n\
                  \x20       keepstate_cluster_extra: \"heartbeat_ms = 50\\nelection_timeout_min_ms = 300\\nelection_timeout_max_ms = 600\\n\"\n\
                  \x20     hosts:\n{list}",
                 bins = self.bin_dir.display(),

@@ -25,31 +25,12 @@ use std::time::{Duration, Instant};
 
 use keepstate_tests::cluster::Ctl;
 use keepstate_tests::ha::{
-    follow_download, ftp_download, gap_after, sha256, vsftpd, Gw, HaLab, HaOpts, Stream, IPERF_PORT,
+    follow_download, ftp_download, gap_after, rtos, sha256, vsftpd, Gw, HaLab, HaOpts, Stream,
+    IPERF_PORT,
 };
-use keepstate_tests::*;
 
 /// The lab's VRRP advert interval (`HaOpts::default`), the bound on a switchover's data gap.
 const ADVERT_S: f64 = 0.1;
-
-/// Retransmission timeouts the kernel of `host`'s namespace counted (`TcpExt: TCPTimeouts`).
-fn rto_count(lab: &Lab, host: &str) -> u64 {
-    let text = lab.sh(host, "cat /proc/net/netstat");
-    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
-    let (names, values) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "TCPTimeouts")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or_else(|| panic!("no TCPTimeouts in {host}'s /proc/net/netstat:\n{text}"))
-}
-
-/// Retransmission timeouts of both ends (the stream's sender is the client, the download's
-/// the server).
-fn rtos(lab: &Lab) -> u64 {
-    rto_count(lab, "client") + rto_count(lab, "server")
-}
 
 /// The size of a file sampled every 10 ms on a thread of its own (the download grows it while
 /// the test drives the switchover).
