@@ -54,7 +54,9 @@
 //! helper, policy  conntrack (helper); conntrack, packet (policy)
 //! conntrack       packet, time
 //! transport       tls
-//! packet, time, tls
+//! packet          label
+//! time, tls
+//! label           (the `label_enum!` macro; imports nothing)
 //! ```
 //!
 //! So the packet path is `packet` ← `conntrack` ← `helper`, `policy` ← `datapath`; replication
@@ -84,6 +86,7 @@ pub mod conntrack;
 pub mod datapath;
 pub mod ha;
 pub mod helper;
+pub mod label;
 pub mod metrics;
 pub mod packet;
 pub mod policy;
