@@ -1683,6 +1683,19 @@ mod tests {
         }
     }
 
+    /// The alert rules query only metrics that exist.
+    #[test]
+    fn the_alert_rules_use_only_existing_metrics() {
+        let text = include_str!("../../deploy/prometheus/alerts.yml");
+        let known = exposed_names();
+        let used = metric_tokens(text);
+        assert!(used.len() > 10, "{used:?}");
+        for m in used {
+            assert!(known.contains(&m), "alerts.yml queries unknown {m}");
+        }
+        assert!(text.contains("process_start_time_seconds"));
+    }
+
     fn http(addr: SocketAddr, method: &str, path: &str, accept: Option<&str>) -> String {
         use std::io::{Read, Write};
         let mut c = std::net::TcpStream::connect(addr).unwrap();
