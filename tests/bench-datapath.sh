@@ -169,7 +169,7 @@ EOF
   ip netns exec $G "$BIN/fwnode" --config "/tmp/$P/fwnode.toml" 2>"/tmp/$P/fwnode-$q.log" & pid=$!; PIDS+=($pid)
   for _ in $(seq 100); do [ -f "/tmp/$P/stats.json" ] && break; sleep 0.1; done
   if [ -n "${PROFILE:-}" ]; then
-    packets() { $PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["datapath"]["packets"])' "/tmp/$P/stats.json"; }
+    packets() { $PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["metrics"]["keepstate_packets_total"]["samples"][0]["value"])' "/tmp/$P/stats.json"; }
     for kind in udp conn; do
       sleep 0.5; before=$(packets)
       perf record -e cpu-clock -F 999 -a -g -o "$PROFILE/$kind.data" -- sleep "$T" >/dev/null 2>&1 & perf_pid=$!
@@ -223,7 +223,11 @@ for q in ("1", "2"):
     sfx = "s" if q == "2" else ""
     g, p, c = r[f"fwnode, {q} queue{sfx}"]
     b = r[f"best-case NFQUEUE loop, {q} queue{sfx}"]
-    st = json.load(open(f"{sys.argv[2]}/stats-{q}.json"))["datapath"]
+    ms = json.load(open(f"{sys.argv[2]}/stats-{q}.json"))["metrics"]
+    one = lambda n, **l: sum(x["value"] for x in ms[n]["samples"] if all(x["labels"].get(k) == v for k, v in l.items()))
+    st = {"gso_packets": one("keepstate_gso_packets_total"), "max_batch": one("keepstate_nfqueue_batch_max_packets"),
+          "verdict_messages": one("keepstate_nfqueue_verdict_messages_total"), "packets": one("keepstate_packets_total"),
+          "enobufs": one("keepstate_nfqueue_errors_total", kind="enobufs")}
     print(f"fwnode {q} queue(s): TCP {ratio(g, n1[0]):.2f}x accept-all+GSO, {ratio(g, k[0]):.2f}x kernel; "
           f"UDP pps {ratio(p, n0[1]):.2f}x one-verdict loop; conn/s {ratio(c, s[2]):.2f}x kernel stateful; "
           f"GSO packets {st['gso_packets']}, max batch {st['max_batch']}, verdict msgs/packet "

@@ -39,6 +39,22 @@ if ! cmp -s "$ansible_reqs" "$KEEPSTATE_ANSIBLE_VENV/.keepstate-requirements"; t
   "$KEEPSTATE_ANSIBLE_VENV/bin/pip" install -q --disable-pip-version-check -r "$ansible_reqs"
   cp "$ansible_reqs" "$KEEPSTATE_ANSIBLE_VENV/.keepstate-requirements"
 fi
+# promtool (tests/tests/alerts.rs: the alert rules' unit tests, `check metrics` on a live scrape)
+# from Debian's prometheus package, unpacked under target/ rather than installed: installing the
+# package would start a Prometheus server on this machine and enable it at boot. Nothing of it
+# runs here but promtool.
+prom_dir="$PWD/target/prometheus"
+if [ ! -x "$prom_dir/usr/bin/promtool" ]; then
+  echo "== unpacking promtool from Debian's prometheus package into $prom_dir"
+  deb_dir=$(mktemp -d)
+  (cd "$deb_dir" && apt-get download prometheus 2>/dev/null) \
+    || { apt-get update -qq && (cd "$deb_dir" && apt-get download prometheus); }
+  mkdir -p "$prom_dir"
+  dpkg-deb -x "$deb_dir"/prometheus_*.deb "$prom_dir"
+  rm -rf "$deb_dir"
+fi
+export KEEPSTATE_PROMTOOL="$prom_dir/usr/bin/promtool"
+"$KEEPSTATE_PROMTOOL" --version >/dev/null
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 
 echo "== cargo fmt --check"

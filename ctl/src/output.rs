@@ -458,32 +458,10 @@ fn labels_text(s: &v1::StatsSample) -> String {
         .join(",")
 }
 
-/// `fwctl stats -o json`: families by exposed name, each with its type, help and samples.
+/// `fwctl stats -o json`: families by exposed name, each with its type, help and samples (the
+/// rendering the node's stats file uses too).
 pub fn stats_json(r: &v1::StatsReply) -> Value {
-    let metrics: serde_json::Map<String, Value> = r
-        .families
-        .iter()
-        .map(|f| {
-            let samples: Vec<Value> = f
-                .samples
-                .iter()
-                .map(|s| {
-                    let labels: serde_json::Map<String, Value> = s
-                        .labels
-                        .iter()
-                        .map(|l| (l.name.clone(), Value::from(l.value.clone())))
-                        .collect();
-                    json!({ "labels": labels, "value": s.value })
-                })
-                .collect();
-            let kind = if f.counter { "counter" } else { "gauge" };
-            (
-                f.name.clone(),
-                json!({ "type": kind, "help": f.help, "samples": samples }),
-            )
-        })
-        .collect();
-    json!({ "node": r.node_name, "unix_ms": r.unix_ms, "metrics": metrics })
+    fwnode::metrics::stats_json(r)
 }
 
 /// Per-second rate of a counter sample since `prev` (same family and labels), if it was there.
@@ -501,7 +479,8 @@ fn rate(
         .samples
         .iter()
         .find(|p| p.labels == s.labels)?;
-    Some(s.value.saturating_sub(before.value) as f64 / dt)
+    let scale = if f.milli { 1000.0 } else { 1.0 };
+    Some(s.value.saturating_sub(before.value) as f64 / scale / dt)
 }
 
 /// `fwctl stats`: one row per sample; with `prev` (watch mode) a rate column for counters.
@@ -513,7 +492,11 @@ pub fn print_stats(r: &v1::StatsReply, prev: Option<&v1::StatsReply>) {
     let mut t = table(&header);
     for f in &r.families {
         for s in &f.samples {
-            let mut row = vec![f.name.clone(), labels_text(s), s.value.to_string()];
+            let mut row = vec![
+                f.name.clone(),
+                labels_text(s),
+                fwnode::metrics::sample_value(f, s).to_string(),
+            ];
             if let Some(p) = prev {
                 row.push(match (f.counter, rate(p, r, f, s)) {
                     (true, Some(x)) => format!("{x:.1}"),
@@ -562,6 +545,7 @@ mod tests {
                 name: "keepstate_verdicts_total".into(),
                 help: "h".into(),
                 counter: true,
+                milli: false,
                 samples: vec![sample(v)],
             }],
         };

@@ -34,7 +34,7 @@
 //! | [`ha`] | `ha::role` | the clock-reading handle and the root-only local socket ([`ha::socket`]) |
 //! | [`raft`] (`store`, `network`), [`api`], [`cluster`] | `raft::state`, `policy` | openraft's storage and transport, the `keepstate.v1.Control` service, the control-plane runtime |
 //! | [`transport`], [`tls`] | every gRPC port | how servers and channels are built (mTLS plugs in there); certificates and the "may this caller do that" checks |
-//! | [`metrics`] | everything that counts | Prometheus and `fwctl stats`: reads counters at scrape time, adds nothing to the packet path |
+//! | [`metrics`] | everything that counts | the one catalog of metrics behind Prometheus, `fwctl stats` and the stats file: reads counters when asked, adds nothing to the packet path |
 //! | [`config`] and the binary (`main.rs`) | everything | the TOML schema; startup order, signals, the stats file, the threads |
 //!
 //! # Layers: imports only go downward
@@ -46,15 +46,17 @@
 //! config          the settings struct of every module below; imported by no module
 //! cluster         api, metrics, policy, raft, tls, transport
 //! api             conntrack, ha, metrics, policy, raft, time, tls, transport
-//! metrics         conntrack, datapath, ha, helper, packet, policy, raft, time
+//! metrics         conntrack, datapath, ha, helper, packet, policy, raft, time, tls
 //! datapath        conntrack, helper, packet, policy, sync, time
 //! sync            conntrack, packet, time, tls, transport
 //! raft            tls, transport
 //! ha              time
-//! helper, policy  conntrack (helper); conntrack, packet (policy)
-//! conntrack       packet, time
+//! helper, policy  conntrack, label (helper); conntrack, packet (policy)
+//! conntrack       label, packet, time
 //! transport       tls
-//! packet, time, tls
+//! packet          label
+//! time, tls
+//! label           (the `label_enum!` macro; imports nothing)
 //! ```
 //!
 //! So the packet path is `packet` ← `conntrack` ← `helper`, `policy` ← `datapath`; replication
@@ -84,6 +86,7 @@ pub mod conntrack;
 pub mod datapath;
 pub mod ha;
 pub mod helper;
+pub mod label;
 pub mod metrics;
 pub mod packet;
 pub mod policy;

@@ -12,14 +12,13 @@ use clap::Parser;
 use fwnode::api::{Datapath as ApiDatapath, DatapathCounters, SyncView as ApiSyncView};
 use fwnode::cluster;
 use fwnode::config::Config;
-use fwnode::conntrack::{Conntrack, InvalidReason};
+use fwnode::conntrack::Conntrack;
 use fwnode::datapath::nfqueue::QueueConfig;
 use fwnode::datapath::rules::{self, RuleSpec};
 use fwnode::datapath::worker::{self, Pipeline, WorkerConfig, WorkerStats};
 use fwnode::ha::{HaHandle, HaServer};
-use fwnode::helper::ftp::Reject;
-use fwnode::metrics::{DatapathSource, MetricsServer, Sources};
-use fwnode::packet::{proto, ParseError};
+use fwnode::metrics::{self, DatapathSource, MetricsServer, Scope, Sources};
+use fwnode::packet::proto;
 use fwnode::policy::PolicyStore;
 use fwnode::raft::Role;
 use fwnode::sync::defer::DeferConfig;
@@ -131,103 +130,46 @@ fn rule_spec(cfg: &Config) -> RuleSpec {
 /// - `node`; `published_unix_ms`: every worker published its queue counters (packets, bytes,
 ///   GSO, netlink and verdict counts, about every 100 ms) at or after this time (0 without
 ///   workers, as on a witness);
-/// - `ha`: role, ready, in_sync, since_ms, promoted_unsynced and the socket's counters, or
-///   `null` without `[ha]`;
-/// - `policy`: the enforced version, its rule count, hits per rule in order and of the default;
-/// - `datapath`: packets, bytes, verdicts, batching, netlink and verdict errors, and parse errors
-///   by reason, summed over the workers;
-/// - `conntrack`: live connections, packets by ct state, INVALID by reason, connection and
-///   expectation events, events handed to replication and dropped before it;
-/// - `ftp`: the helper's lines, expectations, refusals by reason and other counts.
-///
-/// Nothing of replication, `defer` or Raft: those are in `fwctl sync status`, `fwctl status`
-/// and the metrics.
+/// - `unix_ms` and `metrics`: every metric family exactly as `fwctl stats -o json` shows it
+///   (the same collection and the same rendering, `fwnode::metrics::stats_json`), but the
+///   families that walk the connection table (`Metric::scan`);
+/// - `ha`: role, ready, in_sync, since_ms and promoted_unsynced, or `null` without `[ha]`;
+/// - `policy`: the enforced version and the hits per rule of that version, in order, and of
+///   the default (not a metric: one series per rule would be unbounded).
 fn stats_json(
-    cfg: &Config,
-    ct: &Conntrack,
+    sources: &Sources,
+    raft: Option<&fwnode::raft::Raft>,
     store: &PolicyStore,
     workers: &[Arc<WorkerStats>],
     ha: Option<&HaHandle>,
 ) -> serde_json::Value {
-    use serde_json::{json, Map, Value};
-    let sum = |f: &dyn Fn(&WorkerStats) -> u64| workers.iter().map(|w| f(w)).sum::<u64>();
-    let mut parse = Map::new();
-    for (i, name) in ParseError::NAMES.iter().enumerate() {
-        parse.insert(
-            (*name).into(),
-            Value::from(sum(&|w| w.parse_errors[i].load(Relaxed))),
-        );
-    }
-    let c = ct.counters();
-    let mut invalid = Map::new();
-    for (i, name) in InvalidReason::NAMES.iter().enumerate() {
-        invalid.insert((*name).into(), Value::from(c.invalid[i]));
-    }
-    let mut ftp_rejected = Map::new();
-    for (i, name) in Reject::NAMES.iter().enumerate() {
-        ftp_rejected.insert(
-            (*name).into(),
-            Value::from(sum(&|w| w.ftp_rejected[i].load(Relaxed))),
-        );
-    }
+    use serde_json::{json, Value};
+    let families = sources.collect(raft, Scope::NoScan);
+    let mut v = metrics::stats_json(&metrics::to_proto(&sources.node, &families));
     let policy = store.current();
     let (hits, default_hits) = policy.compiled.hits();
     let ha = ha.map(|h| {
         let s = h.status();
         json!({
             "role": s.role, "ready": s.ready, "in_sync": s.in_sync, "since_ms": s.since_ms,
-            "promoted_unsynced": s.promoted_unsynced, "socket": s.counters,
+            "promoted_unsynced": s.promoted_unsynced,
         })
     });
-    json!({
-        "node": cfg.node.name,
+    if let Value::Object(o) = &mut v {
         // Every worker has published its counters at or after this time (Unix ms).
-        "published_unix_ms": workers.iter().map(|w| w.published_unix_ms.load(Relaxed)).min().unwrap_or(0),
-        "ha": ha,
-        "policy": { "version": policy.version, "rules": policy.compiled.rule_count(), "hits": hits, "default_hits": default_hits },
-        "datapath": {
-            "packets": sum(&|w| w.packets.load(Relaxed)),
-            "bytes": sum(&|w| w.bytes.load(Relaxed)),
-            "accepted": sum(&|w| w.accepted.load(Relaxed)),
-            "dropped": sum(&|w| w.dropped.load(Relaxed)),
-            "rejected": sum(&|w| w.rejected.load(Relaxed)),
-            "gso_packets": sum(&|w| w.gso_packets.load(Relaxed)),
-            "batches": sum(&|w| w.batches.load(Relaxed)),
-            "max_batch": workers.iter().map(|w| w.max_batch.load(Relaxed)).max().unwrap_or(0),
-            "verdict_messages": sum(&|w| w.verdict_messages.load(Relaxed)),
-            "verdict_errors": sum(&|w| w.verdict_errors.load(Relaxed)),
-            "enobufs": sum(&|w| w.enobufs.load(Relaxed)),
-            "netlink_malformed": sum(&|w| w.netlink_malformed.load(Relaxed)),
-            "netlink_truncated": sum(&|w| w.netlink_truncated.load(Relaxed)),
-            "unidentified_swept": sum(&|w| w.unidentified_swept.load(Relaxed)),
-            "verdict_send_failures": sum(&|w| w.verdict_send_failures.load(Relaxed)),
-            "parse_errors": parse,
-        },
-        "conntrack": {
-            "connections": ct.len(),
-            "new": sum(&|w| w.ct_new.load(Relaxed)),
-            "established": sum(&|w| w.ct_established.load(Relaxed)),
-            "related": sum(&|w| w.ct_related.load(Relaxed)),
-            "discarded": sum(&|w| w.ct_discarded.load(Relaxed)),
-            "invalid": invalid,
-            "created": c.created, "destroyed": c.destroyed, "expired": c.expired,
-            "early_drops": c.early_drops, "events": sum(&|w| w.events.load(Relaxed)),
-            "events_dropped": c.events_dropped,
-            "expect_created": c.expect_created, "expect_refreshed": c.expect_refreshed,
-            "expect_matched": c.expect_matched, "expect_expired": c.expect_expired,
-            "expect_evicted": c.expect_evicted, "expect_refused": c.expect_refused,
-        },
-        "ftp": {
-            "lines": sum(&|w| w.ftp_lines.load(Relaxed)),
-            "expectations": sum(&|w| w.ftp_expectations.load(Relaxed)),
-            "rejected": ftp_rejected,
-            "overflowed_lines": sum(&|w| w.ftp_overflowed_lines.load(Relaxed)),
-            "retransmitted": sum(&|w| w.ftp_retransmitted.load(Relaxed)),
-            "gaps": sum(&|w| w.ftp_gaps.load(Relaxed)),
-            "expect_refused": sum(&|w| w.ftp_expect_refused.load(Relaxed)),
-            "announcements_dropped": sum(&|w| w.ftp_announcements_dropped.load(Relaxed)),
-        },
-    })
+        let published = workers
+            .iter()
+            .map(|w| w.published_unix_ms.load(Relaxed))
+            .min()
+            .unwrap_or(0);
+        o.insert("published_unix_ms".into(), Value::from(published));
+        o.insert("ha".into(), ha.unwrap_or(Value::Null));
+        o.insert(
+            "policy".into(),
+            json!({ "version": policy.version, "hits": hits, "default_hits": default_hits }),
+        );
+    }
+    v
 }
 
 /// Replaces the stats file at once: written beside it (same name, extension `.tmp`), then
@@ -396,6 +338,9 @@ fn worker_count(cfg: &Config) -> usize {
 }
 
 fn run(cfg: Config) -> Result<()> {
+    let started_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let store = Arc::new(PolicyStore::new(Box::new(ifindex)));
     if let Some(p) = &cfg.policy {
         // In a cluster this is the bootstrap policy (version 0) until Raft has committed one;
@@ -433,12 +378,16 @@ fn run(cfg: Config) -> Result<()> {
 
     // Every gRPC port (Raft, control, sync) is secured alike; the config loader has checked
     // that a [cluster] has [tls] files or an explicit plaintext.
-    let transport = match cfg.tls.as_ref().map(|t| t.files()) {
-        Some(Ok(Some(files))) => Transport::new(Security::Mtls(
-            Credentials::load(files).context("loading the [tls] certificates")?,
-        )),
+    let credentials = match cfg.tls.as_ref().map(|t| t.files()) {
+        Some(Ok(Some(files))) => {
+            Some(Credentials::load(files).context("loading the [tls] certificates")?)
+        }
         Some(Err(e)) => bail!("{e}"),
-        Some(Ok(None)) | None => Transport::new(Security::Plaintext),
+        Some(Ok(None)) | None => None,
+    };
+    let transport = match &credentials {
+        Some(c) => Transport::new(Security::Mtls(c.clone())),
+        None => Transport::new(Security::Plaintext),
     };
     let members = Members::default();
     // A node without replication has no peer table to wait for: in sync from the start. With
@@ -488,6 +437,7 @@ fn run(cfg: Config) -> Result<()> {
     // What Prometheus and `fwctl stats` read, at their own time.
     let sources = Arc::new(Sources {
         node: cfg.node.name.clone(),
+        started_unix_s,
         policy: store.clone(),
         datapath: gateway.then(|| {
             let spec = rule_spec(&cfg);
@@ -506,6 +456,7 @@ fn run(cfg: Config) -> Result<()> {
             }
         }),
         ha: ha.clone(),
+        tls: credentials.clone(),
     });
     let control = match &cfg.cluster {
         Some(c) => {
@@ -636,7 +587,11 @@ fn run(cfg: Config) -> Result<()> {
             }
         }
         if let Some(p) = &cfg.datapath.stats_file {
-            write_stats(p, &stats_json(&cfg, &ct, &store, &all_stats, ha.as_ref()));
+            let raft = control.as_ref().map(|c| &c.raft);
+            write_stats(
+                p,
+                &stats_json(&sources, raft, &store, &all_stats, ha.as_ref()),
+            );
         }
     }
     stop.store(true, Relaxed);

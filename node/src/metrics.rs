@@ -1,13 +1,17 @@
-//! Prometheus metrics and `fwctl stats`: one collection of every counter and gauge the node
-//! has, served over HTTP (`[metrics] listen`, `GET /metrics`) and over the control API
-//! (`Stats`).
+//! Every counter and gauge the node has, declared once and rendered three ways: Prometheus
+//! (`[metrics] listen`, `GET /metrics`), the control API (`Stats`, which `fwctl stats` shows)
+//! and the stats file (`[datapath] stats_file`, written by the binary from the same families).
 //!
-//! Owns the metric names, their labels and help texts (`collect`), the exposition through
-//! `prometheus-client` (a custom collector: everything is read at scrape time from what the
-//! node already counts) and the tiny hyper server. Must not add work or locks to the packet
-//! path: it only loads the workers' atomics, takes the tracker's shard locks one at a time for
-//! the per-state counts (as `fwctl ct count` does), and reads the kernel's NFQUEUE table from
-//! /proc. Must not change anything it reads.
+//! Owns the catalog (`CATALOG`: one `const` [`Metric`] per family with its name, help, kind,
+//! unit and label names, named by Prometheus' naming guide), the collection that reads every
+//! family's samples (`Sources::collect`), the three renderings (OpenMetrics through
+//! `prometheus-client`, the Prometheus text format for clients that do not ask for
+//! OpenMetrics, the `Stats` reply and its JSON) and the tiny hyper server. A family can only be
+//! collected through its declaration, so an output cannot carry a metric the others lack.
+//! Must not add work or locks to the packet path: it only loads the workers' atomics, takes
+//! the tracker's shard locks one at a time (for its counters; for the per-state counts, as
+//! `fwctl ct count` does, only in scrapes and `fwctl stats`), and reads the kernel's NFQUEUE
+//! table from /proc. Must not change anything it reads.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -21,7 +25,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 use serde::Deserialize;
 
 use crate::conntrack::tcp::TcpState;
@@ -29,10 +33,11 @@ use crate::conntrack::{Conntrack, InvalidReason};
 use crate::datapath::worker::WorkerStats;
 use crate::ha::HaHandle;
 use crate::helper::ftp::Reject;
-use crate::packet::ParseError;
+use crate::packet::Malformed;
 use crate::policy::PolicyStore;
 use crate::raft::Raft;
 use crate::time::Timestamp;
+use crate::tls::Credentials;
 
 /// `[metrics]`: the Prometheus endpoint. Off when the section is absent.
 #[derive(Clone, Debug, Deserialize)]
@@ -43,7 +48,8 @@ pub struct MetricsConfig {
     pub listen: SocketAddr,
 }
 
-/// Prefix of every metric name.
+/// Prefix of every metric name (but `process_start_time_seconds`, whose name is the convention
+/// every Prometheus client library follows).
 pub const PREFIX: &str = "keepstate_";
 
 /// Counters only grow while the node runs; gauges go up and down.
@@ -53,30 +59,255 @@ pub enum Kind {
     Gauge,
 }
 
-/// One labelled value of a family.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Sample {
-    pub labels: Vec<(&'static str, String)>,
-    pub value: u64,
-}
-
-/// A metric family: a name (without `_total`), its help text, its kind and its samples.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Family {
+/// One metric family as declared: everything but its values. Every family the node exposes is
+/// one `const` of [`CATALOG`]; `/metrics`, the `Stats` RPC (`fwctl stats`) and the stats file
+/// all render the same collected families, so none can have a metric the others lack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Metric {
+    /// The family's name; a counter's samples are exposed as `name_total`.
     pub name: &'static str,
     pub help: &'static str,
     pub kind: Kind,
-    pub samples: Vec<Sample>,
+    /// The base unit, if any (the name ends with `_<unit>`, as the naming guide asks).
+    pub unit: Option<&'static str>,
+    /// The label names; every sample has one value per name, in this order.
+    pub labels: &'static [&'static str],
+    /// Values are kept in thousandths of `unit` (exposed as decimals).
+    pub milli: bool,
+    /// Read by walking the whole connection table: served to scrapes and `fwctl stats`, left
+    /// out of the stats file that the main loop rewrites every 200 ms.
+    pub scan: bool,
 }
 
-impl Family {
-    /// The name as exposed: counters end in `_total` (OpenMetrics).
+impl Metric {
+    const fn new(kind: Kind, name: &'static str, help: &'static str) -> Metric {
+        Metric {
+            name,
+            help,
+            kind,
+            unit: None,
+            labels: &[],
+            milli: false,
+            scan: false,
+        }
+    }
+    const fn labels(mut self, labels: &'static [&'static str]) -> Metric {
+        self.labels = labels;
+        self
+    }
+    const fn unit(mut self, unit: &'static str) -> Metric {
+        self.unit = Some(unit);
+        self
+    }
+    const fn milli(mut self) -> Metric {
+        self.milli = true;
+        self
+    }
+    const fn scan(mut self) -> Metric {
+        self.scan = true;
+        self
+    }
+
+    /// The name its samples carry: counters end in `_total` (OpenMetrics, and the naming guide).
     pub fn exposed_name(&self) -> String {
         match self.kind {
             Kind::Counter => format!("{}_total", self.name),
             Kind::Gauge => self.name.to_string(),
         }
     }
+}
+
+const fn counter(name: &'static str, help: &'static str) -> Metric {
+    Metric::new(Kind::Counter, name, help)
+}
+const fn gauge(name: &'static str, help: &'static str) -> Metric {
+    Metric::new(Kind::Gauge, name, help)
+}
+
+/// Declares each metric once, as a `const`, and lists them all in [`CATALOG`].
+macro_rules! catalog {
+    ($( $(#[$m:meta])* $id:ident = $def:expr; )+) => {
+        $( $(#[$m])* pub const $id: Metric = $def; )+
+        /// Every family the node can expose, in exposition order.
+        pub const CATALOG: &[&Metric] = &[$(&$id),+];
+    };
+}
+
+catalog! {
+    NODE_INFO = gauge("keepstate_node_info", "This node: its name and fwnode's version (always 1).")
+        .labels(&["node", "version"]);
+    PROCESS_START = gauge("process_start_time_seconds", "When fwnode started (Unix time, seconds).")
+        .unit("seconds");
+    CERT_EXPIRY = gauge(
+        "keepstate_certificate_expiry_timestamp_seconds",
+        "When this node's TLS certificate (the leaf in [tls] cert, as loaded now) expires (notAfter, Unix time, seconds); no sample without [tls].",
+    )
+    .unit("seconds");
+    POLICY_VERSION = gauge("keepstate_policy_version", "Version of the policy the datapath enforces (0: the bootstrap policy, or none).");
+    POLICY_RULES = gauge("keepstate_policy_rules", "Rules of the enforced policy.");
+    HA_ROLE = gauge("keepstate_ha_role", "HA role of this node: 1 for the current one (standalone: no [ha]).")
+        .labels(&["role"]);
+    HA_READY = gauge("keepstate_ha_ready", "1 when this node may hold the virtual IPs (in sync, not in fault).");
+    HA_SOCKET = counter(
+        "keepstate_ha_socket_requests",
+        "The HA socket (keepalived's scripts): requests served, connections refused because the caller was not root, malformed or timed-out requests, connections turned away at the limit (busy); no samples without [ha].",
+    )
+    .labels(&["outcome"]);
+    RAFT_TERM = gauge("keepstate_raft_term", "Current Raft term.");
+    RAFT_LEADER_ID = gauge("keepstate_raft_leader_id", "Raft id of the leader this node knows (0: none).");
+    RAFT_IS_LEADER = gauge("keepstate_raft_is_leader", "1 when this node is the Raft leader.");
+    RAFT_LAST_LOG_INDEX = gauge("keepstate_raft_last_log_index", "Index of the last entry in this node's Raft log.");
+    RAFT_APPLIED_INDEX = gauge("keepstate_raft_applied_index", "Index of the last Raft entry applied here.");
+    RAFT_QUORUM_ACK_AGE = gauge(
+        "keepstate_raft_quorum_ack_age_seconds",
+        "On the leader: time since a quorum of voters last acknowledged it (no sample on other members).",
+    )
+    .unit("seconds")
+    .milli();
+    PACKETS = counter("keepstate_packets", "Packets received from NFQUEUE (published by each worker about ten times a second).");
+    BYTES = counter("keepstate_bytes", "Bytes of the packets received from NFQUEUE (published like keepstate_packets_total).")
+        .unit("bytes");
+    GSO_PACKETS = counter("keepstate_gso_packets", "Packets that reached fwnode as GSO super-packets (unsegmented).");
+    NFQUEUE_BATCHES = counter("keepstate_nfqueue_batches", "Batches of packets the workers received from NFQUEUE.");
+    NFQUEUE_BATCH_MAX = gauge("keepstate_nfqueue_batch_max_packets", "Packets of the largest batch a worker has received since fwnode started.");
+    NFQUEUE_VERDICT_MESSAGES = counter("keepstate_nfqueue_verdict_messages", "Verdict messages sent to the kernel (a batch verdict covers a run of packets).");
+    VERDICTS = counter(
+        "keepstate_verdicts",
+        "Verdicts by verdict and reason: policy (the rule set decided) or malformed (a packet that does not parse is dropped).",
+    )
+    .labels(&["verdict", "reason"]);
+    VERDICT_BYTES = counter(
+        "keepstate_verdict_bytes",
+        "Bytes (on the wire) of the packets behind each verdict, by verdict and reason as keepstate_verdicts_total.",
+    )
+    .labels(&["verdict", "reason"])
+    .unit("bytes");
+    MALFORMED = counter("keepstate_malformed_packets", "Packets that did not parse (dropped), by reason.")
+        .labels(&["reason"]);
+    CT_PACKETS = counter("keepstate_ct_packets", "Packets by the connection-tracking state the tracker gave them.")
+        .labels(&["state"]);
+    INVALID = counter("keepstate_invalid_packets", "Packets the tracker judged INVALID, by reason (the policy decides what happens to them).")
+        .labels(&["reason"]);
+    TABLE_FULL_DROPS = counter(
+        "keepstate_table_full_drops",
+        "Packets that could not create a connection because the table was full and no entry could be evicted (also counted as INVALID with reason table_full).",
+    );
+    CT_EARLY_DROPS = counter("keepstate_ct_early_drops", "Unassured connections evicted to make room for new ones.");
+    CT_TCP_IGNORED = counter(
+        "keepstate_ct_tcp_ignored_packets",
+        "TCP segments passed without updating their connection (the state table's ignore case, as Linux's: e.g. a SYN/ACK that may answer a SYN we did not see).",
+    );
+    CT_CONNECTION_EVENTS = counter(
+        "keepstate_ct_connection_events",
+        "Connections created, destroyed and expired, and new ones forgotten because the policy did not accept their first packet (discarded).",
+    )
+    .labels(&["event"]);
+    CT_EVENTS = counter("keepstate_ct_events", "Tracker events the workers handed to replication.");
+    CT_EVENTS_DROPPED = counter("keepstate_ct_events_dropped", "Tracker events lost because the replication queue was full.");
+    CONNECTIONS = gauge("keepstate_connections", "Live connections by protocol (counted by walking the table).")
+        .labels(&["protocol"])
+        .scan();
+    TCP_CONNECTIONS = gauge("keepstate_tcp_connections", "Live TCP connections by state (counted by walking the table).")
+        .labels(&["state"])
+        .scan();
+    CONNECTIONS_MAX = gauge("keepstate_connections_max", "The connection table's bound (conntrack.max_entries).");
+    EXPECTATIONS = gauge("keepstate_expectations", "Live expectations (RELATED connections announced by a helper).");
+    EXPECTATIONS_MAX = gauge("keepstate_expectations_max", "The expectation table's bound.");
+    EXPECTATION_EVENTS = counter(
+        "keepstate_expectation_events",
+        "Expectations created, refreshed, matched (became a RELATED connection), expired, evicted and refused.",
+    )
+    .labels(&["event"]);
+    NFQUEUE_ERRORS = counter(
+        "keepstate_nfqueue_errors",
+        "Receive-side losses and verdict errors of the NFQUEUE sockets: enobufs (the kernel could not deliver: packets lost), truncated (a datagram cut by the buffer: its packet dropped), malformed, swept (packets without a readable id dropped in a sweep), verdict_errors, verdict_send_failures (retried).",
+    )
+    .labels(&["kind"]);
+    NFQUEUE_KERNEL_DROPS = counter(
+        "keepstate_nfqueue_kernel_drops",
+        "Packets the kernel dropped on our queues: the queue was full (queue_full) or could not be sent to fwnode (socket; fwnode sees these as ENOBUFS).",
+    )
+    .labels(&["queue", "cause"]);
+    NFQUEUE_WAITING = gauge("keepstate_nfqueue_waiting_packets", "Packets waiting in the kernel for fwnode's verdict, by queue.")
+        .labels(&["queue"]);
+    FTP_LINES = counter("keepstate_ftp_lines", "FTP control lines the helper read.");
+    FTP_EXPECTATIONS = counter("keepstate_ftp_expectations", "Expectations the FTP helper announced.");
+    FTP_REJECTED = counter("keepstate_ftp_rejected_lines", "FTP commands and replies the helper refused to act on, by reason.")
+        .labels(&["reason"]);
+    FTP_REFUSED_EXPECTATIONS = counter(
+        "keepstate_ftp_refused_expectations",
+        "Expectations of the FTP helper the tracker refused (limits, master gone).",
+    );
+    FTP_OVERFLOWED_LINES = counter("keepstate_ftp_overflowed_lines", "FTP lines longer than the helper's line limit, skipped unparsed.");
+    FTP_RETRANSMITTED = counter("keepstate_ftp_retransmitted_segments", "FTP control segments (or parts) already seen, skipped.");
+    FTP_GAPS = counter("keepstate_ftp_gap_segments", "FTP control segments beyond the next expected byte (the partial line was discarded).");
+    FTP_DROPPED_ANNOUNCEMENTS = counter(
+        "keepstate_ftp_dropped_announcements",
+        "Announcements beyond the helper's limit per segment, not turned into expectations.",
+    );
+    DEFER_HELD = counter("keepstate_defer_held_packets", "defer: first packets of new connections held until the peers had the connection.");
+    DEFER_RELEASED = counter(
+        "keepstate_defer_released_packets",
+        "defer: held packets released, by cause: acked (every connected peer had it), timed_out (defer_ms reached), abandoned (the event never reached replication).",
+    )
+    .labels(&["cause"]);
+    DEFER_FULL = counter("keepstate_defer_unheld_packets", "defer: first packets not held because the worker already held its maximum.");
+    DEFER_WAIT = counter("keepstate_defer_wait_seconds", "defer: time held, summed over every released packet.")
+        .unit("seconds")
+        .milli();
+    SYNC_PEER_CONNECTED = gauge("keepstate_sync_peer_connected", "1 while the replication stream with the peer is up.")
+        .labels(&["peer"]);
+    SYNC_PEER_IN_SYNC = gauge("keepstate_sync_peer_in_sync", "1 when this node has the peer's table (bulk done, resumed, or timed out).")
+        .labels(&["peer"]);
+    SYNC_LAG_ITEMS = gauge("keepstate_sync_lag_items", "Items of our stream the peer has not acknowledged yet (last sent - last acknowledged).")
+        .labels(&["peer"]);
+    SYNC_LAG_SECONDS = gauge(
+        "keepstate_sync_lag_seconds",
+        "How long the oldest item of our stream the peer has not acknowledged has been waiting (0 when it has everything; 100 ms resolution).",
+    )
+    .labels(&["peer"])
+    .unit("seconds")
+    .milli();
+    SYNC_UNACKED = gauge("keepstate_sync_unacked_items", "Items sent to the peer and not yet acknowledged.")
+        .labels(&["peer"]);
+    SYNC_APPLIED = counter("keepstate_sync_applied_items", "Items of the peer's stream applied here.")
+        .labels(&["peer"]);
+    SYNC_BULKS = counter("keepstate_sync_bulks", "Full-table transfers (resyncs) sent to and received from the peer.")
+        .labels(&["peer", "direction"]);
+    SYNC_NACKS = counter("keepstate_sync_nacks", "Gaps reported in either stream (sent and received).")
+        .labels(&["peer"]);
+    SYNC_RETRANSMITTED = counter("keepstate_sync_retransmitted_items", "Items sent to the peer again.")
+        .labels(&["peer"]);
+    SYNC_OUTBOX = gauge("keepstate_sync_outbox_items", "Items of our stream held for resuming peers (the outbox).");
+    SYNC_READY = gauge("keepstate_sync_ready", "1 when every peer is in sync (this node may take the virtual IPs).");
+    SYNC_LOST_EVENTS = counter("keepstate_sync_lost_events", "Events dropped between the datapath and replication (each forces a bulk).");
+    SYNC_REFUSED = counter("keepstate_sync_refused_items", "Received items the table refused (wrong shard, no master, table full).");
+}
+
+/// One labelled value of a family: one label value per name of the family's `labels`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sample {
+    pub labels: Vec<String>,
+    /// In the metric's unit, or in thousandths of it (`Metric::milli`).
+    pub value: u64,
+}
+
+impl Sample {
+    /// The value in the metric's unit.
+    pub fn real(&self, m: &Metric) -> f64 {
+        if m.milli {
+            self.value as f64 / 1000.0
+        } else {
+            self.value as f64
+        }
+    }
+}
+
+/// A declared metric and its samples as read now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Family {
+    pub metric: &'static Metric,
+    pub samples: Vec<Sample>,
 }
 
 /// What the node's datapath offers (gateways only).
@@ -104,47 +335,76 @@ impl std::fmt::Debug for DatapathSource {
 #[derive(Debug)]
 pub struct Sources {
     pub node: String,
+    /// When fwnode started (Unix seconds).
+    pub started_unix_s: u64,
     pub policy: Arc<PolicyStore>,
     pub datapath: Option<DatapathSource>,
     /// The HA role machine (`[ha]`); `None` reports the role `standalone`.
     pub ha: Option<HaHandle>,
+    /// The node's certificates (`[tls]`), read for their expiry.
+    pub tls: Option<Arc<Credentials>>,
 }
 
-/// Collects families in order.
-#[derive(Default)]
-struct Out(Vec<Family>);
+/// Which families a collection reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Every family (scrapes, `fwctl stats`).
+    All,
+    /// All but the families that walk the connection table (`Metric::scan`): the stats file.
+    NoScan,
+}
+
+/// Collects families in catalog order.
+struct Out {
+    scope: Scope,
+    families: Vec<Family>,
+}
 
 impl Out {
-    fn family(&mut self, name: &'static str, help: &'static str, kind: Kind, samples: Vec<Sample>) {
-        self.0.push(Family {
-            name,
-            help,
-            kind,
-            samples,
-        });
+    fn put(&mut self, metric: &'static Metric, samples: Vec<Sample>) {
+        debug_assert!(
+            samples
+                .iter()
+                .all(|s| s.labels.len() == metric.labels.len()),
+            "{}: one label value per label name",
+            metric.name
+        );
+        self.families.push(Family { metric, samples });
     }
-    fn one(&mut self, name: &'static str, help: &'static str, kind: Kind, value: u64) {
-        self.family(
-            name,
-            help,
-            kind,
+    fn one(&mut self, metric: &'static Metric, value: u64) {
+        self.put(
+            metric,
             vec![Sample {
                 labels: vec![],
                 value,
             }],
         );
     }
-    fn counter(&mut self, name: &'static str, help: &'static str, value: u64) {
-        self.one(name, help, Kind::Counter, value);
+    fn by<'a, L: Into<String>>(
+        &mut self,
+        metric: &'static Metric,
+        samples: impl IntoIterator<Item = (L, u64)> + 'a,
+    ) {
+        self.put(
+            metric,
+            samples
+                .into_iter()
+                .map(|(l, value)| Sample {
+                    labels: vec![l.into()],
+                    value,
+                })
+                .collect(),
+        );
     }
-    fn gauge(&mut self, name: &'static str, help: &'static str, value: u64) {
-        self.one(name, help, Kind::Gauge, value);
+    /// A family that walks the table: read only in `Scope::All`.
+    fn wants(&self, metric: &Metric) -> bool {
+        !metric.scan || self.scope == Scope::All
     }
 }
 
-fn s1(k: &'static str, v: impl Into<String>, value: u64) -> Sample {
+fn s2(a: impl Into<String>, b: impl Into<String>, value: u64) -> Sample {
     Sample {
-        labels: vec![(k, v.into())],
+        labels: vec![a.into(), b.into()],
         value,
     }
 }
@@ -186,51 +446,57 @@ fn ha_role_name(ha: Option<&HaHandle>) -> &'static str {
 pub const HA_ROLES: [&str; 5] = ["standalone", "syncing", "standby", "active", "fault"];
 
 impl Sources {
-    /// Every family, read now. Takes each tracker shard lock briefly (the per-state counts and
-    /// the tracker's counters), so call it off an async runtime's worker (`spawn_blocking`).
-    pub fn collect(&self, raft: Option<&Raft>) -> Vec<Family> {
-        self.collect_view(raft.map(RaftView::of).as_ref())
+    /// Every family of `scope`, read now. Takes each tracker shard lock briefly (the tracker's
+    /// counters; in `Scope::All` also the per-state counts), so call it off an async runtime's
+    /// worker (`spawn_blocking`).
+    pub fn collect(&self, raft: Option<&Raft>, scope: Scope) -> Vec<Family> {
+        self.collect_view(raft.map(RaftView::of).as_ref(), scope)
     }
 
-    fn collect_view(&self, raft: Option<&RaftView>) -> Vec<Family> {
-        let mut o = Out::default();
-        o.family(
-            "keepstate_node_info",
-            "This node: its name and fwnode's version (always 1).",
-            Kind::Gauge,
-            vec![Sample {
-                labels: vec![
-                    ("node", self.node.clone()),
-                    ("version", env!("CARGO_PKG_VERSION").into()),
-                ],
-                value: 1,
-            }],
+    fn collect_view(&self, raft: Option<&RaftView>, scope: Scope) -> Vec<Family> {
+        let mut o = Out {
+            scope,
+            families: Vec::with_capacity(CATALOG.len()),
+        };
+        o.put(
+            &NODE_INFO,
+            vec![s2(self.node.clone(), env!("CARGO_PKG_VERSION"), 1)],
         );
-        let policy = self.policy.current();
-        o.gauge(
-            "keepstate_policy_version",
-            "Version of the policy the datapath enforces (0: the bootstrap policy, or none).",
-            policy.version,
-        );
-        o.gauge(
-            "keepstate_policy_rules",
-            "Rules of the enforced policy.",
-            policy.compiled.rule_count() as u64,
-        );
-        let role = ha_role_name(self.ha.as_ref());
-        o.family(
-            "keepstate_ha_role",
-            "HA role of this node: 1 for the current one (standalone: no [ha]).",
-            Kind::Gauge,
-            HA_ROLES
+        o.one(&PROCESS_START, self.started_unix_s);
+        o.put(
+            &CERT_EXPIRY,
+            self.tls
                 .iter()
-                .map(|r| s1("role", *r, u64::from(*r == role)))
+                .filter_map(|t| t.not_after_unix())
+                .map(|v| Sample {
+                    labels: vec![],
+                    value: v,
+                })
                 .collect(),
         );
-        o.gauge(
-            "keepstate_ha_ready",
-            "1 when this node may hold the virtual IPs (in sync, not in fault).",
+        let policy = self.policy.current();
+        o.one(&POLICY_VERSION, policy.version);
+        o.one(&POLICY_RULES, policy.compiled.rule_count() as u64);
+        let role = ha_role_name(self.ha.as_ref());
+        o.by(
+            &HA_ROLE,
+            HA_ROLES.iter().map(|r| (*r, u64::from(*r == role))),
+        );
+        o.one(
+            &HA_READY,
             self.ha.as_ref().map_or(0, |h| u64::from(h.ready())),
+        );
+        let socket = self.ha.as_ref().map(|h| h.counters());
+        o.by(
+            &HA_SOCKET,
+            socket.iter().flat_map(|c| {
+                [
+                    ("served", c.requests),
+                    ("refused", c.refused),
+                    ("bad_request", c.bad_requests),
+                    ("busy", c.busy),
+                ]
+            }),
         );
         if let Some(r) = raft {
             raft_families(&mut o, r);
@@ -238,12 +504,12 @@ impl Sources {
         if let Some(dp) = &self.datapath {
             datapath_families(&mut o, dp);
         }
-        o.0
+        o.families
     }
 
-    /// `collect` as the control API's `Stats` reply.
+    /// `collect` (every family) as the control API's `Stats` reply.
     pub fn stats_reply(&self, raft: Option<&Raft>) -> v1::StatsReply {
-        to_proto(&self.node, &self.collect(raft))
+        to_proto(&self.node, &self.collect(raft, Scope::All))
     }
 }
 
@@ -255,251 +521,205 @@ struct RaftView {
     is_leader: bool,
     last_log: u64,
     applied: u64,
+    quorum_ack_ms: Option<u64>,
 }
 
 impl RaftView {
     fn of(raft: &Raft) -> RaftView {
         let m = raft.metrics().borrow().clone();
+        let is_leader = m.state == openraft::ServerState::Leader;
         RaftView {
             term: m.current_term,
             leader: m.current_leader.unwrap_or(0),
-            is_leader: m.state == openraft::ServerState::Leader,
+            is_leader,
             last_log: m.last_log_index.unwrap_or(0),
             applied: m.last_applied.map_or(0, |l| l.index),
+            quorum_ack_ms: m.millis_since_quorum_ack.filter(|_| is_leader),
         }
     }
 }
 
 fn raft_families(o: &mut Out, r: &RaftView) {
-    o.gauge("keepstate_raft_term", "Current Raft term.", r.term);
-    o.gauge(
-        "keepstate_raft_leader_id",
-        "Raft id of the leader this node knows (0: none).",
-        r.leader,
-    );
-    o.gauge(
-        "keepstate_raft_is_leader",
-        "1 when this node is the Raft leader.",
-        u64::from(r.is_leader),
-    );
-    o.gauge(
-        "keepstate_raft_last_log_index",
-        "Index of the last entry in this node's Raft log.",
-        r.last_log,
-    );
-    o.gauge(
-        "keepstate_raft_applied_index",
-        "Index of the last Raft entry applied here.",
-        r.applied,
+    o.one(&RAFT_TERM, r.term);
+    o.one(&RAFT_LEADER_ID, r.leader);
+    o.one(&RAFT_IS_LEADER, u64::from(r.is_leader));
+    o.one(&RAFT_LAST_LOG_INDEX, r.last_log);
+    o.one(&RAFT_APPLIED_INDEX, r.applied);
+    o.put(
+        &RAFT_QUORUM_ACK_AGE,
+        r.quorum_ack_ms
+            .iter()
+            .map(|ms| Sample {
+                labels: vec![],
+                value: *ms,
+            })
+            .collect(),
     );
 }
 
 fn datapath_families(o: &mut Out, dp: &DatapathSource) {
     let w = &dp.workers;
     let sum = |f: &dyn Fn(&WorkerStats) -> u64| w.iter().map(|s| f(s)).sum::<u64>();
-    o.counter(
-        "keepstate_packets",
-        "Packets received from NFQUEUE (published by each worker about ten times a second).",
-        sum(&|s| s.packets.load(Relaxed)),
+    o.one(&PACKETS, sum(&|s| s.packets.load(Relaxed)));
+    o.one(&BYTES, sum(&|s| s.bytes.load(Relaxed)));
+    o.one(&GSO_PACKETS, sum(&|s| s.gso_packets.load(Relaxed)));
+    o.one(&NFQUEUE_BATCHES, sum(&|s| s.batches.load(Relaxed)));
+    o.one(
+        &NFQUEUE_BATCH_MAX,
+        w.iter()
+            .map(|s| s.max_batch.load(Relaxed))
+            .max()
+            .unwrap_or(0),
     );
-    o.counter(
-        "keepstate_bytes",
-        "Bytes of the packets received from NFQUEUE (published like keepstate_packets_total).",
-        sum(&|s| s.bytes.load(Relaxed)),
+    o.one(
+        &NFQUEUE_VERDICT_MESSAGES,
+        sum(&|s| s.verdict_messages.load(Relaxed)),
     );
-    let parse: Vec<u64> = (0..ParseError::COUNTERS)
-        .map(|i| sum(&|s| s.parse_errors[i].load(Relaxed)))
+    let parse: Vec<u64> = Malformed::ALL
+        .iter()
+        .map(|r| sum(&|s| s.parse_errors[*r as usize].load(Relaxed)))
         .collect();
     let parse_total: u64 = parse.iter().sum();
     let dropped = sum(&|s| s.dropped.load(Relaxed));
-    o.family(
-        "keepstate_verdicts",
-        "Verdicts by verdict and reason: policy (the rule set decided) or malformed (a packet that does not parse is dropped).",
-        Kind::Counter,
+    o.put(
+        &VERDICTS,
         vec![
-            Sample {
-                labels: vec![("verdict", "accept".into()), ("reason", "policy".into())],
-                value: sum(&|s| s.accepted.load(Relaxed)),
-            },
-            Sample {
-                labels: vec![("verdict", "drop".into()), ("reason", "policy".into())],
-                value: dropped.saturating_sub(parse_total),
-            },
-            Sample {
-                labels: vec![("verdict", "drop".into()), ("reason", "malformed".into())],
-                value: parse_total,
-            },
-            Sample {
-                labels: vec![("verdict", "reject".into()), ("reason", "policy".into())],
-                value: sum(&|s| s.rejected.load(Relaxed)),
-            },
+            s2("accept", "policy", sum(&|s| s.accepted.load(Relaxed))),
+            s2("drop", "policy", dropped.saturating_sub(parse_total)),
+            s2("drop", "malformed", parse_total),
+            s2("reject", "policy", sum(&|s| s.rejected.load(Relaxed))),
         ],
     );
     let malformed_bytes = sum(&|s| s.malformed_bytes.load(Relaxed));
-    o.family(
-        "keepstate_verdict_bytes",
-        "Bytes (on the wire) of the packets behind each verdict, by verdict and reason as keepstate_verdicts_total.",
-        Kind::Counter,
+    o.put(
+        &VERDICT_BYTES,
         vec![
-            Sample {
-                labels: vec![("verdict", "accept".into()), ("reason", "policy".into())],
-                value: sum(&|s| s.accepted_bytes.load(Relaxed)),
-            },
-            Sample {
-                labels: vec![("verdict", "drop".into()), ("reason", "policy".into())],
-                value: sum(&|s| s.dropped_bytes.load(Relaxed)).saturating_sub(malformed_bytes),
-            },
-            Sample {
-                labels: vec![("verdict", "drop".into()), ("reason", "malformed".into())],
-                value: malformed_bytes,
-            },
-            Sample {
-                labels: vec![("verdict", "reject".into()), ("reason", "policy".into())],
-                value: sum(&|s| s.rejected_bytes.load(Relaxed)),
-            },
+            s2("accept", "policy", sum(&|s| s.accepted_bytes.load(Relaxed))),
+            s2(
+                "drop",
+                "policy",
+                sum(&|s| s.dropped_bytes.load(Relaxed)).saturating_sub(malformed_bytes),
+            ),
+            s2("drop", "malformed", malformed_bytes),
+            s2("reject", "policy", sum(&|s| s.rejected_bytes.load(Relaxed))),
         ],
     );
-    o.family(
-        "keepstate_malformed_packets",
-        "Packets that did not parse (dropped), by reason.",
-        Kind::Counter,
-        ParseError::NAMES
-            .iter()
-            .zip(&parse)
-            .map(|(n, v)| s1("reason", *n, *v))
-            .collect(),
+    o.by(
+        &MALFORMED,
+        Malformed::ALL.iter().map(|r| r.name()).zip(parse),
     );
-    o.family(
-        "keepstate_ct_packets",
-        "Packets by the connection-tracking state the tracker gave them.",
-        Kind::Counter,
-        vec![
-            s1("state", "new", sum(&|s| s.ct_new.load(Relaxed))),
-            s1(
-                "state",
-                "established",
-                sum(&|s| s.ct_established.load(Relaxed)),
-            ),
-            s1("state", "related", sum(&|s| s.ct_related.load(Relaxed))),
-            s1(
-                "state",
+    o.by(
+        &CT_PACKETS,
+        [
+            ("new", sum(&|s| s.ct_new.load(Relaxed))),
+            ("established", sum(&|s| s.ct_established.load(Relaxed))),
+            ("related", sum(&|s| s.ct_related.load(Relaxed))),
+            (
                 "invalid",
                 sum(&|s| s.ct_invalid.iter().map(|c| c.load(Relaxed)).sum()),
             ),
         ],
     );
     let c = dp.ct.counters();
-    o.family(
-        "keepstate_invalid_packets",
-        "Packets the tracker judged INVALID, by reason (the policy decides what happens to them).",
-        Kind::Counter,
-        InvalidReason::NAMES
+    o.by(
+        &INVALID,
+        InvalidReason::ALL
             .iter()
-            .zip(c.invalid)
-            .map(|(n, v)| s1("reason", *n, v))
-            .collect(),
+            .map(|r| (r.name(), c.invalid[*r as usize])),
     );
-    o.counter(
-        "keepstate_table_full_drops",
-        "Packets that could not create a connection because the table was full and no entry could be evicted (also counted as INVALID with reason table_full).",
+    o.one(
+        &TABLE_FULL_DROPS,
         c.invalid[InvalidReason::TableFull as usize],
     );
-    o.counter(
-        "keepstate_ct_early_drops",
-        "Unassured connections evicted to make room for new ones.",
-        c.early_drops,
-    );
-    o.family(
-        "keepstate_ct_connection_events",
-        "Connections created, destroyed and expired, and new ones forgotten because the policy did not accept their first packet (discarded).",
-        Kind::Counter,
-        vec![
-            s1("event", "created", c.created),
-            s1("event", "destroyed", c.destroyed),
-            s1("event", "expired", c.expired),
-            s1("event", "discarded", sum(&|s| s.ct_discarded.load(Relaxed))),
+    o.one(&CT_EARLY_DROPS, c.early_drops);
+    o.one(&CT_TCP_IGNORED, c.tcp_ignored);
+    o.by(
+        &CT_CONNECTION_EVENTS,
+        [
+            ("created", c.created),
+            ("destroyed", c.destroyed),
+            ("expired", c.expired),
+            ("discarded", sum(&|s| s.ct_discarded.load(Relaxed))),
         ],
     );
-    let now = Timestamp::from_millis(dp.origin.elapsed().as_millis() as u64);
-    let sc = dp.ct.state_counts(now);
-    let mut conns: Vec<Sample> = TcpState::ALL
-        .iter()
-        .map(|t| Sample {
-            labels: vec![("protocol", "tcp".into()), ("state", t.name().into())],
-            value: sc.tcp[*t as usize],
-        })
-        .collect();
-    for (p, v) in [("udp", sc.udp), ("icmp", sc.icmp), ("other", sc.generic)] {
-        conns.push(Sample {
-            labels: vec![("protocol", p.into()), ("state", "-".into())],
-            value: v,
-        });
+    o.one(&CT_EVENTS, sum(&|s| s.events.load(Relaxed)));
+    o.one(&CT_EVENTS_DROPPED, c.events_dropped);
+    if o.wants(&CONNECTIONS) {
+        let now = Timestamp::from_millis(dp.origin.elapsed().as_millis() as u64);
+        let sc = dp.ct.state_counts(now);
+        o.by(
+            &CONNECTIONS,
+            [
+                ("tcp", sc.tcp.iter().sum()),
+                ("udp", sc.udp),
+                ("icmp", sc.icmp),
+                ("other", sc.generic),
+            ],
+        );
+        o.by(
+            &TCP_CONNECTIONS,
+            TcpState::ALL
+                .iter()
+                .map(|t| (t.name(), sc.tcp[*t as usize])),
+        );
     }
-    o.family(
-        "keepstate_connections",
-        "Live connections by protocol and (TCP) state.",
-        Kind::Gauge,
-        conns,
-    );
-    o.gauge(
-        "keepstate_connections_max",
-        "The connection table's bound (conntrack.max_entries).",
-        u64::from(dp.ct.max_entries()),
-    );
-    o.gauge(
-        "keepstate_expectations",
-        "Live expectations (RELATED connections announced by a helper).",
-        dp.ct.expectation_count() as u64,
-    );
-    o.gauge(
-        "keepstate_expectations_max",
-        "The expectation table's bound.",
-        u64::from(dp.ct.max_expectations()),
-    );
-    o.family(
-        "keepstate_expectation_events",
-        "Expectations created, refreshed, matched (became a RELATED connection), expired, evicted and refused.",
-        Kind::Counter,
-        vec![
-            s1("event", "created", c.expect_created),
-            s1("event", "refreshed", c.expect_refreshed),
-            s1("event", "matched", c.expect_matched),
-            s1("event", "expired", c.expect_expired),
-            s1("event", "evicted", c.expect_evicted),
-            s1("event", "refused", c.expect_refused),
+    o.one(&CONNECTIONS_MAX, u64::from(dp.ct.max_entries()));
+    o.one(&EXPECTATIONS, dp.ct.expectation_count() as u64);
+    o.one(&EXPECTATIONS_MAX, u64::from(dp.ct.max_expectations()));
+    o.by(
+        &EXPECTATION_EVENTS,
+        [
+            ("created", c.expect_created),
+            ("refreshed", c.expect_refreshed),
+            ("matched", c.expect_matched),
+            ("expired", c.expect_expired),
+            ("evicted", c.expect_evicted),
+            ("refused", c.expect_refused),
         ],
-    );
-    o.counter(
-        "keepstate_ct_events_dropped",
-        "Tracker events lost because the replication queue was full.",
-        c.events_dropped,
     );
     nfqueue_families(o, dp);
-    o.counter(
-        "keepstate_ftp_lines",
-        "FTP control lines the helper read.",
-        sum(&|s| s.ftp_lines.load(Relaxed)),
-    );
-    o.counter(
-        "keepstate_ftp_expectations",
-        "Expectations the FTP helper announced.",
+    o.one(&FTP_LINES, sum(&|s| s.ftp_lines.load(Relaxed)));
+    o.one(
+        &FTP_EXPECTATIONS,
         sum(&|s| s.ftp_expectations.load(Relaxed)),
     );
-    o.family(
-        "keepstate_ftp_rejected",
-        "FTP commands and replies the helper refused to act on, by reason.",
-        Kind::Counter,
-        Reject::NAMES
-            .iter()
-            .enumerate()
-            .map(|(i, n)| s1("reason", *n, sum(&|s| s.ftp_rejected[i].load(Relaxed))))
-            .collect(),
+    o.by(
+        &FTP_REJECTED,
+        Reject::ALL.iter().map(|r| {
+            (
+                r.name(),
+                sum(&|s| s.ftp_rejected[*r as usize].load(Relaxed)),
+            )
+        }),
     );
-    o.counter(
-        "keepstate_ftp_expect_refused",
-        "Expectations of the FTP helper the tracker refused (limits, master gone).",
+    o.one(
+        &FTP_REFUSED_EXPECTATIONS,
         sum(&|s| s.ftp_expect_refused.load(Relaxed)),
     );
+    o.one(
+        &FTP_OVERFLOWED_LINES,
+        sum(&|s| s.ftp_overflowed_lines.load(Relaxed)),
+    );
+    o.one(
+        &FTP_RETRANSMITTED,
+        sum(&|s| s.ftp_retransmitted.load(Relaxed)),
+    );
+    o.one(&FTP_GAPS, sum(&|s| s.ftp_gaps.load(Relaxed)));
+    o.one(
+        &FTP_DROPPED_ANNOUNCEMENTS,
+        sum(&|s| s.ftp_announcements_dropped.load(Relaxed)),
+    );
+    o.one(&DEFER_HELD, sum(&|s| s.defer_held.load(Relaxed)));
+    o.by(
+        &DEFER_RELEASED,
+        [
+            ("acked", sum(&|s| s.defer_acked.load(Relaxed))),
+            ("timed_out", sum(&|s| s.defer_timed_out.load(Relaxed))),
+            ("abandoned", sum(&|s| s.defer_abandoned.load(Relaxed))),
+        ],
+    );
+    o.one(&DEFER_FULL, sum(&|s| s.defer_full.load(Relaxed)));
+    o.one(&DEFER_WAIT, sum(&|s| s.defer_wait_us.load(Relaxed)) / 1000);
     if let Some(sync) = &dp.sync {
         sync_families(o, &sync());
     }
@@ -507,18 +727,15 @@ fn datapath_families(o: &mut Out, dp: &DatapathSource) {
 
 fn nfqueue_families(o: &mut Out, dp: &DatapathSource) {
     let sum = |f: &dyn Fn(&WorkerStats) -> u64| dp.workers.iter().map(|s| f(s)).sum::<u64>();
-    o.family(
-        "keepstate_nfqueue_errors",
-        "Receive-side losses and verdict errors of the NFQUEUE sockets: enobufs (the kernel could not deliver: packets lost), truncated (a datagram cut by the buffer: its packet dropped), malformed, swept (packets without a readable id dropped in a sweep), verdict_errors, verdict_send_failures (retried).",
-        Kind::Counter,
-        vec![
-            s1("kind", "enobufs", sum(&|s| s.enobufs.load(Relaxed))),
-            s1("kind", "truncated", sum(&|s| s.netlink_truncated.load(Relaxed))),
-            s1("kind", "malformed", sum(&|s| s.netlink_malformed.load(Relaxed))),
-            s1("kind", "swept", sum(&|s| s.unidentified_swept.load(Relaxed))),
-            s1("kind", "verdict_errors", sum(&|s| s.verdict_errors.load(Relaxed))),
-            s1(
-                "kind",
+    o.by(
+        &NFQUEUE_ERRORS,
+        [
+            ("enobufs", sum(&|s| s.enobufs.load(Relaxed))),
+            ("truncated", sum(&|s| s.netlink_truncated.load(Relaxed))),
+            ("malformed", sum(&|s| s.netlink_malformed.load(Relaxed))),
+            ("swept", sum(&|s| s.unidentified_swept.load(Relaxed))),
+            ("verdict_errors", sum(&|s| s.verdict_errors.load(Relaxed))),
+            (
                 "verdict_send_failures",
                 sum(&|s| s.verdict_send_failures.load(Relaxed)),
             ),
@@ -532,122 +749,51 @@ fn nfqueue_families(o: &mut Out, dp: &DatapathSource) {
         .iter()
         .filter(|k| dp.queues.contains(&k.num))
         .collect();
-    let mut dropped = vec![];
-    for k in &ours {
-        for (cause, v) in [("queue_full", k.queue_dropped), ("socket", k.user_dropped)] {
-            dropped.push(Sample {
-                labels: vec![("queue", k.num.to_string()), ("cause", cause.into())],
-                value: v,
-            });
-        }
-    }
-    o.family(
-        "keepstate_nfqueue_kernel_drops",
-        "Packets the kernel dropped on our queues: the queue was full (queue_full) or could not be sent to fwnode (socket; fwnode sees these as ENOBUFS).",
-        Kind::Counter,
-        dropped,
-    );
-    o.family(
-        "keepstate_nfqueue_waiting",
-        "Packets waiting in the kernel for fwnode's verdict, by queue.",
-        Kind::Gauge,
+    o.put(
+        &NFQUEUE_KERNEL_DROPS,
         ours.iter()
-            .map(|k| s1("queue", k.num.to_string(), k.waiting))
+            .flat_map(|k| {
+                [
+                    s2(k.num.to_string(), "queue_full", k.queue_dropped),
+                    s2(k.num.to_string(), "socket", k.user_dropped),
+                ]
+            })
             .collect(),
+    );
+    o.by(
+        &NFQUEUE_WAITING,
+        ours.iter().map(|k| (k.num.to_string(), k.waiting)),
     );
 }
 
 fn sync_families(o: &mut Out, s: &v1::SyncStatusReply) {
-    let per_peer = |f: &dyn Fn(&v1::SyncPeer) -> u64| -> Vec<Sample> {
+    let per_peer = |o: &mut Out, m: &'static Metric, f: &dyn Fn(&v1::SyncPeer) -> u64| {
+        o.by(m, s.peers.iter().map(|p| (p.id.to_string(), f(p))));
+    };
+    per_peer(o, &SYNC_PEER_CONNECTED, &|p| u64::from(p.connected));
+    per_peer(o, &SYNC_PEER_IN_SYNC, &|p| u64::from(p.in_sync));
+    per_peer(o, &SYNC_LAG_ITEMS, &|p| p.lag);
+    per_peer(o, &SYNC_LAG_SECONDS, &|p| p.lag_ms);
+    per_peer(o, &SYNC_UNACKED, &|p| p.unacked);
+    per_peer(o, &SYNC_APPLIED, &|p| p.items_applied);
+    o.put(
+        &SYNC_BULKS,
         s.peers
             .iter()
-            .map(|p| Sample {
-                labels: vec![("peer", p.id.to_string()), ("addr", p.addr.clone())],
-                value: f(p),
+            .flat_map(|p| {
+                [
+                    s2(p.id.to_string(), "sent", p.bulks_sent),
+                    s2(p.id.to_string(), "received", p.bulks_received),
+                ]
             })
-            .collect()
-    };
-    o.family(
-        "keepstate_sync_peer_connected",
-        "1 while the replication stream with the peer is up.",
-        Kind::Gauge,
-        per_peer(&|p| u64::from(p.connected)),
+            .collect(),
     );
-    o.family(
-        "keepstate_sync_peer_in_sync",
-        "1 when this node has the peer's table (bulk done, resumed, or timed out).",
-        Kind::Gauge,
-        per_peer(&|p| u64::from(p.in_sync)),
-    );
-    o.family(
-        "keepstate_sync_lag",
-        "Items of our stream the peer has not acknowledged yet (last sent - last acknowledged).",
-        Kind::Gauge,
-        per_peer(&|p| p.lag),
-    );
-    o.family(
-        "keepstate_sync_unacked",
-        "Items sent to the peer and not yet acknowledged.",
-        Kind::Gauge,
-        per_peer(&|p| p.unacked),
-    );
-    o.family(
-        "keepstate_sync_items_applied",
-        "Items of the peer's stream applied here.",
-        Kind::Counter,
-        per_peer(&|p| p.items_applied),
-    );
-    let mut bulks = vec![];
-    for p in &s.peers {
-        for (dir, v) in [("sent", p.bulks_sent), ("received", p.bulks_received)] {
-            bulks.push(Sample {
-                labels: vec![
-                    ("peer", p.id.to_string()),
-                    ("addr", p.addr.clone()),
-                    ("direction", dir.into()),
-                ],
-                value: v,
-            });
-        }
-    }
-    o.family(
-        "keepstate_sync_bulks",
-        "Full-table transfers (resyncs) sent to and received from the peer.",
-        Kind::Counter,
-        bulks,
-    );
-    o.family(
-        "keepstate_sync_nacks",
-        "Gaps the peer reported in our stream.",
-        Kind::Counter,
-        per_peer(&|p| p.nacks),
-    );
-    o.family(
-        "keepstate_sync_retransmits",
-        "Items sent to the peer again.",
-        Kind::Counter,
-        per_peer(&|p| p.retransmits),
-    );
-    o.gauge(
-        "keepstate_sync_queue",
-        "Items of our stream held for resuming peers (the outbox).",
-        s.outbox_items,
-    );
-    o.gauge(
-        "keepstate_sync_ready",
-        "1 when every peer is in sync (this node may take the virtual IPs).",
-        u64::from(s.ready),
-    );
-    o.counter(
-        "keepstate_sync_events_lost",
-        "Events dropped between the datapath and replication (each forces a bulk).",
-        s.events_lost,
-    );
-    o.counter(
-        "keepstate_sync_apply_refused",
-        "Received items the table refused (wrong shard, no master, table full).",
-        s.apply_refused,
-    );
+    per_peer(o, &SYNC_NACKS, &|p| p.nacks);
+    per_peer(o, &SYNC_RETRANSMITTED, &|p| p.retransmits);
+    o.one(&SYNC_OUTBOX, s.outbox_items);
+    o.one(&SYNC_READY, u64::from(s.ready));
+    o.one(&SYNC_LOST_EVENTS, s.events_lost);
+    o.one(&SYNC_REFUSED, s.apply_refused);
 }
 
 /// The families as the control API's reply.
@@ -660,16 +806,19 @@ pub fn to_proto(node: &str, families: &[Family]) -> v1::StatsReply {
         families: families
             .iter()
             .map(|f| v1::StatsFamily {
-                name: f.exposed_name(),
-                help: f.help.into(),
-                counter: f.kind == Kind::Counter,
+                name: f.metric.exposed_name(),
+                help: f.metric.help.into(),
+                counter: f.metric.kind == Kind::Counter,
+                milli: f.metric.milli,
                 samples: f
                     .samples
                     .iter()
                     .map(|s| v1::StatsSample {
-                        labels: s
+                        labels: f
+                            .metric
                             .labels
                             .iter()
+                            .zip(&s.labels)
                             .map(|(k, v)| v1::StatsLabel {
                                 name: (*k).into(),
                                 value: v.clone(),
@@ -683,6 +832,45 @@ pub fn to_proto(node: &str, families: &[Family]) -> v1::StatsReply {
     }
 }
 
+/// A sample's value as the reply carries it, in the unit the name says.
+pub fn sample_value(f: &v1::StatsFamily, s: &v1::StatsSample) -> serde_json::Value {
+    if f.milli {
+        serde_json::Value::from(s.value as f64 / 1000.0)
+    } else {
+        serde_json::Value::from(s.value)
+    }
+}
+
+/// The JSON of `fwctl stats -o json` and of the stats file's `metrics`: families by exposed
+/// name, each with its type, help and samples (`labels` by name, `value`).
+pub fn stats_json(r: &v1::StatsReply) -> serde_json::Value {
+    use serde_json::{json, Map, Value};
+    let metrics: Map<String, Value> = r
+        .families
+        .iter()
+        .map(|f| {
+            let samples: Vec<Value> = f
+                .samples
+                .iter()
+                .map(|s| {
+                    let labels: Map<String, Value> = s
+                        .labels
+                        .iter()
+                        .map(|l| (l.name.clone(), Value::from(l.value.clone())))
+                        .collect();
+                    json!({ "labels": labels, "value": sample_value(f, s) })
+                })
+                .collect();
+            let kind = if f.counter { "counter" } else { "gauge" };
+            (
+                f.name.clone(),
+                json!({ "type": kind, "help": f.help, "samples": samples }),
+            )
+        })
+        .collect();
+    json!({ "node": r.node_name, "unix_ms": r.unix_ms, "metrics": metrics })
+}
+
 /// Families encoded by `prometheus-client`: `encode_descriptor` and const metrics per family.
 #[derive(Debug)]
 struct Snapshot(Vec<Family>);
@@ -690,16 +878,37 @@ struct Snapshot(Vec<Family>);
 impl Collector for Snapshot {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         for f in &self.0 {
-            let ty = match f.kind {
+            let m = f.metric;
+            let ty = match m.kind {
                 Kind::Counter => ConstCounter::new(0u64).metric_type(),
                 Kind::Gauge => ConstGauge::new(0i64).metric_type(),
             };
-            let mut me = encoder.encode_descriptor(f.name, f.help, None, ty)?;
+            // prometheus-client appends `_<unit>` to the name it is given.
+            let unit = m.unit.map(|u| Unit::Other(u.to_string()));
+            let base = match m.unit {
+                Some(u) => m
+                    .name
+                    .strip_suffix(u)
+                    .and_then(|n| n.strip_suffix('_'))
+                    .unwrap_or(m.name),
+                None => m.name,
+            };
+            let mut me = encoder.encode_descriptor(base, m.help, unit.as_ref(), ty)?;
             for s in &f.samples {
-                let fe = me.encode_family(&s.labels)?;
-                match f.kind {
-                    Kind::Counter => ConstCounter::new(s.value).encode(fe)?,
-                    Kind::Gauge => ConstGauge::new(s.value).encode(fe)?,
+                let labels: Vec<(&str, &str)> = m
+                    .labels
+                    .iter()
+                    .copied()
+                    .zip(s.labels.iter().map(String::as_str))
+                    .collect();
+                let fe = me.encode_family(&labels)?;
+                match (m.kind, m.milli) {
+                    (Kind::Counter, false) => ConstCounter::new(s.value).encode(fe)?,
+                    (Kind::Counter, true) => ConstCounter::new(s.real(m)).encode(fe)?,
+                    (Kind::Gauge, false) => {
+                        ConstGauge::new(i64::try_from(s.value).unwrap_or(i64::MAX)).encode(fe)?
+                    }
+                    (Kind::Gauge, true) => ConstGauge::new(s.real(m)).encode(fe)?,
                 }
             }
         }
@@ -707,7 +916,7 @@ impl Collector for Snapshot {
     }
 }
 
-/// The OpenMetrics text exposition of `families`.
+/// The OpenMetrics text exposition of `families` (what Prometheus asks for).
 pub fn encode(families: Vec<Family>) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Snapshot(families)));
@@ -718,6 +927,62 @@ pub fn encode(families: Vec<Family>) -> Result<String, std::fmt::Error> {
 
 /// The content type of `encode`'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The content type of `encode_text`'s output.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The Prometheus text format (0.0.4) of `families`: for clients that do not ask for
+/// OpenMetrics (curl, `promtool check metrics`). Same names, help, types and values.
+pub fn encode_text(families: &[Family]) -> String {
+    use std::fmt::Write;
+    fn escape(s: &str, quote: bool) -> String {
+        let mut o = String::with_capacity(s.len());
+        for c in s.chars() {
+            match c {
+                '\\' => o.push_str("\\\\"),
+                '\n' => o.push_str("\\n"),
+                '"' if quote => o.push_str("\\\""),
+                c => o.push(c),
+            }
+        }
+        o
+    }
+    let mut out = String::new();
+    for f in families {
+        let m = f.metric;
+        let name = m.exposed_name();
+        let ty = match m.kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        };
+        let _ = writeln!(out, "# HELP {name} {}", escape(m.help, false));
+        let _ = writeln!(out, "# TYPE {name} {ty}");
+        for s in &f.samples {
+            out.push_str(&name);
+            if !m.labels.is_empty() {
+                out.push('{');
+                for (i, (k, v)) in m.labels.iter().zip(&s.labels).enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    let _ = write!(out, "{k}=\"{}\"", escape(v, true));
+                }
+                out.push('}');
+            }
+            if m.milli {
+                let _ = writeln!(out, " {}", s.real(m));
+            } else {
+                let _ = writeln!(out, " {}", s.value);
+            }
+        }
+    }
+    out
+}
+
+/// Does this `Accept` header ask for OpenMetrics (as Prometheus does)?
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| a.contains("application/openmetrics-text"))
+}
 
 /// Scrapes served at once; more connections wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 8;
@@ -875,15 +1140,30 @@ async fn respond(
             "not found: the metrics are at GET /metrics\n".into(),
         ));
     }
+    let openmetrics = wants_openmetrics(
+        req.headers()
+            .get(hyper::header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
+    );
     // Off the runtime's workers: the per-state counts take the shard locks one at a time.
     let text = tokio::task::spawn_blocking(move || {
-        encode(scrape.sources.collect(scrape.raft.as_ref())).map_err(|e| e.to_string())
+        let families = scrape.sources.collect(scrape.raft.as_ref(), Scope::All);
+        if openmetrics {
+            encode(families).map_err(|e| e.to_string())
+        } else {
+            Ok(encode_text(&families))
+        }
     })
     .await
     .map_err(|e| e.to_string())
     .and_then(|r| r);
+    let content_type = if openmetrics {
+        CONTENT_TYPE
+    } else {
+        TEXT_CONTENT_TYPE
+    };
     Ok(match text {
-        Ok(t) => reply(StatusCode::OK, CONTENT_TYPE, t),
+        Ok(t) => reply(StatusCode::OK, content_type, t),
         Err(e) => reply(
             StatusCode::INTERNAL_SERVER_ERROR,
             "text/plain",
@@ -895,6 +1175,7 @@ async fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
 
     fn sources() -> Sources {
         let policy = Arc::new(PolicyStore::new(Box::new(|_| None)));
@@ -905,10 +1186,15 @@ mod tests {
         let w = Arc::new(WorkerStats::default());
         w.accepted.store(7, Relaxed);
         w.dropped.store(5, Relaxed);
-        w.parse_errors[2].store(2, Relaxed);
-        w.ftp_rejected[1].store(4, Relaxed);
+        w.parse_errors[Malformed::Truncated as usize].store(2, Relaxed);
+        w.ftp_rejected[Reject::BadNumber as usize].store(4, Relaxed);
+        w.ftp_gaps.store(6, Relaxed);
+        w.gso_packets.store(11, Relaxed);
+        w.max_batch.store(17, Relaxed);
+        w.defer_wait_us.store(2_500_000, Relaxed);
         Sources {
             node: "gw1".into(),
+            started_unix_s: 1_700_000_000,
             policy,
             datapath: Some(DatapathSource {
                 ct,
@@ -922,6 +1208,7 @@ mod tests {
                         addr: "198.18.0.2:7401".into(),
                         connected: true,
                         lag: 9,
+                        lag_ms: 1_250,
                         bulks_received: 1,
                         ..Default::default()
                     }],
@@ -929,10 +1216,23 @@ mod tests {
                 })),
             }),
             ha: Some(HaHandle::new(true)),
+            tls: None,
         }
     }
 
-    /// One line of the exposition: `name{labels} value`, checked against the text format.
+    /// A leader that a quorum acknowledged 1.5 s ago.
+    fn leader() -> RaftView {
+        RaftView {
+            term: 4,
+            leader: 1,
+            is_leader: true,
+            last_log: 9,
+            applied: 9,
+            quorum_ack_ms: Some(1_500),
+        }
+    }
+
+    /// One line of an exposition: `name{labels} value`, checked against the text format.
     fn parse_line(l: &str) -> (String, Vec<(String, String)>, f64) {
         let (series, value) = l.rsplit_once(' ').expect("a value");
         let value: f64 = value.parse().expect("a number");
@@ -959,70 +1259,218 @@ mod tests {
         (name, labels, value)
     }
 
-    #[test]
-    fn the_exposition_parses_and_carries_every_family_with_its_values() {
-        let fams = sources().collect(None);
-        let text = encode(fams.clone()).unwrap();
-        assert!(text.ends_with("# EOF\n"), "{text}");
-        let mut types = std::collections::HashMap::new();
-        let mut values = std::collections::HashMap::new();
+    /// Series by name and labels (sorted by label name), with their values.
+    type Series = BTreeMap<(String, Vec<(String, String)>), f64>;
+
+    /// An exposition (either format) as its declared types and its series.
+    fn parse_exposition(text: &str) -> (BTreeMap<String, String>, Series) {
+        let mut types = BTreeMap::new();
+        let mut values = BTreeMap::new();
         for l in text.lines() {
             if let Some(rest) = l.strip_prefix("# TYPE ") {
                 let (n, t) = rest.split_once(' ').unwrap();
                 types.insert(n.to_string(), t.to_string());
-            } else if l.starts_with("# HELP ") || l == "# EOF" {
+            } else if l.starts_with('#') || l.is_empty() {
             } else {
-                let (name, labels, v) = parse_line(l);
+                let (name, mut labels, v) = parse_line(l);
+                labels.sort();
                 values.insert((name, labels), v);
             }
         }
-        for f in &fams {
-            assert!(f.name.starts_with(PREFIX), "{}", f.name);
-            let want = match f.kind {
-                Kind::Counter => "counter",
-                Kind::Gauge => "gauge",
-            };
-            assert_eq!(
-                types.get(f.name).map(String::as_str),
-                Some(want),
-                "{}",
-                f.name
-            );
-            for s in &f.samples {
-                let labels = s
-                    .labels
+        (types, values)
+    }
+
+    /// The stats JSON (`fwctl stats -o json`, the stats file's `metrics`) as series.
+    fn json_series(j: &serde_json::Value) -> (BTreeMap<String, String>, Series) {
+        let mut types = BTreeMap::new();
+        let mut values = BTreeMap::new();
+        for (name, f) in j["metrics"].as_object().unwrap() {
+            types.insert(name.clone(), f["type"].as_str().unwrap().to_string());
+            for s in f["samples"].as_array().unwrap() {
+                let labels = s["labels"]
+                    .as_object()
+                    .unwrap()
                     .iter()
-                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
                     .collect();
-                assert_eq!(
-                    values.get(&(f.exposed_name(), labels)),
-                    Some(&(s.value as f64)),
-                    "{} {:?}",
-                    f.name,
-                    s.labels
-                );
+                values.insert((name.clone(), labels), s["value"].as_f64().unwrap());
             }
         }
+        (types, values)
+    }
+
+    /// What of `families` an output lacks: a family's type, or a sample with its value. The
+    /// OpenMetrics `# TYPE` line names a counter without `_total`.
+    fn missing(
+        families: &[Family],
+        (types, values): &(BTreeMap<String, String>, Series),
+        openmetrics: bool,
+    ) -> Vec<String> {
+        let mut out = vec![];
+        for f in families {
+            let m = f.metric;
+            let (typed, want) = match m.kind {
+                Kind::Counter if openmetrics => (m.name.to_string(), "counter"),
+                Kind::Counter => (m.exposed_name(), "counter"),
+                Kind::Gauge => (m.name.to_string(), "gauge"),
+            };
+            if types.get(&typed).map(String::as_str) != Some(want) {
+                out.push(format!("type of {typed}"));
+            }
+            for s in &f.samples {
+                let mut labels: Vec<(String, String)> = m
+                    .labels
+                    .iter()
+                    .zip(&s.labels)
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect();
+                labels.sort();
+                let key = (m.exposed_name(), labels);
+                if values.get(&key) != Some(&s.real(m)) {
+                    out.push(format!("{key:?} = {}", s.real(m)));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_catalog_follows_the_naming_guide() {
+        let mut names = BTreeSet::new();
+        for m in CATALOG {
+            assert!(names.insert(m.name), "{} declared twice", m.name);
+            assert!(
+                m.name.starts_with(PREFIX) || m.name == "process_start_time_seconds",
+                "{}",
+                m.name
+            );
+            assert!(
+                m.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "{}",
+                m.name
+            );
+            // `_total` is added on exposure; a gauge never has it.
+            assert!(!m.name.ends_with("_total"), "{}", m.name);
+            if let Some(u) = m.unit {
+                assert!(m.name.ends_with(&format!("_{u}")), "{} lacks _{u}", m.name);
+                assert!(["seconds", "bytes"].contains(&u), "{}: base units", m.name);
+            }
+            // Thousandths are only for fractional base units; no abbreviated units.
+            assert!(!m.milli || m.unit == Some("seconds"), "{}", m.name);
+            for word in m.name.split('_') {
+                assert!(
+                    !["ms", "millis", "sec", "secs", "us", "usec", "milliseconds"].contains(&word),
+                    "{}: {word}",
+                    m.name
+                );
+            }
+            // No label that only restates another (the peer's address) or is a placeholder.
+            assert!(!m.labels.contains(&"addr"), "{}", m.name);
+            assert!(!m.help.is_empty(), "{}", m.name);
+        }
+    }
+
+    /// The heart of "one declaration per metric": a collection with every source yields every
+    /// declared family, and every family with all its samples reaches the OpenMetrics
+    /// exposition, the text exposition, the `Stats` reply (`fwctl stats -o json`) and the
+    /// stats file (all but the table-walking families, which the stats file leaves out).
+    #[test]
+    fn every_declared_metric_reaches_every_output() {
+        let src = sources();
+        let all = src.collect_view(Some(&leader()), Scope::All);
+        let collected: BTreeSet<&str> = all.iter().map(|f| f.metric.name).collect();
+        let declared: BTreeSet<&str> = CATALOG.iter().map(|m| m.name).collect();
+        assert_eq!(
+            collected, declared,
+            "collected families = declared families"
+        );
+        assert_eq!(all.len(), CATALOG.len(), "each family once");
+        for f in &all {
+            for s in &f.samples {
+                assert_eq!(s.labels.len(), f.metric.labels.len(), "{}", f.metric.name);
+            }
+        }
+        let om = parse_exposition(&encode(all.clone()).unwrap());
+        assert_eq!(
+            missing(&all, &om, true),
+            Vec::<String>::new(),
+            "OpenMetrics"
+        );
+        let text = parse_exposition(&encode_text(&all));
+        assert_eq!(
+            missing(&all, &text, false),
+            Vec::<String>::new(),
+            "text format"
+        );
+        let rpc = json_series(&stats_json(&to_proto("gw1", &all)));
+        assert_eq!(
+            missing(&all, &rpc, false),
+            Vec::<String>::new(),
+            "fwctl stats"
+        );
+        let file_families = src.collect_view(Some(&leader()), Scope::NoScan);
+        let file = json_series(&stats_json(&to_proto("gw1", &file_families)));
+        let (in_file, not_in_file): (Vec<Family>, Vec<Family>) =
+            all.iter().cloned().partition(|f| !f.metric.scan);
+        assert_eq!(
+            missing(&in_file, &file, false),
+            Vec::<String>::new(),
+            "stats file"
+        );
+        // The table walk is all the stats file leaves out.
+        assert_eq!(
+            not_in_file
+                .iter()
+                .map(|f| f.metric.name)
+                .collect::<Vec<_>>(),
+            ["keepstate_connections", "keepstate_tcp_connections"]
+        );
+        for f in &not_in_file {
+            assert!(!file.0.contains_key(f.metric.name), "{}", f.metric.name);
+        }
+        // Negative control: an output that lost a family or a value is caught.
+        let mut lossy = rpc.clone();
+        lossy.0.remove("keepstate_ftp_gap_segments_total");
+        lossy
+            .1
+            .retain(|(n, _), _| n != "keepstate_ftp_gap_segments_total");
+        let key = lossy
+            .1
+            .keys()
+            .find(|(n, _)| n == "keepstate_gso_packets_total")
+            .cloned()
+            .unwrap();
+        lossy.1.insert(key, 10.0);
+        let caught = missing(&all, &lossy, false);
+        assert_eq!(caught.len(), 3, "{caught:?}");
+    }
+
+    #[test]
+    fn the_exposition_carries_the_values_read() {
+        let fams = sources().collect_view(Some(&leader()), Scope::All);
+        let (_, values) = parse_exposition(&encode(fams).unwrap());
         let get = |n: &str, l: &[(&str, &str)]| {
-            let l = l
+            let mut l: Vec<(String, String)> = l
                 .iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .collect();
+            l.sort();
             values.get(&(n.to_string(), l)).copied()
         };
+        let vr = |v: &'static str, r: &'static str| [("verdict", v), ("reason", r)];
         assert_eq!(
-            get(
-                "keepstate_verdicts_total",
-                &[("verdict", "accept"), ("reason", "policy")]
-            ),
+            get("keepstate_verdicts_total", &vr("accept", "policy")),
             Some(7.0)
         );
         assert_eq!(
-            get(
-                "keepstate_verdicts_total",
-                &[("verdict", "drop"), ("reason", "policy")]
-            ),
+            get("keepstate_verdicts_total", &vr("drop", "policy")),
             Some(3.0)
+        );
+        assert_eq!(
+            get("keepstate_verdicts_total", &vr("drop", "malformed")),
+            Some(2.0)
         );
         assert_eq!(
             get(
@@ -1034,45 +1482,73 @@ mod tests {
         assert_eq!(get("keepstate_policy_version", &[]), Some(3.0));
         assert_eq!(get("keepstate_ha_role", &[("role", "standby")]), Some(1.0));
         assert_eq!(get("keepstate_ha_role", &[("role", "active")]), Some(0.0));
+        assert_eq!(get("keepstate_sync_lag_items", &[("peer", "2")]), Some(9.0));
+        assert_eq!(
+            get("keepstate_sync_lag_seconds", &[("peer", "2")]),
+            Some(1.25)
+        );
+        assert_eq!(get("keepstate_raft_quorum_ack_age_seconds", &[]), Some(1.5));
+        assert_eq!(get("process_start_time_seconds", &[]), Some(1.7e9));
+        assert_eq!(get("keepstate_defer_wait_seconds_total", &[]), Some(2.5));
+        assert_eq!(
+            get("keepstate_tcp_connections", &[("state", "ESTABLISHED")]),
+            Some(0.0)
+        );
+        assert_eq!(
+            get("keepstate_connections", &[("protocol", "udp")]),
+            Some(0.0)
+        );
+        assert_eq!(get("keepstate_ftp_gap_segments_total", &[]), Some(6.0));
+        assert_eq!(get("keepstate_gso_packets_total", &[]), Some(11.0));
+        assert_eq!(get("keepstate_nfqueue_batch_max_packets", &[]), Some(17.0));
         assert_eq!(
             get(
-                "keepstate_sync_lag",
-                &[("peer", "2"), ("addr", "198.18.0.2:7401")]
+                "keepstate_ftp_rejected_lines_total",
+                &[("reason", "bad_number")]
             ),
-            Some(9.0)
+            Some(4.0)
         );
         assert_eq!(
             get(
-                "keepstate_connections",
-                &[("protocol", "tcp"), ("state", "ESTABLISHED")]
+                "keepstate_ha_socket_requests_total",
+                &[("outcome", "served")]
             ),
             Some(0.0)
         );
-        let ftp = Reject::NAMES[1];
-        assert_eq!(
-            get("keepstate_ftp_rejected_total", &[("reason", ftp)]),
-            Some(4.0)
-        );
+        // No certificate without [tls]; a follower has no quorum-ack age.
+        assert!(!values
+            .keys()
+            .any(|(n, _)| n.starts_with("keepstate_certificate")));
+        let follower = RaftView {
+            is_leader: false,
+            quorum_ack_ms: None,
+            ..leader()
+        };
+        let fams = sources().collect_view(Some(&follower), Scope::All);
+        let (_, values) = parse_exposition(&encode(fams).unwrap());
+        assert!(!values.keys().any(|(n, _)| n.contains("quorum_ack")));
     }
 
     #[test]
-    fn family_names_are_unique_and_the_reply_carries_the_exposed_names() {
-        let fams = sources().collect(None);
-        let mut names: Vec<&str> = fams.iter().map(|f| f.name).collect();
-        names.sort_unstable();
-        let n = names.len();
-        names.dedup();
-        assert_eq!(names.len(), n, "duplicate family");
+    fn the_reply_carries_exposed_names_and_thousandths() {
+        let fams = sources().collect_view(Some(&leader()), Scope::All);
         let r = to_proto("gw1", &fams);
         assert_eq!(r.node_name, "gw1");
-        assert!(r
-            .families
-            .iter()
-            .any(|f| f.name == "keepstate_verdicts_total" && f.counter));
-        assert!(r
-            .families
-            .iter()
-            .any(|f| f.name == "keepstate_connections" && !f.counter));
+        let f = |n: &str| r.families.iter().find(|f| f.name == n).unwrap();
+        assert!(f("keepstate_verdicts_total").counter);
+        assert!(!f("keepstate_connections").counter);
+        let lag = f("keepstate_sync_lag_seconds");
+        assert!(lag.milli);
+        assert_eq!(lag.samples[0].value, 1_250);
+        let j = stats_json(&r);
+        assert_eq!(
+            j["metrics"]["keepstate_sync_lag_seconds"]["samples"][0]["value"],
+            1.25
+        );
+        assert_eq!(
+            j["metrics"]["keepstate_sync_lag_seconds"]["samples"][0]["labels"]["peer"],
+            "2"
+        );
     }
 
     #[test]
@@ -1080,13 +1556,15 @@ mod tests {
         let mut s = sources();
         s.datapath = None;
         s.ha = None;
-        let fams = s.collect(None);
-        assert!(fams.iter().all(|f| !f.name.contains("verdicts")));
-        let role = fams.iter().find(|f| f.name == "keepstate_ha_role").unwrap();
+        let fams = s.collect(None, Scope::All);
+        assert!(fams.iter().all(|f| !f.metric.name.contains("verdicts")));
+        let role = fams.iter().find(|f| f.metric == &HA_ROLE).unwrap();
         assert!(role
             .samples
             .iter()
-            .any(|s| s.labels[0].1 == "standalone" && s.value == 1));
+            .any(|s| s.labels[0] == "standalone" && s.value == 1));
+        let socket = fams.iter().find(|f| f.metric == &HA_SOCKET).unwrap();
+        assert!(socket.samples.is_empty());
     }
 
     #[test]
@@ -1111,19 +1589,38 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_text_format_escapes_help_and_label_values() {
+        static M: Metric = gauge("keepstate_x", "a \\ b\nc").labels(&["l"]);
+        let t = encode_text(&[Family {
+            metric: &M,
+            samples: vec![Sample {
+                labels: vec!["q\"\\\n".into()],
+                value: 1,
+            }],
+        }]);
+        assert_eq!(
+            t,
+            "# HELP keepstate_x a \\\\ b\\nc\n# TYPE keepstate_x gauge\nkeepstate_x{l=\"q\\\"\\\\\\n\"} 1\n"
+        );
+    }
+
+    /// Every name the catalog exposes.
+    fn exposed_names() -> Vec<String> {
+        CATALOG.iter().map(|m| m.exposed_name()).collect()
+    }
+
     /// The README's metric table names only metrics that exist, and every family is in it.
     #[test]
     fn the_readme_lists_exactly_the_metrics() {
         let readme = include_str!("../../README.md");
-        let fams = sources().collect_view(Some(&RaftView::default()));
-        for f in &fams {
+        let known = exposed_names();
+        for n in &known {
             assert!(
-                readme.contains(&format!("`{}`", f.exposed_name())),
-                "README's Metrics table lacks `{}`",
-                f.exposed_name()
+                readme.contains(&format!("`{n}`")),
+                "README's Metrics table lacks `{n}`"
             );
         }
-        let known: Vec<String> = fams.iter().map(Family::exposed_name).collect();
         for word in readme.split('`') {
             if word.starts_with(PREFIX)
                 && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -1157,11 +1654,7 @@ mod tests {
     fn the_grafana_dashboard_uses_only_existing_metrics() {
         let text = include_str!("../../deploy/grafana/keepstate.json");
         let dash: serde_json::Value = serde_json::from_str(text).unwrap();
-        let known: Vec<String> = sources()
-            .collect_view(Some(&RaftView::default()))
-            .iter()
-            .map(Family::exposed_name)
-            .collect();
+        let known = exposed_names();
         let mut used = vec![];
         for p in dash["panels"].as_array().unwrap() {
             for t in p["targets"].as_array().into_iter().flatten() {
@@ -1180,7 +1673,7 @@ mod tests {
             "keepstate_verdicts_total",
             "keepstate_invalid_packets_total",
             "keepstate_connections",
-            "keepstate_sync_lag",
+            "keepstate_sync_lag_items",
             "keepstate_ha_role",
             "keepstate_raft_leader_id",
             "keepstate_raft_term",
@@ -1190,13 +1683,27 @@ mod tests {
         }
     }
 
-    fn http(addr: SocketAddr, method: &str, path: &str) -> String {
+    /// The alert rules query only metrics that exist.
+    #[test]
+    fn the_alert_rules_use_only_existing_metrics() {
+        let text = include_str!("../../deploy/prometheus/alerts.yml");
+        let known = exposed_names();
+        let used = metric_tokens(text);
+        assert!(used.len() > 10, "{used:?}");
+        for m in used {
+            assert!(known.contains(&m), "alerts.yml queries unknown {m}");
+        }
+        assert!(text.contains("process_start_time_seconds"));
+    }
+
+    fn http(addr: SocketAddr, method: &str, path: &str, accept: Option<&str>) -> String {
         use std::io::{Read, Write};
         let mut c = std::net::TcpStream::connect(addr).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
         write!(
             c,
-            "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: t\r\n{accept}Connection: close\r\n\r\n"
         )
         .unwrap();
         let mut out = String::new();
@@ -1204,22 +1711,34 @@ mod tests {
         out
     }
 
-    /// The endpoint on a runtime of its own (a node without [cluster]): GET /metrics only.
+    /// The endpoint on a runtime of its own (a node without [cluster]): GET /metrics only,
+    /// OpenMetrics to whoever asks for it (Prometheus), the text format to the rest.
     #[test]
     fn the_endpoint_serves_get_metrics_and_nothing_else() {
         let addr = "127.0.0.1:0".parse().unwrap();
         let srv = MetricsServer::start(addr, None, Arc::new(sources()), None).unwrap();
-        let ok = http(srv.local_addr, "GET", "/metrics");
+        // What Prometheus sends.
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        let ok = http(srv.local_addr, "GET", "/metrics", Some(prometheus));
         assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
         assert!(ok.contains("application/openmetrics-text"), "{ok}");
         assert!(
             ok.contains("keepstate_verdicts_total{verdict=\"accept\",reason=\"policy\"} 7"),
             "{ok}"
         );
+        assert!(ok.contains("# TYPE keepstate_verdicts counter"), "{ok}");
         assert!(ok.trim_end().ends_with("# EOF"), "{ok}");
-        let nf = http(srv.local_addr, "GET", "/");
+        let plain = http(srv.local_addr, "GET", "/metrics", None);
+        assert!(plain.starts_with("HTTP/1.1 200"), "{plain}");
+        assert!(plain.contains("text/plain; version=0.0.4"), "{plain}");
+        assert!(
+            plain.contains("# TYPE keepstate_verdicts_total counter"),
+            "{plain}"
+        );
+        assert!(!plain.contains("# EOF"), "{plain}");
+        let nf = http(srv.local_addr, "GET", "/", None);
         assert!(nf.starts_with("HTTP/1.1 404"), "{nf}");
-        let post = http(srv.local_addr, "POST", "/metrics");
+        let post = http(srv.local_addr, "POST", "/metrics", None);
         assert!(post.starts_with("HTTP/1.1 404"), "{post}");
         srv.shutdown();
     }

@@ -149,6 +149,8 @@ struct Loaded {
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
     stamps: [Option<SystemTime>; 3],
+    /// The leaf certificate's notAfter (Unix seconds), when it parses.
+    not_after: Option<u64>,
 }
 
 fn stamps(f: &TlsFiles) -> [Option<SystemTime>; 3] {
@@ -166,6 +168,7 @@ fn build(f: &TlsFiles) -> Result<Loaded, TlsError> {
     }
     let roots = Arc::new(roots);
     let chain = certs(&f.cert)?;
+    let not_after = chain.first().and_then(|leaf| not_after_unix(leaf));
     let key = key(&f.key)?;
     let cfg = |e: rustls::Error| TlsError::Config(e.to_string());
     let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
@@ -189,6 +192,7 @@ fn build(f: &TlsFiles) -> Result<Loaded, TlsError> {
         server: Arc::new(server),
         client: Arc::new(client),
         stamps,
+        not_after,
     })
 }
 
@@ -246,6 +250,12 @@ impl Credentials {
         }
     }
 
+    /// When the certificate in use expires: the leaf's notAfter (Unix seconds; `None` when it
+    /// does not parse as X.509 or is before 1970).
+    pub fn not_after_unix(&self) -> Option<u64> {
+        self.loaded.load().not_after
+    }
+
     /// The server configuration for a connection accepted now.
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.refresh();
@@ -257,6 +267,12 @@ impl Credentials {
         self.refresh();
         self.loaded.load().client.clone()
     }
+}
+
+/// A certificate's notAfter in Unix seconds.
+pub fn not_after_unix(der: &[u8]) -> Option<u64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    u64::try_from(cert.validity().not_after.timestamp()).ok()
 }
 
 /// The server name a client verifies: a known peer's own name, or any node of the cluster.

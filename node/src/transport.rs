@@ -601,6 +601,32 @@ mod tests {
 
     /// One host that floods the shared Raft/control port with connections it never completes
     /// holds only its own few handshake slots: a member's call still goes through at once.
+    /// The certificate's expiry (the metric `keepstate_certificate_expiry_timestamp_seconds`)
+    /// is the leaf's notAfter, and follows a reload.
+    #[test]
+    fn credentials_report_the_leafs_not_after_and_follow_a_reload() {
+        let d = Dir::new("notafter");
+        let ca = ca("ca");
+        let with_expiry = |y: i32| {
+            let mut p = CertificateParams::new(vec![tls::node_name(1)]).unwrap();
+            p.not_after = rcgen::date_time_ymd(y, 1, 2);
+            let key = KeyPair::generate().unwrap();
+            let cert = p.signed_by(&key, &ca).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let f = d.files("n1", &[&ca], &with_expiry(2031));
+        let creds = Credentials::load(f.clone()).unwrap();
+        // 2031-01-02T00:00:00Z
+        assert_eq!(creds.not_after_unix(), Some(1_925_078_400));
+        // A renewed certificate (a later modification time) is what the metric then shows.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let (cert, key) = with_expiry(2033);
+        write(&f.cert, &cert);
+        write(&f.key, &key);
+        assert!(creds.reload_if_changed());
+        assert_eq!(creds.not_after_unix(), Some(1_988_236_800));
+    }
+
     #[tokio::test]
     async fn a_connection_flood_from_one_host_does_not_starve_the_others() {
         let d = Dir::new("flood");

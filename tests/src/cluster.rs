@@ -215,13 +215,15 @@ impl ClusterLab {
         }
     }
 
-    /// `curl` of member `id`'s metrics endpoint at `path` from the operator's host: the HTTP
+    /// `curl` of member `id`'s metrics endpoint at `path` from the operator's host, asking for
+    /// OpenMetrics as Prometheus does: the HTTP
     /// status code and the body.
     pub fn scrape_path(&self, id: u64, path: &str) -> (u16, String) {
         let out = self.lab.sh(
             "sw",
             &format!(
-                "curl -sS --max-time 5 -w '\\n%{{http_code}}' http://198.18.0.{id}:{METRICS_PORT}{path}"
+                "curl -sS --max-time 5 -H 'Accept: application/openmetrics-text; version=1.0.0' \
+                 -w '\\n%{{http_code}}' http://198.18.0.{id}:{METRICS_PORT}{path}"
             ),
         );
         let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", out.trim()));

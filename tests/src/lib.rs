@@ -540,3 +540,21 @@ impl Gateway {
         }
     }
 }
+
+/// The sum of the samples of metric `name` (as exposed, e.g. `keepstate_verdicts_total`) whose
+/// labels include `labels`, from a stats file or `fwctl stats --json` (both carry the families
+/// under `metrics`). Panics when the family is absent or a value is not an integer.
+pub fn metric(stats: &serde_json::Value, name: &str, labels: &[(&str, &str)]) -> u64 {
+    let samples = stats["metrics"][name]["samples"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no metric {name} in {stats}"));
+    samples
+        .iter()
+        .filter(|s| labels.iter().all(|(k, v)| s["labels"][*k] == *v))
+        .map(|s| {
+            s["value"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{name}: not an integer: {s}"))
+        })
+        .sum()
+}

@@ -591,7 +591,7 @@ fn metrics_are_scraped_and_move_with_allowed_and_denied_traffic() {
     assert_eq!(val(&after, "keepstate_policy_version"), 1.0);
     // The kernel's view of the node's queues (worker queue 0, helper queue 1) is read too.
     for q in [0, 1] {
-        let waiting = format!(r#"keepstate_nfqueue_waiting{{queue="{q}"}}"#);
+        let waiting = format!(r#"keepstate_nfqueue_waiting_packets{{queue="{q}"}}"#);
         assert!(after.contains_key(&waiting), "no {waiting}: {after:?}");
     }
     // A new policy version shows at the next scrape.

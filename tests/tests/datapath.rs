@@ -131,11 +131,31 @@ fn tcp_allowed_denied_and_unsolicited_inbound_v4_v6() {
     );
 
     let s = gw.stats();
-    assert!(counter(&s, &["datapath", "accepted"]) >= 10, "{s}");
-    assert!(counter(&s, &["datapath", "dropped"]) >= 4, "{s}");
-    assert!(counter(&s, &["conntrack", "established"]) >= 4, "{s}");
+    assert!(
+        metric(&s, "keepstate_verdicts_total", &[("verdict", "accept")]) >= 10,
+        "{s}"
+    );
+    assert!(
+        metric(&s, "keepstate_verdicts_total", &[("verdict", "drop")]) >= 4,
+        "{s}"
+    );
+    assert!(
+        metric(
+            &s,
+            "keepstate_ct_packets_total",
+            &[("state", "established")]
+        ) >= 4,
+        "{s}"
+    );
     // Dropped first packets leave no connection behind.
-    assert!(counter(&s, &["conntrack", "discarded"]) >= 4, "{s}");
+    assert!(
+        metric(
+            &s,
+            "keepstate_ct_connection_events_total",
+            &[("event", "discarded")]
+        ) >= 4,
+        "{s}"
+    );
     let hits = &s["policy"]["hits"];
     assert!(hits[2].as_u64().unwrap_or(0) >= 2, "web-out rule hits: {s}");
 }
@@ -205,7 +225,10 @@ fn udp_replies_and_icmp_errors_related_v4_v6() {
     assert_eq!(udp_probe(&lab, SERVER4, 5353), "refused");
     assert_eq!(udp_probe(&lab, SERVER6, 5353), "refused");
     let s = gw.stats();
-    assert!(counter(&s, &["conntrack", "related"]) >= 2, "{s}");
+    assert!(
+        metric(&s, "keepstate_ct_packets_total", &[("state", "related")]) >= 2,
+        "{s}"
+    );
     // An echo server: replies pass as ESTABLISHED.
     let echo =
         "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\ns.bind(('::',5353))\n\
@@ -256,7 +279,11 @@ fn unsolicited_icmp_error_is_dropped() {
     );
     let s = gw.stats();
     assert!(
-        counter(&s, &["conntrack", "invalid", "icmp_error_unmatched"]) >= 3,
+        metric(
+            &s,
+            "keepstate_invalid_packets_total",
+            &[("reason", "icmp_error_unmatched")]
+        ) >= 3,
         "{s}"
     );
 }
@@ -328,24 +355,44 @@ fn crafted_invalid_packets_are_dropped_counted_and_survived() {
     );
     let s = gw.stats();
     assert!(
-        counter(&s, &["conntrack", "invalid", "tcp_bad_flags"]) >= 3,
+        metric(
+            &s,
+            "keepstate_invalid_packets_total",
+            &[("reason", "tcp_bad_flags")]
+        ) >= 3,
         "{s}"
     );
     assert!(
-        counter(&s, &["conntrack", "invalid", "tcp_rst_out_of_window"]) >= 1,
+        metric(
+            &s,
+            "keepstate_invalid_packets_total",
+            &[("reason", "tcp_rst_out_of_window")]
+        ) >= 1,
         "{s}"
     );
     // A raw-socket packet reaches the queue with its checksum unverified by the kernel.
     assert!(
-        counter(&s, &["conntrack", "invalid", "bad_checksum"]) >= 1,
+        metric(
+            &s,
+            "keepstate_invalid_packets_total",
+            &[("reason", "bad_checksum")]
+        ) >= 1,
         "{s}"
     );
     assert!(
-        counter(&s, &["datapath", "parse_errors", "truncated"]) >= 1,
+        metric(
+            &s,
+            "keepstate_malformed_packets_total",
+            &[("reason", "truncated")]
+        ) >= 1,
         "{s}"
     );
     assert!(
-        counter(&s, &["datapath", "parse_errors", "bad_udp_length"]) >= 1,
+        metric(
+            &s,
+            "keepstate_malformed_packets_total",
+            &[("reason", "bad_udp_length")]
+        ) >= 1,
         "{s}"
     );
     assert!(
@@ -388,7 +435,11 @@ fn fragments_reach_the_policy_reassembled() {
     );
     let s = gw.stats();
     assert_eq!(
-        counter(&s, &["conntrack", "invalid", "fragment"]),
+        metric(
+            &s,
+            "keepstate_invalid_packets_total",
+            &[("reason", "fragment")]
+        ),
         0,
         "kernel defrag must reassemble: {s}"
     );
@@ -626,15 +677,16 @@ fn bulk_tcp_uses_gso_and_batched_verdicts() {
     );
     let s = gw.stats();
     assert!(
-        counter(&s, &["datapath", "gso_packets"]) > 0,
+        metric(&s, "keepstate_gso_packets_total", &[]) > 0,
         "GSO super-packets must reach userspace unsegmented: {s}"
     );
     assert!(
-        counter(&s, &["datapath", "max_batch"]) > 1,
+        metric(&s, "keepstate_nfqueue_batch_max_packets", &[]) > 1,
         "verdicts must be batched: {s}"
     );
     assert!(
-        counter(&s, &["datapath", "verdict_messages"]) < counter(&s, &["datapath", "packets"]),
+        metric(&s, "keepstate_nfqueue_verdict_messages_total", &[])
+            < metric(&s, "keepstate_packets_total", &[]),
         "{s}"
     );
 }

@@ -112,12 +112,6 @@ fn upload(lab: &Lab, name: &str, url_dir: &str, mode: &str) {
     );
 }
 
-fn stat(v: &serde_json::Value, a: &str, b: &str) -> u64 {
-    v[a][b]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no {a}.{b} in {v}"))
-}
-
 #[test]
 fn active_and_passive_ipv4_port_eprt_pasv_epsv() {
     let lab = Lab::new();
@@ -132,9 +126,22 @@ fn active_and_passive_ipv4_port_eprt_pasv_epsv() {
     upload(&lab, "up-active.bin", &dir, "--ftp-port - --disable-eprt");
     upload(&lab, "up-passive.bin", &dir, "--disable-epsv");
     let s = gw.stats();
-    assert!(stat(&s, "ftp", "expectations") >= 6, "{s}");
-    assert!(stat(&s, "conntrack", "expect_matched") >= 6, "{s}");
-    assert!(stat(&s, "conntrack", "related") >= 6, "{s}");
+    assert!(
+        metric(&s, "keepstate_ftp_expectations_total", &[]) >= 6,
+        "{s}"
+    );
+    assert!(
+        metric(
+            &s,
+            "keepstate_expectation_events_total",
+            &[("event", "matched")]
+        ) >= 6,
+        "{s}"
+    );
+    assert!(
+        metric(&s, "keepstate_ct_packets_total", &[("state", "related")]) >= 6,
+        "{s}"
+    );
 }
 
 #[test]
@@ -152,7 +159,10 @@ fn active_and_passive_ipv6_eprt_epsv() {
         "--ftp-port -",
     );
     let s = gw.stats();
-    assert!(stat(&s, "ftp", "expectations") >= 3, "{s}");
+    assert!(
+        metric(&s, "keepstate_ftp_expectations_total", &[]) >= 3,
+        "{s}"
+    );
 }
 
 #[test]
@@ -198,7 +208,7 @@ fn non_standard_control_port_configured_as_ftp() {
         &format!("ftp://{SERVER4}:2121/file.bin"),
         "",
     );
-    assert!(stat(&gw.stats(), "ftp", "expectations") >= 2);
+    assert!(metric(&gw.stats(), "keepstate_ftp_expectations_total", &[]) >= 2);
 }
 
 #[test]
@@ -224,7 +234,7 @@ fn without_the_helper_active_ftp_fails() {
         code, 0,
         "a passive transfer must not pass without the helper"
     );
-    assert_eq!(stat(&gw.stats(), "ftp", "lines"), 0);
+    assert_eq!(metric(&gw.stats(), "keepstate_ftp_lines_total", &[]), 0);
 }
 
 /// A scripted control connection (python) on the client: login, then `commands`.
@@ -258,7 +268,10 @@ fn a_command_split_across_two_segments_works() {
     assert!(o.contains("200 PORT command successful"), "{o}");
     assert!(same(&lab, &file(&lab), &out), "split PORT: {o}");
     let s = gw.stats();
-    assert!(stat(&s, "ftp", "expectations") >= 1, "{s}");
+    assert!(
+        metric(&s, "keepstate_ftp_expectations_total", &[]) >= 1,
+        "{s}"
+    );
 }
 
 #[test]
@@ -273,6 +286,22 @@ fn a_bounce_port_opens_nothing() {
         &format!("{} -c {}", python(), shell_quote(&control_script(body))),
     );
     let s = gw.stats();
-    assert_eq!(s["ftp"]["rejected"]["bounce"].as_u64(), Some(2), "{s}");
-    assert_eq!(stat(&s, "conntrack", "expect_created"), 0, "{s}");
+    assert_eq!(
+        metric(
+            &s,
+            "keepstate_ftp_rejected_lines_total",
+            &[("reason", "bounce")]
+        ),
+        2,
+        "{s}"
+    );
+    assert_eq!(
+        metric(
+            &s,
+            "keepstate_expectation_events_total",
+            &[("event", "created")]
+        ),
+        0,
+        "{s}"
+    );
 }

@@ -29,6 +29,7 @@ use super::index::Index;
 use super::tcp::{valid_flags, TcpConn, TcpState, TcpVerdict};
 use super::tuple::{shard_hash, Tuple};
 use super::{CtState, Direction};
+use crate::label::label_enum;
 use crate::packet::{IcmpKind, Packet, L4};
 use crate::time::Timestamp;
 
@@ -42,59 +43,42 @@ pub struct ConnId {
     pub gen: u32,
 }
 
-/// Why a packet was judged INVALID (counted per reason: `keepstate_invalid_packets_total`,
-/// the stats file's `conntrack.invalid`, under the names of [`InvalidReason::NAMES`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum InvalidReason {
-    /// An IP fragment: the kernel reassembles before the queue, so one that still arrives is
-    /// not judged piece by piece.
-    Fragment,
-    /// A TCP flag combination Linux does not accept either (SYN+FIN, no flags, Xmas, ...).
-    TcpBadFlags,
-    /// A TCP segment that finds no connection and may not start one (not a SYN, and no
-    /// `tcp_pickup`).
-    TcpNoConnection,
-    /// A TCP segment the state table refuses in the connection's state.
-    TcpBadTransition,
-    /// A TCP segment outside the window its receiver announced.
-    TcpOutOfWindow,
-    /// A RST outside the window (in SYN_SENT: one that does not acknowledge the SYN).
-    TcpRstOutOfWindow,
-    /// An ICMP or ICMPv6 message that is neither an echo nor an error: the tracker follows only
-    /// those.
-    IcmpUntracked,
-    /// An echo that fits no exchange: a reply that would start one, or a request or reply going
-    /// the wrong way in an existing one.
-    IcmpEchoMismatch,
-    /// An ICMP error whose quoted packet belongs to no connection, or that does not travel back
-    /// toward the quoted packet's sender.
-    IcmpErrorUnmatched,
-    /// A new connection while the table is full and nothing could be early-dropped.
-    TableFull,
-    /// Source and destination (address and port) are the same: a LAND-style packet whose
-    /// reply would be itself.
-    SameEndpoints,
-    /// The transport checksum is wrong (checked by the datapath when the kernel had not).
-    BadChecksum,
-}
-
-impl InvalidReason {
-    pub const COUNT: usize = 12;
-    pub const NAMES: [&'static str; Self::COUNT] = [
-        "fragment",
-        "tcp_bad_flags",
-        "tcp_no_connection",
-        "tcp_bad_transition",
-        "tcp_out_of_window",
-        "tcp_rst_out_of_window",
-        "icmp_untracked",
-        "icmp_echo_mismatch",
-        "icmp_error_unmatched",
-        "table_full",
-        "same_endpoints",
-        "bad_checksum",
-    ];
+label_enum! {
+    /// Why a packet was judged INVALID (counted per reason: `keepstate_invalid_packets_total`,
+    /// `fwctl stats` and the stats file, under the names of [`InvalidReason::name`]).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum InvalidReason {
+        /// An IP fragment: the kernel reassembles before the queue, so one that still arrives is
+        /// not judged piece by piece.
+        Fragment => "fragment",
+        /// A TCP flag combination Linux does not accept either (SYN+FIN, no flags, Xmas, ...).
+        TcpBadFlags => "tcp_bad_flags",
+        /// A TCP segment that finds no connection and may not start one (not a SYN, and no
+        /// `tcp_pickup`).
+        TcpNoConnection => "tcp_no_connection",
+        /// A TCP segment the state table refuses in the connection's state.
+        TcpBadTransition => "tcp_bad_transition",
+        /// A TCP segment outside the window its receiver announced.
+        TcpOutOfWindow => "tcp_out_of_window",
+        /// A RST outside the window (in SYN_SENT: one that does not acknowledge the SYN).
+        TcpRstOutOfWindow => "tcp_rst_out_of_window",
+        /// An ICMP or ICMPv6 message that is neither an echo nor an error: the tracker follows only
+        /// those.
+        IcmpUntracked => "icmp_untracked",
+        /// An echo that fits no exchange: a reply that would start one, or a request or reply going
+        /// the wrong way in an existing one.
+        IcmpEchoMismatch => "icmp_echo_mismatch",
+        /// An ICMP error whose quoted packet belongs to no connection, or that does not travel back
+        /// toward the quoted packet's sender.
+        IcmpErrorUnmatched => "icmp_error_unmatched",
+        /// A new connection while the table is full and nothing could be early-dropped.
+        TableFull => "table_full",
+        /// Source and destination (address and port) are the same: a LAND-style packet whose
+        /// reply would be itself.
+        SameEndpoints => "same_endpoints",
+        /// The transport checksum is wrong (checked by the datapath when the kernel had not).
+        BadChecksum => "bad_checksum",
+    }
 }
 
 /// What the tracker decided about one packet.

@@ -8,6 +8,7 @@
 use std::ops::{Add, Sub};
 
 use crate::conntrack::Direction;
+use crate::label::label_enum;
 use crate::packet::{Tcp, TcpFlags};
 
 /// A TCP sequence number (smoltcp's `TcpSeqNumber`, Linux's `before`/`after`): arithmetic
@@ -58,36 +59,25 @@ impl Sub for SeqNumber {
     }
 }
 
-/// TCP connection states, numbered as Linux's `tcp_conntrack`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[repr(u8)]
-pub enum TcpState {
-    None = 0,
-    SynSent = 1,
-    SynRecv = 2,
-    Established = 3,
-    FinWait = 4,
-    CloseWait = 5,
-    LastAck = 6,
-    TimeWait = 7,
-    Close = 8,
-    /// Simultaneous open: a SYN crossed ours.
-    SynSent2 = 9,
+label_enum! {
+    /// TCP connection states, numbered as Linux's `tcp_conntrack` (the declaration order).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+    pub enum TcpState {
+        None => "NONE",
+        SynSent => "SYN_SENT",
+        SynRecv => "SYN_RECV",
+        Established => "ESTABLISHED",
+        FinWait => "FIN_WAIT",
+        CloseWait => "CLOSE_WAIT",
+        LastAck => "LAST_ACK",
+        TimeWait => "TIME_WAIT",
+        Close => "CLOSE",
+        /// Simultaneous open: a SYN crossed ours.
+        SynSent2 => "SYN_SENT2",
+    }
 }
 
 impl TcpState {
-    pub const ALL: [TcpState; 10] = [
-        TcpState::None,
-        TcpState::SynSent,
-        TcpState::SynRecv,
-        TcpState::Established,
-        TcpState::FinWait,
-        TcpState::CloseWait,
-        TcpState::LastAck,
-        TcpState::TimeWait,
-        TcpState::Close,
-        TcpState::SynSent2,
-    ];
     /// Position in a connection's life, for merging a peer's copy: state never moves to a
     /// lower rank. FIN_WAIT ranks below CLOSE_WAIT because the table only goes FIN_WAIT ->
     /// CLOSE_WAIT (the ACK of the first FIN), never back. SYN_SENT2 (our SYN crossed by the
@@ -106,21 +96,6 @@ impl TcpState {
             TcpState::LastAck => 7,
             TcpState::TimeWait => 8,
             TcpState::Close => 9,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            TcpState::None => "NONE",
-            TcpState::SynSent => "SYN_SENT",
-            TcpState::SynRecv => "SYN_RECV",
-            TcpState::Established => "ESTABLISHED",
-            TcpState::FinWait => "FIN_WAIT",
-            TcpState::CloseWait => "CLOSE_WAIT",
-            TcpState::LastAck => "LAST_ACK",
-            TcpState::TimeWait => "TIME_WAIT",
-            TcpState::Close => "CLOSE",
-            TcpState::SynSent2 => "SYN_SENT2",
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::helper::ftp::{
     self, ControlConn, ExpectRequest, FtpConfig, FtpCounters, Reject, Segment,
 };
 use crate::packet::checksum::{self, Checksum};
-use crate::packet::{proto, Packet, ParseError, Tcp, L4};
+use crate::packet::{proto, Malformed, Packet, Tcp, L4};
 use crate::policy::{Action, PacketMeta, PolicyStore};
 use crate::sync::defer::{DeferConfig, Held, Release};
 use crate::sync::feed::{Feed, Flushed};
@@ -70,7 +70,7 @@ pub struct WorkerStats {
     pub unidentified_swept: AtomicU64,
     /// Verdict sends that failed and were retried.
     pub verdict_send_failures: AtomicU64,
-    pub parse_errors: [AtomicU64; ParseError::COUNTERS],
+    pub parse_errors: [AtomicU64; Malformed::COUNT],
     pub ct_invalid: [AtomicU64; InvalidReason::COUNT],
     pub ct_new: AtomicU64,
     pub ct_established: AtomicU64,
@@ -164,7 +164,7 @@ impl Pipeline {
         let pkt = match Packet::parse_truncated(data, wire_len) {
             Ok(p) => p,
             Err(e) => {
-                s.parse_errors[e.counter_index()].fetch_add(1, Relaxed);
+                s.parse_errors[e.reason() as usize].fetch_add(1, Relaxed);
                 s.dropped.fetch_add(1, Relaxed);
                 s.dropped_bytes.fetch_add(u64::from(wire_len), Relaxed);
                 s.malformed_bytes.fetch_add(u64::from(wire_len), Relaxed);

@@ -25,6 +25,7 @@ use serde::Deserialize;
 
 use crate::conntrack::helper_state::{HelperState, LineState, LINE_MAX};
 use crate::conntrack::Direction;
+use crate::label::label_enum;
 
 /// Settings of the FTP helper (`[ftp]` in the daemon's configuration). The ports it watches are
 /// `conntrack.helper_ports`.
@@ -68,32 +69,21 @@ pub struct ExpectRequest {
     pub cmd: FtpCommand,
 }
 
-/// Why an announcing line was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Reject {
-    /// Wrong number of fields, empty fields, stray characters.
-    Syntax,
-    /// Not a decimal number, or more than 5 digits.
-    BadNumber,
-    OctetRange,
-    PortRange,
-    /// The announced address is not the control connection's client (PORT/EPRT) or server (227).
-    Bounce,
-    /// EPRT family, or PORT/227 on an IPv6 control connection.
-    Family,
-}
-
-impl Reject {
-    pub const COUNT: usize = 6;
-    pub const NAMES: [&'static str; Self::COUNT] = [
-        "syntax",
-        "bad_number",
-        "octet_range",
-        "port_range",
-        "bounce",
-        "family",
-    ];
+label_enum! {
+    /// Why an announcing line was refused.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Reject {
+        /// Wrong number of fields, empty fields, stray characters.
+        Syntax => "syntax",
+        /// Not a decimal number, or more than 5 digits.
+        BadNumber => "bad_number",
+        OctetRange => "octet_range",
+        PortRange => "port_range",
+        /// The announced address is not the control connection's client (PORT/EPRT) or server (227).
+        Bounce => "bounce",
+        /// EPRT family, or PORT/227 on an IPv6 control connection.
+        Family => "family",
+    }
 }
 
 /// Counters of the helper; the datapath sums them over workers.

@@ -15,7 +15,7 @@ pub mod build;
 pub mod checksum;
 mod parse;
 
-pub use parse::{Layer, ParseError};
+pub use parse::{Layer, Malformed, ParseError};
 
 /// IP version of a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

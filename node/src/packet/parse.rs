@@ -9,6 +9,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use crate::label::label_enum;
+
 use super::{
     proto, Family, Fragment, Icmp, IcmpKind, Inner, InnerL4, Packet, Tcp, TcpFlags, TcpOptions,
     Udp, L4,
@@ -63,41 +65,42 @@ impl std::fmt::Display for Layer {
     }
 }
 
-impl ParseError {
-    /// Number of distinct counters `counter_index` maps into.
-    pub const COUNTERS: usize = 11;
+label_enum! {
+    /// A [`ParseError`] without its details: what the malformed-packet counters are kept by
+    /// (`keepstate_malformed_packets_total{reason}`).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Malformed {
+        Empty => "empty",
+        BadVersion => "bad_version",
+        Truncated => "truncated",
+        BadIhl => "bad_ihl",
+        BadTotalLength => "bad_total_length",
+        TinyFragment => "tiny_fragment",
+        TooManyExtHeaders => "too_many_ext_headers",
+        BadDataOffset => "bad_data_offset",
+        BadTcpOption => "bad_tcp_option",
+        BadUdpLength => "bad_udp_length",
+        BadIcmpInner => "bad_icmp_inner",
+    }
+}
 
-    /// A dense index for per-reason counters in a fixed array.
-    pub fn counter_index(self) -> usize {
+impl ParseError {
+    /// The counter this error is kept under.
+    pub fn reason(self) -> Malformed {
         match self {
-            ParseError::Empty => 0,
-            ParseError::BadVersion(_) => 1,
-            ParseError::Truncated(_) => 2,
-            ParseError::BadIhl => 3,
-            ParseError::BadTotalLength => 4,
-            ParseError::TinyFragment => 5,
-            ParseError::TooManyExtHeaders => 6,
-            ParseError::BadDataOffset => 7,
-            ParseError::BadTcpOption => 8,
-            ParseError::BadUdpLength => 9,
-            ParseError::BadIcmpInner => 10,
+            ParseError::Empty => Malformed::Empty,
+            ParseError::BadVersion(_) => Malformed::BadVersion,
+            ParseError::Truncated(_) => Malformed::Truncated,
+            ParseError::BadIhl => Malformed::BadIhl,
+            ParseError::BadTotalLength => Malformed::BadTotalLength,
+            ParseError::TinyFragment => Malformed::TinyFragment,
+            ParseError::TooManyExtHeaders => Malformed::TooManyExtHeaders,
+            ParseError::BadDataOffset => Malformed::BadDataOffset,
+            ParseError::BadTcpOption => Malformed::BadTcpOption,
+            ParseError::BadUdpLength => Malformed::BadUdpLength,
+            ParseError::BadIcmpInner => Malformed::BadIcmpInner,
         }
     }
-
-    /// Stable counter names, indexed by `counter_index`.
-    pub const NAMES: [&'static str; Self::COUNTERS] = [
-        "empty",
-        "bad_version",
-        "truncated",
-        "bad_ihl",
-        "bad_total_length",
-        "tiny_fragment",
-        "too_many_ext_headers",
-        "bad_data_offset",
-        "bad_tcp_option",
-        "bad_udp_length",
-        "bad_icmp_inner",
-    ];
 }
 
 /// Bound on the IPv6 extension headers we walk before giving up.

@@ -10,6 +10,7 @@
 //!   operations. Tested over a simulated faulty link.
 //! - `feed`: the datapath's non-blocking hand-off of tracker events to the replication thread.
 //! - `delay`: the optional session-pickup delay, which holds young connections back.
+//! - `lag`: how long the oldest item a peer has not acknowledged has waited (`lag_ms`).
 //! - `defer`: the optional hold of a new connection's first packet until the peers have it.
 //! - `shell`: the `[sync]` settings, the gRPC streams, and the thread that drives the core and
 //!   applies its operations to the live table.
@@ -23,6 +24,7 @@ pub mod core;
 pub mod defer;
 pub mod delay;
 pub mod feed;
+pub mod lag;
 pub mod msg;
 pub mod shell;
 #[cfg(test)]

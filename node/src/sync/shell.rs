@@ -32,6 +32,7 @@ use super::core::{self as core, Op, Outbox, Session};
 use super::defer::{self, DeferConfig, Gate, Pending};
 use super::delay::PickupDelay;
 use super::feed::{EventBatch, Events, Lost, Spares};
+use super::lag::LagClock;
 use super::msg::{Item, Msg, Skip};
 use crate::conntrack::{ApplyError, Conntrack};
 use crate::time::Timestamp;
@@ -587,6 +588,8 @@ struct Engine {
     on_ready: Box<dyn Fn(bool) + Send>,
     was_ready: Option<bool>,
     counts: Counts,
+    /// When our stream reached which sequence number (each peer's `lag_ms`).
+    lag: LagClock,
     /// `defer`: the workers' gate, and where each of their batches ends in the outbox.
     defer: Option<(Arc<Gate>, Pending)>,
     /// Where emptied batch buffers go back to the workers.
@@ -652,6 +655,7 @@ impl Engine {
             on_ready,
             was_ready: None,
             counts: Counts::default(),
+            lag: LagClock::default(),
             defer: None,
             spares: None,
         }
@@ -892,6 +896,8 @@ impl Engine {
 
     fn publish(&mut self, now: Timestamp) {
         self.outbox.set_table_estimate(self.ct.len() as u64);
+        self.lag.mark(self.outbox.last_seq(), now);
+        let lag = &self.lag;
         let peers: Vec<pb::SyncPeer> = self
             .peers
             .iter()
@@ -905,6 +911,11 @@ impl Engine {
                     last_seq_sent: s.sent,
                     last_seq_acked: s.acked,
                     lag: s.lag,
+                    lag_ms: if s.lag == 0 {
+                        0
+                    } else {
+                        lag.age(s.acked, now).as_millis() as u64
+                    },
                     unacked: s.in_flight,
                     items_applied: s.items_applied + s.items_imported,
                     bulks_sent: s.bulks_sent,
@@ -921,6 +932,9 @@ impl Engine {
                 }
             })
             .collect();
+        if let Some(acked) = peers.iter().map(|p| p.last_seq_acked).min() {
+            self.lag.forget_through(acked);
+        }
         let ready = peers.iter().all(|p| p.in_sync);
         if self.was_ready != Some(ready) {
             self.was_ready = Some(ready);

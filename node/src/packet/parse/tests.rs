@@ -290,9 +290,9 @@ fn counter_indices_are_dense_and_named() {
         ParseError::BadUdpLength,
         ParseError::BadIcmpInner,
     ];
-    let mut seen = [false; ParseError::COUNTERS];
+    let mut seen = [false; Malformed::COUNT];
     for e in all {
-        seen[e.counter_index()] = true;
+        seen[e.reason() as usize] = true;
     }
     assert!(seen.iter().all(|&s| s));
 }
