@@ -196,8 +196,7 @@ enum HaCmd {
     /// for keepalived's vrrp_script / track_script.
     Check {
         /// Answer the quorum check instead (keepalived's FAULT script): exit 1 only when the
-        /// cluster requires a Raft quorum and this node has none; 0 when fwnode does not answer
-        /// (keepalived tracks the process itself).
+        /// cluster requires a Raft quorum and this node has none.
         #[arg(long)]
         quorum: bool,
     },
@@ -522,18 +521,12 @@ fn run_ha_local(
 }
 
 /// `fwctl ha check --quorum`: exit 1 only on fwnode's word that the cluster requires a quorum
-/// and this node has none. A question that gets no answer passes (a warning on stderr): this
-/// check FAULTs the gateway, and its own failure must never take the VIPs from a pair —
-/// keepalived tracks the fwnode process, and `ha check` demotes a stuck one.
-fn ha_check_quorum(path: &std::path::Path, json: bool, timeout: u64) -> i32 {
+/// and this node has none; an fwnode too old to say passes. keepalived's script fails on exit 1
+/// only, so a question that gets no answer (exit 4) never FAULTs the gateway.
+fn ha_check_quorum(path: &std::path::Path, json: bool, timeout: u64) -> Result<i32, CliError> {
     let timeout = Duration::from_secs(timeout.max(1)).min(Duration::from_secs(2));
-    let status = match ha::call(path, ha::Op::Check, timeout) {
-        Ok((reply, _)) => reply.status,
-        Err(e) => {
-            eprintln!("fwctl: quorum check: no answer from fwnode ({e}); passing");
-            None
-        }
-    };
+    let (reply, _) = ha::call(path, ha::Op::Check, timeout)?;
+    let status = reply.status;
     let ok = status.as_ref().is_none_or(ha::Status::quorum_check);
     if json {
         print_json(&json!({
@@ -550,7 +543,7 @@ fn ha_check_quorum(path: &std::path::Path, json: bool, timeout: u64) -> i32 {
             ),
         }
     }
-    i32::from(!ok)
+    Ok(i32::from(!ok))
 }
 
 /// `fwctl ha switchover|maintenance`: one `HaMove` call; a refusal gets its own exit code.
@@ -628,7 +621,7 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
     let json = cli.output == Format::Json;
     if let Command::Ha(a) = &cli.command {
         if let HaCmd::Check { quorum: true } = a.cmd {
-            return Ok(ha_check_quorum(&a.ha_socket, json, cli.timeout));
+            return ha_check_quorum(&a.ha_socket, json, cli.timeout);
         }
         if let Some(op) = ha_local(&a.cmd) {
             return run_ha_local(&a.ha_socket, op, json, cli.timeout);

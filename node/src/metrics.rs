@@ -148,6 +148,10 @@ catalog! {
     HA_ROLE = gauge("keepstate_ha_role", "HA role of this node: 1 for the current one (standalone: no [ha]).")
         .labels(&["role"]);
     HA_READY = gauge("keepstate_ha_ready", "1 when this node may hold the virtual IPs (in sync, not in fault).");
+    HA_QUORUM_CHECK = gauge(
+        "keepstate_ha_quorum_check",
+        "1 when keepalived's quorum check passes (the cluster does not require a Raft quorum, or this node had one within 2 x the election timeout); 0 makes keepalived FAULT the gateway.",
+    );
     HA_SOCKET = counter(
         "keepstate_ha_socket_requests",
         "The HA socket (keepalived's scripts): requests served, connections refused because the caller was not root, malformed or timed-out requests, connections turned away at the limit (busy); no samples without [ha].",
@@ -485,6 +489,10 @@ impl Sources {
         o.one(
             &HA_READY,
             self.ha.as_ref().map_or(0, |h| u64::from(h.ready())),
+        );
+        o.one(
+            &HA_QUORUM_CHECK,
+            self.ha.as_ref().map_or(1, |h| u64::from(h.quorum_check())),
         );
         let socket = self.ha.as_ref().map(|h| h.counters());
         o.by(
