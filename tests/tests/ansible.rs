@@ -40,16 +40,22 @@ fn scratch(name: &str) -> PathBuf {
 #[test]
 fn playbook_passes_syntax_check() {
     let tmp = scratch("syntax");
-    let o = ansible("ansible-playbook", &tmp)
-        .args([
-            "--syntax-check",
-            "-i",
-            "inventory/example/hosts.yml",
-            "site.yml",
-        ])
-        .output()
-        .expect("running ansible-playbook");
-    assert!(o.status.success(), "syntax check failed:\n{}", text(&o));
+    for playbook in ["site.yml", "upgrade.yml"] {
+        let o = ansible("ansible-playbook", &tmp)
+            .args([
+                "--syntax-check",
+                "-i",
+                "inventory/example/hosts.yml",
+                playbook,
+            ])
+            .output()
+            .expect("running ansible-playbook");
+        assert!(
+            o.status.success(),
+            "syntax check of {playbook} failed:\n{}",
+            text(&o)
+        );
+    }
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
