@@ -218,70 +218,82 @@ pub fn render_keepalived(dir: &Path, vars: &[(&str, String)]) -> String {
     out
 }
 
+/// The HA lab's namespaces and links, with nothing running yet (`HaLab::start` and the role's
+/// HA lab, `ansible::RoleHaLab`, build on it): client and server behind a LAN and a WAN switch
+/// (bridges), gw1 and gw2 on both with their own addresses (.2, .3) and forwarding on, and the
+/// management switch `sw` (198.18.0.0/24, the operator at OPS) with gw1, gw2 and the witness m3.
+/// The VIPs (.1) are keepalived's to add; `ipv6`: the client's and server's IPv6 default routes
+/// via them too.
+pub fn ha_topology(ipv6: bool) -> Lab {
+    let mut lab = Lab::empty();
+    for h in ["client", "lan", "gw1", "gw2", "wan", "server", "m3", "sw"] {
+        lab.add_host(h);
+        lab.no_dad(h);
+    }
+    let p = lab.prefix.clone();
+    for (sw, br) in [("lan", format!("{p}bl")), ("wan", format!("{p}bw"))] {
+        // Snooping off: VRRP and NA multicast must reach every port without a querier.
+        lab.sh(
+            sw,
+            &format!("ip link add {br} type bridge mcast_snooping 0 && ip link set {br} up"),
+        );
+    }
+    let attach = |lab: &Lab, sw: &str, port: &str| {
+        let br = if sw == "lan" { "bl" } else { "bw" };
+        lab.sh(sw, &format!("ip link set {port} master {p}{br}"));
+    };
+    lab.link("client", &format!("{p}c"), "lan", &format!("{p}lc"));
+    attach(&lab, "lan", &format!("{p}lc"));
+    lab.link("server", &format!("{p}s"), "wan", &format!("{p}ws"));
+    attach(&lab, "wan", &format!("{p}ws"));
+    lab.sh(
+        "client",
+        &format!("ip addr add {CLIENT4}/24 dev {p}c && ip -6 addr add {CLIENT6}/64 dev {p}c nodad && ip route add default via {GW_LAN4}"),
+    );
+    lab.sh(
+        "server",
+        &format!("ip addr add {SERVER4}/24 dev {p}s && ip -6 addr add {SERVER6}/64 dev {p}s nodad && ip route add default via {GW_WAN4}"),
+    );
+    if ipv6 {
+        lab.sh("client", &format!("ip -6 route add default via {GW_LAN6}"));
+        lab.sh("server", &format!("ip -6 route add default via {GW_WAN6}"));
+    }
+    for gw in Gw::BOTH {
+        let (h, id, o) = (gw.host(), gw.id(), gw.own());
+        // The same interface names on both gateways: the cluster's one policy names them.
+        lab.link(h, &lab.gw_if("lan"), "lan", &format!("{p}l{id}"));
+        attach(&lab, "lan", &format!("{p}l{id}"));
+        lab.link(h, &lab.gw_if("wan"), "wan", &format!("{p}w{id}"));
+        attach(&lab, "wan", &format!("{p}w{id}"));
+        lab.sh(h, &format!(
+            "ip addr add 198.51.100.{o}/24 dev {l} && ip -6 addr add 2001:db8:1::{o}/64 dev {l} nodad && \
+             ip addr add 203.0.113.{o}/24 dev {w} && ip -6 addr add 2001:db8:2::{o}/64 dev {w} nodad && \
+             sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
+            l = lab.gw_if("lan"),
+            w = lab.gw_if("wan"),
+        ));
+    }
+    // The sync/management switch, laid out as cluster::ClusterLab lays it out (its `ctl`
+    // runs fwctl in `sw`).
+    lab.sh(
+        "sw",
+        &format!("ip link add {p}br type bridge && ip link set {p}br up && ip addr add {OPS}/24 dev {p}br"),
+    );
+    for (host, id) in [("gw1", 1u64), ("gw2", 2), ("m3", 3)] {
+        let (a, b) = (format!("{p}m{id}"), format!("{p}b{id}"));
+        lab.link(host, &a, "sw", &b);
+        lab.sh(host, &format!("ip addr add 198.18.0.{id}/24 dev {a}"));
+        lab.sh("sw", &format!("ip link set {b} master {p}br"));
+    }
+    lab
+}
+
 impl HaLab {
     /// Build the topology, start fwnode on both gateways and the witness, form the cluster,
     /// apply `POLICY`, then start keepalived on gw1 (which takes the VIPs) and gw2.
     pub fn start(opts: HaOpts) -> HaLab {
-        let mut lab = Lab::empty();
-        for h in ["client", "lan", "gw1", "gw2", "wan", "server", "m3", "sw"] {
-            lab.add_host(h);
-            lab.no_dad(h);
-        }
+        let lab = ha_topology(opts.ipv6);
         let p = lab.prefix.clone();
-        for (sw, br) in [("lan", format!("{p}bl")), ("wan", format!("{p}bw"))] {
-            // Snooping off: VRRP and NA multicast must reach every port without a querier.
-            lab.sh(
-                sw,
-                &format!("ip link add {br} type bridge mcast_snooping 0 && ip link set {br} up"),
-            );
-        }
-        let attach = |lab: &Lab, sw: &str, port: &str| {
-            let br = if sw == "lan" { "bl" } else { "bw" };
-            lab.sh(sw, &format!("ip link set {port} master {p}{br}"));
-        };
-        lab.link("client", &format!("{p}c"), "lan", &format!("{p}lc"));
-        attach(&lab, "lan", &format!("{p}lc"));
-        lab.link("server", &format!("{p}s"), "wan", &format!("{p}ws"));
-        attach(&lab, "wan", &format!("{p}ws"));
-        lab.sh(
-            "client",
-            &format!("ip addr add {CLIENT4}/24 dev {p}c && ip -6 addr add {CLIENT6}/64 dev {p}c nodad && ip route add default via {GW_LAN4}"),
-        );
-        lab.sh(
-            "server",
-            &format!("ip addr add {SERVER4}/24 dev {p}s && ip -6 addr add {SERVER6}/64 dev {p}s nodad && ip route add default via {GW_WAN4}"),
-        );
-        if opts.ipv6 {
-            lab.sh("client", &format!("ip -6 route add default via {GW_LAN6}"));
-            lab.sh("server", &format!("ip -6 route add default via {GW_WAN6}"));
-        }
-        for gw in Gw::BOTH {
-            let (h, id, o) = (gw.host(), gw.id(), gw.own());
-            // The same interface names on both gateways: the cluster's one policy names them.
-            lab.link(h, &lab.gw_if("lan"), "lan", &format!("{p}l{id}"));
-            attach(&lab, "lan", &format!("{p}l{id}"));
-            lab.link(h, &lab.gw_if("wan"), "wan", &format!("{p}w{id}"));
-            attach(&lab, "wan", &format!("{p}w{id}"));
-            lab.sh(h, &format!(
-                "ip addr add 198.51.100.{o}/24 dev {l} && ip -6 addr add 2001:db8:1::{o}/64 dev {l} nodad && \
-                 ip addr add 203.0.113.{o}/24 dev {w} && ip -6 addr add 2001:db8:2::{o}/64 dev {w} nodad && \
-                 sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
-                l = lab.gw_if("lan"),
-                w = lab.gw_if("wan"),
-            ));
-        }
-        // The sync/management switch, laid out as cluster::ClusterLab lays it out (its `ctl`
-        // runs fwctl in `sw`).
-        lab.sh(
-            "sw",
-            &format!("ip link add {p}br type bridge && ip link set {p}br up && ip addr add {OPS}/24 dev {p}br"),
-        );
-        for (host, id) in [("gw1", 1u64), ("gw2", 2), ("m3", 3)] {
-            let (a, b) = (format!("{p}m{id}"), format!("{p}b{id}"));
-            lab.link(host, &a, "sw", &b);
-            lab.sh(host, &format!("ip addr add 198.18.0.{id}/24 dev {a}"));
-            lab.sh("sw", &format!("ip link set {b} master {p}br"));
-        }
 
         let certs = crate::Certs::make(&lab.dir, &[1, 2, 3]);
         let mut members = vec![];
@@ -955,25 +967,6 @@ impl Stream {
         let left = (self.ends + slack).saturating_duration_since(Instant::now());
         self.client.wait_exit(left).is_some_and(|s| s.success())
     }
-}
-
-/// Retransmission timeouts the kernel of `host`'s namespace counted (`TcpExt: TCPTimeouts`).
-pub fn rto_count(lab: &Lab, host: &str) -> u64 {
-    let text = lab.sh(host, "cat /proc/net/netstat");
-    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
-    let (names, values) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "TCPTimeouts")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or_else(|| panic!("no TCPTimeouts in {host}'s /proc/net/netstat:\n{text}"))
-}
-
-/// Retransmission timeouts of both ends (the stream's sender is the client, the download's
-/// the server).
-pub fn rtos(lab: &Lab) -> u64 {
-    rto_count(lab, "client") + rto_count(lab, "server")
 }
 
 /// Parse iperf3's per-interval lines (`[  5]   1.00-1.10   sec   244 KBytes  20000 Kbits/sec`);

@@ -126,6 +126,25 @@ pub fn bin(name: &str) -> PathBuf {
     panic!("{name} is not built: run `cargo build --release -p fwnode` (tests/run-all.sh does)");
 }
 
+/// The previous release's binaries: `KEEPSTATE_PREVIOUS_DIR`, else built (or found built) by
+/// `tests/build-previous.sh`. A test that cannot have them fails; it never skips.
+pub fn previous_release_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("KEEPSTATE_PREVIOUS_DIR") {
+        return PathBuf::from(d);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let o = Command::new("bash")
+        .arg(root.join("tests/build-previous.sh"))
+        .output()
+        .expect("running tests/build-previous.sh");
+    assert!(
+        o.status.success(),
+        "building the previous release failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+}
+
 /// Python interpreter that has scapy (Debian's python3-scapy lives in /usr/bin/python3).
 pub fn python() -> String {
     std::env::var("KEEPSTATE_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into())
@@ -358,8 +377,10 @@ impl Drop for Lab {
     }
 }
 
+pub mod ansible;
 pub mod cluster;
 pub mod ha;
+pub mod measure;
 
 /// A cluster CA and certificates for one lab run, made with `fwctl certs` in `<dir>/tls`
 /// (what an operator would run): node certificates for the given ids, and two operators,

@@ -23,69 +23,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use keepstate_tests::ansible::{ansible, changed_tasks, python_in, recap, text};
 use keepstate_tests::cluster::{OPS, PORT};
 use keepstate_tests::*;
-
-fn ansible_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("deploy")
-        .join("ansible")
-}
-
-/// The venv with ansible-core and ansible-lint (tests/run-all.sh makes it).
-fn venv_bin() -> PathBuf {
-    let venv = std::env::var_os("KEEPSTATE_ANSIBLE_VENV").map_or_else(
-        || {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("..")
-                .join("target")
-                .join("ansible-venv")
-        },
-        PathBuf::from,
-    );
-    let bin = venv.join("bin");
-    assert!(
-        bin.join("ansible-playbook").exists() && bin.join("ansible-lint").exists(),
-        "no ansible venv at {}: run tests/run-all.sh, which installs ansible-core and ansible-lint \
-         there (or set KEEPSTATE_ANSIBLE_VENV)",
-        venv.display()
-    );
-    bin
-}
-
-/// An Ansible command from the venv, run in deploy/ansible with its ansible.cfg, no colours.
-fn ansible(tool: &str, tmp: &Path) -> Command {
-    let bin = venv_bin();
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let mut c = Command::new("timeout");
-    c.arg("900")
-        .arg(bin.join(tool))
-        .current_dir(ansible_dir())
-        .env("PATH", path)
-        .env("ANSIBLE_CONFIG", ansible_dir().join("ansible.cfg"))
-        .env("ANSIBLE_NOCOLOR", "1")
-        .env("NO_COLOR", "1")
-        .env("ANSIBLE_LOCAL_TEMP", tmp.join("ansible-local"))
-        .env("ANSIBLE_REMOTE_TEMP", tmp.join("ansible-remote"))
-        .env_remove("ANSIBLE_FORCE_COLOR");
-    c
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("keepstate-ansible-{name}-{}", std::process::id()));
@@ -97,16 +40,22 @@ fn scratch(name: &str) -> PathBuf {
 #[test]
 fn playbook_passes_syntax_check() {
     let tmp = scratch("syntax");
-    let o = ansible("ansible-playbook", &tmp)
-        .args([
-            "--syntax-check",
-            "-i",
-            "inventory/example/hosts.yml",
-            "site.yml",
-        ])
-        .output()
-        .expect("running ansible-playbook");
-    assert!(o.status.success(), "syntax check failed:\n{}", text(&o));
+    for playbook in ["site.yml", "upgrade.yml"] {
+        let o = ansible("ansible-playbook", &tmp)
+            .args([
+                "--syntax-check",
+                "-i",
+                "inventory/example/hosts.yml",
+                playbook,
+            ])
+            .output()
+            .expect("running ansible-playbook");
+        assert!(
+            o.status.success(),
+            "syntax check of {playbook} failed:\n{}",
+            text(&o)
+        );
+    }
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
@@ -193,16 +142,7 @@ impl AnsibleLab {
                     );
                 }
             }
-            let py = lab.dir.join(format!("python-{host}"));
-            std::fs::write(
-                &py,
-                format!(
-                    "#!/bin/sh\nexec ip netns exec {} /usr/bin/python3 \"$@\"\n",
-                    lab.ns(host)
-                ),
-            )
-            .unwrap();
-            Command::new("chmod").arg("755").arg(&py).status().unwrap();
+            python_in(&lab, host);
         }
         let bin_dir = bin("fwnode").parent().unwrap().to_path_buf();
         assert!(
@@ -359,52 +299,6 @@ impl AnsibleLab {
             .trim()
             .to_string()
     }
-}
-
-/// `PLAY RECAP` lines: `gw1 : ok=31 changed=0 unreachable=0 failed=0 ...`.
-fn recap(out: &str) -> BTreeMap<String, BTreeMap<String, u64>> {
-    let mut hosts = BTreeMap::new();
-    let Some(start) = out.find("PLAY RECAP") else {
-        return hosts;
-    };
-    for line in out[start..].lines().skip(1) {
-        let Some((host, counters)) = line.split_once(" : ") else {
-            continue;
-        };
-        let map: BTreeMap<String, u64> = counters
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-            .collect();
-        hosts.insert(host.trim().to_string(), map);
-    }
-    hosts
-}
-
-/// The `TASK [...]` headers followed by their `changed:` lines, from a playbook log.
-fn changed_tasks(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let mut task = "";
-    let mut out = String::new();
-    for line in text.lines() {
-        if line.starts_with("TASK [") || line.starts_with("RUNNING HANDLER [") {
-            task = line;
-        } else if line.starts_with("changed:") {
-            out.push_str(&format!("{task}\n  {line}\n"));
-        }
-    }
-    out
-}
-
-#[test]
-fn recap_parses_ansible_output() {
-    let r = recap(
-        "PLAY RECAP *****\ngw1                        : ok=31   changed=2    unreachable=0    failed=0    skipped=7\nm3 : ok=1 changed=0 unreachable=0 failed=1\n",
-    );
-    assert_eq!(r["gw1"]["changed"], 2);
-    assert_eq!(r["gw1"]["skipped"], 7);
-    assert_eq!(r["m3"]["failed"], 1);
-    assert!(recap("no recap here").is_empty());
 }
 
 impl AnsibleLab {

@@ -17,82 +17,16 @@
 // Test code: a failed step must fail the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use keepstate_tests::cluster::Ctl;
 use keepstate_tests::ha::{
-    follow_download, ftp_download, gap_after, rtos, sha256, vsftpd, Gw, HaLab, HaOpts, Stream,
-    IPERF_PORT,
+    follow_download, ftp_download, gap_after, sha256, vsftpd, Gw, HaLab, HaOpts, Stream, IPERF_PORT,
 };
+use keepstate_tests::measure::{longest_stall, rtos, Growth};
 
 /// The lab's VRRP advert interval (`HaOpts::default`), the bound on a switchover's data gap.
 const ADVERT_S: f64 = 0.1;
-
-/// The size of a file sampled every 10 ms on a thread of its own (the download grows it while
-/// the test drives the switchover).
-struct Growth {
-    start: Instant,
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<Vec<(Duration, u64)>>,
-}
-
-impl Growth {
-    fn watch(path: PathBuf) -> Growth {
-        let (start, stop) = (Instant::now(), Arc::new(AtomicBool::new(false)));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut out = Vec::new();
-            // Bounded: a download that never ends is the test's failure, not a hang.
-            while !flag.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(90) {
-                let len = std::fs::metadata(&path).map_or(0, |m| m.len());
-                out.push((start.elapsed(), len));
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            out
-        });
-        Growth {
-            start,
-            stop,
-            thread,
-        }
-    }
-
-    fn now(&self) -> Duration {
-        self.start.elapsed()
-    }
-
-    fn finish(self) -> Vec<(Duration, u64)> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap_or_default()
-    }
-}
-
-/// The longest time the file did not grow within `[from, to]`, counting only while it was
-/// still to reach its final size (the last growth before `from` opens the first interval).
-fn longest_stall(samples: &[(Duration, u64)], from: Duration, to: Duration) -> Duration {
-    let fin = samples.last().map_or(0, |s| s.1);
-    let mut growth = Vec::new();
-    let mut prev = 0;
-    for &(t, len) in samples {
-        if len > prev {
-            growth.push(t);
-            prev = len;
-        }
-        if len >= fin || t > to {
-            break;
-        }
-    }
-    let first = growth.iter().rposition(|&t| t <= from).unwrap_or(0);
-    growth[first..]
-        .windows(2)
-        .map(|w| w[1] - w[0])
-        .max()
-        .unwrap_or_default()
-}
 
 fn move_cmd(ha: &HaLab, gw: Gw, args: &[&str]) -> Ctl {
     let mut all = vec!["-o", "json", "ha"];

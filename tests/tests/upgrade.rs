@@ -15,33 +15,12 @@
 // Test code: a failed step must fail the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use keepstate_tests::ha::{
     follow_download, ftp_download, gap_after, sha256, vsftpd, Gw, HaLab, HaOpts, Stream,
     IPERF_PORT, POLICY,
 };
-
-/// The previous release's binaries: `KEEPSTATE_PREVIOUS_DIR`, else built (or found built) by
-/// `tests/build-previous.sh`. A test that cannot have them fails; it never skips.
-fn previous_dir() -> PathBuf {
-    if let Ok(d) = std::env::var("KEEPSTATE_PREVIOUS_DIR") {
-        return PathBuf::from(d);
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let o = Command::new("bash")
-        .arg(root.join("tests/build-previous.sh"))
-        .output()
-        .expect("running tests/build-previous.sh");
-    assert!(
-        o.status.success(),
-        "building the previous release failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
-}
 
 /// Member `id`'s `fwctl status`.
 fn status(ha: &HaLab, id: u64) -> serde_json::Value {
@@ -51,7 +30,7 @@ fn status(ha: &HaLab, id: u64) -> serde_json::Value {
 /// A lab where member `old` (1 = gw1, 2 = gw2, 3 = the witness) runs the previous release;
 /// snapshots every 3 entries, keeping 1, so a member that misses a few catches up by snapshot.
 fn mixed(old: &[u64]) -> HaLab {
-    let prev = previous_dir();
+    let prev = keepstate_tests::previous_release_dir();
     for b in ["fwnode", "fwctl"] {
         assert!(
             prev.join(b).exists(),

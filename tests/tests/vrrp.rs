@@ -24,9 +24,10 @@
 use std::time::{Duration, Instant};
 
 use keepstate_tests::ha::{
-    follow_download, ftp_download, gap_after, rtos, sha256, vsftpd, without_sync_instance, Gw,
-    HaLab, HaOpts, Stream, IPERF_PORT,
+    follow_download, ftp_download, gap_after, sha256, vsftpd, without_sync_instance, Gw, HaLab,
+    HaOpts, Stream, IPERF_PORT,
 };
+use keepstate_tests::measure::rtos;
 
 /// The lab's VRRP advert interval (`HaOpts::default`).
 const ADVERT_S: f64 = 0.1;
