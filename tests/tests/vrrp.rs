@@ -21,6 +21,7 @@
 // Test code: a failed step must fail the test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use keepstate_tests::ha::{
@@ -31,6 +32,17 @@ use keepstate_tests::measure::rtos;
 
 /// The lab's VRRP advert interval (`HaOpts::default`).
 const ADVERT_S: f64 = 0.1;
+
+/// Held by every test of this file for its whole run: they measure VRRP timing (and one loads
+/// the host with a burst of processes), which a second lab on this host's two cores would
+/// disturb; so they run one at a time whatever `--test-threads` says.
+static ALONE: Mutex<()> = Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    ALONE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Who held a VIP, sampled every 10 ms for `how_long`.
 #[derive(Debug, Default)]
@@ -80,6 +92,7 @@ fn ha_status(ha: &HaLab, gw: Gw) -> serde_json::Value {
 
 #[test]
 fn vrrp_cut_on_the_lan_then_also_the_wan_makes_no_second_master_and_costs_no_session() {
+    let _alone = alone();
     let ha = HaLab::start(HaOpts::default());
     let lab = ha.lab();
     let (_ftp, big, _) = vsftpd(lab, 3_000_000);
@@ -158,6 +171,7 @@ fn vrrp_cut_on_the_lan_then_also_the_wan_makes_no_second_master_and_costs_no_ses
 /// hears nothing from the peer and gw2 becomes a second master.
 #[test]
 fn negative_without_the_sync_path_a_cut_of_both_sides_makes_two_masters() {
+    let _alone = alone();
     let ha = HaLab::start(HaOpts {
         keepalived_edit: Some(without_sync_instance),
         ..HaOpts::default()
@@ -187,6 +201,7 @@ fn negative_without_the_sync_path_a_cut_of_both_sides_makes_two_masters() {
 /// it keeps them beside gw1. With the setting on, a crash of gw1 still fails over to gw2.
 #[test]
 fn require_quorum_faults_the_gateway_cut_off_from_the_cluster_and_keeps_crash_failover() {
+    let _alone = alone();
     let mut ha = HaLab::start(HaOpts::default());
     let partition = |ha: &HaLab, on: bool| {
         ha.vrrp_cut(true, true, on);
@@ -330,6 +345,7 @@ fn process_burst(ha: &HaLab, gw: Gw, n: usize) {
 /// full and moves nothing.
 #[test]
 fn a_burst_of_processes_on_the_active_gateway_misses_no_process_event_and_moves_no_vip() {
+    let _alone = alone();
     let ha = HaLab::start(HaOpts::default());
     let t = Instant::now();
     process_burst(&ha, Gw::Gw1, 4000);
@@ -353,6 +369,7 @@ fn a_burst_of_processes_on_the_active_gateway_misses_no_process_event_and_moves_
 /// condition under which the VIPs once moved), so the test above measures something.
 #[test]
 fn negative_with_the_default_buffer_the_same_burst_loses_process_events() {
+    let _alone = alone();
     fn default_buffer(conf: String) -> String {
         conf.lines()
             .filter(|l| !l.trim_start().starts_with("process_monitor_rcv_bufs"))
