@@ -1662,38 +1662,206 @@ mod tests {
         out
     }
 
-    /// The Grafana dashboard is valid JSON, queries only metrics that exist, and has the panels
-    /// operators look for.
-    #[test]
-    fn the_grafana_dashboard_uses_only_existing_metrics() {
-        let text = include_str!("../../deploy/grafana/keepstate.json");
-        let dash: serde_json::Value = serde_json::from_str(text).unwrap();
+    /// PromQL's tokens, enough to read aggregations: words (names, numbers, keywords) and single
+    /// punctuation characters; string literals (label values) are left out.
+    fn promql_tokens(expr: &str) -> Vec<String> {
+        let word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+        let mut out = vec![];
+        let mut chars = expr.chars().peekable();
+        while let Some(c) = chars.next() {
+            if word(c) {
+                let mut w = c.to_string();
+                while let Some(&n) = chars.peek().filter(|n| word(**n)) {
+                    w.push(n);
+                    chars.next();
+                }
+                out.push(w);
+            } else if c == '"' {
+                while let Some(n) = chars.next() {
+                    match n {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' => break,
+                        _ => {}
+                    }
+                }
+            } else if !c.is_whitespace() {
+                out.push(c.to_string());
+            }
+        }
+        out
+    }
+
+    /// Whether every aggregation in `expr` keeps the `instance` label (`by (…, instance)`, or
+    /// `without (…)` that does not name it): the panel shows each node's value, not their sum.
+    fn aggregations_keep_instance(expr: &str) -> bool {
+        const AGGREGATIONS: [&str; 8] = [
+            "sum", "avg", "min", "max", "count", "group", "stddev", "stdvar",
+        ];
+        let t = promql_tokens(expr);
+        let at = |i: usize| t.get(i).map_or("", String::as_str);
+        // The labels of the `by`/`without` clause at `i`, if there is one.
+        let clause = |i: usize| {
+            (matches!(at(i), "by" | "without") && at(i + 1) == "(").then(|| {
+                let labels: Vec<&str> = t[i + 2..]
+                    .iter()
+                    .map(String::as_str)
+                    .take_while(|l| *l != ")")
+                    .collect();
+                (at(i) == "by") == labels.contains(&"instance")
+            })
+        };
+        for i in 0..t.len() {
+            if !AGGREGATIONS.contains(&at(i)) {
+                continue;
+            }
+            let keeps = match clause(i + 1) {
+                Some(keeps) => keeps,
+                None if at(i + 1) == "(" => {
+                    // `sum (…) by (…)`: the clause after the argument.
+                    let mut depth = 0;
+                    let mut j = i + 1;
+                    while j < t.len() {
+                        match at(j) {
+                            "(" => depth += 1,
+                            ")" => depth -= 1,
+                            _ => {}
+                        }
+                        if depth == 0 {
+                            break;
+                        }
+                        j += 1;
+                    }
+                    clause(j + 1).unwrap_or(false)
+                }
+                None => true, // not an aggregation: a label or a legend word
+            };
+            if !keeps {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// What is wrong with a Grafana dashboard: not JSON, queries of metrics that do not exist,
+    /// panels without a unit, the connection table's contents summed across nodes (both gateways
+    /// hold the same replicated table: a sum counts each connection twice), panels or the
+    /// failover annotation missing.
+    fn dashboard_problems(text: &str) -> Vec<String> {
+        let dash: serde_json::Value = match serde_json::from_str(text) {
+            Ok(d) => d,
+            Err(e) => return vec![format!("not JSON: {e}")],
+        };
+        // Gauges of the table's contents: per node only.
+        const TABLE: [&str; 3] = [
+            "keepstate_connections",
+            "keepstate_tcp_connections",
+            "keepstate_expectations",
+        ];
         let known = exposed_names();
-        let mut used = vec![];
-        for p in dash["panels"].as_array().unwrap() {
-            for t in p["targets"].as_array().into_iter().flatten() {
-                let expr = t["expr"].as_str().unwrap();
+        let mut bad = vec![];
+        // Every metric a panel queries, with the panel's unit.
+        let mut used: Vec<(String, String)> = vec![];
+        for p in dash["panels"].as_array().into_iter().flatten() {
+            let title = &p["title"];
+            let targets: Vec<&serde_json::Value> =
+                p["targets"].as_array().into_iter().flatten().collect();
+            let unit = p["fieldConfig"]["defaults"]["unit"].as_str().unwrap_or("");
+            if !targets.is_empty() && unit.is_empty() {
+                bad.push(format!("panel {title} has no unit"));
+            }
+            for t in targets {
+                let expr = t["expr"].as_str().unwrap_or("");
                 for m in metric_tokens(expr) {
-                    assert!(
-                        known.contains(&m),
-                        "panel {:?} queries unknown {m}",
-                        p["title"]
-                    );
-                    used.push(m);
+                    if !known.contains(&m) {
+                        bad.push(format!("panel {title} queries unknown {m}"));
+                    }
+                    if TABLE.contains(&m.as_str()) && !aggregations_keep_instance(expr) {
+                        bad.push(format!("panel {title} sums {m} across nodes: {expr}"));
+                    }
+                    used.push((m, unit.to_string()));
                 }
             }
         }
-        for want in [
-            "keepstate_verdicts_total",
-            "keepstate_invalid_packets_total",
-            "keepstate_connections",
-            "keepstate_sync_lag_items",
-            "keepstate_ha_role",
-            "keepstate_raft_leader_id",
-            "keepstate_raft_term",
-            "keepstate_policy_version",
+        let mut annotated = vec![];
+        for a in dash["annotations"]["list"].as_array().into_iter().flatten() {
+            let expr = a["expr"]
+                .as_str()
+                .or(a["target"]["expr"].as_str())
+                .unwrap_or("");
+            for m in metric_tokens(expr) {
+                if !known.contains(&m) {
+                    bad.push(format!("annotation {} queries unknown {m}", a["name"]));
+                }
+                annotated.push(m);
+            }
+        }
+        if !annotated.iter().any(|m| m == "keepstate_ha_role") {
+            bad.push("no annotation marks changes of keepstate_ha_role (failovers)".into());
+        }
+        // Metrics some panel must show, and the units it may show them in (any when empty).
+        let wants: [(&str, &[&str]); 16] = [
+            ("keepstate_verdicts_total", &["pps"]),
+            ("keepstate_packets_total", &["pps"]),
+            ("keepstate_bytes_total", &["bps", "Bps", "binbps", "binBps"]),
+            ("keepstate_invalid_packets_total", &[]),
+            ("keepstate_connections", &[]),
+            ("keepstate_tcp_connections", &[]),
+            ("keepstate_connections_max", &["percentunit", "percent"]),
+            ("keepstate_nfqueue_waiting_packets", &[]),
+            ("keepstate_nfqueue_kernel_drops_total", &[]),
+            ("keepstate_sync_lag_items", &[]),
+            ("keepstate_ha_role", &[]),
+            ("keepstate_ha_ready", &[]),
+            ("keepstate_ha_quorum_check", &[]),
+            ("keepstate_raft_quorum_ack_age_seconds", &["s"]),
+            ("keepstate_raft_leader_id", &[]),
+            ("keepstate_raft_term", &[]),
+        ];
+        for (want, units) in wants {
+            if !used
+                .iter()
+                .any(|(m, u)| m == want && (units.is_empty() || units.contains(&u.as_str())))
+            {
+                bad.push(format!("no panel shows {want} (in {units:?})"));
+            }
+        }
+        if !used.iter().any(|(m, _)| m == "keepstate_policy_version") {
+            bad.push("no panel shows keepstate_policy_version".into());
+        }
+        bad
+    }
+
+    /// The Grafana dashboard is valid JSON, queries only metrics that exist, gives every panel a
+    /// unit, shows each node's table rather than the gateways' sum, and has the panels operators
+    /// look for and the failover markers.
+    #[test]
+    fn the_grafana_dashboard_uses_only_existing_metrics() {
+        let problems = dashboard_problems(include_str!("../../deploy/grafana/keepstate.json"));
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
+
+    #[test]
+    fn aggregations_that_drop_the_instance_are_caught() {
+        for ok in [
+            "keepstate_connections{instance=~\"$instance\"} > 0",
+            "sum by (instance, job) (keepstate_connections) / sum by (instance, job) (keepstate_connections_max)",
+            "sum (keepstate_connections) by (instance)",
+            "max without (protocol) (keepstate_connections)",
+            "max_over_time(keepstate_connections[5m])",
         ] {
-            assert!(used.iter().any(|u| u == want), "no panel shows {want}");
+            assert!(aggregations_keep_instance(ok), "{ok}");
+        }
+        for summed in [
+            "sum by (protocol) (keepstate_connections{instance=~\"$instance\"}) > 0",
+            "max(keepstate_connections_max)",
+            "sum(keepstate_connections)",
+            "sum (keepstate_connections) by (protocol)",
+            "count without (instance) (keepstate_connections)",
+            "keepstate_connections / on (instance) group_left sum(keepstate_connections_max)",
+        ] {
+            assert!(!aggregations_keep_instance(summed), "{summed}");
         }
     }
 
