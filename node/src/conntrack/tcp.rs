@@ -475,7 +475,15 @@ impl TcpConn {
             let swin = (win << sender.scale).max(1);
             sender.end = end;
             sender.maxwin = sender.maxwin.max(swin);
-            sender.maxend = end + sender.maxwin;
+            // The sender's own window stands in for its receiver's until the receiver's ACKs
+            // tell, unless they already have: a receiver that re-learned first set `maxend`
+            // from its real window, and lowering it to a small window of the sender's left
+            // the stream beyond it (found by the takeover nudge's end-to-end test, where the
+            // probes' answers reach the gateway first).
+            let guess = end + sender.maxwin;
+            if receiver.flags & DIR_RELEARN != 0 || guess.after(sender.maxend) {
+                sender.maxend = guess;
+            }
             if t.flags.ack() {
                 if receiver.maxwin == 0 || receiver.flags & DIR_RELEARN != 0 {
                     receiver.end = ack;

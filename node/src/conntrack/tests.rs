@@ -381,6 +381,58 @@ fn pickup_learns_windows_mid_stream() {
     );
 }
 
+/// Found by the takeover nudge's end-to-end test (a download died 2 s after the takeover):
+/// after `handover` the receiver's ACK came first and set the sender's `maxend` from its large
+/// window; then the sender's first segment re-learned its bounds and lowered `maxend` to its
+/// own small window. Its next segments ran past it and the grace let them pass without moving
+/// a bound (as Linux's be_liberal), the receiver's ACKs then acknowledged beyond the sender's
+/// `end` and passed the same way, and when the grace ended every segment either way was out of
+/// window for good.
+#[test]
+fn a_relearning_sender_keeps_the_window_its_receiver_just_announced() {
+    let a = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    f.window = 1000;
+    let o = handshake(&a, &mut f);
+    track(&a, 3, &f.seg(true, A | P, 500));
+    f.cseq = f.cseq.wrapping_add(10_000_000);
+    f.sseq = f.sseq.wrapping_add(10_000_000);
+    assert_eq!(a.handover(t(5)), 1);
+    // A bulk sender (the client) with a small receive window of its own, a receiver with a
+    // large one, whose ACK comes first (a probe's answer, or a delayed ACK).
+    f.window = 64000;
+    assert_eq!(
+        track(&a, 5, &f.seg(false, A, 0)).state,
+        CtState::Established
+    );
+    for i in 0..20 {
+        f.window = 1000;
+        assert_eq!(
+            track(&a, 6 + i, &f.seg(true, A, 1448)).state,
+            CtState::Established
+        );
+    }
+    f.window = 64000;
+    assert_eq!(
+        track(&a, 30, &f.seg(false, A, 0)).state,
+        CtState::Established
+    );
+    // After the grace, the stream goes on either way.
+    let after = 5 + HANDOVER_LIBERAL.as_millis() as u64 + 10;
+    for i in 0..3 {
+        f.window = 1000;
+        let o1 = track(&a, after + i, &f.seg(true, A, 1448));
+        assert_eq!(
+            (o1.state, o1.conn),
+            (CtState::Established, o.conn),
+            "data {i}"
+        );
+        f.window = 64000;
+        let o2 = track(&a, after + i, &f.seg(false, A, 0));
+        assert_eq!(o2.state, CtState::Established, "ack {i}");
+    }
+}
+
 /// A connection this node forwarded, then its peer (a switchover), then this node again (the
 /// failback): its own bounds are stale by the time it forwards again. Without the re-learn
 /// the stream is out of window; after `handover` it carries on, a RST still needs a
