@@ -94,6 +94,7 @@ fn helper_cost_on_other_traffic(c: &mut Criterion) {
             stats: Arc::new(WorkerStats::default()),
             reject_mark: fwnode::datapath::worker::REJECT_MARK,
             feed: None,
+            nudge: None,
         }
     };
     let mut syn = TcpSpec::new(40000, 443, TcpFlags::SYN);

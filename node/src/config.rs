@@ -223,6 +223,22 @@ impl Config {
                 "[ha] is for gateways: a witness holds no virtual IPs (remove the section)",
             ));
         }
+        if let Some(h) = cfg
+            .ha
+            .as_ref()
+            .filter(|h| h.takeover_nudge_mtu < crate::ha::MIN_NUDGE_MTU)
+        {
+            let at = line_of(&text, "ha", "takeover_nudge_mtu")
+                .map_or(String::new(), |l| format!(":{l}"));
+            return Err(ConfigError::Invalid {
+                path: format!("{p}{at}"),
+                message: format!(
+                    "[ha] takeover_nudge_mtu = {} is below {}: no host lowers its path MTU that far",
+                    h.takeover_nudge_mtu,
+                    crate::ha::MIN_NUDGE_MTU
+                ),
+            });
+        }
         match (&cfg.sync, &cfg.cluster) {
             (Some(_), None) => {
                 return Err(invalid(
@@ -396,6 +412,29 @@ mod tests {
             .to_string();
         assert!(e.contains("[ha] is for gateways"), "{e}");
         assert!(load_with("", witness).is_ok());
+    }
+
+    #[test]
+    fn the_takeover_nudge_is_off_by_default_and_its_mtu_is_checked_with_its_line() {
+        let h = load_with("", "[ha]\n").unwrap().ha.unwrap();
+        assert!(!h.takeover_nudge);
+        let h = load_with(
+            "",
+            "[ha]\ntakeover_nudge = true\ntakeover_nudge_mtu = 1400\n",
+        )
+        .unwrap()
+        .ha
+        .unwrap();
+        assert!(h.takeover_nudge && h.takeover_nudge_mtu == 1400);
+        let e = load_with(
+            "",
+            "[ha]\ntakeover_nudge = true\ntakeover_nudge_mtu = 500\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("takeover_nudge_mtu = 500 is below 576"), "{e}");
+        // [node] and [datapath] take 4 lines, [policy] 2, then [ha] and its two keys.
+        assert!(e.contains(".toml:9"), "{e}");
     }
 
     #[test]

@@ -22,13 +22,14 @@
 //! | [`policy`] | `CompiledPolicy::eval(meta)` | the rule model, its file format, the compiled first-match matcher |
 //! | [`sync::core`] | `handle(now, msg)`, `handle_timeout(now)`; drained by `poll_transmit`, `poll_op`, `poll_timeout` | the replication protocol: outbox, sessions, acks, retransmission, bulk transfers |
 //! | [`sync::delay`], [`sync::defer`] | tracker events, acks, `now` | the session-pickup delay; which held first packets may go |
+//! | [`datapath::nudge`] | `handle_takeover(now, connections)`, `handle_answer(now, packet)`; drained by `poll_transmit`, `poll_timeout` | the takeover nudge: which endpoints to probe, at what pace, and the ICMP "too big" for each answer |
 //! | [`ha::role`] | `promote`, `demote`, `fault` (keepalived), `synced` (replication), each with `now` | the gateway's HA role and whether it may hold the VIPs |
 //! | [`raft::state`] | `apply(request)` for each committed command | policy versions, history, rollback, HA settings |
 //!
 //! | shell | around | owns |
 //! |---|---|---|
 //! | [`conntrack::Conntrack`] | `Shard` | the shards behind one mutex each, routing by a symmetric hash, the global bounds, paged reads for the API and bulk pages |
-//! | [`datapath`] | `packet`, `conntrack`, `helper`, `policy` | the NFQUEUE client ([`datapath::nfqueue`]), the iptables rules ([`datapath::rules`]), the per-queue worker loop ([`datapath::worker`]), the interface listener ([`datapath::links`]) |
+//! | [`datapath`] | `packet`, `conntrack`, `helper`, `policy` | the NFQUEUE client ([`datapath::nfqueue`]), the iptables rules ([`datapath::rules`]), the per-queue worker loop ([`datapath::worker`]), the interface listener ([`datapath::links`]), the takeover nudge's raw sockets and thread ([`datapath::nudge::shell`]) |
 //! | [`policy::PolicyStore`] | `policy` | the enforced version behind one atomic pointer |
 //! | [`sync::feed`], [`sync::shell`] | `sync::core` | the datapath's non-blocking hand-off of events; the gRPC streams and the engine thread that applies the core's operations to the table |
 //! | [`ha`] | `ha::role` | the clock-reading handle and the root-only local socket ([`ha::socket`]) |
@@ -77,6 +78,7 @@
 //! | the control plane (a two-thread tokio runtime; parsing and compiling policies on its blocking pool) | [`cluster`]: openraft, the Raft and Control services, and the metrics endpoint | the datapath, which only sees whole policies swapped in |
 //! | `metrics`, only on a node with `[metrics]` but no `[cluster]` | [`metrics`]'s endpoint on a one-thread runtime of its own | the datapath |
 //! | `ha-socket` and one short-lived thread per client | [`ha::socket`] | the control plane's runtime |
+//! | `nudge`, only with `[ha] takeover_nudge` | [`datapath::nudge::shell`]: the probes and ICMP messages after a takeover, paced | the datapath (workers hand it answers through a channel) |
 //! | main | signals, SIGHUP reloads of a standalone policy, the stats file every 200 ms, a dead worker stopping the daemon | — |
 
 pub mod api;

@@ -14,6 +14,7 @@ use fwnode::cluster;
 use fwnode::config::Config;
 use fwnode::conntrack::Conntrack;
 use fwnode::datapath::nfqueue::QueueConfig;
+use fwnode::datapath::nudge::shell::Nudge;
 use fwnode::datapath::rules::{self, RuleSpec};
 use fwnode::datapath::worker::{self, Pipeline, WorkerConfig, WorkerStats};
 use fwnode::ha::{HaHandle, HaServer};
@@ -238,6 +239,7 @@ fn worker_outcome(r: std::thread::Result<std::io::Result<()>>) -> Result<()> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn start_datapath(
     cfg: &Config,
     ct: &Arc<Conntrack>,
@@ -246,6 +248,7 @@ fn start_datapath(
     origin: Instant,
     stop: &Arc<AtomicBool>,
     replication: Option<(&FeedMaker, Option<DeferConfig>)>,
+    nudge: Option<&Arc<Nudge>>,
 ) -> Result<Datapath> {
     let spec = rule_spec(cfg);
     let d = &cfg.datapath;
@@ -283,6 +286,7 @@ fn start_datapath(
             stats: stats.clone(),
             reject_mark: d.reject_mark,
             feed: replication.as_ref().map(|(f, _)| f.feed(index)),
+            nudge: nudge.cloned(),
         };
         let stop = stop.clone();
         let ready = ready_tx.clone();
@@ -406,6 +410,17 @@ fn run(cfg: Config) -> Result<()> {
             );
         });
     }
+    let nudge = match cfg.ha.as_ref().filter(|h| h.takeover_nudge) {
+        Some(h) => Some(
+            Nudge::start(h.takeover_nudge_mtu, ct.clone(), origin)
+                .context("starting the takeover nudge ([ha] takeover_nudge needs CAP_NET_RAW)")?,
+        ),
+        None => None,
+    };
+    if let (Some(h), Some(n)) = (&ha, &nudge) {
+        let n = n.clone();
+        h.on_takeover(move || n.takeover());
+    }
     // Replication starts before the datapath so that no event of the first packets is lost.
     let (sync, feeds) = match (&cfg.sync, &cfg.cluster) {
         (Some(s), Some(c)) if replicate => {
@@ -453,6 +468,7 @@ fn run(cfg: Config) -> Result<()> {
                     let v = h.view();
                     Arc::new(move || v.status()) as Arc<dyn Fn() -> _ + Send + Sync>
                 }),
+                nudge: nudge.clone(),
             }
         }),
         ha: ha.clone(),
@@ -514,7 +530,16 @@ fn run(cfg: Config) -> Result<()> {
     let datapath = if gateway {
         let defer = sync.as_ref().and_then(|s| s.defer());
         let replication = feeds.as_ref().map(|f| (f, defer));
-        match start_datapath(&cfg, &ct, &store, &all_stats, origin, &stop, replication) {
+        match start_datapath(
+            &cfg,
+            &ct,
+            &store,
+            &all_stats,
+            origin,
+            &stop,
+            replication,
+            nudge.as_ref(),
+        ) {
             Ok(d) => Some(d),
             Err(e) => {
                 if let Some(m) = metrics {

@@ -30,6 +30,7 @@ use serde::Deserialize;
 
 use crate::conntrack::tcp::TcpState;
 use crate::conntrack::{Conntrack, InvalidReason};
+use crate::datapath::nudge::shell::Nudge;
 use crate::datapath::worker::WorkerStats;
 use crate::ha::HaHandle;
 use crate::helper::ftp::Reject;
@@ -259,6 +260,11 @@ catalog! {
     DEFER_WAIT = counter("keepstate_defer_wait_seconds", "defer: time held, summed over every released packet.")
         .unit("seconds")
         .milli();
+    TAKEOVER_NUDGE = counter(
+        "keepstate_takeover_nudge",
+        "[ha] takeover_nudge: unplanned takeovers, probes sent, endpoints that answered, ICMP too-big messages sent, endpoints not probed (beyond the rate); no samples when off.",
+    )
+    .labels(&["event"]);
     SYNC_PEER_CONNECTED = gauge("keepstate_sync_peer_connected", "1 while the replication stream with the peer is up.")
         .labels(&["peer"]);
     SYNC_PEER_IN_SYNC = gauge("keepstate_sync_peer_in_sync", "1 when this node has the peer's table (bulk done, resumed, or timed out).")
@@ -324,6 +330,8 @@ pub struct DatapathSource {
     pub queues: Vec<u16>,
     /// State replication's status, when `[sync]` is configured.
     pub sync: Option<Arc<dyn Fn() -> v1::SyncStatusReply + Send + Sync>>,
+    /// The takeover nudge, when `[ha] takeover_nudge` is on.
+    pub nudge: Option<Arc<Nudge>>,
 }
 
 impl std::fmt::Debug for DatapathSource {
@@ -728,6 +736,19 @@ fn datapath_families(o: &mut Out, dp: &DatapathSource) {
     );
     o.one(&DEFER_FULL, sum(&|s| s.defer_full.load(Relaxed)));
     o.one(&DEFER_WAIT, sum(&|s| s.defer_wait_us.load(Relaxed)) / 1000);
+    let nudge = dp.nudge.as_ref().map(|n| n.counters());
+    o.by(
+        &TAKEOVER_NUDGE,
+        nudge.iter().flat_map(|c| {
+            [
+                ("takeover", c.takeovers),
+                ("probe", c.probes),
+                ("answer", c.answers),
+                ("too_big", c.too_big),
+                ("skipped", c.skipped),
+            ]
+        }),
+    );
     if let Some(sync) = &dp.sync {
         sync_families(o, &sync());
     }
@@ -1222,6 +1243,7 @@ mod tests {
                     }],
                     ..Default::default()
                 })),
+                nudge: None,
             }),
             ha: Some(HaHandle::new(true)),
             tls: None,

@@ -133,6 +133,8 @@ pub struct HaOpts {
     /// Applied to each gateway's rendered keepalived config: the negative controls of
     /// tests/tests/vrrp.rs take a part of the template out (e.g. [`without_sync_instance`]).
     pub keepalived_edit: Option<fn(String) -> String>,
+    /// Lines appended to the gateways' `[ha]` section (e.g. `takeover_nudge = true`).
+    pub ha_extra: String,
 }
 
 impl Default for HaOpts {
@@ -146,6 +148,7 @@ impl Default for HaOpts {
             bin_dirs: [None, None, None],
             cluster_extra: String::new(),
             keepalived_edit: None,
+            ha_extra: String::new(),
         }
     }
 }
@@ -178,7 +181,11 @@ pub fn ha_sections(opts: &HaOpts, ha_socket: &Path, id: u64) -> (String, String)
     } else {
         String::new()
     };
-    let ha = format!("[ha]\nsocket = \"{}\"\n", ha_socket.display());
+    let ha = format!(
+        "[ha]\nsocket = \"{}\"\n{}",
+        ha_socket.display(),
+        opts.ha_extra
+    );
     (sync, ha)
 }
 

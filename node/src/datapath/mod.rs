@@ -2,10 +2,12 @@
 //!
 //! `nfqueue` talks netlink, `rules` installs the kernel side, `worker` runs the per-packet
 //! pipeline (parse → track → policy → verdict) on one thread per queue, `links` keeps the
-//! policy's interface names mapped to current ifindexes from rtnetlink link events.
+//! policy's interface names mapped to current ifindexes from rtnetlink link events, `nudge`
+//! makes stalled TCP senders retransmit after a takeover (`[ha] takeover_nudge`).
 
 pub mod links;
 pub mod nfqueue;
+pub mod nudge;
 pub mod rules;
 pub mod sys;
 pub mod worker;

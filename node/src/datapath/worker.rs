@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::nfqueue::{Answer, Msg, Queue, QueueConfig, Verdict};
+use super::nudge::shell::Nudge;
 use super::sys::EventFd;
 use crate::conntrack::helper_state::HelperKind;
 use crate::conntrack::{ConnId, Conntrack, CtState, Direction, Expectation, InvalidReason, Shard};
@@ -115,6 +116,8 @@ pub struct Pipeline {
     /// Replication's end of this worker: tracker events leave here (`None`: replication is
     /// off, and the tracker builds no events).
     pub feed: Option<Feed>,
+    /// The takeover nudge (`[ha] takeover_nudge`), shown every accepted packet.
+    pub nudge: Option<Arc<Nudge>>,
 }
 
 /// A packet's verdict, and whether it opened a connection here (the policy accepted the first
@@ -231,6 +234,9 @@ impl Pipeline {
             Action::Accept => {
                 s.accepted.fetch_add(1, Relaxed);
                 s.accepted_bytes.fetch_add(bytes, Relaxed);
+                if let Some(n) = &self.nudge {
+                    n.on_accepted(now, &pkt, data);
+                }
                 Verdict::Accept
             }
             Action::Drop => {
@@ -552,6 +558,7 @@ mod tests {
             stats: Arc::new(WorkerStats::default()),
             reject_mark: REJECT_MARK,
             feed: None,
+            nudge: None,
         }
     }
 

@@ -40,12 +40,23 @@ pub const DEFAULT_SOCKET: &str = "/run/keepstate/ha.sock";
 pub struct HaConfig {
     /// The root-only Unix socket `fwctl ha` talks to. Its directory is created if missing.
     pub socket: PathBuf,
+    /// After an unplanned takeover, make the TCP senders that lost segments with the failed
+    /// peer retransmit at once (`datapath::nudge`). Off by default.
+    pub takeover_nudge: bool,
+    /// The path MTU the nudge announces: one below the largest packets the flows send (1499
+    /// on Ethernet), so that they lose one byte of MSS for the kernel's PMTU expiry (10 min).
+    pub takeover_nudge_mtu: u16,
 }
+
+/// `takeover_nudge_mtu`'s least value: IPv4's minimum reassembly size (IPv6 raises it to 1280).
+pub const MIN_NUDGE_MTU: u16 = 576;
 
 impl Default for HaConfig {
     fn default() -> Self {
         HaConfig {
             socket: PathBuf::from(DEFAULT_SOCKET),
+            takeover_nudge: false,
+            takeover_nudge_mtu: 1499,
         }
     }
 }
@@ -59,8 +70,12 @@ struct Counters {
 }
 
 /// What runs when the VIPs move to or from this node, or are about to come (outside the
-/// machine's lock).
+/// machine's lock); and what runs when this node takes them unplanned.
 type OnHandover = Box<dyn Fn() + Send + Sync>;
+
+/// How long after the HA settings chose this gateway a promotion counts as that planned move
+/// (no takeover hook): the longest `fwctl ha switchover --wait` waits by default.
+const PLANNED_MOVE: std::time::Duration = std::time::Duration::from_secs(30);
 
 struct Inner {
     machine: Mutex<RoleMachine>,
@@ -69,6 +84,9 @@ struct Inner {
     origin_unix_ms: u64,
     counters: Counters,
     on_handover: std::sync::OnceLock<OnHandover>,
+    on_takeover: std::sync::OnceLock<OnHandover>,
+    /// Until when (machine clock, ms) a promotion is a planned move to this gateway.
+    planned_until_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Inner {
@@ -102,6 +120,8 @@ impl HaHandle {
             origin_unix_ms,
             counters: Counters::default(),
             on_handover: std::sync::OnceLock::new(),
+            on_takeover: std::sync::OnceLock::new(),
+            planned_until_ms: AtomicU64::new(0),
         }))
     }
 
@@ -111,6 +131,13 @@ impl HaHandle {
     /// (`Conntrack::handover`). Set once; a second call is ignored.
     pub fn on_handover(&self, f: impl Fn() + Send + Sync + 'static) {
         let _ = self.0.on_handover.set(Box::new(f));
+    }
+
+    /// Run `f` when keepalived makes this node ACTIVE and the HA settings did not just choose
+    /// it (within [`PLANNED_MOVE`]): the peer failed, or keepalived moved the VIPs on its own.
+    /// After `on_handover`'s hook. The takeover nudge starts here. Set once.
+    pub fn on_takeover(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.0.on_takeover.set(Box::new(f));
     }
 
     fn handover(&self) {
@@ -135,6 +162,12 @@ impl HaHandle {
         let t = f(&mut self.0.machine.lock(), now);
         if t.is_some_and(|t| (t.to == Role::Active) != (t.from == Role::Active)) {
             self.handover();
+        }
+        let unplanned = now.as_millis() >= self.0.planned_until_ms.load(Relaxed);
+        if t.is_some_and(|t| t.to == Role::Active && t.cause == role::Cause::Promote) && unplanned {
+            if let Some(hook) = self.0.on_takeover.get() {
+                hook();
+            }
         }
         if let Some(t) = t {
             if t.to == Role::Active && !t.ready {
@@ -182,6 +215,10 @@ impl HaHandle {
         // A planned move is to give this gateway the VIPs: the chosen one, or one just
         // released (the preferred gateway fails back).
         let coming = preferred == Some(me) || t.is_some_and(|t| t.cause == role::Cause::Release);
+        if coming && self.role() != Role::Active {
+            let until = self.now().plus(PLANNED_MOVE).as_millis();
+            self.0.planned_until_ms.store(until, Relaxed);
+        }
         if coming && self.role() != Role::Active && self.0.on_handover.get().is_some() {
             // Called from Raft's runtime: a sweep of a large table must not hold it up.
             let h = self.clone();
@@ -361,5 +398,33 @@ mod tests {
         let c: HaConfig = toml::from_str("socket = \"/tmp/x.sock\"").unwrap();
         assert_eq!(c.socket, PathBuf::from("/tmp/x.sock"));
         assert!(toml::from_str::<HaConfig>("sock = 1").is_err());
+    }
+
+    #[test]
+    fn the_takeover_hook_runs_on_an_unplanned_promotion_only() {
+        use std::sync::atomic::AtomicUsize;
+        let h = HaHandle::new(true);
+        let n = Arc::new(AtomicUsize::new(0));
+        let n2 = n.clone();
+        h.on_takeover(move || {
+            n2.fetch_add(1, Relaxed);
+        });
+        // keepalived promotes this gateway on its own (the peer failed): the hook runs.
+        assert!(h.promote().is_some());
+        assert_eq!(n.load(Relaxed), 1);
+        // Demotion and a repeated promotion do not run it.
+        assert!(h.demote().is_some());
+        assert!(h.promote().is_some());
+        assert_eq!(n.load(Relaxed), 2);
+        assert!(h.demote().is_some());
+        // The HA settings choose this gateway (a switchover to it): its promotion is planned.
+        h.apply_settings(1, Some(1), false);
+        assert!(h.promote().is_some());
+        assert_eq!(n.load(Relaxed), 2, "a planned move is no takeover");
+        // Negative control: the same promotion once the planned window is over.
+        assert!(h.demote().is_some());
+        h.0.planned_until_ms.store(0, Relaxed);
+        assert!(h.promote().is_some());
+        assert_eq!(n.load(Relaxed), 3);
     }
 }

@@ -1,10 +1,10 @@
 //! Transport checksums (RFC 1071 ones' complement sum) with the IPv4/IPv6 pseudo-header.
 //!
 //! Owns: checking a packet's TCP, UDP, ICMP or ICMPv6 checksum when the whole packet was
-//! captured. Must not touch: connection state, policy, I/O. Like Linux conntrack, the datapath
-//! asks only for packets the kernel has not verified already (NFQUEUE's
-//! `NFQA_SKB_CSUM_NOTVERIFIED`); the IPv4 header checksum is always verified by the kernel
-//! before the packet reaches any hook, so it is not checked here.
+//! captured, and computing one for a packet fwnode builds. Must not touch: connection state,
+//! policy, I/O. Like Linux conntrack, the datapath asks only for packets the kernel has not
+//! verified already (NFQUEUE's `NFQA_SKB_CSUM_NOTVERIFIED`); the IPv4 header checksum is
+//! always verified by the kernel before the packet reaches any hook, so it is not checked here.
 //!
 //! Hand-written: it is a dozen lines over a byte slice, on the hot path, and needs the packet's
 //! own layout (pseudo-header, extension headers) that the parser already knows.
@@ -99,9 +99,15 @@ pub fn check(pkt: &Packet, data: &[u8]) -> Checksum {
     }
 }
 
-/// Write the transport checksum of a packet built in a test (see `build`). Leaves packets it
-/// cannot parse alone.
-pub(super) fn fill(p: &mut [u8]) {
+/// The checksum to write into an ICMPv4 message whose checksum field is zero (ICMPv4 has no
+/// pseudo-header).
+pub fn icmpv4(message: &[u8]) -> u16 {
+    !fold(sum(0, message))
+}
+
+/// Write the transport checksum of a whole IP packet we built (tests, `build`, the takeover
+/// nudge's probes). Leaves packets it cannot parse alone.
+pub fn fill(p: &mut [u8]) {
     let Ok(pkt) = Packet::parse(p) else { return };
     let field = match pkt.l4 {
         L4::Tcp(_) => 16,
