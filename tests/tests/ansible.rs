@@ -181,6 +181,10 @@ impl AnsibleLab {
                 py = lab.dir.join(format!("python-{host}")).display(),
                 root = self.root(host).display(),
             ));
+            if *host == "gw2" {
+                // Off by default (gw1); rendered and checked by `--check-config` when on.
+                list.push_str("          keepstate_takeover_nudge: true\n");
+            }
             if *role == "witness" {
                 list.push_str(&format!(
                     "          keepstate_install_from: url\n          keepstate_release_url: {RELEASE_URL}\n\
@@ -342,6 +346,12 @@ impl AnsibleLab {
             );
             let notify = root.join("etc/keepalived/keepstate/notify.sh");
             assert!(notify.exists(), "{} is missing", notify.display());
+            let toml = std::fs::read_to_string(&config).unwrap();
+            assert_eq!(
+                toml.contains("takeover_nudge = true\ntakeover_nudge_mtu = 1499"),
+                host == "gw2",
+                "keepstate_takeover_nudge (true on gw2 only) is not in {host}'s fwnode.toml:\n{toml}"
+            );
         } else {
             assert!(
                 !ka.exists(),

@@ -1,4 +1,4 @@
-//! The libc helpers the netlink shells share (`nfqueue`, `links`), and the eventfd a worker
+//! The libc helpers the socket shells share (`nfqueue`, `links`, `nudge`), and the eventfd a worker
 //! sleeps on beside its queue. Owns nothing else.
 
 use std::io;
@@ -15,7 +15,7 @@ pub(super) fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 
 /// `setsockopt(2)` with a plain value.
 pub(super) fn setsockopt<T>(
-    fd: &OwnedFd,
+    fd: &impl AsRawFd,
     level: libc::c_int,
     opt: libc::c_int,
     v: T,

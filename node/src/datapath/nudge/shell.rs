@@ -15,6 +15,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use super::{NudgeCounters, Nudger, Transmit, MAX_CONNECTIONS};
 use crate::conntrack::tcp::TcpState;
 use crate::conntrack::{ConnInfo, Conntrack, ListCursor, ProtoState};
+use crate::datapath::sys::setsockopt;
 use crate::packet::{Packet, L4};
 use crate::time::Timestamp;
 
@@ -55,35 +56,16 @@ impl Sockets {
         // IPPROTO_RAW: we write the IP header (and it receives nothing).
         let probe = Socket::new(domain, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
         if v6 {
-            set_opt(&probe, libc::IPPROTO_IPV6, libc::IPV6_HDRINCL, 1i32)?;
+            setsockopt(&probe, libc::IPPROTO_IPV6, libc::IPV6_HDRINCL, 1i32)?;
         }
         let icmp = Socket::new(domain, Type::RAW, Some(icmp))?;
         // Receive no ICMP at all: these sockets only send (one bit per type, set = filtered).
         if v6 {
-            set_opt(&icmp, libc::IPPROTO_ICMPV6, ICMP6_FILTER, [u32::MAX; 8])?;
+            setsockopt(&icmp, libc::IPPROTO_ICMPV6, ICMP6_FILTER, [u32::MAX; 8])?;
         } else {
-            set_opt(&icmp, libc::SOL_RAW, ICMP_FILTER, u32::MAX)?;
+            setsockopt(&icmp, libc::SOL_RAW, ICMP_FILTER, u32::MAX)?;
         }
         Ok(Sockets { probe, icmp })
-    }
-}
-
-fn set_opt<T>(s: &Socket, level: libc::c_int, opt: libc::c_int, v: T) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: `v` is a plain value of the size passed, alive for the call; the fd is open.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            level,
-            opt,
-            &v as *const T as *const libc::c_void,
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
     }
 }
 
