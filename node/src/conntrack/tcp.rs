@@ -475,12 +475,14 @@ impl TcpConn {
             let swin = (win << sender.scale).max(1);
             sender.end = end;
             sender.maxwin = sender.maxwin.max(swin);
-            // The sender's own window stands in for its receiver's until the receiver's ACKs
-            // tell, unless they already have: a receiver that re-learned first set `maxend`
-            // from its real window, and lowering it to a small window of the sender's left
-            // the stream beyond it (found by the takeover nudge's end-to-end test, where the
-            // probes' answers reach the gateway first).
-            let guess = end + sender.maxwin;
+            // How far the sender may go before the receiver's next ACK says: the largest
+            // window the receiver was seen to offer (the copy's), or the sender's own where
+            // none is known (a mid-stream pickup); a bulk sender's own window is small and its
+            // trains run past it. And never lower than what a receiver that re-learned first
+            // has just set from its real window: that left a stream beyond its bounds for
+            // good when the handover grace ended (found by the takeover nudge's end-to-end
+            // test, where the probes' answers reach the gateway first).
+            let guess = end + sender.maxwin.max(receiver.maxwin);
             if receiver.flags & DIR_RELEARN != 0 || guess.after(sender.maxend) {
                 sender.maxend = guess;
             }

@@ -381,6 +381,33 @@ fn pickup_learns_windows_mid_stream() {
     );
 }
 
+/// A learned entry (or one after `handover`) re-learns the sender's bounds from its first
+/// segment; until the receiver's next ACK, the sender may go as far as the receiver's window
+/// (known from the copy), not just its own: a bulk sender with a small window of its own sends
+/// trains longer than that (found in the HA lab at 0.02 s adverts: a 64 KB GSO train dropped as
+/// out of window before keepalived's notify reached fwnode, while no grace applied).
+#[test]
+fn a_relearning_sender_may_fill_its_receivers_known_window() {
+    let a = Conntrack::new(&cfg());
+    let mut f = Flow::v4();
+    f.window = 1000;
+    handshake(&a, &mut f);
+    // The receiver (the server) announced a large window while the copy was made.
+    f.window = 64000;
+    track(&a, 3, &f.seg(false, A, 0));
+    f.cseq = f.cseq.wrapping_add(10_000_000);
+    f.sseq = f.sseq.wrapping_add(10_000_000);
+    assert_eq!(a.handover(t(5)), 1);
+    // After the grace: nothing is liberal any more; the sender (client, window 1000) goes
+    // first with 20 segments, 29 KB, before the server's next ACK.
+    let after = 5 + HANDOVER_LIBERAL.as_millis() as u64 + 10;
+    f.window = 1000;
+    for i in 0..20 {
+        let o = track(&a, after + i, &f.seg(true, A, 1448));
+        assert_eq!(o.state, CtState::Established, "segment {i}");
+    }
+}
+
 /// Found by the takeover nudge's end-to-end test (a download died 2 s after the takeover):
 /// after `handover` the receiver's ACK came first and set the sender's `maxend` from its large
 /// window; then the sender's first segment re-learned its bounds and lowered `maxend` to its
