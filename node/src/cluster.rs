@@ -301,8 +301,18 @@ pub fn start(
         members: members.clone(),
         stats,
     };
+    // Members (by the address in the Raft membership) may use the handshake slots that
+    // strangers cannot.
+    let known: crate::transport::Known = {
+        let metrics = raft.metrics();
+        Arc::new(move |ip| {
+            let m = metrics.borrow();
+            let ms = m.membership_config.membership();
+            crate::transport::is_one_of(ip, ms.nodes().map(|(_, n)| n.addr.as_str()))
+        })
+    };
     let incoming = runtime
-        .block_on(async { transport.incoming(cfg.listen) })
+        .block_on(async { transport.incoming(cfg.listen, known) })
         .map_err(|e| StartError::Listen {
             addr: cfg.listen,
             source: e,

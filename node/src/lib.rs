@@ -34,7 +34,7 @@
 //! | [`sync::feed`], [`sync::shell`] | `sync::core` | the datapath's non-blocking hand-off of events; the gRPC streams and the engine thread that applies the core's operations to the table |
 //! | [`ha`] | `ha::role` | the clock-reading handle and the root-only local socket ([`ha::socket`]) |
 //! | [`raft`] (`store`, `network`), [`api`], [`cluster`] | `raft::state`, `policy` | openraft's storage and transport, the `keepstate.v1.Control` service, the control-plane runtime |
-//! | [`transport`], [`tls`] | every gRPC port | how servers and channels are built (mTLS plugs in there); certificates and the "may this caller do that" checks |
+//! | [`transport`], [`tls`] | every gRPC port | how servers and channels are built (mTLS plugs in there), which connections may start a handshake ([`transport::admission`]); certificates and the "may this caller do that" checks |
 //! | [`metrics`] | everything that counts | the one catalog of metrics behind Prometheus, `fwctl stats` and the stats file: reads counters when asked, adds nothing to the packet path |
 //! | [`config`] and the binary (`main.rs`) | everything | the TOML schema; startup order, signals, the stats file, the threads |
 //!

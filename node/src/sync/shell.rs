@@ -286,8 +286,12 @@ pub fn start(
         .enable_all()
         .build()
         .map_err(StartError::Runtime)?;
+    // The configured peers may use the handshake slots that strangers cannot.
+    let peers: Vec<String> = cfg.peers.iter().map(|p| p.addr.clone()).collect();
+    let known: crate::transport::Known =
+        Arc::new(move |ip| crate::transport::is_one_of(ip, peers.iter().map(String::as_str)));
     let incoming = runtime
-        .block_on(async { transport.incoming(cfg.listen) })
+        .block_on(async { transport.incoming(cfg.listen, known) })
         .map_err(|e| StartError::Listen {
             addr: cfg.listen,
             source: e,

@@ -6,7 +6,8 @@
 //! [`Transport`]: a listener hands tonic connections whose TLS handshake (client certificate
 //! required and verified against the CA) has completed, each carrying a [`ConnInfo`] with the
 //! client's identity for the services' checks (`tls`); a channel verifies the server's
-//! certificate against the CA and, for a known peer, that it names that peer.
+//! certificate against the CA and, for a known peer, that it names that peer. Which connections
+//! may start a handshake at all is [`admission`]'s count (members keep slots no flood takes).
 //! The message-size limit is not set here: tonic sets it per generated service and client,
 //! so every one of them sets [`keepstate_proto::MAX_MESSAGE_BYTES`] where it is built (the
 //! one constant both ends share, fwctl included).
@@ -24,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::transport::server::{Connected, TcpIncoming};
@@ -32,70 +33,42 @@ use tonic::transport::{Channel, Endpoint, Server, Uri};
 
 use crate::tls::{self, ConnInfo, Credentials, Identity};
 
+pub mod admission;
+
+use admission::Admission;
+
 /// A TLS handshake that has not completed in this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Handshakes in progress per listener; connections beyond are closed at once (a flood of
-/// connection attempts costs a listener this much, and other listeners nothing).
-const MAX_HANDSHAKES: usize = 128;
-/// Handshakes in progress per listener from one source address: a host that floods the port
-/// (Raft and the control API share it) with connections it never completes holds at most
-/// these, and the members' own connections still get a slot.
-const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
 
-/// The handshake slots of one listener, in all and per source address.
-#[derive(Debug)]
-struct HandshakeSlots {
-    all: Arc<Semaphore>,
-    by_source: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+/// Whether a source address is a known peer of a listener (a cluster member, a configured
+/// sync peer): known sources may use the handshake slots strangers cannot (`admission`).
+pub type Known = Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>;
+
+/// A known-nobody `Known` (every source is a stranger).
+pub fn nobody_known() -> Known {
+    Arc::new(|_| false)
 }
 
-/// One handshake's slot; given back when dropped.
-#[derive(Debug)]
+/// Whether `ip` is the address of one of `addrs` (`ip:port` strings; names that are not
+/// addresses match nothing).
+pub fn is_one_of<'a>(ip: std::net::IpAddr, addrs: impl IntoIterator<Item = &'a str>) -> bool {
+    let ip = ip.to_canonical();
+    addrs
+        .into_iter()
+        .filter_map(|a| a.parse::<SocketAddr>().ok())
+        .any(|a| a.ip().to_canonical() == ip)
+}
+
+/// One admitted handshake; given back when dropped.
 struct Slot {
-    _all: tokio::sync::OwnedSemaphorePermit,
+    admission: Arc<parking_lot::Mutex<Admission>>,
     source: Option<std::net::IpAddr>,
-    slots: Arc<HandshakeSlots>,
-}
-
-impl HandshakeSlots {
-    fn new() -> Arc<Self> {
-        Arc::new(HandshakeSlots {
-            all: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
-            by_source: parking_lot::Mutex::new(std::collections::HashMap::new()),
-        })
-    }
-
-    /// A slot for a handshake from `source`, unless the listener or that source is at its
-    /// bound.
-    fn take(self: &Arc<Self>, source: Option<std::net::IpAddr>) -> Option<Slot> {
-        let all = self.all.clone().try_acquire_owned().ok()?;
-        if let Some(ip) = source {
-            let mut m = self.by_source.lock();
-            let n = m.entry(ip).or_insert(0);
-            if *n >= MAX_HANDSHAKES_PER_SOURCE {
-                return None;
-            }
-            *n += 1;
-        }
-        Some(Slot {
-            _all: all,
-            source,
-            slots: self.clone(),
-        })
-    }
+    known: bool,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(ip) = self.source {
-            let mut m = self.slots.by_source.lock();
-            if let Some(n) = m.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    m.remove(&ip);
-                }
-            }
-        }
+        self.admission.lock().release(self.source, self.known);
     }
 }
 
@@ -272,13 +245,18 @@ impl Transport {
     /// socket itself, and without TCP_NODELAY small replies meet the peer's delayed ACK (a
     /// 40 ms stall per call). Must be called inside a tokio runtime (it spawns the acceptor,
     /// which ends when the returned stream is dropped).
-    pub fn incoming(&self, addr: SocketAddr) -> io::Result<ReceiverStream<io::Result<Conn>>> {
+    /// `known`: which sources may use the slots reserved for members (`admission`).
+    pub fn incoming(
+        &self,
+        addr: SocketAddr,
+        known: Known,
+    ) -> io::Result<ReceiverStream<io::Result<Conn>>> {
         let mut tcp = TcpIncoming::bind(addr)?
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(10)));
         let (tx, rx) = mpsc::channel::<io::Result<Conn>>(64);
         let security = self.security.clone();
-        let slots = HandshakeSlots::new();
+        let admission = Arc::new(parking_lot::Mutex::new(Admission::default()));
         tokio::spawn(async move {
             loop {
                 let s = tokio::select! {
@@ -301,9 +279,16 @@ impl Transport {
                         }
                     }
                     Security::Mtls(creds) => {
-                        let Some(slot) = slots.take(remote.map(|r| r.ip())) else {
-                            tracing::debug!(%addr, ?remote, "too many TLS handshakes in progress");
+                        let source = remote.map(|r| r.ip());
+                        let known = source.is_some_and(|ip| known(ip));
+                        if let Err(why) = admission.lock().admit(source, known) {
+                            tracing::debug!(%addr, ?remote, ?why, "TLS handshake not admitted");
                             continue;
+                        }
+                        let slot = Slot {
+                            admission: admission.clone(),
+                            source,
+                            known,
                         };
                         let acceptor = tokio_rustls::TlsAcceptor::from(creds.server_config());
                         let tx = tx.clone();
@@ -573,11 +558,15 @@ mod tests {
     }
 
     async fn serve(t: &Transport) -> SocketAddr {
+        serve_knowing(t, nobody_known()).await
+    }
+
+    async fn serve_knowing(t: &Transport, known: Known) -> SocketAddr {
         // Bind a free port first: `incoming` takes an address.
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = probe.local_addr().unwrap();
         drop(probe);
-        let incoming = t.incoming(addr).unwrap();
+        let incoming = t.incoming(addr, known).unwrap();
         let server = t
             .server()
             .add_service(RaftServer::new(Probe))
@@ -633,9 +622,9 @@ mod tests {
         let ca1 = ca("ca1");
         let server = mtls(d.files("n1", &[&ca1], &node(&ca1, 1)));
         let addr = serve(&server).await;
-        // 2 * MAX_HANDSHAKES idle connections from 127.0.0.2, none of which says a word.
+        // 2 * admission::MAX_HANDSHAKES idle connections from 127.0.0.2, none of which says a word.
         let mut flood = Vec::new();
-        for _ in 0..2 * MAX_HANDSHAKES {
+        for _ in 0..2 * admission::MAX_HANDSHAKES {
             let s = tokio::net::TcpSocket::new_v4().unwrap();
             s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
             flood.push(s.connect(addr).await.unwrap());
@@ -652,6 +641,67 @@ mod tests {
         );
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
         drop(flood);
+    }
+
+    /// Idle connections to `addr` from `per_host` ports of each of `sources`.
+    async fn flood(addr: SocketAddr, sources: &[String], per_host: usize) -> Vec<TcpStream> {
+        let mut out = Vec::new();
+        for src in sources {
+            for _ in 0..per_host {
+                let s = tokio::net::TcpSocket::new_v4().unwrap();
+                s.bind(format!("{src}:0").parse().unwrap()).unwrap();
+                out.push(s.connect(addr).await.unwrap());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        out
+    }
+
+    /// The security review's flood: one host with 25 addresses (here 127.0.1.2-26) took
+    /// every handshake slot with per-address limits alone. Its network's share now ends it,
+    /// and a caller from another network (127.0.0.1, a stranger here) gets through.
+    #[tokio::test]
+    async fn a_flood_from_many_addresses_of_one_network_does_not_starve_the_others() {
+        let d = Dir::new("netflood");
+        let ca1 = ca("ca1");
+        let server = mtls(d.files("n1", &[&ca1], &node(&ca1, 1)));
+        let addr = serve(&server).await;
+        let sources: Vec<String> = (2..27).map(|h| format!("127.0.1.{h}")).collect();
+        let held = flood(addr, &sources, admission::PER_HOST).await;
+        let n2 = mtls(d.files("n2", &[&ca1], &node(&ca1, 2)));
+        let r = tokio::time::timeout(Duration::from_secs(3), call(&n2, addr, Some(1))).await;
+        assert_eq!(
+            r.ok(),
+            Some(Ok(format!("{:?}", Caller::Node(2)))),
+            "a caller from another network did not get through"
+        );
+        drop(held);
+    }
+
+    /// Strangers from many networks fill what strangers may take; a member (a known
+    /// address) still gets through, a stranger does not (the negative control: the same
+    /// caller unknown).
+    #[tokio::test]
+    async fn members_keep_reserved_handshake_slots_that_no_stranger_flood_takes() {
+        let d = Dir::new("reserved");
+        let ca1 = ca("ca1");
+        let sources: Vec<String> = (10..22)
+            .flat_map(|n| (1..5).map(move |h| format!("127.0.{n}.{h}")))
+            .collect();
+        let n2 = mtls(d.files("n2", &[&ca1], &node(&ca1, 2)));
+        for known in [true, false] {
+            let server = mtls(d.files("n1", &[&ca1], &node(&ca1, 1)));
+            let me: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+            let addr = serve_knowing(&server, Arc::new(move |ip| known && ip == me)).await;
+            let held = flood(addr, &sources, admission::PER_HOST).await;
+            let r = tokio::time::timeout(Duration::from_secs(2), call(&n2, addr, Some(1))).await;
+            assert_eq!(
+                matches!(r, Ok(Ok(_))),
+                known,
+                "known caller: {known}, call: {r:?}"
+            );
+            drop(held);
+        }
     }
 
     #[tokio::test]
