@@ -134,7 +134,7 @@ impl HaHandle {
     }
 
     /// Run `f` when keepalived makes this node ACTIVE and the HA settings did not just choose
-    /// it (within [`PLANNED_MOVE`]): the peer failed, or keepalived moved the VIPs on its own.
+    /// it (within `PLANNED_MOVE`, 30 s): the peer failed, or keepalived moved the VIPs on its own.
     /// After `on_handover`'s hook. The takeover nudge starts here. Set once.
     pub fn on_takeover(&self, f: impl Fn() + Send + Sync + 'static) {
         let _ = self.0.on_takeover.set(Box::new(f));

@@ -23,9 +23,9 @@
 //!    kernel forgets after `net.ipv4.route.mtu_expires` (10 min). Choose `mtu` one below the
 //!    largest packets the flows send (1499 on Ethernet): flows then lose one byte of MSS.
 //!
-//! At most [`RATE`] probes a second, for at most [`SPAN`] (the first connections listed win;
+//! At most [`RATE`] probes a second, for at most [`SPAN_MS`] (the first connections listed win;
 //! the rest are counted as skipped: after about a second the senders' own timers are as good);
-//! answers count until [`SPAN`] + [`ANSWER_GRACE`] after the takeover, and each endpoint gets at
+//! answers count until [`SPAN_MS`] + [`ANSWER_GRACE_MS`] after the takeover, and each endpoint gets at
 //! most one ICMP per takeover.
 //!
 //! This module is the sans-IO core, [`Nudger`]: `handle_takeover` (the connections to nudge),
