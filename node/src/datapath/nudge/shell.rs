@@ -25,8 +25,7 @@ enum Msg {
     Wake,
 }
 
-/// The shared handle. Workers pay one atomic load per accepted bare TCP ACK while no nudge
-/// listens.
+/// The shared handle. Outside a nudge, workers pay one atomic load per accepted packet.
 #[derive(Debug)]
 pub struct Nudge {
     core: Mutex<Nudger>,
