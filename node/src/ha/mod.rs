@@ -412,8 +412,12 @@ mod tests {
         // keepalived promotes this gateway on its own (the peer failed): the hook runs.
         assert!(h.promote().is_some());
         assert_eq!(n.load(Relaxed), 1);
-        // Demotion and a repeated promotion do not run it.
+        // A promotion while active changes nothing; a demotion does not run it, the next
+        // unplanned promotion does.
+        assert!(h.promote().is_none());
+        assert_eq!(n.load(Relaxed), 1);
         assert!(h.demote().is_some());
+        assert_eq!(n.load(Relaxed), 1);
         assert!(h.promote().is_some());
         assert_eq!(n.load(Relaxed), 2);
         assert!(h.demote().is_some());
