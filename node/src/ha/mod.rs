@@ -215,11 +215,13 @@ impl HaHandle {
         // A planned move is to give this gateway the VIPs: the chosen one, or one just
         // released (the preferred gateway fails back).
         let coming = preferred == Some(me) || t.is_some_and(|t| t.cause == role::Cause::Release);
-        if coming && self.role() != Role::Active {
-            let until = self.now().plus(PLANNED_MOVE).as_millis();
-            self.0.planned_until_ms.store(until, Relaxed);
+        if !coming || self.role() == Role::Active {
+            return;
         }
-        if coming && self.role() != Role::Active && self.0.on_handover.get().is_some() {
+        // Its promotion is then no takeover (`on_takeover`).
+        let until = self.now().plus(PLANNED_MOVE).as_millis();
+        self.0.planned_until_ms.store(until, Relaxed);
+        if self.0.on_handover.get().is_some() {
             // Called from Raft's runtime: a sweep of a large table must not hold it up.
             let h = self.clone();
             let spawned = std::thread::Builder::new()

@@ -1,8 +1,9 @@
-//! Builders of raw IP packets for tests, benchmarks and fuzz seeds.
+//! Builders of raw IP packets for tests, benchmarks, fuzz seeds and the takeover nudge's
+//! probes (`datapath::nudge`, sent through a raw socket).
 //!
 //! Owns only byte assembly of well-formed IPv4/IPv6 + TCP/UDP/ICMP packets, with correct
-//! transport checksums (the IPv4 header checksum is left zero: the kernel checks it, not us).
-//! Not used on the packet path; allocates freely.
+//! transport checksums (the IPv4 header checksum is left zero: the kernel fills it in for a raw
+//! socket and checks it on input, not us). Not used on the packet path; allocates freely.
 
 use std::net::IpAddr;
 
@@ -43,7 +44,8 @@ impl TcpSpec {
     }
 }
 
-/// An IP header around `l4` (`proto` is the upper-layer protocol). Mixed families panic: test-only.
+/// An IP header around `l4` (`proto` is the upper-layer protocol): IPv4 when both addresses
+/// are, else IPv6 (an IPv4 address as IPv4-mapped).
 pub fn ip(src: IpAddr, dst: IpAddr, protocol: u8, l4: &[u8]) -> Vec<u8> {
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
@@ -57,17 +59,23 @@ pub fn ip(src: IpAddr, dst: IpAddr, protocol: u8, l4: &[u8]) -> Vec<u8> {
             super::checksum::fill(&mut p);
             p
         }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
+        (s, d) => {
             let mut p = vec![0x60, 0, 0, 0];
             p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
             p.extend_from_slice(&[protocol, 64]);
-            p.extend_from_slice(&s.octets());
-            p.extend_from_slice(&d.octets());
+            p.extend_from_slice(&v6(s).octets());
+            p.extend_from_slice(&v6(d).octets());
             p.extend_from_slice(l4);
             super::checksum::fill(&mut p);
             p
         }
-        _ => panic!("mixed address families in a test packet"),
+    }
+}
+
+fn v6(a: IpAddr) -> std::net::Ipv6Addr {
+    match a {
+        IpAddr::V6(a) => a,
+        IpAddr::V4(a) => a.to_ipv6_mapped(),
     }
 }
 

@@ -105,9 +105,9 @@ pub fn icmpv4(message: &[u8]) -> u16 {
     !fold(sum(0, message))
 }
 
-/// Write the transport checksum of a whole IP packet we built (tests, `build`, the takeover
-/// nudge's probes). Leaves packets it cannot parse alone.
-pub fn fill(p: &mut [u8]) {
+/// Write the transport checksum of a packet we built (see `build`). Leaves packets it cannot
+/// parse alone.
+pub(super) fn fill(p: &mut [u8]) {
     let Ok(pkt) = Packet::parse(p) else { return };
     let field = match pkt.l4 {
         L4::Tcp(_) => 16,

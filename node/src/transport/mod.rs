@@ -623,13 +623,7 @@ mod tests {
         let server = mtls(d.files("n1", &[&ca1], &node(&ca1, 1)));
         let addr = serve(&server).await;
         // 2 * admission::MAX_HANDSHAKES idle connections from 127.0.0.2, none of which says a word.
-        let mut flood = Vec::new();
-        for _ in 0..2 * admission::MAX_HANDSHAKES {
-            let s = tokio::net::TcpSocket::new_v4().unwrap();
-            s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-            flood.push(s.connect(addr).await.unwrap());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let held = flood(addr, &["127.0.0.2".into()], 2 * admission::MAX_HANDSHAKES).await;
         // Node 2 calls from 127.0.0.1 while the flood holds its connections open.
         let n2 = mtls(d.files("n2", &[&ca1], &node(&ca1, 2)));
         let t = std::time::Instant::now();
@@ -640,7 +634,7 @@ mod tests {
             "the member's call did not get through the flood"
         );
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
-        drop(flood);
+        drop(held);
     }
 
     /// Idle connections to `addr` from `per_host` ports of each of `sources`.

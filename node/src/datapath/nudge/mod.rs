@@ -41,7 +41,7 @@ use std::net::IpAddr;
 
 use crate::conntrack::tcp::{TcpConn, TcpState};
 use crate::conntrack::tuple::Tuple;
-use crate::packet::{checksum, proto, Packet, TcpFlags, L4};
+use crate::packet::{build, checksum, proto, Packet, TcpFlags, L4};
 use crate::time::Timestamp;
 
 /// Probes sent per second at most.
@@ -274,43 +274,14 @@ impl Nudger {
     }
 }
 
-/// The probe: a bare ACK from `p.from` to `p.to`, as a whole IP packet with its TCP checksum.
+/// The probe: a bare ACK from `p.from` to `p.to`, as a whole IP packet with its TCP checksum;
+/// the largest unscaled window (should the segment ever be accepted, it must not close one).
 fn probe_packet(p: &Probe) -> Vec<u8> {
-    let mut tcp = Vec::with_capacity(20);
-    tcp.extend_from_slice(&p.from.1.to_be_bytes());
-    tcp.extend_from_slice(&p.to.1.to_be_bytes());
-    tcp.extend_from_slice(&p.seq.to_be_bytes());
-    tcp.extend_from_slice(&p.ack.to_be_bytes());
-    // Data offset 5 words, ACK, the largest unscaled window (should the segment ever be
-    // accepted, it must not close the window), checksum, urgent pointer.
-    tcp.extend_from_slice(&[5 << 4, TcpFlags::ACK, 0xff, 0xff, 0, 0, 0, 0]);
-    let mut packet = match (p.from.0, p.to.0) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut h = vec![0x45, 0];
-            h.extend_from_slice(&40u16.to_be_bytes());
-            // Identification (the kernel fills it in when zero), don't fragment, TTL 64.
-            h.extend_from_slice(&[0, 0, 0x40, 0, 64, proto::TCP, 0, 0]);
-            h.extend_from_slice(&s.octets());
-            h.extend_from_slice(&d.octets());
-            h
-        }
-        (s, d) => {
-            let mut h = vec![0x60, 0, 0, 0, 0, 20, proto::TCP, 64];
-            h.extend_from_slice(&v6(s));
-            h.extend_from_slice(&v6(d));
-            h
-        }
-    };
-    packet.extend_from_slice(&tcp);
-    checksum::fill(&mut packet);
-    packet
-}
-
-fn v6(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V6(a) => a.octets(),
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-    }
+    let mut t = build::TcpSpec::new(p.from.1, p.to.1, TcpFlags::ACK);
+    t.seq = p.seq;
+    t.ack = p.ack;
+    t.window = u16::MAX;
+    build::tcp(p.from.0, p.to.0, &t)
 }
 
 #[cfg(test)]
