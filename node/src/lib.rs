@@ -21,6 +21,7 @@
 //! | [`helper::ftp`] | `(state, segment)` | FTP line reassembly and parsing; the expectations it asks for |
 //! | [`policy`] | `CompiledPolicy::eval(meta)` | the rule model, its file format, the compiled first-match matcher |
 //! | [`sync::core`] | `handle(now, msg)`, `handle_timeout(now)`; drained by `poll_transmit`, `poll_op`, `poll_timeout` | the replication protocol: outbox, sessions, acks, retransmission, bulk transfers |
+//! | [`sync::replicator`] | `handle_events`, `handle_msg(now, peer, msg, table)`, `handle_timeout(now, table)`; drained by `poll_transmit`, `poll_close`, `poll_timeout` | one gateway's replication whole: the outbox, a session per peer, the pickup delay, `defer`'s bookkeeping, lag, and the one path that applies a peer's items to a table (`Replica`, which `Conntrack` implements) |
 //! | [`sync::delay`], [`sync::defer`] | tracker events, acks, `now` | the session-pickup delay; which held first packets may go |
 //! | [`datapath::nudge`] | `handle_takeover(now, connections)`, `handle_answer(now, packet)`; drained by `poll_transmit`, `poll_timeout` | the takeover nudge: which endpoints to probe, at what pace, and the ICMP "too big" for each answer |
 //! | [`ha::role`] | `promote`, `demote`, `fault` (keepalived), `synced` (replication), each with `now` | the gateway's HA role and whether it may hold the VIPs |
@@ -31,7 +32,7 @@
 //! | [`conntrack::Conntrack`] | `Shard` | the shards behind one mutex each, routing by a symmetric hash, the global bounds, paged reads for the API and bulk pages |
 //! | [`datapath`] | `packet`, `conntrack`, `helper`, `policy` | the NFQUEUE client ([`datapath::nfqueue`]), the iptables rules ([`datapath::rules`]), the per-queue worker loop ([`datapath::worker`]), the interface listener ([`datapath::links`]), the takeover nudge's raw sockets and thread ([`datapath::nudge::shell`]) |
 //! | [`policy::PolicyStore`] | `policy` | the enforced version behind one atomic pointer |
-//! | [`sync::feed`], [`sync::shell`] | `sync::core` | the datapath's non-blocking hand-off of events; the gRPC streams and the engine thread that applies the core's operations to the table |
+//! | [`sync::feed`], [`sync::shell`] | `sync::replicator` | the datapath's non-blocking hand-off of events; the gRPC streams and the engine thread that drives the replicator against the live table |
 //! | [`ha`] | `ha::role` | the clock-reading handle and the root-only local socket ([`ha::socket`]) |
 //! | [`raft`] (`store`, `network`), [`api`], [`cluster`] | `raft::state`, `policy` | openraft's storage and transport, the `keepstate.v1.Control` service, the control-plane runtime |
 //! | [`transport`], [`tls`] | every gRPC port | how servers and channels are built (mTLS plugs in there), which connections may start a handshake ([`transport::admission`]); certificates and the "may this caller do that" checks |
@@ -74,7 +75,7 @@
 //! |---|---|---|
 //! | `queue-N`, one per NFQUEUE queue (and one for the helper queue) | [`datapath::worker::run`]: receive a batch, parse, track, judge, help, send the verdicts; timer work every 100 ms | the network, Raft, replication (its events go through a bounded channel that drops and flags a resync when full) |
 //! | `links` | rtnetlink link events into the policy's interface registry | — |
-//! | the replication engine (its own single-threaded tokio runtime) | [`sync::shell`]: the streams, the core, applying items to the table | Raft |
+//! | the replication engine (its own single-threaded tokio runtime) | [`sync::shell`]: the streams and the replicator, which applies the peer's items to the table | Raft |
 //! | the control plane (a two-thread tokio runtime; parsing and compiling policies on its blocking pool) | [`cluster`]: openraft, the Raft and Control services, and the metrics endpoint | the datapath, which only sees whole policies swapped in |
 //! | `metrics`, only on a node with `[metrics]` but no `[cluster]` | [`metrics`]'s endpoint on a one-thread runtime of its own | the datapath |
 //! | `ha-socket` and one short-lived thread per client | [`ha::socket`] | the control plane's runtime |

@@ -1,12 +1,13 @@
 //! Fuzz state replication, statefully (the shape of quinn's `streams` fuzzer): two nodes, each
-//! a real tracker table (`Conntrack`), an `Outbox` and a `Session`, joined by a simulated
+//! a real tracker table (`Conntrack`) and the production `Replicator`, joined by a simulated
 //! stream that carries protobuf bytes through `codec` both ways. The input is a sequence of
 //! operations (derived with `arbitrary`): packets through either node's tracker (their events
 //! become the node's items), time passing, delivering, dropping, duplicating, reordering and
 //! corrupting messages in flight, messages the peer never sent (arbitrary bytes, or hostile but
 //! well-formed messages with arbitrary numbers and entries), stream breaks, resyncs and lost
-//! events. The shell part (applying `Op`s to the table, bulk pages, lookups) is done here the way
-//! `sync::shell` does it.
+//! events. What the shell does (the events into the replicator, messages in, transmits out,
+//! closes) is done here the way `sync::shell` does it; the table operations are the
+//! replicator's own, on the real table.
 //!
 //! Checked after every step: no panic or overflow anywhere (the build has overflow checks and
 //! debug assertions), both tables' invariants (`Conntrack::check_invariants`), and the sessions'
@@ -14,17 +15,19 @@
 //! period on a perfect link, each node has learned exactly the peer's own long-lived connections.
 #![no_main]
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use fwnode::conntrack::event::status;
 use fwnode::conntrack::tcp::{SeqNumber, TcpConn, TcpState};
 use fwnode::conntrack::{
-    ApplyError, Config as CtConfig, ConnSnapshot, ConnUpdate, Conntrack, Event, ExpectSnapshot,
-    ProtoState, Tuple,
+    ApplyError, BulkPage, BulkScope, Config as CtConfig, ConnSnapshot, ConnUpdate, Conntrack,
+    Event, ExpectSnapshot, ProtoState, Tuple,
 };
 use fwnode::packet::{build, proto, Packet};
-use fwnode::sync::core::{Config, Op, Outbox, Session};
+use fwnode::sync::core::Config;
+use fwnode::sync::replicator::{Replica, Replicator, Settings};
 use fwnode::sync::{codec, Hello, Item, Msg, Resume};
 use fwnode::time::Timestamp;
 use keepstate_proto::v1 as pb;
@@ -395,16 +398,76 @@ fn msg(f: &FMsg) -> Msg {
 // ---------------------------------------------------------------- the simulated pair
 
 struct Node {
-    ct: Conntrack,
-    outbox: Outbox,
-    session: Session,
+    ct: Told,
+    rep: Replicator,
     /// Messages in flight to this node, as protobuf bytes.
     inbox: VecDeque<Vec<u8>>,
+    /// Event batches handed to the replicator.
+    batches: u64,
+}
+
+/// A real table that remembers what the peer was told. Replication reads and writes it only
+/// through `Replica`, which passes every call to the `Conntrack`.
+struct Told {
+    ct: Conntrack,
     /// When each own connection expires as far as the peer was told (in an item, a bulk page
     /// or a resend). The tracker refreshes an entry's timer on every packet but announces it
     /// only with a state or status change, so the peer's copy may expire first: a known gap
     /// (see the README), which the convergence check must tell from a lost item.
-    announced: HashMap<Tuple, u64>,
+    announced: RefCell<HashMap<Tuple, u64>>,
+}
+
+impl std::ops::Deref for Told {
+    type Target = Conntrack;
+    fn deref(&self) -> &Conntrack {
+        &self.ct
+    }
+}
+
+impl Told {
+    fn told(&self, now: Timestamp, conns: &[ConnSnapshot]) {
+        let mut a = self.announced.borrow_mut();
+        for c in conns {
+            a.insert(c.tuple, now.as_millis() + c.expires_in_ms);
+        }
+    }
+}
+
+impl Replica for Told {
+    fn import_conn(&self, now: Timestamp, c: &ConnSnapshot) -> Result<(), ApplyError> {
+        Replica::import_conn(&self.ct, now, c)
+    }
+    fn apply_update(&self, now: Timestamp, u: &ConnUpdate) -> Result<(), ApplyError> {
+        Replica::apply_update(&self.ct, now, u)
+    }
+    fn remove_conn(&self, t: &Tuple) {
+        Replica::remove_conn(&self.ct, t)
+    }
+    fn import_expect(&self, now: Timestamp, x: &ExpectSnapshot) -> Result<(), ApplyError> {
+        Replica::import_expect(&self.ct, now, x)
+    }
+    fn remove_expect(&self, x: &ExpectSnapshot) {
+        Replica::remove_expect(&self.ct, x)
+    }
+    fn begin_peer_bulk(&self, peer_restarted: bool) {
+        Replica::begin_peer_bulk(&self.ct, peer_restarted)
+    }
+    fn end_peer_bulk(&self) -> u64 {
+        Replica::end_peer_bulk(&self.ct)
+    }
+    fn lookup(&self, now: Timestamp, tuples: &[Tuple]) -> Vec<ConnSnapshot> {
+        let snaps = Replica::lookup(&self.ct, now, tuples);
+        self.told(now, &snaps);
+        snaps
+    }
+    fn bulk_page(&self, cursor: u64, limit: usize, now: Timestamp, scope: BulkScope) -> BulkPage {
+        let page = Replica::bulk_page(&self.ct, cursor, limit, now, scope);
+        self.told(now, &page.conns);
+        page
+    }
+    fn connections(&self) -> usize {
+        self.ct.len()
+    }
 }
 
 struct Pair {
@@ -430,8 +493,13 @@ fn session_cfg() -> Config {
     }
 }
 
+/// Node `i`'s id; its peer is `id(1 - i)`.
+fn id(i: usize) -> u64 {
+    i as u64 + 1
+}
+
 impl Node {
-    fn new(id: usize) -> Self {
+    fn new(i: usize) -> Self {
         let ct = Conntrack::new(&CtConfig {
             shards: 2,
             max_entries: 64,
@@ -439,105 +507,71 @@ impl Node {
             tcp_liberal: true,
             ..CtConfig::default()
         });
-        let mut session = Session::new(session_cfg(), id as u64 + 1, Timestamp::from_millis(0));
-        session.set_expected_peer(Some(2 - id as u64));
+        let settings = Settings {
+            session: session_cfg(),
+            outbox_items: 32,
+            pickup_delay_ms: 0,
+            defer_workers: None,
+        };
         Node {
-            ct,
-            outbox: Outbox::new(100 + id as u64, 32),
-            session,
+            ct: Told {
+                ct,
+                announced: RefCell::default(),
+            },
+            rep: Replicator::new(
+                &settings,
+                id(i),
+                100 + i as u64,
+                &[id(1 - i)],
+                Timestamp::from_millis(0),
+            ),
             inbox: VecDeque::new(),
-            announced: HashMap::new(),
+            batches: 0,
         }
     }
 
-    /// The tracker's events into the outbox, as the datapath's feed and the shell do.
+    /// The tracker's events into the replicator, as the datapath's feed and the shell do.
     fn drain_events(&mut self, now: Timestamp) {
         for i in 0..self.ct.shard_count() {
-            let mut sh = self.ct.lock(i);
-            while let Some(ev) = sh.poll_event() {
-                match &ev {
-                    Event::ConnCreated(s) | Event::ConnHelper(s) => {
-                        self.announced
-                            .insert(s.tuple, now.as_millis() + s.expires_in_ms);
-                    }
-                    Event::ConnUpdated(u) => {
-                        self.announced
-                            .insert(u.tuple, now.as_millis() + u.expires_in_ms);
-                    }
-                    Event::ConnDestroyed { tuple, .. } => {
-                        self.announced.remove(tuple);
-                    }
-                    _ => {}
+            let mut events = Vec::new();
+            let lost = {
+                let mut sh = self.ct.lock(i);
+                while let Some(ev) = sh.poll_event() {
+                    events.push(ev);
                 }
-                self.outbox.push(match ev {
-                    Event::ConnCreated(s) | Event::ConnHelper(s) => Item::Conn(s),
-                    Event::ConnUpdated(u) => Item::Update(u),
-                    Event::ConnDestroyed { tuple, .. } => Item::ConnGone(tuple),
-                    Event::ExpectCreated(x) => Item::Expect(x),
-                    Event::ExpectDestroyed { snapshot, .. } => Item::ExpectGone(snapshot),
-                });
+                sh.take_resync_needed()
+            };
+            {
+                let mut a = self.ct.announced.borrow_mut();
+                for ev in &events {
+                    match ev {
+                        Event::ConnCreated(s) | Event::ConnHelper(s) => {
+                            a.insert(s.tuple, now.as_millis() + s.expires_in_ms);
+                        }
+                        Event::ConnUpdated(u) => {
+                            a.insert(u.tuple, now.as_millis() + u.expires_in_ms);
+                        }
+                        Event::ConnDestroyed { tuple, .. } => {
+                            a.remove(tuple);
+                        }
+                        _ => {}
+                    }
+                }
             }
-            if sh.take_resync_needed() {
-                self.outbox.mark_lost();
+            if !events.is_empty() {
+                self.batches += 1;
+                self.rep.handle_events(now, 0, self.batches, &mut events);
+            }
+            if lost {
+                self.rep.handle_lost();
             }
         }
     }
 
-    /// One operation of the session, as `sync::shell` applies it. `false`: close the stream.
-    fn apply(&mut self, now: Timestamp, op: Op) -> bool {
-        if trace() {
-            eprintln!("  {} op {op:?}", self.outbox.boot_id() - 100);
-        }
-        match op {
-            Op::Apply(item) | Op::Import(item) => {
-                let _ = match &item {
-                    Item::Conn(s) => self.ct.import_conn(now, s).is_ok(),
-                    Item::Update(u) => match self.ct.apply_update(now, u) {
-                        Err(ApplyError::Missing) => {
-                            self.session.missing(u.tuple);
-                            true
-                        }
-                        r => r.is_ok(),
-                    },
-                    Item::ConnGone(t) => self.ct.remove_conn(t),
-                    Item::Expect(x) => self.ct.import_expect(now, x).is_ok(),
-                    Item::ExpectGone(x) => self.ct.remove_expect(x),
-                    Item::Skipped(_) => true,
-                };
-            }
-            Op::BulkBegin => self.ct.begin_peer_bulk(),
-            Op::BulkEnd => {
-                self.ct.end_peer_bulk();
-            }
-            Op::Lookup(tuples) => {
-                let snaps: Vec<ConnSnapshot> = tuples
-                    .iter()
-                    .filter_map(|t| {
-                        let sh = self.ct.lock_tuple(t);
-                        sh.find(t).and_then(|id| sh.snapshot(id, now))
-                    })
-                    .collect();
-                for c in &snaps {
-                    self.announced
-                        .insert(c.tuple, now.as_millis() + c.expires_in_ms);
-                }
-                self.session.resend(&mut self.outbox, snaps);
-            }
-            Op::ReadBulk { cursor } => {
-                let page = self
-                    .ct
-                    .bulk_page(cursor, PAGE, now, self.session.bulk_scope());
-                for c in &page.conns {
-                    self.announced
-                        .insert(c.tuple, now.as_millis() + c.expires_in_ms);
-                }
-                let mut items: Vec<Item> = page.conns.into_iter().map(Item::Conn).collect();
-                items.extend(page.expects.into_iter().map(Item::Expect));
-                self.session.bulk_page(items, page.next);
-            }
-            Op::Close(_) => return false,
-        }
-        true
+    fn stats(&self, i: usize) -> fwnode::sync::core::SessionStats {
+        self.rep
+            .session_stats(id(1 - i))
+            .expect("the peer's session")
     }
 
     /// Own connections (or learned ones) that live for at least `min_ms` more.
@@ -572,35 +606,34 @@ impl Pair {
 
     fn connect(&mut self) {
         let now = self.ts();
-        for n in &mut self.nodes {
-            if self.up {
-                n.session.disconnected(now);
-            }
+        for (i, n) in self.nodes.iter_mut().enumerate() {
             n.inbox.clear();
-            n.session.connected(now, &n.outbox);
+            assert!(n.rep.handle_connected(now, id(1 - i)));
         }
         self.up = true;
     }
 
     fn disconnect(&mut self) {
         let now = self.ts();
-        for n in &mut self.nodes {
-            n.session.disconnected(now);
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            n.rep.handle_disconnected(now, id(1 - i));
             n.inbox.clear();
         }
         self.up = false;
     }
 
-    /// Each node: apply its ops, then send what it has (onto the peer's inbox).
+    /// Each node: take its tracker's events, then send what it has (onto the peer's inbox).
     fn pump(&mut self) {
         let now = self.ts();
         let mut close = false;
-        for i in 0..2 {
-            let n = &mut self.nodes[i];
-            while let Some(op) = n.session.poll_op() {
-                close |= !n.apply(now, op);
-            }
+        for n in &mut self.nodes {
             n.drain_events(now);
+            while let Some((_, why)) = n.rep.poll_close() {
+                if trace() {
+                    eprintln!("  {} closes: {why:?}", n.rep.outbox().boot_id() - 100);
+                }
+                close = true;
+            }
         }
         if close {
             // Dropping the link ends the stream at both ends; the dialler reconnects.
@@ -614,7 +647,7 @@ impl Pair {
             let mut out = Vec::new();
             let n = &mut self.nodes[i];
             for _ in 0..64 {
-                match n.session.poll_transmit(now, &n.outbox) {
+                match n.rep.poll_transmit(now, id(1 - i)) {
                     Some(m) => out.push(codec::encode(&m).encode_to_vec()),
                     None => break,
                 }
@@ -632,15 +665,18 @@ impl Pair {
     fn receive(&mut self, to: usize, bytes: &[u8]) {
         let now = self.ts();
         let n = &mut self.nodes[to];
-        // The shell's path: protobuf bytes → `codec::decode` → the session.
+        // The shell's path: protobuf bytes → `codec::decode` → the replicator.
         let Ok(m) = pb::SyncMessage::decode(bytes) else {
             return; // the real stream would fail and reconnect; nothing reaches the core
         };
-        if let Some(m) = codec::decode(&m) {
-            if trace() {
-                eprintln!("  t={} -> {to}: {m:?}", self.now);
+        match codec::decode(&m) {
+            Some(m) => {
+                if trace() {
+                    eprintln!("  t={} -> {to}: {m:?}", self.now);
+                }
+                n.rep.handle_msg(now, id(1 - to), m, &n.ct);
             }
-            n.session.handle(now, m, &n.outbox);
+            None => n.rep.handle_undecodable(),
         }
     }
 
@@ -657,7 +693,7 @@ impl Pair {
     fn timers(&mut self) {
         let now = self.ts();
         for n in &mut self.nodes {
-            n.session.handle_timeout(now, &n.outbox);
+            n.rep.handle_timeout(now, &n.ct);
         }
     }
 
@@ -666,13 +702,13 @@ impl Pair {
             if let Err(e) = n.ct.check_invariants() {
                 panic!("node {i}: table invariant broken: {e}");
             }
-            let st = n.session.stats(&n.outbox);
+            let st = n.stats(i);
             assert!(
                 st.acked <= st.sent,
                 "node {i}: acked past what was sent: {st:?}"
             );
             assert!(
-                st.sent <= n.outbox.last_seq(),
+                st.sent <= n.rep.outbox().last_seq(),
                 "node {i}: sent past the outbox: {st:?}"
             );
             assert!(
@@ -741,8 +777,8 @@ fuzz_target!(|steps: Vec<Step>| {
                 p.receive(usize::from(*to), &bytes);
             }
             Step::Reconnect => p.connect(),
-            Step::Resync { node } => p.nodes[usize::from(*node)].session.request_bulk(),
-            Step::MarkLost { node } => p.nodes[usize::from(*node)].outbox.mark_lost(),
+            Step::Resync { node } => p.nodes[usize::from(*node)].rep.request_bulk(),
+            Step::MarkLost { node } => p.nodes[usize::from(*node)].rep.handle_lost(),
             Step::Expire { node } => {
                 let now = p.ts();
                 p.nodes[usize::from(*node)].ct.handle_timeout(now, 0, 1, 64);
@@ -777,14 +813,25 @@ fuzz_target!(|steps: Vec<Step>| {
         }
         p.check();
     }
-    p.pump();
+    // What the last reaping announced reaches the peer before the tables are compared (an
+    // owner's entry that expired at the very end is gone from its table; its `ConnGone` must
+    // not still be in flight).
+    for _ in 0..4 {
+        p.pump();
+        for to in 0..2 {
+            let n = p.nodes[to].inbox.len();
+            p.deliver(to, n);
+        }
+    }
     let now = p.ts();
     // Each node learned exactly the peer's own connections (those not about to expire, at
     // either end: their timers run independently), as far as it was told of their timers.
     for i in 0..2 {
         let told = |t: &Tuple| {
             p.nodes[i]
+                .ct
                 .announced
+                .borrow()
                 .get(t)
                 .is_some_and(|&e| e >= now.as_millis() + 5_000)
         };
@@ -803,7 +850,7 @@ fuzz_target!(|steps: Vec<Step>| {
             "node {} did not learn node {i}'s table: missing {missing:?}, ghosts {ghosts:?}\n\
              stats {:?}",
             1 - i,
-            p.nodes[1 - i].session.stats(&p.nodes[1 - i].outbox)
+            p.nodes[1 - i].stats(1 - i)
         );
     }
 });

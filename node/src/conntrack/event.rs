@@ -26,6 +26,13 @@ pub mod status {
     /// Internal: a learned entry not refreshed since `Conntrack::begin_peer_bulk`. Never
     /// shown outside the table.
     pub(crate) const PEER_STALE: u16 = 0x0010;
+    /// Internal: learned from an earlier boot of the peer, which lost it by restarting. The
+    /// new boot's bulks do not sweep it (the peer never had it; this table holds the only
+    /// copy, and sends it back to the peer); a live item for it from the peer, or a local
+    /// packet, makes it ordinary again. Never shown outside the table.
+    pub(crate) const PEER_ORPHAN: u16 = 0x0020;
+    /// The internal bits, masked out of every snapshot.
+    pub(crate) const INTERNAL: u16 = PEER_STALE | PEER_ORPHAN;
 }
 
 /// Protocol-specific state of a connection.

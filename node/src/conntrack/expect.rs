@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use super::helper_state::HelperKind;
-use super::table::ConnId;
+use super::id::ConnId;
 use super::tuple::{addr_bytes, Tuple};
 
 /// What a helper asks for: "the next connection from `src` (any port unless given) to
@@ -66,6 +66,8 @@ pub(crate) struct Expect {
     pub from_peer: bool,
     /// Learned and not refreshed since `Conntrack::begin_peer_bulk`.
     pub stale: bool,
+    /// Learned from an earlier boot of the peer (`status::PEER_ORPHAN`): no sweep removes it.
+    pub orphan: bool,
 }
 
 impl Expect {
@@ -91,6 +93,7 @@ impl Expect {
             helper: e.helper,
             from_peer: false,
             stale: false,
+            orphan: false,
         })
     }
 

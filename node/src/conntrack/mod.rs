@@ -20,6 +20,7 @@ pub mod config;
 pub mod event;
 pub mod expect;
 pub mod helper_state;
+pub mod id;
 mod index;
 pub mod table;
 pub mod tcp;
@@ -35,9 +36,10 @@ use parking_lot::{Mutex, MutexGuard};
 pub use config::{Config, Timeouts};
 pub use event::{ConnSnapshot, ConnUpdate, Event, ExpectSnapshot, ProtoState};
 pub use expect::{ExpectError, ExpectOutcome, Expectation};
+pub use id::ConnId;
 pub use table::{
-    no_room, ApplyError, Bound, ConnId, ConnInfo, Counters, ImportError, InvalidReason, MakeRoom,
-    Outcome, Shard, StateCounts, TableLimit,
+    no_room, ApplyError, Bound, ConnInfo, Counters, ImportError, InvalidReason, MakeRoom, Outcome,
+    Shard, StateCounts, TableLimit,
 };
 pub use tuple::Tuple;
 
@@ -453,9 +455,9 @@ impl Conntrack {
 
     /// A bulk transfer from the peer begins: learned entries count as not refreshed until it
     /// (or a live item) brings them again. Locks one shard at a time.
-    pub fn begin_peer_bulk(&self) {
+    pub fn begin_peer_bulk(&self, peer_restarted: bool) {
         for s in self.shards.iter() {
-            s.lock().begin_peer_bulk();
+            s.lock().begin_peer_bulk(peer_restarted);
         }
     }
 

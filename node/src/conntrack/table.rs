@@ -25,6 +25,7 @@ use super::event::{
 };
 use super::expect::{Expect, ExpectError, ExpectOutcome, Expectation};
 use super::helper_state::{HelperKind, HelperState, LINE_MAX};
+use super::id::ConnId;
 use super::index::Index;
 use super::tcp::{valid_flags, TcpConn, TcpState, TcpVerdict};
 use super::tuple::{shard_hash, Tuple};
@@ -34,14 +35,6 @@ use crate::packet::{IcmpKind, Packet, L4};
 use crate::time::Timestamp;
 
 mod peer;
-
-/// A stable handle to a connection: slot plus generation, so a stale handle never reaches a
-/// connection that reused the slot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ConnId {
-    pub slot: u32,
-    pub gen: u32,
-}
 
 label_enum! {
     /// Why a packet was judged INVALID (counted per reason: `keepstate_invalid_packets_total`,
@@ -146,7 +139,7 @@ impl Counters {
 }
 
 /// Status bits that say "the peer's, not used here yet"; a local packet clears them.
-const LEARNED: u16 = status::FROM_PEER | status::PEER_STALE;
+const LEARNED: u16 = status::FROM_PEER | status::INTERNAL;
 
 /// What a slab slot holds: free, or a connection of one protocol family of rules. An enum so
 /// that every match on it is exhaustive.
@@ -1156,7 +1149,7 @@ impl Shard {
         ConnSnapshot {
             tuple: e.tuple,
             proto: e.proto_state(),
-            status: e.status & !status::PEER_STALE,
+            status: e.status & !status::INTERNAL,
             master: e.master.and_then(|m| self.live(m)).map(|m| m.tuple),
             expires_in_ms: e.expires.saturating_sub(now_ms),
             helper: e.helper.clone(),
@@ -1321,13 +1314,21 @@ impl Shard {
             if self.live(x.master).is_none() {
                 return Err("expectation outlived its master".into());
             }
-            if x.stale && !x.from_peer {
-                return Err("a local expectation is marked stale".into());
+            if (x.stale || x.orphan) && !x.from_peer {
+                return Err("a local expectation is marked stale or orphaned".into());
+            }
+            if x.stale && x.orphan {
+                return Err("an orphaned expectation is marked stale".into());
             }
         }
         for e in self.entries.iter().filter(|e| e.kind != Kind::Free) {
-            if e.status & LEARNED == status::PEER_STALE {
-                return Err("an entry not learned from the peer is marked stale".into());
+            if e.status & status::FROM_PEER == 0 && e.status & status::INTERNAL != 0 {
+                return Err(
+                    "an entry not learned from the peer is marked stale or orphaned".into(),
+                );
+            }
+            if e.status & status::INTERNAL == status::INTERNAL {
+                return Err("an orphaned entry is marked stale".into());
             }
             if e.kind == Kind::Tcp && e.tcp.state.checked().is_none() {
                 return Err("TCP state out of range".into());

@@ -1954,7 +1954,7 @@ fn first_local_packet_makes_a_learned_entry_ours_and_the_sweep_spares_it() {
         let id = sh.find(f).unwrap();
         sh.remove(id);
     }
-    b.begin_peer_bulk();
+    b.begin_peer_bulk(false);
     transfer(&a, &b, 3, 100);
     assert_eq!(
         b.end_peer_bulk(),
@@ -1971,8 +1971,46 @@ fn first_local_packet_makes_a_learned_entry_ours_and_the_sweep_spares_it() {
     assert!(!b.remove_conn(&flows[2]));
     assert_eq!(b.len(), 1);
     // A second sweep with nothing learned left removes nothing.
-    b.begin_peer_bulk();
+    b.begin_peer_bulk(false);
     assert_eq!(b.end_peer_bulk(), 0);
+    b.check_invariants().unwrap();
+}
+
+#[test]
+fn what_a_restarted_peer_lost_is_kept_as_orphans_until_it_learns_them_back() {
+    let a = Conntrack::new(&cfg());
+    let flows = udp_flows(&a, 0, 3);
+    let b = Conntrack::new(&cfg());
+    transfer(&a, &b, 1, 100);
+    // `a` restarts empty; its first bulk lists nothing. `b` keeps what it learned from the
+    // old boot: nobody else has it now.
+    b.begin_peer_bulk(true);
+    assert_eq!(
+        b.end_peer_bulk(),
+        0,
+        "nothing swept when the peer restarted"
+    );
+    assert_eq!(b.len(), 3);
+    b.check_invariants().unwrap();
+    // The new boot's later bulks do not sweep the orphans either...
+    b.begin_peer_bulk(false);
+    assert_eq!(b.end_peer_bulk(), 0, "orphans are not swept");
+    // ...until the peer sends one of them again (it learned it back, or it carries traffic
+    // there): from then on it is the peer's, and a bulk without it sweeps it.
+    let a2 = Conntrack::new(&cfg());
+    let snap = b.bulk_page(0, 100, t(3), BulkScope::OwnAndLearned).conns;
+    let one = snap.iter().find(|c| c.tuple == flows[0]).unwrap();
+    b.import_conn(t(3), one).unwrap();
+    b.begin_peer_bulk(false);
+    transfer(&a2, &b, 4, 100);
+    assert_eq!(b.end_peer_bulk(), 1, "the refreshed one is ordinary again");
+    assert_eq!(b.len(), 2);
+    // A ConnGone still ends an orphan: it is the peer's to end.
+    assert!(b.remove_conn(&flows[1]));
+    // Snapshots never show the internal bit.
+    let left = b.bulk_page(0, 100, t(4), BulkScope::OwnAndLearned).conns;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].status & status::INTERNAL, 0);
     b.check_invariants().unwrap();
 }
 
@@ -1982,7 +2020,7 @@ fn a_live_item_during_a_bulk_counts_as_a_refresh() {
     let flows = udp_flows(&a, 0, 2);
     let b = Conntrack::new(&cfg());
     transfer(&a, &b, 1, 100);
-    b.begin_peer_bulk();
+    b.begin_peer_bulk(false);
     let snap = a.bulk_page(0, 100, t(2), BulkScope::Own).conns;
     let one = snap.iter().find(|c| c.tuple == flows[1]).unwrap();
     let u = ConnUpdate {
@@ -2077,7 +2115,7 @@ fn a_peers_items_are_not_echoed_and_learned_entries_end_quietly() {
     udp_flows(&a, 12, 2);
     let b = Conntrack::new(&cfg());
     transfer(&a, &b, 12, 2);
-    b.begin_peer_bulk();
+    b.begin_peer_bulk(false);
     assert_eq!(b.end_peer_bulk(), 4, "3 connections and 1 expectation");
     transfer(&a, &b, 12, 2);
     assert!(b.remove_conn(&data));
@@ -2412,7 +2450,7 @@ proptest! {
                     }
                 }
                 PeerOp::ExpectGone(x) => { ct.remove_expect(&x); }
-                PeerOp::Begin => ct.begin_peer_bulk(),
+                PeerOp::Begin => ct.begin_peer_bulk(false),
                 PeerOp::End => { ct.end_peer_bulk(); }
                 PeerOp::Local { flow, flags, seq, reply } => {
                     let (a, b) = (ip("0.0.0.1"), ip("0.0.0.0"));

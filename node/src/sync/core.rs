@@ -5,7 +5,7 @@
 //! retransmission, heartbeats and idle detection, bulk transfers, and "send me this entry whole"
 //! (`Need`). It takes messages and an explicit `now` and returns messages (`poll_transmit`),
 //! a deadline (`poll_timeout`) and table operations (`poll_op`). Must not touch the table, a
-//! socket, a clock or protobuf: the shell applies `Op`s, `codec` does the wire.
+//! socket, a clock or protobuf: `sync::replicator` applies `Op`s, `codec` does the wire.
 //!
 //! Decisions (the reasons are the interesting part):
 //!
@@ -27,9 +27,9 @@
 //!   the entry's full new state and the last one wins. On an ordered stream this costs one round
 //!   trip of live lag during a bulk; on the simulated lossy link it is what keeps the replica exact.
 //! - **Chunk entries are `Op::Import`, live items `Op::Apply`.** Because of the ordering above, a
-//!   chunk entry is never older than anything the receiver applied from this stream, so the shell
+//!   chunk entry is never older than anything the receiver applied from this stream, so the replicator
 //!   replaces what it has (even a higher TCP state: a stale entry from an earlier incarnation of
-//!   the tuple must go). A live `Update` may be older than a chunk entry, so the shell merges it
+//!   the tuple must go). A live `Update` may be older than a chunk entry, so the replicator merges it
 //!   without moving TCP state backwards; a live `Conn` replaces (it starts an incarnation, and a
 //!   stale entry of an earlier one, say from the peer's previous boot, must not block it; if it
 //!   is an older re-send, the items after it restore the newest state). A chunk carries only
@@ -49,7 +49,7 @@
 //!   for each asked tuple the table no longer has: every peer gets the entry again (harmless), they
 //!   are ordered, acked and retransmitted like any change, and every need gets an answer. The
 //!   receiver keeps a need outstanding until a `Conn` or `ConnGone` for the tuple arrives and asks
-//!   again after `retransmit_timeout` or a reconnect. The shell must look up and push under the
+//!   again after `retransmit_timeout` or a reconnect. The replicator must look up and push under the
 //!   same table lock (a change between the two would be reordered behind an older snapshot).
 //! - **Backpressure instead of drops.** The op queue is bounded (`Config::max_queued_ops`): a
 //!   batch or chunk that arrives while it is full is not applied and not acked, and the gap is
@@ -63,14 +63,14 @@
 //!   longer covers, or it lost items meanwhile), until that bulk completes.
 //!   Whenever not synced, it turns true `bulk_timeout` after the wait began (session start, or
 //!   the refused resume), so a node without a reachable peer still comes up.
-//! - **Shell contract for bulk reads.** Answer `Op::ReadBulk` with `bulk_page` before calling
+//! - **Caller contract for table operations** (`sync::replicator` is the caller). Answer `Op::ReadBulk` with `bulk_page` before calling
 //!   anything else on the session (the chunk's outbox position is taken then); page by a cursor
 //!   that lists every entry which lives through the whole bulk at least once (twice is
 //!   harmless: chunk entries replace), masters before what depends on them, about
 //!   `bulk_chunk_items` entries a page (the core does not enforce it), in the scope
 //!   `bulk_scope` says; and at `Op::BulkBegin`/`Op::BulkEnd` mark and sweep only entries
-//!   learned from *this* peer. `sync::shell` does this with `Conntrack::bulk_page` (pages of
-//!   `BULK_PAGE` connections, plus a shard's expectations whole) and
+//!   learned from *this* peer. `Replicator` does this with `Replica::bulk_page` (on
+//!   `Conntrack`: pages of `bulk_chunk_items` connections, plus a shard's expectations whole) and
 //!   `begin_peer_bulk`/`end_peer_bulk`, which mark and sweep every learned entry: a learned
 //!   entry does not record its peer, which is exact for a pair (one peer) only.
 
@@ -268,8 +268,10 @@ pub enum Op {
     /// than anything applied from its stream before. Replace what the table has.
     Import(Item),
     /// A bulk from the peer begins (again, if one was running): start marking the learned
-    /// entries that `Apply`/`Import` touch.
-    BulkBegin,
+    /// entries that `Apply`/`Import` touch. `peer_restarted`: it comes from a new boot of the
+    /// peer, and what the table learned came from an earlier one (the peer lost it: the table
+    /// keeps it, see `Conntrack::begin_peer_bulk`).
+    BulkBegin { peer_restarted: bool },
     /// The bulk completed: remove this peer's learned entries not touched since `BulkBegin`
     /// (the peer destroyed them while we were apart).
     BulkEnd,
@@ -892,7 +894,8 @@ impl Session {
             estimate,
             nacked_at: None,
         });
-        self.ops.push_back(Op::BulkBegin);
+        let peer_restarted = self.learned_from.is_some() && self.learned_from != self.rx.boot;
+        self.ops.push_back(Op::BulkBegin { peer_restarted });
     }
 
     /// A chunk or end of a bulk we never saw start: ask for it from the start, once.

@@ -137,11 +137,16 @@ impl FeedMaker {
 
 impl Feed {
     /// Move the shard's pending events into this worker's buffer (the caller holds the lock).
+    /// Events the shard itself dropped (its queue overflowed, e.g. an expiry sweep ending
+    /// more connections than it holds) flag a resync like a lost batch.
     #[inline]
     pub fn drain(&self, shard: &mut Shard) {
         let mut buf = self.buf.borrow_mut();
         while let Some(ev) = shard.poll_event() {
             buf.push(ev);
+        }
+        if shard.take_resync_needed() {
+            self.lost.flagged.store(true, Relaxed);
         }
     }
 
@@ -270,6 +275,37 @@ mod tests {
             pool[0].as_ptr(),
             reused,
             "batch 1's buffer went round again"
+        );
+    }
+
+    #[test]
+    fn events_the_shard_dropped_flag_a_resync() {
+        let ct = Conntrack::new(&Config {
+            shards: 1,
+            event_queue: 2,
+            ..Config::default()
+        });
+        let (maker, Events { lost, .. }) = channel(8, 1);
+        let feed = maker.feed(0);
+        let mut sh = ct.lock(0);
+        for port in 3000..3002 {
+            let bytes = syn(port);
+            sh.track(Timestamp::from_secs(1), &Packet::parse(&bytes).unwrap());
+        }
+        feed.drain(&mut sh);
+        assert!(
+            !lost.flagged.load(Relaxed),
+            "two events fit the shard's queue"
+        );
+        // Three connections before a drain: the shard keeps two events and drops one.
+        for port in 3002..3005 {
+            let bytes = syn(port);
+            sh.track(Timestamp::from_secs(1), &Packet::parse(&bytes).unwrap());
+        }
+        feed.drain(&mut sh);
+        assert!(
+            lost.flagged.load(Relaxed),
+            "the peer missed an event: it needs a bulk"
         );
     }
 }

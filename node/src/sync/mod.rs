@@ -12,8 +12,11 @@
 //! - `delay`: the optional session-pickup delay, which holds young connections back.
 //! - `lag`: how long the oldest item a peer has not acknowledged has waited (`lag_ms`).
 //! - `defer`: the optional hold of a new connection's first packet until the peers have it.
-//! - `shell`: the `[sync]` settings, the gRPC streams, and the thread that drives the core and
-//!   applies its operations to the live table.
+//! - `replicator`: one gateway's replication whole (outbox, a session per peer, the pickup
+//!   delay, `defer`'s bookkeeping, lag) and the one function that applies a peer's items to a
+//!   table; what the shell, the simulations, the fuzz target and the benchmark all drive.
+//! - `shell`: the `[sync]` settings, the gRPC streams, and the thread that drives the
+//!   replicator against the live table.
 //! - `codec`: those messages as `keepstate.v1.Sync` protobuf, and the form checks of what a
 //!   peer sends.
 //!
@@ -26,6 +29,7 @@ pub mod delay;
 pub mod feed;
 pub mod lag;
 pub mod msg;
+pub mod replicator;
 pub mod shell;
 #[cfg(test)]
 mod tests;

@@ -28,13 +28,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use super::codec;
-use super::core::{self as core, Op, Outbox, Session};
-use super::defer::{self, DeferConfig, Gate, Pending};
-use super::delay::PickupDelay;
+use super::core;
+use super::defer::{self, DeferConfig, Gate};
 use super::feed::{EventBatch, Events, Lost, Spares};
-use super::lag::LagClock;
-use super::msg::{Item, Msg, Skip};
-use crate::conntrack::{ApplyError, Conntrack};
+use super::msg::Msg;
+use super::replicator::{Replicator, Settings};
+use crate::conntrack::Conntrack;
 use crate::time::Timestamp;
 use crate::tls::{self, Members};
 use crate::transport::Transport;
@@ -139,6 +138,31 @@ impl SyncConfig {
     }
 }
 
+impl SyncConfig {
+    /// The replicator's settings for `workers` datapath workers (`defer` waits for each
+    /// worker's batches).
+    pub fn settings(&self, workers: usize) -> Settings {
+        Settings {
+            session: core::Config {
+                idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+                heartbeat_interval: Duration::from_millis(self.idle_timeout_ms / 3),
+                bulk_timeout: Duration::from_millis(self.bulk_timeout_ms),
+                // A peer configured like this node defers its new connections until we ack
+                // them: ack at once rather than coalesce acks for a few milliseconds.
+                ack_delay: if self.defer_ms > 0 {
+                    Duration::ZERO
+                } else {
+                    core::Config::default().ack_delay
+                },
+                ..core::Config::default()
+            },
+            outbox_items: self.outbox_items,
+            pickup_delay_ms: self.pickup_delay_ms,
+            defer_workers: (self.defer_ms > 0).then_some(workers),
+        }
+    }
+}
+
 /// An operator's request to the engine.
 #[derive(Debug)]
 enum Command {
@@ -240,9 +264,6 @@ pub enum StartError {
 
 /// Messages buffered per stream direction.
 const STREAM_BUFFER: usize = 64;
-/// Connections listed per bulk page (one page per `Op::ReadBulk`; a shard's expectations come
-/// whole on top). The core's `bulk_chunk_items` is the same size.
-const BULK_PAGE: usize = 1024;
 /// How often the status snapshot is refreshed.
 const STATUS_EVERY: Duration = Duration::from_millis(100);
 
@@ -345,9 +366,20 @@ pub fn start(
                         gens.clone(),
                     ));
                 }
-                let mut engine = Engine::new(&cfg, node_id, ct, lost, origin, st, on_ready);
-                engine.defer = gate.map(|g| (g, Pending::new(workers)));
-                engine.spares = Some(spares);
+                let now = Timestamp::from_millis(origin.elapsed().as_millis() as u64);
+                let engine = Engine {
+                    ct,
+                    rep: Replicator::new(&cfg.settings(workers), node_id, boot_id(), &peers, now),
+                    peers: cfg.peers.iter().map(|p| (p.id, p.addr.clone())).collect(),
+                    links: Vec::new(),
+                    lost,
+                    origin,
+                    status: st,
+                    on_ready,
+                    was_ready: None,
+                    gate,
+                    spares,
+                };
                 tokio::select! {
                     _ = engine.run(events, net_rx, cmd_rx) => {}
                     _ = stop_rx => {}
@@ -558,17 +590,9 @@ impl SyncRpc for Service {
     }
 }
 
-/// One peer as the engine sees it.
-struct Peer {
-    id: u64,
-    addr: String,
-    session: Session,
-    /// The live stream.
-    link: Option<Link>,
-}
-
-/// A live stream as the engine holds it. Dropping it ends the stream's task.
+/// One peer's live stream as the engine holds it. Dropping it ends the stream's task.
 struct Link {
+    peer: u64,
     gen: u64,
     tx: mpsc::Sender<pb::SyncMessage>,
     closer: Arc<Notify>,
@@ -580,91 +604,26 @@ impl Drop for Link {
     }
 }
 
-/// The task that owns the core.
+/// The task that owns the replicator: moves events, messages and timers into it and what it
+/// decides out to the streams.
 struct Engine {
     ct: Arc<Conntrack>,
-    outbox: Outbox,
-    delay: PickupDelay,
-    peers: Vec<Peer>,
+    rep: Replicator,
+    /// The configured peers (id, address), for the status.
+    peers: Vec<(u64, String)>,
+    links: Vec<Link>,
     lost: Arc<Lost>,
     origin: Instant,
     status: Arc<Mutex<pb::SyncStatusReply>>,
     on_ready: Box<dyn Fn(bool) + Send>,
     was_ready: Option<bool>,
-    counts: Counts,
-    /// When our stream reached which sequence number (each peer's `lag_ms`).
-    lag: LagClock,
-    /// `defer`: the workers' gate, and where each of their batches ends in the outbox.
-    defer: Option<(Arc<Gate>, Pending)>,
+    /// `defer`: the workers' gate.
+    gate: Option<Arc<Gate>>,
     /// Where emptied batch buffers go back to the workers.
-    spares: Option<Arc<Spares>>,
-}
-
-/// The shell's own counters (the sessions keep theirs).
-#[derive(Clone, Debug, Default)]
-struct Counts {
-    skipped_unknown: u64,
-    skipped_invalid: u64,
-    apply_refused: u64,
-    swept: u64,
+    spares: Arc<Spares>,
 }
 
 impl Engine {
-    fn new(
-        cfg: &SyncConfig,
-        node_id: u64,
-        ct: Arc<Conntrack>,
-        lost: Arc<Lost>,
-        origin: Instant,
-        status: Arc<Mutex<pb::SyncStatusReply>>,
-        on_ready: Box<dyn Fn(bool) + Send>,
-    ) -> Self {
-        let core_cfg = core::Config {
-            idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
-            heartbeat_interval: Duration::from_millis(cfg.idle_timeout_ms / 3),
-            bulk_timeout: Duration::from_millis(cfg.bulk_timeout_ms),
-            // A peer configured like this node defers its new connections until we ack them:
-            // ack at once rather than coalesce acks for a few milliseconds.
-            ack_delay: if cfg.defer_ms > 0 {
-                Duration::ZERO
-            } else {
-                core::Config::default().ack_delay
-            },
-            ..core::Config::default()
-        };
-        let now = Timestamp::from_millis(origin.elapsed().as_millis() as u64);
-        let peers = cfg
-            .peers
-            .iter()
-            .map(|p| {
-                let mut session = Session::new(core_cfg.clone(), node_id, now);
-                session.set_expected_peer(Some(p.id));
-                Peer {
-                    id: p.id,
-                    addr: p.addr.clone(),
-                    session,
-                    link: None,
-                }
-            })
-            .collect();
-        Engine {
-            ct,
-            outbox: Outbox::new(boot_id(), cfg.outbox_items),
-            // At most as many held connections as the outbox holds items.
-            delay: PickupDelay::new(cfg.pickup_delay_ms, cfg.outbox_items),
-            peers,
-            lost,
-            origin,
-            status,
-            on_ready,
-            was_ready: None,
-            counts: Counts::default(),
-            lag: LagClock::default(),
-            defer: None,
-            spares: None,
-        }
-    }
-
     fn now(&self) -> Timestamp {
         Timestamp::from_millis(self.origin.elapsed().as_millis() as u64)
     }
@@ -679,18 +638,12 @@ impl Engine {
         loop {
             let now = self.now();
             let wake = self
-                .peers
-                .iter()
-                .filter_map(|p| p.session.poll_timeout())
-                .chain(self.delay.poll_timeout())
-                .min()
+                .rep
+                .poll_timeout()
                 .map(|t| t.as_millis().saturating_sub(now.as_millis()))
                 .unwrap_or(100)
                 .min(100);
-            let blocked = self
-                .peers
-                .iter()
-                .any(|p| p.link.as_ref().is_some_and(|l| l.tx.capacity() == 0));
+            let blocked = self.links.iter().any(|l| l.tx.capacity() == 0);
             let wait = if blocked { 1 } else { wake };
             tokio::select! {
                 b = events.recv() => match b {
@@ -708,34 +661,19 @@ impl Engine {
                     None => return,
                 },
                 c = cmds.recv() => match c {
-                    Some(Command::Resync) => {
-                        for p in &mut self.peers {
-                            p.session.request_bulk();
-                        }
-                    }
+                    Some(Command::Resync) => self.rep.request_bulk(),
                     None => return,
                 },
                 _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
             }
             if self.lost.flagged.swap(false, Relaxed) {
-                self.outbox.mark_lost();
+                self.rep.handle_lost();
             }
             let now = self.now();
-            while let Some(item) = self.delay.poll(now) {
-                self.outbox.push(item);
-            }
-            for i in 0..self.peers.len() {
-                self.peers[i].session.handle_timeout(now, &self.outbox);
-                self.drive(i, now);
-            }
-            if let Some((gate, pending)) = &mut self.defer {
-                // What every connected peer has; `None` (nobody connected) waits for no one.
-                let acked = self
-                    .peers
-                    .iter()
-                    .filter_map(|p| p.session.acked_while_up())
-                    .min();
-                pending.acked(gate, acked);
+            self.rep.handle_timeout(now, &*self.ct);
+            self.drive(now);
+            if let Some(gate) = &self.gate {
+                self.rep.release_deferred(gate);
             }
             if last_status.elapsed() >= STATUS_EVERY {
                 last_status = Instant::now();
@@ -751,17 +689,8 @@ impl Engine {
             number,
             mut events,
         } = batch;
-        for ev in events.drain(..) {
-            if let Some(item) = self.delay.offer(now, ev) {
-                self.outbox.push(item);
-            }
-        }
-        if let Some(s) = &self.spares {
-            s.give(events);
-        }
-        if let Some((_, pending)) = &mut self.defer {
-            pending.pushed(worker, number, self.outbox.last_seq());
-        }
+        self.rep.handle_events(now, worker, number, &mut events);
+        self.spares.give(events);
     }
 
     fn on_net(&mut self, e: NetEvent) {
@@ -773,160 +702,86 @@ impl Engine {
                 tx,
                 closer,
             } => {
-                if let Some(p) = self.peers.iter_mut().find(|p| p.id == peer) {
-                    if p.link.is_some() {
-                        p.session.disconnected(now);
-                    }
-                    p.link = Some(Link { gen, tx, closer });
-                    p.session.connected(now, &self.outbox);
+                if self.rep.handle_connected(now, peer) {
+                    // A stream it replaces ends as its link drops.
+                    self.links.retain(|l| l.peer != peer);
+                    self.links.push(Link {
+                        peer,
+                        gen,
+                        tx,
+                        closer,
+                    });
                     tracing::info!(peer, "sync stream up");
                 }
             }
             NetEvent::Msg { peer, gen, msg } => {
-                let Some(p) = self.peers.iter_mut().find(|p| p.id == peer) else {
-                    return;
-                };
-                if p.link.as_ref().is_none_or(|l| l.gen != gen) {
+                if !self.links.iter().any(|l| l.peer == peer && l.gen == gen) {
                     return; // from a stream that has been replaced
                 }
                 match codec::decode(&msg) {
-                    Some(m) => p.session.handle(now, m, &self.outbox),
-                    None => self.counts.skipped_unknown += 1,
+                    Some(m) => self.rep.handle_msg(now, peer, m, &*self.ct),
+                    None => self.rep.handle_undecodable(),
                 }
             }
             NetEvent::Down { peer, gen, why } => {
-                if let Some(p) = self.peers.iter_mut().find(|p| p.id == peer) {
-                    if p.link.as_ref().is_some_and(|l| l.gen == gen) {
-                        p.link = None;
-                        p.session.disconnected(now);
-                        tracing::info!(peer, reason = %why, "sync stream down");
-                    }
+                let before = self.links.len();
+                self.links.retain(|l| !(l.peer == peer && l.gen == gen));
+                if self.links.len() < before {
+                    self.rep.handle_disconnected(now, peer);
+                    tracing::info!(peer, reason = %why, "sync stream down");
                 }
             }
         }
     }
 
-    /// Apply a session's operations and send what it has to send (as far as the stream takes).
-    fn drive(&mut self, i: usize, now: Timestamp) {
-        while let Some(op) = self.peers[i].session.poll_op() {
-            self.apply(i, now, op);
+    /// End the streams the core gave up on, and send what it has (as far as each stream
+    /// takes).
+    fn drive(&mut self, now: Timestamp) {
+        while let Some((peer, why)) = self.rep.poll_close() {
+            tracing::warn!(peer, reason = ?why, "closing the sync stream");
+            // Dropping the link ends the stream; the dialler reconnects.
+            self.links.retain(|l| l.peer != peer);
         }
-        let p = &mut self.peers[i];
-        let Some(Link { tx, .. }) = &p.link else {
-            return;
-        };
-        while tx.capacity() > 0 {
-            let Some(m) = p.session.poll_transmit(now, &self.outbox) else {
-                break;
-            };
-            if tx.try_send(codec::encode(&m)).is_err() {
-                break;
-            }
-        }
-    }
-
-    fn apply(&mut self, i: usize, now: Timestamp, op: Op) {
-        let ct = &self.ct;
-        match op {
-            // A whole connection replaces in both (the core orders them so that it is never
-            // older than what this stream applied); an update merges without moving TCP state
-            // backwards.
-            Op::Apply(item) | Op::Import(item) => self.apply_item(i, now, &item),
-            Op::BulkBegin => ct.begin_peer_bulk(),
-            Op::BulkEnd => self.counts.swept += ct.end_peer_bulk(),
-            Op::Lookup(tuples) => {
-                let snaps = tuples
-                    .iter()
-                    .filter_map(|t| {
-                        let sh = ct.lock_tuple(t);
-                        sh.find(t).and_then(|id| sh.snapshot(id, now))
-                    })
-                    .collect();
-                self.peers[i].session.resend(&mut self.outbox, snaps);
-            }
-            Op::ReadBulk { cursor } => {
-                let scope = self.peers[i].session.bulk_scope();
-                let page = ct.bulk_page(cursor, BULK_PAGE, now, scope);
-                let mut items: Vec<Item> = page.conns.into_iter().map(Item::Conn).collect();
-                items.extend(page.expects.into_iter().map(Item::Expect));
-                self.peers[i].session.bulk_page(items, page.next);
-            }
-            Op::Close(why) => {
-                let p = &mut self.peers[i];
-                tracing::warn!(peer = p.id, reason = ?why, "closing the sync stream");
-                // Dropping the link ends the stream; the dialler reconnects.
-                p.link = None;
-                p.session.disconnected(now);
-            }
-        }
-    }
-
-    /// One item from the peer into the live table.
-    fn apply_item(&mut self, i: usize, now: Timestamp, item: &Item) {
-        let ct = &self.ct;
-        let r = match item {
-            Item::Conn(s) => ct.import_conn(now, s).map_err(|e| e.to_string()),
-            Item::Update(u) => match ct.apply_update(now, u) {
-                Ok(()) => Ok(()),
-                Err(ApplyError::Missing) => {
-                    self.peers[i].session.missing(u.tuple);
-                    Ok(())
+        for l in &self.links {
+            while l.tx.capacity() > 0 {
+                let Some(m) = self.rep.poll_transmit(now, l.peer) else {
+                    break;
+                };
+                if l.tx.try_send(codec::encode(&m)).is_err() {
+                    break;
                 }
-                Err(e) => Err(e.to_string()),
-            },
-            Item::ConnGone(t) => {
-                ct.remove_conn(t);
-                Ok(())
             }
-            Item::Expect(x) => ct.import_expect(now, x).map_err(|e| e.to_string()),
-            Item::ExpectGone(x) => {
-                ct.remove_expect(x);
-                Ok(())
-            }
-            Item::Skipped(Skip::UnknownKind) => {
-                self.counts.skipped_unknown += 1;
-                Ok(())
-            }
-            Item::Skipped(Skip::Invalid) => {
-                self.counts.skipped_invalid += 1;
-                Ok(())
-            }
-        };
-        if let Err(e) = r {
-            self.counts.apply_refused += 1;
-            tracing::debug!(error = %e, "replicated item refused");
         }
     }
 
     fn publish(&mut self, now: Timestamp) {
-        self.outbox.set_table_estimate(self.ct.len() as u64);
-        self.lag.mark(self.outbox.last_seq(), now);
-        let lag = &self.lag;
-        let peers: Vec<pb::SyncPeer> = self
+        let st = self.rep.status(now, &*self.ct);
+        let peers: Vec<pb::SyncPeer> = st
             .peers
-            .iter()
+            .into_iter()
             .map(|p| {
-                let s = p.session.stats(&self.outbox);
+                let s = p.stats;
                 let bulk = s.bulk_rx.unwrap_or_default();
                 pb::SyncPeer {
                     id: p.id,
-                    addr: p.addr.clone(),
+                    addr: self
+                        .peers
+                        .iter()
+                        .find(|(id, _)| *id == p.id)
+                        .map(|(_, a)| a.clone())
+                        .unwrap_or_default(),
                     connected: s.connected,
                     last_seq_sent: s.sent,
                     last_seq_acked: s.acked,
                     lag: s.lag,
-                    lag_ms: if s.lag == 0 {
-                        0
-                    } else {
-                        lag.age(s.acked, now).as_millis() as u64
-                    },
+                    lag_ms: p.lag_ms,
                     unacked: s.in_flight,
                     items_applied: s.items_applied + s.items_imported,
                     bulks_sent: s.bulks_sent,
                     bulks_received: s.bulks_received,
                     bulk_items: bulk.items,
                     bulk_estimate: bulk.estimate,
-                    in_sync: p.session.in_sync(now),
+                    in_sync: p.in_sync,
                     peer_has_table: s.peer_has_table,
                     peer_version: s.peer_version.unwrap_or(0),
                     versions_refused: s.versions_refused,
@@ -936,28 +791,24 @@ impl Engine {
                 }
             })
             .collect();
-        if let Some(acked) = peers.iter().map(|p| p.last_seq_acked).min() {
-            self.lag.forget_through(acked);
+        if self.was_ready != Some(st.ready) {
+            self.was_ready = Some(st.ready);
+            (self.on_ready)(st.ready);
         }
-        let ready = peers.iter().all(|p| p.in_sync);
-        if self.was_ready != Some(ready) {
-            self.was_ready = Some(ready);
-            (self.on_ready)(ready);
-        }
-        let c = &self.counts;
+        let c = st.counts;
         *self.status.lock() = pb::SyncStatusReply {
             enabled: true,
             peers,
-            outbox_items: self.outbox.len() as u64,
-            last_seq: self.outbox.last_seq(),
+            outbox_items: st.outbox_items as u64,
+            last_seq: st.last_seq,
             events_lost: self.lost.events.load(Relaxed),
             skipped_unknown: c.skipped_unknown,
             skipped_invalid: c.skipped_invalid,
             apply_refused: c.apply_refused,
             swept: c.swept,
-            ready,
-            pickup_held: self.delay.len() as u64,
-            pickup_ended_young: self.delay.stats().ended_young,
+            ready: st.ready,
+            pickup_held: st.delay_held as u64,
+            pickup_ended_young: st.delay.ended_young,
             // Filled in by the daemon from the workers' counters.
             defer: None,
         };

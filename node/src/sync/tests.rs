@@ -1,9 +1,14 @@
-//! The replication core over a simulated pair (the quinn-proto way): two `Session`s, two
-//! `Outbox`es, a virtual clock, a faulty link each way (loss, reorder, duplicates, delay, the
-//! stream breaking) and a model table per node whose shell part is simulated here. A driver
-//! changes each node's own connections and pushes the items the tracker would; after any
-//! fault schedule and a quiet period each node's learned entries must equal the peer's own.
+//! The replication protocol over a simulated pair (the quinn-proto way): two `Replicator`s
+//! (the production core, with its one apply path), a virtual clock, a faulty link each way
+//! (loss, reorder, duplicates, delay, the stream breaking) and a model table per node behind
+//! `Replica`. A driver changes each node's own connections and hands the replicator the events
+//! the tracker would; after any fault schedule and a quiet period each node's learned entries
+//! must equal the peer's own. The model keeps exact copies (no merge rules but "TCP state
+//! never moves back"), so every item the protocol applies can be checked against what the
+//! sender pushed, in order; the `Pair` harness (`node/tests/pair`) runs the same core against
+//! real tables and the real packet pipeline.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
@@ -12,9 +17,11 @@ use proptest::prelude::*;
 
 use super::core::{CloseReason, Config, Op, Outbox, Session};
 use super::msg::{Hello, Item, Msg, Resume, Seq, MIN_PEER_VERSION, VERSION};
-use crate::conntrack::event::status;
+use super::replicator::{Replica, Replicator, Settings};
+use crate::conntrack::event::{status, DestroyReason, ExpectEnd};
 use crate::conntrack::helper_state::{HelperKind, HelperState};
 use crate::conntrack::tcp::{TcpConn, TcpState};
+use crate::conntrack::{ApplyError, BulkPage, Event};
 use crate::conntrack::{BulkScope, ConnSnapshot, ConnUpdate, ExpectSnapshot, ProtoState, Tuple};
 use crate::packet::proto;
 use crate::time::Timestamp;
@@ -90,12 +97,18 @@ struct Table {
     learned_exp: HashMap<ExpKey, (ExpectSnapshot, u64)>,
     epoch: u64,
     in_bulk: bool,
+    /// Every item the replicator applied or imported since the last `take_applied`, with
+    /// whether a bulk was running then.
+    applied: Vec<(bool, Item)>,
+    /// `peer_restarted` of every bulk begun.
+    bulk_begins: Vec<bool>,
 }
 
 impl Table {
-    /// `Op::Apply`: a whole connection replaces, an update merges without moving the TCP state
-    /// backwards. Returns a tuple to ask for.
+    /// A whole connection replaces, an update merges without moving the TCP state backwards.
+    /// Returns a tuple to ask for.
     fn apply(&mut self, item: Item) -> Option<Tuple> {
+        self.applied.push((self.in_bulk, item.clone()));
         let epoch = self.epoch;
         match item {
             Item::Conn(c) => {
@@ -130,20 +143,6 @@ impl Table {
         }
     }
 
-    /// `Op::Import`: replace.
-    fn import(&mut self, item: Item) {
-        let epoch = self.epoch;
-        match item {
-            Item::Conn(c) => {
-                self.learned.insert(c.tuple, (c, epoch));
-            }
-            Item::Expect(e) => {
-                self.learned_exp.insert(exp_key(&e), (e, epoch));
-            }
-            other => panic!("bulk carried {other:?}"),
-        }
-    }
-
     fn bulk_begin(&mut self) {
         self.epoch += 1;
         self.in_bulk = true;
@@ -157,7 +156,7 @@ impl Table {
     }
 
     /// One bulk page from `cursor`: connections then expectations, by key.
-    fn page(&self, cursor: u64, n: usize) -> (Vec<Item>, Option<u64>) {
+    fn page(&self, cursor: u64, n: usize) -> BulkPage {
         let conns = self
             .local
             .range(cursor..)
@@ -174,7 +173,18 @@ impl Table {
         } else {
             None
         };
-        (all.into_iter().map(|(_, i)| i).collect(), next)
+        let mut page = BulkPage {
+            next,
+            ..BulkPage::default()
+        };
+        for (_, item) in all {
+            match item {
+                Item::Conn(c) => page.conns.push(c),
+                Item::Expect(e) => page.expects.push(e),
+                _ => unreachable!("pages list connections and expectations"),
+            }
+        }
+        page
     }
 
     fn local_by_tuple(&self) -> HashMap<Tuple, ConnSnapshot> {
@@ -200,6 +210,76 @@ impl Table {
             .iter()
             .map(|(k, (e, _))| (*k, e.clone()))
             .collect()
+    }
+}
+
+/// The model behind the production apply path (`Replicator::apply`).
+impl Replica for RefCell<Table> {
+    fn import_conn(&self, _now: Timestamp, c: &ConnSnapshot) -> Result<(), ApplyError> {
+        self.borrow_mut().apply(Item::Conn(c.clone()));
+        Ok(())
+    }
+    fn apply_update(&self, _now: Timestamp, u: &ConnUpdate) -> Result<(), ApplyError> {
+        match self.borrow_mut().apply(Item::Update(*u)) {
+            Some(_) => Err(ApplyError::Missing),
+            None => Ok(()),
+        }
+    }
+    fn remove_conn(&self, t: &Tuple) {
+        self.borrow_mut().apply(Item::ConnGone(*t));
+    }
+    fn import_expect(&self, _now: Timestamp, x: &ExpectSnapshot) -> Result<(), ApplyError> {
+        self.borrow_mut().apply(Item::Expect(x.clone()));
+        Ok(())
+    }
+    fn remove_expect(&self, x: &ExpectSnapshot) {
+        self.borrow_mut().apply(Item::ExpectGone(x.clone()));
+    }
+    /// The model sweeps what a bulk did not bring even when the peer restarted: in the
+    /// simulation a restarted node's connections are gone. The flag is recorded for the
+    /// tests; what a real table does with it is `Conntrack`'s (and the `Pair` harness's).
+    fn begin_peer_bulk(&self, peer_restarted: bool) {
+        let mut t = self.borrow_mut();
+        t.bulk_begins.push(peer_restarted);
+        t.bulk_begin();
+    }
+    fn end_peer_bulk(&self) -> u64 {
+        let mut t = self.borrow_mut();
+        assert!(t.in_bulk, "bulk end without a begin");
+        let before = t.learned.len() + t.learned_exp.len();
+        t.bulk_end();
+        (before - t.learned.len() - t.learned_exp.len()) as u64
+    }
+    fn lookup(&self, _now: Timestamp, tuples: &[Tuple]) -> Vec<ConnSnapshot> {
+        let local = self.borrow().local_by_tuple();
+        tuples
+            .iter()
+            .filter_map(|t| local.get(t).cloned())
+            .collect()
+    }
+    fn bulk_page(&self, cursor: u64, limit: usize, _now: Timestamp, _s: BulkScope) -> BulkPage {
+        self.borrow().page(cursor, limit)
+    }
+    fn connections(&self) -> usize {
+        self.borrow().local.len()
+    }
+}
+
+/// The tracker event that becomes `item` (`delay::item_of` the other way round).
+fn event_of(item: Item) -> Event {
+    match item {
+        Item::Conn(c) => Event::ConnCreated(c),
+        Item::Update(u) => Event::ConnUpdated(u),
+        Item::ConnGone(tuple) => Event::ConnDestroyed {
+            tuple,
+            reason: DestroyReason::Timeout,
+        },
+        Item::Expect(x) => Event::ExpectCreated(x),
+        Item::ExpectGone(snapshot) => Event::ExpectDestroyed {
+            snapshot,
+            reason: ExpectEnd::Timeout,
+        },
+        Item::Skipped(_) => unreachable!("the tracker makes no skipped items"),
     }
 }
 
@@ -381,13 +461,38 @@ impl Link {
 
 #[derive(Debug)]
 struct Node {
-    session: Session,
-    outbox: Outbox,
-    table: Table,
+    rep: Replicator,
+    table: RefCell<Table>,
     /// Every item of the current boot, by seq - 1 (the outbox forgets; the checks must not).
     log: Vec<Item>,
     /// The peer boot and applied position last seen, to check it never moves back.
     rx_mark: (Option<u64>, Seq),
+}
+
+/// Node `i`'s id; its peer is `id(1 - i)`.
+fn id(i: usize) -> u64 {
+    100 + i as u64
+}
+
+impl Node {
+    fn new(i: usize, boot: u64, now: Timestamp) -> Self {
+        let settings = Settings {
+            session: test_cfg(),
+            outbox_items: OUTBOX_CAP,
+            pickup_delay_ms: 0,
+            defer_workers: None,
+        };
+        Node {
+            rep: Replicator::new(&settings, id(i), boot, &[id(1 - i)], now),
+            table: RefCell::default(),
+            log: Vec::new(),
+            rx_mark: (None, 0),
+        }
+    }
+
+    fn session(&self, i: usize) -> &Session {
+        self.rep.session(id(1 - i)).expect("the peer's session")
+    }
 }
 
 fn test_cfg() -> Config {
@@ -422,20 +527,18 @@ struct Sim {
     rng: Rng,
     next_boot: u64,
     closes: Vec<CloseReason>,
+    /// Event batches handed to the replicators.
+    batches: u64,
 }
 
 impl Sim {
     fn new(seed: u64) -> Self {
-        let node = |i: usize| Node {
-            session: Session::new(test_cfg(), 100 + i as u64, Timestamp(0)),
-            outbox: Outbox::new(1000 + i as u64, OUTBOX_CAP),
-            table: Table::default(),
-            log: Vec::new(),
-            rx_mark: (None, 0),
-        };
         let mut s = Sim {
             now: 0,
-            nodes: [node(0), node(1)],
+            nodes: [
+                Node::new(0, 1000, Timestamp(0)),
+                Node::new(1, 1001, Timestamp(0)),
+            ],
             links: [Link::default(), Link::default()],
             up: false,
             reconnect_at: None,
@@ -443,6 +546,7 @@ impl Sim {
             rng: Rng(seed | 1),
             next_boot: 2000,
             closes: Vec::new(),
+            batches: 0,
         };
         s.connect();
         s
@@ -454,8 +558,8 @@ impl Sim {
 
     fn connect(&mut self) {
         let now = self.ts();
-        for n in &mut self.nodes {
-            n.session.connected(now, &n.outbox);
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            assert!(n.rep.handle_connected(now, id(1 - i)));
         }
         self.up = true;
         self.reconnect_at = None;
@@ -463,8 +567,8 @@ impl Sim {
 
     fn break_stream(&mut self, down_ms: u64) {
         let now = self.ts();
-        for n in &mut self.nodes {
-            n.session.disconnected(now);
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            n.rep.handle_disconnected(now, id(1 - i));
         }
         for l in &mut self.links {
             l.q.clear();
@@ -473,10 +577,15 @@ impl Sim {
         self.reconnect_at = Some(self.now + down_ms);
     }
 
+    /// Node `i`'s tracker reports `item`'s change (one event, one batch).
     fn push(&mut self, i: usize, item: Item) {
+        self.batches += 1;
+        let now = self.ts();
         let n = &mut self.nodes[i];
-        n.outbox.push(item.clone());
+        n.rep
+            .handle_events(now, 0, self.batches, &mut vec![event_of(item.clone())]);
         n.log.push(item);
+        assert_eq!(n.log.len() as u64, n.rep.outbox().last_seq());
     }
 
     fn change(&mut self, i: usize, k: u16, ch: Change) {
@@ -487,10 +596,11 @@ impl Sim {
                 i,
                 1000 + k,
                 ch,
-                self.nodes[i].outbox.last_seq() + 1
+                self.nodes[i].rep.outbox().last_seq() + 1
             );
         }
-        if let Some(item) = change(&mut self.nodes[i].table, i, k, ch) {
+        let item = change(&mut self.nodes[i].table.borrow_mut(), i, k, ch);
+        if let Some(item) = item {
             self.push(i, item);
         }
     }
@@ -498,97 +608,46 @@ impl Sim {
     /// A change whose item never reached the outbox (the datapath's queue overflowed).
     fn lose(&mut self, i: usize, k: u16, ch: Change) {
         let n = &mut self.nodes[i];
-        if change(&mut n.table, i, k, ch).is_some() {
-            n.outbox.mark_lost();
+        let item = change(&mut n.table.borrow_mut(), i, k, ch);
+        if item.is_some() {
+            n.rep.handle_lost();
         }
     }
 
     fn restart(&mut self, i: usize) {
         self.next_boot += 1;
-        self.nodes[i] = Node {
-            session: Session::new(test_cfg(), 100 + i as u64, self.ts()),
-            outbox: Outbox::new(self.next_boot, OUTBOX_CAP),
-            table: Table::default(),
-            log: Vec::new(),
-            rx_mark: (None, 0),
-        };
+        self.nodes[i] = Node::new(i, self.next_boot, self.ts());
         self.break_stream(RECONNECT_MS);
     }
 
-    /// Runs one op of node `i`'s session on its model table. Returns the `Apply`d items.
-    fn run_op(&mut self, i: usize, op: Op, applied: &mut Vec<Item>) {
-        let cfg = test_cfg();
-        if std::env::var_os("SIMTRACE").is_some() {
-            match &op {
-                Op::Apply(it) | Op::Import(it) => {
-                    let kind = if matches!(op, Op::Apply(_)) {
-                        "apply"
-                    } else {
-                        "import"
-                    };
-                    eprintln!("{:6} {} {kind} {}", self.now, i, item_brief(it));
-                }
-                other => eprintln!("{:6} {} op {:?}", self.now, i, other),
-            }
-        }
+    /// What node `i`'s replicator applied to its table since the last call.
+    fn take_applied(&mut self, i: usize) -> Vec<(bool, Item)> {
+        std::mem::take(&mut self.nodes[i].table.borrow_mut().applied)
+    }
+
+    /// Keep node `i`'s check log in step with what the replicator pushed itself (the
+    /// answers to the peer's needs).
+    fn sync_log(&mut self, i: usize) {
         let n = &mut self.nodes[i];
-        match op {
-            Op::Apply(item) => {
-                applied.push(item.clone());
-                if let Some(t) = n.table.apply(item) {
-                    n.session.missing(t);
-                }
-            }
-            Op::Import(item) => {
-                assert!(n.table.in_bulk, "import outside a bulk");
-                n.table.import(item);
-            }
-            Op::BulkBegin => n.table.bulk_begin(),
-            Op::BulkEnd => {
-                assert!(n.table.in_bulk, "bulk end without a begin");
-                n.table.bulk_end();
-            }
-            Op::Lookup(ts) => {
-                let local = n.table.local_by_tuple();
-                let snaps = ts.iter().filter_map(|t| local.get(t).cloned()).collect();
-                n.session.resend(&mut n.outbox, snaps);
-                // Keep the check log in step with what `resend` pushed.
-                for seq in n.log.len() as u64 + 1..=n.outbox.last_seq() {
-                    let item = n.outbox.get(seq).cloned().expect("just pushed");
-                    n.log.push(item);
-                }
-            }
-            Op::ReadBulk { cursor } => {
-                let (items, next) = n.table.page(cursor, cfg.bulk_chunk_items);
-                n.session.bulk_page(items, next);
-            }
-            Op::Close(reason) => {
-                self.closes.push(reason);
-                self.break_stream(RECONNECT_MS);
-            }
+        for seq in n.log.len() as u64 + 1..=n.rep.outbox().last_seq() {
+            let item = n.rep.outbox().get(seq).cloned().expect("just pushed");
+            n.log.push(item);
         }
     }
 
-    fn drain_ops(&mut self, i: usize) -> (bool, Vec<Item>) {
-        let mut any = false;
-        let mut applied = Vec::new();
-        while let Some(op) = self.nodes[i].session.poll_op() {
-            any = true;
-            self.run_op(i, op, &mut applied);
-        }
-        (any, applied)
-    }
-
+    /// Streams the replicators gave up on break (both ends), then each sends what it has.
     fn pump(&mut self) {
         for _ in 0..100_000 {
             let mut progress = false;
             for i in 0..2 {
-                progress |= self.drain_ops(i).0;
+                self.sync_log(i);
+                if let Some((_, reason)) = self.nodes[i].rep.poll_close() {
+                    self.closes.push(reason);
+                    self.break_stream(RECONNECT_MS);
+                    progress = true;
+                }
                 let now = self.ts();
-                while let Some(m) = {
-                    let n = &mut self.nodes[i];
-                    n.session.poll_transmit(now, &n.outbox)
-                } {
+                while let Some(m) = self.nodes[i].rep.poll_transmit(now, id(1 - i)) {
                     progress = true;
                     if self.up {
                         self.links[i].send(self.now, m, self.faults, &mut self.rng);
@@ -606,7 +665,7 @@ impl Sim {
     /// sender's next items, in order, once.
     fn deliver(&mut self, to: usize, msg: Msg) {
         let from = 1 - to;
-        let before = self.nodes[to].session.stats(&self.nodes[to].outbox);
+        let before = self.stats(to);
         let is_batch = matches!(msg, Msg::Batch { .. });
         let now = self.ts();
         if std::env::var_os("SIMTRACE").is_some() {
@@ -614,30 +673,42 @@ impl Sim {
         }
         {
             let n = &mut self.nodes[to];
-            n.session.handle(now, msg, &n.outbox);
+            n.rep.handle_msg(now, id(from), msg, &n.table);
         }
-        let after = self.nodes[to].session.stats(&self.nodes[to].outbox);
-        let (_, applied) = self.drain_ops(to);
+        let after = self.stats(to);
+        let applied = self.take_applied(to);
+        if std::env::var_os("SIMTRACE").is_some() {
+            for (in_bulk, it) in &applied {
+                let kind = if *in_bulk { "in bulk" } else { "apply" };
+                eprintln!("{:6} {} {kind} {}", self.now, to, item_brief(it));
+            }
+        }
         if is_batch && after.peer_boot_id == before.peer_boot_id {
             let log = &self.nodes[from].log;
             let want = &log[before.applied as usize..after.applied as usize];
-            assert_eq!(applied.as_slice(), want, "batch applied out of order");
+            let got: Vec<Item> = applied.into_iter().map(|(_, item)| item).collect();
+            assert_eq!(got.as_slice(), want, "batch applied out of order");
         } else {
-            assert!(applied.is_empty(), "only batches apply items");
+            for (in_bulk, item) in applied {
+                assert!(
+                    in_bulk && matches!(item, Item::Conn(_) | Item::Expect(_)),
+                    "only batches apply items, a bulk imports entries: {item:?}"
+                );
+            }
         }
     }
 
     fn check_invariants(&mut self) {
         let cfg = test_cfg();
-        for n in &mut self.nodes {
-            let s = n.session.stats(&n.outbox);
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            let s = n.rep.session_stats(id(1 - i)).expect("the peer's session");
             assert!(s.acked <= s.sent, "{s:?}");
             assert!(s.sent <= s.last_seq, "{s:?}");
             assert!(
                 s.queued_ops <= cfg.max_queued_ops + cfg.batch_items.max(cfg.bulk_chunk_items) + 2
             );
             assert!(s.pending_needs <= cfg.max_pending_needs);
-            assert!(n.outbox.len() <= OUTBOX_CAP);
+            assert!(n.rep.outbox().len() <= OUTBOX_CAP);
             if s.peer_boot_id.is_some() && s.peer_boot_id == n.rx_mark.0 {
                 assert!(s.applied >= n.rx_mark.1, "applied moved back: {s:?}");
             }
@@ -658,7 +729,7 @@ impl Sim {
             let timers = self
                 .nodes
                 .iter()
-                .filter_map(|n| n.session.poll_timeout())
+                .filter_map(|n| n.rep.poll_timeout())
                 .map(Timestamp::as_millis);
             let Some(next) = link_next.chain(timers).chain(self.reconnect_at).min() else {
                 break;
@@ -683,9 +754,12 @@ impl Sim {
                 }
             }
             let now = self.ts();
-            for n in &mut self.nodes {
-                if n.session.poll_timeout().is_some_and(|t| t <= now) {
-                    n.session.handle_timeout(now, &n.outbox);
+            for i in 0..2 {
+                let n = &mut self.nodes[i];
+                if n.rep.poll_timeout().is_some_and(|t| t <= now) {
+                    n.rep.handle_timeout(now, &n.table);
+                    let applied = self.take_applied(i);
+                    assert!(applied.is_empty(), "timers apply nothing: {applied:?}");
                 }
             }
         }
@@ -703,7 +777,10 @@ impl Sim {
     fn assert_converged(&self) {
         for i in 0..2 {
             let (me, peer) = (&self.nodes[i], &self.nodes[1 - i]);
-            let (got, want) = (me.table.learned_plain(), peer.table.local_by_tuple());
+            let (got, want) = (
+                me.table.borrow().learned_plain(),
+                peer.table.borrow().local_by_tuple(),
+            );
             if got != want {
                 let mut diff = Vec::new();
                 for (t, c) in &want {
@@ -730,21 +807,27 @@ impl Sim {
                     1 - i
                 );
             }
-            let (got, want) = (me.table.learned_exp_plain(), peer.table.local_exp_by_key());
+            let (got, want) = (
+                me.table.borrow().learned_exp_plain(),
+                peer.table.borrow().local_exp_by_key(),
+            );
             if got != want {
                 let g: Vec<u16> = got.keys().map(|k| k.2).collect();
                 let w: Vec<u16> = want.keys().map(|k| k.2).collect();
                 panic!("node {i}'s learned expectations differ: have {g:?} want {w:?}");
             }
-            let s = me.session.stats(&me.outbox);
+            let s = self.stats(i);
             assert!(s.connected, "node {i} not connected: {s:?}");
             assert_eq!(s.lag, 0, "node {i} lags: {s:?}");
-            assert!(me.session.in_sync(self.ts()), "node {i} not in sync");
+            assert!(me.session(i).in_sync(self.ts()), "node {i} not in sync");
         }
     }
 
     fn stats(&self, i: usize) -> super::core::SessionStats {
-        self.nodes[i].session.stats(&self.nodes[i].outbox)
+        self.nodes[i]
+            .rep
+            .session_stats(id(1 - i))
+            .expect("the peer's session")
     }
 }
 
@@ -842,9 +925,13 @@ fn run_schedule(seed: u64, steps: &[Step]) -> Sim {
                 }
             }
             Step::Restart { node } => sim.restart(node),
-            Step::Resync { node } => sim.nodes[node].session.request_bulk(),
+            Step::Resync { node } => sim.nodes[node].rep.request_bulk(),
             Step::Forget { node, k } => {
-                sim.nodes[node].table.learned.remove(&tuple(1 - node, k));
+                sim.nodes[node]
+                    .table
+                    .borrow_mut()
+                    .learned
+                    .remove(&tuple(1 - node, k));
                 sim.change(1 - node, k, Change::Advance { step: 1 });
             }
         }
@@ -910,20 +997,22 @@ fn reconnect_resumes_without_a_bulk() {
 #[test]
 fn peer_restart_means_a_bulk_that_sweeps_what_it_lost() {
     let mut sim = synced_pair();
-    assert_eq!(sim.nodes[1].table.learned.len(), 5);
+    assert_eq!(sim.nodes[1].table.borrow_mut().learned.len(), 5);
     sim.restart(0);
     sim.change(0, 20, Change::Create { udp: false });
     sim.run(1000);
     sim.assert_converged();
-    // Node 1 swept the entries node 0's old boot had; it holds only the new one.
-    assert_eq!(sim.nodes[1].table.learned.len(), 1);
+    // Node 1 was told the bulk came from a new boot (a real table keeps what it learned
+    // from the old one; the model sweeps it); it holds only the new one.
+    assert_eq!(sim.nodes[1].table.borrow().bulk_begins, [false, true]);
+    assert_eq!(sim.nodes[1].table.borrow_mut().learned.len(), 1);
     assert_eq!(
         sim.stats(1).bulks_started,
         2,
         "the restarted node held nothing: bulk"
     );
     assert!(
-        sim.nodes[1].session.in_sync(sim.ts()),
+        sim.nodes[1].session(1).in_sync(sim.ts()),
         "a peer's restart does not unready us"
     );
 }
@@ -993,7 +1082,7 @@ fn stale_entry_of_an_old_incarnation_is_replaced_by_a_bulk() {
 fn need_round_trip() {
     let mut sim = synced_pair();
     let t = tuple(0, 3);
-    sim.nodes[1].table.learned.remove(&t);
+    sim.nodes[1].table.borrow_mut().learned.remove(&t);
     sim.change(0, 3, Change::Advance { step: 1 });
     sim.run(200);
     sim.assert_converged();
@@ -1007,7 +1096,11 @@ fn need_round_trip() {
 #[test]
 fn need_for_a_connection_the_peer_no_longer_has_is_answered_by_its_removal() {
     let mut sim = synced_pair();
-    sim.nodes[1].session.missing(tuple(0, 77));
+    sim.nodes[1]
+        .rep
+        .session_mut(id(0))
+        .unwrap()
+        .missing(tuple(0, 77));
     sim.run(50);
     assert_eq!(sim.stats(1).pending_needs, 0);
     assert_eq!(sim.stats(0).lookups, 1);
@@ -1021,7 +1114,11 @@ fn unanswered_need_is_asked_again() {
         loss_pct: 100,
         ..Faults::default()
     };
-    sim.nodes[1].session.missing(tuple(0, 77));
+    sim.nodes[1]
+        .rep
+        .session_mut(id(0))
+        .unwrap()
+        .missing(tuple(0, 77));
     sim.run(0);
     assert_eq!(sim.stats(1).needs_sent, 1);
     sim.faults = Faults::default();
@@ -1037,7 +1134,7 @@ fn operator_resync_survives_a_break() {
         loss_pct: 100,
         ..Faults::default()
     };
-    sim.nodes[1].session.request_bulk();
+    sim.nodes[1].rep.request_bulk();
     sim.run(0); // the request goes out and is lost with the stream
     sim.faults = Faults::default();
     sim.break_stream(100);
@@ -1054,7 +1151,7 @@ fn too_many_needs_fall_back_to_a_bulk() {
         sim.change(0, k, Change::Create { udp: false });
     }
     sim.run(200);
-    sim.nodes[1].table.learned.clear();
+    sim.nodes[1].table.borrow_mut().learned.clear();
     for k in 30..45 {
         sim.change(0, k, Change::Advance { step: 1 });
     }
@@ -1085,8 +1182,8 @@ fn lost_tail_is_resent_after_the_retransmit_timeout() {
     sim.change(0, 1, Change::Advance { step: 1 });
     sim.run(50);
     assert_ne!(
-        sim.nodes[1].table.learned_plain(),
-        sim.nodes[0].table.local_by_tuple()
+        sim.nodes[1].table.borrow_mut().learned_plain(),
+        sim.nodes[0].table.borrow_mut().local_by_tuple()
     );
     sim.run(100);
     sim.assert_converged();
@@ -1108,7 +1205,7 @@ fn converges_under_heavy_loss_and_reorder() {
         sim.change(1, k + 1, Change::ExpectAdd { expires: round });
         if round % 3 == 0 {
             sim.change(0, (k + 5) % 12, Change::Destroy);
-            sim.nodes[1].session.request_bulk();
+            sim.nodes[1].rep.request_bulk();
         }
         sim.run(37);
     }
@@ -1389,12 +1486,12 @@ fn in_sync_lifecycle() {
     // With a peer: ready when its bulk completed, and it stays so across a disconnect.
     let mut sim = Sim::new(3);
     sim.change(0, 1, Change::Create { udp: false });
-    assert!(!sim.nodes[1].session.in_sync(sim.ts()));
+    assert!(!sim.nodes[1].session(1).in_sync(sim.ts()));
     sim.run(200);
-    assert!(sim.nodes[1].session.in_sync(sim.ts()));
+    assert!(sim.nodes[1].session(1).in_sync(sim.ts()));
     sim.break_stream(10_000);
     sim.run(bulk_timeout);
-    assert!(sim.nodes[1].session.in_sync(sim.ts()));
+    assert!(sim.nodes[1].session(1).in_sync(sim.ts()));
 
     // A resume refused (the gap outgrew the peer's outbox): not ready until the bulk is in.
     sim.heal_and_settle(500);
@@ -1410,7 +1507,7 @@ fn in_sync_lifecycle() {
     for _ in 0..1000 {
         sim.run(1);
         if sim.stats(1).bulk_rx.is_some() {
-            assert!(!sim.nodes[1].session.in_sync(sim.ts()));
+            assert!(!sim.nodes[1].session(1).in_sync(sim.ts()));
             seen_unready.get_or_insert(sim.ts());
         }
     }
@@ -1441,8 +1538,8 @@ fn outbox_numbers_from_one_and_forgets_the_oldest() {
 #[test]
 fn sim_detects_a_receiver_that_misses_an_entry() {
     // The convergence check itself must be able to fail.
-    let mut sim = synced_pair();
-    sim.nodes[1].table.learned.remove(&tuple(0, 2));
+    let sim = synced_pair();
+    sim.nodes[1].table.borrow_mut().learned.remove(&tuple(0, 2));
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.assert_converged()));
     assert!(r.is_err());
 }

@@ -83,7 +83,7 @@ impl Shard {
             ProtoState::Tcp(c) => c.state().rank() < e.tcp.state().rank(),
             _ => false,
         };
-        e.status &= !status::PEER_STALE;
+        e.status &= !status::INTERNAL;
         if older {
             e.expires = e.expires.max(expires);
             return;
@@ -245,11 +245,13 @@ impl Shard {
             helper: x.helper,
             from_peer: true,
             stale: false,
+            orphan: false,
         };
         self.expire_expectations(now_ms);
         if let Some(old) = self.expects.iter_mut().find(|o| o.same_as(&new)) {
             old.expires = new.expires;
             old.stale = false;
+            old.orphan = false;
             return Ok(());
         }
         let owned = self
@@ -298,15 +300,33 @@ impl Shard {
     }
 
     /// A bulk transfer from the peer starts: every learned entry and expectation counts as
-    /// not refreshed until the transfer (or a live item) brings it again.
-    pub fn begin_peer_bulk(&mut self) {
+    /// not refreshed until the transfer (or a live item) brings it again, and the sweep at
+    /// its end removes what it did not bring. Except when `peer_restarted` (the bulk comes
+    /// from a new boot of the peer, and what we learned came from an earlier one): then the
+    /// peer did not end those connections, it lost them, and our copy is the only one left
+    /// (the peer gets it back in our bulk, `BulkScope::OwnAndLearned`). They become orphans
+    /// (`status::PEER_ORPHAN`), which no sweep removes; their timers, a `ConnGone`, or a
+    /// local packet end that. Without this, the active gateway that took over from a
+    /// crashed peer swept every learned connection that had been idle since the takeover as
+    /// soon as the peer came back empty (found by the `Pair` harness's property test).
+    pub fn begin_peer_bulk(&mut self, peer_restarted: bool) {
         for e in self.entries.iter_mut() {
-            if e.kind != Kind::Free && e.status & status::FROM_PEER != 0 {
+            if e.kind == Kind::Free || e.status & status::FROM_PEER == 0 {
+                continue;
+            }
+            if peer_restarted {
+                e.status = (e.status & !status::PEER_STALE) | status::PEER_ORPHAN;
+            } else if e.status & status::PEER_ORPHAN == 0 {
                 e.status |= status::PEER_STALE;
             }
         }
         for x in self.expects.iter_mut().filter(|x| x.from_peer) {
-            x.stale = true;
+            if peer_restarted {
+                x.orphan = true;
+                x.stale = false;
+            } else if !x.orphan {
+                x.stale = true;
+            }
         }
     }
 
@@ -330,7 +350,8 @@ impl Shard {
         let mut n = 0;
         for slot in 0..self.entries.len() as u32 {
             let e = &self.entries[slot as usize];
-            if e.kind != Kind::Free && e.status & LEARNED == LEARNED {
+            let stale = status::FROM_PEER | status::PEER_STALE;
+            if e.kind != Kind::Free && e.status & stale == stale {
                 self.destroy_quiet(slot);
                 n += 1;
             }
