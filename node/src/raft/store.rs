@@ -90,12 +90,42 @@ pub fn open(
         path: p.clone(),
         message: m,
     };
-    let db = Database::create(&path).map_err(|e| db_err(e.to_string()))?;
-    // Create the tables so that readers never see "table does not exist".
-    let tx = db.begin_write().map_err(|e| db_err(e.to_string()))?;
-    tx.open_table(LOG).map_err(|e| db_err(e.to_string()))?;
-    tx.open_table(META).map_err(|e| db_err(e.to_string()))?;
-    tx.commit().map_err(|e| db_err(e.to_string()))?;
+    // Only a store that does not exist is created. One that exists is opened as it is, and a
+    // damaged one is refused: opening an empty store in its place would make this member
+    // forget its vote and its log (it could vote twice in one term, or lose entries a quorum
+    // acknowledged). A new store is made under another name and renamed into place once it
+    // holds its tables, so a crash while creating it cannot leave an empty `raft.redb`.
+    let init = |db: &Database| -> Result<(), OpenError> {
+        // Create the tables so that readers never see "table does not exist".
+        let tx = db.begin_write().map_err(|e| db_err(e.to_string()))?;
+        tx.open_table(LOG).map_err(|e| db_err(e.to_string()))?;
+        tx.open_table(META).map_err(|e| db_err(e.to_string()))?;
+        tx.commit().map_err(|e| db_err(e.to_string()))
+    };
+    match std::fs::metadata(&path) {
+        Ok(m) if m.len() == 0 => {
+            return Err(db_err(
+                "the file is empty: the store is damaged, and this member's vote and log are \
+                 gone (README *Bad local state* says how to bring the member back)"
+                    .into(),
+            ))
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let new = dir.join("raft.redb.new");
+            let _ = std::fs::remove_file(&new);
+            let db = Database::create(&new).map_err(|e| db_err(e.to_string()))?;
+            init(&db)?;
+            drop(db);
+            std::fs::rename(&new, &path).map_err(|e| db_err(e.to_string()))?;
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| db_err(e.to_string()))?;
+        }
+        Err(e) => return Err(db_err(e.to_string())),
+    }
+    let db = Database::open(&path).map_err(|e| db_err(e.to_string()))?;
+    init(&db)?;
     let db = Arc::new(db);
 
     let log = LogStore { db: db.clone() };
@@ -636,6 +666,84 @@ mod tests {
         let (applied, _) = sm.applied_state().await.unwrap();
         assert_eq!(applied.map(|l| l.index), Some(3));
         assert_eq!(sm.data().read().state.version(), 2);
+    }
+
+    /// A store with a policy and a snapshot, closed; returns its directory.
+    async fn written_store() -> Dir {
+        let dir = Dir::new();
+        let (mut log, mut sm) = open(&dir.0, Arc::new(Recorder::default())).unwrap();
+        let entries = vec![entry(1, None), entry(2, Some(set("a")))];
+        let tx = log.db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(LOG).unwrap();
+            for e in &entries {
+                t.insert(e.log_id.index, encode(e).unwrap().as_slice())
+                    .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        log.save_vote(&Vote::new(3, 2)).await.unwrap();
+        sm.apply(entries).await.unwrap();
+        sm.build_snapshot().await.unwrap();
+        dir
+    }
+
+    /// Every way of damaging the file: the node refuses to start with an error naming the
+    /// file, never with an empty store (a member that forgot its vote and log could vote twice
+    /// in one term, or lose what a quorum acknowledged).
+    #[tokio::test]
+    async fn a_damaged_store_is_refused_with_its_path_never_opened_empty() {
+        type Damage = fn(&mut Vec<u8>);
+        let damages: [(&str, Damage); 4] = [
+            ("truncated to half", |b| b.truncate(b.len() / 2)),
+            ("truncated to nothing", |b| b.clear()),
+            ("header overwritten", |b| b[..64].fill(0xa5)),
+            ("every page's tail flipped", |b| {
+                for page in b.chunks_mut(4096) {
+                    let n = page.len();
+                    for x in &mut page[n.saturating_sub(64)..] {
+                        *x ^= 0xff;
+                    }
+                }
+            }),
+        ];
+        for (what, damage) in damages {
+            let dir = written_store().await;
+            let path = dir.0.join("raft.redb");
+            let mut bytes = std::fs::read(&path).unwrap();
+            damage(&mut bytes);
+            std::fs::write(&path, &bytes).unwrap();
+            let rec = Arc::new(Recorder::default());
+            match open(&dir.0, rec.clone()) {
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains("raft.redb"), "{what}: {msg}");
+                    eprintln!("{what}: refused: {msg}");
+                }
+                Ok((mut log, _)) => {
+                    // Opened: then nothing may be missing.
+                    assert_eq!(
+                        log.read_vote().await.unwrap(),
+                        Some(Vote::new(3, 2)),
+                        "{what}: opened without its vote"
+                    );
+                    assert_eq!(*rec.0.lock(), vec![2], "{what}: opened without its policy");
+                    eprintln!("{what}: opened with everything");
+                }
+            }
+        }
+    }
+
+    /// A crash while a new store was being made leaves `raft.redb.new` and no `raft.redb`:
+    /// the next start makes the store again.
+    #[test]
+    fn a_store_whose_creation_was_cut_short_is_made_again() {
+        let dir = Dir::new();
+        std::fs::create_dir_all(&dir.0).unwrap();
+        std::fs::write(dir.0.join("raft.redb.new"), b"half a store").unwrap();
+        open(&dir.0, Arc::new(Recorder::default())).unwrap();
+        assert!(dir.0.join("raft.redb").exists());
+        assert!(!dir.0.join("raft.redb.new").exists());
     }
 
     #[tokio::test]
