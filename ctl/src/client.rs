@@ -287,7 +287,8 @@ mod tests {
         let incoming =
             tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = incoming.local_addr().unwrap();
-        let server = tonic::transport::Server::builder()
+        let server = Transport::new(transport::Security::Plaintext)
+            .server()
             .add_service(
                 control_server::ControlServer::new(Lister(40_000))
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),

@@ -13,12 +13,15 @@ use fwnode::conntrack::CtState;
 use fwnode::packet::proto;
 use fwnode::policy::{PacketMeta, PolicyStore};
 
+/// What both bench policies start with: drop by default, established and related accepted
+/// first.
+const ESTABLISHED_FIRST: &str =
+    "default = \"drop\"\n[[rule]]\nct = [\"established\", \"related\"]\naction = \"accept\"\n";
+
 /// A policy of `n` rules: established first, `n - 3` rules that never match the bench
 /// traffic, then invalid-drop and the rule the NEW packet matches.
 fn policy_text(n: usize) -> String {
-    let mut s = String::from(
-        "default = \"drop\"\n[[rule]]\nct = [\"established\", \"related\"]\naction = \"accept\"\n",
-    );
+    let mut s = String::from(ESTABLISHED_FIRST);
     for i in 0..n.saturating_sub(3) {
         s.push_str(&format!(
             "[[rule]]\nsrc = \"198.51.{}.{}/32\"\nproto = \"tcp\"\ndport = {}\nct = \"new\"\naction = \"drop\"\n",
@@ -35,9 +38,7 @@ fn policy_text(n: usize) -> String {
 /// traffic does not come in on, and the last rule names the one it does: every rule on the
 /// way is decided by its interface check.
 fn iface_policy_text(n: usize) -> String {
-    let mut s = String::from(
-        "default = \"drop\"\n[[rule]]\nct = [\"established\", \"related\"]\naction = \"accept\"\n",
-    );
+    let mut s = String::from(ESTABLISHED_FIRST);
     for i in 0..n.saturating_sub(3) {
         s.push_str(&format!(
             "[[rule]]\nin = \"wan0\"\nproto = \"tcp\"\ndport = {}\nct = \"new\"\naction = \"drop\"\n",

@@ -317,32 +317,23 @@ pub fn start(
             addr: cfg.listen,
             source: e,
         })?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = transport
-        .server()
-        .add_service(
-            RaftServer::new(RaftService {
-                raft: raft.clone(),
-                members,
-            })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            ControlServer::new(control)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(incoming, async {
-            let _ = stop_rx.await;
-        });
-    let listen = cfg.listen;
-    let plaintext = transport.is_plaintext();
-    runtime.spawn(async move {
-        if let Err(e) = server.await {
-            tracing::error!(%listen, error = %e, "gRPC server stopped");
-        }
+    let raft_service = RaftServer::new(RaftService {
+        raft: raft.clone(),
+        members,
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let control_service = ControlServer::new(control)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let stop_tx = runtime.block_on(async {
+        transport.serve(incoming, cfg.listen, "gRPC", |server| {
+            server
+                .add_service(raft_service)
+                .add_service(control_service)
+        })
     });
+    let plaintext = transport.is_plaintext();
     tracing::info!(id, listen = %cfg.listen, role = cfg.role.name(), "control plane running");
     if plaintext {
         tracing::warn!(listen = %cfg.listen, "[tls] plaintext = true: the Raft transport and the control API are neither authenticated nor encrypted");

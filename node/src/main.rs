@@ -24,6 +24,7 @@ use fwnode::policy::PolicyStore;
 use fwnode::raft::Role;
 use fwnode::sync::defer::DeferConfig;
 use fwnode::sync::feed::FeedMaker;
+use fwnode::sync::shell::SyncHandle;
 use fwnode::time::Timestamp;
 use fwnode::tls::{Credentials, Members};
 use fwnode::transport::{Security, Transport};
@@ -341,6 +342,25 @@ fn worker_count(cfg: &Config) -> usize {
     usize::from(cfg.datapath.queues) + usize::from(!rule_spec(cfg).helper_ports.is_empty())
 }
 
+/// Stops what runs beside the datapath, in this order: the metrics endpoint (it reads Raft, on
+/// the control plane's runtime when there is one), the control plane (Raft and the control
+/// API), then replication. A part that was not started is `None`.
+fn stop_services(
+    metrics: Option<MetricsServer>,
+    control: Option<cluster::ControlPlane>,
+    sync: Option<SyncHandle>,
+) {
+    if let Some(m) = metrics {
+        m.shutdown();
+    }
+    if let Some(c) = control {
+        c.shutdown();
+    }
+    if let Some(s) = sync {
+        s.shutdown();
+    }
+}
+
 fn run(cfg: Config) -> Result<()> {
     let started_unix_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -516,12 +536,7 @@ fn run(cfg: Config) -> Result<()> {
         ) {
             Ok(s) => Some(s),
             Err(e) => {
-                if let Some(c) = control {
-                    c.shutdown();
-                }
-                if let Some(s) = sync {
-                    s.shutdown();
-                }
+                stop_services(None, control, sync);
                 return Err(e.into());
             }
         },
@@ -542,15 +557,7 @@ fn run(cfg: Config) -> Result<()> {
         ) {
             Ok(d) => Some(d),
             Err(e) => {
-                if let Some(m) = metrics {
-                    m.shutdown();
-                }
-                if let Some(c) = control {
-                    c.shutdown();
-                }
-                if let Some(s) = sync {
-                    s.shutdown();
-                }
+                stop_services(metrics, control, sync);
                 return Err(e);
             }
         }
@@ -627,15 +634,7 @@ fn run(cfg: Config) -> Result<()> {
         Some(why) => tracing::error!("{why}; stopping (exit status 1)"),
         None => tracing::info!("stopping"),
     }
-    if let Some(m) = metrics {
-        m.shutdown();
-    }
-    if let Some(c) = control {
-        c.shutdown();
-    }
-    if let Some(s) = sync {
-        s.shutdown();
-    }
+    stop_services(metrics, control, sync);
     let Some(Datapath { handles, spec, .. }) = datapath else {
         return Ok(());
     };

@@ -40,14 +40,8 @@ const CHECK_WEIGHT: u32 = 50;
 /// The policy both gateways enforce (applied once through the cluster): NEW only from the LAN
 /// to the server's test ports; replies and helper-announced FTP data connections through
 /// `established,related`; everything else dropped.
-pub const POLICY: &str = r#"
-default = "drop"
-
-[[rule]]
-name = "established"
-ct = ["established", "related"]
-action = "accept"
-
+pub const POLICY: &str = crate::policy!(
+    r#"
 [[rule]]
 name = "tcp-test-ports"
 in = "@LAN"
@@ -63,7 +57,8 @@ proto = "udp"
 dport = 7777
 ct = "new"
 action = "accept"
-"#;
+"#
+);
 
 /// One of the pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -27,6 +27,27 @@ pub const GW_LAN6: &str = "2001:db8:1::1";
 pub const GW_WAN6: &str = "2001:db8:2::1";
 pub const SERVER6: &str = "2001:db8:2::10";
 
+/// A lab policy: drop by default, and first accept replies and what a helper announced (FTP
+/// data connections) through `established,related`: the start every lab policy shares. Each
+/// fixture adds its own `[[rule]]` tables after it: `policy!(r#"..."#)` gives a constant, and
+/// `policy!()` alone is that start (for a policy built with `format!`).
+#[macro_export]
+macro_rules! policy {
+    () => {
+        r#"
+default = "drop"
+
+[[rule]]
+name = "established"
+ct = ["established", "related"]
+action = "accept"
+"#
+    };
+    ($rules:literal) => {
+        concat!($crate::policy!(), $rules)
+    };
+}
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A process started in a namespace; killed (by PID) when dropped.

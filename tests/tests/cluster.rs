@@ -15,14 +15,7 @@ use keepstate_tests::*;
 /// that is not a reply is dropped.
 fn allow(port: u16) -> String {
     format!(
-        r#"
-default = "drop"
-
-[[rule]]
-name = "established"
-ct = ["established", "related"]
-action = "accept"
-
+        r#"{}
 [[rule]]
 name = "web-{port}"
 in = "@LAN"
@@ -38,7 +31,8 @@ proto = "icmp"
 icmp_type = "echo-request"
 ct = "new"
 action = "accept"
-"#
+"#,
+        policy!()
     )
 }
 

@@ -9,14 +9,8 @@ use std::time::{Duration, Instant};
 
 use keepstate_tests::*;
 
-const POLICY: &str = r#"
-default = "drop"
-
-[[rule]]
-name = "established"
-ct = ["established", "related"]
-action = "accept"
-
+const POLICY: &str = policy!(
+    r#"
 [[rule]]
 name = "invalid"
 ct = "invalid"
@@ -60,7 +54,8 @@ name = "ssh-reject"
 proto = "tcp"
 dport = 22
 action = "reject"
-"#;
+"#
+);
 
 fn http_server(lab: &Lab, host: &str, port: u16) -> Proc {
     let p = lab.spawn(

@@ -8,14 +8,8 @@
 
 use keepstate_tests::*;
 
-const POLICY: &str = r#"
-default = "drop"
-
-[[rule]]
-name = "established"
-ct = ["established", "related"]
-action = "accept"
-
+const POLICY: &str = policy!(
+    r#"
 [[rule]]
 name = "ftp-control"
 in = "@LAN"
@@ -23,7 +17,8 @@ proto = "tcp"
 dport = [21, 2121]
 ct = "new"
 action = "accept"
-"#;
+"#
+);
 
 /// vsftpd serving `<lab>/ftp` anonymously (downloads from the root, uploads into `pub/`).
 fn vsftpd(lab: &Lab, port: u16) -> Proc {

@@ -213,14 +213,7 @@ fn check_answers_fast_and_follows_readiness() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-const POLICY: &str = r#"
-default = "drop"
-
-[[rule]]
-name = "established"
-ct = ["established", "related"]
-action = "accept"
-"#;
+const POLICY: &str = policy!();
 
 /// fwnode with `[ha]`: the socket is served (0600), keepalived's commands change the role that
 /// `fwctl status` and the stats file report, and the socket is gone after a clean stop.

@@ -330,7 +330,7 @@ fn certificates_and_the_ca_are_reloaded_from_disk_without_a_restart() {
 fn plaintext_only_when_the_config_says_so_and_then_loudly() {
     let lab = Lab::new();
     let policy = lab.dir.join("p.toml");
-    std::fs::write(&policy, "default = \"drop\"\n").unwrap();
+    std::fs::write(&policy, POLICY_DROP).unwrap();
     let cluster = format!(
         "[policy]\nfile = \"{}\"\n[cluster]\nid = 1\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"{}\"\n",
         policy.display(),

@@ -8,6 +8,7 @@
 //! comment, member name and address), so that every log entry fits one Raft message.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keepstate_proto::v1::{self, control_client::ControlClient};
@@ -16,7 +17,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::ChangeMembers;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
-use tonic::{Request, Status};
+use tonic::{Request, Response, Status};
 
 use super::{is_voter, ControlService};
 use crate::raft::{Member, NodeId, Quorum, Request as Cmd, Response as CmdResponse, Role};
@@ -27,6 +28,25 @@ enum Route {
     Local,
     Leader(NodeId, Member),
 }
+
+/// The reply of a write, as the node that forwarded it sees it.
+trait WriteReply {
+    /// The policy version the write committed, when the reply names one: the forwarding node
+    /// waits until it applied that version too (`wait_local_version`).
+    fn policy_version(&self) -> Option<u64> {
+        None
+    }
+}
+
+impl WriteReply for v1::ApplyPolicyReply {
+    fn policy_version(&self) -> Option<u64> {
+        Some(self.version)
+    }
+}
+
+impl WriteReply for v1::HaSettings {}
+
+impl WriteReply for v1::MembersReply {}
 
 fn is_forwarded<T>(r: &Request<T>) -> bool {
     r.metadata().contains_key(FORWARDED_KEY)
@@ -175,6 +195,38 @@ impl ControlService {
         }
     }
 
+    /// The routing every write shares, after the handler's own validation (`route` decides,
+    /// failing fast): on the leader, `local` proposes `r`; on a follower, `forward` sends `r`,
+    /// marked forwarded, to the leader over the client it is given, and a reply that names a
+    /// policy version is awaited here too ([`WriteReply::policy_version`]).
+    /// `already_forwarded`: `r` came marked forwarded (it never takes a second hop).
+    async fn write<Req, Rep, Fwd, FwdFut, Local, LocalFut>(
+        &self,
+        already_forwarded: bool,
+        r: Req,
+        forward: Fwd,
+        local: Local,
+    ) -> Result<Rep, Status>
+    where
+        Rep: WriteReply,
+        Fwd: FnOnce(ControlClient<Channel>, Request<Req>) -> FwdFut,
+        FwdFut: Future<Output = Result<Response<Rep>, Status>>,
+        Local: FnOnce(Req) -> LocalFut,
+        LocalFut: Future<Output = Result<Rep, Status>>,
+    {
+        match self.route(already_forwarded)? {
+            Route::Leader(id, leader) => {
+                let client = self.leader(id, &leader).await?;
+                let reply = forward(client, forwarded(r)).await?.into_inner();
+                if let Some(version) = reply.policy_version() {
+                    self.wait_local_version(version).await;
+                }
+                Ok(reply)
+            }
+            Route::Local => local(r).await,
+        }
+    }
+
     fn policy_reply(
         &self,
         resp: CmdResponse,
@@ -237,18 +289,11 @@ impl ControlService {
                 sha256: crate::raft::state::sha256_hex(&r.text),
             });
         }
-        match self.route(fwd)? {
-            Route::Leader(id, m) => {
-                let reply = self
-                    .leader(id, &m)
-                    .await?
-                    .apply_policy(forwarded(r))
-                    .await?
-                    .into_inner();
-                self.wait_local_version(reply.version).await;
-                Ok(reply)
-            }
-            Route::Local => {
+        self.write(
+            fwd,
+            r,
+            |mut leader, r| async move { leader.apply_policy(r).await },
+            |r| async move {
                 let resp = self
                     .propose(Cmd::SetPolicy {
                         text: r.text,
@@ -258,8 +303,9 @@ impl ControlService {
                     })
                     .await?;
                 self.policy_reply(resp, rules, warnings)
-            }
-        }
+            },
+        )
+        .await
     }
 
     pub(super) async fn rollback_write(
@@ -286,18 +332,11 @@ impl ControlService {
         .map_err(|e| Status::internal(format!("checking the policy: {e}")))?
         .map_err(|e| Status::failed_precondition(e.to_string()))?;
         let target = version;
-        match self.route(fwd)? {
-            Route::Leader(id, m) => {
-                let reply = self
-                    .leader(id, &m)
-                    .await?
-                    .rollback_policy(forwarded(r))
-                    .await?
-                    .into_inner();
-                self.wait_local_version(reply.version).await;
-                Ok(reply)
-            }
-            Route::Local => {
+        self.write(
+            fwd,
+            r,
+            |mut leader, r| async move { leader.rollback_policy(r).await },
+            |r| async move {
                 let resp = self
                     // The version checked above, not "the one before the current" resolved
                     // again at apply time: a policy committed in between must not change what
@@ -309,8 +348,9 @@ impl ControlService {
                     })
                     .await?;
                 self.policy_reply(resp, rules, warnings)
-            }
-        }
+            },
+        )
+        .await
     }
 
     pub(super) async fn set_ha_write(
@@ -348,22 +388,20 @@ impl ControlService {
                 }
             }
         }
-        match self.route(fwd)? {
-            Route::Leader(id, leader) => Ok(self
-                .leader(id, &leader)
-                .await?
-                .set_ha_settings(forwarded(r))
-                .await?
-                .into_inner()),
-            Route::Local => {
+        self.write(
+            fwd,
+            r,
+            |mut leader, r| async move { leader.set_ha_settings(r).await },
+            |_| async move {
                 self.propose(Cmd::SetHa(crate::raft::HaSettings {
                     preferred_active: s.preferred_active.clone(),
                     require_quorum: s.require_quorum,
                 }))
                 .await?;
                 Ok(s)
-            }
-        }
+            },
+        )
+        .await
     }
 
     pub(super) async fn init(&self) -> Result<v1::MembersReply, Status> {
@@ -436,14 +474,11 @@ impl ControlService {
                 r.id
             )));
         }
-        match self.route(fwd)? {
-            Route::Leader(id, leader) => Ok(self
-                .leader(id, &leader)
-                .await?
-                .cluster_add(forwarded(r))
-                .await?
-                .into_inner()),
-            Route::Local => {
+        self.write(
+            fwd,
+            r,
+            |mut leader, r| async move { leader.cluster_add(r).await },
+            |r| async move {
                 let member = Member {
                     name: if r.name.is_empty() {
                         format!("node{}", r.id)
@@ -467,8 +502,9 @@ impl ControlService {
                     }
                 }
                 Ok(self.members())
-            }
-        }
+            },
+        )
+        .await
     }
 
     pub(super) async fn promote_write(
@@ -493,19 +529,17 @@ impl ControlService {
                 )));
             }
         }
-        match self.route(fwd)? {
-            Route::Leader(id, leader) => Ok(self
-                .leader(id, &leader)
-                .await?
-                .cluster_promote(forwarded(r))
-                .await?
-                .into_inner()),
-            Route::Local => {
+        self.write(
+            fwd,
+            r,
+            |mut leader, r| async move { leader.cluster_promote(r).await },
+            |r| async move {
                 self.change(ChangeMembers::AddVoterIds(BTreeSet::from([r.id])))
                     .await?;
                 Ok(self.members())
-            }
-        }
+            },
+        )
+        .await
     }
 
     pub(super) async fn remove_write(
@@ -528,14 +562,11 @@ impl ControlService {
             }
             is_voter(ms, &r.id)
         };
-        match self.route(fwd)? {
-            Route::Leader(id, leader) => Ok(self
-                .leader(id, &leader)
-                .await?
-                .cluster_remove(forwarded(r))
-                .await?
-                .into_inner()),
-            Route::Local => {
+        self.write(
+            fwd,
+            r,
+            |mut leader, r| async move { leader.cluster_remove(r).await },
+            |r| async move {
                 let ids = BTreeSet::from([r.id]);
                 if voter {
                     // retain = false: a removed voter leaves the cluster, it does not stay a learner.
@@ -544,8 +575,9 @@ impl ControlService {
                     self.change(ChangeMembers::RemoveNodes(ids)).await?;
                 }
                 Ok(self.members())
-            }
-        }
+            },
+        )
+        .await
     }
 }
 

@@ -255,12 +255,9 @@ fn swapped_policies_share_the_live_interface_slots() {
     assert_eq!(store.current().compiled.eval(&on(9)).action, Action::Reject);
     // A policy no longer naming eth9: once nothing holds the old ones, a load forgets it.
     drop(v1);
-    store
-        .load_text(3, "c", "[[rule]]\nin = \"lan0\"\naction = \"accept\"\n")
-        .unwrap();
-    store
-        .load_text(4, "c", "[[rule]]\nin = \"lan0\"\naction = \"accept\"\n")
-        .unwrap();
+    let c = "[[rule]]\nin = \"lan0\"\naction = \"accept\"\n";
+    store.load_text(3, "c", c).unwrap();
+    store.load_text(4, "c", c).unwrap();
     assert_eq!(store.interfaces().snapshot(), vec![("lan0".to_string(), 2)]);
 }
 

@@ -340,22 +340,11 @@ pub fn start(
                     net: net_tx.clone(),
                     gens: gens.clone(),
                 };
-                let (srv_stop_tx, srv_stop_rx) = tokio::sync::oneshot::channel::<()>();
-                let server = transport
-                    .server()
-                    .add_service(
-                        SyncServer::new(service)
-                            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                            .max_encoding_message_size(MAX_MESSAGE_BYTES),
-                    )
-                    .serve_with_incoming_shutdown(incoming, async {
-                        let _ = srv_stop_rx.await;
-                    });
-                let listen = cfg.listen;
-                tokio::spawn(async move {
-                    if let Err(e) = server.await {
-                        tracing::error!(%listen, error = %e, "sync server stopped");
-                    }
+                let service = SyncServer::new(service)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+                let srv_stop_tx = transport.serve(incoming, cfg.listen, "sync", |server| {
+                    server.add_service(service)
                 });
                 for p in cfg.peers.iter().filter(|p| p.id > node_id) {
                     tokio::spawn(dial(

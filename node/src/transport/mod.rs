@@ -2,12 +2,13 @@
 //! security plugs in.
 //!
 //! Owns endpoint and server construction (timeouts, keepalive, and the rustls mTLS of the
-//! cluster CA: [`Security`]). Every channel to a peer and every listener goes through
-//! [`Transport`]: a listener hands tonic connections whose TLS handshake (client certificate
-//! required and verified against the CA) has completed, each carrying a [`ConnInfo`] with the
-//! client's identity for the services' checks (`tls`); a channel verifies the server's
-//! certificate against the CA and, for a known peer, that it names that peer. Which connections
-//! may start a handshake at all is [`admission`]'s count (members keep slots no flood takes).
+//! cluster CA: [`Security`]) and the running of a node's servers ([`Transport::serve`]). Every
+//! channel to a peer, every listener and every server goes through [`Transport`]: a listener
+//! hands tonic connections whose TLS handshake (client certificate required and verified
+//! against the CA) has completed, each carrying a [`ConnInfo`] with the client's identity for
+//! the services' checks (`tls`); a channel verifies the server's certificate against the CA
+//! and, for a known peer, that it names that peer. Which connections may start a handshake at
+//! all is [`admission`]'s count (members keep slots no flood takes).
 //! The message-size limit is not set here: tonic sets it per generated service and client,
 //! so every one of them sets [`keepstate_proto::MAX_MESSAGE_BYTES`] where it is built (the
 //! one constant both ends share, fwctl included).
@@ -25,10 +26,10 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use tonic::transport::server::{Connected, TcpIncoming};
+use tonic::transport::server::{Connected, Router, TcpIncoming};
 use tonic::transport::{Channel, Endpoint, Server, Uri};
 
 use crate::tls::{self, ConnInfo, Credentials, Identity};
@@ -337,6 +338,29 @@ impl Transport {
         Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+    }
+
+    /// Serve the services `services` adds to [`Transport::server`] on `incoming` (from
+    /// [`Transport::incoming`] on `listen`), spawned on the current tokio runtime (so it must be
+    /// called inside one), until the returned sender fires or is dropped. A server that fails
+    /// is logged as "`what` server stopped" with `listen`.
+    pub fn serve(
+        &self,
+        incoming: ReceiverStream<io::Result<Conn>>,
+        listen: SocketAddr,
+        what: &'static str,
+        services: impl FnOnce(&mut Server) -> Router,
+    ) -> oneshot::Sender<()> {
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = services(&mut self.server()).serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        });
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(%listen, error = %e, "{what} server stopped");
+            }
+        });
+        stop_tx
     }
 }
 

@@ -24,8 +24,8 @@ use tonic::transport::Channel;
 
 fn policy(i: usize, filler: usize) -> String {
     let mut s = format!(
-        "default = \"drop\"\n\n[[rule]]\nname = \"established\"\nct = [\"established\", \"related\"]\naction = \"accept\"\n\n\
-         [[rule]]\nname = \"web-{i}\"\nproto = \"tcp\"\ndport = {}\nct = \"new\"\naction = \"accept\"\n",
+        "{}\n[[rule]]\nname = \"web-{i}\"\nproto = \"tcp\"\ndport = {}\nct = \"new\"\naction = \"accept\"\n",
+        keepstate_tests::policy!(),
         1000 + i % 5000
     );
     for r in 0..filler {
