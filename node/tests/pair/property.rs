@@ -335,3 +335,26 @@ fn the_crash_check_sees_a_lost_session() {
     crash(&mut p, &mut m);
     assert_eq!(m.lost.len(), 1, "the loss is seen");
 }
+
+/// The property test's negative control: with replication off in the harness, a schedule of
+/// traffic and a crash fails the convergence check (and the sessions die).
+#[test]
+fn negative_without_replication_the_tables_do_not_converge() {
+    let mut p = Pair::new(Opts {
+        replication: false,
+        ..Opts::default()
+    });
+    p.run(200);
+    let mut m = Model::default();
+    let port = m.port();
+    let mut s = Tcp::connect(&mut p, (CLIENT, port), (SERVER, 5201)).unwrap();
+    s.stream(&mut p, true, 2000).unwrap();
+    p.run(50);
+    p.crash_active();
+    assert!(s.send(&mut p, true, b"after").is_err(), "the session died");
+    p.restart(1 - p.active);
+    let port = m.port();
+    Tcp::connect(&mut p, (CLIENT, port), (SERVER, 5201)).unwrap();
+    p.run(3000);
+    assert_ne!(tuples(&p, 0), tuples(&p, 1), "the tables differ");
+}
