@@ -323,8 +323,10 @@ pub fn start(
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // A control request is at most a policy and its notes: a longer one is refused from its
+    // length prefix, before it is buffered (replies, e.g. a long connection list, may be large).
     let control_service = ControlServer::new(control)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(keepstate_proto::MAX_CONTROL_REQUEST_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let stop_tx = runtime.block_on(async {
         transport.serve(incoming, cfg.listen, "gRPC", |server| {

@@ -31,3 +31,8 @@ pub const MAX_POLICY_BYTES: usize = 2 * 1024 * 1024;
 /// The largest author or comment of a policy version, and the largest member name or address
 /// (bytes): bounded so that every Raft log entry is bounded.
 pub const MAX_NOTE_BYTES: usize = 4096;
+
+/// The largest request the `Control` service decodes: a policy of [`MAX_POLICY_BYTES`], its
+/// author and comment, and the message's framing. A longer one is refused from its length
+/// prefix, before it is buffered (replies may still be [`MAX_MESSAGE_BYTES`]).
+pub const MAX_CONTROL_REQUEST_BYTES: usize = MAX_POLICY_BYTES + 2 * MAX_NOTE_BYTES + 4096;

@@ -392,3 +392,112 @@ fn plaintext_only_when_the_config_says_so_and_then_loudly() {
 }
 
 const POLICY_DROP: &str = "default = \"drop\"\n";
+
+/// Resident memory of process `pid`, in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}
+
+/// Memory of the node under the flood stays under this (the review measured a 949 MiB peak).
+const FLOOD_RSS_BOUND_MIB: u64 = 150;
+
+/// The security review's memory flood (issue 22 item 3): 32 concurrent `ApplyPolicy` calls of
+/// 30 MB each from an operator certificate, sent by a client of our own (fwctl refuses such a
+/// file before sending it). Every call is refused (its length prefix is over what the control
+/// service decodes, or the caller has 8 calls in flight), the node's memory stays under
+/// `FLOOD_RSS_BOUND_MIB`, and the operator's `fwctl status` answers throughout. (A certificate
+/// without a role is refused from its headers: `transport::tests`, with a negative control.)
+#[test]
+fn a_flood_of_huge_requests_is_refused_before_it_is_buffered_and_the_operator_is_served() {
+    let mut c = ClusterLab::start("");
+    c.form();
+    // The flooding host: another host of the management network (its own address, so the
+    // handshake admission's per-address share is not what this test measures).
+    c.lab.add_host("flood");
+    let p = c.lab.prefix.clone();
+    c.lab
+        .link("flood", &format!("{p}fx"), "sw", &format!("{p}fy"));
+    c.lab
+        .sh("flood", &format!("ip addr add 198.18.0.50/24 dev {p}fx"));
+    c.lab.sh(
+        "sw",
+        &format!("ip link set {p}fy master {p}br && ip link set {p}fy up"),
+    );
+    let node = c.members[0].addr.clone();
+    let pid = c.members[0].proc.as_ref().unwrap().pid();
+    let before = rss_mib(pid);
+    let sw = c.lab.netns("flood");
+    let security = creds(&c.certs, &c.certs, "reader");
+    let target = node.clone();
+    let flood = std::thread::spawn(move || {
+        enter_netns(&sw);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let t = Transport::new(security);
+            let text = "#".repeat(30 * 1024 * 1024);
+            // One connection, 32 concurrent calls on it (HTTP/2 streams), as one client would.
+            let ch = t.connect(&target, None).await.unwrap();
+            let client = pb::control_client::ControlClient::new(ch)
+                .max_encoding_message_size(64 * 1024 * 1024);
+            let mut calls = tokio::task::JoinSet::new();
+            for _ in 0..32 {
+                let (mut client, text) = (client.clone(), text.clone());
+                calls.spawn(async move {
+                    let r = client
+                        .apply_policy(pb::ApplyPolicyRequest {
+                            text,
+                            ..Default::default()
+                        })
+                        .await;
+                    match r {
+                        Ok(_) => Err("a 30 MB policy was accepted".to_string()),
+                        Err(s) => Ok(s.code()),
+                    }
+                });
+            }
+            calls.join_all().await
+        })
+    });
+    let mut peak = before;
+    let mut served = 0;
+    while !flood.is_finished() {
+        peak = peak.max(rss_mib(pid));
+        let r = c.ctl(1, &["status"]);
+        assert_eq!(
+            r.code, 0,
+            "the operator was not served during the flood: {r:?}"
+        );
+        served += 1;
+    }
+    let codes = flood.join().unwrap();
+    peak = peak.max(rss_mib(pid));
+    eprintln!(
+        "[flood] 32 x 30 MB: {codes:?}; node RSS {before} MiB before, peak {peak} MiB; fwctl status \
+         answered {served} times during it"
+    );
+    for code in &codes {
+        let code = code.as_ref().unwrap();
+        assert!(
+            matches!(
+                code,
+                tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+            ),
+            "{code:?}"
+        );
+    }
+    assert!(
+        peak <= FLOOD_RSS_BOUND_MIB,
+        "the node grew to {peak} MiB under the flood"
+    );
+    assert!(served >= 1);
+}

@@ -8,7 +8,8 @@
 //! against the CA) has completed, each carrying a [`ConnInfo`] with the client's identity for
 //! the services' checks (`tls`); a channel verifies the server's certificate against the CA
 //! and, for a known peer, that it names that peer. Which connections may start a handshake at
-//! all is [`admission`]'s count (members keep slots no flood takes).
+//! all is [`admission`]'s count (members keep slots no flood takes); what a caller may send
+//! before its request body is read is [`gate`]'s (who, and how many at once).
 //! The message-size limit is not set here: tonic sets it per generated service and client,
 //! so every one of them sets [`keepstate_proto::MAX_MESSAGE_BYTES`] where it is built (the
 //! one constant both ends share, fwctl included).
@@ -35,6 +36,13 @@ use tonic::transport::{Channel, Endpoint, Server, Uri};
 use crate::tls::{self, ConnInfo, Credentials, Identity};
 
 pub mod admission;
+pub mod gate;
+
+/// A server builder behind the [`gate`], and the router it makes ([`Transport::serve`]).
+pub type GatedServer =
+    Server<tower::layer::util::Stack<gate::GateLayer, tower::layer::util::Identity>>;
+pub type GatedRouter =
+    Router<tower::layer::util::Stack<gate::GateLayer, tower::layer::util::Identity>>;
 
 use admission::Admission;
 
@@ -340,7 +348,8 @@ impl Transport {
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
     }
 
-    /// Serve the services `services` adds to [`Transport::server`] on `incoming` (from
+    /// Serve the services `services` adds to [`Transport::server`], behind the [`gate`], on
+    /// `incoming` (from
     /// [`Transport::incoming`] on `listen`), spawned on the current tokio runtime (so it must be
     /// called inside one), until the returned sender fires or is dropped. A server that fails
     /// is logged as "`what` server stopped" with `listen`.
@@ -349,10 +358,11 @@ impl Transport {
         incoming: ReceiverStream<io::Result<Conn>>,
         listen: SocketAddr,
         what: &'static str,
-        services: impl FnOnce(&mut Server) -> Router,
+        services: impl FnOnce(&mut GatedServer) -> GatedRouter,
     ) -> oneshot::Sender<()> {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let server = services(&mut self.server()).serve_with_incoming_shutdown(incoming, async {
+        let mut gated = self.server().layer(gate::GateLayer::new());
+        let server = services(&mut gated).serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });
         tokio::spawn(async move {
@@ -720,6 +730,71 @@ mod tests {
             );
             drop(held);
         }
+    }
+
+    /// A server behind the gate, as `Transport::serve` runs every node's services.
+    async fn serve_gated(t: &Transport) -> (SocketAddr, oneshot::Sender<()>) {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let incoming = t.incoming(addr, nobody_known()).unwrap();
+        let stop = t.serve(incoming, addr, "test", |s| {
+            s.add_service(RaftServer::new(Probe).max_decoding_message_size(64 * 1024 * 1024))
+        });
+        (addr, stop)
+    }
+
+    /// A Raft call with a 30 MB body, as the security review sent ApplyPolicy.
+    async fn big_call(t: &Transport, addr: SocketAddr) -> Result<String, tonic::Status> {
+        let ch = t.connect(&addr.to_string(), None).await.unwrap();
+        let r = RaftClient::new(ch)
+            .max_encoding_message_size(64 * 1024 * 1024)
+            .vote(RaftPayload {
+                payload: vec![b'x'; 30 * 1024 * 1024],
+                encoding: 0,
+            })
+            .await?;
+        Ok(String::from_utf8_lossy(&r.into_inner().payload).into_owned())
+    }
+
+    /// The security review's memory flood: certificates of the CA without a role sent 30 MB
+    /// requests, which were read whole before the handler refused them. Behind the gate they
+    /// are refused from their headers; the negative control (the same server without the gate)
+    /// reads the body and runs the handler.
+    #[tokio::test]
+    async fn the_gate_refuses_callers_without_a_role_before_their_request_is_read() {
+        let d = Dir::new("gate");
+        let ca1 = ca("ca1");
+        let server = mtls(d.files("n1", &[&ca1], &node(&ca1, 1)));
+        let (addr, _stop) = serve_gated(&server).await;
+        let odd = mtls(d.files("odd", &[&ca1], &leaf(&ca1, &[], Some("root"))));
+        let t = std::time::Instant::now();
+        let e = big_call(&odd, addr).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("node certificate"), "{e:?}");
+        eprintln!("refused in {:?}", t.elapsed());
+        // An operator is not a node either; a node is let through.
+        let admin = mtls(d.files("op", &[&ca1], &leaf(&ca1, &[], Some("admin"))));
+        let e = big_call(&admin, addr).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        let n2 = mtls(d.files("n2", &[&ca1], &node(&ca1, 2)));
+        assert_eq!(
+            call(&n2, addr, Some(1)).await,
+            Ok(format!("{:?}", Caller::Node(2)))
+        );
+        // Without the gate the body is read and the handler answers.
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = probe.local_addr().unwrap();
+        drop(probe);
+        let incoming = server.incoming(open, nobody_known()).unwrap();
+        tokio::spawn(
+            server
+                .server()
+                .add_service(RaftServer::new(Probe).max_decoding_message_size(64 * 1024 * 1024))
+                .serve_with_incoming(incoming),
+        );
+        let c = big_call(&odd, open).await.unwrap();
+        assert!(c.starts_with("Nobody("), "{c}");
     }
 
     #[tokio::test]
