@@ -128,6 +128,20 @@ pub fn changed_tasks(log: &Path) -> String {
     out
 }
 
+/// Whether a playbook log reports a change for `host` under the task (or handler) whose header
+/// contains `task`.
+pub fn task_changed(log: &str, task: &str, host: &str) -> bool {
+    let mut in_task = false;
+    for line in log.lines() {
+        if line.starts_with("TASK [") || line.starts_with("RUNNING HANDLER [") {
+            in_task = line.contains(task);
+        } else if in_task && line.starts_with(&format!("changed: [{host}]")) {
+            return true;
+        }
+    }
+    false
+}
+
 /// Write `<lab dir>/python-<host>`: /usr/bin/python3 inside `host`'s namespace, the
 /// `ansible_python_interpreter` of a lab host (so every module, and every daemon the role
 /// starts, runs there).

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use keepstate_tests::ansible::{ansible, changed_tasks, python_in, recap, text};
+use keepstate_tests::ansible::{ansible, changed_tasks, python_in, recap, task_changed, text};
 use keepstate_tests::cluster::{OPS, PORT};
 use keepstate_tests::*;
 
@@ -225,11 +225,23 @@ impl AnsibleLab {
     /// Run site.yml on `hosts` of the lab; returns the recap (host -> counters) after
     /// asserting that it succeeded on each of them.
     fn play(&self, run: &str, hosts: &[&str]) -> BTreeMap<String, BTreeMap<String, u64>> {
+        self.play_with(run, hosts, &[])
+    }
+
+    /// `play` with more ansible-playbook arguments (e.g. `--check --diff`); the output is in
+    /// `<lab>/ansible-<run>.log`.
+    fn play_with(
+        &self,
+        run: &str,
+        hosts: &[&str],
+        args: &[&str],
+    ) -> BTreeMap<String, BTreeMap<String, u64>> {
         let inventory = self.inventory(run, hosts);
         let o = ansible("ansible-playbook", &self.lab.dir)
             .arg("-i")
             .arg(&inventory)
             .arg("site.yml")
+            .args(args)
             .output()
             .expect("running ansible-playbook");
         let out = text(&o);
@@ -466,6 +478,45 @@ fn role_forms_and_grows_the_cluster_in_the_namespace_lab_and_a_rerun_changes_not
     let a = AnsibleLab::start();
     let all = ["gw1", "gw2", "m3"];
 
+    // `--check --diff` first, as deploy/ansible/README.md recommends, on a fresh controller (no
+    // CA yet) and hosts that were never configured: it must succeed, say what it would do, and
+    // change nothing anywhere (no file under any host's keepstate_root, no CA on the controller,
+    // nothing started, no binary downloaded: get_url only asks with HEAD in check mode). The
+    // role before check mode was handled failed here, copying a ca.crt that `fwctl certs` had
+    // not made. The real runs below write every one of these paths.
+    let check = a.play_with("check-fresh", &all, &["--check", "--diff"]);
+    for host in all {
+        assert!(
+            check.get(host).is_some_and(|r| r["changed"] > 0),
+            "the check-mode run reported nothing to do on {host}: {check:?}"
+        );
+        let root = a.root(host);
+        assert!(
+            !root.exists(),
+            "the check-mode run wrote to {host}: {} exists",
+            root.display()
+        );
+        let ns = a.lab.ns(host);
+        let o = Command::new("ip")
+            .args(["netns", "pids", &ns])
+            .output()
+            .expect("running ip netns pids");
+        assert!(
+            String::from_utf8_lossy(&o.stdout).trim().is_empty(),
+            "the check-mode run left processes in {host}'s namespace: {}",
+            text(&o)
+        );
+    }
+    assert!(
+        !a.lab.dir.join("ca").exists(),
+        "the check-mode run made the CA on the controller"
+    );
+    assert!(
+        !a.lab.log("http").contains("GET /"),
+        "the check-mode run downloaded a binary:\n{}",
+        a.lab.log("http")
+    );
+
     let first = a.play("first", &["gw1", "m3"]);
     assert!(
         !first.contains_key("gw2"),
@@ -534,4 +585,50 @@ fn role_forms_and_grows_the_cluster_in_the_namespace_lab_and_a_rerun_changes_not
         "fwnode was restarted by a run that changed nothing"
     );
     a.check_cluster(&all);
+
+    // `--check --diff` on the deployed cluster, with the controller's copy of gw1's node key
+    // made to differ from gw1's: the key copy reports a change on gw1 and nothing else does, and
+    // no line of the key is printed (no_log, no diff; the role before printed the diff of the
+    // key files). Nothing on gw1 changes.
+    let key_path = a.lab.dir.join("ca/node-1.key");
+    let key = std::fs::read_to_string(&key_path).unwrap();
+    let gw1_key = a.root("gw1").join("etc/keepstate/tls/node-1.key");
+    let gw1_key_before = sha256(&gw1_key);
+    std::fs::write(&key_path, format!("{key}# differs from gw1's copy\n")).unwrap();
+    let checked = a.play_with("check-deployed", &all, &["--check", "--diff"]);
+    std::fs::write(&key_path, &key).unwrap();
+    let log = std::fs::read_to_string(a.lab.dir.join("ansible-check-deployed.log")).unwrap();
+    for line in key
+        .lines()
+        .filter(|l| !l.starts_with("-----") && !l.trim().is_empty())
+    {
+        assert!(
+            !log.contains(line),
+            "the check-mode run printed a line of gw1's private key:\n{log}"
+        );
+    }
+    assert!(
+        !log.contains("differs from gw1's copy"),
+        "the check-mode run printed the diff of gw1's private key:\n{log}"
+    );
+    assert!(
+        task_changed(&log, "Copy this node's private key", "gw1"),
+        "the check-mode run did not report gw1's differing key:\n{log}"
+    );
+    for host in all {
+        let want = u64::from(host == "gw1");
+        assert_eq!(
+            checked.get(host).and_then(|r| r.get("changed")),
+            Some(&want),
+            "the check-mode run on the deployed cluster: {host}:\n{}",
+            changed_tasks(&a.lab.dir.join("ansible-check-deployed.log"))
+        );
+    }
+    assert_eq!(
+        sha256(&gw1_key),
+        gw1_key_before,
+        "the check-mode run changed gw1's key"
+    );
+    let after_check: Vec<String> = all.iter().map(|h| a.pid(h)).collect();
+    assert_eq!(pids, after_check, "the check-mode run restarted fwnode");
 }

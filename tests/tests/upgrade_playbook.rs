@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use keepstate_tests::ansible::{changed_tasks, RoleHaLab};
+use keepstate_tests::ansible::{changed_tasks, task_changed, RoleHaLab};
 use keepstate_tests::ha::{file_len, gap_after, sha256, vsftpd, Stream, IPERF_PORT};
 use keepstate_tests::measure::{longest_stall, rtos, Growth};
 use keepstate_tests::*;
@@ -142,19 +142,6 @@ fn last_start(a: &RoleHaLab, host: &str) -> String {
         .and_then(|l| l.split_whitespace().next())
         .unwrap_or_else(|| panic!("{host}'s fwnode never logged `running`"))
         .to_string()
-}
-
-/// The lines of a playbook log that report a change for `host` under task `task`.
-fn task_changed(log: &str, task: &str, host: &str) -> bool {
-    let mut in_task = false;
-    for line in log.lines() {
-        if line.starts_with("TASK [") || line.starts_with("RUNNING HANDLER [") {
-            in_task = line.contains(task);
-        } else if in_task && line.starts_with(&format!("changed: [{host}]")) {
-            return true;
-        }
-    }
-    false
 }
 
 /// Wait until the stream's server has received data in `n` intervals more than `since`
