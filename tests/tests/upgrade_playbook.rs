@@ -273,6 +273,17 @@ fn upgrade_yml_takes_the_pair_from_the_previous_release_to_todays_with_traffic_a
     );
     eprintln!("[deploy] site.yml with the previous release took {took:.1?}");
     a.wait_active("gw1", Duration::from_secs(30));
+    // keepalived's notify reaches gw2's fwnode a moment after gw1 took the VIPs: upgrade.yml
+    // (rightly) refuses a pair whose two gateways both say ACTIVE, so wait for gw2's STANDBY.
+    let t = Instant::now();
+    while a.ctl(2, &["-o", "json", "status"]).json()["ha"]["role"] != "standby" {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "gw2 does not report standby\n{}",
+            a.diag()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_runs(&a, &prev, "the previous release");
 
     // Traffic through the pair: a stream for the whole test, and a download paced at 1 MB/s
