@@ -119,6 +119,13 @@ pub struct DatapathConfig {
     /// With the rules: accept fwnode's own ports (`[cluster]`, `[sync]` and `[metrics]`
     /// listen) only on the interface that holds their address, and drop them everywhere else.
     pub guard_ports: bool,
+    /// With the rules: forwarded TCP to the control-plane ports (this node's `[cluster]`,
+    /// `[sync]` and `[metrics]` listen ports) on the management network (out of the interface
+    /// that holds the `[cluster]` listen address) is dropped before the policy, so that a
+    /// permissive LAN rule cannot open the peer's or the witness's control plane to the LAN
+    /// through this gateway. `true` lets the policy decide (for a deployment that routes
+    /// operators to the management network through the gateway on purpose).
+    pub forward_to_control_plane: bool,
     /// Most netlink datagrams drained before verdicts are sent.
     pub batch_datagrams: usize,
     /// Where counters are written as JSON every 200 ms (for scripts and benchmarks; people use
@@ -142,6 +149,7 @@ impl Default for DatapathConfig {
             chain: "KEEPSTATE".into(),
             install_rules: true,
             guard_ports: true,
+            forward_to_control_plane: false,
             batch_datagrams: 16,
             stats_file: None,
             reject_mark: crate::datapath::worker::REJECT_MARK,

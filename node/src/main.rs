@@ -105,6 +105,14 @@ fn rule_spec(cfg: &Config) -> RuleSpec {
         })
         .collect();
     let d = &cfg.datapath;
+    // The node's own listeners: its control plane (the cluster's members use the same ports).
+    let own: Vec<std::net::SocketAddr> = cfg
+        .cluster
+        .iter()
+        .map(|c| c.listen)
+        .chain(cfg.sync.iter().map(|s| s.listen))
+        .chain(cfg.metrics.iter().map(|m| m.listen))
+        .collect();
     RuleSpec {
         name: d.chain.clone(),
         first_queue: d.first_queue,
@@ -113,16 +121,15 @@ fn rule_spec(cfg: &Config) -> RuleSpec {
         helper_ports,
         reject_mark: d.reject_mark,
         fail_open: d.fail_open,
-        local_ports: if d.guard_ports {
-            cfg.cluster
-                .iter()
-                .map(|c| c.listen)
-                .chain(cfg.sync.iter().map(|s| s.listen))
-                .chain(cfg.metrics.iter().map(|m| m.listen))
-                .collect()
-        } else {
-            vec![]
+        control_plane: match &cfg.cluster {
+            Some(c) if !d.forward_to_control_plane => Some(rules::ControlPlane {
+                addr: c.listen.ip(),
+                ports: own.iter().map(|a| a.port()).collect(),
+                iface: None,
+            }),
+            _ => None,
         },
+        local_ports: if d.guard_ports { own } else { vec![] },
     }
 }
 

@@ -130,6 +130,8 @@ pub struct HaOpts {
     pub keepalived_edit: Option<fn(String) -> String>,
     /// Lines appended to the gateways' `[ha]` section (e.g. `takeover_nudge = true`).
     pub ha_extra: String,
+    /// Lines appended to every member's `[datapath]` section.
+    pub datapath_extra: String,
 }
 
 impl Default for HaOpts {
@@ -144,6 +146,7 @@ impl Default for HaOpts {
             cluster_extra: String::new(),
             keepalived_edit: None,
             ha_extra: String::new(),
+            datapath_extra: String::new(),
         }
     }
 }
@@ -305,7 +308,7 @@ impl HaLab {
             let config = lab.dir.join(format!("node{id}.toml"));
             let stats = lab.dir.join(format!("stats{id}.json"));
             let mut text = format!(
-                "[node]\nname = \"n{id}\"\n\n[datapath]\nchain = \"{p}\"\nstats_file = \"{stats}\"\n\n\
+                "[node]\nname = \"n{id}\"\n\n[datapath]\nchain = \"{p}\"\nstats_file = \"{stats}\"\n{dp}\n\n\
                  [conntrack]\ntcp_pickup = false\n\n\
                  [cluster]\nid = {id}\nlisten = \"{addr}\"\ndata_dir = \"{data}\"\nrole = \"{role}\"\n\
                  heartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n\
@@ -314,6 +317,7 @@ impl HaLab {
                 data = lab.dir.join(format!("data{id}")).display(),
                 tls = certs.tls_section(id),
                 extra = opts.cluster_extra,
+                dp = opts.datapath_extra,
             );
             if role == "gateway" {
                 let (sync, ha) = ha_sections(&opts, &ha_socket(&lab, id), id);

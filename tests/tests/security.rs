@@ -501,3 +501,54 @@ fn a_flood_of_huge_requests_is_refused_before_it_is_buffered_and_the_operator_is
     );
     assert!(served >= 1);
 }
+
+/// Issue 22 item 5: with an ordinary "the LAN may open anything outbound" rule, a LAN host
+/// completed TCP handshakes through gw1 to gw2's control, sync and metrics ports on the
+/// management network (gw2's own guard admits them: they arrive on the interface that holds
+/// its address). gw1 now drops forwarded traffic to those ports out of its management
+/// interface before the policy; the negative control opts in
+/// (`forward_to_control_plane = true`) and the same handshakes complete.
+#[test]
+fn a_permissive_lan_rule_does_not_open_the_peers_control_plane_through_the_gateway() {
+    use keepstate_tests::cluster::{METRICS_PORT, PORT};
+    for opt_in in [false, true] {
+        let ha = HaLab::start(HaOpts {
+            ipv6: false,
+            datapath_extra: if opt_in {
+                "forward_to_control_plane = true".into()
+            } else {
+                String::new()
+            },
+            ..HaOpts::default()
+        });
+        let anything = format!(
+            "{}\n[[rule]]\nname = \"lan-anything\"\nin = \"@LAN\"\nct = \"new\"\naction = \"accept\"\n",
+            keepstate_tests::ha::POLICY
+        );
+        ha.c.apply(1, &anything).ok();
+        for port in [PORT, SYNC_PORT, METRICS_PORT] {
+            let reached = ha
+                .lab()
+                .try_sh(
+                    "client",
+                    &format!("timeout 2 bash -c 'exec 3<>/dev/tcp/198.18.0.2/{port}'"),
+                )
+                .status
+                .success();
+            assert_eq!(
+                reached, opt_in,
+                "port {port} of gw2 from the LAN through gw1 (opted in: {opt_in})\n{}",
+                ha.diag()
+            );
+        }
+        // The LAN still reaches the server: the rule is only about the control plane.
+        assert!(ha
+            .lab()
+            .try_sh(
+                "client",
+                &format!("timeout 2 bash -c 'exec 3<>/dev/tcp/{SERVER4}/22' 2>&1 | grep -q refused"),
+            )
+            .status
+            .success());
+    }
+}

@@ -19,7 +19,11 @@
 //!   itself (lo); every other packet to those ports is dropped. Linux accepts packets for any local address on any interface,
 //!   so without this a LAN host that routes through the gateway could reach its management
 //!   ports.
-//! - `filter` table: chain `NAME`, jumped to from FORWARD (first rule): packets carrying the
+//! - `filter` table: chain `NAME`, jumped to from FORWARD (first rule): forwarded TCP to the
+//!   control-plane ports that leaves through the management interface (the one holding the
+//!   `[cluster]` listen address) is dropped before anything else (`control_plane`; off with
+//!   `datapath.forward_to_control_plane`): the members' gRPC and metrics ports are never
+//!   the policy's to open to the LAN. Then packets carrying the
 //!   reject mark (set by our NF_REPEAT verdict) are REJECTed by the kernel — TCP reset for TCP,
 //!   ICMP port unreachable otherwise; helper ports go to the helper queue with a full-payload
 //!   copy; everything else is spread over the worker queues by `--queue-balance` alone, which
@@ -79,6 +83,43 @@ pub struct RuleSpec {
     /// fwnode's own TCP listeners (Raft + control, sync, metrics): reachable only on the interface
     /// that holds their address. Empty: no INPUT chain.
     pub local_ports: Vec<std::net::SocketAddr>,
+    /// Forwarded TCP to these ports out of the management interface is dropped.
+    pub control_plane: Option<ControlPlane>,
+}
+
+/// The members' control plane as the FORWARD chain keeps it from forwarded traffic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlPlane {
+    /// The `[cluster]` listen address: its interface is the management interface.
+    pub addr: std::net::IpAddr,
+    /// The control-plane ports (the cluster's members listen on the same ports).
+    pub ports: Vec<u16>,
+    /// The interface holding `addr` (`install` finds it; `None`: no rule).
+    pub iface: Option<String>,
+}
+
+/// The interface that holds `ip`, from `ip -o addr show to <ip>`'s first line
+/// (`3: ksm1    inet 198.18.0.1/24 ...`; a name may carry `@peer`).
+fn parse_iface(out: &str) -> Option<String> {
+    let name = out.lines().next()?.split_whitespace().nth(1)?;
+    let name = name.trim_end_matches(':');
+    let name = name.split('@').next()?;
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    ok.then(|| name.to_string())
+}
+
+/// The interface that holds `ip` in this namespace, if one does.
+fn iface_of(ip: std::net::IpAddr) -> Result<Option<String>, RulesError> {
+    if ip.is_unspecified() {
+        return Ok(None);
+    }
+    let fam = if ip.is_ipv4() { "-4" } else { "-6" };
+    let out = run("ip", &[fam, "-o", "addr", "show", "to", &ip.to_string()], None)?;
+    Ok(parse_iface(&out))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +184,18 @@ impl RuleSpec {
         ));
         s.push_str("COMMIT\n*filter\n");
         s.push_str(&format!(":{n} - [0:0]\n"));
+        if let Some(ControlPlane {
+            iface: Some(i),
+            ports,
+            ..
+        }) = &self.control_plane
+        {
+            let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+            s.push_str(&format!(
+                "-A {n} -o {i} -p tcp -m multiport --dports {} -j DROP\n",
+                ports.join(",")
+            ));
+        }
         // Our bit only: other users of the mark keep theirs.
         let mark = format!("-m mark --mark {m:#x}/{m:#x}", m = self.reject_mark);
         s.push_str(&format!(
@@ -258,6 +311,15 @@ fn ensure_jump(fam: Family, table: &str, parent: &str, chain: &str) -> Result<()
 /// Install (or replace) the rules for both families.
 pub fn install(spec: &RuleSpec) -> Result<(), RulesError> {
     spec.check()?;
+    let mut spec = spec.clone();
+    if let Some(cp) = spec.control_plane.as_mut() {
+        cp.iface = iface_of(cp.addr)?;
+        match &cp.iface {
+            Some(i) => tracing::info!(iface = %i, ports = ?cp.ports, "forwarded traffic to the control-plane ports on the management interface is dropped"),
+            None => tracing::warn!(addr = %cp.addr, "no interface holds the [cluster] listen address: forwarded traffic to the control-plane ports is left to the policy"),
+        }
+    }
+    let spec = &spec;
     for fam in [Family::V4, Family::V6] {
         run(fam.restore(), &["-w", "--noflush"], Some(&spec.render(fam)))?;
         ensure_jump(fam, "raw", "PREROUTING", &format!("{}-raw", spec.name))?;
@@ -310,6 +372,7 @@ mod tests {
             reject_mark: 0x40_0000,
             fail_open: false,
             local_ports: vec![],
+            control_plane: None,
         }
     }
 
@@ -388,5 +451,40 @@ mod tests {
                 Err(RulesError::BadName(_))
             ));
         }
+    }
+
+    /// The control-plane drop comes first in the FORWARD chain, both families, on the
+    /// interface `install` found; without an interface there is no rule.
+    #[test]
+    fn forwarded_traffic_to_the_control_plane_ports_is_dropped_first() {
+        let cp = |iface: Option<&str>| RuleSpec {
+            control_plane: Some(ControlPlane {
+                addr: "198.18.0.1".parse().unwrap(),
+                ports: vec![7400, 7401, 9100],
+                iface: iface.map(str::to_string),
+            }),
+            ..spec()
+        };
+        for fam in [Family::V4, Family::V6] {
+            let r = cp(Some("ksm1")).render(fam);
+            let drop = "-A KS -o ksm1 -p tcp -m multiport --dports 7400,7401,9100 -j DROP\n";
+            let at = r.find(drop).unwrap_or_else(|| panic!("{r}"));
+            assert!(at < r.find("-A KS -m mark").unwrap(), "first: {r}");
+            assert!(!cp(None).render(fam).contains("multiport"));
+        }
+    }
+
+    #[test]
+    fn the_management_interface_is_read_from_ip_addr() {
+        assert_eq!(
+            parse_iface("3: ksm1    inet 198.18.0.1/24 brd 198.18.0.255 scope global ksm1\n"),
+            Some("ksm1".into())
+        );
+        assert_eq!(
+            parse_iface("7: veth0@if6    inet6 2001:db8::1/64 scope global\n"),
+            Some("veth0".into())
+        );
+        assert_eq!(parse_iface(""), None);
+        assert_eq!(parse_iface("3: a;b inet 1.2.3.4/24\n"), None, "not a name iptables takes");
     }
 }
