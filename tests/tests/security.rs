@@ -536,7 +536,8 @@ fn a_permissive_lan_rule_does_not_open_the_peers_control_plane_through_the_gatew
                 .status
                 .success();
             assert_eq!(
-                reached, opt_in,
+                reached,
+                opt_in,
                 "port {port} of gw2 from the LAN through gw1 (opted in: {opt_in})\n{}",
                 ha.diag()
             );
@@ -546,7 +547,9 @@ fn a_permissive_lan_rule_does_not_open_the_peers_control_plane_through_the_gatew
             .lab()
             .try_sh(
                 "client",
-                &format!("timeout 2 bash -c 'exec 3<>/dev/tcp/{SERVER4}/22' 2>&1 | grep -q refused"),
+                &format!(
+                    "timeout 2 bash -c 'exec 3<>/dev/tcp/{SERVER4}/22' 2>&1 | grep -q refused"
+                ),
             )
             .status
             .success());

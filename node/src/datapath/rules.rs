@@ -118,7 +118,11 @@ fn iface_of(ip: std::net::IpAddr) -> Result<Option<String>, RulesError> {
         return Ok(None);
     }
     let fam = if ip.is_ipv4() { "-4" } else { "-6" };
-    let out = run("ip", &[fam, "-o", "addr", "show", "to", &ip.to_string()], None)?;
+    let out = run(
+        "ip",
+        &[fam, "-o", "addr", "show", "to", &ip.to_string()],
+        None,
+    )?;
     Ok(parse_iface(&out))
 }
 
@@ -315,8 +319,12 @@ pub fn install(spec: &RuleSpec) -> Result<(), RulesError> {
     if let Some(cp) = spec.control_plane.as_mut() {
         cp.iface = iface_of(cp.addr)?;
         match &cp.iface {
-            Some(i) => tracing::info!(iface = %i, ports = ?cp.ports, "forwarded traffic to the control-plane ports on the management interface is dropped"),
-            None => tracing::warn!(addr = %cp.addr, "no interface holds the [cluster] listen address: forwarded traffic to the control-plane ports is left to the policy"),
+            Some(i) => {
+                tracing::info!(iface = %i, ports = ?cp.ports, "forwarded traffic to the control-plane ports on the management interface is dropped")
+            }
+            None => {
+                tracing::warn!(addr = %cp.addr, "no interface holds the [cluster] listen address: forwarded traffic to the control-plane ports is left to the policy")
+            }
         }
     }
     let spec = &spec;
@@ -485,6 +493,10 @@ mod tests {
             Some("veth0".into())
         );
         assert_eq!(parse_iface(""), None);
-        assert_eq!(parse_iface("3: a;b inet 1.2.3.4/24\n"), None, "not a name iptables takes");
+        assert_eq!(
+            parse_iface("3: a;b inet 1.2.3.4/24\n"),
+            None,
+            "not a name iptables takes"
+        );
     }
 }
