@@ -117,6 +117,18 @@ pub fn enter_netns(ns: &std::fs::File) {
     assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
+/// Resident memory of process `pid`, in MiB (0 once it is gone).
+pub fn rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}
+
 /// Panic unless we are root and can create network namespaces: the tests must not skip.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.

@@ -197,18 +197,6 @@ fn last_numbers(lab: &Lab, log: &str) -> Vec<u64> {
         .unwrap_or_default()
 }
 
-/// Resident memory of a process, in MiB.
-fn rss_mb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb / 1024)
-}
-
 struct Run {
     ha: HaLab,
     streams: Vec<Stream>,
@@ -266,10 +254,6 @@ impl Run {
         self.ha.lab()
     }
 
-    fn other(&self, gw: Gw) -> Gw {
-        gw.other()
-    }
-
     /// The gateway holding the VIPs, waiting for one to hold them.
     fn active(&self) -> Gw {
         let t = Instant::now();
@@ -291,7 +275,7 @@ impl Run {
             Cycle::CrashActive => {
                 let a = self.active();
                 self.ha.crash(a);
-                self.ha.wait_vips_on(self.other(a), Duration::from_secs(5));
+                self.ha.wait_vips_on(a.other(), Duration::from_secs(5));
                 std::thread::sleep(Duration::from_millis(500));
                 self.ha.revive(a);
                 assert!(
@@ -302,7 +286,7 @@ impl Run {
                 );
             }
             Cycle::RestartStandby => {
-                let s = self.other(self.active());
+                let s = self.active().other();
                 self.ha.crash(s);
                 std::thread::sleep(Duration::from_millis(500));
                 self.ha.revive(s);
@@ -312,7 +296,7 @@ impl Run {
                 let a = self.active();
                 let out = self.ha.ctl(a, &["-o", "json", "ha", "switchover"]);
                 assert_eq!(out.code, 0, "switchover: {out:?}\n{}", self.ha.diag());
-                self.ha.wait_vips_on(self.other(a), Duration::from_secs(5));
+                self.ha.wait_vips_on(a.other(), Duration::from_secs(5));
                 std::thread::sleep(Duration::from_millis(500));
                 let out = self.ha.ctl(a, &["-o", "json", "ha", "maintenance", "off"]);
                 assert_eq!(out.code, 0, "maintenance off: {out:?}");
@@ -439,7 +423,7 @@ impl Run {
                 .as_ref()
                 .map(Proc::pid);
             if let Some(pid) = pid {
-                let mb = rss_mb(pid);
+                let mb = rss_mib(pid);
                 self.rss_high[(id - 1) as usize] = self.rss_high[(id - 1) as usize].max(mb);
                 assert!(mb <= RSS_BOUND_MB, "{what}: node {id} uses {mb} MiB");
             }

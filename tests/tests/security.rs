@@ -112,43 +112,56 @@ fn rogue_sync(
 ) -> Result<(), String> {
     let sw = lab.netns("sw");
     let target = target.to_string();
-    std::thread::spawn(move || {
-        enter_netns(&sw);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let t = Transport::new(security);
-            let ch = t
-                .connect(&target, Some(target_id))
-                .await
-                .map_err(|e| e.to_string())?;
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
-            let hello = pb::SyncMessage {
-                kind: Some(pb::sync_message::Kind::Hello(pb::SyncHello {
-                    version: 1,
-                    node_id: claim,
-                    boot_id: 42,
-                    resume: None,
-                })),
-            };
-            tx.send(hello).await.map_err(|e| e.to_string())?;
-            let mut s = pb::sync_client::SyncClient::new(ch)
-                .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-                .map_err(|e| format!("refused at open: {e:?}"))?
-                .into_inner();
-            match tokio::time::timeout(Duration::from_secs(3), s.message()).await {
-                Ok(Ok(Some(_))) => Ok(()),
-                Ok(Ok(None)) => Err("closed".into()),
-                Ok(Err(e)) => Err(format!("refused: {e:?}")),
-                Err(_) => Err("no answer".into()),
-            }
-        })
+    in_netns(sw, move || async move {
+        let t = Transport::new(security);
+        let ch = t
+            .connect(&target, Some(target_id))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let hello = pb::SyncMessage {
+            kind: Some(pb::sync_message::Kind::Hello(pb::SyncHello {
+                version: 1,
+                node_id: claim,
+                boot_id: 42,
+                resume: None,
+            })),
+        };
+        tx.send(hello).await.map_err(|e| e.to_string())?;
+        let mut s = pb::sync_client::SyncClient::new(ch)
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|e| format!("refused at open: {e:?}"))?
+            .into_inner();
+        match tokio::time::timeout(Duration::from_secs(3), s.message()).await {
+            Ok(Ok(Some(_))) => Ok(()),
+            Ok(Ok(None)) => Err("closed".into()),
+            Ok(Err(e)) => Err(format!("refused: {e:?}")),
+            Err(_) => Err("no answer".into()),
+        }
     })
     .join()
     .unwrap()
+}
+
+/// Run the future `f` makes on a thread of its own inside the namespace `ns` (its sockets live
+/// there), on a one-thread runtime.
+fn in_netns<T, F>(
+    ns: std::fs::File,
+    f: impl FnOnce() -> F + Send + 'static,
+) -> std::thread::JoinHandle<T>
+where
+    F: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    std::thread::spawn(move || {
+        enter_netns(&ns);
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f())
+    })
 }
 
 fn creds(ca: &Certs, certs: &Certs, stem: &str) -> Security {
@@ -393,18 +406,6 @@ fn plaintext_only_when_the_config_says_so_and_then_loudly() {
 
 const POLICY_DROP: &str = "default = \"drop\"\n";
 
-/// Resident memory of process `pid`, in MiB.
-fn rss_mib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb / 1024)
-}
-
 /// Memory of the node under the flood stays under this (the review measured a 949 MiB peak).
 const FLOOD_RSS_BOUND_MIB: u64 = 150;
 
@@ -436,37 +437,30 @@ fn a_flood_of_huge_requests_is_refused_before_it_is_buffered_and_the_operator_is
     let sw = c.lab.netns("flood");
     let security = creds(&c.certs, &c.certs, "reader");
     let target = node.clone();
-    let flood = std::thread::spawn(move || {
-        enter_netns(&sw);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let t = Transport::new(security);
-            let text = "#".repeat(30 * 1024 * 1024);
-            // One connection, 32 concurrent calls on it (HTTP/2 streams), as one client would.
-            let ch = t.connect(&target, None).await.unwrap();
-            let client = pb::control_client::ControlClient::new(ch)
-                .max_encoding_message_size(64 * 1024 * 1024);
-            let mut calls = tokio::task::JoinSet::new();
-            for _ in 0..32 {
-                let (mut client, text) = (client.clone(), text.clone());
-                calls.spawn(async move {
-                    let r = client
-                        .apply_policy(pb::ApplyPolicyRequest {
-                            text,
-                            ..Default::default()
-                        })
-                        .await;
-                    match r {
-                        Ok(_) => Err("a 30 MB policy was accepted".to_string()),
-                        Err(s) => Ok(s.code()),
-                    }
-                });
-            }
-            calls.join_all().await
-        })
+    let flood = in_netns(sw, move || async move {
+        let t = Transport::new(security);
+        let text = "#".repeat(30 * 1024 * 1024);
+        // One connection, 32 concurrent calls on it (HTTP/2 streams), as one client would.
+        let ch = t.connect(&target, None).await.unwrap();
+        let client =
+            pb::control_client::ControlClient::new(ch).max_encoding_message_size(64 * 1024 * 1024);
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..32 {
+            let (mut client, text) = (client.clone(), text.clone());
+            calls.spawn(async move {
+                let r = client
+                    .apply_policy(pb::ApplyPolicyRequest {
+                        text,
+                        ..Default::default()
+                    })
+                    .await;
+                match r {
+                    Ok(_) => Err("a 30 MB policy was accepted".to_string()),
+                    Err(s) => Ok(s.code()),
+                }
+            });
+        }
+        calls.join_all().await
     });
     let mut peak = before;
     let mut served = 0;

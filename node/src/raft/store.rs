@@ -631,30 +631,35 @@ mod tests {
         }
     }
 
+    /// A store with a log of three entries (two policies), a vote and a snapshot, closed;
+    /// returns its directory.
+    async fn written_store() -> Dir {
+        let dir = Dir::new();
+        let (mut log, mut sm) = open(&dir.0, Arc::new(Recorder::default())).unwrap();
+        let entries = vec![
+            entry(1, None),
+            entry(2, Some(set("a"))),
+            entry(3, Some(set("b"))),
+        ];
+        let tx = log.db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(LOG).unwrap();
+            for e in &entries {
+                t.insert(e.log_id.index, encode(e).unwrap().as_slice())
+                    .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        log.save_vote(&Vote::new(3, 2)).await.unwrap();
+        let out = sm.apply(entries).await.unwrap();
+        assert!(matches!(out[2], Response::Policy { version: 2, .. }));
+        sm.build_snapshot().await.unwrap();
+        dir
+    }
+
     #[tokio::test]
     async fn a_reopened_store_has_its_log_vote_and_snapshot_and_enforces_the_policy_at_once() {
-        let dir = Dir::new();
-        {
-            let (mut log, mut sm) = open(&dir.0, Arc::new(Recorder::default())).unwrap();
-            let entries = vec![
-                entry(1, None),
-                entry(2, Some(set("a"))),
-                entry(3, Some(set("b"))),
-            ];
-            let tx = log.db.begin_write().unwrap();
-            {
-                let mut t = tx.open_table(LOG).unwrap();
-                for e in &entries {
-                    t.insert(e.log_id.index, encode(e).unwrap().as_slice())
-                        .unwrap();
-                }
-            }
-            tx.commit().unwrap();
-            log.save_vote(&Vote::new(3, 2)).await.unwrap();
-            let out = sm.apply(entries).await.unwrap();
-            assert!(matches!(out[2], Response::Policy { version: 2, .. }));
-            sm.build_snapshot().await.unwrap();
-        }
+        let dir = written_store().await;
         let rec = Arc::new(Recorder::default());
         let (mut log, mut sm) = open(&dir.0, rec.clone()).unwrap();
         // The snapshot's policy is enforced before Raft even starts.
@@ -666,26 +671,6 @@ mod tests {
         let (applied, _) = sm.applied_state().await.unwrap();
         assert_eq!(applied.map(|l| l.index), Some(3));
         assert_eq!(sm.data().read().state.version(), 2);
-    }
-
-    /// A store with a policy and a snapshot, closed; returns its directory.
-    async fn written_store() -> Dir {
-        let dir = Dir::new();
-        let (mut log, mut sm) = open(&dir.0, Arc::new(Recorder::default())).unwrap();
-        let entries = vec![entry(1, None), entry(2, Some(set("a")))];
-        let tx = log.db.begin_write().unwrap();
-        {
-            let mut t = tx.open_table(LOG).unwrap();
-            for e in &entries {
-                t.insert(e.log_id.index, encode(e).unwrap().as_slice())
-                    .unwrap();
-            }
-        }
-        tx.commit().unwrap();
-        log.save_vote(&Vote::new(3, 2)).await.unwrap();
-        sm.apply(entries).await.unwrap();
-        sm.build_snapshot().await.unwrap();
-        dir
     }
 
     /// Every way of damaging the file: the node refuses to start with an error naming the
