@@ -55,6 +55,19 @@ pub struct ClusterConfig {
     /// A write not committed within this time fails.
     #[serde(default = "defaults::commit_timeout_ms")]
     pub commit_timeout_ms: u64,
+    /// Hosts or networks fwctl runs from: on the control port they share the handshake slots
+    /// reserved for members (`transport::admission`), so a flood of strangers from their own
+    /// network cannot keep an operator out. Not a permission: a caller still needs an
+    /// operator certificate.
+    #[serde(default, deserialize_with = "nets")]
+    pub operators: Vec<ipnet::IpNet>,
+}
+
+fn nets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| crate::policy::file::parse_net(s).map_err(serde::de::Error::custom))
+        .collect()
 }
 
 mod defaults {
@@ -301,11 +314,16 @@ pub fn start(
         members: members.clone(),
         stats,
     };
-    // Members (by the address in the Raft membership) may use the handshake slots that
-    // strangers cannot.
+    // Members (by the address in the Raft membership) and the operators' hosts may use the
+    // handshake slots that strangers cannot.
     let known: crate::transport::Known = {
         let metrics = raft.metrics();
+        let operators = cfg.operators.clone();
         Arc::new(move |ip| {
+            let canonical = ip.to_canonical();
+            if operators.iter().any(|n| n.contains(&canonical)) {
+                return true;
+            }
             let m = metrics.borrow();
             let ms = m.membership_config.membership();
             crate::transport::is_one_of(ip, ms.nodes().map(|(_, n)| n.addr.as_str()))

@@ -446,6 +446,38 @@ mod tests {
     }
 
     #[test]
+    fn operator_hosts_are_addresses_or_networks_and_a_bad_one_is_refused_with_its_line() {
+        let cluster = |ops: &str| {
+            format!(
+                "[cluster]\nid = 1\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"d\"\n{ops}\
+                 [tls]\nplaintext = true\n"
+            )
+        };
+        let c = load_with("", &cluster("")).unwrap().cluster.unwrap();
+        assert!(c.operators.is_empty(), "none by default");
+        let c = load_with(
+            "",
+            &cluster("operators = [\"198.18.0.100\", \"2001:db8:9::/64\"]\n"),
+        )
+        .unwrap()
+        .cluster
+        .unwrap();
+        let ops: Vec<String> = c.operators.iter().map(|n| n.to_string()).collect();
+        assert_eq!(ops, ["198.18.0.100/32", "2001:db8:9::/64"]);
+        for (bad, why) in [
+            ("\"198.18.0.300\"", "is not an address or CIDR"),
+            ("\"198.18.0.5/24\"", "has host bits set"),
+        ] {
+            let e = load_with("", &cluster(&format!("operators = [{bad}]\n")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{e}");
+            // [node], [datapath] and [policy] take 6 lines, then [cluster]'s four.
+            assert!(e.contains(".toml: TOML parse error at line 11"), "{e}");
+        }
+    }
+
+    #[test]
     fn a_cluster_needs_tls_files_or_explicit_plaintext() {
         let cluster = "[cluster]\nid = 1\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"d\"\n";
         let e = load_with("", cluster).unwrap_err().to_string();

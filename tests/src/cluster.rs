@@ -199,9 +199,21 @@ impl ClusterLab {
     /// `fwctl` from the operator's host with `security` as its TLS options (e.g.
     /// `certs.ctl_args("reader")`, or `--plaintext`).
     pub fn ctl_with(&self, security: &str, node: &str, timeout_s: u64, args: &[&str]) -> Ctl {
+        self.ctl_on("sw", security, node, timeout_s, args)
+    }
+
+    /// `ctl_with` from another host of the lab (e.g. a second operator's host).
+    pub fn ctl_on(
+        &self,
+        host: &str,
+        security: &str,
+        node: &str,
+        timeout_s: u64,
+        args: &[&str],
+    ) -> Ctl {
         let quoted: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
         let o: Output = self.lab.try_sh(
-            "sw",
+            host,
             &format!(
                 "{} --node {node} --timeout {timeout_s} {security} {}",
                 bin("fwctl").display(),

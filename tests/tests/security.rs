@@ -549,3 +549,211 @@ fn a_permissive_lan_rule_does_not_open_the_peers_control_plane_through_the_gatew
             .success());
     }
 }
+
+/// What a handshake flood did to the listeners it targeted.
+#[derive(Debug, Default)]
+struct FloodStats {
+    /// Connections a listener kept for a second or more: each held a handshake slot until the
+    /// handshake timeout (or the end of the flood).
+    held: u64,
+    /// Connections closed within a second of being accepted: not admitted.
+    turned_away: u64,
+    /// Connects that failed or timed out.
+    failed: u64,
+}
+
+/// From every address of `sources`, `per_target` idle TCP connections at a time to each of
+/// `targets` that never start TLS (each, if admitted, holds a handshake slot until the node's
+/// handshake timeout), reopened as soon as the node closes one (after 200 ms when it was
+/// turned away at once), until `deadline`. Runs in the caller's network namespace.
+async fn handshake_flood(
+    sources: Vec<std::net::Ipv4Addr>,
+    targets: Vec<std::net::SocketAddr>,
+    per_target: usize,
+    deadline: tokio::time::Instant,
+) -> FloodStats {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    use tokio::io::AsyncReadExt;
+    let counts = std::sync::Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
+    let mut tasks = tokio::task::JoinSet::new();
+    for src in sources {
+        for &target in &targets {
+            for _ in 0..per_target {
+                let counts = counts.clone();
+                tasks.spawn(async move {
+                    while tokio::time::Instant::now() < deadline {
+                        let connected = async {
+                            let s = tokio::net::TcpSocket::new_v4()?;
+                            s.bind((src, 0).into())?;
+                            s.connect(target).await
+                        };
+                        let Ok(Ok(mut stream)) =
+                            tokio::time::timeout(Duration::from_secs(1), connected).await
+                        else {
+                            counts[2].fetch_add(1, Relaxed);
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue;
+                        };
+                        let opened = std::time::Instant::now();
+                        let mut buf = [0u8; 256];
+                        // Until the node closes it (or the flood ends).
+                        let _ = tokio::time::timeout_at(deadline, async {
+                            while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+                        })
+                        .await;
+                        if opened.elapsed() >= Duration::from_secs(1) {
+                            counts[0].fetch_add(1, Relaxed);
+                        } else {
+                            counts[1].fetch_add(1, Relaxed);
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                });
+            }
+        }
+    }
+    tasks.join_all().await;
+    FloodStats {
+        held: counts[0].load(Relaxed),
+        turned_away: counts[1].load(Relaxed),
+        failed: counts[2].load(Relaxed),
+    }
+}
+
+/// Issue 22 item 2: the outside review's handshake flood, from one host of the management
+/// network with 24 addresses and from two more hosts with 8 each, against both gateways'
+/// control and sync ports. Strangers from one /24 may hold 16 handshakes per listener
+/// (`transport::admission`): the flood holds them all the time. Throughout, the operator's
+/// host (listed in `[cluster] operators`) is served by both gateways, and the sync stream,
+/// cut by taking gw2's management link down, reconnects and catches up (the peers are known
+/// sources). The negative control runs in the same lab at the same time: a second operator
+/// host with a valid admin certificate, not listed, is served before the flood and kept out
+/// during it, as the operator was before `operators` existed.
+#[test]
+fn a_handshake_flood_from_many_addresses_keeps_out_neither_the_operator_nor_the_sync_peer() {
+    use keepstate_tests::cluster::{OPS, PORT};
+    let mut ha = HaLab::start(HaOpts {
+        cluster_extra: format!("operators = [\"{OPS}\"]\n"),
+        ..HaOpts::default()
+    });
+    let p = ha.c.lab.prefix.clone();
+    // (host, its addresses on the management switch)
+    let hosts: Vec<(&str, Vec<std::net::Ipv4Addr>)> = vec![
+        ("ops2", vec!["198.18.0.101".parse().unwrap()]),
+        ("flood1", (40..64).map(|i| [198, 18, 0, i].into()).collect()),
+        ("flood2", (64..72).map(|i| [198, 18, 0, i].into()).collect()),
+        ("flood3", (72..80).map(|i| [198, 18, 0, i].into()).collect()),
+    ];
+    for (i, (host, addrs)) in hosts.iter().enumerate() {
+        ha.c.lab.add_host(host);
+        let (a, b) = (format!("{p}x{i}"), format!("{p}y{i}"));
+        ha.c.lab.link(host, &a, "sw", &b);
+        let adds: Vec<String> = addrs
+            .iter()
+            .map(|ip| format!("ip addr add {ip}/24 dev {a}"))
+            .collect();
+        ha.c.lab.sh(host, &adds.join(" && "));
+        ha.c.lab.sh(
+            "sw",
+            &format!("ip link set {b} master {p}br && ip link set {b} up"),
+        );
+    }
+    let ops2 = |ha: &HaLab| {
+        let security = ha.c.certs.ctl_args(&ha.c.operator);
+        ha.c.ctl_on("ops2", &security, &ha.c.members[0].addr, 5, &["status"])
+    };
+    let before = ops2(&ha);
+    assert_eq!(
+        before.code, 0,
+        "the second operator host, before the flood: {before:?}"
+    );
+
+    let targets: Vec<std::net::SocketAddr> = [1, 2]
+        .into_iter()
+        .flat_map(|id| [PORT, SYNC_PORT].map(|port| ([198, 18, 0, id], port).into()))
+        .collect();
+    let flood_for = Duration::from_secs(35);
+    let floods: Vec<_> = hosts[1..]
+        .iter()
+        .map(|(host, addrs)| {
+            let (addrs, targets) = (addrs.clone(), targets.clone());
+            in_netns(ha.c.lab.netns(host), move || async move {
+                let deadline = tokio::time::Instant::now() + flood_for;
+                handshake_flood(addrs, targets, 2, deadline).await
+            })
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+
+    let (mut served, mut ops2_tries, mut ops2_refused) = (0, 0, 0);
+    let mut operators = |ha: &HaLab, rounds: usize| {
+        for _ in 0..rounds {
+            for gw in Gw::BOTH {
+                let r = ha.ctl(gw, &["status"]);
+                assert_eq!(
+                    r.code, 0,
+                    "the listed operator host was kept out of {gw:?} by the flood: {r:?}"
+                );
+                served += 1;
+            }
+            ops2_tries += 1;
+            if ops2(ha).code != 0 {
+                ops2_refused += 1;
+            }
+        }
+    };
+    operators(&ha, 4);
+
+    // Cut the sync stream during the flood: gw1 sees it down, then it must come back.
+    ha.sync_link(Gw::Gw2, false);
+    let t = std::time::Instant::now();
+    let down = loop {
+        let s = ha.ctl(Gw::Gw1, &["-o", "json", "sync", "status"]);
+        if serde_json::from_str::<serde_json::Value>(&s.stdout)
+            .is_ok_and(|v| v["peers"][0]["connected"] == false)
+        {
+            break true;
+        }
+        if t.elapsed() > Duration::from_secs(15) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(down, "gw1 never saw the sync stream go down\n{}", ha.diag());
+    ha.sync_link(Gw::Gw2, true);
+    let caught_up = ha.wait_caught_up(Duration::from_secs(20));
+    let reconnected_at = started.elapsed();
+    assert!(
+        caught_up.is_ok(),
+        "the sync stream did not come back during the flood: {caught_up:?}\n{}",
+        ha.diag()
+    );
+    assert!(
+        reconnected_at < flood_for,
+        "the flood ended ({flood_for:?}) before the sync stream was back ({reconnected_at:?})"
+    );
+    operators(&ha, 3);
+
+    let stats: Vec<FloodStats> = floods.into_iter().map(|f| f.join().unwrap()).collect();
+    eprintln!(
+        "[handshake flood] {stats:?}; listed operator served {served} times; second operator \
+         host kept out {ops2_refused} of {ops2_tries} times; sync back after {:?} of the flood",
+        reconnected_at
+    );
+    let held: u64 = stats.iter().map(|s| s.held).sum();
+    let turned_away: u64 = stats.iter().map(|s| s.turned_away).sum();
+    let failed: u64 = stats.iter().map(|s| s.failed).sum();
+    eprintln!("[handshake flood] held {held}, turned away {turned_away}, connects failed {failed}");
+    assert!(
+        held > 0 && turned_away > 0,
+        "the flood neither held slots nor was turned away: {stats:?}"
+    );
+    // The negative control: the same certificate from an unlisted host of the same network.
+    assert!(
+        ops2_refused * 2 > ops2_tries,
+        "the unlisted operator host was served {} of {ops2_tries} times during the flood: \
+         the flood did not hold the strangers' slots, so this test shows nothing",
+        ops2_tries - ops2_refused
+    );
+}

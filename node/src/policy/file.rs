@@ -332,6 +332,12 @@ fn cidr(v: &Value) -> Result<IpNet, String> {
     let Value::String(s) = v else {
         return Err("expected an address or CIDR string".into());
     };
+    parse_net(s)
+}
+
+/// An address (a /32 or /128) or a network in CIDR notation without host bits, as the policy
+/// and the config files write them.
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
     if let Ok(a) = s.parse::<IpAddr>() {
         return Ok(IpNet::from(a));
     }
