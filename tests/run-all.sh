@@ -7,8 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
+# systemd: systemd-analyze (the unit's security rating) and the manager that tests/tests/systemd.rs
+# runs as a confined user instance; on a machine where systemd is not PID 1 the package starts nothing.
 for pair in iptables:iptables ip:iproute2 iperf3:iperf3 vsftpd:vsftpd lftp:lftp curl:curl \
-            keepalived:keepalived tcpdump:tcpdump ping:iputils-ping; do
+            keepalived:keepalived tcpdump:tcpdump ping:iputils-ping \
+            systemd-analyze:systemd; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need_apt+=("$pkg")
 done
