@@ -179,8 +179,10 @@ fn the_package_holds_both_binaries_the_unit_keepalived_files_man_pages_and_compl
     // The checker runs on an unpacked copy's fwctl: the package's own, not the test build's.
     let root = Root::new("contents");
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root.0));
-    let commands = fwctl_commands(&root.join("/usr/bin/fwctl"));
     let files = listing(&deb);
+    let lacking = missing(&files, &[]);
+    assert!(lacking.is_empty(), "the package lacks {lacking:?}");
+    let commands = fwctl_commands(&root.join("/usr/bin/fwctl"));
     let lacking = missing(&files, &commands);
     assert!(lacking.is_empty(), "the package lacks {lacking:?}");
     // The check can fail: a package without fwctl, or without one subcommand's page, is refused.
