@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 for pair in iptables:iptables ip:iproute2 iperf3:iperf3 vsftpd:vsftpd lftp:lftp curl:curl \
             keepalived:keepalived tcpdump:tcpdump ping:iputils-ping \
-            dpkg-shlibdeps:dpkg-dev man:man-db; do
+            dpkg-shlibdeps:dpkg-dev objcopy:binutils man:man-db; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need_apt+=("$pkg")
 done
