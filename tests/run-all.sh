@@ -11,7 +11,7 @@ need_apt=()
 # runs as a confined user instance; on a machine where systemd is not PID 1 the package starts nothing.
 for pair in iptables:iptables ip:iproute2 iperf3:iperf3 vsftpd:vsftpd lftp:lftp curl:curl \
             keepalived:keepalived tcpdump:tcpdump ping:iputils-ping \
-            systemd-analyze:systemd; do
+            systemd-analyze:systemd dpkg-shlibdeps:dpkg-dev objcopy:binutils man:man-db; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need_apt+=("$pkg")
 done
@@ -66,6 +66,11 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 echo "== fuzz targets build (running them is documented in node/fuzz/README.md)"
 cargo build --release --locked --manifest-path node/fuzz/Cargo.toml
+# Before the test build below: both write target/release/fwnode and fwctl, and the package
+# must hold the release build, without the test-only fault-injection hook.
+echo "== the Debian package (deploy/debian/build-deb.sh; tests/tests/package.rs installs it)"
+KEEPSTATE_DEB=$(bash deploy/debian/build-deb.sh | tail -n 1)
+export KEEPSTATE_DEB
 echo "== building release binaries for the end-to-end tests"
 # fault-injection: the test-only hook that lets a test kill a datapath worker (off by default).
 cargo build --release --locked -p fwnode -p fwctl -p keepstate-tests --bins --features fwnode/fault-injection

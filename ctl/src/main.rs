@@ -988,6 +988,18 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    // `fwctl --generate-assets DIR` (packaging): the man pages and completions, then exit.
+    if let Some(written) =
+        fwnode::cli_assets::generate_if_asked(<Cli as clap::CommandFactory>::command)
+    {
+        return match written {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fwctl: {e}");
+                ExitCode::from(CliError::Rejected(String::new()).exit_code() as u8)
+            }
+        };
+    }
     let cli = Cli::parse();
     let (addr, timeout, security) = (
         cli.node.clone(),

@@ -59,6 +59,7 @@
 //! packet          label
 //! time, tls
 //! label           (the `label_enum!` macro; imports nothing)
+//! cli_assets      (man pages and completions from a clap definition; imports nothing)
 //! ```
 //!
 //! So the packet path is `packet` ← `conntrack` ← `helper`, `policy` ← `datapath`; replication
@@ -83,6 +84,7 @@
 //! | main | signals, SIGHUP reloads of a standalone policy, the stats file every 200 ms, a dead worker stopping the daemon | — |
 
 pub mod api;
+pub mod cli_assets;
 pub mod cluster;
 pub mod config;
 pub mod conntrack;

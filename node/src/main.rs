@@ -668,6 +668,12 @@ fn run(cfg: Config) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // `fwnode --generate-assets DIR` (packaging): the man page and completions, then exit.
+    if let Some(written) =
+        fwnode::cli_assets::generate_if_asked(<Cli as clap::CommandFactory>::command)
+    {
+        return Ok(written?);
+    }
     let cli = Cli::parse();
     init_logging(cli.log_format);
     if let Some(path) = cli.check_config {
