@@ -246,7 +246,8 @@ pub fn print_members(m: &v1::MembersReply) {
 
 pub fn version_json(v: &v1::PolicyVersion) -> Value {
     json!({
-        "version": v.version, "sha256": v.sha256, "author": v.author, "comment": v.comment,
+        "version": v.version, "sha256": v.sha256, "authorised_by": v.authorised_by,
+        "author": v.author, "comment": v.comment,
         "proposed_at_unix_ms": v.proposed_at_unix_ms, "rolled_back_from": v.rolled_back_from,
         "text": v.text,
     })
@@ -257,7 +258,8 @@ pub fn print_history(h: &v1::PolicyHistoryReply) {
         "VERSION",
         "CURRENT",
         "PROPOSED (UTC)",
-        "AUTHOR",
+        "AUTHORISED BY",
+        "CLAIMED USER",
         "SHA256",
         "COMMENT",
     ]);
@@ -271,6 +273,11 @@ pub fn print_history(h: &v1::PolicyHistoryReply) {
             v.version.to_string(),
             if v.version == h.current { "*" } else { "" }.into(),
             utc(v.proposed_at_unix_ms),
+            if v.authorised_by.is_empty() {
+                "-".into()
+            } else {
+                v.authorised_by.clone()
+            },
             v.author.clone(),
             short(&v.sha256).into(),
             comment,

@@ -13,6 +13,10 @@ pub mod v1 {
 /// The metadata key a follower sets when it forwards a write to the leader.
 pub const FORWARDED_KEY: &str = "x-keepstate-forwarded";
 
+/// The metadata key (binary: a certificate subject need not be ASCII) in which a follower
+/// forwarding a write names who authorised it: the identity it verified on the operator's call.
+pub const AUTHORISED_BY_KEY: &str = "x-keepstate-authorised-by-bin";
+
 /// The largest gRPC message (encoded, either direction) any keepstate server or client sends
 /// or accepts, on both services (`Raft` and `Control`). Every server and client sets it as its
 /// decoding and encoding limit (tonic's default, 4 MiB, is too small for `ct list` of 100 000

@@ -303,6 +303,71 @@ fn history_show_diff_and_rollback() {
         .contains("rollback to version 1"));
 }
 
+/// Issue 22 item 4: the history records the certificate identity that authorised each write
+/// (the operator's, as the member that took the call verified it, and that member when it
+/// forwarded the write to the leader), apart from the user fwctl claims (`SUDO_USER`, which
+/// anyone can set). Before, the claim was all the history had. (The previous release's members
+/// cannot apply the command that carries the identity: the upgrade tests apply policies with
+/// them in the cluster, where the leader leaves it out.)
+#[test]
+fn the_history_names_the_certificate_that_authorised_each_write_beside_the_claimed_user() {
+    let c = ClusterLab::start("");
+    c.form();
+    let leader = c.wait_leader(Duration::from_secs(5));
+    let follower = a_follower(&c, leader);
+    let apply_as = |id: u64, claimed: &str, port: u16| {
+        let f = c.lab.dir.join(format!("claimed-{port}.toml"));
+        std::fs::write(&f, allow(port).replace("@LAN", &c.lab.gw_if("lan"))).unwrap();
+        let o = c.lab.try_sh(
+            "sw",
+            &format!(
+                "SUDO_USER={claimed} {} --node {} --timeout 5 {} policy apply {}",
+                bin("fwctl").display(),
+                c.members[(id - 1) as usize].addr,
+                c.certs.ctl_args(&c.operator),
+                f.display()
+            ),
+        );
+        assert!(o.status.success(), "apply through member {id}: {o:?}");
+    };
+    apply_as(leader, "mallory", 8080);
+    apply_as(follower, "eve", 9000);
+    wait_version(&c, 2, Duration::from_secs(2));
+    let rb = c.ctl(follower, &["policy", "rollback"]).ok();
+    assert!(rb.stdout.contains("applied policy version 3"), "{rb:?}");
+    wait_version(&c, 3, Duration::from_secs(2));
+
+    let admin = format!("CN={} (role admin)", c.operator);
+    let via = format!("{admin}, via node {follower}");
+    // Every member has the same history (the follower's and the leader's answers alike).
+    for id in [leader, follower] {
+        let h = c.ctl(id, &["-o", "json", "policy", "history"]).ok().json();
+        let seen: Vec<(&str, &str)> = (0..3)
+            .map(|i| {
+                let v = &h["versions"][i];
+                (
+                    v["authorised_by"].as_str().unwrap_or("?"),
+                    v["author"].as_str().unwrap_or("?"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (admin.as_str(), "mallory"),
+                (via.as_str(), "eve"),
+                (via.as_str(), seen[2].1)
+            ],
+            "member {id}: {h}"
+        );
+    }
+    let table = c.ctl(leader, &["policy", "history"]).ok().stdout;
+    assert!(
+        table.contains("AUTHORISED BY") && table.contains("CLAIMED USER") && table.contains(&via),
+        "{table}"
+    );
+}
+
 #[test]
 fn membership_remove_and_clear_errors() {
     let c = ClusterLab::start("");

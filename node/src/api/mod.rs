@@ -144,6 +144,7 @@ fn version_to_proto(p: &PolicyRecord, with_text: bool) -> v1::PolicyVersion {
         comment: p.comment.clone(),
         proposed_at_unix_ms: p.proposed_at_unix_ms,
         rolled_back_from: p.rolled_back_from,
+        authorised_by: p.authorised_by.clone().unwrap_or_default(),
     }
 }
 
@@ -278,6 +279,7 @@ impl Control for ControlService {
             datapath,
             version: env!("CARGO_PKG_VERSION").into(),
             plaintext: self.transport.is_plaintext(),
+            raft_command_level: crate::raft::state::COMMAND_LEVEL,
         }))
     }
 

@@ -12,7 +12,9 @@ use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keepstate_proto::v1::{self, control_client::ControlClient};
-use keepstate_proto::{FORWARDED_KEY, MAX_MESSAGE_BYTES, MAX_NOTE_BYTES, MAX_POLICY_BYTES};
+use keepstate_proto::{
+    AUTHORISED_BY_KEY, FORWARDED_KEY, MAX_MESSAGE_BYTES, MAX_NOTE_BYTES, MAX_POLICY_BYTES,
+};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::ChangeMembers;
 use tonic::metadata::MetadataValue;
@@ -20,7 +22,9 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::{is_voter, ControlService};
+use crate::raft::state::AUTHORISED_LEVEL;
 use crate::raft::{Member, NodeId, Quorum, Request as Cmd, Response as CmdResponse, Role};
+use crate::tls::{self, Caller};
 use crate::transport::Transport;
 
 /// Where a write goes.
@@ -48,14 +52,62 @@ impl WriteReply for v1::HaSettings {}
 
 impl WriteReply for v1::MembersReply {}
 
-fn is_forwarded<T>(r: &Request<T>) -> bool {
-    r.metadata().contains_key(FORWARDED_KEY)
+/// How a write reached this node: from the operator, or forwarded by a member; and who
+/// authorised it.
+struct Via {
+    forwarded: bool,
+    /// The identity that authorised the write: the operator's certificate, as the member that
+    /// took the call verified it (`AUTHORISED_BY_KEY` on a forwarded write, trusted because
+    /// only a member's certificate may forward), recorded in the policy history.
+    by: String,
 }
 
-fn forwarded<T>(msg: T) -> Request<T> {
+impl Via {
+    fn of<T>(r: &Request<T>) -> Via {
+        let forwarded = r.metadata().contains_key(FORWARDED_KEY);
+        let by = match tls::caller(r) {
+            Ok(Caller::Operator(role, subject)) => format!("{subject} (role {})", role.name()),
+            Ok(Caller::Node(id)) if forwarded => {
+                match r
+                    .metadata()
+                    .get_bin(AUTHORISED_BY_KEY)
+                    .map(|v| v.to_bytes())
+                {
+                    Some(Ok(b)) => {
+                        let mut by = String::from_utf8_lossy(&b).into_owned();
+                        truncate(&mut by, MAX_NOTE_BYTES);
+                        format!("{by}, via node {id}")
+                    }
+                    _ => format!("node {id} (an older release: the operator is not named)"),
+                }
+            }
+            Ok(Caller::Node(id)) => format!("node {id}"),
+            Ok(Caller::Plaintext) => "nobody: a plaintext connection".into(),
+            // Refused by the role check before any write gets here.
+            Ok(Caller::Nobody(subject)) => subject,
+            Err(_) => "unknown".into(),
+        };
+        Via { forwarded, by }
+    }
+}
+
+/// Cut `s` to at most `max` bytes, at a character boundary.
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+fn forwarded<T>(msg: T, by: &str) -> Request<T> {
     let mut r = Request::new(msg);
     r.metadata_mut()
         .insert(FORWARDED_KEY, MetadataValue::from_static("1"));
+    r.metadata_mut()
+        .insert_bin(AUTHORISED_BY_KEY, MetadataValue::from_bytes(by.as_bytes()));
     r
 }
 
@@ -167,6 +219,52 @@ impl ControlService {
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 
+    /// `cmd` wrapped with who authorised it ([`Cmd::Authorised`]) when every other member
+    /// says it applies that command; otherwise `cmd` alone (a member of the previous release
+    /// could not decode the wrapper and would stop applying the log). Asked at each policy
+    /// write, not remembered: during a rolling upgrade members change release one at a time,
+    /// and a member that does not answer within a second counts as one that cannot.
+    async fn authorised(&self, by: String, cmd: Cmd) -> Cmd {
+        let others: Vec<(NodeId, Member)> = {
+            let m = self.raft.metrics().borrow().clone();
+            let ms = m.membership_config.membership();
+            ms.nodes()
+                .filter(|(id, _)| **id != self.id)
+                .map(|(id, n)| (*id, n.clone()))
+                .collect()
+        };
+        let transport = Transport {
+            request_timeout: Duration::from_secs(1),
+            ..self.transport.clone()
+        };
+        let mut asks = tokio::task::JoinSet::new();
+        for (id, member) in others {
+            let transport = transport.clone();
+            asks.spawn(async move {
+                let ch = transport.connect(&member.addr, Some(id)).await.ok()?;
+                let reply = ControlClient::new(ch)
+                    .status(v1::StatusRequest {})
+                    .await
+                    .ok()?;
+                Some(reply.into_inner().raft_command_level)
+            });
+        }
+        let levels = tokio::time::timeout(Duration::from_secs(2), asks.join_all()).await;
+        let all = levels.is_ok_and(|l| l.iter().all(|l| l.is_some_and(|l| l >= AUTHORISED_LEVEL)));
+        if all {
+            Cmd::Authorised {
+                by,
+                request: Box::new(cmd),
+            }
+        } else {
+            tracing::info!(
+                authorised_by = %by,
+                "a member runs a release without Raft command level {AUTHORISED_LEVEL} or did                  not answer: this policy version records no certificate identity"
+            );
+            cmd
+        }
+    }
+
     /// Propose on this node (the leader) and wait until it is applied here.
     async fn propose(&self, cmd: Cmd) -> Result<CmdResponse, Status> {
         match tokio::time::timeout(self.limits.commit_timeout, self.raft.client_write(cmd)).await {
@@ -199,10 +297,11 @@ impl ControlService {
     /// failing fast): on the leader, `local` proposes `r`; on a follower, `forward` sends `r`,
     /// marked forwarded, to the leader over the client it is given, and a reply that names a
     /// policy version is awaited here too ([`WriteReply::policy_version`]).
-    /// `already_forwarded`: `r` came marked forwarded (it never takes a second hop).
+    /// `via.forwarded`: `r` came marked forwarded (it never takes a second hop); a write this
+    /// node forwards names `via.by`.
     async fn write<Req, Rep, Fwd, FwdFut, Local, LocalFut>(
         &self,
-        already_forwarded: bool,
+        via: Via,
         r: Req,
         forward: Fwd,
         local: Local,
@@ -214,10 +313,10 @@ impl ControlService {
         Local: FnOnce(Req) -> LocalFut,
         LocalFut: Future<Output = Result<Rep, Status>>,
     {
-        match self.route(already_forwarded)? {
+        match self.route(via.forwarded)? {
             Route::Leader(id, leader) => {
                 let client = self.leader(id, &leader).await?;
-                let reply = forward(client, forwarded(r)).await?.into_inner();
+                let reply = forward(client, forwarded(r, &via.by)).await?.into_inner();
                 if let Some(version) = reply.policy_version() {
                     self.wait_local_version(version).await;
                 }
@@ -273,7 +372,7 @@ impl ControlService {
         &self,
         request: Request<v1::ApplyPolicyRequest>,
     ) -> Result<v1::ApplyPolicyReply, Status> {
-        let fwd = is_forwarded(&request);
+        let fwd = Via::of(&request);
         let r = request.into_inner();
         check_policy_size(&r.text)?;
         check_note("the author", &r.author)?;
@@ -289,19 +388,19 @@ impl ControlService {
                 sha256: crate::raft::state::sha256_hex(&r.text),
             });
         }
+        let by = fwd.by.clone();
         self.write(
             fwd,
             r,
             |mut leader, r| async move { leader.apply_policy(r).await },
             |r| async move {
-                let resp = self
-                    .propose(Cmd::SetPolicy {
-                        text: r.text,
-                        author: r.author,
-                        comment: r.comment,
-                        proposed_at_unix_ms: unix_ms(),
-                    })
-                    .await?;
+                let cmd = Cmd::SetPolicy {
+                    text: r.text,
+                    author: r.author,
+                    comment: r.comment,
+                    proposed_at_unix_ms: unix_ms(),
+                };
+                let resp = self.propose(self.authorised(by, cmd).await).await?;
                 self.policy_reply(resp, rules, warnings)
             },
         )
@@ -312,7 +411,7 @@ impl ControlService {
         &self,
         request: Request<v1::RollbackPolicyRequest>,
     ) -> Result<v1::ApplyPolicyReply, Status> {
-        let fwd = is_forwarded(&request);
+        let fwd = Via::of(&request);
         let r = request.into_inner();
         check_note("the author", &r.author)?;
         let (version, text) = {
@@ -332,21 +431,21 @@ impl ControlService {
         .map_err(|e| Status::internal(format!("checking the policy: {e}")))?
         .map_err(|e| Status::failed_precondition(e.to_string()))?;
         let target = version;
+        let by = fwd.by.clone();
         self.write(
             fwd,
             r,
             |mut leader, r| async move { leader.rollback_policy(r).await },
             |r| async move {
-                let resp = self
-                    // The version checked above, not "the one before the current" resolved
-                    // again at apply time: a policy committed in between must not change what
-                    // this rollback enforces.
-                    .propose(Cmd::Rollback {
-                        to: Some(target),
-                        author: r.author,
-                        proposed_at_unix_ms: unix_ms(),
-                    })
-                    .await?;
+                // The version checked above, not "the one before the current" resolved again
+                // at apply time: a policy committed in between must not change what this
+                // rollback enforces.
+                let cmd = Cmd::Rollback {
+                    to: Some(target),
+                    author: r.author,
+                    proposed_at_unix_ms: unix_ms(),
+                };
+                let resp = self.propose(self.authorised(by, cmd).await).await?;
                 self.policy_reply(resp, rules, warnings)
             },
         )
@@ -357,7 +456,7 @@ impl ControlService {
         &self,
         request: Request<v1::SetHaSettingsRequest>,
     ) -> Result<v1::HaSettings, Status> {
-        let fwd = is_forwarded(&request);
+        let fwd = Via::of(&request);
         let r = request.into_inner();
         let s = r
             .settings
@@ -446,7 +545,7 @@ impl ControlService {
         &self,
         request: Request<v1::ClusterAddRequest>,
     ) -> Result<v1::MembersReply, Status> {
-        let fwd = is_forwarded(&request);
+        let fwd = Via::of(&request);
         let r = request.into_inner();
         if r.id == 0 {
             return Err(Status::invalid_argument("member id must be at least 1"));
@@ -511,7 +610,7 @@ impl ControlService {
         &self,
         request: Request<v1::ClusterPromoteRequest>,
     ) -> Result<v1::MembersReply, Status> {
-        let fwd = is_forwarded(&request);
+        let fwd = Via::of(&request);
         let r = request.into_inner();
         {
             let m = self.raft.metrics().borrow().clone();
@@ -546,7 +645,7 @@ impl ControlService {
         &self,
         request: Request<v1::ClusterRemoveRequest>,
     ) -> Result<v1::MembersReply, Status> {
-        let fwd = is_forwarded(&request);
+        let fwd = Via::of(&request);
         let r = request.into_inner();
         let voter = {
             let m = self.raft.metrics().borrow().clone();

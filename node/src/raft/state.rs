@@ -20,12 +20,20 @@ pub struct PolicyRecord {
     pub text: String,
     /// Hex SHA-256 of `text`.
     pub sha256: String,
+    /// The user fwctl says it runs as (`SUDO_USER`, `USER`): a claim, not checked.
     pub author: String,
     pub comment: String,
     /// Proposer's wall clock (Unix ms), carried in the command.
     pub proposed_at_unix_ms: u64,
     /// Set when this version re-applies an older one.
     pub rolled_back_from: Option<u64>,
+    /// Who authorised the write: the certificate identity the member that took the operator's
+    /// call verified ([`Request::Authorised`]); `None` for a version written while some member
+    /// could not apply that command. Not part of the record's serde form, which a member of
+    /// the previous release decodes field by field from a snapshot: snapshots carry it after
+    /// the state (`store::encode_snapshot`).
+    #[serde(skip)]
+    pub authorised_by: Option<String>,
 }
 
 /// Settings the HA role machine of every gateway reads (it arrives with the failover work).
@@ -54,7 +62,20 @@ pub enum Request {
         proposed_at_unix_ms: u64,
     },
     SetHa(HaSettings),
+    /// `request`, authorised by `by` (a certificate identity, see `api::write`). Proposed only
+    /// while every member applies commands of [`AUTHORISED_LEVEL`]: a member of an older
+    /// release could not decode it and would stop applying the log.
+    Authorised {
+        by: String,
+        request: Box<Request>,
+    },
 }
+
+/// The newest command this build applies, reported to the leader in `Status`
+/// (`raft_command_level`): 1 = `SetPolicy`, `Rollback`, `SetHa`; 2 = `Authorised`.
+pub const COMMAND_LEVEL: u32 = 2;
+/// The level at which [`Request::Authorised`] may be proposed.
+pub const AUTHORISED_LEVEL: u32 = 2;
 
 /// What applying a command produced.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +164,7 @@ impl ClusterState {
                 comment: comment.clone(),
                 proposed_at_unix_ms: *proposed_at_unix_ms,
                 rolled_back_from: None,
+                authorised_by: None,
             }),
             Request::Rollback {
                 to,
@@ -161,11 +183,23 @@ impl ClusterState {
                     comment: format!("rollback to version {}", target.version),
                     proposed_at_unix_ms: *proposed_at_unix_ms,
                     rolled_back_from: Some(target.version),
+                    authorised_by: None,
                 })
             }
             Request::SetHa(ha) => {
                 self.ha = ha.clone();
                 Response::Done
+            }
+            Request::Authorised { by, request } => {
+                let resp = self.apply(request);
+                if let (Response::Policy { version, .. }, Some(p)) =
+                    (&resp, self.policies.back_mut())
+                {
+                    if p.version == *version {
+                        p.authorised_by = Some(by.clone());
+                    }
+                }
+                resp
             }
         }
     }
@@ -256,5 +290,50 @@ mod tests {
         assert!(e.contains("not in the history"), "{e}");
         let empty = ClusterState::default();
         assert!(empty.rollback_target(None).is_err());
+    }
+
+    #[test]
+    fn an_authorised_write_records_who_authorised_it_beside_the_claimed_author() {
+        let mut s = ClusterState::default();
+        s.apply(&set("a"));
+        let by = |request: Request| Request::Authorised {
+            by: "CN=alice (role admin)".into(),
+            request: Box::new(request),
+        };
+        assert!(matches!(
+            s.apply(&by(set("b"))),
+            Response::Policy { version: 2, .. }
+        ));
+        let rollback = Request::Rollback {
+            to: Some(1),
+            author: "op".into(),
+            proposed_at_unix_ms: 2,
+        };
+        assert!(matches!(
+            s.apply(&by(rollback)),
+            Response::Policy { version: 3, .. }
+        ));
+        let seen: Vec<_> = s
+            .policies
+            .iter()
+            .map(|p| (p.version, p.author.as_str(), p.authorised_by.as_deref()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (1, "op", None),
+                (2, "op", Some("CN=alice (role admin)")),
+                (3, "op", Some("CN=alice (role admin)")),
+            ]
+        );
+        // A refused rollback marks nothing, and the wrapped command's answer is passed on.
+        let before = s.clone();
+        let r = s.apply(&by(Request::Rollback {
+            to: Some(99),
+            author: "op".into(),
+            proposed_at_unix_ms: 3,
+        }));
+        assert!(matches!(r, Response::NotFound(_)));
+        assert_eq!(s, before);
     }
 }

@@ -170,18 +170,49 @@ pub enum SnapshotCodecError {
     Encode(String),
 }
 
-/// Snapshot data of `d`: [`SNAPSHOT_FORMAT`], then postcard.
+/// What snapshot data carries after the postcard of [`SmData`]: facts added since the format
+/// was fixed. A member of the previous release reads the state and stops (postcard ignores
+/// trailing bytes); so these must be facts it can do without. Absent when empty.
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Trailer {
+    /// `(version, who authorised it)` of the kept policy versions that record it.
+    authorised_by: Vec<(u64, String)>,
+}
+
+/// Snapshot data of `d`: [`SNAPSHOT_FORMAT`], postcard of `d`, then its [`Trailer`] if any.
 pub fn encode_snapshot(d: &SmData) -> Result<Vec<u8>, SnapshotCodecError> {
-    postcard::to_extend(d, vec![SNAPSHOT_FORMAT])
-        .map_err(|e| SnapshotCodecError::Encode(e.to_string()))
+    let enc = |e: postcard::Error| SnapshotCodecError::Encode(e.to_string());
+    let out = postcard::to_extend(d, vec![SNAPSHOT_FORMAT]).map_err(enc)?;
+    let trailer = Trailer {
+        authorised_by: d
+            .state
+            .policies
+            .iter()
+            .filter_map(|p| Some((p.version, p.authorised_by.clone()?)))
+            .collect(),
+    };
+    if trailer == Trailer::default() {
+        return Ok(out);
+    }
+    postcard::to_extend(&trailer, out).map_err(enc)
 }
 
 /// Reads snapshot data in the current format or the first release's JSON.
 pub fn decode_snapshot(bytes: &[u8]) -> Result<SmData, SnapshotCodecError> {
+    let dec = |e: postcard::Error| SnapshotCodecError::Decode(e.to_string());
     match bytes.first() {
         None => Err(SnapshotCodecError::Empty),
         Some(&SNAPSHOT_FORMAT) => {
-            postcard::from_bytes(&bytes[1..]).map_err(|e| SnapshotCodecError::Decode(e.to_string()))
+            let (mut d, rest) = postcard::take_from_bytes::<SmData>(&bytes[1..]).map_err(dec)?;
+            if !rest.is_empty() {
+                let trailer: Trailer = postcard::from_bytes(rest).map_err(dec)?;
+                for (version, by) in trailer.authorised_by {
+                    if let Some(p) = d.state.policies.iter_mut().find(|p| p.version == version) {
+                        p.authorised_by = Some(by);
+                    }
+                }
+            }
+            Ok(d)
         }
         Some(b'{') => {
             serde_json::from_slice(bytes).map_err(|e| SnapshotCodecError::Decode(e.to_string()))
@@ -781,6 +812,46 @@ mod tests {
             t.get(SNAPSHOT_DATA).unwrap().unwrap().value()[0],
             SNAPSHOT_FORMAT
         );
+    }
+
+    /// Who authorised each version travels after the state in snapshot data: today's decoder
+    /// restores it, and the previous release's decoder (`postcard::from_bytes` of the state
+    /// after the format byte, which stops at the state's end) still reads the same state.
+    #[test]
+    fn who_authorised_a_version_is_in_the_snapshot_and_the_previous_release_still_reads_it() {
+        let mut d = SmData::default();
+        d.state.apply(&set("a"));
+        d.state.apply(&Request::Authorised {
+            by: "CN=alice (role admin)".into(),
+            request: Box::new(set("b")),
+        });
+        let bytes = encode_snapshot(&d).unwrap();
+        let back = decode_snapshot(&bytes).unwrap();
+        assert_eq!(back.state, d.state);
+        assert_eq!(
+            back.state
+                .policy(2)
+                .and_then(|p| p.authorised_by.as_deref()),
+            Some("CN=alice (role admin)")
+        );
+        let previous: SmData = postcard::from_bytes(&bytes[1..]).unwrap();
+        let mut without = d.clone();
+        for p in &mut without.state.policies {
+            p.authorised_by = None;
+        }
+        assert_eq!(previous.state, without.state);
+        // Nothing to add: no trailer, the bytes the previous release wrote.
+        assert_eq!(
+            encode_snapshot(&without).unwrap(),
+            postcard::to_extend(&without, vec![SNAPSHOT_FORMAT]).unwrap()
+        );
+        // A damaged trailer (its last byte, in the identity's text, no longer UTF-8) is
+        // refused like damaged state.
+        let mut bad = bytes.clone();
+        if let Some(b) = bad.last_mut() {
+            *b = 0xff;
+        }
+        assert!(decode_snapshot(&bad).is_err());
     }
 
     #[tokio::test]
