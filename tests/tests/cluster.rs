@@ -345,9 +345,11 @@ fn the_history_names_the_certificate_that_authorised_each_write_beside_the_claim
         let seen: Vec<(&str, &str)> = (0..3)
             .map(|i| {
                 let v = &h["versions"][i];
+                // fwctl claims "user@host".
+                let author = v["author"].as_str().unwrap_or("?");
                 (
                     v["authorised_by"].as_str().unwrap_or("?"),
-                    v["author"].as_str().unwrap_or("?"),
+                    author.split_once('@').map_or(author, |(user, _)| user),
                 )
             })
             .collect();
