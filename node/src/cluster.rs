@@ -265,8 +265,10 @@ pub fn start(
         )),
     )?;
     let sm_data = sm.data();
+    let levels = crate::raft::network::PeerLevels::default();
     let network = Network {
         transport: transport.clone(),
+        levels: levels.clone(),
     };
     let id = cfg.id;
     let raft = runtime
@@ -300,6 +302,7 @@ pub fn start(
         role: cfg.role,
     };
     let control = ControlService {
+        levels,
         id,
         me,
         raft: raft.clone(),

@@ -91,6 +91,8 @@ pub struct ControlService {
     pub members: Members,
     /// What `Stats` reports (the metrics endpoint's families).
     pub stats: Arc<crate::metrics::Sources>,
+    /// What the Raft peers last said about the commands they apply (`api::write` reads it).
+    pub levels: crate::raft::network::PeerLevels,
 }
 
 impl std::fmt::Debug for ControlService {
@@ -279,7 +281,6 @@ impl Control for ControlService {
             datapath,
             version: env!("CARGO_PKG_VERSION").into(),
             plaintext: self.transport.is_plaintext(),
-            raft_command_level: crate::raft::state::COMMAND_LEVEL,
         }))
     }
 

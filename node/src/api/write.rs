@@ -220,37 +220,25 @@ impl ControlService {
     }
 
     /// `cmd` wrapped with who authorised it ([`Cmd::Authorised`]) when every other member
-    /// says it applies that command; otherwise `cmd` alone (a member of the previous release
-    /// could not decode the wrapper and would stop applying the log). Asked at each policy
-    /// write, not remembered: during a rolling upgrade members change release one at a time,
-    /// and a member that does not answer within a second counts as one that cannot.
-    async fn authorised(&self, by: String, cmd: Cmd) -> Cmd {
-        let others: Vec<(NodeId, Member)> = {
+    /// answered this leader's Raft calls within the quorum timeout naming a command level that
+    /// has it (`raft::network::PeerLevels`); otherwise `cmd` alone: a member of the previous
+    /// release could not decode the wrapper and would stop applying the log, and a member not
+    /// heard from lately may be restarting with another release.
+    fn authorised(&self, by: String, cmd: Cmd) -> Cmd {
+        let others: Vec<NodeId> = {
             let m = self.raft.metrics().borrow().clone();
             let ms = m.membership_config.membership();
             ms.nodes()
-                .filter(|(id, _)| **id != self.id)
-                .map(|(id, n)| (*id, n.clone()))
+                .map(|(id, _)| *id)
+                .filter(|id| *id != self.id)
                 .collect()
         };
-        let transport = Transport {
-            request_timeout: Duration::from_secs(1),
-            ..self.transport.clone()
-        };
-        let mut asks = tokio::task::JoinSet::new();
-        for (id, member) in others {
-            let transport = transport.clone();
-            asks.spawn(async move {
-                let ch = transport.connect(&member.addr, Some(id)).await.ok()?;
-                let reply = ControlClient::new(ch)
-                    .status(v1::StatusRequest {})
-                    .await
-                    .ok()?;
-                Some(reply.into_inner().raft_command_level)
-            });
-        }
-        let levels = tokio::time::timeout(Duration::from_secs(2), asks.join_all()).await;
-        let all = levels.is_ok_and(|l| l.iter().all(|l| l.is_some_and(|l| l >= AUTHORISED_LEVEL)));
+        let all = self.levels.all_at_least(
+            others,
+            AUTHORISED_LEVEL,
+            self.limits.quorum_timeout,
+            std::time::Instant::now(),
+        );
         if all {
             Cmd::Authorised {
                 by,
@@ -259,7 +247,8 @@ impl ControlService {
         } else {
             tracing::info!(
                 authorised_by = %by,
-                "a member runs a release without Raft command level {AUTHORISED_LEVEL} or did                  not answer: this policy version records no certificate identity"
+                "a member runs a release before Raft command level {AUTHORISED_LEVEL} or has not \
+                 answered lately: this policy version records no certificate identity"
             );
             cmd
         }
@@ -400,7 +389,7 @@ impl ControlService {
                     comment: r.comment,
                     proposed_at_unix_ms: unix_ms(),
                 };
-                let resp = self.propose(self.authorised(by, cmd).await).await?;
+                let resp = self.propose(self.authorised(by, cmd)).await?;
                 self.policy_reply(resp, rules, warnings)
             },
         )
@@ -445,7 +434,7 @@ impl ControlService {
                     author: r.author,
                     proposed_at_unix_ms: unix_ms(),
                 };
-                let resp = self.propose(self.authorised(by, cmd).await).await?;
+                let resp = self.propose(self.authorised(by, cmd)).await?;
                 self.policy_reply(resp, rules, warnings)
             },
         )

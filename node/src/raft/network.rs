@@ -17,7 +17,15 @@
 //! reported the same way, so openraft retries with a smaller batch instead of the same one
 //! forever. Snapshots go in chunks of [`SNAPSHOT_CHUNK_BYTES`].
 //!
+//! Every answer names the newest Raft command this node applies ([`LEVEL_HEADER`]); the client
+//! side records what each peer said ([`PeerLevels`]), which is how a leader knows whether every
+//! member can decode a command a previous release lacks.
+//!
 //! Must not decide anything: it only moves messages between openraft instances.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use keepstate_proto::v1::raft_client::RaftClient;
 use keepstate_proto::v1::{raft_server, RaftEncoding, RaftPayload};
@@ -37,6 +45,7 @@ use serde::Serialize;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use super::state::COMMAND_LEVEL;
 use super::{Member, NodeId, Raft, TypeConfig};
 use crate::tls::{self, Members};
 use crate::transport::Transport;
@@ -126,10 +135,44 @@ impl Encoding {
     }
 }
 
+/// The response header in which a Raft peer names the newest command it applies
+/// ([`COMMAND_LEVEL`]); a peer of a release before it sends none (level 1).
+pub const LEVEL_HEADER: &str = "x-keepstate-raft-command-level";
+
+/// What this node last heard from each Raft peer about the commands it applies, and when:
+/// recorded from every Raft response (a leader hears from each member every heartbeat), read by
+/// the leader before it proposes a command an older member could not decode.
+#[derive(Clone, Debug, Default)]
+pub struct PeerLevels(Arc<parking_lot::Mutex<HashMap<NodeId, (u32, Instant)>>>);
+
+impl PeerLevels {
+    pub fn record(&self, peer: NodeId, level: u32, now: Instant) {
+        self.0.lock().insert(peer, (level, now));
+    }
+
+    /// Did every one of `peers` answer within `fresh` before `now`, naming at least `level`?
+    /// A peer not heard from lately may be down or restarting with another release: no.
+    pub fn all_at_least(
+        &self,
+        peers: impl IntoIterator<Item = NodeId>,
+        level: u32,
+        fresh: Duration,
+        now: Instant,
+    ) -> bool {
+        let heard = self.0.lock();
+        peers.into_iter().all(|p| {
+            heard
+                .get(&p)
+                .is_some_and(|&(l, at)| l >= level && now.saturating_duration_since(at) <= fresh)
+        })
+    }
+}
+
 /// Creates a client per peer.
 #[derive(Clone, Debug)]
 pub struct Network {
     pub transport: Transport,
+    pub levels: PeerLevels,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -151,6 +194,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerClient {
             target,
             client: client.map_err(|e| e.to_string()),
+            levels: self.levels.clone(),
         }
     }
 }
@@ -160,6 +204,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct PeerClient {
     target: NodeId,
     client: Result<RaftClient<Channel>, String>,
+    levels: PeerLevels,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,7 +296,14 @@ impl PeerClient {
         let payload = Encoding::SEND.encode(req).map_err(network)?;
         let mut request = tonic::Request::new(payload);
         request.set_timeout(option.hard_ttl());
-        let reply = f(client, request).await.map_err(failed)?.into_inner();
+        let reply = f(client, request).await.map_err(failed)?;
+        let level = reply
+            .metadata()
+            .get(LEVEL_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(1);
+        self.levels.record(self.target, level, Instant::now());
+        let reply = reply.into_inner();
         let res: Result<Resp, E> = Encoding::decode(&reply).map_err(network)?;
         res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
@@ -346,10 +398,17 @@ fn decode<T: DeserializeOwned>(req: tonic::Request<RaftPayload>) -> Result<(T, E
     Ok((Encoding::decode(&p).map_err(bad)?, enc))
 }
 
+/// The answer in `enc`, naming this node's [`COMMAND_LEVEL`] ([`LEVEL_HEADER`]).
 fn encode<T: Serialize>(enc: Encoding, v: &T) -> Result<tonic::Response<RaftPayload>, Status> {
-    enc.encode(v)
+    let mut r = enc
+        .encode(v)
         .map(tonic::Response::new)
-        .map_err(|e| Status::internal(e.to_string()))
+        .map_err(|e| Status::internal(e.to_string()))?;
+    r.metadata_mut().insert(
+        LEVEL_HEADER,
+        tonic::metadata::MetadataValue::from(COMMAND_LEVEL),
+    );
+    Ok(r)
 }
 
 #[tonic::async_trait]
@@ -390,6 +449,31 @@ mod tests {
     use openraft::{CommittedLeaderId, EntryPayload, LogId, SnapshotMeta, Vote};
 
     use super::*;
+
+    /// The leader may propose a newer command only when every peer said it applies it and was
+    /// heard from lately: a peer that is silent, stale, or of an older release says no.
+    #[test]
+    fn peer_levels_say_yes_only_for_fresh_answers_at_the_level() {
+        let levels = PeerLevels::default();
+        let t0 = Instant::now();
+        let fresh = Duration::from_secs(1);
+        let ask = |peers: &[NodeId], at: Instant| levels.all_at_least(peers.to_vec(), 2, fresh, at);
+        assert!(ask(&[], t0), "no other member: nobody to wait for");
+        assert!(!ask(&[2], t0), "never heard from");
+        levels.record(2, 2, t0);
+        levels.record(3, 1, t0);
+        assert!(ask(&[2], t0));
+        assert!(!ask(&[2, 3], t0), "node 3 runs an older release");
+        levels.record(3, 2, t0 + Duration::from_millis(500));
+        assert!(ask(&[2, 3], t0 + Duration::from_millis(900)));
+        assert!(
+            !ask(&[2, 3], t0 + Duration::from_millis(1200)),
+            "node 2 not heard from for 1.2 s"
+        );
+        // Back with an older release: its first answer says so.
+        levels.record(2, 1, t0 + Duration::from_millis(1300));
+        assert!(!ask(&[2, 3], t0 + Duration::from_millis(1300)));
+    }
     use crate::raft::Request;
 
     fn payload(bytes: &[u8], encoding: i32) -> tonic::Request<RaftPayload> {
