@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 for pair in iptables:iptables ip:iproute2 iperf3:iperf3 vsftpd:vsftpd lftp:lftp curl:curl \
-            keepalived:keepalived tcpdump:tcpdump ping:iputils-ping; do
+            keepalived:keepalived tcpdump:tcpdump ping:iputils-ping mkfs.ext4:e2fsprogs \
+            e2fsck:e2fsprogs losetup:mount nsenter:util-linux unshare:util-linux; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need_apt+=("$pkg")
 done
