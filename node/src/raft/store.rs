@@ -12,6 +12,10 @@
 //! still read. The stored snapshot is its metadata (JSON) and its data (raw bytes) under two
 //! keys written in one transaction.
 //!
+//! A write that fails (a full disk, a read-only or failing file system) is logged as an ERROR
+//! naming the file, the OS error and what to do ([`WriteError`]), and returned to openraft,
+//! which stops this member's Raft core: nothing is reported durable that is not.
+//!
 //! Must not touch the network or the datapath (applied policies leave through [`PolicySink`]).
 
 use std::fmt::Debug;
@@ -111,7 +115,7 @@ fn open_message(e: impl Into<redb::Error>) -> String {
 
 /// The open store file and its path (for errors and logs).
 #[derive(Debug)]
-pub struct Db {
+struct Db {
     db: Database,
     path: String,
 }
