@@ -159,8 +159,13 @@ pub fn status_error(addr: &str, s: Status) -> CliError {
         | Code::FailedPrecondition
         | Code::AlreadyExists
         | Code::OutOfRange => CliError::Rejected(msg),
-        Code::Unavailable if msg.contains("no quorum") || msg.contains("no Raft leader") => {
-            CliError::Unavailable(msg)
+        // The node says why itself (it is reachable).
+        Code::Unavailable
+            if msg.contains("no quorum")
+                || msg.contains("no Raft leader")
+                || msg.contains("Raft stopped on this node") =>
+        {
+            CliError::Unavailable(format!("{addr}: {msg}"))
         }
         // A node that refuses our certificate ends the TLS session with an alert, which the
         // first call sees as a broken connection.
@@ -206,6 +211,9 @@ mod tests {
         assert_eq!(code(Status::not_found("no version 9")), 3);
         assert_eq!(code(Status::failed_precondition("not initialised")), 3);
         assert_eq!(code(Status::unavailable("no quorum: ...")), 4);
+        let stopped = status_error("n:1", Status::unavailable("Raft stopped on this node: ..."));
+        assert_eq!(stopped.exit_code(), 4);
+        assert!(!stopped.to_string().contains("unreachable"), "{stopped}");
         assert_eq!(code(Status::deadline_exceeded("slow")), 4);
         assert_eq!(code(Status::internal("bug")), 5);
         assert_eq!(code(Status::permission_denied("needs admin")), 7);

@@ -108,6 +108,7 @@ pub fn status_json(s: &v1::StatusReply) -> Value {
             "leader_addr": r.leader_addr, "last_log_index": r.last_log_index,
             "last_applied_index": r.last_applied_index, "snapshot_index": r.snapshot_index,
             "millis_since_quorum_ack": r.millis_since_quorum_ack, "initialized": r.initialized,
+            "stopped": r.stopped,
         },
         "policy": {
             "version": p.version, "sha256": p.sha256, "rules": p.rules, "origin": p.origin,
@@ -138,7 +139,13 @@ pub fn print_status(s: &v1::StatusReply) {
                 "mTLS (cluster CA)".into()
             },
         ),
-        ("raft", format!("{} (term {})", raft_state(r.state), r.term)),
+        (
+            "raft",
+            match r.stopped.as_str() {
+                "" => format!("{} (term {})", raft_state(r.state), r.term),
+                why => format!("STOPPED (term {}): {why}", r.term),
+            },
+        ),
         (
             "leader",
             match r.leader_id {

@@ -163,6 +163,10 @@ catalog! {
     RAFT_IS_LEADER = gauge("keepstate_raft_is_leader", "1 when this node is the Raft leader.");
     RAFT_LAST_LOG_INDEX = gauge("keepstate_raft_last_log_index", "Index of the last entry in this node's Raft log.");
     RAFT_APPLIED_INDEX = gauge("keepstate_raft_applied_index", "Index of the last Raft entry applied here.");
+    RAFT_STOPPED = gauge(
+        "keepstate_raft_stopped",
+        "1 when openraft stopped this node's Raft core on an error (e.g. a write to its store failed): it neither votes nor replicates until fwnode is restarted; the datapath keeps enforcing the last applied policy.",
+    );
     RAFT_QUORUM_ACK_AGE = gauge(
         "keepstate_raft_quorum_ack_age_seconds",
         "On the leader: time since a quorum of voters last acknowledged it (no sample on other members).",
@@ -538,19 +542,27 @@ struct RaftView {
     last_log: u64,
     applied: u64,
     quorum_ack_ms: Option<u64>,
+    stopped: bool,
 }
 
 impl RaftView {
     fn of(raft: &Raft) -> RaftView {
         let m = raft.metrics().borrow().clone();
         let is_leader = m.state == openraft::ServerState::Leader;
+        let stopped = crate::raft::stopped(&m).is_some();
         RaftView {
             term: m.current_term,
-            leader: m.current_leader.unwrap_or(0),
+            // A stopped core's last metrics still name the leader it knew: it knows none.
+            leader: if stopped {
+                0
+            } else {
+                m.current_leader.unwrap_or(0)
+            },
             is_leader,
             last_log: m.last_log_index.unwrap_or(0),
             applied: m.last_applied.map_or(0, |l| l.index),
             quorum_ack_ms: m.millis_since_quorum_ack.filter(|_| is_leader),
+            stopped,
         }
     }
 }
@@ -561,6 +573,7 @@ fn raft_families(o: &mut Out, r: &RaftView) {
     o.one(&RAFT_IS_LEADER, u64::from(r.is_leader));
     o.one(&RAFT_LAST_LOG_INDEX, r.last_log);
     o.one(&RAFT_APPLIED_INDEX, r.applied);
+    o.one(&RAFT_STOPPED, u64::from(r.stopped));
     o.put(
         &RAFT_QUORUM_ACK_AGE,
         r.quorum_ack_ms
@@ -1259,6 +1272,7 @@ mod tests {
             last_log: 9,
             applied: 9,
             quorum_ack_ms: Some(1_500),
+            stopped: false,
         }
     }
 

@@ -25,6 +25,9 @@ pub struct Member {
     pub config: PathBuf,
     /// The fwnode binary it runs (today's, or another release's in the upgrade tests).
     pub fwnode: PathBuf,
+    /// A shell prefix that runs the fwnode command (its last arguments); empty: none. E.g. a
+    /// private mount namespace with the data directory on a file system of the test's own.
+    pub launcher: String,
     /// Written by fwnode's main loop, which starts only once the datapath is up.
     pub stats: PathBuf,
     pub proc: Option<Proc>,
@@ -66,6 +69,16 @@ impl ClusterLab {
     /// `[cluster]` section (e.g. snapshot settings; `commit_timeout_ms` there replaces the
     /// default of 2000).
     pub fn start(extra_cluster: &str) -> ClusterLab {
+        let mut c = ClusterLab::build(extra_cluster);
+        for i in 0..3 {
+            c.start_member(i);
+        }
+        c
+    }
+
+    /// `start` without starting the members: the topology, the certificates and each
+    /// member's config; start them with `start_member`.
+    pub fn build(extra_cluster: &str) -> ClusterLab {
         let commit = if extra_cluster.contains("commit_timeout_ms") {
             ""
         } else {
@@ -123,20 +136,17 @@ impl ClusterLab {
                 addr,
                 config,
                 fwnode: bin("fwnode"),
+                launcher: String::new(),
                 stats,
                 proc: None,
             });
         }
-        let mut c = ClusterLab {
+        ClusterLab {
             lab,
             members,
             certs,
             operator: "admin".into(),
-        };
-        for i in 0..3 {
-            c.start_member(i);
         }
-        c
     }
 
     fn m(&self, id: u64) -> &Member {
@@ -150,7 +160,12 @@ impl ClusterLab {
         let _ = std::fs::remove_file(&m.stats);
         let mut proc = self.lab.spawn(
             m.host,
-            &format!("{} --config {}", m.fwnode.display(), m.config.display()),
+            &format!(
+                "{}{} --config {}",
+                m.launcher,
+                m.fwnode.display(),
+                m.config.display()
+            ),
             &format!("node{}", m.id),
         );
         let t = Instant::now();

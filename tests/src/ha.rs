@@ -330,6 +330,7 @@ impl HaLab {
                 addr,
                 config,
                 fwnode: member_bin(&opts, id, "fwnode"),
+                launcher: String::new(),
                 stats,
                 proc: None,
             });

@@ -219,16 +219,23 @@ impl Control for ControlService {
             .map(|n| n.addr)
             .unwrap_or_default();
         let initialized = m.membership_config.membership().nodes().next().is_some();
+        let stopped = crate::raft::stopped(&m);
+        // A stopped core's last metrics still name the leader it knew: it knows none.
+        let (leader_id, leader_addr) = match stopped {
+            Some(_) => (0, String::new()),
+            None => (m.current_leader.unwrap_or(0), leader_addr),
+        };
         let raft = v1::RaftStatus {
             state: state_to_proto(m.state),
             term: m.current_term,
-            leader_id: m.current_leader.unwrap_or(0),
+            leader_id,
             leader_addr,
             last_log_index: m.last_log_index.unwrap_or(0),
             last_applied_index: m.last_applied.map_or(0, |l| l.index),
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
             millis_since_quorum_ack: m.millis_since_quorum_ack,
             initialized,
+            stopped: stopped.unwrap_or_default(),
         };
         let active = self.policy.current();
         let sha = self

@@ -142,7 +142,9 @@ pub(super) fn check_note(field: &str, value: &str) -> Result<(), Status> {
     Ok(())
 }
 
-fn raft_error(e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> Status {
+/// An openraft error of a write as the status an operator sees; `enforcing` says which policy
+/// this node keeps enforcing.
+fn raft_error(e: RaftError<NodeId, ClientWriteError<NodeId, Member>>, enforcing: &str) -> Status {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Status::unavailable(format!(
             "leadership changed during the write (leader now: {}); nothing was committed, retry",
@@ -151,7 +153,12 @@ fn raft_error(e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> Status 
         RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
             Status::failed_precondition(c.to_string())
         }
-        RaftError::Fatal(f) => Status::unavailable(format!("Raft has stopped on this node: {f}")),
+        RaftError::Fatal(f) => Status::unavailable(format!(
+            "Raft stopped on this node during the write: {f}; this node did not acknowledge the \
+             write (other members that stored it may still commit it: check `fwctl policy \
+             history` on another member) and {enforcing}; fix the cause (this node's log names \
+             it), then restart fwnode"
+        )),
     }
 }
 
@@ -191,6 +198,13 @@ impl ControlService {
                     "the leader (node {l}) is not in this node's membership yet; retry"
                 ))),
             },
+            Quorum::Stopped => Err(Status::unavailable(format!(
+                "Raft stopped on this node earlier ({}); the write was not proposed and {}; fix the \
+                 cause (this node's log names it), then restart fwnode, or send the write to \
+                 another member",
+                crate::raft::stopped(&m).unwrap_or_default(),
+                self.enforcing()
+            ))),
             Quorum::NoLeader => Err(Status::unavailable(format!(
                 "no Raft leader: a majority of the voters is unreachable or an election is under \
                  way; writes are refused until a quorum elects a leader, and {}",
@@ -258,7 +272,7 @@ impl ControlService {
     async fn propose(&self, cmd: Cmd) -> Result<CmdResponse, Status> {
         match tokio::time::timeout(self.limits.commit_timeout, self.raft.client_write(cmd)).await {
             Ok(Ok(r)) => Ok(r.data),
-            Ok(Err(e)) => Err(raft_error(e)),
+            Ok(Err(e)) => Err(raft_error(e, &self.enforcing())),
             Err(_) => Err(Status::deadline_exceeded(format!(
                 "the write was not committed within {:?}: the quorum may be lost; it may still \
                  commit if the quorum returns — check `fwctl policy history`",
@@ -522,7 +536,7 @@ impl ControlService {
         let fut = self.raft.change_membership(changes, false);
         match tokio::time::timeout(self.limits.commit_timeout, fut).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(raft_error(e)),
+            Ok(Err(e)) => Err(raft_error(e, &self.enforcing())),
             Err(_) => Err(Status::deadline_exceeded(format!(
                 "the membership change was not committed within {:?}: the quorum may be lost",
                 self.limits.commit_timeout
@@ -580,7 +594,7 @@ impl ControlService {
                 let fut = self.raft.add_learner(r.id, member, true);
                 match tokio::time::timeout(self.limits.commit_timeout, fut).await {
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Err(raft_error(e)),
+                    Ok(Err(e)) => return Err(raft_error(e, &self.enforcing())),
                     Err(_) => {
                         return Err(Status::deadline_exceeded(format!(
                             "node {} was added as a learner but has not caught up within {:?}: \

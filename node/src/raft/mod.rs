@@ -86,11 +86,18 @@ pub enum Quorum {
     Follower(NodeId),
     /// No leader known: an election is under way or no majority is reachable.
     NoLeader,
+    /// openraft stopped this node's Raft core ([`stopped`] says why, e.g. the store could not
+    /// be written): it neither votes nor replicates until fwnode is restarted.
+    Stopped,
 }
 
 impl Quorum {
     /// `limit`: how long a leader may go without a majority's ack (2 x the election timeout).
     pub fn of(m: &Metrics, me: NodeId, limit: std::time::Duration) -> Quorum {
+        // A stopped core's last metrics still name the leader it knew.
+        if m.running_state.is_err() {
+            return Quorum::Stopped;
+        }
         match m.current_leader {
             Some(l) if l == me => {
                 let voters = m.membership_config.membership().voter_ids().count();
@@ -108,6 +115,12 @@ impl Quorum {
     pub fn reached(self) -> bool {
         matches!(self, Quorum::Leader | Quorum::Follower(_))
     }
+}
+
+/// Why openraft stopped this node's Raft core (`None` while it runs): the fatal error, e.g. a
+/// write to the store that failed, or "stopped" after a clean shutdown.
+pub fn stopped(m: &Metrics) -> Option<String> {
+    m.running_state.as_ref().err().map(|e| e.to_string())
 }
 
 /// Where applied policies go: the daemon compiles and swaps them into the datapath.

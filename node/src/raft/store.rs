@@ -12,6 +12,10 @@
 //! still read. The stored snapshot is its metadata (JSON) and its data (raw bytes) under two
 //! keys written in one transaction.
 //!
+//! A write that fails (a full disk, a read-only or failing file system) is logged as an ERROR
+//! naming the file, the OS error and what to do ([`WriteError`]), and returned to openraft,
+//! which stops this member's Raft core: nothing is reported durable that is not.
+//!
 //! Must not touch the network or the datapath (applied policies leave through [`PolicySink`]).
 
 use std::fmt::Debug;
@@ -27,7 +31,7 @@ use openraft::{
     SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
 use parking_lot::RwLock;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::state::ClusterState;
@@ -52,7 +56,7 @@ type SError = StorageError<NodeId>;
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("creating {path}: {source}")]
+    #[error("creating {path}: {source}{}", io_advice(source))]
     Dir {
         path: String,
         source: std::io::Error,
@@ -61,6 +65,94 @@ pub enum OpenError {
     Db { path: String, message: String },
     #[error("Raft store {path}: the stored snapshot is unreadable: {message}")]
     Snapshot { path: String, message: String },
+}
+
+/// A write to the store that failed: what was being written, the file, the error under it
+/// (redb's, carrying the OS error) and what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[error("writing {what} to the Raft store {path}: {source}{}", advice(source))]
+pub struct WriteError {
+    pub what: &'static str,
+    pub path: String,
+    pub source: redb::Error,
+}
+
+/// What an operator does about a failed store operation, from the error under it ("" when
+/// there is nothing specific to say).
+fn advice(e: &redb::Error) -> &'static str {
+    match e {
+        redb::Error::Io(io) => io_advice(io),
+        redb::Error::PreviousIo => {
+            "; an earlier write to this file failed: fix the file system, then restart fwnode"
+        }
+        _ => "",
+    }
+}
+
+/// [`advice`] for an OS error: a full file system, a read-only one, a failing disk.
+fn io_advice(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::StorageFull | K::QuotaExceeded => {
+            "; the file system is full: free space on it, then (re)start fwnode"
+        }
+        K::ReadOnlyFilesystem => {
+            "; the file system is read-only: remount it read-write, then (re)start fwnode"
+        }
+        _ if e.raw_os_error() == Some(libc::EIO) => {
+            "; the disk or the file system failed (see the kernel log: a file system that \
+             found an error may have gone read-only): repair it, then (re)start fwnode"
+        }
+        _ => "",
+    }
+}
+
+/// An open error of redb as [`OpenError::Db`]'s message, with [`advice`].
+fn open_message(e: impl Into<redb::Error>) -> String {
+    let e = e.into();
+    format!("{e}{}", advice(&e))
+}
+
+/// The open store file and its path (for errors and logs).
+#[derive(Debug)]
+struct Db {
+    db: Database,
+    path: String,
+}
+
+impl std::ops::Deref for Db {
+    type Target = Database;
+    fn deref(&self) -> &Database {
+        &self.db
+    }
+}
+
+impl Db {
+    /// Runs `f` in one write transaction and commits it (the default durability fsyncs before
+    /// the commit returns). A failure is logged as an ERROR naming the file and the OS error,
+    /// and returned for openraft, which stops this member's Raft core on it: nothing that was
+    /// not durable is ever reported durable.
+    fn write(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<(), AnyError> {
+        let run = || -> Result<(), redb::Error> {
+            let tx = self.db.begin_write()?;
+            f(&tx)?;
+            tx.commit()?;
+            Ok(())
+        };
+        run().map_err(|source| {
+            let e = WriteError {
+                what,
+                path: self.path.clone(),
+                source,
+            };
+            tracing::error!("{e}");
+            AnyError::error(e)
+        })
+    }
 }
 
 /// Enforces `p` from the blocking pool and waits for it: parsing and compiling a large policy
@@ -97,10 +189,10 @@ pub fn open(
     // holds its tables, so a crash while creating it cannot leave an empty `raft.redb`.
     let init = |db: &Database| -> Result<(), OpenError> {
         // Create the tables so that readers never see "table does not exist".
-        let tx = db.begin_write().map_err(|e| db_err(e.to_string()))?;
-        tx.open_table(LOG).map_err(|e| db_err(e.to_string()))?;
-        tx.open_table(META).map_err(|e| db_err(e.to_string()))?;
-        tx.commit().map_err(|e| db_err(e.to_string()))
+        let tx = db.begin_write().map_err(|e| db_err(open_message(e)))?;
+        tx.open_table(LOG).map_err(|e| db_err(open_message(e)))?;
+        tx.open_table(META).map_err(|e| db_err(open_message(e)))?;
+        tx.commit().map_err(|e| db_err(open_message(e)))
     };
     match std::fs::metadata(&path) {
         Ok(m) if m.len() == 0 => {
@@ -114,19 +206,22 @@ pub fn open(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let new = dir.join("raft.redb.new");
             let _ = std::fs::remove_file(&new);
-            let db = Database::create(&new).map_err(|e| db_err(e.to_string()))?;
+            let db = Database::create(&new).map_err(|e| db_err(open_message(e)))?;
             init(&db)?;
             drop(db);
-            std::fs::rename(&new, &path).map_err(|e| db_err(e.to_string()))?;
+            std::fs::rename(&new, &path).map_err(|e| db_err(open_message(e)))?;
             std::fs::File::open(dir)
                 .and_then(|d| d.sync_all())
-                .map_err(|e| db_err(e.to_string()))?;
+                .map_err(|e| db_err(open_message(e)))?;
         }
-        Err(e) => return Err(db_err(e.to_string())),
+        Err(e) => return Err(db_err(open_message(e))),
     }
-    let db = Database::open(&path).map_err(|e| db_err(e.to_string()))?;
+    let db = Database::open(&path).map_err(|e| db_err(open_message(e)))?;
     init(&db)?;
-    let db = Arc::new(db);
+    let db = Arc::new(Db {
+        db,
+        path: p.clone(),
+    });
 
     let log = LogStore { db: db.clone() };
     let mut data = SmData::default();
@@ -243,21 +338,18 @@ fn read_snapshot(db: &Database) -> Result<Option<Stored>, AnyError> {
 
 /// Replace the stored snapshot (one fsynced transaction).
 fn write_snapshot(
-    db: &Database,
+    db: &Db,
     meta: &SnapshotMeta<NodeId, Member>,
     data: &[u8],
 ) -> Result<(), AnyError> {
     let m = encode(meta).map_err(|e| AnyError::new(&e))?;
-    let tx = db.begin_write().map_err(|e| AnyError::new(&e))?;
-    {
-        let mut t = tx.open_table(META).map_err(|e| AnyError::new(&e))?;
-        t.insert(SNAPSHOT_META, m.as_slice())
-            .map_err(|e| AnyError::new(&e))?;
-        t.insert(SNAPSHOT_DATA, data)
-            .map_err(|e| AnyError::new(&e))?;
-        t.remove(SNAPSHOT_LEGACY).map_err(|e| AnyError::new(&e))?;
-    }
-    tx.commit().map_err(|e| AnyError::new(&e))
+    db.write("the snapshot", |tx| {
+        let mut t = tx.open_table(META)?;
+        t.insert(SNAPSHOT_META, m.as_slice())?;
+        t.insert(SNAPSHOT_DATA, data)?;
+        t.remove(SNAPSHOT_LEGACY)?;
+        Ok(())
+    })
 }
 
 fn read_meta<T: for<'de> Deserialize<'de>>(
@@ -274,21 +366,18 @@ fn read_meta<T: for<'de> Deserialize<'de>>(
         .map_err(|e| AnyError::new(&e))
 }
 
-fn write_meta<T: Serialize>(db: &Database, key: &str, v: &T) -> Result<(), AnyError> {
+fn write_meta<T: Serialize>(db: &Db, what: &'static str, key: &str, v: &T) -> Result<(), AnyError> {
     let bytes = encode(v).map_err(|e| AnyError::new(&e))?;
-    let tx = db.begin_write().map_err(|e| AnyError::new(&e))?;
-    {
-        let mut t = tx.open_table(META).map_err(|e| AnyError::new(&e))?;
-        t.insert(key, bytes.as_slice())
-            .map_err(|e| AnyError::new(&e))?;
-    }
-    tx.commit().map_err(|e| AnyError::new(&e))
+    db.write(what, |tx| {
+        tx.open_table(META)?.insert(key, bytes.as_slice())?;
+        Ok(())
+    })
 }
 
 /// The Raft log and vote.
 #[derive(Clone, Debug)]
 pub struct LogStore {
-    db: Arc<Database>,
+    db: Arc<Db>,
 }
 
 impl LogStore {
@@ -319,13 +408,10 @@ impl LogStore {
 
     /// Delete every entry whose index is in `range`.
     fn delete<RB: RangeBounds<u64>>(&self, range: RB) -> Result<(), AnyError> {
-        let tx = self.db.begin_write().map_err(|e| AnyError::new(&e))?;
-        {
-            let mut t = tx.open_table(LOG).map_err(|e| AnyError::new(&e))?;
-            t.retain_in(range, |_, _| false)
-                .map_err(|e| AnyError::new(&e))?;
-        }
-        tx.commit().map_err(|e| AnyError::new(&e))
+        self.db.write("a deletion of log entries", |tx| {
+            tx.open_table(LOG)?.retain_in(range, |_, _| false)?;
+            Ok(())
+        })
     }
 }
 
@@ -361,7 +447,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SError> {
-        write_meta(&self.db, VOTE, vote).map_err(|e| StorageIOError::write_vote(e).into())
+        write_meta(&self.db, "the vote", VOTE, vote)
+            .map_err(|e| StorageIOError::write_vote(e).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SError> {
@@ -369,7 +456,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SError> {
-        write_meta(&self.db, COMMITTED, &committed).map_err(|e| StorageIOError::write(e).into())
+        write_meta(&self.db, "the committed index", COMMITTED, &committed)
+            .map_err(|e| StorageIOError::write(e).into())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SError> {
@@ -388,17 +476,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let res = (|| -> Result<(), AnyError> {
-            let tx = self.db.begin_write().map_err(|e| AnyError::new(&e))?;
-            {
-                let mut t = tx.open_table(LOG).map_err(|e| AnyError::new(&e))?;
-                for e in entries {
-                    let bytes = encode(&e).map_err(|e| AnyError::new(&e))?;
-                    t.insert(e.log_id.index, bytes.as_slice())
-                        .map_err(|e| AnyError::new(&e))?;
-                }
+            let mut encoded = vec![];
+            for e in entries {
+                encoded.push((e.log_id.index, encode(&e).map_err(|e| AnyError::new(&e))?));
             }
-            // The default durability fsyncs before commit returns.
-            tx.commit().map_err(|e| AnyError::new(&e))
+            self.db.write("log entries", |tx| {
+                let mut t = tx.open_table(LOG)?;
+                for (index, bytes) in &encoded {
+                    t.insert(*index, bytes.as_slice())?;
+                }
+                Ok(())
+            })
         })();
         match res {
             Ok(()) => {
@@ -418,7 +506,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SError> {
-        write_meta(&self.db, PURGED, &log_id).map_err(StorageIOError::write_logs)?;
+        write_meta(&self.db, "the purged index", PURGED, &log_id)
+            .map_err(StorageIOError::write_logs)?;
         self.delete(..=log_id.index)
             .map_err(|e| StorageIOError::write_logs(e).into())
     }
@@ -441,7 +530,7 @@ struct StoredSnapshot {
 
 /// The state machine as openraft drives it. `data()` gives readers (the control API) a handle.
 pub struct StateMachineStore {
-    db: Arc<Database>,
+    db: Arc<Db>,
     data: Arc<RwLock<SmData>>,
     sink: Arc<dyn PolicySink>,
     /// Makes snapshot ids unique within this process (shared with the snapshot builders).
@@ -750,6 +839,67 @@ mod tests {
         }
     }
 
+    /// Every failed write names the file, the OS error and what to do; so does a directory
+    /// that cannot be created.
+    #[test]
+    fn a_failed_write_names_the_file_the_os_error_and_what_to_do() {
+        use std::io::Error as E;
+        let path = "/var/lib/keepstate/raft.redb";
+        let failed = |source| WriteError {
+            what: "log entries",
+            path: path.into(),
+            source,
+        };
+        let cases = [
+            (
+                libc::ENOSPC,
+                "No space left on device",
+                "the file system is full",
+            ),
+            (libc::EDQUOT, "quota exceeded", "the file system is full"),
+            (
+                libc::EROFS,
+                "Read-only file system",
+                "remount it read-write",
+            ),
+            (
+                libc::EIO,
+                "Input/output error",
+                "the disk or the file system failed",
+            ),
+        ];
+        for (errno, os, what_to_do) in cases {
+            let msg = failed(redb::Error::Io(E::from_raw_os_error(errno))).to_string();
+            assert!(
+                msg.starts_with(&format!(
+                    "writing log entries to the Raft store {path}: I/O error: "
+                )),
+                "{msg}"
+            );
+            assert!(msg.contains(os), "{errno}: {msg}");
+            assert!(msg.contains(what_to_do), "{errno}: {msg}");
+        }
+        // Nothing specific to say: no advice.
+        let msg = failed(redb::Error::Io(E::from_raw_os_error(libc::EBADF))).to_string();
+        assert!(!msg.contains("start fwnode"), "{msg}");
+        // redb refuses every write after a failed one until the file is reopened.
+        let msg = failed(redb::Error::PreviousIo).to_string();
+        assert!(
+            msg.contains("an earlier write to this file failed"),
+            "{msg}"
+        );
+        let msg = OpenError::Dir {
+            path: "/var/lib/keepstate".into(),
+            source: E::from_raw_os_error(libc::EROFS),
+        }
+        .to_string();
+        assert!(
+            msg.starts_with("creating /var/lib/keepstate: Read-only file system"),
+            "{msg}"
+        );
+        assert!(msg.contains("remount it read-write"), "{msg}");
+    }
+
     /// A crash while a new store was being made leaves `raft.redb.new` and no `raft.redb`:
     /// the next start makes the store again.
     #[test]
@@ -796,7 +946,7 @@ mod tests {
                 meta,
                 data: serde_json::to_vec(&d).unwrap(),
             };
-            write_meta(&sm.db, SNAPSHOT_LEGACY, &legacy).unwrap();
+            write_meta(&sm.db, "the legacy snapshot", SNAPSHOT_LEGACY, &legacy).unwrap();
         }
         let rec = Arc::new(Recorder::default());
         let (_log, mut sm) = open(&old.0, rec.clone()).unwrap();
