@@ -350,7 +350,9 @@ pub fn sync_json(r: &v1::SyncStatusReply) -> Value {
             "unacked": p.unacked, "items_applied": p.items_applied,
             "bulks_sent": p.bulks_sent, "bulks_received": p.bulks_received,
             "bulk_items": p.bulk_items, "bulk_estimate": p.bulk_estimate,
-            "nacks": p.nacks, "retransmits": p.retransmits, "last_error": p.last_error,
+            "nacks": p.nacks, "retransmits": p.retransmits,
+            "throttled": p.throttled, "throttled_ms": p.throttled_ms,
+            "last_error": p.last_error,
         })).collect::<Vec<_>>(),
     })
 }
@@ -404,6 +406,7 @@ pub fn print_sync(r: &v1::SyncStatusReply) {
         "APPLIED",
         "BULKS OUT/IN",
         "BULK",
+        "THROTTLED",
         "LAST ERROR",
     ]);
     for p in &r.peers {
@@ -430,6 +433,10 @@ pub fn print_sync(r: &v1::SyncStatusReply) {
             p.items_applied.to_string(),
             format!("{}/{}", p.bulks_sent, p.bulks_received),
             bulk,
+            match p.throttled {
+                0 => "-".into(),
+                n => format!("{n} ({} ms)", p.throttled_ms),
+            },
             p.last_error.clone(),
         ]);
     }

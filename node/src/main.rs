@@ -500,6 +500,7 @@ fn run(cfg: Config) -> Result<()> {
         }),
         ha: ha.clone(),
         tls: credentials.clone(),
+        raft_rates: transport.raft_rates.clone(),
     });
     let control = match &cfg.cluster {
         Some(c) => {

@@ -39,6 +39,7 @@ use crate::policy::PolicyStore;
 use crate::raft::Raft;
 use crate::time::Timestamp;
 use crate::tls::Credentials;
+use crate::transport::gate::NodeRates;
 
 /// `[metrics]`: the Prometheus endpoint. Off when the section is absent.
 #[derive(Clone, Debug, Deserialize)]
@@ -167,6 +168,11 @@ catalog! {
         "keepstate_raft_stopped",
         "1 when openraft stopped this node's Raft core on an error (e.g. a write to its store failed): it neither votes nor replicates until fwnode is restarted; the datapath keeps enforcing the last applied policy.",
     );
+    RAFT_THROTTLED = counter(
+        "keepstate_raft_throttled_calls",
+        "Raft calls this node refused at once (RESOURCE_EXHAUSTED) because the calling node, named by its certificate, was over its rate (2 000 calls/s, burst 4 000), by calling node id.",
+    )
+    .labels(&["peer"]);
     RAFT_QUORUM_ACK_AGE = gauge(
         "keepstate_raft_quorum_ack_age_seconds",
         "On the leader: time since a quorum of voters last acknowledged it (no sample on other members).",
@@ -292,6 +298,15 @@ catalog! {
         .labels(&["peer"]);
     SYNC_RETRANSMITTED = counter("keepstate_sync_retransmitted_items", "Items sent to the peer again.")
         .labels(&["peer"]);
+    SYNC_THROTTLED = counter(
+        "keepstate_sync_throttled_pauses",
+        "Times this node paused reading the peer's stream because the peer was over [sync] peer_max_messages_per_sec or peer_max_bytes_per_sec (nothing is dropped).",
+    )
+    .labels(&["peer"]);
+    SYNC_THROTTLED_TIME = counter("keepstate_sync_throttled_seconds", "Time this node spent not reading the peer's stream because of those limits.")
+        .labels(&["peer"])
+        .unit("seconds")
+        .milli();
     SYNC_OUTBOX = gauge("keepstate_sync_outbox_items", "Items of our stream held for resuming peers (the outbox).");
     SYNC_READY = gauge("keepstate_sync_ready", "1 when every peer is in sync (this node may take the virtual IPs).");
     SYNC_LOST_EVENTS = counter("keepstate_sync_lost_events", "Events dropped between the datapath and replication (each forces a bulk).");
@@ -359,6 +374,8 @@ pub struct Sources {
     pub ha: Option<HaHandle>,
     /// The node's certificates (`[tls]`), read for their expiry.
     pub tls: Option<Arc<Credentials>>,
+    /// Raft calls refused per calling node (the transport's gate).
+    pub raft_rates: Arc<NodeRates>,
 }
 
 /// Which families a collection reads.
@@ -521,6 +538,13 @@ impl Sources {
         if let Some(r) = raft {
             raft_families(&mut o, r);
         }
+        o.by(
+            &RAFT_THROTTLED,
+            self.raft_rates
+                .throttled()
+                .into_iter()
+                .map(|(node, n)| (node.to_string(), n)),
+        );
         if let Some(dp) = &self.datapath {
             datapath_families(&mut o, dp);
         }
@@ -832,6 +856,8 @@ fn sync_families(o: &mut Out, s: &v1::SyncStatusReply) {
     );
     per_peer(o, &SYNC_NACKS, &|p| p.nacks);
     per_peer(o, &SYNC_RETRANSMITTED, &|p| p.retransmits);
+    per_peer(o, &SYNC_THROTTLED, &|p| p.throttled);
+    per_peer(o, &SYNC_THROTTLED_TIME, &|p| p.throttled_ms);
     o.one(&SYNC_OUTBOX, s.outbox_items);
     o.one(&SYNC_READY, u64::from(s.ready));
     o.one(&SYNC_LOST_EVENTS, s.events_lost);
@@ -1252,6 +1278,8 @@ mod tests {
                         lag: 9,
                         lag_ms: 1_250,
                         bulks_received: 1,
+                        throttled: 3,
+                        throttled_ms: 1_500,
                         ..Default::default()
                     }],
                     ..Default::default()
@@ -1260,6 +1288,12 @@ mod tests {
             }),
             ha: Some(HaHandle::new(true)),
             tls: None,
+            raft_rates: {
+                let r = Arc::new(NodeRates::default());
+                let t0 = Instant::now();
+                while r.admit(3, t0) {}
+                r
+            },
         }
     }
 

@@ -187,6 +187,20 @@ fn leader_killed_a_new_one_is_elected_and_writes_continue() {
     wait_version(&c, 2, Duration::from_secs(1));
 }
 
+/// Raft calls member `id` refused for being over a node's rate (issue 22 item 6): a catch-up or
+/// a snapshot install must never be throttled.
+fn assert_nothing_throttled(c: &ClusterLab, id: u64) {
+    let m = c.scrape(id);
+    let throttled: Vec<_> = m
+        .iter()
+        .filter(|(k, v)| k.starts_with("keepstate_raft_throttled_calls_total{") && **v > 0.0)
+        .collect();
+    assert!(
+        throttled.is_empty(),
+        "member {id} throttled Raft calls: {throttled:?}"
+    );
+}
+
 #[test]
 fn restarted_nodes_catch_up_from_a_snapshot_and_enforce_the_latest_policy() {
     // Snapshots every 3 entries and no log kept behind them: a node that missed more than that
@@ -224,6 +238,9 @@ fn restarted_nodes_catch_up_from_a_snapshot_and_enforce_the_latest_policy() {
     c.apply(2, &allow(9000)).ok();
     wait_version(&c, 8, Duration::from_secs(2));
     assert!(!connects(&c, 8080) && connects(&c, 9000), "and v8 after it");
+    for id in 1..=3 {
+        assert_nothing_throttled(&c, id);
+    }
 }
 
 #[test]
@@ -487,6 +504,9 @@ fn members_catch_up_on_a_full_history_of_10000_rule_policies() {
         e.stderr
     );
     assert_eq!(c.version(1), 69);
+    for id in 1..=3 {
+        assert_nothing_throttled(&c, id);
+    }
 }
 
 #[test]

@@ -265,6 +265,133 @@ fn the_sync_port_refuses_strangers_and_non_members_and_the_table_is_untouched() 
     );
 }
 
+/// The non-zero throttled-call counts on member `id`'s /metrics, by calling node (`peer`
+/// label; every node that has made a Raft call has a sample).
+fn raft_throttled(c: &ClusterLab, id: u64) -> Vec<(String, f64)> {
+    c.scrape(id)
+        .into_iter()
+        .filter(|(k, v)| k.starts_with("keepstate_raft_throttled_calls_total{") && *v > 0.0)
+        .collect()
+}
+
+/// Issue 22 item 6: a member's certificate (a follower's) floods the leader with Raft calls
+/// from the operator's host, as fast as one client with 32 calls in flight can. The leader's
+/// gate lets the node's burst through and then its rate, refuses the rest at once
+/// (RESOURCE_EXHAUSTED, marked `keepstate-throttled`, before the body is decoded: the calls it
+/// lets through carry an undecodable payload and get INVALID_ARGUMENT from the service), counts
+/// them on /metrics under that node, and keeps serving: fwctl answers during the flood, no
+/// new leader is elected, and a write commits on every member. Negative controls: forming the
+/// cluster and a write throttle nothing anywhere, and the other members count nothing from
+/// the flood (the bucket is the flooding node's).
+#[test]
+fn a_member_flooding_raft_calls_is_throttled_and_the_cluster_keeps_committing() {
+    use fwnode::transport::gate::{RAFT_RPCS_PER_SEC, RAFT_RPC_BURST, THROTTLED};
+    let c = ClusterLab::start("");
+    c.form();
+    c.apply(1, POLICY_DROP).ok();
+    let leader = c.wait_leader(Duration::from_secs(5));
+    for id in 1..=3 {
+        assert_eq!(
+            raft_throttled(&c, id),
+            vec![],
+            "member {id} throttled legitimate traffic"
+        );
+    }
+    let flooder = if leader == 3 { 2 } else { 3 };
+    let term = |id: u64| c.status(id)["raft"]["term"].as_u64().unwrap();
+    let term_before = term(leader);
+    let target = c.members[(leader - 1) as usize].addr.clone();
+    let security = creds(&c.certs, &c.certs, &format!("node-{flooder}"));
+    const CALLS: usize = 30_000;
+    let flood = in_netns(c.lab.netns("sw"), move || async move {
+        let t = Transport::new(security);
+        let ch = t.connect(&target, Some(leader)).await.unwrap();
+        let client = pb::raft_client::RaftClient::new(ch);
+        let start = std::time::Instant::now();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..32 {
+            let (mut client, sent) = (client.clone(), sent.clone());
+            calls.spawn(async move {
+                let (mut served, mut throttled, mut other) = (0u64, 0u64, vec![]);
+                while sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < CALLS {
+                    let junk = pb::RaftPayload {
+                        payload: vec![0xff; 16],
+                        encoding: 1,
+                    };
+                    match client.vote(junk).await {
+                        Err(s) if s.code() == tonic::Code::InvalidArgument => served += 1,
+                        Err(s)
+                            if s.code() == tonic::Code::ResourceExhausted
+                                && s.metadata().contains_key(THROTTLED) =>
+                        {
+                            throttled += 1
+                        }
+                        r => other.push(format!("{r:?}")),
+                    }
+                }
+                (served, throttled, other)
+            });
+        }
+        let (mut served, mut throttled, mut other) = (0, 0, vec![]);
+        for (s, t, o) in calls.join_all().await {
+            served += s;
+            throttled += t;
+            other.extend(o);
+        }
+        (served, throttled, other, start.elapsed())
+    });
+    let mut answered = 0;
+    while !flood.is_finished() {
+        c.ctl(leader, &["status"]).ok();
+        answered += 1;
+    }
+    let (served, throttled, other, took) = flood.join().unwrap();
+    eprintln!(
+        "[raft flood] {CALLS} calls from node {flooder} to leader {leader} in {took:?}: {served} \
+         served, {throttled} throttled; fwctl status answered {answered} times during it"
+    );
+    assert!(
+        other.is_empty(),
+        "unexpected answers: {:?}",
+        &other[..other.len().min(5)]
+    );
+    assert!(
+        throttled > 0,
+        "never throttled: {served} served in {took:?}"
+    );
+    // The gate's clock starts after the client's: what it let through is within the bucket.
+    let allowed = RAFT_RPC_BURST as f64 + RAFT_RPCS_PER_SEC as f64 * took.as_secs_f64();
+    assert!(
+        served as f64 <= allowed + 1.0,
+        "{served} served in {took:?}"
+    );
+    assert!(served >= RAFT_RPC_BURST, "{served}: the burst passes");
+    assert!(answered >= 1);
+    // /metrics counts exactly those refusals, under the flooding node; the others, nothing.
+    assert_eq!(
+        raft_throttled(&c, leader),
+        vec![(
+            format!("keepstate_raft_throttled_calls_total{{peer=\"{flooder}\"}}"),
+            throttled as f64
+        )]
+    );
+    for id in (1..=3).filter(|id| *id != leader) {
+        assert_eq!(raft_throttled(&c, id), vec![], "member {id}");
+    }
+    // The cluster kept its leader and commits.
+    assert_eq!(c.wait_leader(Duration::from_secs(2)), leader);
+    assert_eq!(
+        term(leader),
+        term_before,
+        "an election happened during the flood"
+    );
+    c.apply(1, &POLICY_DROP.replace("drop", "accept")).ok();
+    for id in 1..=3 {
+        c.wait_member_version(id, 2, Duration::from_secs(5));
+    }
+}
+
 /// The certificate node `addr` presents now (PEM, normalised), fetched from the operator's host.
 fn served_cert(c: &ClusterLab, addr: &str) -> String {
     let (host, port) = addr.split_once(':').unwrap();

@@ -220,9 +220,11 @@ fn network<E: std::error::Error>(e: impl std::fmt::Display) -> RPCError<NodeId, 
 }
 
 /// Does this status say the message was over a size limit (tonic says OUT_OF_RANGE, other
-/// gRPC implementations RESOURCE_EXHAUSTED)?
+/// gRPC implementations RESOURCE_EXHAUSTED)? Not when the peer's gate throttled the call
+/// (`gate::THROTTLED`): a smaller batch would be refused just the same.
 fn is_too_large(s: &Status) -> bool {
     matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted)
+        && !s.metadata().contains_key(crate::transport::gate::THROTTLED)
 }
 
 /// A failed AppendEntries call of `entries` entries, as openraft should see it. A batch that
@@ -245,7 +247,9 @@ fn append_error<E: std::error::Error>(s: Status, entries: usize) -> RPCError<Nod
 }
 
 /// A failed call as openraft should see it: a peer that is down or slow is unreachable
-/// (openraft backs off), anything else a network error.
+/// (openraft backs off, sending nothing for 500 ms), anything else a network error (a
+/// throttled call among them: openraft sends again with its next heartbeat or write, and
+/// keeps heartbeating).
 fn status_error<E: std::error::Error>(s: Status) -> RPCError<NodeId, Member, E> {
     match s.code() {
         Code::Unavailable | Code::DeadlineExceeded => unreachable(s.message()),
@@ -579,6 +583,14 @@ mod tests {
         assert!(matches!(down, RPCError::Unreachable(_)), "{down}");
         let other: E = append_error(Status::internal("boom"), 8);
         assert!(matches!(other, RPCError::Network(_)), "{other}");
+        // A peer's throttling is not a size problem: halving the batch would not help.
+        let mut throttled = Status::resource_exhausted("over its Raft rate");
+        throttled.metadata_mut().insert(
+            crate::transport::gate::THROTTLED,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        let t: E = append_error(throttled, 8);
+        assert!(matches!(t, RPCError::Network(_)), "{t}");
     }
 
     #[test]

@@ -10,7 +10,11 @@
 //! lower id (the other accepts), each direction a bounded channel.
 //!
 //! Owns: sockets, the runtime, the engine loop, peer admission (a stream must say Hello from a
-//! configured peer). Must not touch: protocol decisions (the core), packets, policy, Raft.
+//! configured peer), and how fast a peer's stream is read (`[sync] peer_max_messages_per_sec`,
+//! `peer_max_bytes_per_sec`: over either, the stream task waits before it reads the next
+//! message — nothing is dropped, which would make a gap; HTTP/2 flow control holds the sender
+//! back — counted per peer in [`Throttle`]). Must not touch: protocol decisions (the core),
+//! packets, policy, Raft.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -22,6 +26,7 @@ use keepstate_proto::MAX_MESSAGE_BYTES;
 use parking_lot::Mutex;
 use pb::sync_client::SyncClient;
 use pb::sync_server::{Sync as SyncRpc, SyncServer};
+use prost::Message as _;
 use serde::Deserialize;
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
@@ -36,6 +41,7 @@ use super::replicator::{Replicator, Settings};
 use crate::conntrack::Conntrack;
 use crate::time::Timestamp;
 use crate::tls::{self, Members};
+use crate::transport::rate::Bucket;
 use crate::transport::Transport;
 
 /// `[sync]`: state replication with the other gateway(s) of the pair. Requires `[cluster]`
@@ -76,6 +82,15 @@ pub struct SyncConfig {
     /// replication at once instead of coalescing acks for 2 ms.
     #[serde(default)]
     pub defer_ms: u64,
+    /// Messages per second one peer's stream may deliver, with a burst of one second's worth;
+    /// beyond it this node reads the stream no faster (nothing is dropped: the peer is slowed
+    /// by HTTP/2 flow control). Bounds what an authenticated peer, compromised or buggy, can
+    /// make this node do. 0: no limit.
+    #[serde(default = "defaults::peer_max_messages_per_sec")]
+    pub peer_max_messages_per_sec: u64,
+    /// The same in bytes (of the encoded messages). 0: no limit.
+    #[serde(default = "defaults::peer_max_bytes_per_sec")]
+    pub peer_max_bytes_per_sec: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -98,7 +113,27 @@ mod defaults {
     pub fn bulk_timeout_ms() -> u64 {
         30_000
     }
+    /// Legitimate replication sends the most messages when connections arrive spread out
+    /// (small batches, one per engine turn): the sync bench's lag run at 10 000 to 100 000 new
+    /// connections/s peaked at 11 500 messages/s in a 250 ms window (a loaded 2-core host,
+    /// 2027-01); a burst of 1 M connections goes in batches of 512 (1 200 messages/s), a bulk
+    /// in chunks of 1 024 entries (600/s). 50 000 is over 4x the peak.
+    pub fn peer_max_messages_per_sec() -> u64 {
+        50_000
+    }
+    /// The most bytes: a bulk of 1 M entries (about 42 bytes an entry, 43 MB) in 0.70 s is
+    /// 61 MB/s (the README's bench; 24 MB/s measured on the loaded host), the 1 M stream at
+    /// 834 000 events/s 35 MB/s. 256 MiB/s is over 4x that.
+    pub fn peer_max_bytes_per_sec() -> u64 {
+        256 << 20
+    }
 }
+
+/// The smallest non-zero limits `validate` accepts: below them a peer's heartbeats, acks and
+/// a bulk transfer of a full table would be slowed to the point of breaking replication
+/// (a bulk of 1 M entries, about 1 000 messages of 100 MiB in all, would take minutes).
+const MIN_MESSAGES_PER_SEC: u64 = 1000;
+const MIN_BYTES_PER_SEC: u64 = 16 << 20;
 
 impl SyncConfig {
     /// Checks the config loader reports with the file name; `me` is this node's id.
@@ -125,6 +160,24 @@ impl SyncConfig {
             return Err(format!(
                 "sync.defer_ms must be at most {} (pfsync holds at most 20)",
                 defer::MAX_DEFER_MS
+            ));
+        }
+        if self.peer_max_messages_per_sec != 0
+            && self.peer_max_messages_per_sec < MIN_MESSAGES_PER_SEC
+        {
+            return Err(format!(
+                "sync.peer_max_messages_per_sec must be 0 (no limit) or at least \
+                 {MIN_MESSAGES_PER_SEC}: {} would throttle legitimate replication (default {})",
+                self.peer_max_messages_per_sec,
+                defaults::peer_max_messages_per_sec()
+            ));
+        }
+        if self.peer_max_bytes_per_sec != 0 && self.peer_max_bytes_per_sec < MIN_BYTES_PER_SEC {
+            return Err(format!(
+                "sync.peer_max_bytes_per_sec must be 0 (no limit) or at least {MIN_BYTES_PER_SEC} \
+                 (16 MiB/s): {} would throttle legitimate replication (default {})",
+                self.peer_max_bytes_per_sec,
+                defaults::peer_max_bytes_per_sec()
             ));
         }
         if self.defer_ms > 0 && self.pickup_delay_ms > 0 {
@@ -161,6 +214,78 @@ impl SyncConfig {
             defer_workers: (self.defer_ms > 0).then_some(workers),
         }
     }
+}
+
+/// What throttling cost one peer's streams: pauses and their total time. Shared by the
+/// peer's stream tasks (which count) and the engine (which shows it in the status).
+#[derive(Debug, Default)]
+pub struct Throttle {
+    pauses: std::sync::atomic::AtomicU64,
+    paused_us: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    fn record(&self, wait: Duration) {
+        self.pauses.fetch_add(1, Relaxed);
+        self.paused_us.fetch_add(wait.as_micros() as u64, Relaxed);
+    }
+
+    /// Pauses so far, and their total in milliseconds.
+    pub fn read(&self) -> (u64, u64) {
+        (
+            self.pauses.load(Relaxed),
+            self.paused_us.load(Relaxed) / 1000,
+        )
+    }
+}
+
+/// One stream's buckets (`None`: that limit is off) and its peer's counters.
+struct Limiter {
+    messages: Option<Bucket>,
+    bytes: Option<Bucket>,
+    throttle: Arc<Throttle>,
+}
+
+impl Limiter {
+    /// Full buckets at `now` for `[sync]`'s per-peer limits (burst: one second's worth).
+    fn new(cfg: &SyncConfig, throttle: Arc<Throttle>, now: Instant) -> Limiter {
+        let bucket = |rate: u64| (rate > 0).then(|| Bucket::new(rate, rate, now));
+        Limiter {
+            messages: bucket(cfg.peer_max_messages_per_sec),
+            bytes: bucket(cfg.peer_max_bytes_per_sec),
+            throttle,
+        }
+    }
+
+    /// How long to wait at `now` before reading the next message.
+    fn wait(&mut self, now: Instant) -> Duration {
+        let m = self
+            .messages
+            .as_mut()
+            .map_or(Duration::ZERO, |b| b.wait(now));
+        let b = self.bytes.as_mut().map_or(Duration::ZERO, |b| b.wait(now));
+        m.max(b)
+    }
+
+    /// A message of `bytes` was read at `now`.
+    fn spent(&mut self, now: Instant, bytes: usize) {
+        if let Some(b) = &mut self.messages {
+            b.spend(now, 1);
+        }
+        if let Some(b) = &mut self.bytes {
+            b.spend(now, bytes as u64);
+        }
+    }
+}
+
+/// The peers' counters, one per configured peer.
+type Throttles = Arc<Vec<(u64, Arc<Throttle>)>>;
+
+fn throttle_of(t: &Throttles, peer: u64) -> Arc<Throttle> {
+    t.iter()
+        .find(|(id, _)| *id == peer)
+        .map(|(_, t)| t.clone())
+        .unwrap_or_default()
 }
 
 /// An operator's request to the engine.
@@ -334,11 +459,15 @@ pub fn start(
                 let (net_tx, net_rx) = mpsc::channel(1024);
                 let gens = Arc::new(std::sync::atomic::AtomicU64::new(1));
                 let peers: Vec<u64> = cfg.peers.iter().map(|p| p.id).collect();
+                let throttles: Throttles =
+                    Arc::new(peers.iter().map(|p| (*p, Arc::default())).collect());
                 let service = Service {
                     members,
                     peers: peers.clone(),
                     net: net_tx.clone(),
                     gens: gens.clone(),
+                    cfg: cfg.clone(),
+                    throttles: throttles.clone(),
                 };
                 let service = SyncServer::new(service)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -353,6 +482,7 @@ pub fn start(
                         node_id,
                         net_tx.clone(),
                         gens.clone(),
+                        (cfg.clone(), throttle_of(&throttles, p.id)),
                     ));
                 }
                 let now = Timestamp::from_millis(origin.elapsed().as_millis() as u64);
@@ -368,6 +498,7 @@ pub fn start(
                     was_ready: None,
                     gate,
                     spares,
+                    throttles,
                 };
                 tokio::select! {
                     _ = engine.run(events, net_rx, cmd_rx) => {}
@@ -399,6 +530,7 @@ async fn dial(
     me: u64,
     net: mpsc::Sender<NetEvent>,
     gens: Arc<std::sync::atomic::AtomicU64>,
+    (cfg, throttle): (SyncConfig, Arc<Throttle>),
 ) {
     let mut backoff = Duration::from_millis(20);
     loop {
@@ -427,7 +559,13 @@ async fn dial(
                 })
                 .await;
             let why = tokio::select! {
-                why = forward(resp.into_inner(), peer.id, gen, &net) => why,
+                why = forward(
+                    resp.into_inner(),
+                    peer.id,
+                    gen,
+                    &net,
+                    Limiter::new(&cfg, throttle.clone(), Instant::now()),
+                ) => why,
                 _ = closer.notified() => "closed by this node".to_string(),
             };
             let _ = net
@@ -455,16 +593,27 @@ async fn dial(
     }
 }
 
-/// Move a stream's incoming messages to the engine until it ends; returns why it ended.
-async fn forward(
-    mut s: tonic::Streaming<pb::SyncMessage>,
+/// Move a stream's incoming messages to the engine until it ends; returns why it ended. Reads
+/// no faster than `limits` allow: over a limit it waits before reading the next message.
+async fn forward<S>(
+    mut s: S,
     peer: u64,
     gen: u64,
     net: &mpsc::Sender<NetEvent>,
-) -> String {
+    mut limits: Limiter,
+) -> String
+where
+    S: tokio_stream::Stream<Item = Result<pb::SyncMessage, tonic::Status>> + Unpin,
+{
     loop {
+        let wait = limits.wait(Instant::now());
+        if !wait.is_zero() {
+            limits.throttle.record(wait);
+            tokio::time::sleep(wait).await;
+        }
         match s.next().await {
             Some(Ok(msg)) => {
+                limits.spent(Instant::now(), msg.encoded_len());
                 if net.send(NetEvent::Msg { peer, gen, msg }).await.is_err() {
                     return "shutting down".into();
                 }
@@ -482,6 +631,9 @@ struct Service {
     peers: Vec<u64>,
     net: mpsc::Sender<NetEvent>,
     gens: Arc<std::sync::atomic::AtomicU64>,
+    /// For the per-peer limits.
+    cfg: SyncConfig,
+    throttles: Throttles,
 }
 
 #[tonic::async_trait]
@@ -504,6 +656,7 @@ impl SyncRpc for Service {
             self.net.clone(),
             self.gens.fetch_add(1, Relaxed),
         );
+        let (cfg, throttles) = (self.cfg.clone(), self.throttles.clone());
         tokio::spawn(async move {
             let first = match tokio::time::timeout(Duration::from_secs(5), inbound.next()).await {
                 Ok(Some(Ok(m))) => m,
@@ -568,8 +721,10 @@ impl SyncRpc for Service {
                     }
                 }
             });
+            // The Hello is not counted: it is one message per stream.
+            let limits = Limiter::new(&cfg, throttle_of(&throttles, peer), Instant::now());
             let why = tokio::select! {
-                why = forward(inbound, peer, gen, &net) => why,
+                why = forward(inbound, peer, gen, &net, limits) => why,
                 _ = closer.notified() => "closed by this node".to_string(),
             };
             pump.abort();
@@ -610,6 +765,8 @@ struct Engine {
     gate: Option<Arc<Gate>>,
     /// Where emptied batch buffers go back to the workers.
     spares: Arc<Spares>,
+    /// What the per-peer limits cost each peer.
+    throttles: Throttles,
 }
 
 impl Engine {
@@ -751,6 +908,7 @@ impl Engine {
             .map(|p| {
                 let s = p.stats;
                 let bulk = s.bulk_rx.unwrap_or_default();
+                let (throttled, throttled_ms) = throttle_of(&self.throttles, p.id).read();
                 pb::SyncPeer {
                     id: p.id,
                     addr: self
@@ -776,6 +934,8 @@ impl Engine {
                     versions_refused: s.versions_refused,
                     nacks: s.nacks_sent + s.nacks_received,
                     retransmits: s.retransmits,
+                    throttled,
+                    throttled_ms,
                     last_error: s.last_error.map(|e| e.to_string()).unwrap_or_default(),
                 }
             })
@@ -801,5 +961,145 @@ impl Engine {
             // Filled in by the daemon from the workers' counters.
             defer: None,
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(messages: u64, bytes: u64) -> SyncConfig {
+        SyncConfig {
+            listen: "198.18.0.1:7401".parse().unwrap(),
+            peers: vec![PeerConfig {
+                id: 2,
+                addr: "198.18.0.2:7401".into(),
+            }],
+            outbox_items: defaults::outbox(),
+            channel_batches: defaults::channel(),
+            idle_timeout_ms: defaults::idle_timeout_ms(),
+            bulk_timeout_ms: defaults::bulk_timeout_ms(),
+            pickup_delay_ms: 0,
+            defer_ms: 0,
+            peer_max_messages_per_sec: messages,
+            peer_max_bytes_per_sec: bytes,
+        }
+    }
+
+    /// A message of about `payload` bytes.
+    fn msg(payload: usize) -> pb::SyncMessage {
+        pb::SyncMessage {
+            kind: Some(pb::sync_message::Kind::Need(pb::SyncNeed {
+                tuples: vec![vec![7u8; payload]],
+            })),
+        }
+    }
+
+    /// Runs `forward` over a peer that has `n` messages of `payload` bytes ready at once (an
+    /// in-memory stream: as fast as a flood can be): returns when each message reached the
+    /// engine (since just before the limiter started), and the peer's throttle counters.
+    async fn arrivals(cfg: &SyncConfig, n: usize, payload: usize) -> (Vec<Duration>, (u64, u64)) {
+        let flood = tokio_stream::iter((0..n).map(move |_| Ok(msg(payload))));
+        let (tx, mut rx) = mpsc::channel(n + 1);
+        let throttle = Arc::new(Throttle::default());
+        let t0 = Instant::now();
+        let engine = tokio::spawn(async move {
+            let mut at = vec![];
+            while let Some(e) = rx.recv().await {
+                if let NetEvent::Msg { msg: m, .. } = e {
+                    assert_eq!(m, msg(payload), "in order, unchanged");
+                    at.push(t0.elapsed());
+                }
+            }
+            at
+        });
+        let limits = Limiter::new(cfg, throttle.clone(), Instant::now());
+        let why = forward(flood, 2, 1, &tx, limits).await;
+        assert_eq!(why, "closed by the peer");
+        drop(tx);
+        let at = engine.await.unwrap();
+        assert_eq!(at.len(), n, "nothing dropped");
+        (at, throttle.read())
+    }
+
+    /// At most `burst + rate × t` units by each arrival's time `t` (one message of slack: a
+    /// message is read once the bucket is out of debt).
+    fn within(at: &[Duration], unit: u64, rate: u64, burst: u64) -> Result<(), String> {
+        for (i, t) in at.iter().enumerate() {
+            let delivered = (i as u64 + 1) * unit;
+            let refilled = u128::from(rate) * t.as_nanos() / 1_000_000_000;
+            let allowed = burst + unit + refilled as u64;
+            if delivered > allowed {
+                return Err(format!("{delivered} units by {t:?}, at most {allowed}"));
+            }
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_flooding_peer_is_read_at_the_message_limit_and_nothing_is_dropped() {
+        let (at, (pauses, paused_ms)) = arrivals(&limits(1000, 0), 2500, 8).await;
+        within(&at, 1, 1000, 1000).unwrap();
+        // The burst (one second's worth) at once, the other 1 500 at 1 000/s.
+        let last = at[2499];
+        assert!(last >= Duration::from_millis(1450), "{last:?}");
+        // A pause often lets more than one message through: tokio's timer sleeps a little
+        // longer than asked, and what it oversleeps refills the bucket.
+        assert!(pauses >= 100, "{pauses}");
+        assert!((300..=1600).contains(&paused_ms), "{paused_ms}");
+        // Negative control: without the limit the same flood arrives at once, unpaused.
+        let (at, counts) = arrivals(&limits(0, 0), 2500, 8).await;
+        assert!(at[2499] < Duration::from_millis(500), "{:?}", at[2499]);
+        assert_eq!(counts, (0, 0));
+        assert!(within(&at, 1, 1000, 1000).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_flooding_peer_is_read_at_the_byte_limit() {
+        let mib = 1 << 20;
+        // 40 messages of 1 MiB (and a few bytes) against 16 MiB/s: 17 at once (the 17th
+        // leaves a debt of 17 x a few bytes), 23 over 1.44 s.
+        let cfg = limits(0, 16 * mib);
+        let (at, (pauses, _)) = arrivals(&cfg, 40, mib as usize).await;
+        let size = msg(mib as usize).encoded_len() as u64;
+        within(&at, size, 16 * mib, 16 * mib).unwrap();
+        assert!(at[39] >= Duration::from_millis(1400), "{:?}", at[39]);
+        assert!(pauses >= 20, "{pauses}");
+        // Negative control: the message limit alone (far above 40/s) does not slow them.
+        let (at, _) = arrivals(&limits(1000, 0), 40, mib as usize).await;
+        assert!(at[39] < Duration::from_millis(500), "{:?}", at[39]);
+        assert!(within(&at, size, 16 * mib, 16 * mib).is_err());
+    }
+
+    #[test]
+    fn limits_below_what_replication_needs_are_refused_and_zero_is_off() {
+        assert!(limits(0, 0).validate(1).is_ok(), "0: no limit");
+        let d = limits(
+            defaults::peer_max_messages_per_sec(),
+            defaults::peer_max_bytes_per_sec(),
+        );
+        assert!(d.validate(1).is_ok(), "the defaults");
+        let e = limits(10, 0).validate(1).unwrap_err();
+        assert!(
+            e.contains("sync.peer_max_messages_per_sec") && e.contains("1000"),
+            "{e}"
+        );
+        let e = limits(0, 4096).validate(1).unwrap_err();
+        assert!(e.contains("sync.peer_max_bytes_per_sec"), "{e}");
+        // The limits are optional in the file and default to the declared defaults.
+        let parsed: SyncConfig = toml::from_str(
+            "listen = \"198.18.0.1:7401\"\npeers = [{ id = 2, addr = \"198.18.0.2:7401\" }]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                parsed.peer_max_messages_per_sec,
+                parsed.peer_max_bytes_per_sec
+            ),
+            (
+                defaults::peer_max_messages_per_sec(),
+                defaults::peer_max_bytes_per_sec()
+            )
+        );
     }
 }

@@ -11,6 +11,13 @@
 //!   (certificate subject; the remote address on a plaintext port) and [`TOTAL`] over all
 //!   operators; beyond, a call is refused with `RESOURCE_EXHAUSTED` at once rather than queued.
 //!   Nodes are not counted: Raft and forwarded writes must never wait behind operators.
+//! - **How fast** (issue 22 item 6): a node's Raft calls (by the node id its certificate names)
+//!   take a token from that node's bucket ([`RAFT_RPCS_PER_SEC`], burst [`RAFT_RPC_BURST`],
+//!   [`NodeRates`], shared by every port of the process); an empty bucket refuses the call at
+//!   once with `RESOURCE_EXHAUSTED` marked [`THROTTLED`] (the caller's Raft client retries it
+//!   as a network error, not as a message that was too large), counted per node. Refused
+//!   here, a flood costs its headers, never the decoding of its body nor openraft's work.
+//!   Plaintext ports have no caller identity: their Raft calls are not limited.
 //! - **How big**: the control service decodes at most `MAX_CONTROL_REQUEST_BYTES` (the largest
 //!   request is a policy of `MAX_POLICY_BYTES` and its notes); tonic refuses a longer message
 //!   from its length prefix, before buffering it (set where the service is built, `cluster`).
@@ -21,17 +28,69 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use tonic::codegen::http;
 use tower::{Layer, Service};
 
+use super::rate::Bucket;
 use crate::tls::{ConnInfo, Identity};
 
 /// Requests in flight per operator identity.
 pub const PER_CALLER: usize = 8;
 /// Requests in flight over all operators.
 pub const TOTAL: usize = 64;
+
+/// Raft calls per second one node may make to this node, sustained. What a legitimate leader
+/// sends one follower: a heartbeat every `heartbeat_ms` (10 to 20 a second), an AppendEntries
+/// per batch of writes (each waits for the follower's fsync, so at most a few hundred a
+/// second on a real disk), snapshot chunks of 4 MiB one after the other. 2 000 a second is
+/// over 4x the busiest of these; a flooding member gets at most that much of openraft's time.
+pub const RAFT_RPCS_PER_SEC: u64 = 2000;
+/// Raft calls one node may make at once beyond the rate. A follower catching up receives at
+/// most the leader's log (`snapshot_every` + `logs_to_keep`: 384 entries with the defaults,
+/// at least one entry per call; beyond it the leader sends a snapshot instead): 4 000 is
+/// 10x that, so a catch-up is never refused even before the rate refills the bucket.
+pub const RAFT_RPC_BURST: u64 = 4000;
+
+/// The metadata key that marks a `RESOURCE_EXHAUSTED` as this gate's throttling (tonic says
+/// `RESOURCE_EXHAUSTED` for a message over the size limit too).
+pub const THROTTLED: &str = "keepstate-throttled";
+
+/// Each node's Raft bucket and how many of its calls were refused; one per process
+/// (`Transport::raft_rates`), read by the metrics.
+#[derive(Debug, Default)]
+pub struct NodeRates {
+    nodes: Mutex<HashMap<u64, (Bucket, u64)>>,
+}
+
+impl NodeRates {
+    /// May `node` make a Raft call at `now`? Counts a refusal.
+    pub fn admit(&self, node: u64, now: Instant) -> bool {
+        let mut m = self.nodes.lock();
+        let (bucket, refused) = m
+            .entry(node)
+            .or_insert_with(|| (Bucket::new(RAFT_RPCS_PER_SEC, RAFT_RPC_BURST, now), 0));
+        let ok = bucket.try_take(now, 1);
+        if !ok {
+            *refused += 1;
+        }
+        ok
+    }
+
+    /// Refused calls per node that has called, by node id.
+    pub fn throttled(&self) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self
+            .nodes
+            .lock()
+            .iter()
+            .map(|(n, (_, r))| (*n, *r))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
 
 const RAFT_PREFIX: &str = "/keepstate.v1.Raft/";
 
@@ -50,14 +109,19 @@ impl Counts {
 }
 
 /// The layer; one per port.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct GateLayer {
     counts: Arc<Counts>,
+    rates: Arc<NodeRates>,
 }
 
 impl GateLayer {
-    pub fn new() -> Self {
-        Self::default()
+    /// A gate whose nodes' Raft calls take from `rates`.
+    pub fn new(rates: Arc<NodeRates>) -> Self {
+        GateLayer {
+            counts: Arc::default(),
+            rates,
+        }
     }
 
     pub fn counts(&self) -> Arc<Counts> {
@@ -72,6 +136,7 @@ impl<S> Layer<S> for GateLayer {
         Gate {
             inner,
             counts: self.counts.clone(),
+            rates: self.rates.clone(),
         }
     }
 }
@@ -80,13 +145,15 @@ impl<S> Layer<S> for GateLayer {
 pub struct Gate<S> {
     inner: S,
     counts: Arc<Counts>,
+    rates: Arc<NodeRates>,
 }
 
 /// Who is calling, as far as the gate cares.
 #[derive(Debug, PartialEq, Eq)]
 enum Who {
-    /// A node certificate (or a plaintext port's caller on a Raft call: plaintext trusts all).
-    Node,
+    /// A node certificate naming this node id (or, `None`, a plaintext port's caller on a Raft
+    /// call: plaintext trusts all).
+    Node(Option<u64>),
     /// Counted under this key.
     Operator(String),
     Refused(String),
@@ -102,9 +169,9 @@ fn classify(path: &str, info: Option<&ConnInfo>) -> Who {
             .map_or_else(|| "?".into(), |r| r.ip().to_string())
     };
     match info.peer.as_deref() {
-        None if raft => Who::Node,
+        None if raft => Who::Node(None),
         None => Who::Operator(format!("plaintext {}", remote())),
-        Some(Identity { node: Some(_), .. }) => Who::Node,
+        Some(Identity { node: Some(n), .. }) => Who::Node(Some(*n)),
         Some(Identity {
             role: Some(_),
             subject,
@@ -184,8 +251,21 @@ where
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Box::pin(std::future::ready(Ok(status.into_http())))
         };
-        let slot = match classify(req.uri().path(), req.extensions().get::<ConnInfo>()) {
-            Who::Node => None,
+        let path = req.uri().path();
+        let slot = match classify(path, req.extensions().get::<ConnInfo>()) {
+            Who::Node(Some(node))
+                if path.starts_with(RAFT_PREFIX) && !self.rates.admit(node, Instant::now()) =>
+            {
+                let mut status = tonic::Status::resource_exhausted(format!(
+                    "node {node} is over its Raft rate ({RAFT_RPCS_PER_SEC} calls/s, burst \
+                     {RAFT_RPC_BURST}); retry later"
+                ));
+                status
+                    .metadata_mut()
+                    .insert(THROTTLED, tonic::metadata::MetadataValue::from_static("1"));
+                return refuse(&self.counts, status);
+            }
+            Who::Node(_) => None,
             Who::Refused(why) => {
                 return refuse(&self.counts, tonic::Status::permission_denied(why))
             }
@@ -239,10 +319,10 @@ mod tests {
         assert!(
             matches!(classify(raft, Some(&admin)), Who::Refused(w) if w.contains("node certificate"))
         );
-        assert_eq!(classify(ctl, Some(&node)), Who::Node);
-        assert_eq!(classify(raft, Some(&node)), Who::Node);
+        assert_eq!(classify(ctl, Some(&node)), Who::Node(Some(2)));
+        assert_eq!(classify(raft, Some(&node)), Who::Node(Some(2)));
         assert_eq!(classify(ctl, Some(&admin)), Who::Operator("CN=x".into()));
-        assert_eq!(classify(raft, Some(&info(None))), Who::Node);
+        assert_eq!(classify(raft, Some(&info(None))), Who::Node(None));
         assert_eq!(
             classify(ctl, Some(&info(None))),
             Who::Operator("plaintext 198.18.0.100".into())
@@ -267,5 +347,83 @@ mod tests {
         drop(many);
         assert!(c.take("late".into()).is_ok(), "and its slots come back");
         assert!(c.per_caller.lock().is_empty(), "every slot was given back");
+    }
+
+    #[test]
+    fn each_node_has_its_own_raft_bucket() {
+        let rates = NodeRates::default();
+        let t0 = Instant::now();
+        let burst = RAFT_RPC_BURST as usize;
+        let granted = (0..2 * burst).filter(|_| rates.admit(2, t0)).count();
+        assert_eq!(
+            granted, burst,
+            "node 2: the burst, then nothing at the same instant"
+        );
+        assert!(rates.admit(3, t0), "node 3 has a bucket of its own");
+        // One virtual second refills the rate, not more.
+        let t1 = t0 + std::time::Duration::from_secs(1);
+        let later = (0..2 * burst).filter(|_| rates.admit(2, t1)).count();
+        assert_eq!(later, RAFT_RPCS_PER_SEC as usize);
+        assert_eq!(
+            rates.throttled(),
+            vec![(2, (2 * burst - burst + 2 * burst - later) as u64), (3, 0)]
+        );
+    }
+
+    type Inner = tower::util::BoxCloneSyncService<
+        http::Request<()>,
+        http::Response<tonic::body::Body>,
+        std::convert::Infallible,
+    >;
+
+    /// The gate in front of a service that answers every call with OK.
+    fn gated(rates: &Arc<NodeRates>) -> Gate<Inner> {
+        let inner = tower::service_fn(|_r: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::default()))
+        });
+        GateLayer::new(rates.clone()).layer(Inner::new(inner))
+    }
+
+    /// The status a gated call answered with (`None`: it reached the service).
+    async fn call(gate: &mut Gate<Inner>, path: &str, who: &ConnInfo) -> Option<tonic::Status> {
+        let mut req = http::Request::builder().uri(path).body(()).unwrap();
+        req.extensions_mut().insert(who.clone());
+        let resp = gate.call(req).await.unwrap();
+        tonic::Status::from_header_map(resp.headers())
+    }
+
+    #[tokio::test]
+    async fn a_node_flooding_raft_calls_is_refused_from_its_headers_and_others_are_not() {
+        let raft = "/keepstate.v1.Raft/Vote";
+        let ctl = "/keepstate.v1.Control/ClusterStatus";
+        let rates = Arc::new(NodeRates::default());
+        let mut gate = gated(&rates);
+        let node2 = info(Some(id(Some(2), None)));
+        let mut served = 0;
+        let refused = loop {
+            match call(&mut gate, raft, &node2).await {
+                None => served += 1,
+                Some(s) => break s,
+            }
+            assert!(served < 100 * RAFT_RPC_BURST, "never throttled");
+        };
+        assert!(served >= RAFT_RPC_BURST, "{served}: the burst passes");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.metadata().contains_key(THROTTLED), "{refused:?}");
+        assert!(
+            refused.message().contains("node 2"),
+            "{}",
+            refused.message()
+        );
+        assert!(rates.throttled()[0].1 >= 1);
+        // Node 2's other calls (forwarded writes), and node 3's Raft calls, still pass.
+        assert!(call(&mut gate, ctl, &node2).await.is_none());
+        let node3 = info(Some(id(Some(3), None)));
+        assert!(call(&mut gate, raft, &node3).await.is_none());
+        // Negative control: a plaintext port has no identity to limit by; nothing is refused.
+        let plain = info(None);
+        for _ in 0..2 * RAFT_RPC_BURST {
+            assert!(call(&mut gate, raft, &plain).await.is_none());
+        }
     }
 }

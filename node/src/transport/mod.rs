@@ -37,6 +37,7 @@ use crate::tls::{self, ConnInfo, Credentials, Identity};
 
 pub mod admission;
 pub mod gate;
+pub mod rate;
 
 /// A server builder behind the [`gate`], and the router it makes ([`Transport::serve`]).
 pub type GatedServer =
@@ -97,6 +98,8 @@ pub struct Transport {
     /// Upper bound for one unary call (Raft RPCs carry their own shorter deadline).
     pub request_timeout: Duration,
     pub security: Security,
+    /// Every node's Raft-call bucket, shared by the servers this transport runs (`gate`).
+    pub raft_rates: Arc<gate::NodeRates>,
 }
 
 impl Transport {
@@ -105,6 +108,7 @@ impl Transport {
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(10),
             security,
+            raft_rates: Arc::default(),
         }
     }
 
@@ -361,7 +365,9 @@ impl Transport {
         services: impl FnOnce(&mut GatedServer) -> GatedRouter,
     ) -> oneshot::Sender<()> {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let mut gated = self.server().layer(gate::GateLayer::new());
+        let mut gated = self
+            .server()
+            .layer(gate::GateLayer::new(self.raft_rates.clone()));
         let server = services(&mut gated).serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });
