@@ -33,6 +33,18 @@ pub struct Member {
     pub proc: Option<Proc>,
 }
 
+impl Member {
+    /// The shell command that runs this member's fwnode.
+    pub fn command(&self) -> String {
+        format!(
+            "{}{} --config {}",
+            self.launcher,
+            self.fwnode.display(),
+            self.config.display()
+        )
+    }
+}
+
 /// The lab plus three fwnode processes (not yet a cluster: call `form`).
 #[derive(Debug)]
 pub struct ClusterLab {
@@ -158,16 +170,9 @@ impl ClusterLab {
     pub fn start_member(&mut self, index: usize) {
         let m = &self.members[index];
         let _ = std::fs::remove_file(&m.stats);
-        let mut proc = self.lab.spawn(
-            m.host,
-            &format!(
-                "{}{} --config {}",
-                m.launcher,
-                m.fwnode.display(),
-                m.config.display()
-            ),
-            &format!("node{}", m.id),
-        );
+        let mut proc = self
+            .lab
+            .spawn(m.host, &m.command(), &format!("node{}", m.id));
         let t = Instant::now();
         let id = m.id;
         loop {

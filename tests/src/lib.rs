@@ -314,15 +314,7 @@ impl Lab {
 
     /// Run a shell command in `host`; panic with its output if it fails.
     pub fn sh(&self, host: &str, script: &str) -> String {
-        let o = self.try_sh(host, script);
-        assert!(
-            o.status.success(),
-            "[{host}] `{script}` failed ({}):\n{}{}",
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        succeeded(&format!("[{host}] `{script}`"), self.try_sh(host, script))
     }
 
     /// Start a long-running process in `host`; output goes to `<lab dir>/<log>.log`.
@@ -611,4 +603,18 @@ pub fn metric(stats: &serde_json::Value, name: &str, labels: &[(&str, &str)]) ->
                 .unwrap_or_else(|| panic!("{name}: not an integer: {s}"))
         })
         .sum()
+}
+
+/// The standard output of a command that succeeded; a failed one panics with `what`, its exit
+/// status and its output.
+#[track_caller]
+pub fn succeeded(what: &str, o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\n{}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -32,32 +32,20 @@ fn run(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
 }
 
-#[track_caller]
-fn ok(what: &str, o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "{what} failed ({}):\n{}{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 impl StoreFs {
     /// A fresh `mib` MiB ext4 (no blocks reserved for root: fwnode runs as root).
     fn new(c: &ClusterLab, mib: u32) -> StoreFs {
         let img = c.lab.dir.join("store.img");
         let mnt = c.lab.dir.join("store");
         std::fs::create_dir_all(&mnt).unwrap();
-        ok(
+        succeeded(
             "truncate",
             run(Command::new("truncate")
                 .arg("-s")
                 .arg(format!("{mib}M"))
                 .arg(&img)),
         );
-        ok(
+        succeeded(
             "mkfs.ext4 (tests/run-all.sh installs e2fsprogs)",
             run(Command::new("mkfs.ext4")
                 .args(["-q", "-F", "-m", "0"])
@@ -97,7 +85,7 @@ impl StoreFs {
     fn wait_detached(&self) {
         let t = Instant::now();
         loop {
-            let o = ok(
+            let o = succeeded(
                 "losetup -j",
                 run(Command::new("losetup").arg("-j").arg(&self.img)),
             );
@@ -116,7 +104,7 @@ impl StoreFs {
     /// fwnode must not be running on it.
     fn offline(&self, script: &str) -> String {
         self.wait_detached();
-        let out = ok(
+        let out = succeeded(
             script,
             run(Command::new("unshare")
                 .args(["-m", "--propagation", "private", "sh", "-c"])
@@ -255,16 +243,7 @@ fn assert_back(c: &mut ClusterLab) {
 /// path and the OS error, without serving.
 fn assert_start_refused(c: &ClusterLab, what: &str, os_error: &str, path: &str) {
     let m = &c.members[0];
-    let mut p = c.lab.spawn(
-        m.host,
-        &format!(
-            "{}{} --config {}",
-            m.launcher,
-            m.fwnode.display(),
-            m.config.display()
-        ),
-        "refused",
-    );
+    let mut p = c.lab.spawn(m.host, &m.command(), "refused");
     let status = p
         .wait_exit(Duration::from_secs(15))
         .unwrap_or_else(|| panic!("{what}: fwnode still runs:\n{}", c.lab.log("refused")));
@@ -329,7 +308,7 @@ fn a_full_store_file_system_refuses_the_write_keeps_enforcing_and_loses_nothing(
     );
 
     // Free the space; restart.
-    ok("rm", fs.in_ns(pid(&c), "rm \"$MNT\"/fill-*"));
+    succeeded("rm", fs.in_ns(pid(&c), "rm \"$MNT\"/fill-*"));
     c.kill(1);
     assert_back(&mut c);
 
@@ -365,7 +344,7 @@ fn a_store_file_system_gone_read_only_refuses_the_write_and_loses_nothing() {
         "dev=$(basename \"$(findmnt -no SOURCE \"$MNT\")\") && \
          echo 1 > /sys/fs/ext4/$dev/trigger_fs_error && findmnt -no OPTIONS \"$MNT\"",
     );
-    let opts = ok("trigger_fs_error", o);
+    let opts = succeeded("trigger_fs_error", o);
     assert!(opts.contains("ro"), "{opts}");
 
     // ext4 answers writes to a file that was open with EIO, and new ones with EROFS.
