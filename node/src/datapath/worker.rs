@@ -206,6 +206,8 @@ impl Pipeline {
             dport,
             icmp_type,
             ct: out.state,
+            len: wire_len,
+            now,
         };
         let action = policy.compiled.eval(&meta).action;
         // Like the kernel's unconfirmed entries: a connection whose first packet the policy
