@@ -1,8 +1,7 @@
 //! Time as the sans-IO cores see it: an explicit `now` passed in by the shell.
 //!
-//! Owns the timestamp type, and `unix_ms`, which turns one into wall-clock time for the
-//! readers outside the cores (the control API, the metrics). The cores never read a clock; the
-//! shells read a monotonic clock once per batch and pass it down.
+//! Owns only the timestamp type. The cores never read a clock; the shells read a monotonic
+//! clock once per batch and pass it down.
 
 /// Milliseconds since an arbitrary, fixed origin (the shell uses a monotonic clock).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -31,14 +30,4 @@ impl Timestamp {
     pub fn since(self, earlier: Timestamp) -> std::time::Duration {
         std::time::Duration::from_millis(self.0.saturating_sub(earlier.0))
     }
-}
-
-/// The wall-clock time (Unix milliseconds) of `t`, a timestamp of the clock that started at
-/// `origin`: now, less how long ago `t` was.
-pub fn unix_ms(origin: std::time::Instant, t: Timestamp) -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let ago = (origin.elapsed().as_millis() as u64).saturating_sub(t.as_millis());
-    now.saturating_sub(ago)
 }
