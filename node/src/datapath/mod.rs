@@ -1,10 +1,11 @@
 //! Datapath shell: NFQUEUE workers, verdicts, and the iptables rules that feed the queues.
 //!
 //! `nfqueue` talks netlink, `rules` installs the kernel side, `worker` runs the per-packet
-//! pipeline (parse → track → policy → verdict) on one thread per queue, `links` keeps the
+//! pipeline (parse → track → policy → verdict) on one thread per queue and times it (`latency`), `links` keeps the
 //! policy's interface names mapped to current ifindexes from rtnetlink link events, `nudge`
 //! makes stalled TCP senders retransmit after a takeover (`[ha] takeover_nudge`).
 
+pub mod latency;
 pub mod links;
 pub mod nfqueue;
 pub mod nudge;

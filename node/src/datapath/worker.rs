@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::latency::{Latency, SharedLatency};
 use super::nfqueue::{Answer, Msg, Queue, QueueConfig, Verdict};
 use super::nudge::shell::Nudge;
 use super::sys::EventFd;
@@ -102,6 +103,8 @@ pub struct WorkerStats {
     pub ftp_expect_refused: AtomicU64,
     /// Announcements beyond `MAX_ANNOUNCEMENTS` in one segment, not turned into expectations.
     pub ftp_announcements_dropped: AtomicU64,
+    /// Time from reading a packet out of the queue to sending its verdict (`latency`).
+    pub verdict_latency: SharedLatency,
 }
 
 /// The per-packet decision, independent of NFQUEUE so it can be tested and benchmarked.
@@ -394,6 +397,9 @@ pub fn run(
     };
     // Every batch numbered up to this one was lost on the way to replication.
     let mut abandoned = 0;
+    let mut latency = Latency::default();
+    // When each datagram whose verdicts are still owed was read, and how many it owes.
+    let mut owed_since: Vec<(Instant, u64)> = Vec::with_capacity(cfg.batch_datagrams + 1);
     while !stop.load(Relaxed) {
         let deadline = held.as_ref().and_then(Held::deadline);
         let got = match (deadline, &wake) {
@@ -413,6 +419,8 @@ pub fn run(
             let hold = defer.is_some_and(|d| d.gate.peers_up());
             let mut more = true;
             while more {
+                let read_at = Instant::now();
+                let mut answered = 0;
                 q.for_each(|m: &Msg| {
                     fault.on_packet();
                     let j = pipeline.judge(
@@ -433,8 +441,10 @@ pub fn run(
                             stats.defer_full.fetch_add(1, Relaxed);
                         }
                     }
+                    answered += 1;
                     Answer::Now(with_packet_mark(j.verdict, m.mark))
                 });
+                owed_since.push((read_at, answered));
                 datagrams += 1;
                 more = datagrams < cfg.batch_datagrams && q.recv(true)?;
             }
@@ -451,6 +461,7 @@ pub fn run(
                 h.release(released, abandoned, Instant::now(), |id, why, waited| {
                     let _ = q.release(id, Verdict::Accept);
                     count_release(&stats, why, waited);
+                    latency.record(waited, 1);
                 });
             }
         }
@@ -470,11 +481,19 @@ pub fn run(
                 }
             }
         }
+        // Every verdict owed is sent (or none was owed: the packets were held).
+        if q.pending() == 0 && !owed_since.is_empty() {
+            let sent = Instant::now();
+            for (read_at, n) in owed_since.drain(..) {
+                latency.record(sent.saturating_duration_since(read_at), n);
+            }
+        }
         // Publish queue counters and do timer work about ten times a second.
         if last_tick.elapsed() >= Duration::from_millis(100) {
             last_tick = Instant::now();
             // Each worker owns its stats: publish the queue's totals as they are.
             let qs = &q.stats;
+            stats.verdict_latency.publish(&latency);
             stats.published_unix_ms.store(unix_ms(), Relaxed);
             stats.packets.store(qs.packets, Relaxed);
             stats.bytes.store(qs.bytes, Relaxed);
