@@ -343,7 +343,8 @@ pub fn sync_json(r: &v1::SyncStatusReply) -> Value {
             "abandoned": d.abandoned, "full": d.full, "wait_us": d.wait_us,
         })),
         "peers": r.peers.iter().map(|p| json!({
-            "id": p.id, "addr": p.addr, "connected": p.connected, "in_sync": p.in_sync,
+            "id": p.id, "addr": p.addr, "connected": p.connected, "path": p.path,
+            "in_sync": p.in_sync,
             "peer_has_table": p.peer_has_table, "peer_version": p.peer_version,
             "versions_refused": p.versions_refused,
             "last_seq_sent": p.last_seq_sent, "last_seq_acked": p.last_seq_acked, "lag": p.lag,
@@ -396,6 +397,7 @@ pub fn print_sync(r: &v1::SyncStatusReply) {
         "PEER",
         "ADDR",
         "STREAM",
+        "PATH",
         "VER",
         "IN SYNC",
         "HAS OURS",
@@ -419,6 +421,11 @@ pub fn print_sync(r: &v1::SyncStatusReply) {
             p.id.to_string(),
             p.addr.clone(),
             if p.connected { "up" } else { "down" }.into(),
+            if p.path.is_empty() {
+                "-".into()
+            } else {
+                p.path.clone()
+            },
             match (p.peer_version, p.versions_refused) {
                 (0, _) => "-".into(),
                 (v, 0) => v.to_string(),

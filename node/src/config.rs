@@ -268,13 +268,18 @@ impl Config {
             (None, None) => {}
         }
         if cfg.datapath.guard_ports && cfg.datapath.install_rules {
-            let listens = [
-                ("cluster", cfg.cluster.as_ref().map(|c| c.listen)),
-                ("sync", cfg.sync.as_ref().map(|s| s.listen)),
-                ("metrics", cfg.metrics.as_ref().map(|m| m.listen)),
-            ];
+            let listens = cfg
+                .cluster
+                .iter()
+                .map(|c| ("cluster", c.listen))
+                .chain(
+                    cfg.sync
+                        .iter()
+                        .flat_map(|s| s.listen.iter().map(|a| ("sync", *a))),
+                )
+                .chain(cfg.metrics.iter().map(|m| ("metrics", m.listen)));
             for (section, addr) in listens {
-                if let Some(a) = addr.filter(|a| a.ip().is_unspecified()) {
+                if let Some(a) = Some(addr).filter(|a| a.ip().is_unspecified()) {
                     let at = line_of(&text, section, "listen")
                         .map_or(String::new(), |l| format!(":{l}"));
                     return Err(ConfigError::Invalid {

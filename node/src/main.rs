@@ -110,7 +110,7 @@ fn rule_spec(cfg: &Config) -> RuleSpec {
         .cluster
         .iter()
         .map(|c| c.listen)
-        .chain(cfg.sync.iter().map(|s| s.listen))
+        .chain(cfg.sync.iter().flat_map(|s| s.listen.iter().copied()))
         .chain(cfg.metrics.iter().map(|m| m.listen))
         .collect();
     RuleSpec {
