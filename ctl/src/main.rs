@@ -9,7 +9,7 @@
 //! unreadable local file) · 4 unavailable (node unreachable, no leader or no quorum: nothing was
 //! changed; a write that timed out may still commit) · 5 internal error · 6 not permitted (the HA
 //! socket is root-only) · 7 permission denied (the node refused the operator's certificate, or
-//! its role lacks the call: `read` may list, `admin` may change).
+//! its role lacks the call: `read` may list, `admin` may change, `ct delete` included).
 //!
 //! The control API is mTLS: fwctl presents `--cert`/`--key` (an operator certificate of
 //! `fwctl certs issue-operator`) and verifies the node against `--ca`; `--plaintext` only for a
@@ -159,9 +159,9 @@ enum CertsCmd {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum RoleName {
-    /// status, ct, expect, policy show/diff/history, cluster members, sync status.
+    /// status, ct list/count, expect, policy show/diff/history, cluster members, sync status.
     Read,
-    /// Everything, including policy apply/rollback, membership, HA settings, resync.
+    /// Everything, including policy apply/rollback, membership, HA settings, resync, ct delete.
     Admin,
 }
 

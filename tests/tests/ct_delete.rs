@@ -12,7 +12,9 @@
 //! the server stops receiving. Negative controls: a read-only certificate is refused with
 //! exit 7 and deletes nothing; a filter that matches nothing deletes 0; no filter and no
 //! `--all` is refused (exit 3); `--all` without a terminal and without `--yes` is refused
-//! (exit 2); and before any delete the sessions live on under the new policy.
+//! (exit 2); and before any delete the sessions live on under the new policy. Last, the flush:
+//! `--all` on a terminal (given by `script`) answered "n" deletes nothing, "y" everything;
+//! `--all --yes` empties both gateways.
 //!
 //! Needs root (namespaces); fails, never skips, without it.
 
@@ -22,7 +24,7 @@
 use std::time::{Duration, Instant};
 
 use keepstate_tests::cluster::Ctl;
-use keepstate_tests::ha::{Gw, HaLab, HaOpts, POLICY};
+use keepstate_tests::ha::{Gw, HaLab, HaOpts, POLICY, UDP_PORT};
 use keepstate_tests::*;
 
 const PORT: u16 = 5202;
@@ -334,12 +336,80 @@ fn a_delete_kills_the_session_on_both_gateways_and_its_next_packets_are_dropped(
         "the session deleted on the standby still flows through the active"
     );
 
-    // A confirmed flush empties the rest of the table (the lab's own sync and Raft run on
-    // the management network, not through the datapath).
+    // The flush: `--all` asks on a terminal (`script` gives fwctl one); "n" deletes nothing,
+    // "y" deletes everything, and so does `--yes` without a terminal, on both gateways.
+    let count = |gw: Gw| -> u64 {
+        ha.ctl(gw, &["ct", "count"])
+            .ok()
+            .stdout
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let udp_flow = |sport: u16| {
+        lab.sh(
+            "client",
+            &format!("{py} -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((\"0.0.0.0\", {sport})); s.sendto(b\"x\", (\"{SERVER4}\", {UDP_PORT}))'"),
+        );
+        let t = Instant::now();
+        while count(standby) == 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "the UDP flow did not replicate"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(count(active) >= 1);
+    };
+    let on_terminal = |answer: &str| -> Ctl {
+        let fwctl = format!(
+            "{} --node {addr} --timeout 5 {} ct delete --all",
+            bin("fwctl").display(),
+            ha.c.certs.ctl_args("admin")
+        );
+        let o = lab.try_sh(
+            "sw",
+            &format!(
+                "printf '{answer}\\n' | script -qec {} /dev/null",
+                shell_quote(&fwctl)
+            ),
+        );
+        Ctl {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    };
+    udp_flow(40010);
+    let before = count(active);
+    let r = on_terminal("n");
+    assert_code("--all answered no", &r, 2);
+    assert!(
+        r.stdout.contains("[y/N]") && r.stdout.contains("not confirmed"),
+        "{r:?}"
+    );
+    assert_eq!(count(active), before, "a refused flush deleted something");
+    let r = on_terminal("y");
+    assert_code("--all answered yes", &r, 0);
+    assert!(
+        r.stdout.contains(&format!("deleted {before} connections")),
+        "{r:?}"
+    );
+    assert_eq!(count(active), 0);
+    udp_flow(40011);
     let r = ha
         .ctl(active, &["-o", "json", "ct", "delete", "--all", "--yes"])
         .ok();
-    let (n, _) = deleted(&r);
-    let left = ha.ctl(active, &["ct", "count"]).ok();
-    assert_eq!(left.stdout.trim(), "0", "after --all ({n} deleted)");
+    assert!(deleted(&r).0 >= 1, "{r:?}");
+    for gw in Gw::BOTH {
+        let t = Instant::now();
+        while count(gw) != 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "{} still holds connections after the flush",
+                gw.host()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }

@@ -452,8 +452,12 @@ impl Control for ControlService {
     ) -> Result<Response<v1::DeleteConnectionsReply>, Status> {
         self.allow(&request, OperatorRole::Admin)?;
         let dp = self.datapath()?;
+        let who = tls::caller(&request)
+            .map(|c| format!("{c:?}"))
+            .unwrap_or_default();
         let r = request.into_inner();
         let f = conntrack::Filter::parse(r.filter).map_err(bad)?;
+        let filter = format!("{f:?}");
         let (ct, now, all) = (dp.ct.clone(), Self::now(dp), r.all);
         // Off the runtime that drives Raft: the walk visits every shard.
         let (connections, expectations) =
@@ -465,6 +469,8 @@ impl Control for ControlService {
             connections,
             expectations,
             all,
+            %filter,
+            caller = %who,
             "an operator deleted connections (replicated to the peers as kills)"
         );
         Ok(Response::new(v1::DeleteConnectionsReply {
