@@ -1178,9 +1178,10 @@ mod tests {
         let last = at[2499];
         assert!(last >= Duration::from_millis(1450), "{last:?}");
         // A pause often lets more than one message through: tokio's timer sleeps a little
-        // longer than asked, and what it oversleeps refills the bucket.
-        assert!(pauses >= 100, "{pauses}");
-        assert!((300..=1600).contains(&paused_ms), "{paused_ms}");
+        // longer than asked, and what it oversleeps refills the bucket (on a loaded machine,
+        // much longer: the counts have lower bounds only; the rate is bounded by `within`).
+        assert!(pauses >= 10, "{pauses}");
+        assert!(paused_ms >= 300, "{paused_ms}");
         // Negative control: without the limit the same flood arrives at once, unpaused.
         let (at, counts) = arrivals(&limits(0, 0), 2500, 8).await;
         assert!(at[2499] < Duration::from_millis(500), "{:?}", at[2499]);
