@@ -342,7 +342,9 @@ fn without_log_nothing_reaches_nflog_and_a_reload_brings_the_log_rules() {
     for tool in ["iptables", "ip6tables"] {
         let rules = lab.sh("gw", &format!("{tool} -S {chain}"));
         assert!(
-            rules.contains("--nflog-prefix \"keepstate rule 3 flood drop\" --nflog-group 7"),
+            rules.contains(
+                "--nflog-prefix \"keepstate rule 3 flood drop\" --nflog-group 7 --nflog-threshold 1"
+            ),
             "{tool}: {rules}"
         );
         assert_eq!(rules.matches("NFLOG").count(), 5, "{tool}: {rules}");

@@ -342,12 +342,14 @@ fn ensure_jump(fam: Family, table: &str, parent: &str, chain: &str) -> Result<()
 
 /// The `iptables-restore --noflush` input that replaces chain `NAME-log` with `r`'s NFLOG
 /// rules (the prefixes are `log::prefix`'s: no quote, space-separated safe characters).
+/// `--nflog-threshold 1`: each message leaves at once (without it, iptables-nft leaves the
+/// group's default of the kernel, which holds up to 100 messages for up to a second).
 pub fn render_log(r: &LogRules) -> String {
     let n = &r.chain;
     let mut s = format!("*filter\n:{n}-log - [0:0]\n");
     for (mark, prefix) in &r.entries {
         s.push_str(&format!(
-            "-A {n}-log -m mark --mark {mark:#x}/{:#x} -j NFLOG --nflog-group {} --nflog-prefix \"{prefix}\"\n",
+            "-A {n}-log -m mark --mark {mark:#x}/{:#x} -j NFLOG --nflog-group {} --nflog-prefix \"{prefix}\" --nflog-threshold 1\n",
             r.marks.slot_mask(),
             r.group
         ));
@@ -568,8 +570,8 @@ mod tests {
         assert_eq!(
             render_log(&r),
             "*filter\n:KS-log - [0:0]\n\
-             -A KS-log -m mark --mark 0x1000000/0x7f000000 -j NFLOG --nflog-group 7 --nflog-prefix \"keepstate rule 3 web drop\"\n\
-             -A KS-log -m mark --mark 0x2000000/0x7f000000 -j NFLOG --nflog-group 7 --nflog-prefix \"keepstate default accept\"\n\
+             -A KS-log -m mark --mark 0x1000000/0x7f000000 -j NFLOG --nflog-group 7 --nflog-prefix \"keepstate rule 3 web drop\" --nflog-threshold 1\n\
+             -A KS-log -m mark --mark 0x2000000/0x7f000000 -j NFLOG --nflog-group 7 --nflog-prefix \"keepstate default accept\" --nflog-threshold 1\n\
              COMMIT\n"
         );
         // No logged rule: the chain is emptied.
