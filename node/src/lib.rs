@@ -30,7 +30,7 @@
 //! | shell | around | owns |
 //! |---|---|---|
 //! | [`conntrack::Conntrack`] | `Shard` | the shards behind one mutex each, routing by a symmetric hash, the global bounds, paged reads for the API and bulk pages |
-//! | [`datapath`] | `packet`, `conntrack`, `helper`, `policy` | the NFQUEUE client ([`datapath::nfqueue`]), the iptables rules ([`datapath::rules`]), the per-queue worker loop ([`datapath::worker`]), the interface listener ([`datapath::links`]), the takeover nudge's raw sockets and thread ([`datapath::nudge::shell`]) |
+//! | [`datapath`] | `packet`, `conntrack`, `helper`, `policy` | the NFQUEUE client ([`datapath::nfqueue`]), the iptables rules ([`datapath::rules`]), the per-queue worker loop ([`datapath::worker`]), the interface listener ([`datapath::links`]), the takeover nudge's raw sockets and thread ([`datapath::nudge::shell`]), packet logging to NFLOG: the mark layout, per-rule rate limits and the NFLOG rules that follow the policy ([`datapath::log`]) |
 //! | [`policy::PolicyStore`] | `policy` | the enforced version behind one atomic pointer |
 //! | [`sync::feed`], [`sync::shell`] | `sync::replicator` | the datapath's non-blocking hand-off of events; the gRPC streams and the engine thread that drives the replicator against the live table |
 //! | [`ha`] | `ha::role` | the clock-reading handle and the root-only local socket ([`ha::socket`]) |
