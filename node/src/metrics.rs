@@ -868,6 +868,7 @@ fn datapath_families(o: &mut Out, dp: &DatapathSource) {
             .map(|l| Sample {
                 labels: vec![],
                 value: l.version.load(Relaxed),
+                buckets: vec![],
             })
             .collect(),
     );
