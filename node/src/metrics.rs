@@ -32,6 +32,7 @@ use serde::Deserialize;
 use crate::conntrack::tcp::TcpState;
 use crate::conntrack::{Conntrack, InvalidReason};
 use crate::datapath::latency::Latency;
+use crate::datapath::log::LogStatus;
 use crate::datapath::nudge::shell::Nudge;
 use crate::datapath::worker::WorkerStats;
 use crate::ha::HaHandle;
@@ -298,6 +299,23 @@ catalog! {
     DEFER_WAIT = counter("keepstate_defer_wait_seconds", "defer: time held, summed over every released packet.")
         .unit("seconds")
         .milli();
+    LOG_PACKETS = counter(
+        "keepstate_log_packets",
+        "Packets of logged rules (log = true, default_log) sent to the NFLOG group (datapath.log_group).",
+    );
+    LOG_SUPPRESSED = counter(
+        "keepstate_log_suppressed_packets",
+        "Packets of logged rules not logged because their rule was over its log rate (datapath.log_rate, log_burst); decided as usual.",
+    );
+    LOG_RULE_INSTALLS = counter(
+        "keepstate_log_rule_installs",
+        "Installs of a policy's NFLOG rules (chain NAME-log) by outcome: installed, failed (retried every 5 s; the policy is enforced regardless, its log lines may be missing or carry a previous prefix); no samples when fwnode does not install its rules.",
+    )
+    .labels(&["outcome"]);
+    LOG_RULES_VERSION = gauge(
+        "keepstate_log_rules_policy_version",
+        "Version of the policy whose NFLOG rules are installed (compare keepstate_policy_version); no sample before the first install.",
+    );
     TAKEOVER_NUDGE = counter(
         "keepstate_takeover_nudge",
         "[ha] takeover_nudge: unplanned takeovers, probes sent, endpoints that answered, ICMP too-big messages sent, endpoints not probed (beyond the rate); no samples when off.",
@@ -390,6 +408,8 @@ pub struct DatapathSource {
     pub sync: Option<Arc<dyn Fn() -> v1::SyncStatusReply + Send + Sync>>,
     /// The takeover nudge, when `[ha] takeover_nudge` is on.
     pub nudge: Option<Arc<Nudge>>,
+    /// The NFLOG rules' installer, when fwnode installs its rules.
+    pub log: Option<Arc<LogStatus>>,
 }
 
 impl std::fmt::Debug for DatapathSource {
@@ -829,6 +849,29 @@ fn datapath_families(o: &mut Out, dp: &DatapathSource) {
     );
     o.one(&DEFER_FULL, sum(&|s| s.defer_full.load(Relaxed)));
     o.one(&DEFER_WAIT, sum(&|s| s.defer_wait_us.load(Relaxed)) / 1000);
+    o.one(&LOG_PACKETS, sum(&|s| s.log_packets.load(Relaxed)));
+    o.one(&LOG_SUPPRESSED, sum(&|s| s.log_suppressed.load(Relaxed)));
+    o.by(
+        &LOG_RULE_INSTALLS,
+        dp.log.iter().flat_map(|l| {
+            [
+                ("installed", l.installs.load(Relaxed)),
+                ("failed", l.failures.load(Relaxed)),
+            ]
+        }),
+    );
+    o.put(
+        &LOG_RULES_VERSION,
+        dp.log
+            .iter()
+            .filter(|l| l.installs.load(Relaxed) > 0)
+            .map(|l| Sample {
+                labels: vec![],
+                value: l.version.load(Relaxed),
+                buckets: vec![],
+            })
+            .collect(),
+    );
     let nudge = dp.nudge.as_ref().map(|n| n.counters());
     o.by(
         &TAKEOVER_NUDGE,
@@ -1407,6 +1450,12 @@ mod tests {
                     ..Default::default()
                 })),
                 nudge: None,
+                log: Some({
+                    let l = Arc::new(LogStatus::default());
+                    l.installs.store(2, Relaxed);
+                    l.version.store(3, Relaxed);
+                    l
+                }),
             }),
             ha: Some(HaHandle::new(true)),
             tls: None,
