@@ -280,6 +280,10 @@ enum PolicyCmd {
     Show {
         #[arg(long)]
         version: Option<u64>,
+        /// Also the answering node's own counters per rule (packets, bytes, last match): not
+        /// replicated, kept since fwnode started or the rule last changed.
+        #[arg(short, long)]
+        verbose: bool,
     },
     /// Compare the running policy with FILE (exit 1 when they differ).
     Diff { file: String },
@@ -772,9 +776,12 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                 output::print_members(&m);
             }
         }
-        Command::Policy(PolicyCmd::Show { version }) => {
+        Command::Policy(PolicyCmd::Show { version, verbose }) => {
             let p = c
-                .get_policy(v1::GetPolicyRequest { version })
+                .get_policy(v1::GetPolicyRequest {
+                    version,
+                    counters: verbose,
+                })
                 .await
                 .map_err(err)?
                 .into_inner();
@@ -797,12 +804,18 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                 if !p.text.ends_with('\n') {
                     println!();
                 }
+                if verbose {
+                    output::print_rule_counters(&p);
+                }
             }
         }
         Command::Policy(PolicyCmd::Diff { file }) => {
             let text = read_file(&file)?;
             let p = c
-                .get_policy(v1::GetPolicyRequest { version: None })
+                .get_policy(v1::GetPolicyRequest {
+                    version: None,
+                    counters: false,
+                })
                 .await
                 .map_err(err)?
                 .into_inner();

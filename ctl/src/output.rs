@@ -252,12 +252,75 @@ pub fn print_members(m: &v1::MembersReply) {
 }
 
 pub fn version_json(v: &v1::PolicyVersion) -> Value {
-    json!({
+    let mut j = json!({
         "version": v.version, "sha256": v.sha256, "authorised_by": v.authorised_by,
         "author": v.author, "comment": v.comment,
         "proposed_at_unix_ms": v.proposed_at_unix_ms, "rolled_back_from": v.rolled_back_from,
         "text": v.text,
-    })
+    });
+    // Asked for (`policy show -v`): the answering node's counters.
+    if let (false, Value::Object(o)) = (v.counters_node.is_empty(), &mut j) {
+        o.insert("counters_node".into(), v.counters_node.clone().into());
+        o.insert("enforced_version".into(), v.enforced_version.into());
+        let rules: Vec<Value> = v
+            .rule_counters
+            .iter()
+            .map(|r| {
+                json!({
+                    "rule": r.rule, "name": r.name, "action": r.action, "packets": r.packets,
+                    "bytes": r.bytes,
+                    "last_match_unix_ms": (r.last_match_unix_ms != 0).then_some(r.last_match_unix_ms),
+                })
+            })
+            .collect();
+        o.insert("rule_counters".into(), rules.into());
+    }
+    j
+}
+
+/// `policy show -v`: the answering node's counters per rule of the version shown, or why it
+/// has none.
+pub fn print_rule_counters(v: &v1::PolicyVersion) {
+    let node = &v.counters_node;
+    if v.rule_counters.is_empty() {
+        println!(
+            "# node {node} enforces version {}, not {}: no counters for this version",
+            v.enforced_version, v.version
+        );
+        return;
+    }
+    println!(
+        "# counters of node {node} (its own, not replicated; since fwnode started or the rule last changed)"
+    );
+    let mut t = table(&[
+        "RULE",
+        "NAME",
+        "ACTION",
+        "PACKETS",
+        "BYTES",
+        "LAST MATCH (UTC)",
+    ]);
+    for r in &v.rule_counters {
+        t.add_row(vec![
+            match r.rule {
+                0 => "default".to_string(),
+                n => n.to_string(),
+            },
+            if r.name.is_empty() {
+                "-".into()
+            } else {
+                r.name.clone()
+            },
+            r.action.clone(),
+            r.packets.to_string(),
+            r.bytes.to_string(),
+            match r.last_match_unix_ms {
+                0 => "-".into(),
+                ms => utc(ms),
+            },
+        ]);
+    }
+    print_table(&t);
 }
 
 pub fn print_history(h: &v1::PolicyHistoryReply) {
@@ -567,6 +630,46 @@ mod tests {
         assert_eq!(utc(0), "1970-01-01 00:00:00");
         assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00");
         assert_eq!(utc(1_795_651_199_999), "2026-11-25 23:59:59");
+    }
+
+    #[test]
+    fn version_json_has_counters_only_when_asked_for() {
+        let plain = v1::PolicyVersion {
+            version: 4,
+            text: "default = \"drop\"\n".into(),
+            ..Default::default()
+        };
+        assert!(version_json(&plain).get("rule_counters").is_none());
+        let asked = v1::PolicyVersion {
+            counters_node: "gw1".into(),
+            enforced_version: 4,
+            rule_counters: vec![
+                v1::RuleCounters {
+                    rule: 1,
+                    name: "ping".into(),
+                    action: "accept".into(),
+                    packets: 6,
+                    bytes: 504,
+                    last_match_unix_ms: 1_795_651_199_999,
+                },
+                v1::RuleCounters {
+                    rule: 0,
+                    action: "drop".into(),
+                    ..Default::default()
+                },
+            ],
+            ..plain
+        };
+        let j = version_json(&asked);
+        assert_eq!(j["counters_node"], "gw1");
+        assert_eq!(j["enforced_version"], 4);
+        assert_eq!(j["rule_counters"][0]["bytes"], 504);
+        assert_eq!(
+            j["rule_counters"][0]["last_match_unix_ms"],
+            1_795_651_199_999u64
+        );
+        assert_eq!(j["rule_counters"][1]["rule"], 0);
+        assert!(j["rule_counters"][1]["last_match_unix_ms"].is_null());
     }
 
     #[test]

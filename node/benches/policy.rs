@@ -69,6 +69,8 @@ fn meta(dport: u16, ct: CtState) -> PacketMeta {
         dport,
         icmp_type: None,
         ct,
+        len: 60,
+        now: fwnode::time::Timestamp::from_millis(1),
     }
 }
 

@@ -152,8 +152,9 @@ fn rule_spec(cfg: &Config) -> RuleSpec {
 ///   (the same collection and the same rendering, `fwnode::metrics::stats_json`), but the
 ///   families that walk the connection table (`Metric::scan`);
 /// - `ha`: role, ready, in_sync, since_ms and promoted_unsynced, or `null` without `[ha]`;
-/// - `policy`: the enforced version and the hits per rule of that version, in order, and of
-///   the default (not a metric: one series per rule would be unbounded).
+/// - `policy`: the enforced version and the packets per rule of that version, in order, and of
+///   the default (`hits`, `default_hits`: the packets of the same counters as the
+///   `keepstate_rule_*` families in `metrics`).
 fn stats_json(
     sources: &Sources,
     raft: Option<&fwnode::raft::Raft>,
@@ -402,6 +403,9 @@ fn run(cfg: Config) -> Result<()> {
     }
     let ct = Arc::new(Conntrack::new(&ct_cfg));
     let origin = Instant::now();
+    let origin_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let all_stats: Vec<Arc<WorkerStats>> = if gateway {
         (0..worker_count(&cfg))
             .map(|_| Arc::new(WorkerStats::default()))
@@ -505,6 +509,7 @@ fn run(cfg: Config) -> Result<()> {
             DatapathSource {
                 ct: ct.clone(),
                 origin,
+                origin_unix_ms,
                 workers: all_stats.clone(),
                 queues: (0..spec.queues)
                     .map(|i| spec.first_queue + i)

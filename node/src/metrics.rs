@@ -38,7 +38,7 @@ use crate::datapath::worker::WorkerStats;
 use crate::ha::HaHandle;
 use crate::helper::ftp::Reject;
 use crate::packet::Malformed;
-use crate::policy::PolicyStore;
+use crate::policy::{Action, Count, PolicyStore};
 use crate::raft::Raft;
 use crate::time::Timestamp;
 use crate::tls::Credentials;
@@ -171,6 +171,24 @@ catalog! {
     .unit("seconds");
     POLICY_VERSION = gauge("keepstate_policy_version", "Version of the policy the datapath enforces (0: the bootstrap policy, or none).");
     POLICY_RULES = gauge("keepstate_policy_rules", "Rules of the enforced policy.");
+    RULE_PACKETS = counter(
+        "keepstate_rule_packets",
+        "Packets each rule of the enforced policy decided on this node, by rule (its 1-based position, or default) and name (empty when unset); a new policy version keeps an unchanged rule's count, a changed rule starts at 0; gateways only, one sample per rule plus the default.",
+    )
+    .labels(&["rule", "name"]);
+    RULE_BYTES = counter(
+        "keepstate_rule_bytes",
+        "Bytes (on the wire) of the packets each rule of the enforced policy decided on this node, by rule and name as keepstate_rule_packets_total.",
+    )
+    .labels(&["rule", "name"])
+    .unit("bytes");
+    RULE_LAST_MATCH = gauge(
+        "keepstate_rule_last_match_timestamp_seconds",
+        "When each rule of the enforced policy last decided a packet on this node (Unix time, seconds), by rule and name as keepstate_rule_packets_total; no sample for a rule that has decided none.",
+    )
+    .labels(&["rule", "name"])
+    .unit("seconds")
+    .milli();
     HA_ROLE = gauge("keepstate_ha_role", "HA role of this node: 1 for the current one (standalone: no [ha]).")
         .labels(&["role"]);
     HA_READY = gauge("keepstate_ha_ready", "1 when this node may hold the virtual IPs (in sync, not in fault).");
@@ -399,8 +417,10 @@ pub struct Family {
 /// What the node's datapath offers (gateways only).
 pub struct DatapathSource {
     pub ct: Arc<Conntrack>,
-    /// The origin of the tracker's timestamps.
+    /// The origin of the tracker's (and the workers') timestamps.
     pub origin: Instant,
+    /// The wall clock at `origin` (Unix ms): what turns a rule's last match into a time.
+    pub origin_unix_ms: u64,
     pub workers: Vec<Arc<WorkerStats>>,
     /// The node's NFQUEUE queue numbers (workers, then the helper queue).
     pub queues: Vec<u16>,
@@ -573,6 +593,9 @@ impl Sources {
         let policy = self.policy.current();
         o.one(&POLICY_VERSION, policy.version);
         o.one(&POLICY_RULES, policy.compiled.rule_count() as u64);
+        if let Some((_, rules)) = self.rule_counters() {
+            rule_families(&mut o, &rules);
+        }
         let role = ha_role_name(self.ha.as_ref());
         o.by(
             &HA_ROLE,
@@ -612,6 +635,37 @@ impl Sources {
             datapath_families(&mut o, dp);
         }
         o.families
+    }
+
+    /// The enforced policy's version and this node's counters of its rules (in order, then the
+    /// default as rule 0), as the control API and the per-rule families carry them; `None` on a
+    /// witness, which judges no packet.
+    pub fn rule_counters(&self) -> Option<(u64, Vec<v1::RuleCounters>)> {
+        let dp = self.datapath.as_ref()?;
+        let policy = self.policy.current();
+        let c = &policy.compiled;
+        let (rules, default) = c.counts();
+        let proto =
+            |rule: usize, name: &Option<String>, action: Action, n: &Count| v1::RuleCounters {
+                rule: rule as u32,
+                name: name.clone().unwrap_or_default(),
+                action: action.name().into(),
+                packets: n.packets,
+                bytes: n.bytes,
+                last_match_unix_ms: n
+                    .last
+                    .map_or(0, |t| dp.origin_unix_ms.saturating_add(t.as_millis())),
+            };
+        let list = c
+            .model()
+            .rules
+            .iter()
+            .zip(&rules)
+            .enumerate()
+            .map(|(i, (r, n))| proto(i + 1, &r.name, r.action, n))
+            .chain([proto(0, &None, c.default_action(), &default)])
+            .collect();
+        Some((policy.version, list))
     }
 
     /// `collect` (every family) as the control API's `Stats` reply.
@@ -671,6 +725,28 @@ fn raft_families(o: &mut Out, r: &RaftView) {
                 buckets: vec![],
             })
             .collect(),
+    );
+}
+
+/// The per-rule families, from `Sources::rule_counters`.
+fn rule_families(o: &mut Out, rules: &[v1::RuleCounters]) {
+    let each = |f: &dyn Fn(&v1::RuleCounters) -> Option<u64>| -> Vec<Sample> {
+        rules
+            .iter()
+            .filter_map(|r| {
+                let id = match r.rule {
+                    0 => "default".to_string(),
+                    n => n.to_string(),
+                };
+                f(r).map(|v| s2(id, r.name.clone(), v))
+            })
+            .collect()
+    };
+    o.put(&RULE_PACKETS, each(&|r| Some(r.packets)));
+    o.put(&RULE_BYTES, each(&|r| Some(r.bytes)));
+    o.put(
+        &RULE_LAST_MATCH,
+        each(&|r| (r.last_match_unix_ms != 0).then_some(r.last_match_unix_ms)),
     );
 }
 
@@ -1408,9 +1484,30 @@ mod tests {
 
     fn sources() -> Sources {
         let policy = Arc::new(PolicyStore::new(Box::new(|_| None)));
-        policy
-            .load_text(3, "test", "default = \"accept\"\n")
+        let p = policy
+            .load_text(
+                3,
+                "test",
+                "default = \"accept\"\n[[rule]]\nname = \"dns\"\nproto = \"udp\"\ndport = 53\naction = \"drop\"\n[[rule]]\nproto = \"tcp\"\naction = \"drop\"\n",
+            )
             .unwrap();
+        // Two DNS packets (one at the origin, one 2 s later) and one for the default.
+        let meta = |dport: u16, len: u32, now_ms: u64| crate::policy::PacketMeta {
+            iif: 1,
+            oif: 2,
+            src: [198, 51, 100, 1].into(),
+            dst: [203, 0, 113, 1].into(),
+            proto: crate::packet::proto::UDP,
+            sport: 40000,
+            dport,
+            icmp_type: None,
+            ct: crate::conntrack::CtState::New,
+            len,
+            now: Timestamp::from_millis(now_ms),
+        };
+        p.compiled.eval(&meta(53, 70, 0));
+        p.compiled.eval(&meta(53, 80, 2_000));
+        p.compiled.eval(&meta(54, 60, 0));
         let ct = Arc::new(Conntrack::new(&crate::conntrack::Config::default()));
         let w = Arc::new(WorkerStats::default());
         w.accepted.store(7, Relaxed);
@@ -1432,6 +1529,8 @@ mod tests {
             datapath: Some(DatapathSource {
                 ct,
                 origin: Instant::now(),
+                // The DNS rule's last match was 2 s after the origin.
+                origin_unix_ms: 1_700_000_000_000,
                 workers: vec![w, Arc::new(WorkerStats::default())],
                 queues: vec![0, 1],
                 sync: Some(Arc::new(|| v1::SyncStatusReply {
@@ -1793,6 +1892,42 @@ mod tests {
             Some(0.0)
         );
         assert_eq!(get("keepstate_ftp_gap_segments_total", &[]), Some(6.0));
+        let rule = |id: &'static str, name: &'static str| [("rule", id), ("name", name)];
+        assert_eq!(
+            get("keepstate_rule_packets_total", &rule("1", "dns")),
+            Some(2.0)
+        );
+        assert_eq!(
+            get("keepstate_rule_bytes_total", &rule("1", "dns")),
+            Some(150.0)
+        );
+        assert_eq!(
+            get("keepstate_rule_packets_total", &rule("2", "")),
+            Some(0.0)
+        );
+        assert_eq!(
+            get("keepstate_rule_packets_total", &rule("default", "")),
+            Some(1.0)
+        );
+        assert_eq!(
+            get("keepstate_rule_bytes_total", &rule("default", "")),
+            Some(60.0)
+        );
+        assert_eq!(
+            get(
+                "keepstate_rule_last_match_timestamp_seconds",
+                &rule("1", "dns")
+            ),
+            Some(1_700_000_002.0)
+        );
+        // A rule that decided nothing has no last match.
+        assert_eq!(
+            get(
+                "keepstate_rule_last_match_timestamp_seconds",
+                &rule("2", "")
+            ),
+            None
+        );
         assert_eq!(get("keepstate_gso_packets_total", &[]), Some(11.0));
         assert_eq!(get("keepstate_nfqueue_batch_max_packets", &[]), Some(17.0));
         let lat = |b: &str| {

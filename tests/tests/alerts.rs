@@ -132,6 +132,7 @@ fn a_live_scrape_passes_promtool_check_metrics() {
                 "keepstate_verdicts_total{",
                 "keepstate_verdict_latency_seconds_bucket{le=\"+Inf\"}",
                 "keepstate_tcp_connections{state=",
+                "keepstate_rule_packets_total{rule=\"default\"",
             ] {
                 assert!(body.contains(want), "member {id} lacks {want}:\n{body}");
             }

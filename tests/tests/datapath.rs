@@ -833,3 +833,285 @@ fn a_rule_naming_an_interface_follows_it_without_a_reload() {
     let s = gw.stats();
     assert_eq!(counter(&s, &["policy", "version"]), 1, "no reload: {s}");
 }
+
+/// The gateway's control and metrics ports (in its own namespace) for the per-rule counters
+/// test, which runs fwnode as a one-member cluster so that fwctl can ask it.
+const CTL_ADDR: &str = "127.0.0.1:7400";
+const METRICS_ADDR: &str = "127.0.0.1:9464";
+
+/// `fwctl --plaintext --node CTL_ADDR args` in the gateway's namespace.
+fn fwctl(lab: &Lab, args: &str) -> std::process::Output {
+    lab.try_sh(
+        "gw",
+        &format!(
+            "{} --plaintext --node {CTL_ADDR} --timeout 5 {args}",
+            bin("fwctl").display()
+        ),
+    )
+}
+
+/// Commit `policy` through fwctl (retried while the new cluster elects itself); returns the
+/// committed version.
+fn apply(lab: &Lab, name: &str, policy: &str) -> u64 {
+    let path = lab.dir.join(name);
+    std::fs::write(&path, policy).unwrap();
+    let mut version = 0;
+    eventually(&format!("policy apply {name}"), || {
+        let o = fwctl(lab, &format!("-o json policy apply {}", path.display()));
+        if !o.status.success() {
+            return false;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        version = v["version"].as_u64().unwrap();
+        true
+    });
+    version
+}
+
+/// `fwctl -o json policy show -v`, once the gateway's datapath enforces `version`.
+fn counters_of(lab: &Lab, version: u64) -> serde_json::Value {
+    let mut shown = serde_json::Value::Null;
+    eventually(&format!("the gateway enforces version {version}"), || {
+        let o = fwctl(lab, "-o json policy show -v");
+        shown = serde_json::from_str(&succeeded("policy show -v", o)).unwrap();
+        shown["enforced_version"] == version
+    });
+    assert_eq!(shown["version"], version, "{shown}");
+    shown
+}
+
+/// `counters_of`, once two readings 300 ms apart agree (a connection's last segments may
+/// still be on their way when its client returns).
+fn settled(lab: &Lab, version: u64) -> serde_json::Value {
+    let mut shown = counters_of(lab, version);
+    eventually("the counters settle", || {
+        std::thread::sleep(Duration::from_millis(300));
+        let again = counters_of(lab, version);
+        let same = again["rule_counters"] == shown["rule_counters"];
+        shown = again;
+        same
+    });
+    shown
+}
+
+/// The counters of rule `rule` (1-based; 0 = the default) in `policy show -v -o json`:
+/// packets, bytes, last match (Unix ms, 0 = none), checking its name.
+fn rule_counts(shown: &serde_json::Value, rule: u64, name: &str) -> (u64, u64, u64) {
+    let r = shown["rule_counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rule"] == rule)
+        .unwrap_or_else(|| panic!("no rule {rule}: {shown}"));
+    assert_eq!(r["name"], name, "{shown}");
+    (
+        r["packets"].as_u64().unwrap(),
+        r["bytes"].as_u64().unwrap(),
+        r["last_match_unix_ms"].as_u64().unwrap_or(0),
+    )
+}
+
+/// The gateway's /metrics (Prometheus text format): each series and its value.
+fn scrape(lab: &Lab) -> std::collections::BTreeMap<String, f64> {
+    lab.sh(
+        "gw",
+        &format!("curl -sS --max-time 5 http://{METRICS_ADDR}/metrics"),
+    )
+    .lines()
+    .filter(|l| !l.starts_with('#') && !l.is_empty())
+    .map(|l| {
+        let (series, v) = l.rsplit_once(' ').unwrap();
+        (series.to_string(), v.parse().unwrap())
+    })
+    .collect()
+}
+
+/// /metrics agrees with `policy show -v` on every rule (and the default) of `shown`.
+fn metrics_agree(lab: &Lab, shown: &serde_json::Value) {
+    let m = scrape(lab);
+    for r in shown["rule_counters"].as_array().unwrap() {
+        let id = match r["rule"].as_u64().unwrap() {
+            0 => "default".to_string(),
+            n => n.to_string(),
+        };
+        let labels = format!("{{rule=\"{id}\",name=\"{}\"}}", r["name"].as_str().unwrap());
+        let get = |family: &str| m.get(&format!("{family}{labels}")).copied();
+        assert_eq!(
+            get("keepstate_rule_packets_total"),
+            Some(r["packets"].as_u64().unwrap() as f64),
+            "packets of {labels}: {m:?}"
+        );
+        assert_eq!(
+            get("keepstate_rule_bytes_total"),
+            Some(r["bytes"].as_u64().unwrap() as f64),
+            "bytes of {labels}"
+        );
+        let last = get("keepstate_rule_last_match_timestamp_seconds");
+        match r["last_match_unix_ms"].as_u64() {
+            Some(ms) => assert!(
+                last.is_some_and(|s| (s - ms as f64 / 1000.0).abs() < 0.0005),
+                "last match of {labels}: {last:?} vs {ms} ms"
+            ),
+            None => assert_eq!(last, None, "{labels} has not matched"),
+        }
+    }
+    // Only the enforced version's rules, and the default.
+    let series = m
+        .keys()
+        .filter(|k| k.starts_with("keepstate_rule_packets_total{"))
+        .count();
+    assert_eq!(
+        series,
+        shown["rule_counters"].as_array().unwrap().len(),
+        "{m:?}"
+    );
+}
+
+/// `count` pings of 56 bytes (84 on the wire) from the client to the server, all answered.
+fn ping_n(lab: &Lab, count: u32) {
+    let out = lab.sh("client", &format!("ping -c {count} -i 0.2 -W 2 {SERVER4}"));
+    assert!(
+        out.contains(&format!("{count} packets transmitted, {count} received")),
+        "{out}"
+    );
+}
+
+/// `count` UDP datagrams of `payload` bytes (28 more on the wire) from the client to the
+/// server's `port`.
+fn udp_n(lab: &Lab, port: u16, count: u32, payload: usize) {
+    lab.sh(
+        "client",
+        &format!(
+            "{} -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             for _ in range({count}): s.sendto(b\"x\" * {payload}, (\"{SERVER4}\", {port}))'",
+            python()
+        ),
+    );
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+const COUNTED_V1: &str = "default = \"drop\"\n\
+    [[rule]]\nname = \"ping\"\nproto = \"icmp\"\naction = \"accept\"\n\
+    [[rule]]\nname = \"web\"\nproto = \"tcp\"\naction = \"accept\"\n\
+    [[rule]]\nname = \"mdns\"\nproto = \"udp\"\ndport = 5353\naction = \"drop\"\n";
+
+/// Issue 23 item 3: packets, bytes and last match per rule, shown by `fwctl policy show -v` and
+/// on /metrics, exact for traffic the test counts (every ICMP packet both ways hits `ping`,
+/// UDP to 5353 hits `mdns`, UDP to 5354 the default); a new version keeps the counters of the
+/// rules it did not change (even moved) and of the unchanged default, and restarts the
+/// changed rule at 0.
+#[test]
+fn per_rule_counters_are_exact_and_survive_a_version_for_unchanged_rules() {
+    let lab = Lab::new();
+    let gw = lab.start_fwnode(
+        "default = \"drop\"\n",
+        "",
+        &format!(
+            "[cluster]\nid = 1\nlisten = \"{CTL_ADDR}\"\ndata_dir = \"{}\"\n\n[tls]\nplaintext = true\n\n\
+             [metrics]\nlisten = \"{METRICS_ADDR}\"\n",
+            lab.dir.join("data").display()
+        ),
+    );
+    succeeded("cluster init", fwctl(&lab, "cluster init"));
+    let v1 = apply(&lab, "v1.toml", COUNTED_V1);
+    let fresh = counters_of(&lab, v1);
+    for (rule, name) in [(1, "ping"), (2, "web"), (3, "mdns"), (0, "")] {
+        assert_eq!(rule_counts(&fresh, rule, name), (0, 0, 0), "{fresh}");
+    }
+
+    let _web = http_server(&lab, "server", 8080);
+    let t0 = unix_ms();
+    ping_n(&lab, 5);
+    udp_n(&lab, 5353, 7, 100);
+    udp_n(&lab, 5354, 3, 50);
+    assert_eq!(curl(&lab, "client", &format!("http://{SERVER4}:8080/")), 0);
+    let t1 = unix_ms();
+    let shown = settled(&lab, v1);
+    let (packets, bytes, last) = rule_counts(&shown, 1, "ping");
+    assert_eq!(
+        (packets, bytes),
+        (10, 10 * 84),
+        "requests and replies: {shown}"
+    );
+    assert!(
+        (t0..=t1 + 5).contains(&last),
+        "ping's last match {last} not within [{t0}, {t1}]"
+    );
+    let mdns = rule_counts(&shown, 3, "mdns");
+    assert_eq!((mdns.0, mdns.1), (7, 7 * 128), "{shown}");
+    let default = rule_counts(&shown, 0, "");
+    assert_eq!((default.0, default.1), (3, 3 * 78), "{shown}");
+    let web = rule_counts(&shown, 2, "web");
+    assert!(web.0 >= 6 && (t0..=t1 + 5).contains(&web.2), "{shown}");
+    // Every packet the policy judged is some rule's: the rules' totals are the verdicts'.
+    let s = gw.stats();
+    let all: Vec<(u64, u64)> = shown["rule_counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["packets"].as_u64().unwrap(), r["bytes"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        all.iter().map(|c| c.0).sum::<u64>(),
+        metric(&s, "keepstate_verdicts_total", &[("reason", "policy")]),
+        "{shown}\n{s}"
+    );
+    assert_eq!(
+        all.iter().map(|c| c.1).sum::<u64>(),
+        metric(&s, "keepstate_verdict_bytes_total", &[("reason", "policy")]),
+        "{shown}\n{s}"
+    );
+    metrics_agree(&lab, &shown);
+    // The text output names each rule next to its numbers, and says whose they are.
+    let text = succeeded("policy show -v", fwctl(&lab, "policy show -v"));
+    assert!(text.contains("not replicated"), "{text}");
+    assert!(
+        text.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 5 && f[..5] == ["1", "ping", "accept", "10", "840"]
+        }),
+        "{text}"
+    );
+
+    // v2: a rule inserted first (so every old rule moves down), `mdns` changed, `ping`, `web`
+    // and the default unchanged.
+    let v2_text = COUNTED_V1
+        .replace(
+            "default = \"drop\"\n",
+            "default = \"drop\"\n[[rule]]\nname = \"echo\"\nproto = \"udp\"\ndport = 7\naction = \"drop\"\n",
+        )
+        .replace("dport = 5353", "dport = [5353, 5355]");
+    let v2 = apply(&lab, "v2.toml", &v2_text);
+    let after = counters_of(&lab, v2);
+    assert_eq!(rule_counts(&after, 1, "echo"), (0, 0, 0), "new: {after}");
+    assert_eq!(
+        rule_counts(&after, 2, "ping"),
+        (10, 840, last),
+        "unchanged: kept: {after}"
+    );
+    assert_eq!(
+        rule_counts(&after, 3, "web"),
+        web,
+        "unchanged: kept: {after}"
+    );
+    assert_eq!(
+        rule_counts(&after, 4, "mdns"),
+        (0, 0, 0),
+        "changed: {after}"
+    );
+    assert_eq!(rule_counts(&after, 0, ""), default, "default kept: {after}");
+    metrics_agree(&lab, &after);
+    // And they go on counting from there.
+    ping_n(&lab, 2);
+    udp_n(&lab, 5353, 4, 100);
+    let later = settled(&lab, v2);
+    assert_eq!(rule_counts(&later, 2, "ping").0, 14, "{later}");
+    assert_eq!(rule_counts(&later, 4, "mdns").0, 4, "{later}");
+    metrics_agree(&lab, &later);
+}

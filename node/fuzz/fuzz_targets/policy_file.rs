@@ -4,6 +4,8 @@
 //! every probe packet exactly as a naive first-match reading of the model does. The probes
 //! are made from the rules themselves (the edges of their prefixes and port ranges, each
 //! protocol, each ct state, known and unknown interfaces), so they land on the boundaries.
+//! Every probe is counted (packets and bytes), and recompiling the same model carries every
+//! counter over.
 #![no_main]
 
 use std::net::IpAddr;
@@ -12,6 +14,7 @@ use fwnode::conntrack::CtState;
 use fwnode::packet::proto;
 use fwnode::policy::file::parse;
 use fwnode::policy::{CompiledPolicy, Decision, Interfaces, PacketMeta, PolicyModel, Rule};
+use fwnode::time::Timestamp;
 use libfuzzer_sys::fuzz_target;
 
 /// Interfaces that exist for the fuzzer; any other name resolves to nothing.
@@ -121,6 +124,8 @@ fn probes(r: &Rule, other: &Rule, salt: usize, out: &mut Vec<PacketMeta>) {
                     .unwrap_or(k as u8)
             }),
             ct: cts[k % 4],
+            len: 40 + k as u32,
+            now: Timestamp::from_millis(k as u64),
         });
     }
 }
@@ -183,6 +188,8 @@ fuzz_target!(|data: &[u8]| {
             dport: 2,
             icmp_type: None,
             ct: CtState::New,
+            len: 40,
+            now: Timestamp::from_millis(0),
         });
     }
     for m in &metas {
@@ -192,4 +199,11 @@ fuzz_target!(|data: &[u8]| {
     }
     let (hits, default_hits) = compiled.hits();
     assert_eq!(hits.iter().sum::<u64>() + default_hits, metas.len() as u64);
+    let (counts, default) = compiled.counts();
+    let bytes: u64 = metas.iter().map(|m| u64::from(m.len)).sum();
+    assert_eq!(counts.iter().map(|c| c.bytes).sum::<u64>() + default.bytes, bytes);
+    // The same model again carries every counter over.
+    let (mut again, _) = CompiledPolicy::compile(&model, &ifs);
+    again.carry_from(&compiled);
+    assert_eq!(again.counts(), compiled.counts());
 });

@@ -147,10 +147,24 @@ fn version_to_proto(p: &PolicyRecord, with_text: bool) -> v1::PolicyVersion {
         proposed_at_unix_ms: p.proposed_at_unix_ms,
         rolled_back_from: p.rolled_back_from,
         authorised_by: p.authorised_by.clone().unwrap_or_default(),
+        rule_counters: vec![],
+        counters_node: String::new(),
+        enforced_version: 0,
     }
 }
 
 impl ControlService {
+    /// This node's per-rule counters of `v`, when its datapath enforces that version.
+    fn add_counters(&self, v: &mut v1::PolicyVersion) {
+        v.counters_node = self.me.name.clone();
+        if let Some((enforced, rules)) = self.stats.rule_counters() {
+            v.enforced_version = enforced;
+            if enforced == v.version {
+                v.rule_counters = rules;
+            }
+        }
+    }
+
     /// May the caller of `req` do what needs `role`? (PERMISSION_DENIED naming the role.)
     fn allow<T>(&self, req: &Request<T>, role: OperatorRole) -> Result<(), Status> {
         tls::require_role(req, &self.members, role)
@@ -296,14 +310,25 @@ impl Control for ControlService {
         request: Request<v1::GetPolicyRequest>,
     ) -> Result<Response<v1::PolicyVersion>, Status> {
         self.allow(&request, OperatorRole::Read)?;
-        let want = request.into_inner().version;
+        let req = request.into_inner();
+        if req.counters {
+            // A witness judges no packet: it has no counters.
+            self.datapath()?;
+        }
+        let want = req.version;
         let sm = self.sm.read();
         let found = match want {
             Some(v) => sm.state.policy(v),
             None => sm.state.current(),
         };
         match (found, want) {
-            (Some(p), _) => Ok(Response::new(version_to_proto(p, true))),
+            (Some(p), _) => {
+                let mut v = version_to_proto(p, true);
+                if req.counters {
+                    self.add_counters(&mut v);
+                }
+                Ok(Response::new(v))
+            }
             (None, None) => Err(Status::not_found(
                 "no policy has been committed yet; use `fwctl policy apply FILE`",
             )),

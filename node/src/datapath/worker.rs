@@ -216,6 +216,8 @@ impl Pipeline {
             dport,
             icmp_type,
             ct: out.state,
+            len: wire_len,
+            now,
         };
         let decision = policy.compiled.eval(&meta);
         let action = decision.action;

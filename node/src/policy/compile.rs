@@ -4,18 +4,21 @@
 //! are ranges into three flat arrays, and the rules are pre-partitioned by protocol so a packet
 //! only visits the rules that can match its protocol, in order. Interface names become slots of
 //! the shared `Interfaces` registry, read at evaluation time, so a rule follows its interface as
-//! it appears, disappears or is re-created. Evaluation allocates nothing and takes no lock.
-//! Must not touch I/O, the tracker or the file format.
+//! it appears, disappears or is re-created. Evaluation counts the packet against the rule that
+//! decided (`counters`), allocates nothing and takes no lock. Keeps the model it was compiled
+//! from, for the rules' names and the counters' carry-over. Must not touch I/O, the tracker or
+//! the file format.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::counters::{carry_map, Count, Counters};
 use super::ifaces::{IfSlot, Interfaces};
 use super::model::{Action, CtSet, PolicyModel};
 use crate::conntrack::CtState;
 use crate::packet::proto;
+use crate::time::Timestamp;
 
 /// What the datapath knows about a packet when it asks the policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +33,10 @@ pub struct PacketMeta {
     pub dport: u16,
     pub icmp_type: Option<u8>,
     pub ct: CtState,
+    /// The packet's length on the wire (IP header included), for the rule's byte counter.
+    pub len: u32,
+    /// When the datapath judged it, for the rule's last match.
+    pub now: Timestamp,
 }
 
 /// The policy's answer: the action and the rule that decided (`None` = default action).
@@ -90,7 +97,7 @@ fn bucket(p: u8) -> usize {
     }
 }
 
-/// A compiled, immutable policy with per-rule hit counters.
+/// A compiled, immutable policy with per-rule counters.
 #[derive(Debug)]
 pub struct CompiledPolicy {
     rules: Vec<CRule>,
@@ -103,7 +110,10 @@ pub struct CompiledPolicy {
     /// The registry slots the rules name, each once.
     ifaces: Box<[Arc<IfSlot>]>,
     default: Action,
-    hits: Hits,
+    /// One counter per rule, in order, then the default's.
+    counters: Counters,
+    /// What this was compiled from.
+    model: PolicyModel,
     /// The log slot of each rule, then of the default (0: not logged; see `log_slot`).
     log_slots: Box<[u16]>,
     /// Whether any rule or the default is logged: the one branch the datapath pays for
@@ -121,57 +131,6 @@ pub struct LogEntry {
     pub rule: Option<u32>,
     pub name: Option<String>,
     pub action: Action,
-}
-
-/// Hit counters, striped by worker thread: the established rule is hit by every packet, and
-/// one shared counter per rule would bounce its cache line between the workers on each one.
-/// Each stripe holds every rule's counter (and the default's, last) in cache lines of its own.
-#[derive(Debug)]
-struct Hits {
-    /// Cache lines per stripe.
-    lines: usize,
-    cells: Box<[HitLine]>,
-}
-
-#[derive(Debug, Default)]
-#[repr(align(64))]
-struct HitLine([AtomicU64; 8]);
-
-/// Stripes per policy; threads beyond it share stripes (still correct, only slower).
-const HIT_STRIPES: usize = 8;
-
-thread_local! {
-    static HIT_STRIPE: usize = {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        NEXT.fetch_add(1, Ordering::Relaxed) % HIT_STRIPES
-    };
-}
-
-impl Hits {
-    fn new(counters: usize) -> Self {
-        let lines = counters.div_ceil(8).max(1);
-        Hits {
-            lines,
-            cells: (0..lines * HIT_STRIPES)
-                .map(|_| HitLine::default())
-                .collect(),
-        }
-    }
-
-    #[inline]
-    fn add(&self, i: usize) {
-        let stripe = HIT_STRIPE.with(|s| *s);
-        if let Some(l) = self.cells.get(stripe * self.lines + i / 8) {
-            l.0[i % 8].fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn get(&self, i: usize) -> u64 {
-        (0..HIT_STRIPES)
-            .filter_map(|s| self.cells.get(s * self.lines + i / 8))
-            .map(|l| l.0[i % 8].load(Ordering::Relaxed))
-            .sum()
-    }
 }
 
 #[inline]
@@ -198,11 +157,11 @@ impl CompiledPolicy {
             icmp: vec![],
             ifaces: Box::new([]),
             default: model.default,
-            // One counter per rule, then the default's.
-            hits: Hits::new(model.rules.len() + 1),
             log_slots: Box::new([]),
             logs: false,
             log_entries: vec![],
+            counters: Counters::new(model.rules.len() + 1),
+            model: model.clone(),
         };
         for (i, r) in model.rules.iter().enumerate() {
             let mut ifx = |name: &Option<String>, what: &str| {
@@ -344,7 +303,12 @@ impl CompiledPolicy {
         self.default
     }
 
-    /// First matching rule's action, else the default. Counts the hit.
+    /// The model this was compiled from (names, actions, source lines).
+    pub fn model(&self) -> &PolicyModel {
+        &self.model
+    }
+
+    /// First matching rule's action, else the default. Counts the packet against it.
     #[inline]
     pub fn eval(&self, m: &PacketMeta) -> Decision {
         let (s, v6) = key(m.src);
@@ -393,13 +357,13 @@ impl CompiledPolicy {
             {
                 continue;
             }
-            self.hits.add(i as usize);
+            self.counters.add(i as usize, m.len, m.now);
             return Decision {
                 action: r.action,
                 rule: Some(i),
             };
         }
-        self.hits.add(self.rules.len());
+        self.counters.add(self.rules.len(), m.len, m.now);
         Decision {
             action: self.default,
             rule: None,
@@ -425,9 +389,25 @@ impl CompiledPolicy {
         &self.log_entries
     }
 
-    /// Hits per rule (in order) and of the default action.
-    pub fn hits(&self) -> (Vec<u64>, u64) {
+    /// Counts per rule (in order) and of the default action.
+    pub fn counts(&self) -> (Vec<Count>, Count) {
         let n = self.rules.len();
-        ((0..n).map(|i| self.hits.get(i)).collect(), self.hits.get(n))
+        (
+            (0..n).map(|i| self.counters.get(i)).collect(),
+            self.counters.get(n),
+        )
+    }
+
+    /// Packets per rule (in order) and of the default action: `counts`' packets.
+    pub fn hits(&self) -> (Vec<u64>, u64) {
+        let (rules, default) = self.counts();
+        (rules.iter().map(|c| c.packets).collect(), default.packets)
+    }
+
+    /// Continue the counters of `old` (the version this one replaces) for the rules and the
+    /// default that did not change (`counters::carry_map`); the others start at zero.
+    pub fn carry_from(&mut self, old: &CompiledPolicy) {
+        let map = carry_map(&old.model, &self.model);
+        self.counters.carry_from(&old.counters, &map);
     }
 }

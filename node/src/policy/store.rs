@@ -8,10 +8,14 @@
 //!
 //! Also owns the `Interfaces` registry the compiled policies share: every load re-resolves it
 //! first, and the datapath's link listener keeps it current in between (`interfaces()`).
+//!
+//! Loads are serialized, so each new version carries the per-rule counters of the one it
+//! replaces (`CompiledPolicy::carry_from`) for the rules that did not change.
 
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Guard};
+use parking_lot::Mutex;
 
 use super::compile::CompiledPolicy;
 use super::file::{self, PolicyError};
@@ -36,6 +40,8 @@ pub struct PolicyStore {
     /// Most logged rules (and default) a policy may have: what the datapath's log mark bits
     /// can number.
     max_logged: usize,
+    /// Held while a load builds and swaps a version, so none is built from a stale predecessor.
+    loading: Mutex<()>,
 }
 
 impl std::fmt::Debug for PolicyStore {
@@ -74,6 +80,7 @@ impl PolicyStore {
             ifaces,
             // Until the datapath says how many its mark can number: what a slot can.
             max_logged: usize::from(u16::MAX),
+            loading: Mutex::new(()),
         }
     }
 
@@ -102,7 +109,8 @@ impl PolicyStore {
         }
     }
 
-    /// Validate, compile and atomically enforce `text` as `version`. On error nothing changes.
+    /// Validate, compile and atomically enforce `text` as `version`, carrying the counters of
+    /// the rules that did not change. On error nothing changes.
     pub fn load_text(
         &self,
         version: u64,
@@ -110,8 +118,10 @@ impl PolicyStore {
         text: &str,
     ) -> Result<Arc<ActivePolicy>, PolicyError> {
         let model = self.parse(text, origin)?;
+        let _loading = self.loading.lock();
         self.resync_interfaces();
-        let (compiled, warnings) = CompiledPolicy::compile(&model, &self.ifaces);
+        let (mut compiled, warnings) = CompiledPolicy::compile(&model, &self.ifaces);
+        compiled.carry_from(&self.current.load().compiled);
         let active = Arc::new(ActivePolicy {
             version,
             origin: origin.to_string(),

@@ -39,6 +39,8 @@ fn meta(src: &str, dst: &str, proto: u8, dport: u16, ct: CtState) -> PacketMeta 
         dport,
         icmp_type: None,
         ct,
+        len: 100,
+        now: crate::time::Timestamp::from_millis(1_000),
     }
 }
 
@@ -507,7 +509,7 @@ proptest! {
         if let Some(i) = eth9 {
             ifs.on_link(LinkEvent::New { index: i, name: "eth9" });
         }
-        let m = PacketMeta { iif, oif: 3, src, dst, proto: p, sport: 1, dport, icmp_type: icmp, ct };
+        let m = PacketMeta { iif, oif: 3, src, dst, proto: p, sport: 1, dport, icmp_type: icmp, ct, len: 60, now: crate::time::Timestamp::default() };
         prop_assert_eq!(c.eval(&m), naive(&model, &m, eth9));
     }
 }
@@ -673,4 +675,173 @@ fn more_logged_rules_than_the_mark_numbers_are_refused_with_file_and_line() {
     assert!(store
         .load_text(3, "p.toml", &LOGGED.replace("default_log = true", ""))
         .is_ok());
+}
+
+fn model(text: &str) -> PolicyModel {
+    file::parse(text, "t.toml").unwrap()
+}
+
+const CARRY_V1: &str = "default = \"drop\"\n\
+    [[rule]]\nname = \"ping\"\nproto = \"icmp\"\naction = \"accept\"\n\
+    [[rule]]\nname = \"dns\"\nproto = \"udp\"\ndport = 53\naction = \"accept\"\n\
+    [[rule]]\nproto = \"tcp\"\naction = \"accept\"\n";
+
+/// The carry-over mapping: equal rules (match and action; name and line aside) keep their
+/// counters wherever they moved, identical rules pair up in order, anything changed restarts.
+#[test]
+fn the_carry_map_pairs_unchanged_rules_and_restarts_changed_ones() {
+    let v1 = model(CARRY_V1);
+    // The same text: everything carries.
+    assert_eq!(
+        counters::carry_map(&v1, &v1),
+        vec![Some(0), Some(1), Some(2), Some(3)]
+    );
+    // A rule inserted first, the DNS port changed, the TCP rule renamed (and so on other
+    // lines), the default changed.
+    let v2 = model(
+        "default = \"reject\"\n\
+         [[rule]]\nproto = \"udp\"\ndport = 9\naction = \"drop\"\n\
+         [[rule]]\nname = \"ping\"\nproto = \"icmp\"\naction = \"accept\"\n\
+         [[rule]]\nname = \"dns\"\nproto = \"udp\"\ndport = [53, 853]\naction = \"accept\"\n\
+         [[rule]]\nname = \"web\"\nproto = \"tcp\"\naction = \"accept\"\n",
+    );
+    assert_eq!(
+        counters::carry_map(&v1, &v2),
+        vec![None, Some(0), None, Some(2), None]
+    );
+    // Same match, other action: changed.
+    let v3 = model(&CARRY_V1.replace(
+        "proto = \"tcp\"\naction = \"accept\"",
+        "proto = \"tcp\"\naction = \"reject\"",
+    ));
+    assert_eq!(
+        counters::carry_map(&v1, &v3),
+        vec![Some(0), Some(1), None, Some(3)]
+    );
+    // Identical rules pair up in order; a third copy starts at zero; a removed rule's
+    // counters go with it.
+    let dup = "[[rule]]\nproto = \"tcp\"\naction = \"drop\"\n";
+    let two = model(&format!(
+        "{dup}[[rule]]\nproto = \"udp\"\naction = \"drop\"\n{dup}"
+    ));
+    let three = model(&format!("{dup}{dup}{dup}"));
+    assert_eq!(
+        counters::carry_map(&two, &three),
+        vec![Some(0), Some(2), None, Some(3)]
+    );
+    let one = model(dup);
+    assert_eq!(counters::carry_map(&three, &one), vec![Some(0), Some(3)]);
+}
+
+fn icmp_at(len: u32, now_ms: u64) -> PacketMeta {
+    let mut m = meta("198.51.100.1", "203.0.113.1", proto::ICMP, 0, CtState::New);
+    m.icmp_type = Some(8);
+    m.len = len;
+    m.now = crate::time::Timestamp::from_millis(now_ms);
+    m
+}
+
+fn udp_at(dport: u16, len: u32, now_ms: u64) -> PacketMeta {
+    let mut m = meta(
+        "198.51.100.1",
+        "203.0.113.1",
+        proto::UDP,
+        dport,
+        CtState::New,
+    );
+    m.len = len;
+    m.now = crate::time::Timestamp::from_millis(now_ms);
+    m
+}
+
+fn count(packets: u64, bytes: u64, last_ms: Option<u64>) -> Count {
+    Count {
+        packets,
+        bytes,
+        last: last_ms.map(crate::time::Timestamp::from_millis),
+    }
+}
+
+/// Through the store: a new version keeps the counters of the rules that did not change (and
+/// of an unchanged default), including what a worker still adds to the old version after the
+/// swap, and across several versions; changed rules restart at zero.
+#[test]
+fn a_new_version_keeps_the_counters_of_unchanged_rules_only() {
+    let store = PolicyStore::new(Box::new(resolver));
+    let v1 = store.load_text(1, "v1", CARRY_V1).unwrap();
+    let p = &v1.compiled;
+    p.eval(&icmp_at(84, 1_000));
+    p.eval(&icmp_at(84, 1_500));
+    p.eval(&udp_at(53, 60, 1_200));
+    p.eval(&udp_at(9, 50, 1_300));
+    assert_eq!(
+        p.counts(),
+        (
+            vec![
+                count(2, 168, Some(1_500)),
+                count(1, 60, Some(1_200)),
+                count(0, 0, None)
+            ],
+            count(1, 50, Some(1_300))
+        )
+    );
+    // v2: a rule inserted first, the DNS rule changed, ping and the default unchanged.
+    let v2_text = CARRY_V1.replace("dport = 53", "dport = [53, 853]").replace(
+        "default = \"drop\"\n",
+        "default = \"drop\"\n[[rule]]\nproto = \"udp\"\ndport = 7\naction = \"drop\"\n",
+    );
+    let v2 = store.load_text(2, "v2", &v2_text).unwrap();
+    // A worker that loaded v1 before the swap finishes its batch on it.
+    v1.compiled.eval(&icmp_at(100, 1_600));
+    let (rules, default) = v2.compiled.counts();
+    assert_eq!(rules[0], count(0, 0, None), "new rule");
+    assert_eq!(
+        rules[1],
+        count(3, 268, Some(1_600)),
+        "ping: kept, late packet too"
+    );
+    assert_eq!(rules[2], count(0, 0, None), "dns: changed");
+    assert_eq!(default, count(1, 50, Some(1_300)), "default: unchanged");
+    v2.compiled.eval(&icmp_at(84, 2_000));
+    v2.compiled.eval(&udp_at(53, 70, 2_100));
+    // v3 = v2 with the default changed: ping carries through two versions.
+    let v3 = store
+        .load_text(
+            3,
+            "v3",
+            &v2_text.replace("\"drop\"\n[[rule]]", "\"reject\"\n[[rule]]"),
+        )
+        .unwrap();
+    drop(v1);
+    let (rules, default) = v3.compiled.counts();
+    assert_eq!(rules[1], count(4, 352, Some(2_000)));
+    assert_eq!(rules[2], count(1, 70, Some(2_100)));
+    assert_eq!(default, count(0, 0, None), "default: changed");
+    // `hits` (the stats file's) is the packets of the same counters.
+    assert_eq!(v3.compiled.hits(), (vec![0, 4, 1, 0], 0));
+    // A version that is not loaded through the store carries nothing.
+    assert_eq!(compile(&v2_text).counts().0[1], count(0, 0, None));
+}
+
+/// Bytes add up and the last match is the latest, however many threads count at once.
+#[test]
+fn bytes_and_last_match_from_many_threads() {
+    let p = compile("default = \"drop\"\n[[rule]]\nproto = \"icmp\"\naction = \"accept\"\n");
+    std::thread::scope(|s| {
+        for t in 0..12u64 {
+            let p = &p;
+            s.spawn(move || {
+                for k in 0..500u64 {
+                    p.eval(&icmp_at(84, 10_000 + t * 1_000 + k));
+                }
+            });
+        }
+    });
+    assert_eq!(
+        p.counts(),
+        (
+            vec![count(6_000, 6_000 * 84, Some(21_499))],
+            count(0, 0, None)
+        )
+    );
 }
