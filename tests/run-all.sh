@@ -11,7 +11,7 @@ need_apt=()
 # runs as a confined user instance; on a machine where systemd is not PID 1 the package starts nothing.
 for pair in iptables:iptables ip:iproute2 iperf3:iperf3 vsftpd:vsftpd lftp:lftp curl:curl \
             keepalived:keepalived tcpdump:tcpdump ping:iputils-ping mkfs.ext4:e2fsprogs \
-            e2fsck:e2fsprogs losetup:mount nsenter:util-linux unshare:util-linux \
+            e2fsck:e2fsprogs losetup:mount nsenter:util-linux unshare:util-linux script:bsdutils \
             systemd-analyze:systemd dpkg-shlibdeps:dpkg-dev objcopy:binutils man:man-db; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need_apt+=("$pkg")

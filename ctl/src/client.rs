@@ -18,6 +18,10 @@ use tonic::{Code, Status};
 /// An error that ends the command, with the exit code scripts can rely on.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    /// The command line asks for something fwctl will not do as given (e.g. `ct delete --all`
+    /// without a terminal to confirm on and without `--yes`).
+    #[error("{0}")]
+    Usage(String),
     /// The request or policy is invalid, or refers to something that does not exist.
     #[error("{0}")]
     Rejected(String),
@@ -42,6 +46,7 @@ pub enum CliError {
 impl CliError {
     pub fn exit_code(&self) -> i32 {
         match self {
+            CliError::Usage(_) => 2,
             CliError::Rejected(_) => 3,
             CliError::Unavailable(_) => 4,
             CliError::Internal(_) => 5,
@@ -258,6 +263,7 @@ mod tests {
         ha_move(HaMoveRequest) -> HaMoveReply;
         count_connections(CountConnectionsRequest) -> CountConnectionsReply;
         list_expectations(ListExpectationsRequest) -> ListExpectationsReply;
+        delete_connections(DeleteConnectionsRequest) -> DeleteConnectionsReply;
         sync_status(SyncStatusRequest) -> SyncStatusReply;
         sync_resync(SyncResyncRequest) -> SyncStatusReply;
         stats(StatsRequest) -> StatsReply;

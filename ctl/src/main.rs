@@ -9,7 +9,7 @@
 //! unreadable local file) · 4 unavailable (node unreachable, no leader or no quorum: nothing was
 //! changed; a write that timed out may still commit) · 5 internal error · 6 not permitted (the HA
 //! socket is root-only) · 7 permission denied (the node refused the operator's certificate, or
-//! its role lacks the call: `read` may list, `admin` may change).
+//! its role lacks the call: `read` may list, `admin` may change, `ct delete` included).
 //!
 //! The control API is mTLS: fwctl presents `--cert`/`--key` (an operator certificate of
 //! `fwctl certs issue-operator`) and verifies the node against `--ca`; `--plaintext` only for a
@@ -159,9 +159,9 @@ enum CertsCmd {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum RoleName {
-    /// status, ct, expect, policy show/diff/history, cluster members, sync status.
+    /// status, ct list/count, expect, policy show/diff/history, cluster members, sync status.
     Read,
-    /// Everything, including policy apply/rollback, membership, HA settings, resync.
+    /// Everything, including policy apply/rollback, membership, HA settings, resync, ct delete.
     Admin,
 }
 
@@ -313,6 +313,18 @@ struct CtFilter {
     /// Either port of the connection.
     #[arg(long)]
     port: Option<u16>,
+    /// The source address (of the connection's first packet).
+    #[arg(long)]
+    src: Option<String>,
+    /// The destination address (of the connection's first packet).
+    #[arg(long)]
+    dst: Option<String>,
+    /// The source port (of the connection's first packet).
+    #[arg(long)]
+    sport: Option<u16>,
+    /// The destination port (of the connection's first packet).
+    #[arg(long)]
+    dport: Option<u16>,
     /// TCP state, e.g. ESTABLISHED.
     #[arg(long)]
     state: Option<String>,
@@ -341,6 +353,18 @@ enum CtCmd {
     Count {
         #[command(flatten)]
         filter: CtFilter,
+    },
+    /// Delete the connections that match the filters (at least one), and their expectations,
+    /// on this node and on its peer gateway: their next packets are judged anew by the policy
+    Delete {
+        #[command(flatten)]
+        filter: CtFilter,
+        /// Delete every connection (no filter); asks for confirmation on a terminal
+        #[arg(long, conflicts_with_all = ["proto", "addr", "port", "src", "dst", "sport", "dport", "state", "origin"])]
+        all: bool,
+        /// Do not ask for confirmation (needed for --all without a terminal)
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
 }
 
@@ -375,6 +399,10 @@ impl CtFilter {
                 .unwrap_or(0),
             addr: self.addr.clone().unwrap_or_default(),
             port: self.port.map_or(0, u32::from),
+            src: self.src.clone().unwrap_or_default(),
+            dst: self.dst.clone().unwrap_or_default(),
+            src_port: self.sport.map_or(0, u32::from),
+            dst_port: self.dport.map_or(0, u32::from),
             tcp_state: self.state.clone().unwrap_or_default(),
             origin: match self.origin {
                 None => String::new(),
@@ -382,6 +410,29 @@ impl CtFilter {
                 Some(OriginArg::Peer) => "peer".into(),
             },
         })
+    }
+}
+
+/// `ct delete --all`: ask on the terminal (stdin and stderr) unless `--yes`; without a terminal
+/// and without `--yes`, refuse (a script must say so explicitly).
+fn confirm_flush(node: &str) -> Result<(), CliError> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        return Err(CliError::Usage(
+            "ct delete --all deletes every connection: confirm with --yes (stdin is not a terminal)"
+                .into(),
+        ));
+    }
+    eprint!("Delete every connection on {node} and on its peer gateway? [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|e| CliError::Usage(format!("reading the confirmation: {e}")))?;
+    match answer.trim().to_ascii_lowercase().as_str() {
+        "y" | "yes" => Ok(()),
+        _ => Err(CliError::Usage("not confirmed: nothing was deleted".into())),
     }
 }
 
@@ -655,6 +706,14 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
         }
         return Ok(0);
     }
+    if let Command::Ct(CtCmd::Delete {
+        all: true,
+        yes: false,
+        ..
+    }) = &cli.command
+    {
+        confirm_flush(&cli.node)?;
+    }
     let security = security(&cli);
     let addr = cli.node.clone();
     // A planned HA move answers once keepalived has moved the VIPs.
@@ -862,6 +921,26 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                 print_json(&json!({ "count": r.count, "max": r.max }));
             } else {
                 println!("{}", r.count);
+            }
+        }
+        Command::Ct(CtCmd::Delete { filter, all, .. }) => {
+            let r = c
+                .delete_connections(v1::DeleteConnectionsRequest {
+                    filter: Some(filter.to_proto()?),
+                    all,
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
+            if json {
+                print_json(&json!({
+                    "connections": r.connections, "expectations": r.expectations,
+                }));
+            } else {
+                println!(
+                    "deleted {} connections, {} expectations",
+                    r.connections, r.expectations
+                );
             }
         }
         Command::Sync(cmd) => {

@@ -406,7 +406,8 @@ pub fn sync_json(r: &v1::SyncStatusReply) -> Value {
             "abandoned": d.abandoned, "full": d.full, "wait_us": d.wait_us,
         })),
         "peers": r.peers.iter().map(|p| json!({
-            "id": p.id, "addr": p.addr, "connected": p.connected, "in_sync": p.in_sync,
+            "id": p.id, "addr": p.addr, "connected": p.connected, "path": p.path,
+            "in_sync": p.in_sync,
             "peer_has_table": p.peer_has_table, "peer_version": p.peer_version,
             "versions_refused": p.versions_refused,
             "last_seq_sent": p.last_seq_sent, "last_seq_acked": p.last_seq_acked, "lag": p.lag,
@@ -459,6 +460,7 @@ pub fn print_sync(r: &v1::SyncStatusReply) {
         "PEER",
         "ADDR",
         "STREAM",
+        "PATH",
         "VER",
         "IN SYNC",
         "HAS OURS",
@@ -482,6 +484,11 @@ pub fn print_sync(r: &v1::SyncStatusReply) {
             p.id.to_string(),
             p.addr.clone(),
             if p.connected { "up" } else { "down" }.into(),
+            if p.path.is_empty() {
+                "-".into()
+            } else {
+                p.path.clone()
+            },
             match (p.peer_version, p.versions_refused) {
                 (0, _) => "-".into(),
                 (v, 0) => v.to_string(),
@@ -567,6 +574,26 @@ fn rate(
     Some(s.value.saturating_sub(before.value) as f64 / scale / dt)
 }
 
+/// A histogram sample in one cell: how many, their mean, and the bound that holds 99 % of them.
+fn histogram_text(f: &v1::StatsFamily, s: &v1::StatsSample) -> String {
+    let count: u64 = s.buckets.iter().sum();
+    if count == 0 {
+        return "count=0".into();
+    }
+    let mean = s.value as f64 / 1e6 / count as f64;
+    let mut seen = 0;
+    let p99 = s
+        .buckets
+        .iter()
+        .position(|n| {
+            seen += n;
+            seen * 100 >= count * 99
+        })
+        .and_then(|i| f.bounds.get(i))
+        .map_or("+Inf".to_string(), |b| format!("{b}"));
+    format!("count={count} mean={mean:.6} p99<={p99}")
+}
+
 /// `fwctl stats`: one row per sample; with `prev` (watch mode) a rate column for counters.
 pub fn print_stats(r: &v1::StatsReply, prev: Option<&v1::StatsReply>) {
     let mut header = vec!["METRIC", "LABELS", "VALUE"];
@@ -576,11 +603,12 @@ pub fn print_stats(r: &v1::StatsReply, prev: Option<&v1::StatsReply>) {
     let mut t = table(&header);
     for f in &r.families {
         for s in &f.samples {
-            let mut row = vec![
-                f.name.clone(),
-                labels_text(s),
-                fwnode::metrics::sample_value(f, s).to_string(),
-            ];
+            let value = if f.bounds.is_empty() {
+                fwnode::metrics::sample_value(f, s).to_string()
+            } else {
+                histogram_text(f, s)
+            };
+            let mut row = vec![f.name.clone(), labels_text(s), value];
             if let Some(p) = prev {
                 row.push(match (f.counter, rate(p, r, f, s)) {
                     (true, Some(x)) => format!("{x:.1}"),
@@ -661,6 +689,7 @@ mod tests {
                 value: "accept".into(),
             }],
             value: v,
+            buckets: vec![],
         };
         let reply = |ms, v| v1::StatsReply {
             node_name: "n1".into(),
@@ -671,6 +700,7 @@ mod tests {
                 counter: true,
                 milli: false,
                 samples: vec![sample(v)],
+                bounds: vec![],
             }],
         };
         let (a, b) = (reply(1_000, 10), reply(3_000, 30));
@@ -687,5 +717,44 @@ mod tests {
             rate(&b, &a, &a.families[0], &a.families[0].samples[0]),
             None
         );
+    }
+
+    #[test]
+    fn a_histogram_shows_its_count_mean_and_the_bucket_holding_99_percent() {
+        let f = v1::StatsFamily {
+            name: "keepstate_verdict_latency_seconds".into(),
+            bounds: vec![0.00001, 0.0001, 0.001],
+            ..Default::default()
+        };
+        let s = |buckets: Vec<u64>, sum_us| v1::StatsSample {
+            value: sum_us,
+            buckets,
+            ..Default::default()
+        };
+        assert_eq!(
+            histogram_text(&f, &s(vec![90, 9, 1, 0], 2_000)),
+            "count=100 mean=0.000020 p99<=0.0001"
+        );
+        assert_eq!(
+            histogram_text(&f, &s(vec![0, 0, 0, 2], 4_000_000)),
+            "count=2 mean=2.000000 p99<=+Inf"
+        );
+        assert_eq!(histogram_text(&f, &s(vec![0, 0, 0, 0], 0)), "count=0");
+        let j = stats_json(&v1::StatsReply {
+            families: vec![v1::StatsFamily {
+                samples: vec![s(vec![1, 2, 0, 1], 1_500)],
+                ..f.clone()
+            }],
+            ..Default::default()
+        });
+        let h = &j["metrics"]["keepstate_verdict_latency_seconds"];
+        assert_eq!(h["type"], "histogram");
+        let v = &h["samples"][0]["value"];
+        assert_eq!(v["count"], 4);
+        assert_eq!(v["sum"], 0.0015);
+        assert_eq!(v["buckets"][1]["le"], 0.0001);
+        assert_eq!(v["buckets"][1]["count"], 3);
+        assert_eq!(v["buckets"][3]["le"], "+Inf");
+        assert_eq!(v["buckets"][3]["count"], 4);
     }
 }

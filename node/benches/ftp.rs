@@ -95,6 +95,7 @@ fn helper_cost_on_other_traffic(c: &mut Criterion) {
             reject_mark: fwnode::datapath::worker::REJECT_MARK,
             feed: None,
             nudge: None,
+            log: Default::default(),
         }
     };
     let mut syn = TcpSpec::new(40000, 443, TcpFlags::SYN);

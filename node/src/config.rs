@@ -134,6 +134,17 @@ pub struct DatapathConfig {
     /// The mark bit (exactly one bit) a REJECT verdict ORs into the packet's mark so that our
     /// kernel rule rejects it; pick one that no other mark user on the gateway sets.
     pub reject_mark: u32,
+    /// The mark bits (2-17 contiguous bits, clear of `reject_mark`) that carry a logged packet
+    /// back to our kernel rules: the lowest is the accept bit, the others number the policy's
+    /// logged rules, so a policy may log at most 2^(bits-1) - 1 rules (counting
+    /// `default_log`). No other mark user on the gateway may set them.
+    pub log_mark: u32,
+    /// The NFLOG group logged packets go to (`tcpdump -i nflog:N`, ulogd2's `group`).
+    pub log_group: u16,
+    /// Packets per second each logged rule may log (at least 1), and how many at once
+    /// (`log_burst`, at least 1); split evenly over the workers, each share rounded up.
+    pub log_rate: u32,
+    pub log_burst: u32,
 }
 
 impl Default for DatapathConfig {
@@ -153,7 +164,18 @@ impl Default for DatapathConfig {
             batch_datagrams: 16,
             stats_file: None,
             reject_mark: crate::datapath::worker::REJECT_MARK,
+            log_mark: crate::datapath::log::LOG_MARK,
+            log_group: crate::datapath::log::LOG_GROUP,
+            log_rate: crate::datapath::log::LOG_RATE,
+            log_burst: crate::datapath::log::LOG_BURST,
         }
+    }
+}
+
+impl DatapathConfig {
+    /// The log mark layout (checked by `Config::load`).
+    pub fn log_marks(&self) -> Result<crate::datapath::log::LogMarks, String> {
+        crate::datapath::log::LogMarks::new(self.log_mark, self.reject_mark)
     }
 }
 
@@ -204,6 +226,12 @@ impl Config {
         if cfg.datapath.reject_mark.count_ones() != 1 {
             return Err(invalid(
                 "datapath.reject_mark must have exactly one bit set (e.g. 0x400000)",
+            ));
+        }
+        cfg.datapath.log_marks().map_err(|m| invalid(&m))?;
+        if cfg.datapath.log_rate == 0 || cfg.datapath.log_burst == 0 {
+            return Err(invalid(
+                "datapath.log_rate and datapath.log_burst must be at least 1",
             ));
         }
         if cfg.datapath.copy_range < 128 {
@@ -268,13 +296,18 @@ impl Config {
             (None, None) => {}
         }
         if cfg.datapath.guard_ports && cfg.datapath.install_rules {
-            let listens = [
-                ("cluster", cfg.cluster.as_ref().map(|c| c.listen)),
-                ("sync", cfg.sync.as_ref().map(|s| s.listen)),
-                ("metrics", cfg.metrics.as_ref().map(|m| m.listen)),
-            ];
+            let listens = cfg
+                .cluster
+                .iter()
+                .map(|c| ("cluster", c.listen))
+                .chain(
+                    cfg.sync
+                        .iter()
+                        .flat_map(|s| s.listen.iter().map(|a| ("sync", *a))),
+                )
+                .chain(cfg.metrics.iter().map(|m| ("metrics", m.listen)));
             for (section, addr) in listens {
-                if let Some(a) = addr.filter(|a| a.ip().is_unspecified()) {
+                if let Some(a) = Some(addr).filter(|a| a.ip().is_unspecified()) {
                     let at = line_of(&text, section, "listen")
                         .map_or(String::new(), |l| format!(":{l}"));
                     return Err(ConfigError::Invalid {
@@ -518,6 +551,23 @@ mod tests {
             .to_string();
         assert!(e.contains("first_queue + datapath.queues"), "{e}");
         assert!(load("queues = 0").is_err());
+    }
+
+    #[test]
+    fn the_log_settings_are_checked() {
+        let d = load("").unwrap().datapath;
+        assert_eq!(
+            (d.log_mark, d.log_group, d.log_rate, d.log_burst),
+            (0x7f80_0000, 1, 10, 20)
+        );
+        assert_eq!(d.log_marks().unwrap().max_slots(), 127);
+        assert!(load("log_mark = 0x30\nlog_group = 9\nlog_rate = 1\nlog_burst = 1").is_ok());
+        let e = load("log_mark = 0x50").unwrap_err().to_string();
+        assert!(e.contains("contiguous"), "{e}");
+        let e = load("log_mark = 0xc00000").unwrap_err().to_string();
+        assert!(e.contains("overlaps datapath.reject_mark"), "{e}");
+        assert!(load("log_rate = 0").is_err());
+        assert!(load("log_burst = 0").is_err());
     }
 
     #[test]

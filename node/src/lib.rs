@@ -30,12 +30,12 @@
 //! | shell | around | owns |
 //! |---|---|---|
 //! | [`conntrack::Conntrack`] | `Shard` | the shards behind one mutex each, routing by a symmetric hash, the global bounds, paged reads for the API and bulk pages |
-//! | [`datapath`] | `packet`, `conntrack`, `helper`, `policy` | the NFQUEUE client ([`datapath::nfqueue`]), the iptables rules ([`datapath::rules`]), the per-queue worker loop ([`datapath::worker`]), the interface listener ([`datapath::links`]), the takeover nudge's raw sockets and thread ([`datapath::nudge::shell`]) |
+//! | [`datapath`] | `packet`, `conntrack`, `helper`, `policy` | the NFQUEUE client ([`datapath::nfqueue`]), the iptables rules ([`datapath::rules`]), the per-queue worker loop ([`datapath::worker`]), the interface listener ([`datapath::links`]), the takeover nudge's raw sockets and thread ([`datapath::nudge::shell`]), packet logging to NFLOG: the mark layout, per-rule rate limits and the NFLOG rules that follow the policy ([`datapath::log`]) |
 //! | [`policy::PolicyStore`] | `policy` | the enforced version behind one atomic pointer |
 //! | [`sync::feed`], [`sync::shell`] | `sync::replicator` | the datapath's non-blocking hand-off of events; the gRPC streams and the engine thread that drives the replicator against the live table |
 //! | [`ha`] | `ha::role` | the clock-reading handle and the root-only local socket ([`ha::socket`]) |
 //! | [`raft`] (`store`, `network`), [`api`], [`cluster`] | `raft::state`, `policy` | openraft's storage and transport, the `keepstate.v1.Control` service, the control-plane runtime |
-//! | [`transport`], [`tls`] | every gRPC port | how servers and channels are built (mTLS plugs in there), which connections may start a handshake ([`transport::admission`]), what and how fast a caller may send ([`transport::gate`], [`transport::rate`]); certificates and the "may this caller do that" checks |
+//! | [`transport`], [`tls`] | every gRPC port | how servers and channels are built (mTLS plugs in there), which connections may start a handshake ([`transport::admission`]), what and how fast a caller may send ([`transport::gate`], with [`rate`]'s token bucket); certificates and the "may this caller do that" checks |
 //! | [`metrics`] | everything that counts | the one catalog of metrics behind Prometheus, `fwctl stats` and the stats file: reads counters when asked, adds nothing to the packet path |
 //! | [`config`] and the binary (`main.rs`) | everything | the TOML schema; startup order, signals, the stats file, the threads |
 //!
@@ -49,15 +49,15 @@
 //! cluster         api, metrics, policy, raft, tls, transport
 //! api             conntrack, ha, metrics, policy, raft, time, tls, transport
 //! metrics         conntrack, datapath, ha, helper, packet, policy, raft, time, tls, transport
-//! datapath        conntrack, helper, packet, policy, sync, time
+//! datapath        conntrack, helper, packet, policy, rate, sync, time
 //! sync            conntrack, packet, time, tls, transport
 //! raft            tls, transport
 //! ha              time
 //! helper, policy  conntrack, label (helper); conntrack, packet (policy)
 //! conntrack       label, packet, time
-//! transport       tls
+//! transport       rate, tls
 //! packet          label
-//! time, tls
+//! time, tls, rate
 //! label           (the `label_enum!` macro; imports nothing)
 //! cli_assets      (man pages and completions from a clap definition; imports nothing)
 //! ```
@@ -96,6 +96,7 @@ pub mod metrics;
 pub mod packet;
 pub mod policy;
 pub mod raft;
+pub mod rate;
 pub mod sync;
 pub mod time;
 pub mod tls;

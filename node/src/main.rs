@@ -13,6 +13,7 @@ use fwnode::api::{Datapath as ApiDatapath, DatapathCounters, SyncView as ApiSync
 use fwnode::cluster;
 use fwnode::config::Config;
 use fwnode::conntrack::Conntrack;
+use fwnode::datapath::log::{Installer, Logging};
 use fwnode::datapath::nfqueue::QueueConfig;
 use fwnode::datapath::nudge::shell::Nudge;
 use fwnode::datapath::rules::{self, RuleSpec};
@@ -93,6 +94,12 @@ fn load_policy(store: &PolicyStore, path: &Path, version: u64) -> Result<()> {
     Ok(())
 }
 
+/// The node's policy store: it refuses policies that log more rules than the log mark numbers.
+fn policy_store(cfg: &Config) -> PolicyStore {
+    let max = cfg.datapath.log_marks().unwrap_or_default().max_slots();
+    PolicyStore::new(Box::new(ifindex)).with_max_logged(max)
+}
+
 fn rule_spec(cfg: &Config) -> RuleSpec {
     let helper_ports: Vec<(String, u16)> = cfg
         .conntrack
@@ -110,7 +117,7 @@ fn rule_spec(cfg: &Config) -> RuleSpec {
         .cluster
         .iter()
         .map(|c| c.listen)
-        .chain(cfg.sync.iter().map(|s| s.listen))
+        .chain(cfg.sync.iter().flat_map(|s| s.listen.iter().copied()))
         .chain(cfg.metrics.iter().map(|m| m.listen))
         .collect();
     RuleSpec {
@@ -120,6 +127,8 @@ fn rule_spec(cfg: &Config) -> RuleSpec {
         helper_queue: (!helper_ports.is_empty()).then_some(d.first_queue + d.queues),
         helper_ports,
         reject_mark: d.reject_mark,
+        // Checked by `Config::load`.
+        log_marks: d.log_marks().unwrap_or_default(),
         fail_open: d.fail_open,
         control_plane: match &cfg.cluster {
             Some(c) if !d.forward_to_control_plane => Some(rules::ControlPlane {
@@ -297,6 +306,11 @@ fn start_datapath(
             reject_mark: d.reject_mark,
             feed: replication.as_ref().map(|(f, _)| f.feed(index)),
             nudge: nudge.cloned(),
+            log: Logging::new(
+                spec.log_marks,
+                Logging::share(d.log_rate, n),
+                Logging::share(d.log_burst, n),
+            ),
         };
         let stop = stop.clone();
         let ready = ready_tx.clone();
@@ -374,7 +388,7 @@ fn run(cfg: Config) -> Result<()> {
     let started_unix_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let store = Arc::new(PolicyStore::new(Box::new(ifindex)));
+    let store = Arc::new(policy_store(&cfg));
     if let Some(p) = &cfg.policy {
         // In a cluster this is the bootstrap policy (version 0) until Raft has committed one;
         // the store restores the last committed version right after, before any packet.
@@ -481,6 +495,11 @@ fn run(cfg: Config) -> Result<()> {
         }
         _ => (None, None),
     };
+    // Keeps the kernel's NFLOG rules those of the enforced policy (when we install rules).
+    let mut log_rules = (gateway && cfg.datapath.install_rules).then(|| {
+        let spec = rule_spec(&cfg);
+        Installer::new(&spec.name, spec.log_marks, cfg.datapath.log_group)
+    });
     // What Prometheus and `fwctl stats` read, at their own time.
     let sources = Arc::new(Sources {
         node: cfg.node.name.clone(),
@@ -502,6 +521,7 @@ fn run(cfg: Config) -> Result<()> {
                     Arc::new(move || v.status()) as Arc<dyn Fn() -> _ + Send + Sync>
                 }),
                 nudge: nudge.clone(),
+                log: log_rules.as_ref().map(|l| l.status.clone()),
             }
         }),
         ha: ha.clone(),
@@ -569,7 +589,13 @@ fn run(cfg: Config) -> Result<()> {
             replication,
             nudge.as_ref(),
         ) {
-            Ok(d) => Some(d),
+            Ok(d) => {
+                // The chain exists now: the policy's NFLOG rules at once, not a tick later.
+                if let Some(l) = log_rules.as_mut() {
+                    l.sync(&store.current(), Instant::now());
+                }
+                Some(d)
+            }
             Err(e) => {
                 stop_services(metrics, control, sync);
                 return Err(e);
@@ -632,6 +658,11 @@ fn run(cfg: Config) -> Result<()> {
                 (None, None) => {}
             }
         }
+        // Whatever enforced a new policy (SIGHUP above, Raft, a restore), its NFLOG rules
+        // follow within a tick.
+        if let Some(l) = log_rules.as_mut() {
+            l.sync(&store.current(), Instant::now());
+        }
         if let Some(p) = &cfg.datapath.stats_file {
             let raft = control.as_ref().map(|c| &c.raft);
             write_stats(
@@ -685,7 +716,7 @@ fn main() -> Result<()> {
     init_logging(cli.log_format);
     if let Some(path) = cli.check_config {
         let cfg = Config::load(&path)?;
-        let store = PolicyStore::new(Box::new(ifindex));
+        let store = policy_store(&cfg);
         if let Some(p) = &cfg.policy {
             load_policy(&store, &p.file, 1)?;
         }

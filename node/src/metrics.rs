@@ -22,14 +22,17 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use keepstate_proto::v1;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use serde::Deserialize;
 
 use crate::conntrack::tcp::TcpState;
 use crate::conntrack::{Conntrack, InvalidReason};
+use crate::datapath::latency::Latency;
+use crate::datapath::log::LogStatus;
 use crate::datapath::nudge::shell::Nudge;
 use crate::datapath::worker::WorkerStats;
 use crate::ha::HaHandle;
@@ -54,11 +57,13 @@ pub struct MetricsConfig {
 /// every Prometheus client library follows).
 pub const PREFIX: &str = "keepstate_";
 
-/// Counters only grow while the node runs; gauges go up and down.
+/// Counters only grow while the node runs; gauges go up and down; a histogram counts
+/// observations per bucket (`Metric::bounds_us`) and sums them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Counter,
     Gauge,
+    Histogram,
 }
 
 /// One metric family as declared: everything but its values. Every family the node exposes is
@@ -83,6 +88,9 @@ pub struct Metric {
     /// scrapes and `fwctl stats`, left out of the stats file (which has the rules' packets as
     /// `policy.hits`), where rendering them every 200 ms would cost a core's share.
     pub per_rule: bool,
+    /// A histogram's bucket upper bounds in microseconds of `unit` (seconds); an unbounded
+    /// bucket follows. Empty for counters and gauges.
+    pub bounds_us: &'static [u32],
 }
 
 impl Metric {
@@ -96,6 +104,7 @@ impl Metric {
             milli: false,
             scan: false,
             per_rule: false,
+            bounds_us: &[],
         }
     }
     const fn labels(mut self, labels: &'static [&'static str]) -> Metric {
@@ -128,8 +137,13 @@ impl Metric {
     pub fn exposed_name(&self) -> String {
         match self.kind {
             Kind::Counter => format!("{}_total", self.name),
-            Kind::Gauge => self.name.to_string(),
+            Kind::Gauge | Kind::Histogram => self.name.to_string(),
         }
+    }
+
+    /// The bucket bounds in `unit`.
+    pub fn bounds(&self) -> impl Iterator<Item = f64> + '_ {
+        self.bounds_us.iter().map(|b| f64::from(*b) / 1e6)
     }
 }
 
@@ -138,6 +152,16 @@ const fn counter(name: &'static str, help: &'static str) -> Metric {
 }
 const fn gauge(name: &'static str, help: &'static str) -> Metric {
     Metric::new(Kind::Gauge, name, help)
+}
+/// A histogram of durations in seconds, bucketed by `bounds_us` (microseconds).
+const fn seconds_histogram(
+    name: &'static str,
+    help: &'static str,
+    bounds_us: &'static [u32],
+) -> Metric {
+    let mut m = Metric::new(Kind::Histogram, name, help).unit("seconds");
+    m.bounds_us = bounds_us;
+    m
 }
 
 /// Declares each metric once, as a `const`, and lists them all in [`CATALOG`].
@@ -220,6 +244,11 @@ catalog! {
     GSO_PACKETS = counter("keepstate_gso_packets", "Packets that reached fwnode as GSO super-packets (unsegmented).");
     NFQUEUE_BATCHES = counter("keepstate_nfqueue_batches", "Batches of packets the workers received from NFQUEUE.");
     NFQUEUE_BATCH_MAX = gauge("keepstate_nfqueue_batch_max_packets", "Packets of the largest batch a worker has received since fwnode started.");
+    VERDICT_LATENCY = seconds_histogram(
+        "keepstate_verdict_latency_seconds",
+        "Time from reading a packet out of its queue to sending its verdict (a packet held by defer: to its release). The kernel queue's own wait is not included (see keepstate_nfqueue_waiting_packets).",
+        &crate::datapath::latency::BOUNDS_US,
+    );
     NFQUEUE_VERDICT_MESSAGES = counter("keepstate_nfqueue_verdict_messages", "Verdict messages sent to the kernel (a batch verdict covers a run of packets).");
     VERDICTS = counter(
         "keepstate_verdicts",
@@ -305,6 +334,23 @@ catalog! {
     DEFER_WAIT = counter("keepstate_defer_wait_seconds", "defer: time held, summed over every released packet.")
         .unit("seconds")
         .milli();
+    LOG_PACKETS = counter(
+        "keepstate_log_packets",
+        "Packets of logged rules (log = true, default_log) sent to the NFLOG group (datapath.log_group).",
+    );
+    LOG_SUPPRESSED = counter(
+        "keepstate_log_suppressed_packets",
+        "Packets of logged rules not logged because their rule was over its log rate (datapath.log_rate, log_burst); decided as usual.",
+    );
+    LOG_RULE_INSTALLS = counter(
+        "keepstate_log_rule_installs",
+        "Installs of a policy's NFLOG rules (chain NAME-log) by outcome: installed, failed (retried every 5 s; the policy is enforced regardless, its log lines may be missing or carry a previous prefix); no samples when fwnode does not install its rules.",
+    )
+    .labels(&["outcome"]);
+    LOG_RULES_VERSION = gauge(
+        "keepstate_log_rules_policy_version",
+        "Version of the policy whose NFLOG rules are installed (compare keepstate_policy_version); no sample before the first install.",
+    );
     TAKEOVER_NUDGE = counter(
         "keepstate_takeover_nudge",
         "[ha] takeover_nudge: unplanned takeovers, probes sent, endpoints that answered, ICMP too-big messages sent, endpoints not probed (beyond the rate); no samples when off.",
@@ -349,21 +395,32 @@ catalog! {
 }
 
 /// One labelled value of a family: one label value per name of the family's `labels`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sample {
     pub labels: Vec<String>,
-    /// In the metric's unit, or in thousandths of it (`Metric::milli`).
+    /// In the metric's unit, or in thousandths of it (`Metric::milli`). A histogram's: the sum
+    /// of its observations in millionths of the unit.
     pub value: u64,
+    /// A histogram's observations per bucket (not cumulative; the unbounded bucket last).
+    /// Empty for counters and gauges.
+    pub buckets: Vec<u64>,
 }
 
 impl Sample {
     /// The value in the metric's unit.
     pub fn real(&self, m: &Metric) -> f64 {
-        if m.milli {
+        if m.kind == Kind::Histogram {
+            self.value as f64 / 1e6
+        } else if m.milli {
             self.value as f64 / 1000.0
         } else {
             self.value as f64
         }
+    }
+
+    /// A histogram's observations.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
     }
 }
 
@@ -388,6 +445,8 @@ pub struct DatapathSource {
     pub sync: Option<Arc<dyn Fn() -> v1::SyncStatusReply + Send + Sync>>,
     /// The takeover nudge, when `[ha] takeover_nudge` is on.
     pub nudge: Option<Arc<Nudge>>,
+    /// The NFLOG rules' installer, when fwnode installs its rules.
+    pub log: Option<Arc<LogStatus>>,
 }
 
 impl std::fmt::Debug for DatapathSource {
@@ -448,6 +507,7 @@ impl Out {
             vec![Sample {
                 labels: vec![],
                 value,
+                buckets: vec![],
             }],
         );
     }
@@ -463,6 +523,7 @@ impl Out {
                 .map(|(l, value)| Sample {
                     labels: vec![l.into()],
                     value,
+                    buckets: vec![],
                 })
                 .collect(),
         );
@@ -477,6 +538,7 @@ fn s2(a: impl Into<String>, b: impl Into<String>, value: u64) -> Sample {
     Sample {
         labels: vec![a.into(), b.into()],
         value,
+        buckets: vec![],
     }
 }
 
@@ -542,6 +604,7 @@ impl Sources {
                 .map(|v| Sample {
                     labels: vec![],
                     value: v,
+                    buckets: vec![],
                 })
                 .collect(),
         );
@@ -677,6 +740,7 @@ fn raft_families(o: &mut Out, r: &RaftView) {
             .map(|ms| Sample {
                 labels: vec![],
                 value: *ms,
+                buckets: vec![],
             })
             .collect(),
     );
@@ -717,6 +781,18 @@ fn datapath_families(o: &mut Out, dp: &DatapathSource) {
             .map(|s| s.max_batch.load(Relaxed))
             .max()
             .unwrap_or(0),
+    );
+    let mut latency = Latency::default();
+    for s in w {
+        latency.add(&s.verdict_latency.load());
+    }
+    o.put(
+        &VERDICT_LATENCY,
+        vec![Sample {
+            labels: vec![],
+            value: latency.sum_us,
+            buckets: latency.counts.to_vec(),
+        }],
     );
     o.one(
         &NFQUEUE_VERDICT_MESSAGES,
@@ -867,6 +943,29 @@ fn datapath_families(o: &mut Out, dp: &DatapathSource) {
     );
     o.one(&DEFER_FULL, sum(&|s| s.defer_full.load(Relaxed)));
     o.one(&DEFER_WAIT, sum(&|s| s.defer_wait_us.load(Relaxed)) / 1000);
+    o.one(&LOG_PACKETS, sum(&|s| s.log_packets.load(Relaxed)));
+    o.one(&LOG_SUPPRESSED, sum(&|s| s.log_suppressed.load(Relaxed)));
+    o.by(
+        &LOG_RULE_INSTALLS,
+        dp.log.iter().flat_map(|l| {
+            [
+                ("installed", l.installs.load(Relaxed)),
+                ("failed", l.failures.load(Relaxed)),
+            ]
+        }),
+    );
+    o.put(
+        &LOG_RULES_VERSION,
+        dp.log
+            .iter()
+            .filter(|l| l.installs.load(Relaxed) > 0)
+            .map(|l| Sample {
+                labels: vec![],
+                value: l.version.load(Relaxed),
+                buckets: vec![],
+            })
+            .collect(),
+    );
     let nudge = dp.nudge.as_ref().map(|n| n.counters());
     o.by(
         &TAKEOVER_NUDGE,
@@ -972,6 +1071,7 @@ pub fn to_proto(node: &str, families: &[Family]) -> v1::StatsReply {
                 help: f.metric.help.into(),
                 counter: f.metric.kind == Kind::Counter,
                 milli: f.metric.milli,
+                bounds: f.metric.bounds().collect(),
                 samples: f
                     .samples
                     .iter()
@@ -987,6 +1087,7 @@ pub fn to_proto(node: &str, families: &[Family]) -> v1::StatsReply {
                             })
                             .collect(),
                         value: s.value,
+                        buckets: s.buckets.clone(),
                     })
                     .collect(),
             })
@@ -994,9 +1095,32 @@ pub fn to_proto(node: &str, families: &[Family]) -> v1::StatsReply {
     }
 }
 
-/// A sample's value as the reply carries it, in the unit the name says.
+/// A sample's value as the reply carries it, in the unit the name says. A histogram's:
+/// `count`, `sum` and cumulative `buckets` (`le`, `count`), as Prometheus reads it.
 pub fn sample_value(f: &v1::StatsFamily, s: &v1::StatsSample) -> serde_json::Value {
-    if f.milli {
+    if !f.bounds.is_empty() {
+        let mut cumulative = 0;
+        let buckets: Vec<serde_json::Value> = s
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                cumulative += n;
+                let le = f
+                    .bounds
+                    .get(i)
+                    .map_or(serde_json::Value::from("+Inf"), |b| {
+                        serde_json::Value::from(*b)
+                    });
+                serde_json::json!({ "le": le, "count": cumulative })
+            })
+            .collect();
+        serde_json::json!({
+            "count": cumulative,
+            "sum": s.value as f64 / 1e6,
+            "buckets": buckets,
+        })
+    } else if f.milli {
         serde_json::Value::from(s.value as f64 / 1000.0)
     } else {
         serde_json::Value::from(s.value)
@@ -1023,7 +1147,11 @@ pub fn stats_json(r: &v1::StatsReply) -> serde_json::Value {
                     json!({ "labels": labels, "value": sample_value(f, s) })
                 })
                 .collect();
-            let kind = if f.counter { "counter" } else { "gauge" };
+            let kind = match (f.counter, f.bounds.is_empty()) {
+                (true, _) => "counter",
+                (false, true) => "gauge",
+                (false, false) => "histogram",
+            };
             (
                 f.name.clone(),
                 json!({ "type": kind, "help": f.help, "samples": samples }),
@@ -1044,6 +1172,7 @@ impl Collector for Snapshot {
             let ty = match m.kind {
                 Kind::Counter => ConstCounter::new(0u64).metric_type(),
                 Kind::Gauge => ConstGauge::new(0i64).metric_type(),
+                Kind::Histogram => MetricType::Histogram,
             };
             // prometheus-client appends `_<unit>` to the name it is given.
             let unit = m.unit.map(|u| Unit::Other(u.to_string()));
@@ -1063,8 +1192,16 @@ impl Collector for Snapshot {
                     .copied()
                     .zip(s.labels.iter().map(String::as_str))
                     .collect();
-                let fe = me.encode_family(&labels)?;
+                let mut fe = me.encode_family(&labels)?;
                 match (m.kind, m.milli) {
+                    (Kind::Histogram, _) => {
+                        let buckets: Vec<(f64, u64)> = m
+                            .bounds()
+                            .chain([f64::INFINITY])
+                            .zip(s.buckets.iter().copied())
+                            .collect();
+                        fe.encode_histogram::<NoLabelSet>(s.real(m), s.count(), &buckets, None)?
+                    }
                     (Kind::Counter, false) => ConstCounter::new(s.value).encode(fe)?,
                     (Kind::Counter, true) => ConstCounter::new(s.real(m)).encode(fe)?,
                     (Kind::Gauge, false) => {
@@ -1116,25 +1253,49 @@ pub fn encode_text(families: &[Family]) -> String {
         let ty = match m.kind {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
         };
         let _ = writeln!(out, "# HELP {name} {}", escape(m.help, false));
         let _ = writeln!(out, "# TYPE {name} {ty}");
         for s in &f.samples {
-            out.push_str(&name);
-            if !m.labels.is_empty() {
-                out.push('{');
-                for (i, (k, v)) in m.labels.iter().zip(&s.labels).enumerate() {
-                    if i > 0 {
-                        out.push(',');
+            // One line: the name and suffix, the sample's labels (and `le`), the value.
+            let mut line = |suffix: &str, le: Option<&str>, value: &dyn std::fmt::Display| {
+                let _ = write!(out, "{name}{suffix}");
+                let labels = m
+                    .labels
+                    .iter()
+                    .copied()
+                    .zip(s.labels.iter().map(|v| escape(v, true)));
+                let labels: Vec<(&str, String)> =
+                    labels.chain(le.map(|le| ("le", le.to_string()))).collect();
+                if !labels.is_empty() {
+                    out.push('{');
+                    for (i, (k, v)) in labels.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        let _ = write!(out, "{k}=\"{v}\"");
                     }
-                    let _ = write!(out, "{k}=\"{}\"", escape(v, true));
+                    out.push('}');
                 }
-                out.push('}');
-            }
-            if m.milli {
-                let _ = writeln!(out, " {}", s.real(m));
-            } else {
-                let _ = writeln!(out, " {}", s.value);
+                let _ = writeln!(out, " {value}");
+            };
+            match m.kind {
+                Kind::Histogram => {
+                    let mut cumulative = 0;
+                    let bounds = m
+                        .bounds()
+                        .map(|b| b.to_string())
+                        .chain(["+Inf".to_string()]);
+                    for (le, n) in bounds.zip(&s.buckets) {
+                        cumulative += n;
+                        line("_bucket", Some(&le), &cumulative);
+                    }
+                    line("_sum", None, &s.real(m));
+                    line("_count", None, &cumulative);
+                }
+                _ if m.milli => line("", None, &s.real(m)),
+                _ => line("", None, &s.value),
             }
         }
     }
@@ -1375,6 +1536,10 @@ mod tests {
         w.gso_packets.store(11, Relaxed);
         w.max_batch.store(17, Relaxed);
         w.defer_wait_us.store(2_500_000, Relaxed);
+        let mut latency = Latency::default();
+        latency.record(Duration::from_micros(40), 3);
+        latency.record(Duration::from_secs(2), 1);
+        w.verdict_latency.publish(&latency);
         Sources {
             node: "gw1".into(),
             started_unix_s: 1_700_000_000,
@@ -1402,6 +1567,12 @@ mod tests {
                     ..Default::default()
                 })),
                 nudge: None,
+                log: Some({
+                    let l = Arc::new(LogStatus::default());
+                    l.installs.store(2, Relaxed);
+                    l.version.store(3, Relaxed);
+                    l
+                }),
             }),
             ha: Some(HaHandle::new(true)),
             tls: None,
@@ -1439,7 +1610,8 @@ mod tests {
                     .filter(|p| !p.is_empty())
                     .map(|p| {
                         let (k, v) = p.split_once("=\"").expect("k=\"v\"");
-                        (k.to_string(), v.trim_end_matches('"').to_string())
+                        let v = v.trim_end_matches('"');
+                        (k.to_string(), if k == "le" { le(v) } else { v.to_string() })
                     })
                     .collect();
                 (n.to_string(), labels)
@@ -1454,8 +1626,18 @@ mod tests {
         (name, labels, value)
     }
 
-    /// Series by name and labels (sorted by label name), with their values.
-    type Series = BTreeMap<(String, Vec<(String, String)>), f64>;
+    /// A bucket bound as one spelling (the encoders write `1e-5` or `0.00001`).
+    fn le(v: &str) -> String {
+        match v.parse::<f64>() {
+            Ok(b) if b.is_finite() => b.to_string(),
+            _ => v.to_string(),
+        }
+    }
+
+    /// A series: its name and labels (sorted by label name).
+    type SeriesKey = (String, Vec<(String, String)>);
+    /// Series with their values.
+    type Series = BTreeMap<SeriesKey, f64>;
 
     /// An exposition (either format) as its declared types and its series.
     fn parse_exposition(text: &str) -> (BTreeMap<String, String>, Series) {
@@ -1482,13 +1664,28 @@ mod tests {
         for (name, f) in j["metrics"].as_object().unwrap() {
             types.insert(name.clone(), f["type"].as_str().unwrap().to_string());
             for s in f["samples"].as_array().unwrap() {
-                let labels = s["labels"]
+                let labels: Vec<(String, String)> = s["labels"]
                     .as_object()
                     .unwrap()
                     .iter()
                     .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
                     .collect();
-                values.insert((name.clone(), labels), s["value"].as_f64().unwrap());
+                let v = &s["value"];
+                if f["type"] == "histogram" {
+                    // Flattened the way an exposition writes it.
+                    for b in v["buckets"].as_array().unwrap() {
+                        let mut l = labels.clone();
+                        l.push(("le".into(), le(&b["le"].to_string().replace('"', ""))));
+                        l.sort();
+                        values.insert((format!("{name}_bucket"), l), b["count"].as_f64().unwrap());
+                    }
+                    for part in ["sum", "count"] {
+                        let key = (format!("{name}_{part}"), labels.clone());
+                        values.insert(key, v[part].as_f64().unwrap());
+                    }
+                } else {
+                    values.insert((name.clone(), labels), v.as_f64().unwrap());
+                }
             }
         }
         (types, values)
@@ -1508,21 +1705,40 @@ mod tests {
                 Kind::Counter if openmetrics => (m.name.to_string(), "counter"),
                 Kind::Counter => (m.exposed_name(), "counter"),
                 Kind::Gauge => (m.name.to_string(), "gauge"),
+                Kind::Histogram => (m.name.to_string(), "histogram"),
             };
             if types.get(&typed).map(String::as_str) != Some(want) {
                 out.push(format!("type of {typed}"));
             }
             for s in &f.samples {
-                let mut labels: Vec<(String, String)> = m
+                let labels: Vec<(String, String)> = m
                     .labels
                     .iter()
                     .zip(&s.labels)
                     .map(|(k, v)| (k.to_string(), v.clone()))
                     .collect();
-                labels.sort();
-                let key = (m.exposed_name(), labels);
-                if values.get(&key) != Some(&s.real(m)) {
-                    out.push(format!("{key:?} = {}", s.real(m)));
+                // The series this sample must appear as, and its value.
+                let mut want: Vec<(SeriesKey, f64)> = vec![];
+                if m.kind == Kind::Histogram {
+                    let mut cumulative = 0;
+                    let bounds = m.bounds().map(|b| b.to_string()).chain(["+Inf".into()]);
+                    for (b, n) in bounds.zip(&s.buckets) {
+                        cumulative += n;
+                        let mut l = labels.clone();
+                        l.push(("le".into(), b));
+                        want.push(((format!("{}_bucket", m.name), l), cumulative as f64));
+                    }
+                    want.push(((format!("{}_sum", m.name), labels.clone()), s.real(m)));
+                    want.push(((format!("{}_count", m.name), labels), cumulative as f64));
+                } else {
+                    want.push(((m.exposed_name(), labels), s.real(m)));
+                }
+                for ((name, mut labels), v) in want {
+                    labels.sort();
+                    let key = (name, labels);
+                    if values.get(&key) != Some(&v) {
+                        out.push(format!("{key:?} = {v}"));
+                    }
                 }
             }
         }
@@ -1738,6 +1954,24 @@ mod tests {
         );
         assert_eq!(get("keepstate_gso_packets_total", &[]), Some(11.0));
         assert_eq!(get("keepstate_nfqueue_batch_max_packets", &[]), Some(17.0));
+        let lat = |b: &str| {
+            get(
+                "keepstate_verdict_latency_seconds_bucket",
+                &[("le", &le(b))],
+            )
+        };
+        assert_eq!(lat("2.5e-5"), Some(0.0));
+        assert_eq!(lat("5e-5"), Some(3.0));
+        assert_eq!(lat("1"), Some(3.0));
+        assert_eq!(lat("+Inf"), Some(4.0));
+        assert_eq!(
+            get("keepstate_verdict_latency_seconds_count", &[]),
+            Some(4.0)
+        );
+        assert_eq!(
+            get("keepstate_verdict_latency_seconds_sum", &[]),
+            Some(2.00012)
+        );
         assert_eq!(
             get(
                 "keepstate_ftp_rejected_lines_total",
@@ -1834,6 +2068,7 @@ mod tests {
             samples: vec![Sample {
                 labels: vec!["q\"\\\n".into()],
                 value: 1,
+                buckets: vec![],
             }],
         }]);
         assert_eq!(
@@ -1845,6 +2080,20 @@ mod tests {
     /// Every name the catalog exposes.
     fn exposed_names() -> Vec<String> {
         CATALOG.iter().map(|m| m.exposed_name()).collect()
+    }
+
+    /// The series names a query can use: a histogram's `_bucket`, `_sum` and `_count`.
+    fn series_names() -> Vec<String> {
+        CATALOG
+            .iter()
+            .flat_map(|m| match m.kind {
+                Kind::Histogram => ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .map(|s| format!("{}{s}", m.name))
+                    .collect(),
+                _ => vec![m.exposed_name()],
+            })
+            .collect()
     }
 
     /// The README's metric table names only metrics that exist, and every family is in it.
@@ -1988,7 +2237,7 @@ mod tests {
             "keepstate_tcp_connections",
             "keepstate_expectations",
         ];
-        let known = exposed_names();
+        let known = series_names();
         let mut bad = vec![];
         // Every metric a panel queries, with the panel's unit.
         let mut used: Vec<(String, String)> = vec![];
@@ -2030,7 +2279,7 @@ mod tests {
             bad.push("no annotation marks changes of keepstate_ha_role (failovers)".into());
         }
         // Metrics some panel must show, and the units it may show them in (any when empty).
-        let wants: [(&str, &[&str]); 16] = [
+        let wants: [(&str, &[&str]); 17] = [
             ("keepstate_verdicts_total", &["pps"]),
             ("keepstate_packets_total", &["pps"]),
             ("keepstate_bytes_total", &["bps", "Bps", "binbps", "binBps"]),
@@ -2040,6 +2289,7 @@ mod tests {
             ("keepstate_connections_max", &["percentunit", "percent"]),
             ("keepstate_nfqueue_waiting_packets", &[]),
             ("keepstate_nfqueue_kernel_drops_total", &[]),
+            ("keepstate_verdict_latency_seconds_bucket", &["s"]),
             ("keepstate_sync_lag_items", &[]),
             ("keepstate_ha_role", &[]),
             ("keepstate_ha_ready", &[]),

@@ -132,6 +132,24 @@ pub struct HaOpts {
     pub ha_extra: String,
     /// Lines appended to every member's `[datapath]` section.
     pub datapath_extra: String,
+    /// Which paths state replication has between the gateways.
+    pub sync_paths: SyncPaths,
+}
+
+/// The paths of the gateways' sync stream (`[sync] listen` and the peer's `addr`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncPaths {
+    /// The management network only (198.18.0.0/24).
+    Management,
+    /// A dedicated veth between gw1 and gw2 (2001:db8:ff::/64, [`HaLab::dedicated_link`]) only.
+    Dedicated,
+    /// The dedicated link first, the management network second.
+    DedicatedThenManagement,
+}
+
+/// A gateway's address on the dedicated sync link (`SyncPaths::Dedicated*`).
+pub fn dedicated_addr(id: u64) -> String {
+    format!("[2001:db8:ff::{id}]:{SYNC_PORT}")
 }
 
 impl Default for HaOpts {
@@ -147,6 +165,7 @@ impl Default for HaOpts {
             keepalived_edit: None,
             ha_extra: String::new(),
             datapath_extra: String::new(),
+            sync_paths: SyncPaths::Management,
         }
     }
 }
@@ -169,12 +188,31 @@ pub struct HaLab {
 /// negative controls.
 pub fn ha_sections(opts: &HaOpts, ha_socket: &Path, id: u64) -> (String, String) {
     let peer = 3 - id;
+    let paths = |of: u64| {
+        let mgmt = format!("198.18.0.{of}:{SYNC_PORT}");
+        match opts.sync_paths {
+            SyncPaths::Management => vec![mgmt],
+            SyncPaths::Dedicated => vec![dedicated_addr(of)],
+            SyncPaths::DedicatedThenManagement => vec![dedicated_addr(of), mgmt],
+        }
+    };
+    // One path as a plain string: the previous release (upgrade tests) reads only that.
+    let list = |of: u64| {
+        let quoted: Vec<String> = paths(of).iter().map(|a| format!("\"{a}\"")).collect();
+        match quoted.as_slice() {
+            [one] => one.clone(),
+            many => format!("[{}]", many.join(", ")),
+        }
+    };
     let sync = if opts.sync {
         format!(
-            "[sync]\nlisten = \"198.18.0.{id}:{SYNC_PORT}\"\n\
-             peers = [{{ id = {peer}, addr = \"198.18.0.{peer}:{SYNC_PORT}\" }}]\n\
+            "[sync]\nlisten = {}\n\
+             peers = [{{ id = {peer}, addr = {} }}]\n\
              pickup_delay_ms = {}\ndefer_ms = {}\n",
-            opts.pickup_delay_ms, opts.defer_ms
+            list(id),
+            list(peer),
+            opts.pickup_delay_ms,
+            opts.defer_ms
         )
     } else {
         String::new()
@@ -299,6 +337,18 @@ impl HaLab {
     pub fn start(opts: HaOpts) -> HaLab {
         let lab = ha_topology(opts.ipv6);
         let p = lab.prefix.clone();
+        if opts.sync_paths != SyncPaths::Management {
+            let (a, b) = (format!("{p}d1"), format!("{p}d2"));
+            lab.link("gw1", &a, "gw2", &b);
+            lab.sh(
+                "gw1",
+                &format!("ip -6 addr add 2001:db8:ff::1/64 dev {a} nodad"),
+            );
+            lab.sh(
+                "gw2",
+                &format!("ip -6 addr add 2001:db8:ff::2/64 dev {b} nodad"),
+            );
+        }
 
         let certs = crate::Certs::make(&lab.dir, &[1, 2, 3]);
         let mut members = vec![];
@@ -655,6 +705,22 @@ impl HaLab {
     /// Kill only fwnode on `gw` (keepalived stays): track_process must move the VIPs.
     pub fn kill_fwnode(&mut self, gw: Gw) {
         self.c.kill(gw.id());
+    }
+
+    /// The dedicated sync link (`SyncPaths::Dedicated*`) up or down, at gw1's end. Up gives
+    /// gw1 its address back: Linux drops an interface's IPv6 addresses when it is set down.
+    pub fn dedicated_link(&self, up: bool) {
+        let dev = format!("{}d1", self.c.lab.prefix);
+        self.c.lab.sh(
+            "gw1",
+            &if up {
+                format!(
+                    "ip link set {dev} up && ip -6 addr replace 2001:db8:ff::1/64 dev {dev} nodad"
+                )
+            } else {
+                format!("ip link set {dev} down")
+            },
+        );
     }
 
     /// The sync/management link of `gw` up or down.

@@ -130,6 +130,7 @@ fn a_live_scrape_passes_promtool_check_metrics() {
                 "keepstate_certificate_expiry_timestamp_seconds",
                 "keepstate_sync_lag_seconds{peer=",
                 "keepstate_verdicts_total{",
+                "keepstate_verdict_latency_seconds_bucket{le=\"+Inf\"}",
                 "keepstate_tcp_connections{state=",
                 "keepstate_rule_packets_total{rule=\"default\"",
             ] {

@@ -206,6 +206,7 @@ impl AnsibleLab {
                  \x20       keepstate_lan_if: {lan}\n        keepstate_wan_if: {wan}\n\
                  \x20       keepstate_lan_vip6: 2001:db8:1::1/64\n        keepstate_wan_vip6: 2001:db8:2::1/64\n\
                  \x20       keepstate_sync_vip4: 198.18.0.254/24\n\
+                 \x20       keepstate_operators: [198.18.0.100, \"2001:db8:9::/64\"]\n\
                  \x20       keepstate_cluster_extra: \"heartbeat_ms = 50\\nelection_timeout_min_ms = 300\\nelection_timeout_max_ms = 600\\n\"\n\
                  \x20     hosts:\n{list}",
                 bins = self.bin_dir.display(),
@@ -331,6 +332,11 @@ impl AnsibleLab {
                 shell_quote(&config.display().to_string())
             ),
         );
+        let toml = std::fs::read_to_string(&config).unwrap();
+        assert!(
+            toml.contains("\noperators = [\"198.18.0.100\", \"2001:db8:9::/64\"]\n"),
+            "keepstate_operators is not {host}'s [cluster] operators:\n{toml}"
+        );
         let ka = root.join("etc/keepalived/keepalived.conf");
         if role == "gateway" {
             let o = self.lab.try_sh(
@@ -358,7 +364,6 @@ impl AnsibleLab {
             );
             let notify = root.join("etc/keepalived/keepstate/notify.sh");
             assert!(notify.exists(), "{} is missing", notify.display());
-            let toml = std::fs::read_to_string(&config).unwrap();
             assert_eq!(
                 toml.contains("takeover_nudge = true\ntakeover_nudge_mtu = 1499"),
                 host == "gw2",

@@ -153,6 +153,18 @@ fn tcp_allowed_denied_and_unsolicited_inbound_v4_v6() {
     );
     let hits = &s["policy"]["hits"];
     assert!(hits[2].as_u64().unwrap_or(0) >= 2, "web-out rule hits: {s}");
+    // Every packet that got a verdict was timed, and none waited a second.
+    let latency = &s["metrics"]["keepstate_verdict_latency_seconds"]["samples"][0]["value"];
+    let verdicts = metric(&s, "keepstate_verdicts_total", &[]);
+    assert_eq!(latency["count"].as_u64(), Some(verdicts), "{latency}");
+    let buckets = latency["buckets"].as_array().expect("buckets");
+    let within_1s = &buckets[buckets.len() - 2];
+    assert_eq!(within_1s["le"], 1.0, "{latency}");
+    assert_eq!(within_1s["count"].as_u64(), Some(verdicts), "{latency}");
+    assert!(
+        latency["sum"].as_f64().is_some_and(|s| s > 0.0),
+        "{latency}"
+    );
 }
 
 #[test]

@@ -8,7 +8,8 @@
 //! printed), (b) an active-mode FTP download in flight, (c) an active FTP session whose PORT
 //! was sent before the crash and whose data connection opens after it, (d) an EPSV download
 //! in flight, (e) an IPv6 TCP stream, (f) a UDP request/response flow; and failback, a
-//! restarted standby, a sync link that was down for 3 s.
+//! restarted standby, a sync link that was down for 3 s, a dedicated sync path that fails over
+//! to the management network.
 //!
 //! The lab's own proof comes first: the VIPs move at a crash and new connections work through
 //! the new active gateway, a dead fwnode alone moves the VIPs, and the negative controls, (a),
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use keepstate_tests::ha::{
     file_len, follow_download, ftp_download, gap_after, sha256, vsftpd, write_failover_plot, Gw,
-    HaLab, HaOpts, Stream, IPERF_PORT, UDP_PORT,
+    HaLab, HaOpts, Stream, SyncPaths, IPERF_PORT, UDP_PORT,
 };
 use keepstate_tests::*;
 
@@ -963,5 +964,125 @@ fn sync_link_down_3s_then_up_loses_no_session_at_a_later_failover() {
         &mut during,
         b,
         "sync link flap, opened during the outage",
+    );
+}
+
+/// gw1's view of its sync peer (gw2): connected, the live path, bulks received and sent.
+fn sync_peer_of_gw1(ha: &HaLab) -> (bool, String, u64, u64) {
+    let out = ha.ctl(Gw::Gw1, &["-o", "json", "sync", "status"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("sync status: {e}: {out:?}"));
+    let p = &v["peers"][0];
+    (
+        p["connected"] == true,
+        p["path"].as_str().unwrap_or("").to_string(),
+        p["bulks_received"].as_u64().unwrap_or(0),
+        p["bulks_sent"].as_u64().unwrap_or(0),
+    )
+}
+
+/// Wait (at most `timeout`) until gw1's stream to gw2 is up on `path`; returns how long it took.
+fn wait_path(ha: &HaLab, path: &str, timeout: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        let (up, live, ..) = sync_peer_of_gw1(ha);
+        if up && live == path {
+            return Some(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// Issue 23 item 6: two sync paths, a dedicated link first and the management network second.
+/// The dedicated link goes down during traffic; the stream moves to the management path within
+/// the idle timeout (1.5 s) and resumes without a bulk transfer; a session opened after the
+/// move is replicated over the second path; the repaired link gets the stream back, again
+/// without a bulk; a session opened before the move and the one opened after it both survive a
+/// crash of the active gateway. Negative control: with the dedicated path alone the stream
+/// stays down.
+#[test]
+fn a_dead_dedicated_sync_link_moves_the_stream_to_the_next_path_and_sessions_survive_a_crash() {
+    let mut ha = HaLab::start(HaOpts {
+        sync_paths: SyncPaths::DedicatedThenManagement,
+        ..HaOpts::default()
+    });
+    let first = keepstate_tests::ha::dedicated_addr(2);
+    let second = format!("198.18.0.2:{}", keepstate_tests::ha::SYNC_PORT);
+    assert!(
+        wait_path(&ha, &first, Duration::from_secs(10)).is_some(),
+        "the stream did not use the first path: {:?}\n{}",
+        sync_peer_of_gw1(&ha),
+        ha.diag()
+    );
+    let (_, _, bulks_in, bulks_out) = sync_peer_of_gw1(&ha);
+    let mut before = Stream::start(ha.lab(), IPERF_PORT, false, 24, "10M");
+    ha.dedicated_link(false);
+    let Some(took) = wait_path(&ha, &second, Duration::from_secs(10)) else {
+        panic!(
+            "the stream did not move to the second path: {:?}\n{}",
+            sync_peer_of_gw1(&ha),
+            ha.diag()
+        );
+    };
+    eprintln!("[sync paths] stream up on {second} {took:?} after the first path went down");
+    assert!(
+        took < Duration::from_millis(1500 + 1000),
+        "the move took {took:?}: more than the idle timeout and a reconnect"
+    );
+    // A session opened now is replicated over the second path only.
+    let mut after = Stream::start(ha.lab(), IPERF_PORT + 1, true, 14, "10M");
+    if let Err(last) = ha.wait_caught_up(Duration::from_secs(10)) {
+        panic!("not caught up on the second path: {last}\n{}", ha.diag());
+    }
+    let (_, _, bulks_in_now, bulks_out_now) = sync_peer_of_gw1(&ha);
+    assert_eq!(
+        (bulks_in_now, bulks_out_now),
+        (bulks_in, bulks_out),
+        "the move to the second path resumed the stream without a bulk transfer"
+    );
+    // The first path repaired: the stream goes back to it (probed every 2 s), again resumed.
+    ha.dedicated_link(true);
+    let Some(back) = wait_path(&ha, &first, Duration::from_secs(10)) else {
+        panic!(
+            "the stream did not go back to the first path: {:?}\n{}",
+            sync_peer_of_gw1(&ha),
+            ha.diag()
+        );
+    };
+    eprintln!("[sync paths] back on {first} {back:?} after the link came up");
+    if let Err(last) = ha.wait_caught_up(Duration::from_secs(10)) {
+        panic!(
+            "not caught up back on the first path: {last}\n{}",
+            ha.diag()
+        );
+    }
+    let (_, _, bulks_in_now, bulks_out_now) = sync_peer_of_gw1(&ha);
+    assert_eq!(
+        (bulks_in_now, bulks_out_now),
+        (bulks_in, bulks_out),
+        "the move back resumed the stream without a bulk transfer"
+    );
+    let (a, b) = (
+        before.intervals(ha.lab()).len(),
+        after.intervals(ha.lab()).len(),
+    );
+    crash_gw1(&mut ha, "sync paths");
+    assert_stream_survived(&ha, &mut before, a, "sync paths, opened before the move");
+    assert_stream_survived(&ha, &mut after, b, "sync paths, opened after the move");
+    drop(ha);
+
+    // Negative control: the dedicated path alone. Its link down, the stream stays down.
+    let ha = HaLab::start(HaOpts {
+        sync_paths: SyncPaths::Dedicated,
+        ..HaOpts::default()
+    });
+    assert!(wait_path(&ha, &first, Duration::from_secs(10)).is_some());
+    ha.dedicated_link(false);
+    std::thread::sleep(Duration::from_secs(5));
+    let (up, path, ..) = sync_peer_of_gw1(&ha);
+    assert!(
+        !up && path.is_empty(),
+        "with one path, a dead link leaves no stream (up {up}, path {path:?})"
     );
 }

@@ -443,6 +443,9 @@ impl Replica for Told {
     fn remove_conn(&self, t: &Tuple) {
         Replica::remove_conn(&self.ct, t)
     }
+    fn kill_conn(&self, t: &Tuple) {
+        Replica::kill_conn(&self.ct, t)
+    }
     fn import_expect(&self, now: Timestamp, x: &ExpectSnapshot) -> Result<(), ApplyError> {
         Replica::import_expect(&self.ct, now, x)
     }

@@ -470,6 +470,40 @@ impl Control for ControlService {
         }))
     }
 
+    /// Needs the admin role, like every other change (`read` may only look).
+    async fn delete_connections(
+        &self,
+        request: Request<v1::DeleteConnectionsRequest>,
+    ) -> Result<Response<v1::DeleteConnectionsReply>, Status> {
+        self.allow(&request, OperatorRole::Admin)?;
+        let dp = self.datapath()?;
+        let who = tls::caller(&request)
+            .map(|c| format!("{c:?}"))
+            .unwrap_or_default();
+        let r = request.into_inner();
+        let f = conntrack::Filter::parse(r.filter).map_err(bad)?;
+        let filter = format!("{f:?}");
+        let (ct, now, all) = (dp.ct.clone(), Self::now(dp), r.all);
+        // Off the runtime that drives Raft: the walk visits every shard.
+        let (connections, expectations) =
+            tokio::task::spawn_blocking(move || conntrack::delete(&ct, now, &f, all))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(bad)?;
+        tracing::info!(
+            connections,
+            expectations,
+            all,
+            %filter,
+            caller = %who,
+            "an operator deleted connections (replicated to the peers as kills)"
+        );
+        Ok(Response::new(v1::DeleteConnectionsReply {
+            connections,
+            expectations,
+        }))
+    }
+
     async fn sync_status(
         &self,
         request: Request<v1::SyncStatusRequest>,

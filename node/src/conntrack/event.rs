@@ -93,8 +93,13 @@ pub enum DestroyReason {
     EarlyDrop,
     /// Replaced by a new connection with the same tuple (TCP reopen in TIME_WAIT/CLOSE).
     Reopened,
-    /// Removed by the datapath (policy dropped its first packet) or an operator flush.
+    /// Removed by the datapath (policy dropped its first packet), or by the peer's kill of a
+    /// connection this node owned (`Shard::kill_conn`).
     Removed,
+    /// An operator deleted it (`fwctl ct delete`, `Conntrack::delete_where`): announced even
+    /// when it was learned from the peer, as a kill (`sync::Item::ConnKilled`) that removes the
+    /// peer's entry whoever owns it.
+    Killed,
 }
 
 /// Why an expectation left the table.

@@ -10,11 +10,12 @@
 //! table is full the shell's `ShardGuard::track` lets the shard early-drop in *other* shards
 //! (`early_drop_elsewhere`: bounded work, never an unbounded wait for another shard's lock), so
 //! one host pair cannot fill the table and starve every other shard. For the control API it
-//! counts (`state_counts`, `count_where`) and lists in pages (`snapshots_page`) without
-//! holding a shard lock for long. For state replication it routes a peer's items to their
-//! shard (`import_conn`, `apply_update`, `remove_conn`, `import_expect`, `remove_expect`, the
-//! `begin_peer_bulk`/`end_peer_bulk` sweep; the rules are in `table::peer`) and lists its own
-//! table for a peer's bulk transfer (`bulk_page`). Must not touch: I/O, clocks, policy.
+//! counts (`state_counts`, `count_where`), lists in pages (`snapshots_page`) and deletes for an
+//! operator (`delete_where`) without holding a shard lock for long. For state replication it
+//! routes a peer's items to their shard (`import_conn`, `apply_update`, `remove_conn`,
+//! `kill_conn`, `import_expect`, `remove_expect`, the `begin_peer_bulk`/`end_peer_bulk` sweep;
+//! the rules are in `table::peer`) and lists its own table for a peer's bulk transfer
+//! (`bulk_page`). Must not touch: I/O, clocks, policy.
 
 pub mod config;
 pub mod event;
@@ -355,6 +356,25 @@ impl Conntrack {
         n
     }
 
+    /// An operator's delete: kill every unexpired connection matching `filter` and its
+    /// expectations (`Shard::delete_where`: announced as killed, so the peer removes them
+    /// too). Holds one shard lock at a time, for `PAGE_SCAN` slots at most. Returns how many
+    /// connections and expectations went. Not atomic: a matching connection created during the
+    /// walk, in a range already passed, stays.
+    pub fn delete_where(&self, now: Timestamp, filter: impl Fn(&ConnInfo) -> bool) -> (u64, u64) {
+        let (mut conns, mut expects) = (0, 0);
+        for s in self.shards.iter() {
+            let mut from = Some(0);
+            while let Some(f) = from {
+                let (c, x, next) = s.lock().delete_where(f, PAGE_SCAN, now, &filter);
+                conns += c;
+                expects += x;
+                from = next;
+            }
+        }
+        (conns, expects)
+    }
+
     /// Connections by protocol and TCP state; holds one shard lock at a time, for `PAGE_SCAN`
     /// slots at most, and allocates nothing.
     pub fn state_counts(&self, now: Timestamp) -> StateCounts {
@@ -439,6 +459,11 @@ impl Conntrack {
     /// The peer's connection `t` ended (`Shard::remove_conn`: only entries still `FROM_PEER`).
     pub fn remove_conn(&self, t: &Tuple) -> bool {
         self.lock_tuple(t).remove_conn(t)
+    }
+
+    /// The peer's operator killed connection `t` (`Shard::kill_conn`: whoever owns it).
+    pub fn kill_conn(&self, t: &Tuple) -> bool {
+        self.lock_tuple(t).kill_conn(t)
     }
 
     /// Import a peer's expectation (`Shard::import_expect`); its master must be here.

@@ -849,10 +849,12 @@ impl Shard {
     /// Remove a connection. Its end is announced to peers unless it was still only the
     /// peer's (`FROM_PEER`: the peer decides when its connection ends; announcing our timeout
     /// or early drop would remove a live connection there) - except for a reopen, which the
-    /// peer must see before the new connection.
+    /// peer must see before the new connection, and an operator's kill, which must reach the
+    /// peer whoever owns the connection.
     fn destroy(&mut self, slot: u32, reason: DestroyReason) {
         let learned = self.entries[slot as usize].status & status::FROM_PEER != 0;
-        let announce = reason == DestroyReason::Reopened || !learned;
+        let announce =
+            matches!(reason, DestroyReason::Reopened | DestroyReason::Killed) || !learned;
         self.destroy_as(slot, reason, announce)
     }
 
@@ -913,6 +915,36 @@ impl Shard {
         }
         self.destroy(id.slot, DestroyReason::Removed);
         true
+    }
+
+    /// An operator's delete (`Conntrack::delete_where`): kill the unexpired connections in
+    /// slots `from..from + scan` that match `filter`, with their expectations. Each is announced
+    /// as killed (`DestroyReason::Killed`, replicated as `sync::Item::ConnKilled`, which removes
+    /// the peer's entry whoever owns it), learned entries included. Returns how many
+    /// connections and expectations went, and where the next range starts (`None`: the shard
+    /// ends within this one).
+    pub fn delete_where(
+        &mut self,
+        from: u32,
+        scan: usize,
+        now: Timestamp,
+        filter: &dyn Fn(&ConnInfo) -> bool,
+    ) -> (u64, u64, Option<u32>) {
+        let now_ms = now.as_millis();
+        let len = self.entries.len();
+        let start = (from as usize).min(len);
+        let end = start.saturating_add(scan).min(len);
+        let expects_before = self.expects.len();
+        let mut conns = 0;
+        for slot in start..end {
+            let e = &self.entries[slot];
+            if e.kind != Kind::Free && e.expires > now_ms && filter(&info_of(e)) {
+                self.destroy(slot as u32, DestroyReason::Killed);
+                conns += 1;
+            }
+        }
+        let expects = expects_before.saturating_sub(self.expects.len()) as u64;
+        (conns, expects, (end < len).then_some(end as u32))
     }
 
     /// Remove every connection and expectation.

@@ -3144,3 +3144,146 @@ fn a_copy_sent_with_data_in_flight_gets_the_states_own_timeout() {
         "the peer's copy would expire 300 s after the last packet"
     );
 }
+
+/// Every event queued in every shard.
+fn drain_events(ct: &Conntrack) -> Vec<Event> {
+    let mut v = Vec::new();
+    for i in 0..ct.shard_count() {
+        let mut sh = ct.lock(i);
+        v.extend(std::iter::from_fn(|| sh.poll_event()));
+    }
+    v
+}
+
+fn killed(evs: &[Event]) -> Vec<Tuple> {
+    evs.iter()
+        .filter_map(|e| match e {
+            Event::ConnDestroyed {
+                tuple,
+                reason: DestroyReason::Killed,
+            } => Some(*tuple),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `fwctl ct delete`: the matching connections go with their expectations, over every shard,
+/// each announced as killed; the others stay.
+#[test]
+fn delete_where_kills_the_matches_and_their_expectations() {
+    let ct = Conntrack::new(&Config { shards: 8, ..cfg() });
+    // An FTP control connection (in whichever shard its addresses hash to) announcing two
+    // data connections.
+    let mut f = Flow {
+        sp: 21,
+        ..Flow::v4()
+    };
+    let o = track(&ct, 0, &f.seg(true, S, 0));
+    track(&ct, 1, &f.seg(false, S | A, 0));
+    track(&ct, 2, &f.seg(true, A, 0));
+    let m = o.conn.unwrap();
+    {
+        let mut sh = ct.lock_tuple(&Tuple::new(f.c, f.s, f.cp, f.sp, proto::TCP));
+        sh.expect(t(10), data_expect(m, &f, 50000)).unwrap();
+        sh.expect(t(10), data_expect(m, &f, 50001)).unwrap();
+    }
+    let flows = udp_flows(&ct, 10, 20);
+    let mut web = Flow {
+        cp: 40001,
+        ..Flow::v4()
+    };
+    track(&ct, 10, &web.seg(true, S, 0));
+    track(&ct, 10, &web.seg(false, S | A, 0));
+    track(&ct, 10, &web.seg(true, A, 0));
+    assert_eq!((ct.len(), ct.expectation_count()), (22, 2));
+    drain_events(&ct);
+
+    // Nothing matches: nothing goes, nothing is announced.
+    assert_eq!(ct.delete_where(t(20), |c| c.tuple.dst_port == 9), (0, 0));
+    assert!(drain_events(&ct).is_empty());
+
+    // The FTP control connection and its two expectations.
+    assert_eq!(ct.delete_where(t(20), |c| c.tuple.dst_port == 21), (1, 2));
+    assert_eq!((ct.len(), ct.expectation_count()), (21, 0));
+    let evs = drain_events(&ct);
+    assert_eq!(killed(&evs).len(), 1, "{evs:?}");
+    let gone = evs
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::ExpectDestroyed {
+                    reason: ExpectEnd::MasterGone,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(gone, 2, "{evs:?}");
+
+    // Five UDP flows by source port, over several shards.
+    let want: Vec<Tuple> = flows[..5].to_vec();
+    let n = ct.delete_where(t(20), |c| want.contains(&c.tuple));
+    assert_eq!(n, (5, 0));
+    let mut k = killed(&drain_events(&ct));
+    k.sort_by_key(|t| t.src_port);
+    assert_eq!(k, want);
+    for tu in &flows[..5] {
+        assert!(ct.lock_tuple(tu).find(tu).is_none());
+    }
+    for tu in &flows[5..] {
+        assert!(ct.lock_tuple(tu).find(tu).is_some());
+    }
+    // The TCP session; its next segment finds no connection (pickup is off): INVALID.
+    assert_eq!(
+        ct.delete_where(t(21), |c| c.tuple.proto == proto::TCP),
+        (1, 0)
+    );
+    invalid(
+        &track(&ct, 22, &web.seg(true, A, 10)),
+        InvalidReason::TcpNoConnection,
+    );
+    // Everything else.
+    assert_eq!(ct.delete_where(t(22), |_| true), (15, 0));
+    assert!(ct.is_empty());
+    ct.check_invariants().unwrap();
+}
+
+/// A delete on the node that only learned a connection announces the kill too (a timeout of
+/// a learned entry announces nothing); the receiving end removes its entry whoever owns it
+/// (`kill_conn`), while `remove_conn` (a plain ConnGone) leaves what is used here.
+#[test]
+fn a_kill_reaches_learned_entries_and_removes_owned_ones_on_the_peer() {
+    let a = Conntrack::new(&cfg());
+    let flows = udp_flows(&a, 0, 3);
+    let b = Conntrack::new(&cfg());
+    transfer(&a, &b, 1, 100);
+    drain_events(&a);
+    assert!(drain_events(&b).is_empty(), "imports announce nothing");
+
+    // b only learned flow 0 (FROM_PEER); its operator deletes it: announced as a kill.
+    assert_eq!(b.delete_where(t(2), |c| c.tuple == flows[0]), (1, 0));
+    assert_eq!(killed(&drain_events(&b)), vec![flows[0]]);
+    // a (the owner) gets the kill: its own entry goes, announced as an ordinary end.
+    assert!(a.kill_conn(&flows[0]));
+    let evs = drain_events(&a);
+    assert_eq!(
+        evs,
+        vec![Event::ConnDestroyed {
+            tuple: flows[0],
+            reason: DestroyReason::Removed,
+        }]
+    );
+    // A plain ConnGone does not remove what a owns (the negative control)...
+    assert!(!a.remove_conn(&flows[1]));
+    assert!(a.lock_tuple(&flows[1]).find(&flows[1]).is_some());
+    // ...a kill does, seen either way round; a learned entry goes quietly.
+    assert!(a.kill_conn(&flows[1].reverse()));
+    assert!(a.lock_tuple(&flows[1]).find(&flows[1]).is_none());
+    drain_events(&a);
+    assert!(b.kill_conn(&flows[2]));
+    assert!(drain_events(&b).is_empty(), "no echo for a learned entry");
+    assert!(!b.kill_conn(&flows[2]), "already gone");
+    a.check_invariants().unwrap();
+    b.check_invariants().unwrap();
+}

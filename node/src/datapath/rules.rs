@@ -23,9 +23,15 @@
 //!   control-plane ports that leaves through the management interface (the one holding the
 //!   `[cluster]` listen address) is dropped before anything else (`control_plane`; off with
 //!   `datapath.forward_to_control_plane`): the members' gRPC and metrics ports are never
-//!   the policy's to open to the LAN. Then packets carrying the
-//!   reject mark (set by our NF_REPEAT verdict) are REJECTed by the kernel — TCP reset for TCP,
-//!   ICMP port unreachable otherwise; helper ports go to the helper queue with a full-payload
+//!   the policy's to open to the LAN. Then packets our NF_REPEAT verdicts marked, before any
+//!   queue rule (so a repeated packet is never queued again): those with a log slot
+//!   (`datapath.log_mark`, see `log`) visit chain `NAME-log`, which holds one NFLOG rule per
+//!   logged rule of the enforced policy (re-rendered on its own whenever the policy's logged
+//!   rules change: `install_log`); then packets carrying the
+//!   reject mark are REJECTed by the kernel — TCP reset for TCP,
+//!   ICMP port unreachable otherwise; logged packets with the accept bit go to `NAME-acc`,
+//!   which clears our mark bits and ACCEPTs them; the other logged packets are DROPped.
+//!   Helper ports go to the helper queue with a full-payload
 //!   copy; everything else is spread over the worker queues by `--queue-balance` alone, which
 //!   hashes the address pair and protocol symmetrically, so both directions of a connection meet
 //!   one worker. Not `--queue-cpu-fanout`: that picks the queue by the CPU the packet arrived
@@ -37,6 +43,8 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+
+use super::log::{LogMarks, LogRules};
 
 /// Which family's tools to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +87,8 @@ pub struct RuleSpec {
     /// `(protocol name, port)` pairs that go to the helper queue.
     pub helper_ports: Vec<(String, u16)>,
     pub reject_mark: u32,
+    /// The mark bits of logged packets (`datapath.log_mark`).
+    pub log_marks: LogMarks,
     pub fail_open: bool,
     /// fwnode's own TCP listeners (Raft + control, sync, metrics): reachable only on the interface
     /// that holds their address. Empty: no INPUT chain.
@@ -139,19 +149,22 @@ pub enum RulesError {
     Failed { tool: String, stderr: String },
 }
 
+fn check_name(name: &str) -> Result<(), RulesError> {
+    let ok = !name.is_empty()
+        && name.len() <= 24
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(RulesError::BadName(name.to_string()))
+    }
+}
+
 impl RuleSpec {
     fn check(&self) -> Result<(), RulesError> {
-        let ok = !self.name.is_empty()
-            && self.name.len() <= 24
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if ok {
-            Ok(())
-        } else {
-            Err(RulesError::BadName(self.name.clone()))
-        }
+        check_name(&self.name)
     }
 
     fn queue_target(&self) -> String {
@@ -187,7 +200,9 @@ impl RuleSpec {
             "-A {n}-raw -m conntrack --ctstate UNTRACKED -j RETURN\n"
         ));
         s.push_str("COMMIT\n*filter\n");
-        s.push_str(&format!(":{n} - [0:0]\n"));
+        s.push_str(&format!(
+            ":{n} - [0:0]\n:{n}-log - [0:0]\n:{n}-acc - [0:0]\n"
+        ));
         if let Some(ControlPlane {
             iface: Some(i),
             ports,
@@ -200,6 +215,9 @@ impl RuleSpec {
                 ports.join(",")
             ));
         }
+        let lm = self.log_marks;
+        let logged = format!("-m mark ! --mark 0x0/{:#x}", lm.slot_mask());
+        s.push_str(&format!("-A {n} {logged} -j {n}-log\n"));
         // Our bit only: other users of the mark keep theirs.
         let mark = format!("-m mark --mark {m:#x}/{m:#x}", m = self.reject_mark);
         s.push_str(&format!(
@@ -209,6 +227,16 @@ impl RuleSpec {
             "-A {n} {mark} -j REJECT --reject-with {}\n",
             fam.unreachable()
         ));
+        s.push_str(&format!(
+            "-A {n} -m mark --mark {a:#x}/{a:#x} {logged} -j {n}-acc\n",
+            a = lm.accept_bit()
+        ));
+        s.push_str(&format!("-A {n} {logged} -j DROP\n"));
+        s.push_str(&format!(
+            "-A {n}-acc -j MARK --and-mark {:#x}\n",
+            !lm.mask()
+        ));
+        s.push_str(&format!("-A {n}-acc -j ACCEPT\n"));
         if let Some(h) = self.helper_queue {
             let bypass = if self.fail_open {
                 " --queue-bypass"
@@ -312,6 +340,35 @@ fn ensure_jump(fam: Family, table: &str, parent: &str, chain: &str) -> Result<()
     .map(|_| ())
 }
 
+/// The `iptables-restore --noflush` input that replaces chain `NAME-log` with `r`'s NFLOG
+/// rules (the prefixes are `log::prefix`'s: no quote, space-separated safe characters).
+/// `--nflog-threshold 1`: each message leaves at once (without it, iptables-nft leaves the
+/// group's default of the kernel, which holds up to 100 messages for up to a second).
+pub fn render_log(r: &LogRules) -> String {
+    let n = &r.chain;
+    let mut s = format!("*filter\n:{n}-log - [0:0]\n");
+    for (mark, prefix) in &r.entries {
+        s.push_str(&format!(
+            "-A {n}-log -m mark --mark {mark:#x}/{:#x} -j NFLOG --nflog-group {} --nflog-prefix \"{prefix}\" --nflog-threshold 1\n",
+            r.marks.slot_mask(),
+            r.group
+        ));
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
+/// Replace the NFLOG rules (chain `NAME-log`, declared by `install`) for both families; each
+/// family's chain is replaced in one `iptables-restore` transaction.
+pub fn install_log(r: &LogRules) -> Result<(), RulesError> {
+    check_name(&r.chain)?;
+    let script = render_log(r);
+    for fam in [Family::V4, Family::V6] {
+        run(fam.restore(), &["-w", "--noflush"], Some(&script))?;
+    }
+    Ok(())
+}
+
 /// Install (or replace) the rules for both families.
 pub fn install(spec: &RuleSpec) -> Result<(), RulesError> {
     spec.check()?;
@@ -346,6 +403,9 @@ pub fn remove(spec: &RuleSpec) -> Result<(), RulesError> {
         for (table, parent, chain) in [
             ("raw", "PREROUTING", format!("{}-raw", spec.name)),
             ("filter", "FORWARD", spec.name.clone()),
+            // Jumped to from NAME only, which is flushed by now.
+            ("filter", spec.name.as_str(), format!("{}-log", spec.name)),
+            ("filter", spec.name.as_str(), format!("{}-acc", spec.name)),
             ("filter", "INPUT", format!("{}-in", spec.name)),
         ] {
             for _ in 0..64 {
@@ -378,6 +438,7 @@ mod tests {
             helper_queue: Some(2),
             helper_ports: vec![("tcp".into(), 21)],
             reject_mark: 0x40_0000,
+            log_marks: LogMarks::default(),
             fail_open: false,
             local_ports: vec![],
             control_plane: None,
@@ -392,8 +453,14 @@ mod tests {
             "*raw\n:KS-raw - [0:0]\n-A KS-raw -m addrtype --dst-type LOCAL -j RETURN\n\
              -A KS-raw -j CT --notrack\n\
              -A KS-raw -m conntrack --ctstate UNTRACKED -j RETURN\nCOMMIT\n*filter\n:KS - [0:0]\n\
+             :KS-log - [0:0]\n:KS-acc - [0:0]\n\
+             -A KS -m mark ! --mark 0x0/0x7f000000 -j KS-log\n\
              -A KS -m mark --mark 0x400000/0x400000 -p tcp -j REJECT --reject-with tcp-reset\n\
              -A KS -m mark --mark 0x400000/0x400000 -j REJECT --reject-with icmp-port-unreachable\n\
+             -A KS -m mark --mark 0x800000/0x800000 -m mark ! --mark 0x0/0x7f000000 -j KS-acc\n\
+             -A KS -m mark ! --mark 0x0/0x7f000000 -j DROP\n\
+             -A KS-acc -j MARK --and-mark 0x807fffff\n\
+             -A KS-acc -j ACCEPT\n\
              -A KS -p tcp --dport 21 -j NFQUEUE --queue-num 2\n\
              -A KS -p tcp --sport 21 -j NFQUEUE --queue-num 2\n\
              -A KS -j NFQUEUE --queue-balance 0:1\nCOMMIT\n"
@@ -479,6 +546,53 @@ mod tests {
             let at = r.find(drop).unwrap_or_else(|| panic!("{r}"));
             assert!(at < r.find("-A KS -m mark").unwrap(), "first: {r}");
             assert!(!cp(None).render(fam).contains("multiport"));
+        }
+    }
+
+    #[test]
+    fn the_nflog_rules_match_each_slot_with_its_prefix() {
+        use crate::policy::{Action, LogEntry};
+        let e = |slot, rule, name: Option<&str>, action| LogEntry {
+            slot,
+            rule,
+            name: name.map(str::to_string),
+            action,
+        };
+        let r = LogRules::new(
+            "KS",
+            LogMarks::default(),
+            7,
+            &[
+                e(1, Some(3), Some("web"), Action::Drop),
+                e(2, None, None, Action::Accept),
+            ],
+        );
+        assert_eq!(
+            render_log(&r),
+            "*filter\n:KS-log - [0:0]\n\
+             -A KS-log -m mark --mark 0x1000000/0x7f000000 -j NFLOG --nflog-group 7 --nflog-prefix \"keepstate rule 3 web drop\" --nflog-threshold 1\n\
+             -A KS-log -m mark --mark 0x2000000/0x7f000000 -j NFLOG --nflog-group 7 --nflog-prefix \"keepstate default accept\" --nflog-threshold 1\n\
+             COMMIT\n"
+        );
+        // No logged rule: the chain is emptied.
+        let none = LogRules::new("KS", LogMarks::default(), 7, &[]);
+        assert_eq!(render_log(&none), "*filter\n:KS-log - [0:0]\nCOMMIT\n");
+        assert!(matches!(
+            install_log(&LogRules::new("a b", LogMarks::default(), 7, &[])),
+            Err(RulesError::BadName(_))
+        ));
+    }
+
+    /// Marked packets are handled before any queue rule: a repeated packet is never queued
+    /// again.
+    #[test]
+    fn logged_packets_are_finished_before_the_queue_rules() {
+        for fam in [Family::V4, Family::V6] {
+            let r = spec().render(fam);
+            let queue = r.find("-j NFQUEUE").unwrap();
+            for rule in ["-j KS-log\n", "-j KS-acc\n", "0x7f000000 -j DROP\n"] {
+                assert!(r.find(rule).unwrap() < queue, "{rule}: {r}");
+            }
         }
     }
 

@@ -1,8 +1,8 @@
 //! One datapath worker per NFQUEUE queue: receive a batch, decide each packet, send the
 //! verdicts in one datagram.
 //!
-//! Owns the per-packet pipeline (parse → track → policy → FTP helper → verdict) and the
-//! worker's counters.
+//! Owns the per-packet pipeline (parse → track → policy → FTP helper → verdict, marked for
+//! NFLOG when a logged rule decided: `log`) and the worker's counters.
 //! Owns no connection or policy state: the tracker and the policy are the sans-IO cores it
 //! drives. Per packet: no allocation, one shard lock, one atomic policy-pointer load per batch.
 
@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::latency::{Latency, SharedLatency};
+use super::log::Logging;
 use super::nfqueue::{Answer, Msg, Queue, QueueConfig, Verdict};
 use super::nudge::shell::Nudge;
 use super::sys::EventFd;
@@ -92,6 +94,10 @@ pub struct WorkerStats {
     pub defer_full: AtomicU64,
     /// Microseconds held, summed over every released packet.
     pub defer_wait_us: AtomicU64,
+    /// Packets of logged rules marked for NFLOG ...
+    pub log_packets: AtomicU64,
+    /// ... and those not logged because their rule was over its log rate here.
+    pub log_suppressed: AtomicU64,
     pub ftp_lines: AtomicU64,
     pub ftp_expectations: AtomicU64,
     pub ftp_rejected: [AtomicU64; Reject::COUNT],
@@ -102,6 +108,8 @@ pub struct WorkerStats {
     pub ftp_expect_refused: AtomicU64,
     /// Announcements beyond `MAX_ANNOUNCEMENTS` in one segment, not turned into expectations.
     pub ftp_announcements_dropped: AtomicU64,
+    /// Time from reading a packet out of the queue to sending its verdict (`latency`).
+    pub verdict_latency: SharedLatency,
 }
 
 /// The per-packet decision, independent of NFQUEUE so it can be tested and benchmarked.
@@ -118,6 +126,8 @@ pub struct Pipeline {
     pub feed: Option<Feed>,
     /// The takeover nudge (`[ha] takeover_nudge`), shown every accepted packet.
     pub nudge: Option<Arc<Nudge>>,
+    /// Logging to NFLOG: the mark bits and this worker's rate limits per logged rule.
+    pub log: Logging,
 }
 
 /// A packet's verdict, and whether it opened a connection here (the policy accepted the first
@@ -209,7 +219,8 @@ impl Pipeline {
             len: wire_len,
             now,
         };
-        let action = policy.compiled.eval(&meta).action;
+        let decision = policy.compiled.eval(&meta);
+        let action = decision.action;
         // Like the kernel's unconfirmed entries: a connection whose first packet the policy
         // did not accept is forgotten, so it cannot be used later.
         if out.created && action != Action::Accept {
@@ -253,6 +264,13 @@ impl Pipeline {
                     mark: self.reject_mark,
                 }
             }
+        };
+        // The one branch logging costs a policy that logs nothing.
+        let verdict = if policy.compiled.logs() {
+            let slot = policy.compiled.log_slot(decision.rule);
+            self.log.apply(policy, slot, verdict, Instant::now(), s)
+        } else {
+            verdict
         };
         Judged {
             verdict,
@@ -396,6 +414,13 @@ pub fn run(
     };
     // Every batch numbered up to this one was lost on the way to replication.
     let mut abandoned = 0;
+    let mut latency = Latency::default();
+    // When each datagram whose verdicts are still owed was read, and how many it owes.
+    let mut owed_since: Vec<(Instant, u64)> = Vec::with_capacity(cfg.batch_datagrams + 1);
+    // Held packets whose verdict is not a plain accept (marked for logging), by packet id:
+    // released with that verdict. At most the held packets; empty unless a logged rule
+    // accepted a held packet.
+    let mut held_verdicts: std::collections::HashMap<u32, Verdict> = Default::default();
     while !stop.load(Relaxed) {
         let deadline = held.as_ref().and_then(Held::deadline);
         let got = match (deadline, &wake) {
@@ -415,6 +440,8 @@ pub fn run(
             let hold = defer.is_some_and(|d| d.gate.peers_up());
             let mut more = true;
             while more {
+                let read_at = Instant::now();
+                let mut answered = 0;
                 q.for_each(|m: &Msg| {
                     fault.on_packet();
                     let j = pipeline.judge(
@@ -430,13 +457,18 @@ pub fn run(
                         if let (Some(h), Some(f)) = (held.as_mut(), &pipeline.feed) {
                             if h.hold(m.id, f.batch_number(), Instant::now()) {
                                 stats.defer_held.fetch_add(1, Relaxed);
+                                if j.verdict != Verdict::Accept {
+                                    held_verdicts.insert(m.id, with_packet_mark(j.verdict, m.mark));
+                                }
                                 return Answer::Hold;
                             }
                             stats.defer_full.fetch_add(1, Relaxed);
                         }
                     }
+                    answered += 1;
                     Answer::Now(with_packet_mark(j.verdict, m.mark))
                 });
+                owed_since.push((read_at, answered));
                 datagrams += 1;
                 more = datagrams < cfg.batch_datagrams && q.recv(true)?;
             }
@@ -451,8 +483,9 @@ pub fn run(
             if !h.is_empty() {
                 let released = d.gate.released(cfg.index);
                 h.release(released, abandoned, Instant::now(), |id, why, waited| {
-                    let _ = q.release(id, Verdict::Accept);
+                    let _ = q.release(id, held_verdict(&mut held_verdicts, id));
                     count_release(&stats, why, waited);
+                    latency.record(waited, 1);
                 });
             }
         }
@@ -472,11 +505,19 @@ pub fn run(
                 }
             }
         }
+        // Every verdict owed is sent (or none was owed: the packets were held).
+        if q.pending() == 0 && !owed_since.is_empty() {
+            let sent = Instant::now();
+            for (read_at, n) in owed_since.drain(..) {
+                latency.record(sent.saturating_duration_since(read_at), n);
+            }
+        }
         // Publish queue counters and do timer work about ten times a second.
         if last_tick.elapsed() >= Duration::from_millis(100) {
             last_tick = Instant::now();
             // Each worker owns its stats: publish the queue's totals as they are.
             let qs = &q.stats;
+            stats.verdict_latency.publish(&latency);
             stats.published_unix_ms.store(unix_ms(), Relaxed);
             stats.packets.store(qs.packets, Relaxed);
             stats.bytes.store(qs.bytes, Relaxed);
@@ -506,11 +547,19 @@ pub fn run(
     // Stopping: whatever is held was accepted by the policy; let it go.
     if let Some(h) = held.as_mut() {
         h.release_all(Instant::now(), |id, why, waited| {
-            let _ = q.release(id, Verdict::Accept);
+            let _ = q.release(id, held_verdict(&mut held_verdicts, id));
             count_release(&stats, why, waited);
         });
     }
     Ok(())
+}
+
+/// The verdict of a held packet being released: accept, or the logged accept it was given.
+fn held_verdict(marked: &mut std::collections::HashMap<u32, Verdict>, id: u32) -> Verdict {
+    if marked.is_empty() {
+        return Verdict::Accept;
+    }
+    marked.remove(&id).unwrap_or(Verdict::Accept)
 }
 
 /// Count what a feed flush did; a lost batch lets go of the packets held for it.
@@ -561,6 +610,7 @@ mod tests {
             reject_mark: REJECT_MARK,
             feed: None,
             nudge: None,
+            log: Logging::default(),
         }
     }
 

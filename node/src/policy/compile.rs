@@ -114,6 +114,23 @@ pub struct CompiledPolicy {
     counters: Counters,
     /// What this was compiled from.
     model: PolicyModel,
+    /// The log slot of each rule, then of the default (0: not logged; see `log_slot`).
+    log_slots: Box<[u16]>,
+    /// Whether any rule or the default is logged: the one branch the datapath pays for
+    /// logging when nothing is logged.
+    logs: bool,
+    log_entries: Vec<LogEntry>,
+}
+
+/// A logged rule (or the default), as the kernel's NFLOG rules name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEntry {
+    /// 1, 2, ...: the logged rules in order, then the default.
+    pub slot: u16,
+    /// The rule's index (`None`: the default action).
+    pub rule: Option<u32>,
+    pub name: Option<String>,
+    pub action: Action,
 }
 
 #[inline]
@@ -140,6 +157,9 @@ impl CompiledPolicy {
             icmp: vec![],
             ifaces: Box::new([]),
             default: model.default,
+            log_slots: Box::new([]),
+            logs: false,
+            log_entries: vec![],
             counters: Counters::new(model.rules.len() + 1),
             model: model.clone(),
         };
@@ -230,6 +250,38 @@ impl CompiledPolicy {
             }
         }
         c.ifaces = slots.into_boxed_slice();
+        let logged = model
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (Some(i as u32), r.log, r.name.clone(), r.action))
+            .chain(std::iter::once((
+                None,
+                model.default_log.is_some(),
+                None,
+                model.default,
+            )));
+        let mut log_slots = Vec::with_capacity(model.rules.len() + 1);
+        for (rule, log, name, action) in logged {
+            // More than u16::MAX logged rules never reach here: the store refuses a policy
+            // with more than its log mark can number (`file::check_logged`).
+            let slot = if log {
+                u16::try_from(c.log_entries.len() + 1).unwrap_or(0)
+            } else {
+                0
+            };
+            if slot != 0 {
+                c.log_entries.push(LogEntry {
+                    slot,
+                    rule,
+                    name,
+                    action,
+                });
+            }
+            log_slots.push(slot);
+        }
+        c.logs = !c.log_entries.is_empty();
+        c.log_slots = log_slots.into_boxed_slice();
         (c, warnings)
     }
 
@@ -316,6 +368,25 @@ impl CompiledPolicy {
             action: self.default,
             rule: None,
         }
+    }
+
+    /// Whether any rule (or the default) is logged.
+    #[inline]
+    pub fn logs(&self) -> bool {
+        self.logs
+    }
+
+    /// The log slot of what decided (`Decision::rule`; `None`: the default), 0 when it is not
+    /// logged.
+    #[inline]
+    pub fn log_slot(&self, rule: Option<u32>) -> u16 {
+        let i = rule.map_or(self.rules.len(), |r| r as usize);
+        self.log_slots.get(i).copied().unwrap_or(0)
+    }
+
+    /// The logged rules (and the default), by slot.
+    pub fn log_entries(&self) -> &[LogEntry] {
+        &self.log_entries
     }
 
     /// Counts per rule (in order) and of the default action.

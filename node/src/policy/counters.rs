@@ -196,6 +196,8 @@ fn key(r: &Rule) -> Key<'_> {
     let Rule {
         name: _,
         line: _,
+        // Logging a rule changes what is logged, not what it matches: its counts go on.
+        log: _,
         iif,
         oif,
         src,

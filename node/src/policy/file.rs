@@ -11,6 +11,7 @@
 //!
 //! ```toml
 //! default = "drop"            # accept | drop | reject (default: drop, fail closed)
+//! default_log = true          # log what the default decides (default: false)
 //!
 //! [[rule]]
 //! name = "lan-to-web"         # optional, unique
@@ -22,6 +23,7 @@
 //! icmp_type = ["echo-request", 3]  # icmp/icmpv6 only: names or numbers
 //! ct = ["new"]                # new | established | related | invalid (default: any)
 //! action = "accept"           # required
+//! log = true                  # send matching packets to the NFLOG group (default: false)
 //! ```
 
 use std::collections::HashSet;
@@ -53,6 +55,7 @@ pub struct PolicyError {
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
     default: Option<Spanned<String>>,
+    default_log: Option<Spanned<bool>>,
     #[serde(default)]
     rule: Vec<Spanned<RawRule>>,
 }
@@ -75,6 +78,7 @@ struct RawRule {
     icmp_type: Field,
     ct: Field,
     action: Option<Spanned<String>>,
+    log: Option<Spanned<bool>>,
 }
 
 struct Ctx<'a> {
@@ -286,9 +290,51 @@ pub fn parse(text: &str, origin: &str) -> Result<PolicyModel, PolicyError> {
             icmp_type,
             ct,
             action,
+            log: r.log.as_ref().is_some_and(|l| *l.get_ref()),
         });
     }
-    Ok(PolicyModel { default, rules })
+    let default_log = raw
+        .default_log
+        .as_ref()
+        .filter(|l| *l.get_ref())
+        .map(|l| cx.line_col(l.span().start).0);
+    Ok(PolicyModel {
+        default,
+        default_log,
+        rules,
+    })
+}
+
+/// Refuse a policy that logs more rules (`log = true`, and the default with `default_log`) than
+/// the datapath can tell apart: `max` is what its log mark bits can number
+/// (`datapath.log_mark`). The error names the first rule (or the `default_log` line) beyond it.
+pub fn check_logged(model: &PolicyModel, origin: &str, max: usize) -> Result<(), PolicyError> {
+    let too_many = |line: usize, context: String| PolicyError {
+        origin: origin.to_string(),
+        line,
+        column: 1,
+        context,
+        message: format!(
+            "more than {max} logged rules (log = true, default_log counts as one); the \
+             datapath's log mark bits (datapath.log_mark) number at most {max}: log fewer \
+             rules or give datapath.log_mark more bits"
+        ),
+    };
+    let mut n = 0;
+    for (i, r) in model.rules.iter().enumerate().filter(|(_, r)| r.log) {
+        n += 1;
+        if n > max {
+            let label = match &r.name {
+                Some(name) => format!("rule[{i}] (name {name:?}) field \"log\": "),
+                None => format!("rule[{i}] field \"log\": "),
+            };
+            return Err(too_many(r.line, label));
+        }
+    }
+    match model.default_log {
+        Some(line) if n + 1 > max => Err(too_many(line, "default_log: ".into())),
+        _ => Ok(()),
+    }
 }
 
 fn action(s: &str) -> Option<Action> {

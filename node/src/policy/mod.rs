@@ -13,7 +13,7 @@ pub mod ifaces;
 pub mod model;
 pub mod store;
 
-pub use compile::{CompiledPolicy, Decision, PacketMeta};
+pub use compile::{CompiledPolicy, Decision, LogEntry, PacketMeta};
 pub use counters::Count;
 pub use file::PolicyError;
 pub use ifaces::{IfSlot, Interfaces, LinkEvent};

@@ -75,11 +75,16 @@ pub struct Rule {
     pub icmp_type: Vec<u8>,
     pub ct: Option<CtSet>,
     pub action: Action,
+    /// `log = true`: matching packets are also sent to the datapath's NFLOG group.
+    pub log: bool,
 }
 
 /// A whole policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyModel {
     pub default: Action,
+    /// `default_log = true`: packets the default decides are logged too; the line of that
+    /// key, for messages.
+    pub default_log: Option<usize>,
     pub rules: Vec<Rule>,
 }

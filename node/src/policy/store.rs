@@ -37,6 +37,9 @@ pub struct ActivePolicy {
 pub struct PolicyStore {
     current: ArcSwap<ActivePolicy>,
     ifaces: Arc<Interfaces>,
+    /// Most logged rules (and default) a policy may have: what the datapath's log mark bits
+    /// can number.
+    max_logged: usize,
     /// Held while a load builds and swaps a version, so none is built from a stale predecessor.
     loading: Mutex<()>,
 }
@@ -61,6 +64,7 @@ impl PolicyStore {
         let ifaces = Arc::new(Interfaces::new(resolve));
         let empty = PolicyModel {
             default: Action::Drop,
+            default_log: None,
             rules: vec![],
         };
         let (compiled, _) = CompiledPolicy::compile(&empty, &ifaces);
@@ -74,8 +78,22 @@ impl PolicyStore {
         PolicyStore {
             current: ArcSwap::from_pointee(active),
             ifaces,
+            // Until the datapath says how many its mark can number: what a slot can.
+            max_logged: usize::from(u16::MAX),
             loading: Mutex::new(()),
         }
+    }
+
+    /// Refuse policies that log more than `max` rules (counting `default_log`).
+    pub fn with_max_logged(mut self, max: usize) -> Self {
+        self.max_logged = max;
+        self
+    }
+
+    fn parse(&self, text: &str, origin: &str) -> Result<PolicyModel, PolicyError> {
+        let model = file::parse(text, origin)?;
+        file::check_logged(&model, origin, self.max_logged)?;
+        Ok(model)
     }
 
     /// The interface registry of this store's policies, for the link listener that keeps it
@@ -99,7 +117,7 @@ impl PolicyStore {
         origin: &str,
         text: &str,
     ) -> Result<Arc<ActivePolicy>, PolicyError> {
-        let model = file::parse(text, origin)?;
+        let model = self.parse(text, origin)?;
         let _loading = self.loading.lock();
         self.resync_interfaces();
         let (mut compiled, warnings) = CompiledPolicy::compile(&model, &self.ifaces);
@@ -118,7 +136,7 @@ impl PolicyStore {
     /// Parse and compile `text` without enforcing it: what a proposer checks before a policy
     /// enters the Raft log. Returns the rule count and the compiler's warnings.
     pub fn check(&self, text: &str, origin: &str) -> Result<(usize, Vec<String>), PolicyError> {
-        let model = file::parse(text, origin)?;
+        let model = self.parse(text, origin)?;
         self.resync_interfaces();
         let (compiled, warnings) = CompiledPolicy::compile(&model, &self.ifaces);
         Ok((compiled.rule_count(), warnings))

@@ -487,6 +487,7 @@ fn arb_rule() -> impl Strategy<Value = Rule> {
                 },
                 ct: ct.map(CtSet),
                 action,
+                log: false,
             }
         })
 }
@@ -501,7 +502,7 @@ proptest! {
                               ct in proptest::sample::select(vec![CtState::New, CtState::Established, CtState::Related, CtState::Invalid])) {
         let (src, dst) = (ip(src), ip(dst));
         prop_assume!(src.is_ipv4() == dst.is_ipv4());
-        let model = PolicyModel { default: Action::Drop, rules };
+        let model = PolicyModel { default: Action::Drop, default_log: None, rules };
         let ifs = ifs();
         let (c, _) = CompiledPolicy::compile(&model, &ifs);
         // eth9 is absent at compile time and may appear afterwards.
@@ -548,6 +549,132 @@ fn a_key_without_a_value_is_a_clear_error() {
         assert!(!e.message.trim().is_empty(), "{e:?}");
         assert!(e.to_string().contains("missing"), "{e}");
     }
+}
+
+// ---- logging (`log`, `default_log`) ---------------------------------------------------------
+
+const LOGGED: &str = r#"default = "drop"
+default_log = true
+
+[[rule]]
+name = "established"
+ct = ["established", "related"]
+action = "accept"
+
+[[rule]]
+name = "web"
+proto = "tcp"
+dport = 80
+action = "drop"
+log = true
+
+[[rule]]
+proto = "udp"
+action = "accept"
+log = true
+
+[[rule]]
+proto = "tcp"
+dport = 22
+action = "reject"
+log = false
+"#;
+
+#[test]
+fn logged_rules_and_the_default_get_slots_in_order() {
+    let m = file::parse(LOGGED, "t.toml").unwrap();
+    assert_eq!(
+        m.rules.iter().map(|r| r.log).collect::<Vec<_>>(),
+        [false, true, true, false]
+    );
+    assert_eq!(m.default_log, Some(2), "the line of default_log");
+    let p = CompiledPolicy::compile(&m, &ifs()).0;
+    assert!(p.logs());
+    assert_eq!(
+        p.log_entries(),
+        &[
+            LogEntry {
+                slot: 1,
+                rule: Some(1),
+                name: Some("web".into()),
+                action: Action::Drop
+            },
+            LogEntry {
+                slot: 2,
+                rule: Some(2),
+                name: None,
+                action: Action::Accept
+            },
+            LogEntry {
+                slot: 3,
+                rule: None,
+                name: None,
+                action: Action::Drop
+            },
+        ]
+    );
+    let (lan, wan) = ("198.51.100.10", "203.0.113.10");
+    let slot = |m: PacketMeta| p.log_slot(p.eval(&m).rule);
+    assert_eq!(slot(meta(lan, wan, proto::TCP, 80, CtState::New)), 1);
+    assert_eq!(slot(meta(lan, wan, proto::UDP, 53, CtState::New)), 2);
+    assert_eq!(slot(meta(lan, wan, proto::TCP, 22, CtState::New)), 0);
+    assert_eq!(
+        slot(meta(lan, wan, proto::TCP, 80, CtState::Established)),
+        0
+    );
+    assert_eq!(
+        slot(meta(lan, wan, proto::TCP, 443, CtState::New)),
+        3,
+        "default"
+    );
+}
+
+#[test]
+fn a_policy_without_log_logs_nothing() {
+    let p = compile(GATEWAY);
+    assert!(!p.logs());
+    assert!(p.log_entries().is_empty());
+    assert_eq!(p.log_slot(None), 0);
+    assert_eq!(p.log_slot(Some(2)), 0);
+    assert_eq!(p.log_slot(Some(99)), 0, "out of range is not logged");
+    let off = compile(&LOGGED.replace("log = true", "log = false"));
+    assert!(!off.logs());
+}
+
+#[test]
+fn a_log_value_that_is_not_a_boolean_is_refused_with_its_line() {
+    let e = file::parse("[[rule]]\naction = \"drop\"\nlog = \"yes\"\n", "t.toml").unwrap_err();
+    assert_eq!((e.origin.as_str(), e.line), ("t.toml", 3), "{e}");
+    let e = file::parse("default_log = 1\n", "t.toml").unwrap_err();
+    assert_eq!(e.line, 1, "{e}");
+}
+
+#[test]
+fn more_logged_rules_than_the_mark_numbers_are_refused_with_file_and_line() {
+    let m = file::parse(LOGGED, "t.toml").unwrap();
+    assert!(file::check_logged(&m, "t.toml", 3).is_ok());
+    // Two rules fit, the default does not: the error is on default_log's line.
+    let e = file::check_logged(&m, "t.toml", 2).unwrap_err();
+    assert_eq!((e.line, e.context.as_str()), (2, "default_log: "), "{e}");
+    // One fits: the second logged rule (rule[2], the `[[rule]]` on line 16) is refused.
+    let e = file::check_logged(&m, "t.toml", 1).unwrap_err();
+    assert_eq!(e.line, 16, "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("t.toml:16:1: rule[2] field \"log\": more than 1 logged rules"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("datapath.log_mark"), "{e}");
+    // The store applies its bound on load and on check, and keeps the running policy.
+    let store = PolicyStore::new(Box::new(resolver)).with_max_logged(2);
+    store.load_text(1, "ok.toml", GATEWAY).unwrap();
+    let e = store.load_text(2, "p.toml", LOGGED).unwrap_err();
+    assert_eq!((e.origin.as_str(), e.line), ("p.toml", 2), "{e}");
+    assert!(store.check(LOGGED, "p.toml").is_err());
+    assert_eq!(store.current().version, 1);
+    assert!(store
+        .load_text(3, "p.toml", &LOGGED.replace("default_log = true", ""))
+        .is_ok());
 }
 
 fn model(text: &str) -> PolicyModel {

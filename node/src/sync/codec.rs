@@ -135,6 +135,7 @@ pub fn encode_item(i: &Item) -> pb::SyncItem {
             }))
         }
         Item::ConnGone(t) => Some(ItemKind::ConnGone(encode_tuple(t))),
+        Item::ConnKilled(t) => Some(ItemKind::ConnKilled(encode_tuple(t))),
         Item::Expect(x) => Some(ItemKind::Expect(encode_expect(x))),
         Item::ExpectGone(x) => Some(ItemKind::ExpectGone(encode_expect(x))),
         // Keeps its place in a batch as an empty item, which the peer skips in turn.
@@ -399,6 +400,7 @@ pub fn decode_item(i: &pb::SyncItem) -> Item {
             }))
         }),
         Some(ItemKind::ConnGone(t)) => decode_tuple(t).map(Item::ConnGone),
+        Some(ItemKind::ConnKilled(t)) => decode_tuple(t).map(Item::ConnKilled),
         Some(ItemKind::Expect(x)) => decode_expect(x).map(Item::Expect),
         Some(ItemKind::ExpectGone(x)) => decode_expect(x).map(Item::ExpectGone),
     };
@@ -544,6 +546,7 @@ mod tests {
                 expires_in_ms: 600_000,
             }),
             Item::ConnGone(conn.tuple),
+            Item::ConnKilled(tuple("2001:db8:1::10", "2001:db8:2::10", 40000, 21, 6)),
             Item::Expect(x.clone()),
             Item::ExpectGone(ExpectSnapshot {
                 src_port: Some(20),

@@ -460,7 +460,10 @@ impl Rx {
         if self.needs_unanswered.is_empty() {
             return;
         }
-        if let Item::Conn(ConnSnapshot { tuple, .. }) | Item::ConnGone(tuple) = item {
+        if let Item::Conn(ConnSnapshot { tuple, .. })
+        | Item::ConnGone(tuple)
+        | Item::ConnKilled(tuple) = item
+        {
             self.needs_unanswered.remove(tuple);
         }
     }

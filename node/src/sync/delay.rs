@@ -18,6 +18,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use super::msg::Item;
+use crate::conntrack::event::DestroyReason;
 use crate::conntrack::{ConnSnapshot, Event, ExpectSnapshot, Tuple};
 use crate::time::Timestamp;
 
@@ -118,12 +119,14 @@ impl PickupDelay {
                 None => Some(Item::Update(u)),
             },
             Event::ConnDestroyed { tuple, reason } => {
-                if self.held.remove(&tuple).is_some() {
+                let held = self.held.remove(&tuple).is_some();
+                if held {
                     self.stats.ended_young += 1;
-                    None
-                } else {
-                    Some(item_of(Event::ConnDestroyed { tuple, reason }))
                 }
+                // An operator's kill goes out even for a connection the peer never heard of
+                // from us: the peer may hold its own entry for it.
+                (!held || reason == DestroyReason::Killed)
+                    .then(|| item_of(Event::ConnDestroyed { tuple, reason }))
             }
             Event::ExpectCreated(x) => match self.held.get_mut(&x.master) {
                 Some(h) => {
@@ -216,6 +219,10 @@ pub fn item_of(ev: Event) -> Item {
     match ev {
         Event::ConnCreated(s) | Event::ConnHelper(s) => Item::Conn(s),
         Event::ConnUpdated(u) => Item::Update(u),
+        Event::ConnDestroyed {
+            tuple,
+            reason: DestroyReason::Killed,
+        } => Item::ConnKilled(tuple),
         Event::ConnDestroyed { tuple, .. } => Item::ConnGone(tuple),
         Event::ExpectCreated(x) => Item::Expect(x),
         Event::ExpectDestroyed { snapshot, .. } => Item::ExpectGone(snapshot),
@@ -225,7 +232,7 @@ pub fn item_of(ev: Event) -> Item {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conntrack::event::{status, DestroyReason, ExpectEnd};
+    use crate::conntrack::event::{status, ExpectEnd};
     use crate::conntrack::tcp::{TcpConn, TcpState};
     use crate::conntrack::{ConnUpdate, ProtoState};
 
@@ -391,6 +398,24 @@ mod tests {
             d.offer(ms(2000), Event::ConnHelper(old.clone())),
             Some(Item::Conn(old))
         );
+    }
+
+    /// An operator's kill is a `ConnKilled` (a timeout a `ConnGone`), and it goes out even for a
+    /// connection still held: the peer may hold its own entry for the tuple.
+    #[test]
+    fn a_kill_goes_out_as_a_kill_even_while_held() {
+        let mut d = PickupDelay::new(0, 16);
+        let kill = |c: &ConnSnapshot| Event::ConnDestroyed {
+            tuple: c.tuple,
+            reason: DestroyReason::Killed,
+        };
+        let c = conn(1000, TcpState::Established, 9);
+        assert_eq!(d.offer(ms(0), kill(&c)), Some(Item::ConnKilled(c.tuple)));
+        let mut d = PickupDelay::new(3000, 16);
+        assert_eq!(d.offer(ms(0), Event::ConnCreated(c.clone())), None);
+        assert_eq!(d.offer(ms(10), kill(&c)), Some(Item::ConnKilled(c.tuple)));
+        assert!(drain(&mut d, 10_000).is_empty(), "never released");
+        assert_eq!(d.stats().ended_young, 1);
     }
 
     #[test]

@@ -31,8 +31,15 @@ pub enum Item {
     /// A state change of a connection the receiver should have; one it does not have is
     /// reported to the core (`Session::missing`), which asks for it whole.
     Update(ConnUpdate),
-    /// The connection left the sender's table.
+    /// The connection left the sender's table. The receiver removes only an entry it learned
+    /// from the sender and has not used itself (a `ConnGone` from the old active must not
+    /// delete what the new active owns).
     ConnGone(Tuple),
+    /// An operator deleted the connection on the sender (`fwctl ct delete`): the receiver
+    /// removes its entry whoever owns it (`Conntrack::kill_conn`). A build that predates this
+    /// kind skips it (`Skip::UnknownKind`, counted): during a rolling upgrade a delete reaches
+    /// only upgraded peers.
+    ConnKilled(Tuple),
     Expect(ExpectSnapshot),
     ExpectGone(ExpectSnapshot),
     /// An item this build cannot use: a kind a newer peer sent, or one that failed validation.

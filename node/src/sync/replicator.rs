@@ -36,6 +36,8 @@ pub trait Replica {
     fn apply_update(&self, now: Timestamp, u: &ConnUpdate) -> Result<(), ApplyError>;
     /// The peer's connection ended (only an entry still learned from it goes).
     fn remove_conn(&self, t: &Tuple);
+    /// An operator on the peer killed the connection: it goes whoever owns it.
+    fn kill_conn(&self, t: &Tuple);
     fn import_expect(&self, now: Timestamp, x: &ExpectSnapshot) -> Result<(), ApplyError>;
     fn remove_expect(&self, x: &ExpectSnapshot);
     /// A bulk from the peer begins: mark what was learned from it as not refreshed (or, when
@@ -60,6 +62,9 @@ impl Replica for Conntrack {
     }
     fn remove_conn(&self, t: &Tuple) {
         Conntrack::remove_conn(self, t);
+    }
+    fn kill_conn(&self, t: &Tuple) {
+        Conntrack::kill_conn(self, t);
     }
     fn import_expect(&self, now: Timestamp, x: &ExpectSnapshot) -> Result<(), ApplyError> {
         Ok(Conntrack::import_expect(self, now, x)?)
@@ -435,6 +440,10 @@ impl Replicator {
             },
             Item::ConnGone(t) => {
                 table.remove_conn(t);
+                Ok(())
+            }
+            Item::ConnKilled(t) => {
+                table.kill_conn(t);
                 Ok(())
             }
             Item::Expect(x) => table.import_expect(now, x),

@@ -131,6 +131,12 @@ impl Table {
                 self.learned.remove(&t);
                 None
             }
+            // An operator's kill on the peer: the entry goes whoever owns it.
+            Item::ConnKilled(t) => {
+                self.learned.remove(&t);
+                self.local.retain(|_, c| c.tuple != t);
+                None
+            }
             Item::Expect(e) => {
                 self.learned_exp.insert(exp_key(&e), (e, epoch));
                 None
@@ -228,6 +234,9 @@ impl Replica for RefCell<Table> {
     fn remove_conn(&self, t: &Tuple) {
         self.borrow_mut().apply(Item::ConnGone(*t));
     }
+    fn kill_conn(&self, t: &Tuple) {
+        self.borrow_mut().apply(Item::ConnKilled(*t));
+    }
     fn import_expect(&self, _now: Timestamp, x: &ExpectSnapshot) -> Result<(), ApplyError> {
         self.borrow_mut().apply(Item::Expect(x.clone()));
         Ok(())
@@ -273,6 +282,10 @@ fn event_of(item: Item) -> Event {
         Item::ConnGone(tuple) => Event::ConnDestroyed {
             tuple,
             reason: DestroyReason::Timeout,
+        },
+        Item::ConnKilled(tuple) => Event::ConnDestroyed {
+            tuple,
+            reason: DestroyReason::Killed,
         },
         Item::Expect(x) => Event::ExpectCreated(x),
         Item::ExpectGone(snapshot) => Event::ExpectDestroyed {
@@ -836,6 +849,7 @@ fn item_brief(it: &Item) -> String {
         Item::Conn(c) => format!("Conn {} r{}", c.tuple.src_port, rank(&c.proto)),
         Item::Update(u) => format!("Update {} r{}", u.tuple.src_port, rank(&u.proto)),
         Item::ConnGone(t) => format!("Gone {}", t.src_port),
+        Item::ConnKilled(t) => format!("Killed {}", t.src_port),
         Item::Expect(e) => format!("Expect {}", e.dst_port),
         Item::ExpectGone(e) => format!("ExpectGone {}", e.dst_port),
         Item::Skipped(s) => format!("Skipped {s:?}"),
@@ -966,6 +980,61 @@ fn synced_pair() -> Sim {
     sim.run(500);
     sim.assert_converged();
     sim
+}
+
+/// An operator on node 0 deletes node 1's connection (`fwctl ct delete` on the gateway that
+/// only learned it): the kill removes node 1's own entry, also when it is sent while the
+/// stream is down and over a lossy link (it is sequenced like every item, so the resume
+/// carries it). The negative control: a plain `ConnGone` for the peer's connection leaves the
+/// owner's entry alone (the rule that keeps an old active from deleting what the new one owns).
+#[test]
+fn a_kill_removes_the_peers_own_entry_and_a_conn_gone_does_not() {
+    let mut sim = synced_pair();
+    let owned_by_1 = |sim: &Sim, k: u16| {
+        let t = sim.nodes[1].table.borrow();
+        t.local.values().any(|c| c.tuple == tuple(1, k))
+    };
+    let learned_by_0 = |sim: &Sim, k: u16| {
+        let t = sim.nodes[0].table.borrow();
+        t.learned.contains_key(&tuple(1, k))
+    };
+    assert!(owned_by_1(&sim, 2) && learned_by_0(&sim, 2));
+
+    // The kill: node 0's tracker drops its learned copy and announces the kill.
+    sim.nodes[0].table.borrow_mut().learned.remove(&tuple(1, 2));
+    sim.push(0, Item::ConnKilled(tuple(1, 2)));
+    sim.run(200);
+    assert!(!owned_by_1(&sim, 2), "the kill left the owner's entry");
+    sim.assert_converged();
+
+    // Sent while the stream is down, then delivered over a lossy link after the reconnect.
+    sim.break_stream(300);
+    sim.nodes[0].table.borrow_mut().learned.remove(&tuple(1, 3));
+    sim.push(0, Item::ConnKilled(tuple(1, 3)));
+    sim.faults = Faults {
+        loss_pct: 30,
+        dup_pct: 10,
+        jitter_ms: 20,
+    };
+    sim.run(1000);
+    sim.heal_and_settle(3000);
+    assert!(
+        !owned_by_1(&sim, 3),
+        "the kill did not survive the reconnect"
+    );
+    sim.assert_converged();
+    assert_eq!(
+        sim.stats(0).bulks_started,
+        1,
+        "the resume carried it, no bulk"
+    );
+
+    // Negative control: a ConnGone for the peer's connection does not end it there.
+    sim.nodes[0].table.borrow_mut().learned.remove(&tuple(1, 4));
+    sim.push(0, Item::ConnGone(tuple(1, 4)));
+    sim.run(200);
+    assert!(owned_by_1(&sim, 4), "a ConnGone removed the owner's entry");
+    assert!(!learned_by_0(&sim, 4));
 }
 
 #[test]

@@ -37,7 +37,9 @@ use crate::tls::{self, ConnInfo, Credentials, Identity};
 
 pub mod admission;
 pub mod gate;
-pub mod rate;
+/// The token bucket lives in the crate's bottom layer (the datapath's log limiter uses it too);
+/// `transport::rate` stays its name for the gate and replication.
+pub use crate::rate;
 
 /// A server builder behind the [`gate`], and the router it makes ([`Transport::serve`]).
 pub type GatedServer =

@@ -169,6 +169,7 @@ impl Gateway {
             reject_mark: REJECT_MARK,
             feed: Some(maker.feed(0)),
             nudge: None,
+            log: Default::default(),
         };
         let gate = (cfg.defer_ms > 0).then(|| Arc::new(Gate::new(1)));
         let held = (cfg.defer_ms > 0).then(|| Held::new(Duration::from_millis(cfg.defer_ms)));

@@ -214,6 +214,22 @@ impl Shard {
         }
     }
 
+    /// An operator on the peer killed connection `t` (`sync::Item::ConnKilled`): remove our
+    /// entry for it, seen either way round, whoever owns it, with its expectations. A learned
+    /// entry goes quietly (no echo); one used here goes as a local removal would
+    /// (`DestroyReason::Removed`, announced as an ordinary end), so that a copy the peer
+    /// learned of it meanwhile (a new incarnation that crossed the kill) goes too. True if an
+    /// entry was removed.
+    pub fn kill_conn(&mut self, t: &Tuple) -> bool {
+        match self.lookup(t) {
+            Some((slot, _)) => {
+                self.destroy(slot, DestroyReason::Removed);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Import a peer's expectation with its remaining lifetime. Its master must be here
     /// (`NoMaster`); an identical one (same master and template) is refreshed; the
     /// per-master limit evicts the oldest, the global bound refuses (`TableFull`). Nothing

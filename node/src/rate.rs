@@ -1,10 +1,13 @@
 //! A token bucket with an explicit clock: how fast an authenticated peer may make this node
-//! work (issue 22 item 6). Sans-IO: every method takes `now`, so tests run on virtual time.
+//! work (issue 22 item 6), and how many packets a logged rule may send to NFLOG (issue 23).
+//! Sans-IO: every method takes `now`, so tests run on virtual time. Imports nothing of the
+//! crate (the bottom layer), so the transport and the datapath both use it.
 //!
-//! Used two ways. The sync shell *spends* (a message, its bytes) and then waits out the debt
+//! Used three ways. The sync shell *spends* (a message, its bytes) and then waits out the debt
 //! before it reads the next message (`spend`, `wait`): nothing is dropped, the sender is
 //! slowed by HTTP/2 flow control. The gate *asks* (`try_take`) and refuses a Raft RPC at once
-//! when the caller's bucket is empty.
+//! when the caller's bucket is empty. A datapath worker asks (`try_take`) whether a packet of
+//! a logged rule is logged; over the rate it is still decided, only not logged.
 //!
 //! Hand-written rather than `governor`: governor's limiters read their own clock (a fake one
 //! only through its `clock` traits and quanta), its "wait" API sleeps on a runtime, and it has
