@@ -150,7 +150,8 @@ fn rule_spec(cfg: &Config) -> RuleSpec {
 ///   workers, as on a witness);
 /// - `unix_ms` and `metrics`: every metric family exactly as `fwctl stats -o json` shows it
 ///   (the same collection and the same rendering, `fwnode::metrics::stats_json`), but the
-///   families that walk the connection table (`Metric::scan`);
+///   families that walk the connection table (`Metric::scan`) and the per-rule ones
+///   (`Metric::per_rule`; `policy` below has the rules' packets);
 /// - `ha`: role, ready, in_sync, since_ms and promoted_unsynced, or `null` without `[ha]`;
 /// - `policy`: the enforced version and the packets per rule of that version, in order, and of
 ///   the default (`hits`, `default_hits`: the packets of the same counters as the

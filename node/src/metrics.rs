@@ -84,6 +84,10 @@ pub struct Metric {
     /// Read by walking the whole connection table: served to scrapes and `fwctl stats`, left
     /// out of the stats file that the main loop rewrites every 200 ms.
     pub scan: bool,
+    /// A sample per rule of the enforced policy (tens of thousands for a large one): served to
+    /// scrapes and `fwctl stats`, left out of the stats file (which has the rules' packets as
+    /// `policy.hits`), where rendering them every 200 ms would cost a core's share.
+    pub per_rule: bool,
     /// A histogram's bucket upper bounds in microseconds of `unit` (seconds); an unbounded
     /// bucket follows. Empty for counters and gauges.
     pub bounds_us: &'static [u32],
@@ -99,6 +103,7 @@ impl Metric {
             labels: &[],
             milli: false,
             scan: false,
+            per_rule: false,
             bounds_us: &[],
         }
     }
@@ -117,6 +122,15 @@ impl Metric {
     const fn scan(mut self) -> Metric {
         self.scan = true;
         self
+    }
+    const fn per_rule(mut self) -> Metric {
+        self.per_rule = true;
+        self
+    }
+
+    /// Is it in the stats file (`Scope::NoScan`)? All but `scan` and `per_rule` families.
+    pub fn in_stats_file(&self) -> bool {
+        !self.scan && !self.per_rule
     }
 
     /// The name its samples carry: counters end in `_total` (OpenMetrics, and the naming guide).
@@ -175,20 +189,23 @@ catalog! {
         "keepstate_rule_packets",
         "Packets each rule of the enforced policy decided on this node, by rule (its 1-based position, or default) and name (empty when unset); a new policy version keeps an unchanged rule's count, a changed rule starts at 0; gateways only, one sample per rule plus the default.",
     )
-    .labels(&["rule", "name"]);
+    .labels(&["rule", "name"])
+    .per_rule();
     RULE_BYTES = counter(
         "keepstate_rule_bytes",
         "Bytes (on the wire) of the packets each rule of the enforced policy decided on this node, by rule and name as keepstate_rule_packets_total.",
     )
     .labels(&["rule", "name"])
-    .unit("bytes");
+    .unit("bytes")
+    .per_rule();
     RULE_LAST_MATCH = gauge(
         "keepstate_rule_last_match_timestamp_seconds",
         "When each rule of the enforced policy last decided a packet on this node (Unix time, seconds), by rule and name as keepstate_rule_packets_total; no sample for a rule that has decided none.",
     )
     .labels(&["rule", "name"])
     .unit("seconds")
-    .milli();
+    .milli()
+    .per_rule();
     HA_ROLE = gauge("keepstate_ha_role", "HA role of this node: 1 for the current one (standalone: no [ha]).")
         .labels(&["role"]);
     HA_READY = gauge("keepstate_ha_ready", "1 when this node may hold the virtual IPs (in sync, not in fault).");
@@ -462,7 +479,8 @@ pub struct Sources {
 pub enum Scope {
     /// Every family (scrapes, `fwctl stats`).
     All,
-    /// All but the families that walk the connection table (`Metric::scan`): the stats file.
+    /// All but the families that walk the connection table (`Metric::scan`) or have a sample
+    /// per rule (`Metric::per_rule`): the stats file.
     NoScan,
 }
 
@@ -510,9 +528,9 @@ impl Out {
                 .collect(),
         );
     }
-    /// A family that walks the table: read only in `Scope::All`.
+    /// A family that walks the table or has a sample per rule: read only in `Scope::All`.
     fn wants(&self, metric: &Metric) -> bool {
-        !metric.scan || self.scope == Scope::All
+        metric.in_stats_file() || self.scope == Scope::All
     }
 }
 
@@ -593,7 +611,7 @@ impl Sources {
         let policy = self.policy.current();
         o.one(&POLICY_VERSION, policy.version);
         o.one(&POLICY_RULES, policy.compiled.rule_count() as u64);
-        if let Some((_, rules)) = self.rule_counters() {
+        if let Some((_, rules)) = self.rule_counters().filter(|_| o.wants(&RULE_PACKETS)) {
             rule_families(&mut o, &rules);
         }
         let role = ha_role_name(self.ha.as_ref());
@@ -1806,19 +1824,25 @@ mod tests {
         let file_families = src.collect_view(Some(&leader()), Scope::NoScan);
         let file = json_series(&stats_json(&to_proto("gw1", &file_families)));
         let (in_file, not_in_file): (Vec<Family>, Vec<Family>) =
-            all.iter().cloned().partition(|f| !f.metric.scan);
+            all.iter().cloned().partition(|f| f.metric.in_stats_file());
         assert_eq!(
             missing(&in_file, &file, false),
             Vec::<String>::new(),
             "stats file"
         );
-        // The table walk is all the stats file leaves out.
+        // The table walk and the per-rule families are all the stats file leaves out.
         assert_eq!(
             not_in_file
                 .iter()
                 .map(|f| f.metric.name)
                 .collect::<Vec<_>>(),
-            ["keepstate_connections", "keepstate_tcp_connections"]
+            [
+                "keepstate_rule_packets",
+                "keepstate_rule_bytes",
+                "keepstate_rule_last_match_timestamp_seconds",
+                "keepstate_connections",
+                "keepstate_tcp_connections"
+            ]
         );
         for f in &not_in_file {
             assert!(!file.0.contains_key(f.metric.name), "{}", f.metric.name);
