@@ -137,14 +137,12 @@ mod one_or_many {
                 f.write_str("an address, or a list of addresses")
             }
             fn visit_str<E: Error>(self, v: &str) -> Result<Vec<T>, E> {
-                v.parse()
-                    .map(|x| vec![x])
-                    .map_err(|e| E::custom(format!("{v:?}: {e}")))
+                parse_one(v).map(|x| vec![x])
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
                 let mut out = vec![];
                 while let Some(v) = seq.next_element::<String>()? {
-                    out.push(self_parse::<T, A::Error>(&v)?);
+                    out.push(parse_one::<T, A::Error>(&v)?);
                 }
                 if out.is_empty() {
                     return Err(A::Error::custom("the list is empty"));
@@ -152,7 +150,7 @@ mod one_or_many {
                 Ok(out)
             }
         }
-        fn self_parse<T: FromStr, E: Error>(v: &str) -> Result<T, E>
+        fn parse_one<T: FromStr, E: Error>(v: &str) -> Result<T, E>
         where
             T::Err: fmt::Display,
         {
